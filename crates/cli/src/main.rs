@@ -1,0 +1,127 @@
+//! `scaleout`: the one binary. Parses flags, sets up logging and the
+//! runtime, and calls the role's library entry point.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+/// The seed's scale-out web architecture — DNS, load balancer, stateless web
+/// servers, replicated database — every tier in one binary.
+#[derive(Parser)]
+#[command(name = "scaleout", version, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr. The level comes from SCALEOUT_LOG (e.g. `debug`,
+    /// `scaleout_web=debug`), default `info`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a whole stage of the seed on this machine (stage 1: web app, database and cache in one process).
+    Up(UpArgs),
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Which stage of the seed to run: 1 = a single server.
+    #[arg(long, default_value_t = 1)]
+    stage: u8,
+    /// Directory for the nodes' data; it survives restarts.
+    #[arg(long, default_value = "scaleout-data")]
+    data: PathBuf,
+    /// Port of the site; other nodes take the ports after it. 0: any free port.
+    #[arg(long, default_value_t = 8080)]
+    port_base: u16,
+    /// Address to bind. Loopback unless you mean to expose it.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("scaleout: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("scaleout: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signal();
+    match command {
+        Command::Up(args) => {
+            let config = scaleout_lab::UpConfig {
+                stage: args.stage,
+                data_dir: args.data,
+                port_base: args.port_base,
+                host: args.host,
+            };
+            scaleout_lab::up(config, shutdown).await.context("scaleout up")
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SCALEOUT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A token cancelled at the first SIGINT or SIGTERM (graceful shutdown); a
+/// second signal exits at once.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down (signal again to exit at once)");
+        cancel.cancel();
+        wait_for_signal().await;
+        std::process::exit(130);
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

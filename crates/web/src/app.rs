@@ -1,0 +1,413 @@
+//! Routes and handlers of the links app, and the middleware every response
+//! passes through (`X-Served-By`, `X-Request-Id`, metrics, access log).
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use crate::cache::LinkCache;
+use crate::error::{AppError, StoreError};
+use crate::html::{self, HomePage};
+use crate::links;
+use crate::metrics::{RequestLabels, RouteLabels, WebMetrics};
+use crate::store::{Link, ReadOpts, Store, Written};
+use crate::WebConfig;
+
+pub static X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+pub static X_DB_NODE: HeaderName = HeaderName::from_static("x-db-node");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// How many links the home page lists.
+const HOME_LINKS: u32 = 20;
+/// `GET /api/links` default and maximum `limit`.
+const LIST_DEFAULT: u32 = 20;
+const LIST_MAX: u32 = 1000;
+/// Attempts at drawing an unused code before giving up (each collision has
+/// odds of about n / 3.5e12).
+const CODE_ATTEMPTS: usize = 8;
+
+pub struct App {
+    pub config: WebConfig,
+    pub store: Arc<dyn Store>,
+    pub cache: LinkCache,
+    pub metrics: WebMetrics,
+    served_by: HeaderValue,
+}
+
+impl App {
+    pub fn new(config: WebConfig, store: Arc<dyn Store>) -> Result<Self, crate::Error> {
+        config.validate()?;
+        let served_by = HeaderValue::from_str(&config.name)
+            .map_err(|_| crate::Error::Config(format!("server name {:?} is not a valid header value", config.name)))?;
+        Ok(App {
+            cache: LinkCache::new(config.cache_capacity, config.cache_ttl),
+            metrics: WebMetrics::new(&config.name),
+            served_by,
+            store,
+            config,
+        })
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/", get(home))
+        .route("/links", post(create_form))
+        .route("/api/links", post(create_api).get(list_api))
+        .route("/api/links/{code}", get(get_api).delete(delete_api))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/{code}", get(redirect))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .with_state(app)
+}
+
+/// Every response: names this server, carries the request id (kept from the
+/// client or load balancer, else made here), is counted and timed.
+async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_string();
+    let request_id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .filter(|v| (1..=128).contains(&v.len()))
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    let span = tracing::info_span!(
+        "request",
+        %method,
+        route,
+        request_id = request_id.to_str().unwrap_or("-"),
+    );
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let headers = resp.headers_mut();
+    headers.insert(X_SERVED_BY.clone(), app.served_by.clone());
+    headers.insert(X_REQUEST_ID.clone(), request_id);
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels { method: method.to_string(), route: route.clone(), status })
+        .inc();
+    app.metrics.latency.get_or_create(&RouteLabels { route }).observe(elapsed.as_secs_f64());
+    span.in_scope(|| tracing::debug!(status, micros = elapsed.as_micros() as u64, "served"));
+    resp
+}
+
+fn new_request_id() -> HeaderValue {
+    let id: u128 = rand::random();
+    // 32 lowercase hex digits are always a valid header value.
+    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// The link as the JSON API shows it.
+#[derive(Serialize)]
+struct LinkView {
+    code: String,
+    url: String,
+    short_url: String,
+    created_at: String,
+}
+
+impl LinkView {
+    fn new(link: Link, base: &str) -> Self {
+        LinkView { short_url: format!("{base}/{}", link.code), code: link.code, url: link.url, created_at: link.created_at }
+    }
+}
+
+/// The scheme and host short URLs are built on: the configured public URL,
+/// else what the load balancer forwarded, else the request's Host.
+fn base_url(app: &App, headers: &HeaderMap) -> String {
+    if let Some(public) = &app.config.public_url {
+        return public.trim_end_matches('/').to_string();
+    }
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(',').next().unwrap_or("").trim())
+            .filter(|v| !v.is_empty())
+    };
+    let host = text("x-forwarded-host")
+        .or_else(|| text("host"))
+        .filter(|h| h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)))
+        .unwrap_or("localhost");
+    let proto = match text("x-forwarded-proto") {
+        Some("https") => "https",
+        _ => "http",
+    };
+    format!("{proto}://{host}")
+}
+
+fn with_db_node(mut resp: Response, node: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(node) {
+        resp.headers_mut().insert(X_DB_NODE.clone(), v);
+    }
+    resp
+}
+
+async fn create_link(app: &App, raw_url: &str) -> Result<Written<Link>, AppError> {
+    let url = links::validate_url(raw_url).map_err(AppError::BadRequest)?;
+    let created_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    for _ in 0..CODE_ATTEMPTS {
+        let code = links::new_code(&mut rand::rng());
+        let link = Link { code, url: url.clone(), created_at: created_at.clone() };
+        match app.store.insert(&link).await {
+            Ok(w) => {
+                tracing::info!(code = %link.code, node = %w.node, "link created");
+                return Ok(Written { value: link, node: w.node, index: w.index });
+            }
+            Err(StoreError::Conflict { code }) => tracing::debug!(%code, "code taken, drawing another"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StoreError::Internal {
+        node: "-".into(),
+        reason: format!("no free code after {CODE_ATTEMPTS} attempts"),
+    }
+    .into())
+}
+
+/// Reads a request body, refusing more than the configured limit.
+async fn read_body(app: &App, body: Body) -> Result<Bytes, AppError> {
+    let limit = app.config.max_body_bytes;
+    axum::body::to_bytes(body, limit).await.map_err(|_| AppError::PayloadTooLarge { limit })
+}
+
+fn content_type_is(headers: &HeaderMap, expected: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(expected))
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+async fn home(State(app): State<Arc<App>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    let created = query_param(query.as_deref(), "created").filter(|c| links::is_valid_code(c));
+    render_home(&app, &headers, StatusCode::OK, None, created.as_deref()).await
+}
+
+async fn render_home(
+    app: &App,
+    headers: &HeaderMap,
+    status: StatusCode,
+    error: Option<(&str, &str)>,
+    created: Option<&str>,
+) -> Response {
+    match app.store.newest(HOME_LINKS, ReadOpts::default()).await {
+        Ok(served) => {
+            let base = base_url(app, headers);
+            let short = created.map(|c| format!("{base}/{c}"));
+            let page = html::home(&HomePage {
+                links: &served.value,
+                error,
+                created: short.as_deref(),
+                base: &base,
+                web_server: &app.config.name,
+                db_node: &served.node,
+            });
+            with_db_node((status, Html(page)).into_response(), &served.node)
+        }
+        Err(e) => html_error(app, AppError::from(e)),
+    }
+}
+
+fn html_error(app: &App, err: AppError) -> Response {
+    let status = err.status();
+    if status.is_server_error() {
+        tracing::warn!(error = %err, "request failed");
+    }
+    let title = status.canonical_reason().unwrap_or("Error");
+    (status, Html(html::error_page(title, &err.to_string(), &app.config.name))).into_response()
+}
+
+/// The HTML form's target: post/redirect/get on success, the page again
+/// with the message on bad input.
+async fn create_form(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    if !content_type_is(&headers, "application/x-www-form-urlencoded") {
+        let err = AppError::UnsupportedMediaType("the form must be sent as application/x-www-form-urlencoded".into());
+        return html_error(&app, err);
+    }
+    let body = match read_body(&app, body).await {
+        Ok(b) => b,
+        Err(e) => return html_error(&app, e),
+    };
+    let typed = url::form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "url")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    match create_link(&app, &typed).await {
+        Ok(w) => {
+            let location = format!("/?created={}", w.value.code);
+            with_db_node((StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response(), &w.node)
+        }
+        Err(AppError::BadRequest(msg)) => {
+            render_home(&app, &headers, StatusCode::BAD_REQUEST, Some((&msg, &typed)), None).await
+        }
+        Err(e) => html_error(&app, e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    url: String,
+}
+
+async fn create_api(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Result<Response, AppError> {
+    if !content_type_is(&headers, "application/json") {
+        return Err(AppError::UnsupportedMediaType("send the link as JSON with Content-Type: application/json".into()));
+    }
+    let body = read_body(&app, body).await?;
+    let req: CreateRequest = serde_json::from_slice(&body)
+        .map_err(|e| AppError::BadRequest(format!("body is not {{\"url\": \"...\"}}: {e}")))?;
+    let w = create_link(&app, &req.url).await?;
+    let location = format!("/api/links/{}", w.value.code);
+    let view = LinkView::new(w.value, &base_url(&app, &headers));
+    let resp = (StatusCode::CREATED, [(header::LOCATION, location)], Json(view)).into_response();
+    Ok(with_db_node(resp, &w.node))
+}
+
+async fn list_api(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, AppError> {
+    let limit = match query_param(query.as_deref(), "limit") {
+        None => LIST_DEFAULT,
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=LIST_MAX).contains(n))
+            .ok_or_else(|| AppError::BadRequest(format!("limit must be a whole number from 1 to {LIST_MAX}, not {raw:?}")))?,
+    };
+    let served = app.store.newest(limit, ReadOpts::default()).await?;
+    let base = base_url(&app, &headers);
+    let links: Vec<LinkView> = served.value.into_iter().map(|l| LinkView::new(l, &base)).collect();
+    Ok(with_db_node(Json(serde_json::json!({ "links": links })).into_response(), &served.node))
+}
+
+fn code_from(path: Result<Path<String>, PathRejection>) -> Result<String, AppError> {
+    let Path(code) = path.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    if links::is_valid_code(&code) {
+        Ok(code)
+    } else {
+        Err(AppError::NotFound(format!("no link with code {code:?}")))
+    }
+}
+
+async fn get_api(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, AppError> {
+    let code = code_from(path)?;
+    let served = app.store.get(&code, ReadOpts::default()).await?;
+    let link = served.value.ok_or_else(|| AppError::NotFound(format!("no link with code {code:?}")))?;
+    let view = LinkView::new(link, &base_url(&app, &headers));
+    Ok(with_db_node(Json(view).into_response(), &served.node))
+}
+
+async fn delete_api(
+    State(app): State<Arc<App>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, AppError> {
+    let code = code_from(path)?;
+    let w = app.store.delete(&code).await?;
+    // Evict even when the database had no such link: this server may still
+    // cache one deleted elsewhere.
+    app.cache.evict(&code).await;
+    if !w.value {
+        return Err(AppError::NotFound(format!("no link with code {code:?}")));
+    }
+    tracing::info!(%code, node = %w.node, "link deleted");
+    Ok(with_db_node(StatusCode::NO_CONTENT.into_response(), &w.node))
+}
+
+/// The hot path: code → 302, from the cache when it can.
+async fn redirect(State(app): State<Arc<App>>, path: Result<Path<String>, PathRejection>) -> Response {
+    let code = match code_from(path) {
+        Ok(code) => code,
+        Err(e) => return html_error(&app, e),
+    };
+    if let Some(url) = app.cache.get(&code).await {
+        app.metrics.cache_hits.inc();
+        return found(&url, "hit");
+    }
+    app.metrics.cache_misses.inc();
+    match app.store.get(&code, ReadOpts::default()).await {
+        Ok(served) => match served.value {
+            Some(link) => {
+                app.cache.put(&code, &link.url).await;
+                with_db_node(found(&link.url, "miss"), &served.node)
+            }
+            None => {
+                let resp = html_error(&app, AppError::NotFound(format!("There is no link with code {code:?}.")));
+                with_db_node(resp, &served.node)
+            }
+        },
+        Err(e) => html_error(&app, e.into()),
+    }
+}
+
+fn found(url: &str, cache: &'static str) -> Response {
+    match HeaderValue::from_str(url) {
+        Ok(location) => (
+            StatusCode::FOUND,
+            [(header::LOCATION, location), (X_CACHE.clone(), HeaderValue::from_static(cache))],
+        )
+            .into_response(),
+        // Stored URLs are normalized ASCII, so this means a corrupted row.
+        Err(_) => AppError::Store(StoreError::Internal { node: "-".into(), reason: "stored URL is not a valid header".into() })
+            .into_response(),
+    }
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "server": app.config.name }))
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, AppError> {
+    let node = app.store.ping().await?;
+    Ok(Json(serde_json::json!({ "status": "ready", "server": app.config.name, "db_node": node })))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        app.metrics.render(),
+    )
+}
+
+async fn not_found(req: Request) -> AppError {
+    AppError::NotFound(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed() -> AppError {
+    AppError::MethodNotAllowed
+}

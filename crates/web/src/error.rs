@@ -1,0 +1,67 @@
+//! The web crate's one error type, and the one place where errors become
+//! HTTP responses.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// Why the data tier could not answer. Owned by the web crate, returned by
+/// every [`crate::Store`] implementation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The code is already taken (unique constraint). The caller picks another.
+    #[error("link code {code:?} already exists")]
+    Conflict { code: String },
+    /// The database node could not be reached or refused to serve; a later
+    /// attempt may succeed.
+    #[error("database {node} unavailable: {reason}")]
+    Unavailable { node: String, reason: String },
+    /// Anything else the database reported: a bug or corrupted state.
+    #[error("database {node} failed: {reason}")]
+    Internal { node: String, reason: String },
+}
+
+/// An error answered to a client of the web app.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl AppError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            AppError::Store(StoreError::Unavailable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Store(StoreError::Conflict { .. } | StoreError::Internal { .. }) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+}
+
+/// JSON error responses: `{"error": "..."}` with the status above. HTML routes
+/// render their own error pages (see `html.rs`) and use this only for status.
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+    }
+}
