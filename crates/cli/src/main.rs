@@ -52,7 +52,10 @@ struct UpArgs {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("scaleout: cannot start the async runtime: {e}");
@@ -78,7 +81,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 port_base: args.port_base,
                 host: args.host,
             };
-            scaleout_lab::up(config, shutdown).await.context("scaleout up")
+            scaleout_lab::up(config, shutdown)
+                .await
+                .context("scaleout up")
         }
     }
 }

@@ -20,7 +20,10 @@ pub enum Error {
     #[error("stage must be 1 to 5, not {0}")]
     NoSuchStage(u8),
     #[error("cannot listen on {addr}: {source} (pick another --port-base)")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] scaleout_web::StoreError),
     #[error(transparent)]
@@ -74,12 +77,23 @@ async fn stage1(config: UpConfig, shutdown: CancellationToken) -> Result<(), Err
     let db_path = config.data_dir.join("stage1").join("links.sqlite");
     let store = scaleout_web::SqliteStore::open(&db_path, "db-1 (embedded SQLite)")?;
     let addr = SocketAddr::new(config.host, config.port_base);
-    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-    let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
     let web = scaleout_web::WebConfig::default();
     println!("scaleout stage 1: a single server (web app + database + cache in one process)");
-    println!("  {:<6} http://{addr}/  links app, cache TTL {:?}", web.name, web.cache_ttl);
-    println!("  {:<6} {}  SQLite, fsync on commit", "db-1", db_path.display());
+    println!(
+        "  {:<6} http://{addr}/  links app, cache TTL {:?}",
+        web.name, web.cache_ttl
+    );
+    println!(
+        "  {:<6} {}  SQLite, fsync on commit",
+        "db-1",
+        db_path.display()
+    );
     println!();
     println!("open http://{addr}/ in a browser; Ctrl-C stops");
     scaleout_web::run(web, Arc::new(store), listener, shutdown).await?;

@@ -48,8 +48,12 @@ pub struct App {
 impl App {
     pub fn new(config: WebConfig, store: Arc<dyn Store>) -> Result<Self, crate::Error> {
         config.validate()?;
-        let served_by = HeaderValue::from_str(&config.name)
-            .map_err(|_| crate::Error::Config(format!("server name {:?} is not a valid header value", config.name)))?;
+        let served_by = HeaderValue::from_str(&config.name).map_err(|_| {
+            crate::Error::Config(format!(
+                "server name {:?} is not a valid header value",
+                config.name
+            ))
+        })?;
         Ok(App {
             cache: LinkCache::new(config.cache_capacity, config.cache_ttl),
             metrics: WebMetrics::new(&config.name),
@@ -106,9 +110,16 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
     let elapsed = start.elapsed();
     app.metrics
         .requests
-        .get_or_create(&RequestLabels { method: method.to_string(), route: route.clone(), status })
+        .get_or_create(&RequestLabels {
+            method: method.to_string(),
+            route: route.clone(),
+            status,
+        })
         .inc();
-    app.metrics.latency.get_or_create(&RouteLabels { route }).observe(elapsed.as_secs_f64());
+    app.metrics
+        .latency
+        .get_or_create(&RouteLabels { route })
+        .observe(elapsed.as_secs_f64());
     span.in_scope(|| tracing::debug!(status, micros = elapsed.as_micros() as u64, "served"));
     resp
 }
@@ -130,7 +141,12 @@ struct LinkView {
 
 impl LinkView {
     fn new(link: Link, base: &str) -> Self {
-        LinkView { short_url: format!("{base}/{}", link.code), code: link.code, url: link.url, created_at: link.created_at }
+        LinkView {
+            short_url: format!("{base}/{}", link.code),
+            code: link.code,
+            url: link.url,
+            created_at: link.created_at,
+        }
     }
 }
 
@@ -147,9 +163,13 @@ fn base_url(app: &App, headers: &HeaderMap) -> String {
             .map(|v| v.split(',').next().unwrap_or("").trim())
             .filter(|v| !v.is_empty())
     };
+    let safe = |h: &&str| {
+        h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    };
     let host = text("x-forwarded-host")
-        .or_else(|| text("host"))
-        .filter(|h| h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)))
+        .filter(safe)
+        .or_else(|| text("host").filter(safe))
         .unwrap_or("localhost");
     let proto = match text("x-forwarded-proto") {
         Some("https") => "https",
@@ -170,13 +190,23 @@ async fn create_link(app: &App, raw_url: &str) -> Result<Written<Link>, AppError
     let created_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
     for _ in 0..CODE_ATTEMPTS {
         let code = links::new_code(&mut rand::rng());
-        let link = Link { code, url: url.clone(), created_at: created_at.clone() };
+        let link = Link {
+            code,
+            url: url.clone(),
+            created_at: created_at.clone(),
+        };
         match app.store.insert(&link).await {
             Ok(w) => {
                 tracing::info!(code = %link.code, node = %w.node, "link created");
-                return Ok(Written { value: link, node: w.node, index: w.index });
+                return Ok(Written {
+                    value: link,
+                    node: w.node,
+                    index: w.index,
+                });
             }
-            Err(StoreError::Conflict { code }) => tracing::debug!(%code, "code taken, drawing another"),
+            Err(StoreError::Conflict { code }) => {
+                tracing::debug!(%code, "code taken, drawing another")
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -190,7 +220,9 @@ async fn create_link(app: &App, raw_url: &str) -> Result<Written<Link>, AppError
 /// Reads a request body, refusing more than the configured limit.
 async fn read_body(app: &App, body: Body) -> Result<Bytes, AppError> {
     let limit = app.config.max_body_bytes;
-    axum::body::to_bytes(body, limit).await.map_err(|_| AppError::PayloadTooLarge { limit })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| AppError::PayloadTooLarge { limit })
 }
 
 fn content_type_is(headers: &HeaderMap, expected: &str) -> bool {
@@ -207,7 +239,11 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-async fn home(State(app): State<Arc<App>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+async fn home(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     let created = query_param(query.as_deref(), "created").filter(|c| links::is_valid_code(c));
     render_home(&app, &headers, StatusCode::OK, None, created.as_deref()).await
 }
@@ -243,14 +279,20 @@ fn html_error(app: &App, err: AppError) -> Response {
         tracing::warn!(error = %err, "request failed");
     }
     let title = status.canonical_reason().unwrap_or("Error");
-    (status, Html(html::error_page(title, &err.to_string(), &app.config.name))).into_response()
+    (
+        status,
+        Html(html::error_page(title, &err.to_string(), &app.config.name)),
+    )
+        .into_response()
 }
 
 /// The HTML form's target: post/redirect/get on success, the page again
 /// with the message on bad input.
 async fn create_form(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     if !content_type_is(&headers, "application/x-www-form-urlencoded") {
-        let err = AppError::UnsupportedMediaType("the form must be sent as application/x-www-form-urlencoded".into());
+        let err = AppError::UnsupportedMediaType(
+            "the form must be sent as application/x-www-form-urlencoded".into(),
+        );
         return html_error(&app, err);
     }
     let body = match read_body(&app, body).await {
@@ -264,10 +306,20 @@ async fn create_form(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
     match create_link(&app, &typed).await {
         Ok(w) => {
             let location = format!("/?created={}", w.value.code);
-            with_db_node((StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response(), &w.node)
+            with_db_node(
+                (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response(),
+                &w.node,
+            )
         }
         Err(AppError::BadRequest(msg)) => {
-            render_home(&app, &headers, StatusCode::BAD_REQUEST, Some((&msg, &typed)), None).await
+            render_home(
+                &app,
+                &headers,
+                StatusCode::BAD_REQUEST,
+                Some((&msg, &typed)),
+                None,
+            )
+            .await
         }
         Err(e) => html_error(&app, e),
     }
@@ -279,9 +331,15 @@ struct CreateRequest {
     url: String,
 }
 
-async fn create_api(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Result<Response, AppError> {
+async fn create_api(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, AppError> {
     if !content_type_is(&headers, "application/json") {
-        return Err(AppError::UnsupportedMediaType("send the link as JSON with Content-Type: application/json".into()));
+        return Err(AppError::UnsupportedMediaType(
+            "send the link as JSON with Content-Type: application/json".into(),
+        ));
     }
     let body = read_body(&app, body).await?;
     let req: CreateRequest = serde_json::from_slice(&body)
@@ -289,7 +347,12 @@ async fn create_api(State(app): State<Arc<App>>, headers: HeaderMap, body: Body)
     let w = create_link(&app, &req.url).await?;
     let location = format!("/api/links/{}", w.value.code);
     let view = LinkView::new(w.value, &base_url(&app, &headers));
-    let resp = (StatusCode::CREATED, [(header::LOCATION, location)], Json(view)).into_response();
+    let resp = (
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(view),
+    )
+        .into_response();
     Ok(with_db_node(resp, &w.node))
 }
 
@@ -304,12 +367,23 @@ async fn list_api(
             .parse::<u32>()
             .ok()
             .filter(|n| (1..=LIST_MAX).contains(n))
-            .ok_or_else(|| AppError::BadRequest(format!("limit must be a whole number from 1 to {LIST_MAX}, not {raw:?}")))?,
+            .ok_or_else(|| {
+                AppError::BadRequest(format!(
+                    "limit must be a whole number from 1 to {LIST_MAX}, not {raw:?}"
+                ))
+            })?,
     };
     let served = app.store.newest(limit, ReadOpts::default()).await?;
     let base = base_url(&app, &headers);
-    let links: Vec<LinkView> = served.value.into_iter().map(|l| LinkView::new(l, &base)).collect();
-    Ok(with_db_node(Json(serde_json::json!({ "links": links })).into_response(), &served.node))
+    let links: Vec<LinkView> = served
+        .value
+        .into_iter()
+        .map(|l| LinkView::new(l, &base))
+        .collect();
+    Ok(with_db_node(
+        Json(serde_json::json!({ "links": links })).into_response(),
+        &served.node,
+    ))
 }
 
 fn code_from(path: Result<Path<String>, PathRejection>) -> Result<String, AppError> {
@@ -328,7 +402,9 @@ async fn get_api(
 ) -> Result<Response, AppError> {
     let code = code_from(path)?;
     let served = app.store.get(&code, ReadOpts::default()).await?;
-    let link = served.value.ok_or_else(|| AppError::NotFound(format!("no link with code {code:?}")))?;
+    let link = served
+        .value
+        .ok_or_else(|| AppError::NotFound(format!("no link with code {code:?}")))?;
     let view = LinkView::new(link, &base_url(&app, &headers));
     Ok(with_db_node(Json(view).into_response(), &served.node))
 }
@@ -346,11 +422,17 @@ async fn delete_api(
         return Err(AppError::NotFound(format!("no link with code {code:?}")));
     }
     tracing::info!(%code, node = %w.node, "link deleted");
-    Ok(with_db_node(StatusCode::NO_CONTENT.into_response(), &w.node))
+    Ok(with_db_node(
+        StatusCode::NO_CONTENT.into_response(),
+        &w.node,
+    ))
 }
 
 /// The hot path: code → 302, from the cache when it can.
-async fn redirect(State(app): State<Arc<App>>, path: Result<Path<String>, PathRejection>) -> Response {
+async fn redirect(
+    State(app): State<Arc<App>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
     let code = match code_from(path) {
         Ok(code) => code,
         Err(e) => return html_error(&app, e),
@@ -367,7 +449,10 @@ async fn redirect(State(app): State<Arc<App>>, path: Result<Path<String>, PathRe
                 with_db_node(found(&link.url, "miss"), &served.node)
             }
             None => {
-                let resp = html_error(&app, AppError::NotFound(format!("There is no link with code {code:?}.")));
+                let resp = html_error(
+                    &app,
+                    AppError::NotFound(format!("There is no link with code {code:?}.")),
+                );
                 with_db_node(resp, &served.node)
             }
         },
@@ -379,12 +464,18 @@ fn found(url: &str, cache: &'static str) -> Response {
     match HeaderValue::from_str(url) {
         Ok(location) => (
             StatusCode::FOUND,
-            [(header::LOCATION, location), (X_CACHE.clone(), HeaderValue::from_static(cache))],
+            [
+                (header::LOCATION, location),
+                (X_CACHE.clone(), HeaderValue::from_static(cache)),
+            ],
         )
             .into_response(),
         // Stored URLs are normalized ASCII, so this means a corrupted row.
-        Err(_) => AppError::Store(StoreError::Internal { node: "-".into(), reason: "stored URL is not a valid header".into() })
-            .into_response(),
+        Err(_) => AppError::Store(StoreError::Internal {
+            node: "-".into(),
+            reason: "stored URL is not a valid header".into(),
+        })
+        .into_response(),
     }
 }
 
@@ -394,20 +485,164 @@ async fn healthz(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
 
 async fn readyz(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, AppError> {
     let node = app.store.ping().await?;
-    Ok(Json(serde_json::json!({ "status": "ready", "server": app.config.name, "db_node": node })))
+    Ok(Json(
+        serde_json::json!({ "status": "ready", "server": app.config.name, "db_node": node }),
+    ))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         app.metrics.render(),
     )
 }
 
 async fn not_found(req: Request) -> AppError {
-    AppError::NotFound(format!("no route for {} {}", req.method(), req.uri().path()))
+    AppError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 async fn method_not_allowed() -> AppError {
     AppError::MethodNotAllowed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Served;
+    use async_trait::async_trait;
+    use tower::ServiceExt;
+
+    /// A data tier that is down: every call fails as unreachable.
+    struct DownStore;
+
+    fn down<T>() -> Result<T, StoreError> {
+        Err(StoreError::Unavailable {
+            node: "db-9".into(),
+            reason: "connection refused".into(),
+        })
+    }
+
+    #[async_trait]
+    impl Store for DownStore {
+        async fn insert(&self, _: &Link) -> Result<Written<()>, StoreError> {
+            down()
+        }
+        async fn get(&self, _: &str, _: ReadOpts) -> Result<Served<Option<Link>>, StoreError> {
+            down()
+        }
+        async fn newest(&self, _: u32, _: ReadOpts) -> Result<Served<Vec<Link>>, StoreError> {
+            down()
+        }
+        async fn delete(&self, _: &str) -> Result<Written<bool>, StoreError> {
+            down()
+        }
+        async fn ping(&self) -> Result<String, StoreError> {
+            down()
+        }
+    }
+
+    async fn call(req: axum::http::Request<Body>) -> (StatusCode, HeaderMap, String) {
+        let app = Arc::new(App::new(WebConfig::default(), Arc::new(DownStore)).unwrap());
+        let resp = router(app).oneshot(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    }
+
+    fn get(path: &str) -> axum::http::Request<Body> {
+        axum::http::Request::get(path).body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_down_database_gives_503_with_a_reason_and_liveness_stays_up() {
+        let (status, headers, body) = call(get("/readyz")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers["x-served-by"], "web-1");
+        assert!(
+            body.contains("database db-9 unavailable: connection refused"),
+            "{body}"
+        );
+
+        let (status, _, body) = call(get("/")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("<h1>Service Unavailable</h1>"), "{body}");
+
+        let (status, _, body) = call(get("/abcdefg")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("db-9"), "{body}");
+
+        let create = axum::http::Request::post("/api/links")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(r#"{"url":"https://example.com/"}"#))
+            .unwrap();
+        let (status, _, body) = call(create).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.starts_with("{\"error\":"), "{body}");
+
+        let (status, _, _) = call(get("/healthz")).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "liveness does not depend on the database"
+        );
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let bad = [
+            WebConfig {
+                name: "has space".into(),
+                ..WebConfig::default()
+            },
+            WebConfig {
+                name: String::new(),
+                ..WebConfig::default()
+            },
+            WebConfig {
+                cache_capacity: 0,
+                ..WebConfig::default()
+            },
+            WebConfig {
+                public_url: Some("ftp://x".into()),
+                ..WebConfig::default()
+            },
+        ];
+        for config in bad {
+            assert!(
+                App::new(config.clone(), Arc::new(DownStore)).is_err(),
+                "{config:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn short_urls_follow_the_forwarded_host_and_proto() {
+        let app = App::new(WebConfig::default(), Arc::new(DownStore)).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("10.0.0.5:8081"));
+        assert_eq!(base_url(&app, &headers), "http://10.0.0.5:8081");
+        headers.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("www.scaleout.test"),
+        );
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        assert_eq!(base_url(&app, &headers), "https://www.scaleout.test");
+        headers.insert("x-forwarded-host", HeaderValue::from_static("evil\"<host>"));
+        assert_eq!(
+            base_url(&app, &headers),
+            "https://10.0.0.5:8081",
+            "an unsafe host is ignored"
+        );
+    }
 }

@@ -60,11 +60,18 @@ pub fn home(page: &HomePage<'_>) -> String {
     );
     let typed = page.error.map(|(_, url)| url).unwrap_or("");
     if let Some((message, _)) = page.error {
-        let _ = write!(out, "<p class=\"msg err\" role=\"alert\">{}</p>", escape(message));
+        let _ = write!(
+            out,
+            "<p class=\"msg err\" role=\"alert\">{}</p>",
+            escape(message)
+        );
     }
     if let Some(short) = page.created {
         let short = escape(short);
-        let _ = write!(out, "<p class=\"msg ok\">Created <a href=\"{short}\">{short}</a></p>");
+        let _ = write!(
+            out,
+            "<p class=\"msg ok\">Created <a href=\"{short}\">{short}</a></p>"
+        );
     }
     let _ = write!(
         out,
@@ -121,7 +128,10 @@ mod tests {
 
     #[test]
     fn escapes_markup() {
-        assert_eq!(escape(r#"<a href="x">'&'</a>"#), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            escape(r#"<a href="x">'&'</a>"#),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
     }
 
     #[test]

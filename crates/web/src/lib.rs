@@ -81,13 +81,17 @@ impl WebConfig {
             return Err(Error::Config("cache capacity must be at least 1".into()));
         }
         if self.max_body_bytes < 64 {
-            return Err(Error::Config("max body size must be at least 64 bytes".into()));
+            return Err(Error::Config(
+                "max body size must be at least 64 bytes".into(),
+            ));
         }
         if let Some(public) = &self.public_url {
             let ok = url::Url::parse(public)
                 .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
             if !ok {
-                return Err(Error::Config(format!("public URL {public:?} must be an http(s) URL")));
+                return Err(Error::Config(format!(
+                    "public URL {public:?} must be an http(s) URL"
+                )));
             }
         }
         Ok(())

@@ -29,8 +29,10 @@ pub struct WebMetrics {
 
 impl WebMetrics {
     pub fn new(server: &str) -> Self {
-        let mut registry =
-            Registry::with_labels(std::iter::once(("server".into(), server.to_string().into())));
+        let mut registry = Registry::with_labels(std::iter::once((
+            "server".into(),
+            server.to_string().into(),
+        )));
         let requests = Family::<RequestLabels, Counter>::default();
         // 100 µs .. ~3.3 s in 16 doublings.
         let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
@@ -58,7 +60,13 @@ impl WebMetrics {
             "Code lookups that went to the database",
             cache_misses.clone(),
         );
-        WebMetrics { registry, requests, latency, cache_hits, cache_misses }
+        WebMetrics {
+            registry,
+            requests,
+            latency,
+            cache_hits,
+            cache_misses,
+        }
     }
 
     /// The Prometheus/OpenMetrics text exposition of every metric.

@@ -104,10 +104,15 @@ impl SqliteStore {
     {
         let inner = self.inner.clone();
         self.blocking(move || {
-            let i = inner.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let i = inner
+                .next_reader
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let conn = lock(&inner.readers[i % inner.readers.len()]);
             let value = f(&conn, &inner.node)?;
-            Ok(Served { value, node: inner.node.clone() })
+            Ok(Served {
+                value,
+                node: inner.node.clone(),
+            })
         })
         .await
     }
@@ -117,10 +122,12 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce() -> Result<T, StoreError> + Send + 'static,
     {
-        tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Internal {
-            node: self.inner.node.clone(),
-            reason: format!("database task failed: {e}"),
-        })?
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| StoreError::Internal {
+                node: self.inner.node.clone(),
+                reason: format!("database task failed: {e}"),
+            })?
     }
 }
 
@@ -146,7 +153,11 @@ fn sql_error(node: &str, e: rusqlite::Error) -> StoreError {
 }
 
 fn row_to_link(row: &rusqlite::Row<'_>) -> rusqlite::Result<Link> {
-    Ok(Link { code: row.get(0)?, url: row.get(1)?, created_at: row.get(2)? })
+    Ok(Link {
+        code: row.get(0)?,
+        url: row.get(1)?,
+        created_at: row.get(2)?,
+    })
 }
 
 #[async_trait]
@@ -158,7 +169,11 @@ impl Store for SqliteStore {
                 "INSERT INTO links (code, url, created_at) VALUES (?1, ?2, ?3)",
                 params![link.code, link.url, link.created_at],
             ) {
-                Ok(_) => Ok(Written { value: (), node: node.to_string(), index: None }),
+                Ok(_) => Ok(Written {
+                    value: (),
+                    node: node.to_string(),
+                    index: None,
+                }),
                 Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
                     Err(StoreError::Conflict { code: link.code })
                 }
@@ -193,7 +208,11 @@ impl Store for SqliteStore {
             let n = conn
                 .execute("DELETE FROM links WHERE code = ?1", [code])
                 .map_err(|e| sql_error(node, e))?;
-            Ok(Written { value: n > 0, node: node.to_string(), index: None })
+            Ok(Written {
+                value: n > 0,
+                node: node.to_string(),
+                index: None,
+            })
         })
         .await
     }
@@ -201,7 +220,8 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<String, StoreError> {
         let served = self
             .read(|conn, node| {
-                conn.query_row("SELECT 1", [], |_| Ok(())).map_err(|e| sql_error(node, e))
+                conn.query_row("SELECT 1", [], |_| Ok(()))
+                    .map_err(|e| sql_error(node, e))
             })
             .await?;
         Ok(served.node)
@@ -232,7 +252,15 @@ mod tests {
         assert_eq!(got.node, "db-test");
         let newest = store.newest(10, ReadOpts::default()).await.unwrap().value;
         assert_eq!(newest, vec![link("bbb"), link("aaa")]);
-        assert_eq!(store.newest(1, ReadOpts::default()).await.unwrap().value.len(), 1);
+        assert_eq!(
+            store
+                .newest(1, ReadOpts::default())
+                .await
+                .unwrap()
+                .value
+                .len(),
+            1
+        );
 
         assert!(matches!(
             store.insert(&link("aaa")).await,
@@ -240,11 +268,18 @@ mod tests {
         ));
         assert!(store.delete("aaa").await.unwrap().value);
         assert!(!store.delete("aaa").await.unwrap().value);
-        assert_eq!(store.get("aaa", ReadOpts::default()).await.unwrap().value, None);
+        assert_eq!(
+            store.get("aaa", ReadOpts::default()).await.unwrap().value,
+            None
+        );
         drop(store);
 
         let reopened = SqliteStore::open(&path, "db-test").unwrap();
-        let newest = reopened.newest(10, ReadOpts::default()).await.unwrap().value;
+        let newest = reopened
+            .newest(10, ReadOpts::default())
+            .await
+            .unwrap()
+            .value;
         assert_eq!(newest, vec![link("bbb")]);
         assert_eq!(reopened.ping().await.unwrap(), "db-test");
     }
@@ -255,7 +290,9 @@ mod tests {
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").unwrap();
         // A path below a regular file cannot be created.
-        let err = SqliteStore::open(&file.join("links.sqlite"), "db").err().unwrap();
+        let err = SqliteStore::open(&file.join("links.sqlite"), "db")
+            .err()
+            .unwrap();
         assert!(matches!(err, StoreError::Internal { .. }), "{err}");
     }
 }
