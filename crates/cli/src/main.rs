@@ -1,6 +1,8 @@
 //! `scaleout`: the one binary. Parses flags, sets up logging and the
 //! runtime, and calls the role's library entry point.
 
+mod lb;
+
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -31,6 +33,8 @@ enum LogFormat {
 enum Command {
     /// Run a whole stage of the seed on this machine (stage 1: web app, database and cache in one process).
     Up(UpArgs),
+    /// Run the load balancer: spread HTTP traffic over web servers, with health checks, retries and draining.
+    Lb(lb::LbArgs),
 }
 
 #[derive(clap::Args)]
@@ -85,6 +89,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .context("scaleout up")
         }
+        Command::Lb(args) => lb::run(args, shutdown).await.context("scaleout lb"),
     }
 }
 

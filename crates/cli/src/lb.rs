@@ -1,0 +1,177 @@
+//! `scaleout lb`: flags (and an optional TOML file) → `scaleout_lb::LbConfig`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use scaleout_lb::{Algorithm, BackendConfig, HashOn, LbConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Flags override what the config file says; unset flags keep it.
+#[derive(clap::Args)]
+pub struct LbArgs {
+    /// Address clients connect to, e.g. 127.0.0.1:18080.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// A backend web server: http://host:port, optionally ,weight=N and ,name=NAME. Repeat for each.
+    #[arg(long = "backend", value_name = "URL")]
+    backends: Vec<String>,
+    /// round-robin (default), weighted, least-conn, p2c-ewma or hash.
+    #[arg(long)]
+    algorithm: Option<Algorithm>,
+    /// What `hash` hashes: client-ip (default), header:NAME or cookie:NAME.
+    #[arg(long)]
+    hash_on: Option<HashOn>,
+    /// Admin API address (default 127.0.0.1, a free port).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Bearer token the admin API requires.
+    #[arg(long, env = "SCALEOUT_LB_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// TOML file with any of the settings (see the README).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Health check path (default /healthz).
+    #[arg(long)]
+    health_path: Option<String>,
+    /// Health check interval, e.g. 1s, 500ms.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    health_interval: Option<Duration>,
+    /// Health check timeout.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    health_timeout: Option<Duration>,
+    /// Passing checks in a row that bring a backend up.
+    #[arg(long)]
+    rise: Option<u32>,
+    /// Failing checks in a row that take a backend down.
+    #[arg(long)]
+    fall: Option<u32>,
+    /// Turn active health checks off.
+    #[arg(long)]
+    no_health_checks: bool,
+    /// TCP connect timeout to backends.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    connect_timeout: Option<Duration>,
+    /// A client must send its request head within this.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    header_timeout: Option<Duration>,
+    /// A backend must start answering within this.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    upstream_timeout: Option<Duration>,
+    /// Close client connections idle for this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// On SIGTERM, wait this long for in-flight requests.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// Largest request head in bytes (431 beyond).
+    #[arg(long)]
+    max_header_bytes: Option<usize>,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
+    /// Client connections open at once.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Tries per request, the first included (1: no retries).
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Retries allowed as a share of requests, e.g. 0.2.
+    #[arg(long)]
+    retry_budget: Option<f32>,
+    /// TLS certificate chain (PEM); with --tls-key, clients use https and h2 via ALPN.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Log one line per request (target scaleout_lb::access).
+    #[arg(long)]
+    access_log: bool,
+}
+
+fn parse_backend(spec: &str) -> anyhow::Result<BackendConfig> {
+    let mut parts = spec.split(',');
+    let url = parts.next().unwrap_or_default().to_string();
+    let mut cfg = BackendConfig::new(url);
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("weight", w)) => {
+                cfg.weight = w.parse().with_context(|| {
+                    format!("--backend {spec}: weight {w:?} is not a whole number")
+                })?
+            }
+            Some(("name", n)) if !n.is_empty() => cfg.name = Some(n.to_string()),
+            _ => anyhow::bail!("--backend {spec}: options are weight=N and name=NAME, not {opt:?}"),
+        }
+    }
+    Ok(cfg)
+}
+
+impl LbArgs {
+    pub fn into_config(self) -> anyhow::Result<LbConfig> {
+        let mut c = match &self.config {
+            Some(path) => LbConfig::from_toml_file(path)?,
+            None => LbConfig::default(),
+        };
+        if let Some(v) = self.listen {
+            c.listen = v;
+        } else if self.config.is_none() {
+            anyhow::bail!("--listen ADDR is required (or a --config file that sets listen)");
+        }
+        if !self.backends.is_empty() {
+            c.backends = self
+                .backends
+                .iter()
+                .map(|s| parse_backend(s))
+                .collect::<anyhow::Result<_>>()?;
+        }
+        macro_rules! set {
+            ($($flag:ident => $($field:ident).+),* $(,)?) => {
+                $(if let Some(v) = self.$flag { c.$($field).+ = v; })*
+            };
+        }
+        set!(
+            algorithm => algorithm, hash_on => hash_on, admin => admin, workers => workers,
+            health_path => health.path, health_interval => health.interval,
+            health_timeout => health.timeout, rise => health.rise, fall => health.fall,
+            connect_timeout => timeouts.connect, header_timeout => timeouts.header_read,
+            upstream_timeout => timeouts.upstream_response, idle_timeout => timeouts.idle,
+            drain_timeout => timeouts.drain, max_header_bytes => limits.max_header_bytes,
+            max_body_bytes => limits.max_body_bytes, max_connections => limits.max_connections,
+            max_attempts => retry.max_attempts, retry_budget => retry.budget_ratio,
+        );
+        if self.admin_token.is_some() {
+            c.admin_token = self.admin_token;
+        }
+        if self.no_health_checks {
+            c.health.enabled = false;
+        }
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            c.tls = Some(scaleout_lb::config::TlsConfig { cert, key });
+        }
+        c.access_log |= self.access_log;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+pub async fn run(args: LbArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let lb = scaleout_lb::bind(config).await?;
+    println!(
+        "scaleout lb: {scheme}://{} ({} workers); admin http://{}",
+        lb.addr, lb.workers, lb.admin_addr
+    );
+    lb.run(shutdown).await?;
+    Ok(())
+}

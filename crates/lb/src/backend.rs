@@ -1,0 +1,365 @@
+//! Backends and the pool: what the load balancer knows about each upstream
+//! web server, shared by the workers (atomics; no lock on the hot path), and
+//! the pool itself, swapped whole when the admin API changes it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use crate::config::{BackendConfig, OutlierConfig};
+use crate::error::ConfigError;
+use crate::ewma::PeakEwma;
+use crate::metrics::BackendStats;
+
+/// Where a backend listens, parsed from `http://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BackendAddr {
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let url = url::Url::parse(raw)
+            .map_err(|e| ConfigError::new(format!("backend {raw:?} is not a URL: {e}")))?;
+        if url.scheme() != "http" {
+            return Err(ConfigError::new(format!(
+                "backend {raw:?}: only http:// backends are supported"
+            )));
+        }
+        if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
+            return Err(ConfigError::new(format!(
+                "backend {raw:?}: give only http://host:port, no path, query or user"
+            )));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| ConfigError::new(format!("backend {raw:?} has no host")))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = url.port_or_known_default().unwrap_or(80);
+        Ok(BackendAddr { host, port })
+    }
+
+    /// `host:port`, bracketing IPv6.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Resolves the host (once, when the backend is added).
+    pub async fn resolve(&self) -> Result<SocketAddr, ConfigError> {
+        let mut addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| ConfigError::new(format!("cannot resolve {}: {e}", self.authority())))?;
+        addrs
+            .next()
+            .ok_or_else(|| ConfigError::new(format!("{} resolves to no address", self.authority())))
+    }
+}
+
+/// Time as milliseconds since the load balancer started: fits an atomic.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock {
+            start: Instant::now(),
+        }
+    }
+
+    pub fn millis(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_millis() as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One upstream web server.
+pub struct Backend {
+    /// Unique for the life of the process (never reused after removal).
+    pub id: u64,
+    pub name: String,
+    pub url: String,
+    pub addr: SocketAddr,
+    /// `host:port` as configured, sent as `Host` by health checks.
+    pub authority: String,
+    pub weight: AtomicU32,
+    /// Active health check verdict (true until checks say otherwise).
+    pub up: AtomicBool,
+    /// Set through the admin API: no new requests, in-flight ones finish.
+    pub draining: AtomicBool,
+    pub in_flight: AtomicU64,
+    /// Passive outlier detection state.
+    pub consecutive_failures: AtomicU32,
+    pub ejections_in_a_row: AtomicU32,
+    /// `Clock` millis until which the backend is ejected (0: not ejected).
+    pub ejected_until: AtomicU64,
+    pub ewma: Mutex<PeakEwma>,
+    pub stats: BackendStats,
+}
+
+impl Backend {
+    pub fn new(id: u64, cfg: &BackendConfig, addr: SocketAddr) -> Result<Self, ConfigError> {
+        let parsed = BackendAddr::parse(&cfg.url)?;
+        let authority = parsed.authority();
+        Ok(Backend {
+            id,
+            name: cfg.name.clone().unwrap_or_else(|| authority.clone()),
+            url: format!("http://{authority}"),
+            addr,
+            authority,
+            weight: AtomicU32::new(cfg.weight),
+            up: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections_in_a_row: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ewma: Mutex::new(PeakEwma::new(Duration::from_millis(1), Instant::now())),
+            stats: BackendStats::default(),
+        })
+    }
+
+    /// May this backend take a new request at `now_ms`?
+    pub fn available(&self, now_ms: u64) -> bool {
+        self.up.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
+            && self.weight.load(Ordering::Relaxed) > 0
+            && self.ejected_until.load(Ordering::Relaxed) <= now_ms
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn ewma_estimate(&self, now: Instant) -> Duration {
+        self.ewma
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .estimate(now)
+    }
+
+    pub fn observe_latency(&self, rtt: Duration, now: Instant) {
+        self.ewma
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(rtt, now);
+    }
+
+    /// A request to this backend succeeded: the failure streak ends.
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections_in_a_row.load(Ordering::Relaxed) != 0 {
+            self.ejections_in_a_row.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A request to this backend failed; ejects it when the streak reaches
+    /// the threshold. Returns the ejection, if one started.
+    pub fn record_failure(&self, cfg: &OutlierConfig, now_ms: u64) -> Option<Duration> {
+        if cfg.consecutive_failures == 0 {
+            return None;
+        }
+        let streak = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak < cfg.consecutive_failures {
+            return None;
+        }
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        let n = self.ejections_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        let length = ejection_length(cfg, n);
+        self.ejected_until
+            .store(now_ms + length.as_millis() as u64, Ordering::Relaxed);
+        self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+        Some(length)
+    }
+}
+
+/// The n-th ejection in a row lasts base × 2^(n-1), at most max.
+pub fn ejection_length(cfg: &OutlierConfig, n: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(n.saturating_sub(1).min(31))
+        .unwrap_or(u32::MAX);
+    cfg.base_ejection
+        .saturating_mul(factor)
+        .min(cfg.max_ejection)
+}
+
+/// The current set of backends. Readers take a snapshot (`load`) per
+/// request; the admin API replaces the whole list.
+pub struct Pool {
+    backends: ArcSwap<Vec<Arc<Backend>>>,
+    next_id: AtomicU64,
+    changes: Mutex<()>,
+}
+
+impl Pool {
+    pub fn new() -> Self {
+        Pool {
+            backends: ArcSwap::from_pointee(Vec::new()),
+            next_id: AtomicU64::new(1),
+            changes: Mutex::new(()),
+        }
+    }
+
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Vec<Arc<Backend>>>> {
+        self.backends.load()
+    }
+
+    pub fn list(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.backends.load_full()
+    }
+
+    pub fn find(&self, name: &str) -> Option<Arc<Backend>> {
+        self.backends
+            .load()
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+    }
+
+    /// Adds a backend; its name must be new.
+    pub fn add(&self, cfg: &BackendConfig, addr: SocketAddr) -> Result<Arc<Backend>, ConfigError> {
+        let _guard = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let backend = Arc::new(Backend::new(id, cfg, addr)?);
+        let current = self.backends.load_full();
+        if current.iter().any(|b| b.name == backend.name) {
+            return Err(ConfigError::new(format!(
+                "a backend named {:?} is already in the pool",
+                backend.name
+            )));
+        }
+        let mut next = Vec::with_capacity(current.len() + 1);
+        next.extend(current.iter().cloned());
+        next.push(backend.clone());
+        self.backends.store(Arc::new(next));
+        Ok(backend)
+    }
+
+    /// Takes a backend out of the pool; requests in flight on it finish.
+    pub fn remove(&self, name: &str) -> Option<Arc<Backend>> {
+        let _guard = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.backends.load_full();
+        let gone = current.iter().find(|b| b.name == name).cloned()?;
+        let next: Vec<_> = current
+            .iter()
+            .filter(|b| b.id != gone.id)
+            .cloned()
+            .collect();
+        self.backends.store(Arc::new(next));
+        Some(gone)
+    }
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> Backend {
+        let cfg = BackendConfig::new("http://127.0.0.1:9");
+        Backend::new(1, &cfg, "127.0.0.1:9".parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn parses_backend_urls() {
+        let a = BackendAddr::parse("http://localhost:8081").unwrap();
+        assert_eq!((a.host.as_str(), a.port), ("localhost", 8081));
+        assert_eq!(
+            BackendAddr::parse("http://[::1]:80/").unwrap().authority(),
+            "[::1]:80"
+        );
+        assert_eq!(BackendAddr::parse("http://10.0.0.1").unwrap().port, 80);
+        for bad in [
+            "https://x:1",
+            "127.0.0.1:80",
+            "http://x:1/path",
+            "http://u@x:1",
+        ] {
+            assert!(BackendAddr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn consecutive_failures_eject_with_a_growing_back_off() {
+        let cfg = OutlierConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(5),
+        };
+        let b = backend();
+        assert!(b.available(0));
+        assert_eq!(b.record_failure(&cfg, 0), None);
+        assert_eq!(b.record_failure(&cfg, 0), None);
+        assert_eq!(b.record_failure(&cfg, 0), Some(Duration::from_secs(1)));
+        assert!(!b.available(999));
+        assert!(b.available(1000));
+        // Still failing after the ejection: the next one is twice as long.
+        for _ in 0..2 {
+            b.record_failure(&cfg, 1000);
+        }
+        assert_eq!(b.record_failure(&cfg, 1000), Some(Duration::from_secs(2)));
+        assert!(!b.available(2999));
+        // A success resets both streaks.
+        b.record_success();
+        for _ in 0..2 {
+            b.record_failure(&cfg, 5000);
+        }
+        assert_eq!(b.record_failure(&cfg, 5000), Some(Duration::from_secs(1)));
+        assert_eq!(
+            ejection_length(&cfg, 10),
+            Duration::from_secs(5),
+            "capped at max"
+        );
+        assert_eq!(ejection_length(&cfg, 100), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn pool_adds_finds_and_removes_by_name() {
+        let pool = Pool::new();
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        pool.add(&BackendConfig::new("http://127.0.0.1:9"), addr)
+            .unwrap();
+        assert!(
+            pool.add(&BackendConfig::new("http://127.0.0.1:9"), addr)
+                .is_err(),
+            "duplicate name"
+        );
+        let named = BackendConfig {
+            name: Some("web-2".into()),
+            ..BackendConfig::new("http://127.0.0.1:10")
+        };
+        let b = pool.add(&named, addr).unwrap();
+        assert_eq!(pool.find("web-2").unwrap().id, b.id);
+        assert_eq!(pool.snapshot().len(), 2);
+        assert!(pool.remove("web-2").is_some());
+        assert!(pool.remove("web-2").is_none());
+        assert_eq!(pool.snapshot().len(), 1);
+    }
+}

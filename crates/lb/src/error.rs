@@ -1,0 +1,163 @@
+//! The load balancer's errors: fatal ones ([`Error`], [`ConfigError`]) apart
+//! from per-request ones ([`ProxyError`]), which say where they came from and
+//! whether a retry on another backend is safe. `ProxyError::into_response`
+//! is the one place they become HTTP answers.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::LbBody;
+
+/// A configuration the load balancer cannot run with.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        ConfigError(msg.into())
+    }
+}
+
+/// Fatal errors: the load balancer cannot start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid config: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("worker thread failed: {0}")]
+    Worker(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Which side of the proxy a per-request error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something we refuse.
+    Downstream,
+    /// The backend failed.
+    Upstream,
+    /// The load balancer itself cannot serve (no backend).
+    Internal,
+}
+
+/// One failed attempt at serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// TCP connect (or the HTTP handshake) to the backend failed: nothing
+    /// was sent, so any request may go elsewhere.
+    #[error("connecting to backend {backend} failed: {reason}")]
+    Connect { backend: String, reason: String },
+    /// The connection broke before the request was written: safe to retry.
+    #[error("backend {backend} closed the connection before the request was sent")]
+    NotSent { backend: String },
+    /// The request was (maybe) written and the exchange failed: only
+    /// idempotent requests may be retried.
+    #[error("backend {backend} failed: {reason}")]
+    Exchange { backend: String, reason: String },
+    #[error("backend {backend} did not answer within {timeout:?}")]
+    Timeout {
+        backend: String,
+        timeout: std::time::Duration,
+    },
+    #[error("no healthy backend")]
+    NoBackend,
+    #[error("request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::Connect { .. }
+            | ProxyError::NotSent { .. }
+            | ProxyError::Exchange { .. }
+            | ProxyError::Timeout { .. } => Side::Upstream,
+            ProxyError::NoBackend => Side::Internal,
+            ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) => Side::Downstream,
+        }
+    }
+
+    /// Whether the request may be sent to another backend after this error.
+    /// A request the backend may have acted on is replayed only when it is
+    /// idempotent (RFC 9110 §9.2.2, or carries `Idempotency-Key`).
+    pub fn retryable(&self, idempotent: bool) -> bool {
+        match self {
+            ProxyError::Connect { .. } | ProxyError::NotSent { .. } => true,
+            ProxyError::Exchange { .. } | ProxyError::Timeout { .. } => idempotent,
+            ProxyError::NoBackend | ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) => {
+                false
+            }
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Connect { .. }
+            | ProxyError::NotSent { .. }
+            | ProxyError::Exchange { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub fn into_response(self) -> Response<LbBody> {
+        json_error(self.status(), &self.to_string())
+    }
+}
+
+/// A JSON error answer from the load balancer itself.
+pub fn json_error(status: StatusCode, message: &str) -> Response<LbBody> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut resp = Response::new(LbBody::full(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unsent_requests_are_retried_unless_idempotent() {
+        let connect = ProxyError::Connect {
+            backend: "b".into(),
+            reason: "refused".into(),
+        };
+        let exchange = ProxyError::Exchange {
+            backend: "b".into(),
+            reason: "reset".into(),
+        };
+        assert!(connect.retryable(false) && connect.retryable(true));
+        assert!(
+            !exchange.retryable(false),
+            "a POST that was sent is never replayed"
+        );
+        assert!(exchange.retryable(true));
+        assert!(!ProxyError::NoBackend.retryable(true));
+        assert_eq!(exchange.side(), Side::Upstream);
+        assert_eq!(
+            ProxyError::BodyTooLarge { limit: 1 }.side(),
+            Side::Downstream
+        );
+        assert_eq!(
+            ProxyError::NoBackend.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}

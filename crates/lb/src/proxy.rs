@@ -1,0 +1,652 @@
+//! The hot path: one client request → a backend → the response, with
+//! retries on another backend when that is safe, and the forwarding headers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::backend::{Backend, Clock, Pool};
+use crate::body::LbBody;
+use crate::config::{Algorithm, HashOn, LbConfig};
+use crate::error::ProxyError;
+use crate::metrics::LbStats;
+use crate::selection::{hash_bytes, BackendSelection, Pick};
+use crate::upstream::{Returner, UpstreamPool};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// What every worker shares.
+pub struct Shared {
+    pub config: LbConfig,
+    pub pool: Arc<Pool>,
+    pub selection: Box<dyn BackendSelection>,
+    pub budget: TpsBudget,
+    pub stats: LbStats,
+    pub clock: Clock,
+    /// `http` or `https`: what clients used.
+    pub scheme: &'static str,
+}
+
+/// One client connection's constant facts, computed once.
+pub struct ConnInfo {
+    pub client: SocketAddr,
+    client_ip: HeaderValue,
+    forwarded_for: String,
+}
+
+impl ConnInfo {
+    pub fn new(client: SocketAddr) -> Self {
+        let ip = client.ip().to_canonical();
+        let forwarded_for = if ip.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip.to_string()
+        };
+        // An IP address's text is always a valid header value.
+        let client_ip =
+            HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        ConnInfo {
+            client,
+            client_ip,
+            forwarded_for,
+        }
+    }
+}
+
+/// Per-worker context of the request handler.
+pub struct Worker {
+    pub shared: Arc<Shared>,
+    pub upstream: Arc<UpstreamPool>,
+}
+
+/// At most this many tries per request are tracked (and made).
+const MAX_TRIED: usize = 8;
+
+pub async fn handle(
+    worker: Arc<Worker>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<LbBody>, std::convert::Infallible> {
+    let start = Instant::now();
+    let shared = &worker.shared;
+    let (resp, backend, attempts) = serve(&worker, &conn, req).await;
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    shared.stats.record_status(status);
+    shared.stats.latency.observe(elapsed);
+    if shared.config.access_log {
+        tracing::info!(
+            target: "scaleout_lb::access",
+            client = %conn.client,
+            status,
+            backend = backend.as_deref().unwrap_or("-"),
+            attempts,
+            micros = elapsed.as_micros() as u64,
+            request_id = resp.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        );
+    }
+    Ok(resp)
+}
+
+fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) || headers.contains_key(&IDEMPOTENCY_KEY)
+}
+
+fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Serves one request; returns the answer, the backend that gave it, and
+/// how many backends were tried.
+async fn serve(
+    worker: &Worker,
+    conn: &ConnInfo,
+    mut req: Request<Incoming>,
+) -> (Response<LbBody>, Option<String>, u32) {
+    let shared = &worker.shared;
+    let upgrade = wants_upgrade(&req);
+    let mut client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+
+    let request_id = match parts.headers.get(&X_REQUEST_ID) {
+        Some(id) if !id.is_empty() && id.len() <= 200 => id.clone(),
+        _ => {
+            let id = new_request_id();
+            parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+            id
+        }
+    };
+    let finish = |mut resp: Response<LbBody>, backend: Option<String>, attempts: u32| {
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
+        (resp, backend, attempts)
+    };
+
+    let body = match read_body(body, &parts.headers, shared.config.limits.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return finish(e.into_response(), None, 0),
+    };
+    let key = (shared.config.algorithm == Algorithm::Hash)
+        .then(|| hash_key(&shared.config.hash_on, &parts.headers, conn));
+    if let Err(e) = prepare_request(&mut parts, conn, shared.scheme, upgrade) {
+        return finish(e.into_response(), None, 0);
+    }
+    let idempotent = is_idempotent(&parts.method, &parts.headers);
+    shared.budget.deposit();
+
+    let max_attempts = (shared.config.retry.max_attempts as usize).min(MAX_TRIED);
+    let mut tried = [0u64; MAX_TRIED];
+    let mut n_tried = 0usize;
+    let mut last_error: Option<ProxyError> = None;
+    loop {
+        let now = Instant::now();
+        let now_ms = shared.clock.millis(now);
+        let chosen = {
+            let snapshot = shared.pool.snapshot();
+            let already = &tried[..n_tried];
+            let usable = |b: &Backend| b.available(now_ms) && !already.contains(&b.id);
+            let pick = Pick {
+                usable: &usable,
+                key,
+                now,
+            };
+            shared.selection.select(&snapshot, &pick).cloned()
+        };
+        let Some(backend) = chosen else {
+            let err = last_error.unwrap_or_else(|| {
+                shared.stats.no_backend.fetch_add(1, Ordering::Relaxed);
+                ProxyError::NoBackend
+            });
+            return finish(err.into_response(), None, n_tried as u32);
+        };
+        tried[n_tried] = backend.id;
+        n_tried += 1;
+
+        let request = build_request(&parts, body.clone());
+        let outcome = if upgrade {
+            forward_upgrade(worker, &backend, request, &mut client_upgrade).await
+        } else {
+            forward(worker, &backend, request).await
+        };
+        let retry_allowed = n_tried < max_attempts;
+        match outcome {
+            Ok(resp) => {
+                let status = resp.status();
+                let failed = status.is_server_error();
+                if failed {
+                    record_failure(shared, &backend, now_ms);
+                } else {
+                    backend.record_success();
+                }
+                let replayable = matches!(
+                    status,
+                    StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                ) && idempotent;
+                if replayable && retry_allowed && take_retry(shared) {
+                    tracing::debug!(backend = %backend.name, %status, "retrying on another backend");
+                    continue;
+                }
+                return finish(resp, Some(backend.name.clone()), n_tried as u32);
+            }
+            Err(e) => {
+                backend.stats.failures.fetch_add(1, Ordering::Relaxed);
+                record_failure(shared, &backend, now_ms);
+                tracing::debug!(backend = %backend.name, error = %e, "attempt failed");
+                if e.retryable(idempotent) && retry_allowed && take_retry(shared) {
+                    last_error = Some(e);
+                    continue;
+                }
+                return finish(
+                    e.into_response(),
+                    Some(backend.name.clone()),
+                    n_tried as u32,
+                );
+            }
+        }
+    }
+}
+
+fn record_failure(shared: &Shared, backend: &Backend, now_ms: u64) {
+    if let Some(length) = backend.record_failure(&shared.config.outlier, now_ms) {
+        tracing::warn!(backend = %backend.name, ejected_for = ?length, "backend ejected (consecutive failures)");
+    }
+}
+
+fn take_retry(shared: &Shared) -> bool {
+    if shared.budget.withdraw() {
+        shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+        true
+    } else {
+        shared.stats.retries_refused.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+}
+
+fn new_request_id() -> HeaderValue {
+    let id: u128 = rand::random();
+    // 32 hex digits are always a valid header value.
+    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// The request body, whole: bodies are buffered so a request can be replayed.
+async fn read_body(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<Bytes, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(ProxyError::BadRequest(format!(
+            "reading the request body failed: {e}"
+        ))),
+    }
+}
+
+fn hash_key(on: &HashOn, headers: &HeaderMap, conn: &ConnInfo) -> u64 {
+    match on {
+        HashOn::ClientIp => hash_bytes(conn.client_ip.as_bytes()),
+        HashOn::Header(name) => headers.get(name).map_or(0, |v| hash_bytes(v.as_bytes())),
+        HashOn::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map_or(0, |(_, v)| hash_bytes(v.as_bytes())),
+    }
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those the `Connection`
+/// header names, and the fixed list. An upgrade keeps `Upgrade` and gets
+/// `Connection: upgrade` back.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+    ] {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Turns the client's request head into the head sent upstream.
+fn prepare_request(
+    parts: &mut http::request::Parts,
+    conn: &ConnInfo,
+    scheme: &'static str,
+    upgrade: bool,
+) -> Result<(), ProxyError> {
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers, upgrade);
+    // The Host the client asked for: HTTP/2 carries it in the URI.
+    if !headers.contains_key(header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            let host = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| ProxyError::BadRequest("invalid authority".into()))?;
+            headers.insert(header::HOST, host);
+        }
+    }
+    let host = headers.get(header::HOST).cloned();
+
+    match headers.get(&X_FORWARDED_FOR) {
+        Some(prior) => {
+            let mut v = Vec::with_capacity(prior.len() + 2 + conn.client_ip.len());
+            v.extend_from_slice(prior.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(conn.client_ip.as_bytes());
+            let joined = HeaderValue::from_bytes(&v)
+                .map_err(|_| ProxyError::BadRequest("invalid X-Forwarded-For".into()))?;
+            headers.insert(X_FORWARDED_FOR.clone(), joined);
+        }
+        None => {
+            headers.insert(X_FORWARDED_FOR.clone(), conn.client_ip.clone());
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+    if let Some(host) = &host {
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
+    }
+    let mut forwarded = format!("for={};proto={scheme}", conn.forwarded_for);
+    if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
+        if !host.contains(['"', '\\']) {
+            forwarded.push_str(";host=\"");
+            forwarded.push_str(host);
+            forwarded.push('"');
+        }
+    }
+    let value = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {forwarded}"),
+        None => forwarded,
+    };
+    let value = HeaderValue::from_str(&value)
+        .map_err(|_| ProxyError::BadRequest("invalid Forwarded header".into()))?;
+    headers.insert(header::FORWARDED, value);
+
+    // Upstream requests are HTTP/1.1 in origin form.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::try_from(path)
+            .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?;
+    }
+    parts.version = Version::HTTP_11;
+    Ok(())
+}
+
+fn build_request(parts: &http::request::Parts, body: Bytes) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+/// One attempt on one backend over a pooled connection.
+async fn forward(
+    worker: &Worker,
+    backend: &Arc<Backend>,
+    mut request: Request<Full<Bytes>>,
+) -> Result<Response<LbBody>, ProxyError> {
+    let shared = &worker.shared;
+    let timeout = shared.config.timeouts.upstream_response;
+    let started = Instant::now();
+    backend.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight(backend);
+    // A pooled connection may have been closed by the backend just now; a
+    // request that was provably not sent goes on a fresh connection.
+    let mut fresh_tried = false;
+    loop {
+        let mut checkout = worker
+            .upstream
+            .checkout(backend.id, &backend.name, backend.addr)
+            .await?;
+        let sent = tokio::time::timeout(timeout, checkout.sender.try_send_request(request)).await;
+        let result = match sent {
+            Err(_) => {
+                return Err(ProxyError::Timeout {
+                    backend: backend.name.clone(),
+                    timeout,
+                })
+            }
+            Ok(r) => r,
+        };
+        match result {
+            Ok(resp) => {
+                let now = Instant::now();
+                let rtt = now - started;
+                backend.stats.latency.observe(rtt);
+                backend.observe_latency(rtt, now);
+                backend.stats.record_status(resp.status().as_u16());
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers, false);
+                let returner = Returner::new(worker.upstream.clone(), backend.id, checkout.sender);
+                return Ok(Response::from_parts(
+                    parts,
+                    LbBody::upstream(body, returner),
+                ));
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if checkout.reused && !fresh_tried => {
+                    fresh_tried = true;
+                    request = unsent;
+                }
+                Some(_) => {
+                    return Err(ProxyError::NotSent {
+                        backend: backend.name.clone(),
+                    })
+                }
+                None => {
+                    return Err(ProxyError::Exchange {
+                        backend: backend.name.clone(),
+                        reason: e.into_error().to_string(),
+                    })
+                }
+            },
+        }
+    }
+}
+
+/// A WebSocket (or other) upgrade: a dedicated connection; after `101` the
+/// two upgraded streams are spliced together.
+async fn forward_upgrade(
+    worker: &Worker,
+    backend: &Arc<Backend>,
+    request: Request<Full<Bytes>>,
+    client_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
+) -> Result<Response<LbBody>, ProxyError> {
+    let timeout = worker.shared.config.timeouts.upstream_response;
+    let mut sender = worker
+        .upstream
+        .connect(&backend.name, backend.addr, true)
+        .await?;
+    let resp = match tokio::time::timeout(timeout, sender.send_request(request)).await {
+        Err(_) => {
+            return Err(ProxyError::Timeout {
+                backend: backend.name.clone(),
+                timeout,
+            })
+        }
+        Ok(Err(e)) => {
+            return Err(ProxyError::Exchange {
+                backend: backend.name.clone(),
+                reason: e.to_string(),
+            })
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    backend.stats.record_status(resp.status().as_u16());
+    let (mut parts, body) = resp.into_parts();
+    if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(&mut parts.headers, false);
+        let body = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        return Ok(Response::from_parts(parts, LbBody::full(body)));
+    }
+    strip_hop_by_hop(&mut parts.headers, true);
+    let mut upstream_resp = Response::from_parts(parts.clone(), body);
+    let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
+    let name = backend.name.clone();
+    if let Some(client_upgrade) = client_upgrade.take() {
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    {
+                        tracing::debug!(backend = %name, error = %e, "upgraded connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(backend = %name, error = %e, "upgrade failed"),
+            }
+        });
+    }
+    Ok(Response::from_parts(parts, LbBody::empty()))
+}
+
+struct InFlight<'a>(&'a Backend);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> ConnInfo {
+        ConnInfo::new("10.1.2.3:5555".parse().unwrap())
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn upgrades_keep_upgrade_and_connection() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn forwarding_headers_are_added_and_appended() {
+        let (mut parts, ()) = Request::get("http://www.example.test:8080/a?b")
+            .body(())
+            .unwrap()
+            .into_parts();
+        parts.version = Version::HTTP_2;
+        parts.headers.insert(
+            X_FORWARDED_FOR.clone(),
+            HeaderValue::from_static("192.0.2.1"),
+        );
+        prepare_request(&mut parts, &conn(), "https", false).unwrap();
+        assert_eq!(parts.uri, "/a?b");
+        assert_eq!(parts.version, Version::HTTP_11);
+        assert_eq!(parts.headers[header::HOST], "www.example.test:8080");
+        assert_eq!(parts.headers[&X_FORWARDED_FOR], "192.0.2.1, 10.1.2.3");
+        assert_eq!(parts.headers[&X_FORWARDED_PROTO], "https");
+        assert_eq!(parts.headers[&X_FORWARDED_HOST], "www.example.test:8080");
+        assert_eq!(
+            parts.headers[header::FORWARDED],
+            "for=10.1.2.3;proto=https;host=\"www.example.test:8080\""
+        );
+
+        let (mut parts, ()) = Request::get("/")
+            .header("host", "h")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let v6 = ConnInfo::new("[2001:db8::1]:1".parse().unwrap());
+        parts.headers.insert(
+            header::FORWARDED,
+            HeaderValue::from_static("for=192.0.2.60"),
+        );
+        prepare_request(&mut parts, &v6, "http", false).unwrap();
+        assert_eq!(
+            parts.headers[header::FORWARDED],
+            "for=192.0.2.60, for=\"[2001:db8::1]\";proto=http;host=\"h\""
+        );
+    }
+
+    #[test]
+    fn idempotency_follows_rfc_9110_and_the_key() {
+        let none = HeaderMap::new();
+        assert!(is_idempotent(&Method::GET, &none));
+        assert!(is_idempotent(&Method::PUT, &none));
+        assert!(!is_idempotent(&Method::POST, &none));
+        assert!(!is_idempotent(&Method::PATCH, &none));
+        let mut keyed = HeaderMap::new();
+        keyed.insert(IDEMPOTENCY_KEY.clone(), HeaderValue::from_static("k1"));
+        assert!(is_idempotent(&Method::POST, &keyed));
+    }
+
+    #[test]
+    fn hash_keys_come_from_the_chosen_source() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; session=abc; z=2"),
+        );
+        h.insert("x-user", HeaderValue::from_static("u1"));
+        let c = conn();
+        assert_eq!(
+            hash_key(&HashOn::Cookie("session".into()), &h, &c),
+            hash_bytes(b"abc")
+        );
+        assert_eq!(
+            hash_key(&HashOn::Header(HeaderName::from_static("x-user")), &h, &c),
+            hash_bytes(b"u1")
+        );
+        assert_eq!(hash_key(&HashOn::ClientIp, &h, &c), hash_bytes(b"10.1.2.3"));
+        assert_eq!(hash_key(&HashOn::Cookie("none".into()), &h, &c), 0);
+    }
+}
