@@ -3,6 +3,11 @@
 
 mod lb;
 
+/// mimalloc: measurably faster than glibc malloc on the proxy's hot path
+/// (many small, short-lived allocations across worker threads).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -34,7 +39,7 @@ enum Command {
     /// Run a whole stage of the seed on this machine (stage 1: web app, database and cache in one process).
     Up(UpArgs),
     /// Run the load balancer: spread HTTP traffic over web servers, with health checks, retries and draining.
-    Lb(lb::LbArgs),
+    Lb(Box<lb::LbArgs>),
 }
 
 #[derive(clap::Args)]
@@ -89,7 +94,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .context("scaleout up")
         }
-        Command::Lb(args) => lb::run(args, shutdown).await.context("scaleout lb"),
+        Command::Lb(args) => lb::run(*args, shutdown).await.context("scaleout lb"),
     }
 }
 

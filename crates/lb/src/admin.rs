@@ -46,7 +46,16 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 fn error(status: StatusCode, msg: &str) -> Response {
-    (status, Json(json!({ "error": msg }))).into_response()
+    AdminError(status, msg.to_string()).into_response()
+}
+
+/// An admin request refused: the one place admin errors become responses.
+struct AdminError(StatusCode, String);
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
 }
 
 async fn require_token(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
@@ -133,18 +142,18 @@ async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
 fn find(
     shared: &Shared,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Arc<Backend>, Response> {
-    let Path(name) = path.map_err(|e| error(StatusCode::BAD_REQUEST, &e.body_text()))?;
+) -> Result<Arc<Backend>, AdminError> {
+    let Path(name) = path.map_err(|e| AdminError(StatusCode::BAD_REQUEST, e.body_text()))?;
     shared
         .pool
         .find(&name)
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, &format!("no backend named {name:?}")))
+        .ok_or_else(|| AdminError(StatusCode::NOT_FOUND, format!("no backend named {name:?}")))
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<T, Response> {
+) -> Result<T, AdminError> {
     let json_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -154,13 +163,13 @@ fn parse_json<T: for<'de> Deserialize<'de>>(
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
         });
     if !json_type {
-        return Err(error(
+        return Err(AdminError(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send JSON with Content-Type: application/json",
+            "send JSON with Content-Type: application/json".into(),
         ));
     }
     serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))
+        .map_err(|e| AdminError(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
 async fn show(
@@ -169,14 +178,14 @@ async fn show(
 ) -> Response {
     match find(&shared, path) {
         Ok(b) => Json(view(&b, now_ms(&shared))).into_response(),
-        Err(resp) => resp,
+        Err(e) => e.into_response(),
     }
 }
 
 async fn add(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let cfg: BackendConfig = match parse_json(&headers, &body) {
         Ok(c) => c,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let addr = match BackendAddr::parse(&cfg.url) {
         Ok(a) => a,
@@ -201,7 +210,7 @@ async fn remove(
 ) -> Response {
     let b = match find(&shared, path) {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     match shared.pool.remove(&b.name) {
         Some(b) => {
@@ -230,11 +239,11 @@ async fn update(
 ) -> Response {
     let b = match find(&shared, path) {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let update: Update = match parse_json(&headers, &body) {
         Ok(u) => u,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     if let Some(w) = update.weight {
         b.weight.store(w, Ordering::Relaxed);
@@ -271,6 +280,6 @@ fn set_draining(
             tracing::info!(backend = %b.name, draining, "backend drain changed");
             Json(view(&b, now_ms(shared))).into_response()
         }
-        Err(resp) => resp,
+        Err(e) => e.into_response(),
     }
 }

@@ -33,10 +33,8 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tower::retry::budget::TpsBudget;
 
 pub use config::{Algorithm, BackendConfig, HashOn, LbConfig};
 pub use error::{ConfigError, Error, ProxyError};
@@ -111,13 +109,7 @@ impl BoundLb {
         for (cfg, at) in config.backends.iter().zip(resolved) {
             pool.add(cfg, at)?;
         }
-        let retry = &config.retry;
         let shared = Arc::new(Shared {
-            budget: TpsBudget::new(
-                Duration::from_secs(10),
-                retry.min_per_sec,
-                retry.budget_ratio,
-            ),
             selection: selection::for_algorithm(config.algorithm),
             pool: pool.clone(),
             stats: Default::default(),
@@ -143,6 +135,7 @@ impl BoundLb {
                 tls: tls.clone(),
                 conn_limit: conn_limit.clone(),
                 shutdown: shutdown.clone(),
+                workers,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("lb-worker-{i}"))

@@ -181,7 +181,13 @@ pub fn render(stats: &LbStats, backends: &[std::sync::Arc<Backend>], clock_ms: u
             );
         }
     }
-    let per_backend: [(&str, &str, &str, fn(&Backend, u64) -> u64); 6] = [
+    type Gauge = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&Backend, u64) -> u64,
+    );
+    let per_backend: [Gauge; 6] = [
         (
             "scaleout_lb_backend_failures_total",
             "counter",

@@ -36,7 +36,7 @@ pub struct Shared {
     pub config: LbConfig,
     pub pool: Arc<Pool>,
     pub selection: Box<dyn BackendSelection>,
-    pub budget: TpsBudget,
+
     pub stats: LbStats,
     pub clock: Clock,
     /// `http` or `https`: what clients used.
@@ -73,6 +73,9 @@ impl ConnInfo {
 pub struct Worker {
     pub shared: Arc<Shared>,
     pub upstream: Arc<UpstreamPool>,
+    /// The retry budget, one per worker: no lock shared across cores on the
+    /// hot path. Each worker allows its share of the configured minimum.
+    pub budget: TpsBudget,
 }
 
 /// At most this many tries per request are tracked (and made).
@@ -159,7 +162,7 @@ async fn serve(
         return finish(e.into_response(), None, 0);
     }
     let idempotent = is_idempotent(&parts.method, &parts.headers);
-    shared.budget.deposit();
+    worker.budget.deposit();
 
     let max_attempts = (shared.config.retry.max_attempts as usize).min(MAX_TRIED);
     let mut tried = [0u64; MAX_TRIED];
@@ -209,7 +212,7 @@ async fn serve(
                     status,
                     StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
                 ) && idempotent;
-                if replayable && retry_allowed && take_retry(shared) {
+                if replayable && retry_allowed && take_retry(worker) {
                     tracing::debug!(backend = %backend.name, %status, "retrying on another backend");
                     continue;
                 }
@@ -219,7 +222,7 @@ async fn serve(
                 backend.stats.failures.fetch_add(1, Ordering::Relaxed);
                 record_failure(shared, &backend, now_ms);
                 tracing::debug!(backend = %backend.name, error = %e, "attempt failed");
-                if e.retryable(idempotent) && retry_allowed && take_retry(shared) {
+                if e.retryable(idempotent) && retry_allowed && take_retry(worker) {
                     last_error = Some(e);
                     continue;
                 }
@@ -239,8 +242,9 @@ fn record_failure(shared: &Shared, backend: &Backend, now_ms: u64) {
     }
 }
 
-fn take_retry(shared: &Shared) -> bool {
-    if shared.budget.withdraw() {
+fn take_retry(worker: &Worker) -> bool {
+    let shared = &worker.shared;
+    if worker.budget.withdraw() {
         shared.stats.retries.fetch_add(1, Ordering::Relaxed);
         true
     } else {

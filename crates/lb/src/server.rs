@@ -16,6 +16,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tower::retry::budget::TpsBudget;
 
 use crate::backend::Clock;
 use crate::config::LbConfig;
@@ -59,6 +60,8 @@ pub struct WorkerSetup {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub conn_limit: Arc<Semaphore>,
     pub shutdown: CancellationToken,
+    /// How many workers share the load (the retry budget's minimum is split).
+    pub workers: usize,
 }
 
 /// Runs one worker on the calling thread until shutdown and drain.
@@ -76,13 +79,18 @@ async fn serve(setup: WorkerSetup) -> Result<(), Error> {
         tls,
         conn_limit,
         shutdown,
+        workers,
     } = setup;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let config = &shared.config;
     let upstream = UpstreamPool::new(config.limits.max_idle_per_backend, config.timeouts.connect);
+    let retry = &config.retry;
+    let min_per_sec = retry.min_per_sec.div_ceil(workers.max(1) as u32);
+    let budget = TpsBudget::new(Duration::from_secs(10), min_per_sec, retry.budget_ratio);
     let worker = Arc::new(Worker {
         shared: shared.clone(),
         upstream: upstream.clone(),
+        budget,
     });
     let builder = Arc::new(http_builder(config));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();

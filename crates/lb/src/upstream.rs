@@ -52,17 +52,25 @@ impl UpstreamPool {
         backend_name: &str,
         addr: SocketAddr,
     ) -> Result<Checkout, ProxyError> {
-        {
-            let mut idle = self.lock();
-            if let Some(list) = idle.get_mut(&backend_id) {
-                while let Some(sender) = list.pop() {
-                    if sender.is_ready() && !sender.is_closed() {
-                        return Ok(Checkout {
-                            sender,
-                            reused: true,
-                        });
-                    }
-                }
+        loop {
+            let popped = self.lock().get_mut(&backend_id).and_then(Vec::pop);
+            let Some(mut sender) = popped else { break };
+            if sender.is_closed() {
+                continue;
+            }
+            if sender.is_ready() {
+                return Ok(Checkout {
+                    sender,
+                    reused: true,
+                });
+            }
+            // Given back as its response body ended; the connection task has
+            // not yet seen the end. It will at its next turn.
+            if let Ok(Ok(())) = tokio::time::timeout(self.connect_timeout, sender.ready()).await {
+                return Ok(Checkout {
+                    sender,
+                    reused: true,
+                });
             }
         }
         let sender = self.connect(backend_name, addr, false).await?;

@@ -11,6 +11,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod backend;
+
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -136,4 +138,73 @@ pub fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("reqwest client")
+}
+
+/// `scaleout lb` on a free port, its admin API on another.
+pub struct Lb {
+    pub proc: Proc,
+    /// `http://127.0.0.1:PORT` (or https), no trailing slash.
+    pub base: String,
+    pub addr: std::net::SocketAddr,
+    pub admin: String,
+}
+
+impl Lb {
+    /// Starts `scaleout lb --listen 127.0.0.1:0 --admin 127.0.0.1:0` plus `args`.
+    pub fn start(args: &[&str]) -> Lb {
+        let mut all = vec!["lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let mut proc = Proc::spawn(&all);
+        let line = proc.wait_for_line("scaleout lb:");
+        let mut urls = line.split_whitespace().filter(|w| w.starts_with("http"));
+        let base = urls.next().expect("listen URL").to_string();
+        let admin = urls.next().expect("admin URL").to_string();
+        let addr = base.rsplit('/').next().unwrap().parse().unwrap();
+        Lb {
+            proc,
+            base,
+            addr,
+            admin,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{path}", self.admin)
+    }
+
+    /// The admin API's view of one backend.
+    pub async fn backend(&self, name: &str) -> serde_json::Value {
+        let list: serde_json::Value = client()
+            .get(self.admin_url("/backends"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap_or_else(|| panic!("no backend {name} in {list}"))
+            .clone()
+    }
+}
+
+/// Polls `check` every 50 ms until it holds, failing after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

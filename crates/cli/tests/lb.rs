@@ -1,0 +1,716 @@
+//! `scaleout lb` black-box tests: the real binary in front of real backends
+//! (sockets in this process, or `scaleout up` processes killed with -9).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::backend::Backend;
+use common::{client, eventually, Lb, Stage1};
+use nix::sys::signal::Signal;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn backend_args(backends: &[&Arc<Backend>]) -> Vec<String> {
+    backends
+        .iter()
+        .flat_map(|b| {
+            [
+                "--backend".to_string(),
+                format!("{},name={}", b.url(), b.name),
+            ]
+        })
+        .collect()
+}
+
+fn start_lb(backends: &[&Arc<Backend>], extra: &[&str]) -> Lb {
+    let mut args = backend_args(backends);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Lb::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[tokio::test]
+async fn round_robin_spreads_evenly_and_forwards_headers() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let lb = start_lb(&[&a, &b], &[]);
+    let c = client();
+    for _ in 0..1000 {
+        let r = c.get(lb.url("/")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let (ha, hb) = (a.hits(), b.hits());
+    assert_eq!(ha + hb, 1000);
+    assert!((475..=525).contains(&ha), "within ±5%: a={ha} b={hb}");
+
+    let r = c
+        .get(lb.url("/echo?x=1"))
+        .header("connection", "x-secret")
+        .header("x-secret", "hop")
+        .header("x-forwarded-for", "192.0.2.9")
+        .header("x-request-id", "req-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "req-123");
+    let echo: Value = r.json().await.unwrap();
+    let h = &echo["head"]["headers"];
+    assert_eq!(echo["head"]["uri"], "/echo?x=1");
+    assert_eq!(h["x-forwarded-for"], "192.0.2.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], lb.addr.to_string());
+    assert_eq!(
+        h["forwarded"],
+        format!("for=127.0.0.1;proto=http;host=\"{}\"", lb.addr)
+    );
+    assert_eq!(h["x-request-id"], "req-123");
+    assert!(
+        h.get("x-secret").is_none(),
+        "a header named in Connection is hop-by-hop: {h}"
+    );
+
+    let r = c.get(lb.url("/echo")).send().await.unwrap();
+    let made = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(
+        echo["head"]["headers"]["x-request-id"],
+        made.as_str(),
+        "a generated id goes upstream and back"
+    );
+    assert_eq!(made.len(), 32);
+}
+
+/// Continuous GETs from several clients; counts failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: String, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed, url) =
+                    (stop.clone(), ok.clone(), failed.clone(), url.clone());
+                tokio::spawn(async move {
+                    let c = client();
+                    while !stop.load(Ordering::SeqCst) {
+                        match c.get(&url).send().await {
+                            Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::SeqCst),
+                            Ok(r) => {
+                                eprintln!("failed GET: {}", r.status());
+                                failed.fetch_add(1, Ordering::SeqCst)
+                            }
+                            Err(e) => {
+                                eprintln!("failed GET: {e}");
+                                failed.fetch_add(1, Ordering::SeqCst)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
+fn requests(v: &Value) -> u64 {
+    v["requests"].as_u64().unwrap()
+}
+
+/// The seed's C7 with real processes: `kill -9` one of two web servers
+/// under load; no client sees an error; it gets no traffic once down; it
+/// is back after it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_under_load_costs_no_failed_request() {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let web1 = Stage1::start(dirs.0.path());
+    let mut web2 = Stage1::start(dirs.1.path());
+    let port2 = web2.base.rsplit(':').next().unwrap().to_string();
+    let lb = Lb::start(&[
+        "--backend",
+        &format!("{},name=web1", web1.base),
+        "--backend",
+        &format!("{},name=web2", web2.base),
+        "--health-interval",
+        "200ms",
+        "--fall",
+        "2",
+        "--rise",
+        "2",
+    ]);
+    let load = Load::start(lb.url("/healthz"), 4);
+    eventually(Duration::from_secs(10), "both take traffic", || async {
+        requests(&lb.backend("web1").await) > 50 && requests(&lb.backend("web2").await) > 50
+    })
+    .await;
+
+    web2.proc.signal(Signal::SIGKILL);
+    web2.proc.wait_exit(Duration::from_secs(5));
+    eventually(Duration::from_secs(10), "web2 marked down", || async {
+        lb.backend("web2").await["health"] == "down"
+    })
+    .await;
+    let frozen = requests(&lb.backend("web2").await);
+    let web1_before = requests(&lb.backend("web1").await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        requests(&lb.backend("web2").await),
+        frozen,
+        "no traffic to a down backend"
+    );
+    assert!(
+        requests(&lb.backend("web1").await) > web1_before + 50,
+        "the other one carries the load"
+    );
+
+    // Revive it on the same port and data.
+    let mut args = vec![
+        "up",
+        "--port-base",
+        &port2,
+        "--data",
+        dirs.1.path().to_str().unwrap(),
+    ];
+    args.truncate(5);
+    let mut revived = common::Proc::spawn(&args);
+    revived.wait_for_line("open http://");
+    eventually(
+        Duration::from_secs(10),
+        "web2 back up and taking traffic",
+        || async {
+            let b = lb.backend("web2").await;
+            b["health"] == "up" && requests(&b) > frozen + 20
+        },
+    )
+    .await;
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "{failed} failed GETs out of {}", ok + failed);
+    assert!(ok > 500, "load ran: {ok}");
+    let metrics = client()
+        .get(lb.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("scaleout_lb_backend_up{backend=\"web2\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_added_through_the_admin_api_takes_traffic_at_once() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let lb = start_lb(&[&a], &["--admin-token", "t0ken"]);
+    let c = client();
+    let admin = |path: &str| lb.admin_url(path);
+
+    let unauth = c.get(admin("/backends")).send().await.unwrap();
+    assert_eq!(unauth.status(), StatusCode::UNAUTHORIZED);
+    assert!(unauth.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("Bearer"));
+    assert_eq!(
+        c.get(admin("/healthz")).send().await.unwrap().status(),
+        StatusCode::OK,
+        "health is open"
+    );
+
+    let add = c
+        .post(admin("/backends"))
+        .bearer_auth("t0ken")
+        .json(&json!({"url": b.url(), "name": "b"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(add.status(), StatusCode::CREATED);
+    for _ in 0..10 {
+        c.get(lb.url("/")).send().await.unwrap();
+    }
+    assert_eq!(b.hits(), 5, "the new backend took its turn at once");
+
+    // Bad admin input: clear 4xx JSON errors.
+    for (req, status) in [
+        (
+            c.post(admin("/backends"))
+                .bearer_auth("t0ken")
+                .json(&json!({"url": b.url(), "name": "b"})),
+            StatusCode::CONFLICT,
+        ),
+        (
+            c.post(admin("/backends"))
+                .bearer_auth("t0ken")
+                .json(&json!({"url": "ftp://x:1"})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            c.post(admin("/backends"))
+                .bearer_auth("t0ken")
+                .header("content-type", "application/json")
+                .body("{"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            c.post(admin("/backends")).bearer_auth("t0ken").body("x"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            c.delete(admin("/backends/nope")).bearer_auth("t0ken"),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            c.patch(admin("/backends/b"))
+                .bearer_auth("t0ken")
+                .json(&json!({"weight": "x"})),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), status);
+        assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    }
+
+    // Drain: no new requests to it.
+    let drained = c
+        .post(admin("/backends/b/drain"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drained.json::<Value>().await.unwrap()["draining"], true);
+    let before = b.hits();
+    for _ in 0..10 {
+        c.get(lb.url("/")).send().await.unwrap();
+    }
+    assert_eq!(b.hits(), before);
+    c.post(admin("/backends/b/undrain"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap();
+
+    // Weight 3:1 with the weighted algorithm is tested in unit tests; here a
+    // weight of 0 takes a backend out of rotation.
+    let w = c
+        .patch(admin("/backends/a"))
+        .bearer_auth("t0ken")
+        .json(&json!({"weight": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(w.json::<Value>().await.unwrap()["weight"], 0);
+    let a_before = a.hits();
+    for _ in 0..6 {
+        c.get(lb.url("/")).send().await.unwrap();
+    }
+    assert_eq!(a.hits(), a_before);
+
+    let removed = c
+        .delete(admin("/backends/b"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), StatusCode::NO_CONTENT);
+    let list: Value = c
+        .get(admin("/backends"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["backends"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_in_flight_request_finish_then_exits() {
+    let a = Backend::start("a").await;
+    let mut lb = start_lb(&[&a], &[]);
+    let url = lb.url("/slow/1500");
+    let slow = tokio::spawn(async move { client().get(url).send().await.unwrap() });
+    eventually(Duration::from_secs(5), "request in flight", || async {
+        a.hits() == 1
+    })
+    .await;
+    lb.proc.signal(Signal::SIGTERM);
+    let resp = slow.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.text().await.unwrap(), "slow a");
+    let status = lb.proc.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit 0 after draining, got {status}");
+    assert!(
+        tokio::net::TcpStream::connect(lb.addr).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_while_others_are_served() {
+    let a = Backend::start("a").await;
+    let lb = start_lb(&[&a], &["--header-timeout", "1s"]);
+    let mut slow = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let dribble = tokio::spawn(async move {
+        let mut buf = [0u8; 256];
+        loop {
+            // One header byte every 200 ms: never a complete head.
+            if slow.write_all(b"X").await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(200), slow.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => return, // hyper may answer 408 before closing
+                Err(_) => {}
+            }
+        }
+    });
+    // Others are served meanwhile.
+    for _ in 0..5 {
+        assert_eq!(
+            client().get(lb.url("/")).send().await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(8), dribble)
+        .await
+        .expect("the slow client was cut")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the timeout"
+    );
+}
+
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn oversized_headers_malformed_requests_and_big_bodies_are_refused() {
+    let a = Backend::start("a").await;
+    let lb = start_lb(&[&a], &["--max-body-bytes", "1000"]);
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
+    assert!(raw_exchange(lb.addr, big.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 431"));
+    assert!(raw_exchange(lb.addr, b"BLAH\x01 / HTTP/1.1\r\n\r\n")
+        .await
+        .starts_with("HTTP/1.1 400"));
+    let r = client()
+        .post(lb.url("/"))
+        .body(vec![b'x'; 5000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(r.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("larger than 1000"));
+    assert_eq!(a.hits(), 0, "nothing refused reached the backend");
+    let r = client()
+        .post(lb.url("/echo"))
+        .body(vec![b'x'; 900])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["body_len"], 900);
+}
+
+#[tokio::test]
+async fn with_every_backend_down_the_answer_is_a_quick_503_json() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let lb = start_lb(&[&a, &b], &["--health-interval", "100ms", "--fall", "1"]);
+    a.kill();
+    b.kill();
+    let c = client();
+    let started = Instant::now();
+    for _ in 0..20 {
+        let r = c.get(lb.url("/")).send().await.unwrap();
+        assert!(
+            r.status() == StatusCode::SERVICE_UNAVAILABLE || r.status() == StatusCode::BAD_GATEWAY,
+            "{}",
+            r.status()
+        );
+        assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    }
+    eventually(Duration::from_secs(5), "both marked down", || async {
+        c.get(lb.url("/")).send().await.unwrap().status() == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let r = c.get(lb.url("/")).send().await.unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "no healthy backend"})
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "never a hang");
+}
+
+#[tokio::test]
+async fn idempotent_requests_are_retried_and_plain_posts_never_replayed() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    // No outlier ejection, so round-robin keeps alternating.
+    let lb = start_lb(
+        &[&a, &b],
+        &[
+            "--no-health-checks",
+            "--config",
+            &write_config("[outlier]\nconsecutive_failures = 0\n"),
+        ],
+    );
+    let c = client();
+    // a answers 503 to /status/503, b too: a GET is tried on both.
+    let r = c.get(lb.url("/status/503")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        (a.hits(), b.hits()),
+        (1, 1),
+        "a GET that got 503 was retried on the other backend"
+    );
+    // A POST that got a 503 is not replayed.
+    let r = c
+        .post(lb.url("/status/503"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        a.posts() + b.posts(),
+        1,
+        "a plain POST reached exactly one backend"
+    );
+    // With an Idempotency-Key it may be.
+    let r = c
+        .post(lb.url("/status/503"))
+        .header("idempotency-key", "k1")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.posts() + b.posts(), 3);
+    // A connect failure is retried for any method: kill one, POST twice.
+    b.kill();
+    for _ in 0..2 {
+        let r = c.post(lb.url("/")).body("x").send().await.unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "an unsent POST goes to the other backend"
+        );
+    }
+    let metrics = c
+        .get(lb.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("scaleout_lb_retries_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+fn write_config(text: &str) -> String {
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    let (_, path) = file.keep().unwrap();
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_config_file_says_what_flags_say_and_bad_ones_are_refused() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cfg = write_config(&format!(
+        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nalgorithm = \"hash\"\nhash_on = \"cookie:session\"\n\
+         [[backends]]\nurl = \"{}\"\nname = \"a\"\n[[backends]]\nurl = \"{}\"\nname = \"b\"\n",
+        a.url(),
+        b.url()
+    ));
+    let mut proc = common::Proc::spawn(&["lb", "--config", &cfg]);
+    let line = proc.wait_for_line("scaleout lb:");
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http"))
+        .unwrap()
+        .to_string();
+    let c = client();
+    // Sticky: the same session cookie always reaches the same backend.
+    for session in ["s1", "s2", "s3", "s4", "s5", "s6"] {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5 {
+            let r = c
+                .get(format!("{base}/"))
+                .header("cookie", format!("session={session}"))
+                .send()
+                .await
+                .unwrap();
+            seen.insert(r.headers()["x-backend"].to_str().unwrap().to_string());
+        }
+        assert_eq!(seen.len(), 1, "session {session} moved between {seen:?}");
+    }
+    assert!(a.hits() > 0 && b.hits() > 0, "sessions spread over both");
+
+    for (text, says) in [
+        ("listne = 1\n", "unknown field"),
+        (
+            "listen = \"127.0.0.1:0\"\nalgorithm = \"random\"\n",
+            "unknown variant",
+        ),
+        (
+            "listen = \"127.0.0.1:0\"\n[[backends]]\nurl = \"ftp://x:1\"\n",
+            "only http://",
+        ),
+    ] {
+        let out = std::process::Command::new(common::BIN)
+            .args(["lb", "--config", &write_config(text)])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(says), "{text:?}: {err}");
+    }
+    let out = std::process::Command::new(common::BIN)
+        .args(["lb", "--backend", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("--listen ADDR is required"));
+    let out = std::process::Command::new(common::BIN)
+        .args(["lb", "--listen", "127.0.0.1:0", "--algorithm", "fastest"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("unknown algorithm"));
+}
+
+#[tokio::test]
+async fn http2_websockets_and_tls_pass_through() {
+    let a = Backend::start("a").await;
+    // h2c with prior knowledge.
+    let lb = start_lb(&[&a], &[]);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2.get(lb.url("/echo")).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["head"]["version"], "HTTP/1.1", "upstream is HTTP/1.1");
+    assert_eq!(echo["head"]["headers"]["host"], lb.addr.to_string());
+
+    // WebSocket upgrade: 101, then bytes flow both ways.
+    let mut s = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s.write_all(b"ping over the tunnel").await.unwrap();
+    let mut echoed = vec![0u8; 20];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"ping over the tunnel");
+
+    // TLS termination, h2 via ALPN.
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let tls_lb = start_lb(
+        &[&a],
+        &[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    );
+    assert!(tls_lb.base.starts_with("https://"));
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", tls_lb.addr)
+        .build()
+        .unwrap();
+    let r = https
+        .get(format!("https://localhost:{}/echo", tls_lb.addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.version(),
+        reqwest::Version::HTTP_2,
+        "h2 negotiated by ALPN"
+    );
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["head"]["headers"]["x-forwarded-proto"], "https");
+
+    let bad = std::process::Command::new(common::BIN)
+        .args([
+            "lb",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "/nonexistent.pem",
+            "--tls-key",
+            "/nonexistent.pem",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8(bad.stderr)
+        .unwrap()
+        .contains("TLS setup failed"));
+}
