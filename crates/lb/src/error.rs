@@ -56,8 +56,8 @@ pub enum ProxyError {
     #[error("connecting to backend {backend} failed: {reason}")]
     Connect { backend: String, reason: String },
     /// The connection broke before the request was written: safe to retry.
-    #[error("backend {backend} closed the connection before the request was sent")]
-    NotSent { backend: String },
+    #[error("sending the request to backend {backend} failed: {reason}")]
+    NotSent { backend: String, reason: String },
     /// The request was (maybe) written and the exchange failed: only
     /// idempotent requests may be retried.
     #[error("backend {backend} failed: {reason}")]

@@ -128,17 +128,20 @@ impl BoundLb {
             shared.config.limits.max_connections,
         ));
         let mut threads = Vec::with_capacity(workers);
-        for (i, listener) in listeners.into_iter().enumerate() {
+        let (peers, inboxes) = server::peers(workers);
+        for (index, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
             let setup = server::WorkerSetup {
+                index,
                 listener,
                 shared: shared.clone(),
                 tls: tls.clone(),
                 conn_limit: conn_limit.clone(),
                 shutdown: shutdown.clone(),
-                workers,
+                peers: peers.clone(),
+                inbox,
             };
             let thread = std::thread::Builder::new()
-                .name(format!("lb-worker-{i}"))
+                .name(format!("lb-worker-{index}"))
                 .spawn(move || server::run_worker(setup))?;
             threads.push(thread);
         }

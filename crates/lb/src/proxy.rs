@@ -21,7 +21,7 @@ use crate::config::{Algorithm, HashOn, LbConfig};
 use crate::error::ProxyError;
 use crate::metrics::LbStats;
 use crate::selection::{hash_bytes, BackendSelection, Pick};
-use crate::upstream::{Returner, UpstreamPool};
+use crate::upstream::{self, Head, Release, SendError, UpstreamPool};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -192,11 +192,11 @@ async fn serve(
         tried[n_tried] = backend.id;
         n_tried += 1;
 
-        let request = build_request(&parts, body.clone());
         let outcome = if upgrade {
+            let request = build_request(&parts, body.clone());
             forward_upgrade(worker, &backend, request, &mut client_upgrade).await
         } else {
-            forward(worker, &backend, request).await
+            forward(worker, &backend, &parts, &body).await
         };
         let retry_allowed = n_tried < max_attempts;
         match outcome {
@@ -254,9 +254,14 @@ fn take_retry(worker: &Worker) -> bool {
 }
 
 fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let id: u128 = rand::random();
+    let mut text = [0u8; 32];
+    for (i, digit) in text.iter_mut().enumerate() {
+        *digit = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
     // 32 hex digits are always a valid header value.
-    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"))
+    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// The request body, whole: bodies are buffered so a request can be replayed.
@@ -373,7 +378,15 @@ fn prepare_request(
             headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
     }
-    let mut forwarded = format!("for={};proto={scheme}", conn.forwarded_for);
+    let mut forwarded = String::with_capacity(64);
+    if let Some(prior) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        forwarded.push_str(prior);
+        forwarded.push_str(", ");
+    }
+    forwarded.push_str("for=");
+    forwarded.push_str(&conn.forwarded_for);
+    forwarded.push_str(";proto=");
+    forwarded.push_str(scheme);
     if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
         if !host.contains(['"', '\\']) {
             forwarded.push_str(";host=\"");
@@ -381,11 +394,7 @@ fn prepare_request(
             forwarded.push('"');
         }
     }
-    let value = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {forwarded}"),
-        None => forwarded,
-    };
-    let value = HeaderValue::from_str(&value)
+    let value = HeaderValue::from_maybe_shared(Bytes::from(forwarded))
         .map_err(|_| ProxyError::BadRequest("invalid Forwarded header".into()))?;
     headers.insert(header::FORWARDED, value);
 
@@ -412,32 +421,34 @@ fn build_request(parts: &http::request::Parts, body: Bytes) -> Request<Full<Byte
 async fn forward(
     worker: &Worker,
     backend: &Arc<Backend>,
-    mut request: Request<Full<Bytes>>,
+    parts: &http::request::Parts,
+    body: &Bytes,
 ) -> Result<Response<LbBody>, ProxyError> {
     let shared = &worker.shared;
     let timeout = shared.config.timeouts.upstream_response;
     let started = Instant::now();
     backend.in_flight.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight(backend);
-    // A pooled connection may have been closed by the backend just now; a
-    // request that was provably not sent goes on a fresh connection.
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let head = Head {
+        method: &parts.method,
+        path,
+        headers: &parts.headers,
+    };
+    let name = || backend.name.clone();
+    // A pooled connection the backend has just closed fails before anything
+    // was processed; such a request goes once more on a fresh connection.
     let mut fresh_tried = false;
     loop {
-        let mut checkout = worker
+        let checkout = worker
             .upstream
             .checkout(backend.id, &backend.name, backend.addr)
             .await?;
-        let sent = tokio::time::timeout(timeout, checkout.sender.try_send_request(request)).await;
-        let result = match sent {
-            Err(_) => {
-                return Err(ProxyError::Timeout {
-                    backend: backend.name.clone(),
-                    timeout,
-                })
-            }
-            Ok(r) => r,
+        let release = Release {
+            pool: worker.upstream.clone(),
+            backend_id: backend.id,
         };
-        match result {
+        match upstream::exchange(checkout.conn, &head, body, timeout, release).await {
             Ok(resp) => {
                 let now = Instant::now();
                 let rtt = now - started;
@@ -446,29 +457,40 @@ async fn forward(
                 backend.stats.record_status(resp.status().as_u16());
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers, false);
-                let returner = Returner::new(worker.upstream.clone(), backend.id, checkout.sender);
-                return Ok(Response::from_parts(
-                    parts,
-                    LbBody::upstream(body, returner),
-                ));
+                return Ok(Response::from_parts(parts, LbBody::Upstream(body)));
             }
-            Err(mut e) => match e.take_message() {
-                Some(unsent) if checkout.reused && !fresh_tried => {
-                    fresh_tried = true;
-                    request = unsent;
-                }
-                Some(_) => {
-                    return Err(ProxyError::NotSent {
-                        backend: backend.name.clone(),
-                    })
-                }
-                None => {
-                    return Err(ProxyError::Exchange {
-                        backend: backend.name.clone(),
-                        reason: e.into_error().to_string(),
-                    })
-                }
-            },
+            Err(SendError::NotSent(_)) if checkout.reused && !fresh_tried => fresh_tried = true,
+            Err(SendError::NotSent(e)) => {
+                return Err(ProxyError::NotSent {
+                    backend: name(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(SendError::ClosedUnanswered)
+                if checkout.reused
+                    && !fresh_tried
+                    && is_idempotent(&parts.method, &parts.headers) =>
+            {
+                fresh_tried = true
+            }
+            Err(SendError::ClosedUnanswered) => {
+                return Err(ProxyError::Exchange {
+                    backend: name(),
+                    reason: "connection closed without a response".into(),
+                })
+            }
+            Err(SendError::Failed(e)) => {
+                return Err(ProxyError::Exchange {
+                    backend: name(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(SendError::TimedOut) => {
+                return Err(ProxyError::Timeout {
+                    backend: name(),
+                    timeout,
+                })
+            }
         }
     }
 }
@@ -484,7 +506,7 @@ async fn forward_upgrade(
     let timeout = worker.shared.config.timeouts.upstream_response;
     let mut sender = worker
         .upstream
-        .connect(&backend.name, backend.addr, true)
+        .connect_hyper(&backend.name, backend.addr)
         .await?;
     let resp = match tokio::time::timeout(timeout, sender.send_request(request)).await {
         Err(_) => {

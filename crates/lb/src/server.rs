@@ -8,17 +8,16 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::retry::budget::TpsBudget;
 
-use crate::backend::Clock;
 use crate::config::LbConfig;
 use crate::error::Error;
 use crate::proxy::{handle, ConnInfo, Shared, Worker};
@@ -53,48 +52,110 @@ pub fn bind_reuseport(
     Ok(out)
 }
 
+/// What every worker knows of every worker: how many connections it
+/// serves, and where to hand it one.
+pub struct Peer {
+    open: AtomicU64,
+    handoff: mpsc::UnboundedSender<Handoff>,
+}
+
+/// A connection accepted by one worker for another, less busy one.
+pub struct Handoff {
+    tcp: std::net::TcpStream,
+    client: SocketAddr,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Makes the peer table and each worker's inbox.
+pub fn peers(workers: usize) -> (Arc<Vec<Peer>>, Vec<mpsc::UnboundedReceiver<Handoff>>) {
+    let (peers, inboxes) = (0..workers)
+        .map(|_| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (
+                Peer {
+                    open: AtomicU64::new(0),
+                    handoff: tx,
+                },
+                rx,
+            )
+        })
+        .unzip::<_, _, Vec<_>, Vec<_>>();
+    (Arc::new(peers), inboxes)
+}
+
 /// Everything one worker thread needs.
 pub struct WorkerSetup {
+    pub index: usize,
     pub listener: std::net::TcpListener,
     pub shared: Arc<Shared>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub conn_limit: Arc<Semaphore>,
     pub shutdown: CancellationToken,
-    /// How many workers share the load (the retry budget's minimum is split).
-    pub workers: usize,
+    pub peers: Arc<Vec<Peer>>,
+    pub inbox: mpsc::UnboundedReceiver<Handoff>,
 }
 
 /// Runs one worker on the calling thread until shutdown and drain.
 pub fn run_worker(setup: WorkerSetup) -> Result<(), Error> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    if let Some(n) = std::env::var("SCALEOUT_LB_EVENT_INTERVAL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        builder.event_interval(n);
+    }
+    let rt = builder.enable_all().build()?;
     rt.block_on(serve(setup))
+}
+
+/// A worker's connection-serving state.
+struct Serving {
+    index: usize,
+    worker: Arc<Worker>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    peers: Arc<Vec<Peer>>,
+    /// Coarse time (Clock millis), refreshed by a ticker: what the idle
+    /// timeout reads, so the I/O path never asks the OS for the time.
+    coarse_now: Arc<AtomicU64>,
 }
 
 async fn serve(setup: WorkerSetup) -> Result<(), Error> {
     let WorkerSetup {
+        index,
         listener,
         shared,
         tls,
         conn_limit,
         shutdown,
-        workers,
+        peers,
+        mut inbox,
     } = setup;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let config = &shared.config;
     let upstream = UpstreamPool::new(config.limits.max_idle_per_backend, config.timeouts.connect);
     let retry = &config.retry;
-    let min_per_sec = retry.min_per_sec.div_ceil(workers.max(1) as u32);
+    let min_per_sec = retry.min_per_sec.div_ceil(peers.len().max(1) as u32);
     let budget = TpsBudget::new(Duration::from_secs(10), min_per_sec, retry.budget_ratio);
     let worker = Arc::new(Worker {
         shared: shared.clone(),
         upstream: upstream.clone(),
         budget,
     });
-    let builder = Arc::new(http_builder(config));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let coarse_now = Arc::new(AtomicU64::new(shared.clock.millis(Instant::now())));
+    let serving = Serving {
+        index,
+        worker,
+        builder: Arc::new(http_builder(config)),
+        tls,
+        graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+        peers: peers.clone(),
+        coarse_now: coarse_now.clone(),
+    };
     let mut housekeeping = tokio::time::interval(Duration::from_secs(10));
+    let mut ticker = tokio::time::interval(COARSE_TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
     loop {
         let permit = tokio::select! {
@@ -104,48 +165,96 @@ async fn serve(setup: WorkerSetup) -> Result<(), Error> {
                 Err(_) => break,
             },
         };
-        let (tcp, client) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = housekeeping.tick() => {
-                let pool = shared.pool.snapshot();
-                upstream.retain_backends(|id| pool.iter().any(|b| b.id == id));
-                continue;
-            }
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        let (tcp, client) = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return drain(serving, config.timeouts.drain).await,
+                _ = ticker.tick() => coarse_now.store(shared.clock.millis(Instant::now()), Ordering::Relaxed),
+                _ = housekeeping.tick() => {
+                    let pool = shared.pool.snapshot();
+                    upstream.retain_backends(|id| pool.iter().any(|b| b.id == id));
                 }
-            },
+                Some(h) = inbox.recv() => match tokio::net::TcpStream::from_std(h.tcp) {
+                    Ok(tcp) => serving.spawn(tcp, h.client, h.permit),
+                    Err(e) => tracing::warn!(error = %e, "taking over a connection failed"),
+                },
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => break a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
         };
-        let _ = tcp.set_nodelay(true);
         shared
             .stats
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
+        // The kernel spreads connections over the workers' sockets by hash,
+        // not by load; a worker with clearly more connections than another
+        // hands the new one over (as HAProxy's threads do).
+        let mine = peers[index].open.load(Ordering::Relaxed);
+        let least = (0..peers.len())
+            .min_by_key(|i| peers[*i].open.load(Ordering::Relaxed))
+            .unwrap_or(index);
+        if least != index && peers[least].open.load(Ordering::Relaxed) + 1 < mine {
+            if let Ok(std_tcp) = tcp.into_std() {
+                let _ = peers[least].handoff.send(Handoff {
+                    tcp: std_tcp,
+                    client,
+                    permit,
+                });
+            }
+            continue;
+        }
+        serving.spawn(tcp, client, permit);
+    }
+    drain(serving, config.timeouts.drain).await
+}
+
+/// Stops accepting and waits (up to `deadline`) for open connections to
+/// finish their in-flight requests.
+async fn drain(serving: Serving, deadline: Duration) -> Result<(), Error> {
+    if tokio::time::timeout(deadline, serving.graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?deadline,
+            "drain deadline passed; closing the remaining connections"
+        );
+    }
+    Ok(())
+}
+
+const COARSE_TICK: Duration = Duration::from_millis(100);
+
+impl Serving {
+    fn spawn(&self, tcp: tokio::net::TcpStream, client: SocketAddr, permit: OwnedSemaphorePermit) {
+        let _ = tcp.set_nodelay(true);
+        let shared = self.worker.shared.clone();
         shared
             .stats
             .connections_open
             .fetch_add(1, Ordering::Relaxed);
+        let peers = self.peers.clone();
+        let index = self.index;
+        peers[index].open.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(ConnInfo::new(client));
-        let worker = worker.clone();
-        let builder = builder.clone();
-        let tls = tls.clone();
-        let idle = config.timeouts.idle;
-        let header_read = config.timeouts.header_read;
-        let watcher = graceful.watcher();
-        let stats_shared = shared.clone();
+        let worker = self.worker.clone();
+        let builder = self.builder.clone();
+        let tls = self.tls.clone();
+        let idle = shared.config.timeouts.idle;
+        let header_read = shared.config.timeouts.header_read;
+        let watcher = self.graceful.watcher();
+        let coarse_now = self.coarse_now.clone();
         tokio::spawn(async move {
-            let activity = Arc::new(AtomicU64::new(
-                stats_shared.clock.millis(std::time::Instant::now()),
-            ));
+            let activity = Arc::new(AtomicU64::new(coarse_now.load(Ordering::Relaxed)));
             let io = Tracked {
                 inner: tcp,
                 activity: activity.clone(),
-                clock: stats_shared.clock,
+                now: coarse_now.clone(),
             };
             let service = service_fn(move |req| handle(worker.clone(), conn.clone(), req));
             let served = async {
@@ -173,29 +282,18 @@ async fn serve(setup: WorkerSetup) -> Result<(), Error> {
                         tracing::debug!(client = %client, error = %e, "client connection ended with an error");
                     }
                 }
-                () = idle_watchdog(activity, stats_shared.clock, idle) => {
+                () = idle_watchdog(activity, coarse_now, idle) => {
                     tracing::debug!(client = %client, "client connection idle, closed");
                 }
             }
-            stats_shared
+            shared
                 .stats
                 .connections_open
                 .fetch_sub(1, Ordering::Relaxed);
+            peers[index].open.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
-    drop(listener);
-    let drain = config.timeouts.drain;
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?drain,
-            "drain deadline passed; closing the remaining connections"
-        );
-    }
-    Ok(())
 }
 
 fn http_builder(config: &LbConfig) -> auto::Builder<TokioExecutor> {
@@ -215,35 +313,35 @@ fn http_builder(config: &LbConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Resolves when no byte has moved on the connection for `idle`.
-async fn idle_watchdog(activity: Arc<AtomicU64>, clock: Clock, idle: Duration) {
+/// Resolves when no byte has moved on the connection for `idle` (to within
+/// the coarse clock's tick).
+async fn idle_watchdog(activity: Arc<AtomicU64>, now: Arc<AtomicU64>, idle: Duration) {
     let idle_ms = idle.as_millis() as u64;
     let mut wait = idle;
     loop {
         tokio::time::sleep(wait).await;
-        let now = clock.millis(std::time::Instant::now());
-        let last = activity.load(Ordering::Relaxed);
-        let quiet = now.saturating_sub(last);
+        let quiet = now
+            .load(Ordering::Relaxed)
+            .saturating_sub(activity.load(Ordering::Relaxed));
         if quiet >= idle_ms {
             return;
         }
-        wait = Duration::from_millis(idle_ms - quiet);
+        wait = Duration::from_millis(idle_ms - quiet).max(COARSE_TICK);
     }
 }
 
-/// A stream that notes when bytes last moved (for the idle timeout).
+/// A stream that notes when bytes last moved (for the idle timeout), by the
+/// worker's coarse clock.
 struct Tracked<T> {
     inner: T,
     activity: Arc<AtomicU64>,
-    clock: Clock,
+    now: Arc<AtomicU64>,
 }
 
 impl<T> Tracked<T> {
     fn touch(&self) {
-        self.activity.store(
-            self.clock.millis(std::time::Instant::now()),
-            Ordering::Relaxed,
-        );
+        self.activity
+            .store(self.now.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
 

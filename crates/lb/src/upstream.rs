@@ -1,34 +1,80 @@
-//! The upstream connection pool of one worker: idle HTTP/1.1 connections to
-//! each backend, reused LIFO (the warmest first). A connection goes back to
-//! the pool when its response body has been read to the end ([`Returner`],
-//! driven by `LbBody`); a connection whose response was abandoned is closed.
-//! Each worker has its own pool, so the hot path takes only uncontended locks.
+//! The upstream side of the hot path: a lean HTTP/1.1 client that runs
+//! inside the client connection's task, over a per-worker pool of idle
+//! connections to each backend.
+//!
+//! Why not hyper's client: its connection lives in a task of its own, so
+//! every request crosses two channels and two extra task switches, and its
+//! response body is a channel too. Here the request is written with one
+//! `write`, the response head is parsed with httparse straight from the
+//! read buffer, and a small body that arrived with the head (the common
+//! case) is handed on as one `Bytes` while the connection goes back to the
+//! pool at once. Larger, chunked or close-delimited bodies stream through
+//! [`UpstreamBody`], which gives the connection back when the body ends.
+//! Upgrades (WebSocket) still use hyper's client ([`UpstreamPool::connect_hyper`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::client::conn::http1::SendRequest;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 
-pub type Sender = SendRequest<Full<Bytes>>;
+/// Most response headers accepted from a backend.
+const MAX_HEADERS: usize = 128;
+/// Largest response head accepted from a backend.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
+/// An idle connection older than this is checked for a close before reuse.
+const PROBE_AFTER: Duration = Duration::from_millis(250);
+
+/// One keep-alive connection to a backend.
+pub struct UpstreamConn {
+    stream: TcpStream,
+    /// Bytes read but not yet consumed.
+    buf: BytesMut,
+    /// Request bytes being written (kept to reuse its allocation).
+    wbuf: Vec<u8>,
+    /// When it last went back to the pool.
+    idle_since: Instant,
+}
+
+impl UpstreamConn {
+    /// Whether the backend has closed (or sent something unasked on) this
+    /// idle connection.
+    fn is_stale(&self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        // Backends close idle keep-alive connections after seconds, not
+        // milliseconds: a connection used just now is not worth a syscall.
+        if self.idle_since.elapsed() < PROBE_AFTER {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        !matches!(self.stream.try_read(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
 
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<u64, Vec<Sender>>>,
+    idle: Mutex<HashMap<u64, Vec<UpstreamConn>>>,
     max_idle: usize,
     connect_timeout: Duration,
 }
 
 /// A checked-out connection.
 pub struct Checkout {
-    pub sender: Sender,
-    /// Taken from the pool (it may have gone stale) rather than just made.
+    pub conn: UpstreamConn,
+    /// Taken from the pool rather than just made.
     pub reused: bool,
 }
 
@@ -41,11 +87,11 @@ impl UpstreamPool {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<Sender>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<UpstreamConn>>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// An idle connection to the backend if one is usable, else a new one.
+    /// An idle connection to the backend that is still open, else a new one.
     pub async fn checkout(
         &self,
         backend_id: u64,
@@ -54,79 +100,72 @@ impl UpstreamPool {
     ) -> Result<Checkout, ProxyError> {
         loop {
             let popped = self.lock().get_mut(&backend_id).and_then(Vec::pop);
-            let Some(mut sender) = popped else { break };
-            if sender.is_closed() {
-                continue;
-            }
-            if sender.is_ready() {
-                return Ok(Checkout {
-                    sender,
-                    reused: true,
-                });
-            }
-            // Given back as its response body ended; the connection task has
-            // not yet seen the end. It will at its next turn.
-            if let Ok(Ok(())) = tokio::time::timeout(self.connect_timeout, sender.ready()).await {
-                return Ok(Checkout {
-                    sender,
-                    reused: true,
-                });
+            let Some(conn) = popped else { break };
+            if !conn.is_stale() {
+                return Ok(Checkout { conn, reused: true });
             }
         }
-        let sender = self.connect(backend_name, addr, false).await?;
+        let stream = self.connect_tcp(backend_name, addr).await?;
         Ok(Checkout {
-            sender,
+            conn: UpstreamConn {
+                stream,
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                wbuf: Vec::with_capacity(1024),
+                idle_since: Instant::now(),
+            },
             reused: false,
         })
     }
 
-    /// A new connection, outside the pool; `upgrades` keeps it usable after
-    /// a `101 Switching Protocols`.
-    pub async fn connect(
+    async fn connect_tcp(
         &self,
         backend_name: &str,
         addr: SocketAddr,
-        upgrades: bool,
-    ) -> Result<Sender, ProxyError> {
+    ) -> Result<TcpStream, ProxyError> {
         let fail = |reason: String| ProxyError::Connect {
             backend: backend_name.to_string(),
             reason,
         };
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(fail(e.to_string())),
-            Err(_) => {
-                return Err(fail(format!(
-                    "no connection within {:?}",
-                    self.connect_timeout
-                )))
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                Ok(tcp)
             }
-        };
-        let _ = tcp.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        if upgrades {
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
-        } else {
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            Ok(Err(e)) => Err(fail(e.to_string())),
+            Err(_) => Err(fail(format!(
+                "no connection within {:?}",
+                self.connect_timeout
+            ))),
         }
+    }
+
+    /// A hyper client connection that stays usable after `101 Switching
+    /// Protocols` (for upgrades), outside the pool.
+    pub async fn connect_hyper(
+        &self,
+        backend_name: &str,
+        addr: SocketAddr,
+    ) -> Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>, ProxyError>
+    {
+        let tcp = self.connect_tcp(backend_name, addr).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| ProxyError::Connect {
+                backend: backend_name.to_string(),
+                reason: e.to_string(),
+            })?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
         Ok(sender)
     }
 
-    pub fn give_back(&self, backend_id: u64, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn give_back(&self, backend_id: u64, mut conn: UpstreamConn) {
+        conn.idle_since = Instant::now();
         let mut idle = self.lock();
         let list = idle.entry(backend_id).or_default();
         if list.len() < self.max_idle {
-            list.push(sender);
+            list.push(conn);
         }
     }
 
@@ -134,29 +173,589 @@ impl UpstreamPool {
     pub fn retain_backends(&self, alive: impl Fn(u64) -> bool) {
         self.lock().retain(|id, _| alive(*id));
     }
+}
 
-    pub fn idle_count(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
+/// How an attempt ended without a response.
+pub enum SendError {
+    /// Nothing reached the backend in a form it could act on.
+    NotSent(std::io::Error),
+    /// The request was written; the exchange failed.
+    Failed(std::io::Error),
+    /// The backend closed a reused connection without a byte of answer: the
+    /// keep-alive race; the request may or may not have been seen.
+    ClosedUnanswered,
+    TimedOut,
+}
+
+/// A request head to send: everything but the body.
+pub struct Head<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// Writes the request and reads the response head. On success the
+/// connection travels inside the response body.
+pub async fn exchange(
+    mut conn: UpstreamConn,
+    head: &Head<'_>,
+    body: &Bytes,
+    timeout: Duration,
+    release: Release,
+) -> Result<Response<UpstreamBody>, SendError> {
+    encode_request(&mut conn.wbuf, head, body);
+    if let Err(e) = write_request(&mut conn, body).await {
+        return Err(SendError::NotSent(e));
+    }
+    let read = tokio::time::timeout(timeout, read_head(&mut conn, head.method == Method::HEAD));
+    let (parts, framing, keep_alive) = match read.await {
+        Err(_) => return Err(SendError::TimedOut),
+        Ok(Err(ReadHeadError::Eof)) => return Err(SendError::ClosedUnanswered),
+        Ok(Err(ReadHeadError::Io(e))) => return Err(SendError::Failed(e)),
+        Ok(Ok(parsed)) => parsed,
+    };
+    let mut body = UpstreamBody {
+        conn: Some(conn),
+        framing,
+        keep_alive,
+        release: Some(release),
+        done: false,
+    };
+    body.finish_if_done();
+    Ok(Response::from_parts(parts, body))
+}
+
+fn encode_request(out: &mut Vec<u8>, head: &Head<'_>, body: &Bytes) {
+    out.clear();
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in head.headers {
+        if name == http::header::CONTENT_LENGTH {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // The body is buffered whole, so its length is known; methods that
+    // usually carry a body get an explicit 0.
+    if !body.is_empty() || matches!(*head.method, Method::POST | Method::PUT | Method::PATCH) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa_u64(body.len() as u64).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa_u64(mut n: u64) -> String {
+    if n == 0 {
+        return "0".into();
+    }
+    let mut digits = Vec::with_capacity(20);
+    while n > 0 {
+        digits.push(b'0' + (n % 10) as u8);
+        n /= 10;
+    }
+    digits.reverse();
+    String::from_utf8(digits).unwrap_or_default()
+}
+
+async fn write_request(conn: &mut UpstreamConn, body: &Bytes) -> std::io::Result<()> {
+    if body.len() <= 16 * 1024 {
+        conn.wbuf.extend_from_slice(body);
+        conn.stream.write_all(&conn.wbuf).await
+    } else {
+        conn.stream.write_all(&conn.wbuf).await?;
+        conn.stream.write_all(body).await
     }
 }
 
-/// Gives a connection back to its pool once the response body has ended.
-pub struct Returner {
-    pool: Arc<UpstreamPool>,
-    backend_id: u64,
-    sender: Sender,
+enum ReadHeadError {
+    /// The connection ended before a single byte of response.
+    Eof,
+    Io(std::io::Error),
 }
 
-impl Returner {
-    pub fn new(pool: Arc<UpstreamPool>, backend_id: u64, sender: Sender) -> Self {
-        Returner {
-            pool,
-            backend_id,
-            sender,
+/// How the response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the backend closes the connection.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+    Done,
+}
+
+fn invalid(msg: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_string())
+}
+
+async fn fill(conn: &mut UpstreamConn) -> std::io::Result<usize> {
+    conn.buf.reserve(READ_CHUNK);
+    std::future::poll_fn(|cx| {
+        tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf)
+    })
+    .await
+}
+
+async fn read_head(
+    conn: &mut UpstreamConn,
+    head_request: bool,
+) -> Result<(http::response::Parts, Framing, bool), ReadHeadError> {
+    let mut got_any = false;
+    loop {
+        if !conn.buf.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&conn.buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let code = resp.code.unwrap_or(0);
+                    if (100..200).contains(&code) && code != 101 {
+                        // Interim response (100 Continue, 103): skip it.
+                        conn.buf.advance(len);
+                        continue;
+                    }
+                    let parsed = build_head(&resp, head_request).map_err(ReadHeadError::Io)?;
+                    conn.buf.advance(len);
+                    return Ok(parsed);
+                }
+                Ok(httparse::Status::Partial) => {
+                    if conn.buf.len() > MAX_HEAD_BYTES {
+                        return Err(ReadHeadError::Io(invalid("response head too large")));
+                    }
+                }
+                Err(e) => {
+                    return Err(ReadHeadError::Io(invalid(&format!(
+                        "malformed response head: {e}"
+                    ))))
+                }
+            }
+        }
+        match fill(conn).await {
+            Ok(0) if !got_any => return Err(ReadHeadError::Eof),
+            Ok(0) => {
+                return Err(ReadHeadError::Io(invalid(
+                    "connection closed inside the response head",
+                )))
+            }
+            Ok(_) => got_any = true,
+            Err(e) if !got_any && e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(ReadHeadError::Eof)
+            }
+            Err(e) => return Err(ReadHeadError::Io(e)),
+        }
+    }
+}
+
+fn build_head(
+    resp: &httparse::Response<'_, '_>,
+    head_request: bool,
+) -> std::io::Result<(http::response::Parts, Framing, bool)> {
+    let status =
+        StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| invalid("bad status code"))?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut keep_alive = version == Version::HTTP_11;
+    for h in resp.headers.iter() {
+        let name =
+            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid("bad header name"))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| invalid("bad header value"))?;
+        if name == http::header::CONTENT_LENGTH {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| invalid("bad content-length"))?;
+            if content_length.is_some_and(|m| m != n) {
+                return Err(invalid("conflicting content-length"));
+            }
+            content_length = Some(n);
+        } else if name == http::header::TRANSFER_ENCODING {
+            chunked = h
+                .value
+                .split(|b| *b == b',')
+                .next_back()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == http::header::CONNECTION {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    let no_body = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        Framing::Length(0)
+    } else if chunked {
+        headers.remove(http::header::CONTENT_LENGTH);
+        Framing::Chunked(Chunk::Size)
+    } else if let Some(n) = content_length {
+        Framing::Length(n)
+    } else {
+        keep_alive = false;
+        Framing::Close
+    };
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    Ok((parts, framing, keep_alive))
+}
+
+/// Where a connection goes when its response body has ended.
+pub struct Release {
+    pub pool: Arc<UpstreamPool>,
+    pub backend_id: u64,
+}
+
+/// A backend's response body, read from its connection as the client
+/// takes it.
+pub struct UpstreamBody {
+    conn: Option<UpstreamConn>,
+    framing: Framing,
+    keep_alive: bool,
+    release: Option<Release>,
+    done: bool,
+}
+
+impl UpstreamBody {
+    /// Once the body has been read to its end, the connection serves the
+    /// next request (when the backend keeps it alive).
+    fn finish_if_done(&mut self) {
+        let complete = matches!(
+            self.framing,
+            Framing::Length(0) | Framing::Chunked(Chunk::Done)
+        );
+        if !complete || self.done {
+            return;
+        }
+        self.done = true;
+        if let (Some(conn), Some(release)) = (self.conn.take(), self.release.take()) {
+            if self.keep_alive && conn.buf.is_empty() {
+                release.pool.give_back(release.backend_id, conn);
+            }
         }
     }
 
-    pub fn give_back(self) {
-        self.pool.give_back(self.backend_id, self.sender);
+    /// Takes what the framing allows out of the buffer, if anything.
+    fn next_data(&mut self) -> std::io::Result<Option<Bytes>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        let buf = &mut conn.buf;
+        loop {
+            match &mut self.framing {
+                Framing::Length(0) => return Ok(None),
+                Framing::Length(n) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = (*n).min(buf.len() as u64) as usize;
+                    *n -= take as u64;
+                    return Ok(Some(buf.split_to(take).freeze()));
+                }
+                Framing::Close => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(buf.split().freeze()));
+                }
+                Framing::Chunked(state) => match *state {
+                    Chunk::Done => return Ok(None),
+                    Chunk::Size => {
+                        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+                            if buf.len() > 4096 {
+                                return Err(invalid("chunk size line too long"));
+                            }
+                            return Ok(None);
+                        };
+                        let line = &buf[..eol];
+                        let hex = line
+                            .split(|b| *b == b';')
+                            .next()
+                            .unwrap_or(b"")
+                            .trim_ascii();
+                        let size = std::str::from_utf8(hex)
+                            .ok()
+                            .and_then(|h| u64::from_str_radix(h, 16).ok())
+                            .ok_or_else(|| invalid("bad chunk size"))?;
+                        buf.advance(eol + 2);
+                        *state = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Chunk::Data(n) => {
+                        if buf.is_empty() {
+                            return Ok(None);
+                        }
+                        let take = n.min(buf.len() as u64) as usize;
+                        *state = if n == take as u64 {
+                            Chunk::DataEnd
+                        } else {
+                            Chunk::Data(n - take as u64)
+                        };
+                        return Ok(Some(buf.split_to(take).freeze()));
+                    }
+                    Chunk::DataEnd => {
+                        if buf.len() < 2 {
+                            return Ok(None);
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Err(invalid("missing CRLF after chunk data"));
+                        }
+                        buf.advance(2);
+                        *state = Chunk::Size;
+                    }
+                    Chunk::Trailers => {
+                        // Trailers are dropped; the empty line ends the body.
+                        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+                            if buf.len() > 16 * 1024 {
+                                return Err(invalid("trailers too long"));
+                            }
+                            return Ok(None);
+                        };
+                        buf.advance(eol + 2);
+                        if eol == 0 {
+                            *state = Chunk::Done;
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let data = match this.next_data() {
+                Ok(d) => d,
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            };
+            this.finish_if_done();
+            if let Some(data) = data {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            conn.buf.reserve(READ_CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Ok(0)) => {
+                    this.conn = None;
+                    if this.framing == Framing::Close {
+                        this.done = true;
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(invalid(
+                        "backend closed the connection inside the body",
+                    ))));
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+
+    /// A backend that answers each request with the next canned response.
+    async fn canned(responses: Vec<&'static [u8]>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            for r in responses {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await.unwrap();
+                s.write_all(r).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    async fn get(
+        pool: &Arc<UpstreamPool>,
+        addr: SocketAddr,
+        method: &Method,
+    ) -> (Response<UpstreamBody>, bool) {
+        let co = pool.checkout(1, "b", addr).await.unwrap();
+        let headers = HeaderMap::new();
+        let head = Head {
+            method,
+            path: "/",
+            headers: &headers,
+        };
+        let release = Release {
+            pool: pool.clone(),
+            backend_id: 1,
+        };
+        let resp = exchange(
+            co.conn,
+            &head,
+            &Bytes::new(),
+            Duration::from_secs(5),
+            release,
+        )
+        .await
+        .ok()
+        .unwrap();
+        (resp, co.reused)
+    }
+
+    #[tokio::test]
+    async fn reads_length_chunked_and_bodyless_responses_over_one_connection() {
+        let addr = canned(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nT: x\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+        ])
+        .await;
+        let pool = UpstreamPool::new(8, Duration::from_secs(1));
+        let (resp, reused) = get(&pool, addr, &Method::GET).await;
+        assert!(!reused);
+        assert_eq!(resp.headers()["x-a"], "1");
+        assert_eq!(
+            resp.into_body().collect().await.unwrap().to_bytes(),
+            "hello"
+        );
+        let (resp, reused) = get(&pool, addr, &Method::GET).await;
+        assert!(reused, "the connection went back to the pool");
+        assert!(!resp.headers().contains_key("content-length"));
+        assert_eq!(
+            resp.into_body().collect().await.unwrap().to_bytes(),
+            "abcde"
+        );
+        let (resp, reused) = get(&pool, addr, &Method::GET).await;
+        assert!(reused);
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        assert!(resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .is_empty());
+        let (resp, reused) = get(&pool, addr, &Method::HEAD).await;
+        assert!(reused);
+        assert!(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .is_empty(),
+            "HEAD has no body"
+        );
+    }
+
+    #[tokio::test]
+    async fn close_delimited_bodies_end_with_the_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil close")
+                .await
+                .unwrap();
+        });
+        let pool = UpstreamPool::new(8, Duration::from_secs(1));
+        let (resp, _) = get(&pool, addr, &Method::GET).await;
+        assert_eq!(
+            resp.into_body().collect().await.unwrap().to_bytes(),
+            "until close"
+        );
+        assert!(
+            pool.lock().get(&1).is_none_or(Vec::is_empty),
+            "not reusable"
+        );
+    }
+
+    #[test]
+    fn requests_are_encoded_with_an_exact_length() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("h"));
+        headers.insert("content-length", HeaderValue::from_static("999"));
+        let mut out = Vec::new();
+        encode_request(
+            &mut out,
+            &Head {
+                method: &Method::POST,
+                path: "/p?q",
+                headers: &headers,
+            },
+            &Bytes::from_static(b"abc"),
+        );
+        assert_eq!(
+            out,
+            b"POST /p?q HTTP/1.1\r\nhost: h\r\ncontent-length: 3\r\n\r\n"
+        );
+        assert_eq!(itoa_u64(1234567), "1234567");
     }
 }
