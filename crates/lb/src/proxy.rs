@@ -162,8 +162,64 @@ async fn serve(
         return finish(e.into_response(), None, 0);
     }
     let idempotent = is_idempotent(&parts.method, &parts.headers);
-    worker.budget.deposit();
+    let outcome = if upgrade {
+        let client_upgrade = Arc::new(std::sync::Mutex::new(client_upgrade.take()));
+        let parts = &parts;
+        let body = &body;
+        with_retries(worker, key, idempotent, move |backend| {
+            let request = build_request(parts, body.clone());
+            let client_upgrade = client_upgrade.clone();
+            async move { forward_upgrade(worker, &backend, request, &client_upgrade).await }
+        })
+        .await
+    } else {
+        let parts = &parts;
+        let body = &body;
+        with_retries(worker, key, idempotent, move |backend| async move {
+            forward(worker, &backend, parts, body).await
+        })
+        .await
+    };
+    let resp = outcome.result.unwrap_or_else(ProxyError::into_response);
+    finish(resp, outcome.backend, outcome.attempts)
+}
 
+/// What a proxied attempt returns, as far as retries care.
+pub(crate) trait HasStatus {
+    fn status_code(&self) -> StatusCode;
+}
+
+impl HasStatus for Response<LbBody> {
+    fn status_code(&self) -> StatusCode {
+        self.status()
+    }
+}
+
+/// The end of [`with_retries`]: the answer or the last error, the backend
+/// that gave it and how many backends were tried.
+pub(crate) struct Outcome<R> {
+    pub result: Result<R, ProxyError>,
+    pub backend: Option<String>,
+    pub attempts: u32,
+}
+
+/// Picks a backend and makes `attempt` on it; on a failure that is safe to
+/// retry (see [`ProxyError::retryable`], and 502/503 answers to idempotent
+/// requests) and while the retry budget allows, tries another backend.
+/// Feeds passive outlier detection with every result.
+pub(crate) async fn with_retries<R, F, Fut>(
+    worker: &Worker,
+    key: Option<u64>,
+    idempotent: bool,
+    mut attempt: F,
+) -> Outcome<R>
+where
+    R: HasStatus,
+    F: FnMut(Arc<Backend>) -> Fut,
+    Fut: std::future::Future<Output = Result<R, ProxyError>>,
+{
+    let shared = &worker.shared;
+    worker.budget.deposit();
     let max_attempts = (shared.config.retry.max_attempts as usize).min(MAX_TRIED);
     let mut tried = [0u64; MAX_TRIED];
     let mut n_tried = 0usize;
@@ -175,11 +231,7 @@ async fn serve(
             let snapshot = shared.pool.snapshot();
             let already = &tried[..n_tried];
             let usable = |b: &Backend| b.available(now_ms) && !already.contains(&b.id);
-            let pick = Pick {
-                usable: &usable,
-                key,
-                now,
-            };
+            let pick = Pick { usable: &usable, key, now };
             shared.selection.select(&snapshot, &pick).cloned()
         };
         let Some(backend) = chosen else {
@@ -187,50 +239,37 @@ async fn serve(
                 shared.stats.no_backend.fetch_add(1, Ordering::Relaxed);
                 ProxyError::NoBackend
             });
-            return finish(err.into_response(), None, n_tried as u32);
+            return Outcome { result: Err(err), backend: None, attempts: n_tried as u32 };
         };
         tried[n_tried] = backend.id;
         n_tried += 1;
-
-        let outcome = if upgrade {
-            let request = build_request(&parts, body.clone());
-            forward_upgrade(worker, &backend, request, &mut client_upgrade).await
-        } else {
-            forward(worker, &backend, &parts, &body).await
-        };
         let retry_allowed = n_tried < max_attempts;
-        match outcome {
+        let name = backend.name.clone();
+        match attempt(backend.clone()).await {
             Ok(resp) => {
-                let status = resp.status();
-                let failed = status.is_server_error();
-                if failed {
+                let status = resp.status_code();
+                if status.is_server_error() {
                     record_failure(shared, &backend, now_ms);
                 } else {
                     backend.record_success();
                 }
-                let replayable = matches!(
-                    status,
-                    StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
-                ) && idempotent;
+                let replayable =
+                    matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE) && idempotent;
                 if replayable && retry_allowed && take_retry(worker) {
-                    tracing::debug!(backend = %backend.name, %status, "retrying on another backend");
+                    tracing::debug!(backend = %name, %status, "retrying on another backend");
                     continue;
                 }
-                return finish(resp, Some(backend.name.clone()), n_tried as u32);
+                return Outcome { result: Ok(resp), backend: Some(name), attempts: n_tried as u32 };
             }
             Err(e) => {
                 backend.stats.failures.fetch_add(1, Ordering::Relaxed);
                 record_failure(shared, &backend, now_ms);
-                tracing::debug!(backend = %backend.name, error = %e, "attempt failed");
+                tracing::debug!(backend = %name, error = %e, "attempt failed");
                 if e.retryable(idempotent) && retry_allowed && take_retry(worker) {
                     last_error = Some(e);
                     continue;
                 }
-                return finish(
-                    e.into_response(),
-                    Some(backend.name.clone()),
-                    n_tried as u32,
-                );
+                return Outcome { result: Err(e), backend: Some(name), attempts: n_tried as u32 };
             }
         }
     }
@@ -501,7 +540,7 @@ async fn forward_upgrade(
     worker: &Worker,
     backend: &Arc<Backend>,
     request: Request<Full<Bytes>>,
-    client_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: &std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>,
 ) -> Result<Response<LbBody>, ProxyError> {
     let timeout = worker.shared.config.timeouts.upstream_response;
     let mut sender = worker
@@ -538,7 +577,8 @@ async fn forward_upgrade(
     let mut upstream_resp = Response::from_parts(parts.clone(), body);
     let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
     let name = backend.name.clone();
-    if let Some(client_upgrade) = client_upgrade.take() {
+    let taken = client_upgrade.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(client_upgrade) = taken {
         tokio::spawn(async move {
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {
