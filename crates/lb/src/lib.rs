@@ -23,6 +23,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod ewma;
+pub mod fast;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

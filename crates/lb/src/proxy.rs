@@ -46,8 +46,9 @@ pub struct Shared {
 /// One client connection's constant facts, computed once.
 pub struct ConnInfo {
     pub client: SocketAddr,
-    client_ip: HeaderValue,
-    forwarded_for: String,
+    pub(crate) client_ip: HeaderValue,
+    /// The client as a `Forwarded: for=` value (IPv6 quoted and bracketed).
+    pub(crate) forwarded_for: String,
 }
 
 impl ConnInfo {
@@ -87,9 +88,33 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<LbBody>, std::convert::Infallible> {
     let start = Instant::now();
-    let shared = &worker.shared;
     let (resp, backend, attempts) = serve(&worker, &conn, req).await;
-    let status = resp.status().as_u16();
+    let request_id = resp
+        .headers()
+        .get(&X_REQUEST_ID)
+        .map_or(&b"-"[..], |v| v.as_bytes());
+    record_request(
+        &worker.shared,
+        &conn,
+        resp.status().as_u16(),
+        start,
+        backend.as_deref(),
+        attempts,
+        request_id,
+    );
+    Ok(resp)
+}
+
+/// Counts and times one answered request, and logs it when asked to.
+pub(crate) fn record_request(
+    shared: &Shared,
+    conn: &ConnInfo,
+    status: u16,
+    start: Instant,
+    backend: Option<&str>,
+    attempts: u32,
+    request_id: &[u8],
+) {
     let elapsed = start.elapsed();
     shared.stats.record_status(status);
     shared.stats.latency.observe(elapsed);
@@ -98,20 +123,24 @@ pub async fn handle(
             target: "scaleout_lb::access",
             client = %conn.client,
             status,
-            backend = backend.as_deref().unwrap_or("-"),
+            backend = backend.unwrap_or("-"),
             attempts,
             micros = elapsed.as_micros() as u64,
-            request_id = resp.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            request_id = std::str::from_utf8(request_id).unwrap_or("-"),
         );
     }
-    Ok(resp)
 }
 
-fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
+/// Methods RFC 9110 §9.2.2 calls idempotent.
+pub(crate) fn idempotent_method(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    ) || headers.contains_key(&IDEMPOTENCY_KEY)
+    )
+}
+
+fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
+    idempotent_method(method) || headers.contains_key(&IDEMPOTENCY_KEY)
 }
 
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
@@ -231,7 +260,11 @@ where
             let snapshot = shared.pool.snapshot();
             let already = &tried[..n_tried];
             let usable = |b: &Backend| b.available(now_ms) && !already.contains(&b.id);
-            let pick = Pick { usable: &usable, key, now };
+            let pick = Pick {
+                usable: &usable,
+                key,
+                now,
+            };
             shared.selection.select(&snapshot, &pick).cloned()
         };
         let Some(backend) = chosen else {
@@ -239,7 +272,11 @@ where
                 shared.stats.no_backend.fetch_add(1, Ordering::Relaxed);
                 ProxyError::NoBackend
             });
-            return Outcome { result: Err(err), backend: None, attempts: n_tried as u32 };
+            return Outcome {
+                result: Err(err),
+                backend: None,
+                attempts: n_tried as u32,
+            };
         };
         tried[n_tried] = backend.id;
         n_tried += 1;
@@ -253,13 +290,19 @@ where
                 } else {
                     backend.record_success();
                 }
-                let replayable =
-                    matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE) && idempotent;
+                let replayable = matches!(
+                    status,
+                    StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                ) && idempotent;
                 if replayable && retry_allowed && take_retry(worker) {
                     tracing::debug!(backend = %name, %status, "retrying on another backend");
                     continue;
                 }
-                return Outcome { result: Ok(resp), backend: Some(name), attempts: n_tried as u32 };
+                return Outcome {
+                    result: Ok(resp),
+                    backend: Some(name),
+                    attempts: n_tried as u32,
+                };
             }
             Err(e) => {
                 backend.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -269,7 +312,11 @@ where
                     last_error = Some(e);
                     continue;
                 }
-                return Outcome { result: Err(e), backend: Some(name), attempts: n_tried as u32 };
+                return Outcome {
+                    result: Err(e),
+                    backend: Some(name),
+                    attempts: n_tried as u32,
+                };
             }
         }
     }
@@ -292,7 +339,12 @@ fn take_retry(worker: &Worker) -> bool {
     }
 }
 
-fn new_request_id() -> HeaderValue {
+/// A new request id, as bytes.
+pub(crate) fn new_request_id_bytes() -> Bytes {
+    Bytes::copy_from_slice(new_request_id().as_bytes())
+}
+
+pub(crate) fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let id: u128 = rand::random();
     let mut text = [0u8; 32];
@@ -335,12 +387,18 @@ fn hash_key(on: &HashOn, headers: &HeaderMap, conn: &ConnInfo) -> u64 {
         HashOn::Cookie(name) => headers
             .get_all(header::COOKIE)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(k, _)| k == name)
-            .map_or(0, |(_, v)| hash_bytes(v.as_bytes())),
+            .find_map(|v| cookie_value(v.as_bytes(), name))
+            .map_or(0, hash_bytes),
     }
+}
+
+/// The value of cookie `name` in one `Cookie` header value.
+pub(crate) fn cookie_value<'a>(header: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    header.split(|b| *b == b';').find_map(|pair| {
+        let pair = pair.trim_ascii();
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        (pair[..eq].trim_ascii() == name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
+    })
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): those the `Connection`
@@ -577,7 +635,10 @@ async fn forward_upgrade(
     let mut upstream_resp = Response::from_parts(parts.clone(), body);
     let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
     let name = backend.name.clone();
-    let taken = client_upgrade.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let taken = client_upgrade
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     if let Some(client_upgrade) = taken {
         tokio::spawn(async move {
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -596,7 +657,7 @@ async fn forward_upgrade(
     Ok(Response::from_parts(parts, LbBody::empty()))
 }
 
-struct InFlight<'a>(&'a Backend);
+pub(crate) struct InFlight<'a>(pub(crate) &'a Backend);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {

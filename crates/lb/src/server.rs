@@ -119,6 +119,9 @@ struct Serving {
     /// Coarse time (Clock millis), refreshed by a ticker: what the idle
     /// timeout reads, so the I/O path never asks the OS for the time.
     coarse_now: Arc<AtomicU64>,
+    shutdown: CancellationToken,
+    /// Every connection task, so a drain can wait for them all.
+    tracker: tokio_util::task::TaskTracker,
 }
 
 async fn serve(setup: WorkerSetup) -> Result<(), Error> {
@@ -152,6 +155,8 @@ async fn serve(setup: WorkerSetup) -> Result<(), Error> {
         graceful: hyper_util::server::graceful::GracefulShutdown::new(),
         peers: peers.clone(),
         coarse_now: coarse_now.clone(),
+        shutdown: shutdown.clone(),
+        tracker: tokio_util::task::TaskTracker::new(),
     };
     let mut housekeeping = tokio::time::interval(Duration::from_secs(10));
     let mut ticker = tokio::time::interval(COARSE_TICK);
@@ -216,10 +221,12 @@ async fn serve(setup: WorkerSetup) -> Result<(), Error> {
 /// Stops accepting and waits (up to `deadline`) for open connections to
 /// finish their in-flight requests.
 async fn drain(serving: Serving, deadline: Duration) -> Result<(), Error> {
-    if tokio::time::timeout(deadline, serving.graceful.shutdown())
-        .await
-        .is_err()
-    {
+    serving.tracker.close();
+    let all_done = async {
+        serving.graceful.shutdown().await;
+        serving.tracker.wait().await;
+    };
+    if tokio::time::timeout(deadline, all_done).await.is_err() {
         tracing::warn!(
             ?deadline,
             "drain deadline passed; closing the remaining connections"
@@ -249,31 +256,38 @@ impl Serving {
         let header_read = shared.config.timeouts.header_read;
         let watcher = self.graceful.watcher();
         let coarse_now = self.coarse_now.clone();
-        tokio::spawn(async move {
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
             let activity = Arc::new(AtomicU64::new(coarse_now.load(Ordering::Relaxed)));
             let io = Tracked {
                 inner: tcp,
                 activity: activity.clone(),
                 now: coarse_now.clone(),
             };
-            let service = service_fn(move |req| handle(worker.clone(), conn.clone(), req));
             let served = async {
                 match tls {
                     None => {
-                        let c = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                        watcher.watch(c.into_owned()).await
-                    }
-                    Some(acceptor) => {
-                        match tokio::time::timeout(header_read, acceptor.accept(io)).await {
-                            Ok(Ok(stream)) => {
-                                let c = builder
-                                    .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        // HTTP/2 with prior knowledge goes to hyper; HTTP/1 takes the fast path.
+                        match tokio::time::timeout(header_read, starts_with_h2_preface(&io.inner)).await {
+                            Ok(Ok(true)) => {
+                                let service = service_fn(move |req| handle(worker.clone(), conn.clone(), req));
+                                let c = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                                 watcher.watch(c.into_owned()).await
                             }
-                            Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
-                            Err(_) => Err("TLS handshake timed out".into()),
+                            Ok(Ok(false)) => crate::fast::serve(worker, conn, io, shutdown).await.map_err(Into::into),
+                            Ok(Err(e)) => Err(e.into()),
+                            Err(_) => Err("no request within the header timeout".into()),
                         }
                     }
+                    Some(acceptor) => match tokio::time::timeout(header_read, acceptor.accept(io)).await {
+                        Ok(Ok(stream)) => {
+                            let service = service_fn(move |req| handle(worker.clone(), conn.clone(), req));
+                            let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(c.into_owned()).await
+                        }
+                        Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
+                        Err(_) => Err("TLS handshake timed out".into()),
+                    },
                 }
             };
             tokio::select! {
@@ -311,6 +325,32 @@ fn http_builder(config: &LbConfig) -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(Some(config.timeouts.idle / 2))
         .keep_alive_timeout(Duration::from_secs(20));
     builder
+}
+
+/// Whether the client opens with the HTTP/2 connection preface (h2c with
+/// prior knowledge). Peeks, so the bytes stay for whoever serves it.
+async fn starts_with_h2_preface(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+    let mut buf = [0u8; 16];
+    loop {
+        tcp.readable().await?;
+        let n = match tcp.peek(&mut buf).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(false);
+        }
+        if buf[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // A prefix of the preface: wait for more bytes.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Resolves when no byte has moved on the connection for `idle` (to within

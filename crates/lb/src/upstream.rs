@@ -41,7 +41,7 @@ const PROBE_AFTER: Duration = Duration::from_millis(250);
 pub struct UpstreamConn {
     stream: TcpStream,
     /// Bytes read but not yet consumed.
-    buf: BytesMut,
+    pub buf: BytesMut,
     /// Request bytes being written (kept to reuse its allocation).
     wbuf: Vec<u8>,
     /// When it last went back to the pool.
@@ -49,6 +49,10 @@ pub struct UpstreamConn {
 }
 
 impl UpstreamConn {
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
     /// Whether the backend has closed (or sent something unasked on) this
     /// idle connection.
     fn is_stale(&self) -> bool {
@@ -203,17 +207,18 @@ pub async fn exchange(
     timeout: Duration,
     release: Release,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    encode_request(&mut conn.wbuf, head, body);
-    if let Err(e) = write_request(&mut conn, body).await {
-        return Err(SendError::NotSent(e));
-    }
-    let read = tokio::time::timeout(timeout, read_head(&mut conn, head.method == Method::HEAD));
-    let (parts, framing, keep_alive) = match read.await {
-        Err(_) => return Err(SendError::TimedOut),
-        Ok(Err(ReadHeadError::Eof)) => return Err(SendError::ClosedUnanswered),
-        Ok(Err(ReadHeadError::Io(e))) => return Err(SendError::Failed(e)),
-        Ok(Ok(parsed)) => parsed,
-    };
+    let mut encoded = Vec::with_capacity(512);
+    encode_request(&mut encoded, head, body);
+    let raw = send_and_read_head(
+        &mut conn,
+        &encoded,
+        body,
+        timeout,
+        head.method == Method::HEAD,
+    )
+    .await?;
+    let (framing, keep_alive) = (raw.framing, raw.keep_alive);
+    let parts = raw.into_parts().map_err(SendError::Failed)?;
     let mut body = UpstreamBody {
         conn: Some(conn),
         framing,
@@ -223,6 +228,26 @@ pub async fn exchange(
     };
     body.finish_if_done();
     Ok(Response::from_parts(parts, body))
+}
+
+/// Sends an encoded request head and its body, then reads the response
+/// head (skipping interim 1xx answers other than 101).
+pub async fn send_and_read_head(
+    conn: &mut UpstreamConn,
+    request_head: &[u8],
+    body: &Bytes,
+    timeout: Duration,
+    head_request: bool,
+) -> Result<RawHead, SendError> {
+    if let Err(e) = write_request(conn, request_head, body).await {
+        return Err(SendError::NotSent(e));
+    }
+    match tokio::time::timeout(timeout, read_head(conn, head_request)).await {
+        Err(_) => Err(SendError::TimedOut),
+        Ok(Err(ReadHeadError::Eof)) => Err(SendError::ClosedUnanswered),
+        Ok(Err(ReadHeadError::Io(e))) => Err(SendError::Failed(e)),
+        Ok(Ok(raw)) => Ok(raw),
+    }
 }
 
 fn encode_request(out: &mut Vec<u8>, head: &Head<'_>, body: &Bytes) {
@@ -240,35 +265,42 @@ fn encode_request(out: &mut Vec<u8>, head: &Head<'_>, body: &Bytes) {
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    // The body is buffered whole, so its length is known; methods that
-    // usually carry a body get an explicit 0.
-    if !body.is_empty() || matches!(*head.method, Method::POST | Method::PUT | Method::PATCH) {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa_u64(body.len() as u64).as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    push_content_length(out, head.method, body.len());
     out.extend_from_slice(b"\r\n");
 }
 
-fn itoa_u64(mut n: u64) -> String {
-    if n == 0 {
-        return "0".into();
+/// The body is buffered whole, so its length is known; methods that
+/// usually carry a body get an explicit 0.
+pub fn push_content_length(out: &mut Vec<u8>, method: &Method, len: usize) {
+    if len > 0 || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+        out.extend_from_slice(b"content-length: ");
+        push_decimal(out, len as u64);
+        out.extend_from_slice(b"\r\n");
     }
-    let mut digits = Vec::with_capacity(20);
-    while n > 0 {
-        digits.push(b'0' + (n % 10) as u8);
-        n /= 10;
-    }
-    digits.reverse();
-    String::from_utf8(digits).unwrap_or_default()
 }
 
-async fn write_request(conn: &mut UpstreamConn, body: &Bytes) -> std::io::Result<()> {
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+async fn write_request(conn: &mut UpstreamConn, head: &[u8], body: &Bytes) -> std::io::Result<()> {
     if body.len() <= 16 * 1024 {
+        conn.wbuf.clear();
+        conn.wbuf.extend_from_slice(head);
         conn.wbuf.extend_from_slice(body);
         conn.stream.write_all(&conn.wbuf).await
     } else {
-        conn.stream.write_all(&conn.wbuf).await?;
+        conn.stream.write_all(head).await?;
         conn.stream.write_all(body).await
     }
 }
@@ -279,17 +311,17 @@ enum ReadHeadError {
     Io(std::io::Error),
 }
 
-/// How the response body is delimited (RFC 9112 §6.3).
+/// How a message body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub enum Framing {
     Length(u64),
     Chunked(Chunk),
-    /// Until the backend closes the connection.
+    /// Until the sender closes the connection.
     Close,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+pub enum Chunk {
     /// Expecting a chunk-size line.
     Size,
     /// Inside a chunk, this many bytes left.
@@ -301,11 +333,147 @@ enum Chunk {
     Done,
 }
 
-fn invalid(msg: &str) -> std::io::Error {
+pub fn invalid(msg: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_string())
 }
 
-async fn fill(conn: &mut UpstreamConn) -> std::io::Result<usize> {
+/// One step of chunked decoding over `buf`: the next piece of data, or
+/// `None` when more bytes are needed (or the body is `Done`). Framing
+/// bytes are consumed; trailers are dropped.
+pub fn chunked_step(state: &mut Chunk, buf: &mut BytesMut) -> std::io::Result<Option<Bytes>> {
+    loop {
+        match *state {
+            Chunk::Done => return Ok(None),
+            Chunk::Size => {
+                let Some(eol) = find_crlf(buf) else {
+                    if buf.len() > 4096 {
+                        return Err(invalid("chunk size line too long"));
+                    }
+                    return Ok(None);
+                };
+                let hex = buf[..eol]
+                    .split(|b| *b == b';')
+                    .next()
+                    .unwrap_or(b"")
+                    .trim_ascii();
+                let size = std::str::from_utf8(hex)
+                    .ok()
+                    .filter(|h| !h.is_empty() && h.len() <= 15)
+                    .and_then(|h| u64::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| invalid("bad chunk size"))?;
+                buf.advance(eol + 2);
+                *state = if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+            Chunk::Data(n) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let take = n.min(buf.len() as u64) as usize;
+                *state = if n == take as u64 {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(n - take as u64)
+                };
+                return Ok(Some(buf.split_to(take).freeze()));
+            }
+            Chunk::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(None);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(invalid("missing CRLF after chunk data"));
+                }
+                buf.advance(2);
+                *state = Chunk::Size;
+            }
+            Chunk::Trailers => {
+                let Some(eol) = find_crlf(buf) else {
+                    if buf.len() > 16 * 1024 {
+                        return Err(invalid("trailers too long"));
+                    }
+                    return Ok(None);
+                };
+                buf.advance(eol + 2);
+                if eol == 0 {
+                    *state = Chunk::Done;
+                }
+            }
+        }
+    }
+}
+
+/// Walks chunked framing without decoding it: how many leading bytes of
+/// `buf` belong to the body (to pass them on as they are). Stops early at a
+/// line that has not fully arrived.
+pub fn chunked_scan(state: &mut Chunk, buf: &[u8]) -> std::io::Result<usize> {
+    let mut at = 0;
+    loop {
+        let rest = &buf[at..];
+        match *state {
+            Chunk::Done => return Ok(at),
+            Chunk::Size | Chunk::Trailers => {
+                let Some(eol) = find_crlf(rest) else {
+                    if rest.len() > 16 * 1024 {
+                        return Err(invalid("chunk line too long"));
+                    }
+                    return Ok(at);
+                };
+                if *state == Chunk::Size {
+                    let hex = rest[..eol]
+                        .split(|b| *b == b';')
+                        .next()
+                        .unwrap_or(b"")
+                        .trim_ascii();
+                    let size = std::str::from_utf8(hex)
+                        .ok()
+                        .filter(|h| !h.is_empty() && h.len() <= 15)
+                        .and_then(|h| u64::from_str_radix(h, 16).ok())
+                        .ok_or_else(|| invalid("bad chunk size"))?;
+                    *state = if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    };
+                } else if eol == 0 {
+                    *state = Chunk::Done;
+                }
+                at += eol + 2;
+            }
+            Chunk::Data(n) => {
+                if rest.is_empty() {
+                    return Ok(at);
+                }
+                let take = n.min(rest.len() as u64);
+                *state = if n == take {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(n - take)
+                };
+                at += take as usize;
+            }
+            Chunk::DataEnd => {
+                if rest.len() < 2 {
+                    return Ok(at);
+                }
+                if &rest[..2] != b"\r\n" {
+                    return Err(invalid("missing CRLF after chunk data"));
+                }
+                *state = Chunk::Size;
+                at += 2;
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+pub async fn fill(conn: &mut UpstreamConn) -> std::io::Result<usize> {
     conn.buf.reserve(READ_CHUNK);
     std::future::poll_fn(|cx| {
         tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf)
@@ -313,10 +481,53 @@ async fn fill(conn: &mut UpstreamConn) -> std::io::Result<usize> {
     .await
 }
 
-async fn read_head(
-    conn: &mut UpstreamConn,
-    head_request: bool,
-) -> Result<(http::response::Parts, Framing, bool), ReadHeadError> {
+/// A response head as the backend sent it: parsed, not copied. Header
+/// names and values are spans of `head`.
+pub struct RawHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub head: Bytes,
+    pub reason: std::ops::Range<usize>,
+    pub headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    pub framing: Framing,
+    /// The backend will keep the connection open after this response.
+    pub keep_alive: bool,
+}
+
+impl RawHead {
+    pub fn header(&self, i: usize) -> (&[u8], &[u8]) {
+        let (n, v) = &self.headers[i];
+        (&self.head[n.clone()], &self.head[v.clone()])
+    }
+
+    /// As `http` types, for the hyper side.
+    pub fn into_parts(self) -> std::io::Result<http::response::Parts> {
+        let mut headers = HeaderMap::with_capacity(self.headers.len());
+        for (n, v) in &self.headers {
+            let name = HeaderName::from_bytes(&self.head[n.clone()])
+                .map_err(|_| invalid("bad header name"))?;
+            let value = HeaderValue::from_maybe_shared(self.head.slice(v.clone()))
+                .map_err(|_| invalid("bad header value"))?;
+            headers.append(name, value);
+        }
+        if matches!(self.framing, Framing::Chunked(_)) {
+            headers.remove(http::header::CONTENT_LENGTH);
+        }
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = self.status;
+        parts.version = self.version;
+        parts.headers = headers;
+        Ok(parts)
+    }
+}
+
+/// Offset of `part` inside `whole` (both from the same buffer).
+pub fn span(whole: &[u8], part: &[u8]) -> std::ops::Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
+    start..start + part.len()
+}
+
+async fn read_head(conn: &mut UpstreamConn, head_request: bool) -> Result<RawHead, ReadHeadError> {
     let mut got_any = false;
     loop {
         if !conn.buf.is_empty() {
@@ -330,9 +541,37 @@ async fn read_head(
                         conn.buf.advance(len);
                         continue;
                     }
-                    let parsed = build_head(&resp, head_request).map_err(ReadHeadError::Io)?;
-                    conn.buf.advance(len);
-                    return Ok(parsed);
+                    let whole: &[u8] = &conn.buf;
+                    let spans: Vec<_> = resp
+                        .headers
+                        .iter()
+                        .map(|h| (span(whole, h.name.as_bytes()), span(whole, h.value)))
+                        .collect();
+                    let reason = match resp.reason {
+                        Some(r) => span(whole, r.as_bytes()),
+                        None => 0..0,
+                    };
+                    let version = if resp.version == Some(0) {
+                        Version::HTTP_10
+                    } else {
+                        Version::HTTP_11
+                    };
+                    let head = conn.buf.split_to(len).freeze();
+                    let mut raw = RawHead {
+                        status: StatusCode::from_u16(code)
+                            .map_err(|_| ReadHeadError::Io(invalid("bad status code")))?,
+                        version,
+                        head,
+                        reason,
+                        headers: spans,
+                        framing: Framing::Close,
+                        keep_alive: false,
+                    };
+                    let (framing, keep_alive) =
+                        response_framing(&raw, head_request).map_err(ReadHeadError::Io)?;
+                    raw.framing = framing;
+                    raw.keep_alive = keep_alive;
+                    return Ok(raw);
                 }
                 Ok(httparse::Status::Partial) => {
                     if conn.buf.len() > MAX_HEAD_BYTES {
@@ -362,27 +601,15 @@ async fn read_head(
     }
 }
 
-fn build_head(
-    resp: &httparse::Response<'_, '_>,
-    head_request: bool,
-) -> std::io::Result<(http::response::Parts, Framing, bool)> {
-    let status =
-        StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| invalid("bad status code"))?;
-    let version = if resp.version == Some(0) {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+/// The body framing and connection persistence a response head says.
+fn response_framing(raw: &RawHead, head_request: bool) -> std::io::Result<(Framing, bool)> {
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
-    let mut keep_alive = version == Version::HTTP_11;
-    for h in resp.headers.iter() {
-        let name =
-            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid("bad header name"))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| invalid("bad header value"))?;
-        if name == http::header::CONTENT_LENGTH {
-            let n = std::str::from_utf8(h.value)
+    let mut keep_alive = raw.version == Version::HTTP_11;
+    for i in 0..raw.headers.len() {
+        let (name, value) = raw.header(i);
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(value)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .ok_or_else(|| invalid("bad content-length"))?;
@@ -390,14 +617,13 @@ fn build_head(
                 return Err(invalid("conflicting content-length"));
             }
             content_length = Some(n);
-        } else if name == http::header::TRANSFER_ENCODING {
-            chunked = h
-                .value
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            chunked = value
                 .split(|b| *b == b',')
                 .next_back()
                 .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == http::header::CONNECTION {
-            for token in h.value.split(|b| *b == b',') {
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     keep_alive = false;
@@ -406,28 +632,21 @@ fn build_head(
                 }
             }
         }
-        headers.append(name, value);
     }
+    let status = raw.status;
     let no_body = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let framing = if no_body {
-        Framing::Length(0)
+    Ok(if no_body {
+        (Framing::Length(0), keep_alive)
     } else if chunked {
-        headers.remove(http::header::CONTENT_LENGTH);
-        Framing::Chunked(Chunk::Size)
+        (Framing::Chunked(Chunk::Size), keep_alive)
     } else if let Some(n) = content_length {
-        Framing::Length(n)
+        (Framing::Length(n), keep_alive)
     } else {
-        keep_alive = false;
-        Framing::Close
-    };
-    let mut parts = Response::new(()).into_parts().0;
-    parts.status = status;
-    parts.version = version;
-    parts.headers = headers;
-    Ok((parts, framing, keep_alive))
+        (Framing::Close, false)
+    })
 }
 
 /// Where a connection goes when its response body has ended.
@@ -488,68 +707,7 @@ impl UpstreamBody {
                     }
                     return Ok(Some(buf.split().freeze()));
                 }
-                Framing::Chunked(state) => match *state {
-                    Chunk::Done => return Ok(None),
-                    Chunk::Size => {
-                        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
-                            if buf.len() > 4096 {
-                                return Err(invalid("chunk size line too long"));
-                            }
-                            return Ok(None);
-                        };
-                        let line = &buf[..eol];
-                        let hex = line
-                            .split(|b| *b == b';')
-                            .next()
-                            .unwrap_or(b"")
-                            .trim_ascii();
-                        let size = std::str::from_utf8(hex)
-                            .ok()
-                            .and_then(|h| u64::from_str_radix(h, 16).ok())
-                            .ok_or_else(|| invalid("bad chunk size"))?;
-                        buf.advance(eol + 2);
-                        *state = if size == 0 {
-                            Chunk::Trailers
-                        } else {
-                            Chunk::Data(size)
-                        };
-                    }
-                    Chunk::Data(n) => {
-                        if buf.is_empty() {
-                            return Ok(None);
-                        }
-                        let take = n.min(buf.len() as u64) as usize;
-                        *state = if n == take as u64 {
-                            Chunk::DataEnd
-                        } else {
-                            Chunk::Data(n - take as u64)
-                        };
-                        return Ok(Some(buf.split_to(take).freeze()));
-                    }
-                    Chunk::DataEnd => {
-                        if buf.len() < 2 {
-                            return Ok(None);
-                        }
-                        if &buf[..2] != b"\r\n" {
-                            return Err(invalid("missing CRLF after chunk data"));
-                        }
-                        buf.advance(2);
-                        *state = Chunk::Size;
-                    }
-                    Chunk::Trailers => {
-                        // Trailers are dropped; the empty line ends the body.
-                        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
-                            if buf.len() > 16 * 1024 {
-                                return Err(invalid("trailers too long"));
-                            }
-                            return Ok(None);
-                        };
-                        buf.advance(eol + 2);
-                        if eol == 0 {
-                            *state = Chunk::Done;
-                        }
-                    }
-                },
+                Framing::Chunked(state) => return chunked_step(state, buf),
             }
         }
     }
@@ -756,6 +914,9 @@ mod tests {
             out,
             b"POST /p?q HTTP/1.1\r\nhost: h\r\ncontent-length: 3\r\n\r\n"
         );
-        assert_eq!(itoa_u64(1234567), "1234567");
+        let mut n = Vec::new();
+        push_decimal(&mut n, 1234567);
+        push_decimal(&mut n, 0);
+        assert_eq!(n, b"12345670");
     }
 }
