@@ -27,7 +27,7 @@ use crate::error::ProxyError;
 use crate::proxy::{self, record_request, with_retries, ConnInfo, HasStatus, InFlight, Worker};
 use crate::selection::hash_bytes;
 use crate::upstream::{
-    self, chunked_scan, chunked_step, Chunk, Framing, RawHead, SendError, UpstreamConn,
+    self, chunked_step, take_body, Chunk, Framing, RawHead, SendError, UpstreamConn,
 };
 
 const MAX_REQUEST_HEADERS: usize = 100;
@@ -770,34 +770,6 @@ async fn relay<S: AsyncWrite + Unpin>(
         io.flush().await?;
     }
     Ok(keep)
-}
-
-/// The next piece of body in `buf` as the client gets it, and whether the
-/// body is complete.
-fn take_body(
-    framing: &mut Framing,
-    buf: &mut BytesMut,
-    dechunk: bool,
-) -> std::io::Result<(Bytes, bool)> {
-    match framing {
-        Framing::Length(n) => {
-            let take = (*n).min(buf.len() as u64) as usize;
-            *n -= take as u64;
-            Ok((buf.split_to(take).freeze(), *n == 0))
-        }
-        Framing::Chunked(state) if dechunk => {
-            let mut out = BytesMut::new();
-            while let Some(data) = chunked_step(state, buf)? {
-                out.extend_from_slice(&data);
-            }
-            Ok((out.freeze(), *state == Chunk::Done))
-        }
-        Framing::Chunked(state) => {
-            let n = chunked_scan(state, buf)?;
-            Ok((buf.split_to(n).freeze(), *state == Chunk::Done))
-        }
-        Framing::Close => Ok((buf.split().freeze(), false)),
-    }
 }
 
 fn connection_tokens(head: &RawHead) -> Vec<Range<usize>> {

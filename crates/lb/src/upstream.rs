@@ -689,27 +689,37 @@ impl UpstreamBody {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(None);
         };
-        let buf = &mut conn.buf;
-        loop {
-            match &mut self.framing {
-                Framing::Length(0) => return Ok(None),
-                Framing::Length(n) => {
-                    if buf.is_empty() {
-                        return Ok(None);
-                    }
-                    let take = (*n).min(buf.len() as u64) as usize;
-                    *n -= take as u64;
-                    return Ok(Some(buf.split_to(take).freeze()));
-                }
-                Framing::Close => {
-                    if buf.is_empty() {
-                        return Ok(None);
-                    }
-                    return Ok(Some(buf.split().freeze()));
-                }
-                Framing::Chunked(state) => return chunked_step(state, buf),
-            }
+        let (data, _) = take_body(&mut self.framing, &mut conn.buf, true)?;
+        Ok((!data.is_empty()).then_some(data))
+    }
+}
+
+/// The next piece of body in `buf` as the client gets it, and whether the
+/// body is complete. `dechunk`: chunked framing is decoded (for hyper, or an
+/// HTTP/1.0 client) rather than passed through as it is.
+pub fn take_body(
+    framing: &mut Framing,
+    buf: &mut BytesMut,
+    dechunk: bool,
+) -> std::io::Result<(Bytes, bool)> {
+    match framing {
+        Framing::Length(n) => {
+            let take = (*n).min(buf.len() as u64) as usize;
+            *n -= take as u64;
+            Ok((buf.split_to(take).freeze(), *n == 0))
         }
+        Framing::Chunked(state) if dechunk => {
+            let mut out = BytesMut::new();
+            while let Some(data) = chunked_step(state, buf)? {
+                out.extend_from_slice(&data);
+            }
+            Ok((out.freeze(), *state == Chunk::Done))
+        }
+        Framing::Chunked(state) => {
+            let n = chunked_scan(state, buf)?;
+            Ok((buf.split_to(n).freeze(), *state == Chunk::Done))
+        }
+        Framing::Close => Ok((buf.split().freeze(), false)),
     }
 }
 
