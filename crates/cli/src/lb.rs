@@ -160,8 +160,7 @@ impl LbArgs {
     }
 }
 
-pub async fn run(args: LbArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let config = args.into_config()?;
+pub async fn run(config: LbConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let scheme = if config.tls.is_some() {
         "https"
     } else {

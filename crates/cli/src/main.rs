@@ -61,23 +61,45 @@ struct UpArgs {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("scaleout: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli.command)) {
+    match start(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("scaleout: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Settles what sizes the runtime (the load balancer's worker threads),
+/// builds it, and runs the command on it.
+fn start(command: Command) -> anyhow::Result<()> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let command = match command {
+        Command::Lb(args) => {
+            let config = args.into_config().context("scaleout lb")?;
+            builder.worker_threads(scaleout_lb::worker_threads(&config));
+            Ready::Lb(Box::new(config))
+        }
+        other => Ready::Other(other),
+    };
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        match command {
+            Ready::Lb(config) => lb::run(*config, shutdown_on_signal())
+                .await
+                .context("scaleout lb"),
+            Ready::Other(command) => run(command).await,
+        }
+    })
+}
+
+/// A command whose settings are parsed.
+enum Ready {
+    Lb(Box<scaleout_lb::LbConfig>),
+    Other(Command),
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -94,7 +116,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .context("scaleout up")
         }
-        Command::Lb(args) => lb::run(*args, shutdown).await.context("scaleout lb"),
+        // Settled (and run) by start(), which sizes the runtime first.
+        Command::Lb(_) => anyhow::bail!("scaleout lb is started by start()"),
     }
 }
 

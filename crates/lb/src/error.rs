@@ -31,8 +31,6 @@ pub enum Error {
     },
     #[error("TLS setup failed: {0}")]
     Tls(String),
-    #[error("worker thread failed: {0}")]
-    Worker(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -8,9 +8,10 @@
 //!   rendezvous hashing, behind the [`selection::BackendSelection`] trait.
 //! - [`health`]: active checks with rise/fall; passive outlier ejection lives
 //!   on [`backend::Backend`].
-//! - [`proxy`]: the hot path — body buffering, forwarding headers, retries
-//!   under a budget, upgrades; [`upstream`]: the per-worker connection pool.
-//! - [`server`]: worker threads with SO_REUSEPORT listeners, TLS, timeouts,
+//! - [`fast`]: the HTTP/1.1 hot path (heads rewritten as bytes); [`proxy`]:
+//!   the hyper path (h2c, TLS), and the retry loop both share;
+//!   [`upstream`]: the lean HTTP/1.1 client and its connection pool.
+//! - [`server`]: the accept loop, h1/h2 dispatch, TLS, timeouts,
 //!   drain; [`admin`]: the admin API; [`metrics`]: Prometheus text.
 //!
 //! Entry points: [`bind`] (validate, resolve, bind every socket), then
@@ -40,13 +41,18 @@ use tokio_util::sync::CancellationToken;
 pub use config::{Algorithm, BackendConfig, HashOn, LbConfig};
 pub use error::{ConfigError, Error, ProxyError};
 
+use std::time::Duration;
+
+use tower::retry::budget::TpsBudget;
+
 use crate::backend::{BackendAddr, Clock, Pool};
-use crate::proxy::Shared;
+use crate::proxy::{Shared, Worker};
+use crate::upstream::UpstreamPool;
 
 /// A load balancer whose sockets are bound and whose backends are resolved.
 pub struct BoundLb {
     config: LbConfig,
-    listeners: Vec<std::net::TcpListener>,
+    listener: std::net::TcpListener,
     admin: tokio::net::TcpListener,
     resolved: Vec<SocketAddr>,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -67,12 +73,8 @@ pub async fn bind(config: LbConfig) -> Result<BoundLb, Error> {
         resolved.push(BackendAddr::parse(&b.url)?.resolve().await?);
     }
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
-    let workers = match config.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let listeners = server::bind_reuseport(config.listen, workers)?;
-    let addr = listeners[0].local_addr()?;
+    let listener = server::bind(config.listen)?;
+    let addr = listener.local_addr()?;
     let admin = tokio::net::TcpListener::bind(config.admin)
         .await
         .map_err(|source| Error::Bind {
@@ -80,9 +82,10 @@ pub async fn bind(config: LbConfig) -> Result<BoundLb, Error> {
             source,
         })?;
     let admin_addr = admin.local_addr()?;
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
     Ok(BoundLb {
         config,
-        listeners,
+        listener,
         admin,
         resolved,
         tls,
@@ -92,13 +95,21 @@ pub async fn bind(config: LbConfig) -> Result<BoundLb, Error> {
     })
 }
 
+/// The runtime threads `workers = 0` means: one per CPU.
+pub fn worker_threads(config: &LbConfig) -> usize {
+    match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 impl BoundLb {
     /// Serves until `shutdown` is cancelled, then stops accepting, lets
     /// in-flight requests finish (up to the drain timeout) and returns.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let BoundLb {
             config,
-            listeners,
+            listener,
             admin,
             resolved,
             tls,
@@ -110,6 +121,9 @@ impl BoundLb {
         for (cfg, at) in config.backends.iter().zip(resolved) {
             pool.add(cfg, at)?;
         }
+        let retry = config.retry.clone();
+        let upstream =
+            UpstreamPool::new(config.limits.max_idle_per_backend, config.timeouts.connect);
         let shared = Arc::new(Shared {
             selection: selection::for_algorithm(config.algorithm),
             pool: pool.clone(),
@@ -118,34 +132,21 @@ impl BoundLb {
             scheme: if tls.is_some() { "https" } else { "http" },
             config,
         });
+        let worker = Arc::new(Worker {
+            shared: shared.clone(),
+            upstream,
+            budget: TpsBudget::new(
+                Duration::from_secs(10),
+                retry.min_per_sec,
+                retry.budget_ratio,
+            ),
+        });
         tracing::info!(
             %addr, %admin_addr, workers,
             algorithm = ?shared.config.algorithm,
             backends = pool.snapshot().len(),
             "load balancer listening"
         );
-
-        let conn_limit = Arc::new(tokio::sync::Semaphore::new(
-            shared.config.limits.max_connections,
-        ));
-        let mut threads = Vec::with_capacity(workers);
-        let (peers, inboxes) = server::peers(workers);
-        for (index, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
-            let setup = server::WorkerSetup {
-                index,
-                listener,
-                shared: shared.clone(),
-                tls: tls.clone(),
-                conn_limit: conn_limit.clone(),
-                shutdown: shutdown.clone(),
-                peers: peers.clone(),
-                inbox,
-            };
-            let thread = std::thread::Builder::new()
-                .name(format!("lb-worker-{index}"))
-                .spawn(move || server::run_worker(setup))?;
-            threads.push(thread);
-        }
 
         let health = shared.config.health.enabled.then(|| {
             tokio::spawn(health::run(
@@ -158,24 +159,12 @@ impl BoundLb {
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let admin_task = tokio::spawn(async move { admin_server.await });
 
-        shutdown.cancelled().await;
-        tracing::info!("load balancer draining");
-        let joined = tokio::task::spawn_blocking(move || {
-            threads.into_iter().map(|t| t.join()).collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| Error::Worker(e.to_string()))?;
+        let served = server::serve(listener, worker, tls, shutdown.clone()).await;
         if let Some(h) = health {
             h.abort();
         }
         let _ = admin_task.await;
-        for result in joined {
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(Error::Worker("a worker thread panicked".into())),
-            }
-        }
+        served?;
         tracing::info!("load balancer stopped");
         Ok(())
     }

@@ -1,7 +1,9 @@
-//! Listening and serving: worker threads, each with its own single-threaded
-//! tokio runtime, its own listening socket on the same address
-//! (SO_REUSEPORT: the kernel spreads connections) and its own upstream pool —
-//! the thread layout of nginx and HAProxy, so a request never crosses cores.
+//! Listening and serving: one accept loop, each client connection a task
+//! on the (multi-threaded, work-stealing) tokio runtime the load balancer
+//! runs on. Measured here against one single-threaded runtime per core
+//! (nginx's layout): equal throughput, but work stealing keeps the tail
+//! short when a core is busy with something else — a worker that loses its
+//! CPU no longer stalls every connection it owns.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -14,108 +16,36 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tower::retry::budget::TpsBudget;
 
 use crate::config::LbConfig;
 use crate::error::Error;
-use crate::proxy::{handle, ConnInfo, Shared, Worker};
-use crate::upstream::UpstreamPool;
+use crate::proxy::{handle, ConnInfo, Worker};
 
-/// Binds `workers` sockets to `addr` with SO_REUSEPORT (port 0: the first
-/// picks a port, the others share it).
-pub fn bind_reuseport(
-    addr: SocketAddr,
-    workers: usize,
-) -> Result<Vec<std::net::TcpListener>, Error> {
-    let mut out = Vec::with_capacity(workers);
-    let mut addr = addr;
-    for _ in 0..workers {
-        let bind_err = |source: std::io::Error| Error::Bind { addr, source };
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )
-        .map_err(bind_err)?;
-        socket.set_reuse_address(true).map_err(bind_err)?;
-        socket.set_reuse_port(true).map_err(bind_err)?;
-        socket.set_nonblocking(true).map_err(bind_err)?;
-        socket.set_tcp_nodelay(true).map_err(bind_err)?;
-        socket.bind(&addr.into()).map_err(bind_err)?;
-        socket.listen(4096).map_err(bind_err)?;
-        let listener: std::net::TcpListener = socket.into();
-        addr = listener.local_addr().map_err(bind_err)?;
-        out.push(listener);
-    }
-    Ok(out)
+/// Binds the client listener (with a long backlog).
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+    let bind_err = |source: std::io::Error| Error::Bind { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(bind_err)?;
+    socket.set_reuse_address(true).map_err(bind_err)?;
+    socket.set_nonblocking(true).map_err(bind_err)?;
+    socket.set_tcp_nodelay(true).map_err(bind_err)?;
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.listen(4096).map_err(bind_err)?;
+    Ok(socket.into())
 }
 
-/// What every worker knows of every worker: how many connections it
-/// serves, and where to hand it one.
-pub struct Peer {
-    open: AtomicU64,
-    handoff: mpsc::UnboundedSender<Handoff>,
-}
-
-/// A connection accepted by one worker for another, less busy one.
-pub struct Handoff {
-    tcp: std::net::TcpStream,
-    client: SocketAddr,
-    permit: OwnedSemaphorePermit,
-}
-
-/// Makes the peer table and each worker's inbox.
-pub fn peers(workers: usize) -> (Arc<Vec<Peer>>, Vec<mpsc::UnboundedReceiver<Handoff>>) {
-    let (peers, inboxes) = (0..workers)
-        .map(|_| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            (
-                Peer {
-                    open: AtomicU64::new(0),
-                    handoff: tx,
-                },
-                rx,
-            )
-        })
-        .unzip::<_, _, Vec<_>, Vec<_>>();
-    (Arc::new(peers), inboxes)
-}
-
-/// Everything one worker thread needs.
-pub struct WorkerSetup {
-    pub index: usize,
-    pub listener: std::net::TcpListener,
-    pub shared: Arc<Shared>,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-    pub conn_limit: Arc<Semaphore>,
-    pub shutdown: CancellationToken,
-    pub peers: Arc<Vec<Peer>>,
-    pub inbox: mpsc::UnboundedReceiver<Handoff>,
-}
-
-/// Runs one worker on the calling thread until shutdown and drain.
-pub fn run_worker(setup: WorkerSetup) -> Result<(), Error> {
-    let mut builder = tokio::runtime::Builder::new_current_thread();
-    if let Some(n) = std::env::var("SCALEOUT_LB_EVENT_INTERVAL")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        builder.event_interval(n);
-    }
-    let rt = builder.enable_all().build()?;
-    rt.block_on(serve(setup))
-}
-
-/// A worker's connection-serving state.
+/// The connection-serving state.
 struct Serving {
-    index: usize,
     worker: Arc<Worker>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     graceful: hyper_util::server::graceful::GracefulShutdown,
-    peers: Arc<Vec<Peer>>,
     /// Coarse time (Clock millis), refreshed by a ticker: what the idle
     /// timeout reads, so the I/O path never asks the OS for the time.
     coarse_now: Arc<AtomicU64>,
@@ -124,36 +54,24 @@ struct Serving {
     tracker: tokio_util::task::TaskTracker,
 }
 
-async fn serve(setup: WorkerSetup) -> Result<(), Error> {
-    let WorkerSetup {
-        index,
-        listener,
-        shared,
-        tls,
-        conn_limit,
-        shutdown,
-        peers,
-        mut inbox,
-    } = setup;
+/// Accepts and serves client connections until `shutdown`, then stops
+/// accepting and drains.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    worker: Arc<Worker>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
+    let shared = worker.shared.clone();
     let config = &shared.config;
-    let upstream = UpstreamPool::new(config.limits.max_idle_per_backend, config.timeouts.connect);
-    let retry = &config.retry;
-    let min_per_sec = retry.min_per_sec.div_ceil(peers.len().max(1) as u32);
-    let budget = TpsBudget::new(Duration::from_secs(10), min_per_sec, retry.budget_ratio);
-    let worker = Arc::new(Worker {
-        shared: shared.clone(),
-        upstream: upstream.clone(),
-        budget,
-    });
+    let conn_limit = Arc::new(Semaphore::new(config.limits.max_connections));
     let coarse_now = Arc::new(AtomicU64::new(shared.clock.millis(Instant::now())));
     let serving = Serving {
-        index,
-        worker,
+        worker: worker.clone(),
         builder: Arc::new(http_builder(config)),
         tls,
         graceful: hyper_util::server::graceful::GracefulShutdown::new(),
-        peers: peers.clone(),
         coarse_now: coarse_now.clone(),
         shutdown: shutdown.clone(),
         tracker: tokio_util::task::TaskTracker::new(),
@@ -176,12 +94,8 @@ async fn serve(setup: WorkerSetup) -> Result<(), Error> {
                 _ = ticker.tick() => coarse_now.store(shared.clock.millis(Instant::now()), Ordering::Relaxed),
                 _ = housekeeping.tick() => {
                     let pool = shared.pool.snapshot();
-                    upstream.retain_backends(|id| pool.iter().any(|b| b.id == id));
+                    worker.upstream.retain_backends(|id| pool.iter().any(|b| b.id == id));
                 }
-                Some(h) = inbox.recv() => match tokio::net::TcpStream::from_std(h.tcp) {
-                    Ok(tcp) => serving.spawn(tcp, h.client, h.permit),
-                    Err(e) => tracing::warn!(error = %e, "taking over a connection failed"),
-                },
                 accepted = listener.accept() => match accepted {
                     Ok(a) => break a,
                     Err(e) => {
@@ -196,23 +110,6 @@ async fn serve(setup: WorkerSetup) -> Result<(), Error> {
             .stats
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
-        // The kernel spreads connections over the workers' sockets by hash,
-        // not by load; a worker with clearly more connections than another
-        // hands the new one over (as HAProxy's threads do).
-        let mine = peers[index].open.load(Ordering::Relaxed);
-        let least = (0..peers.len())
-            .min_by_key(|i| peers[*i].open.load(Ordering::Relaxed))
-            .unwrap_or(index);
-        if least != index && peers[least].open.load(Ordering::Relaxed) + 1 < mine {
-            if let Ok(std_tcp) = tcp.into_std() {
-                let _ = peers[least].handoff.send(Handoff {
-                    tcp: std_tcp,
-                    client,
-                    permit,
-                });
-            }
-            continue;
-        }
         serving.spawn(tcp, client, permit);
     }
     drain(serving, config.timeouts.drain).await
@@ -245,9 +142,6 @@ impl Serving {
             .stats
             .connections_open
             .fetch_add(1, Ordering::Relaxed);
-        let peers = self.peers.clone();
-        let index = self.index;
-        peers[index].open.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(ConnInfo::new(client));
         let worker = self.worker.clone();
         let builder = self.builder.clone();
@@ -304,7 +198,6 @@ impl Serving {
                 .stats
                 .connections_open
                 .fetch_sub(1, Ordering::Relaxed);
-            peers[index].open.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
