@@ -30,7 +30,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod selection;
 pub mod server;
-pub mod shard;
 pub mod tls;
 pub mod upstream;
 
@@ -44,9 +43,10 @@ pub use error::{ConfigError, Error, ProxyError};
 
 use std::time::Duration;
 
+use tower::retry::budget::TpsBudget;
+
 use crate::backend::{BackendAddr, Clock, Pool};
 use crate::proxy::{Shared, Worker};
-use crate::shard::ShardedBudget;
 use crate::upstream::UpstreamPool;
 
 /// A load balancer whose sockets are bound and whose backends are resolved.
@@ -122,11 +122,8 @@ impl BoundLb {
             pool.add(cfg, at)?;
         }
         let retry = config.retry.clone();
-        let upstream = UpstreamPool::new(
-            workers,
-            config.limits.max_idle_per_backend,
-            config.timeouts.connect,
-        );
+        let upstream =
+            UpstreamPool::new(config.limits.max_idle_per_backend, config.timeouts.connect);
         let shared = Arc::new(Shared {
             selection: selection::for_algorithm(config.algorithm),
             pool: pool.clone(),
@@ -138,8 +135,7 @@ impl BoundLb {
         let worker = Arc::new(Worker {
             shared: shared.clone(),
             upstream,
-            budget: ShardedBudget::new(
-                workers,
+            budget: TpsBudget::new(
                 Duration::from_secs(10),
                 retry.min_per_sec,
                 retry.budget_ratio,

@@ -13,6 +13,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::backend::{Backend, Clock, Pool};
 use crate::body::LbBody;
@@ -75,7 +76,7 @@ pub struct Worker {
     pub upstream: Arc<UpstreamPool>,
     /// The retry budget, one per worker: no lock shared across cores on the
     /// hot path. Each worker allows its share of the configured minimum.
-    pub budget: crate::shard::ShardedBudget,
+    pub budget: TpsBudget,
 }
 
 /// At most this many tries per request are tracked (and made).

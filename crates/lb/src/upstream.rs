@@ -70,8 +70,7 @@ impl UpstreamConn {
 }
 
 pub struct UpstreamPool {
-    /// Idle connections by backend id, one map per thread shard.
-    idle: Vec<Mutex<HashMap<u64, Vec<UpstreamConn>>>>,
+    idle: Mutex<HashMap<u64, Vec<UpstreamConn>>>,
     max_idle: usize,
     connect_timeout: Duration,
 }
@@ -84,21 +83,16 @@ pub struct Checkout {
 }
 
 impl UpstreamPool {
-    pub fn new(shards: usize, max_idle: usize, connect_timeout: Duration) -> Arc<Self> {
-        let idle = (0..shards.max(1))
-            .map(|_| Mutex::new(HashMap::new()))
-            .collect();
+    pub fn new(max_idle: usize, connect_timeout: Duration) -> Arc<Self> {
         Arc::new(UpstreamPool {
-            idle,
+            idle: Mutex::new(HashMap::new()),
             max_idle,
             connect_timeout,
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<UpstreamConn>>> {
-        self.idle[crate::shard::this_thread(self.idle.len())]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// An idle connection to the backend that is still open, else a new one.
@@ -181,12 +175,7 @@ impl UpstreamPool {
 
     /// Drops idle connections of backends no longer in the pool.
     pub fn retain_backends(&self, alive: impl Fn(u64) -> bool) {
-        for shard in &self.idle {
-            shard
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|id, _| alive(*id));
-        }
+        self.lock().retain(|id, _| alive(*id));
     }
 }
 
@@ -854,7 +843,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
         ])
         .await;
-        let pool = UpstreamPool::new(1, 8, Duration::from_secs(1));
+        let pool = UpstreamPool::new(8, Duration::from_secs(1));
         let (resp, reused) = get(&pool, addr, &Method::GET).await;
         assert!(!reused);
         assert_eq!(resp.headers()["x-a"], "1");
@@ -904,7 +893,7 @@ mod tests {
                 .await
                 .unwrap();
         });
-        let pool = UpstreamPool::new(1, 8, Duration::from_secs(1));
+        let pool = UpstreamPool::new(8, Duration::from_secs(1));
         let (resp, _) = get(&pool, addr, &Method::GET).await;
         assert_eq!(
             resp.into_body().collect().await.unwrap().to_bytes(),
