@@ -246,7 +246,7 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Client connections open at once; beyond, new ones wait to be accepted.
     pub max_connections: usize,
-    /// Idle upstream connections kept per backend and worker.
+    /// Idle upstream connections kept per backend.
     pub max_idle_per_backend: usize,
 }
 
@@ -281,8 +281,8 @@ pub struct LbConfig {
     /// When set, the admin API wants `Authorization: Bearer <token>`
     /// (except `/healthz` and `/metrics`).
     pub admin_token: Option<String>,
-    /// Worker threads, each with its own listener (SO_REUSEPORT) and
-    /// upstream pool; 0 = one per CPU.
+    /// Threads of the load balancer's (work-stealing) runtime; 0 = one per
+    /// CPU.
     pub workers: usize,
     pub algorithm: Algorithm,
     /// What `hash` hashes: `client-ip`, `header:NAME` or `cookie:NAME`.

@@ -74,8 +74,8 @@ impl ConnInfo {
 pub struct Worker {
     pub shared: Arc<Shared>,
     pub upstream: Arc<UpstreamPool>,
-    /// The retry budget, one per worker: no lock shared across cores on the
-    /// hot path. Each worker allows its share of the configured minimum.
+    /// The retry budget (tower's: a share of recent requests plus a
+    /// per-second minimum).
     pub budget: TpsBudget,
 }
 

@@ -1,5 +1,5 @@
 //! The upstream side of the hot path: a lean HTTP/1.1 client that runs
-//! inside the client connection's task, over a per-worker pool of idle
+//! inside the client connection's task, over a pool of idle
 //! connections to each backend.
 //!
 //! Why not hyper's client: its connection lives in a task of its own, so
