@@ -158,11 +158,12 @@ impl Backend {
             .estimate(now)
     }
 
+    /// Feeds the latency estimate. Never waits: when another thread holds
+    /// the estimate, this sample is skipped (an estimate loses nothing by it).
     pub fn observe_latency(&self, rtt: Duration, now: Instant) {
-        self.ewma
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .observe(rtt, now);
+        if let Ok(mut e) = self.ewma.try_lock() {
+            e.observe(rtt, now);
+        }
     }
 
     /// A request to this backend succeeded: the failure streak ends.

@@ -26,6 +26,7 @@ use crate::config::{Algorithm, HashOn};
 use crate::error::ProxyError;
 use crate::proxy::{self, record_request, with_retries, ConnInfo, HasStatus, InFlight, Worker};
 use crate::selection::hash_bytes;
+use crate::server::ConnTimes;
 use crate::upstream::{
     self, chunked_step, take_body, Chunk, Framing, RawHead, SendError, UpstreamConn,
 };
@@ -112,6 +113,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     worker: Arc<Worker>,
     conn: Arc<ConnInfo>,
     mut io: S,
+    times: Arc<ConnTimes>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let shared = worker.shared.clone();
@@ -120,19 +122,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut wbuf: Vec<u8> = Vec::with_capacity(4 * 1024);
     let mut upstream_head: Vec<u8> = Vec::with_capacity(1024);
     loop {
+        times.waiting_for_head();
         let read = tokio::select! {
             biased;
-            r = tokio::time::timeout(shared.config.timeouts.header_read, read_head(&mut io, &mut rbuf, limits.max_header_bytes)) => match r {
-                Ok(r) => r?,
-                Err(_) => {
-                    if !rbuf.is_empty() {
-                        let _ = write_error(&mut io, &mut wbuf, StatusCode::REQUEST_TIMEOUT, "request head not received in time", None, true).await;
-                    }
-                    return Ok(());
-                }
-            },
+            r = read_head(&mut io, &mut rbuf, limits.max_header_bytes) => r?,
             () = shutdown.cancelled(), if rbuf.is_empty() => return Ok(()),
         };
+        times.head_received();
         let req = match read {
             HeadRead::Closed => return Ok(()),
             HeadRead::Refuse(e) => {

@@ -152,12 +152,8 @@ impl Serving {
         let coarse_now = self.coarse_now.clone();
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
-            let activity = Arc::new(AtomicU64::new(coarse_now.load(Ordering::Relaxed)));
-            let io = Tracked {
-                inner: tcp,
-                activity: activity.clone(),
-                now: coarse_now.clone(),
-            };
+            let times = Arc::new(ConnTimes::new(coarse_now));
+            let io = Tracked { inner: tcp, times: times.clone() };
             let served = async {
                 match tls {
                     None => {
@@ -168,7 +164,9 @@ impl Serving {
                                 let c = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                                 watcher.watch(c.into_owned()).await
                             }
-                            Ok(Ok(false)) => crate::fast::serve(worker, conn, io, shutdown).await.map_err(Into::into),
+                            Ok(Ok(false)) => {
+                                crate::fast::serve(worker, conn, io, times.clone(), shutdown).await.map_err(Into::into)
+                            }
                             Ok(Err(e)) => Err(e.into()),
                             Err(_) => Err("no request within the header timeout".into()),
                         }
@@ -190,8 +188,8 @@ impl Serving {
                         tracing::debug!(client = %client, error = %e, "client connection ended with an error");
                     }
                 }
-                () = idle_watchdog(activity, coarse_now, idle) => {
-                    tracing::debug!(client = %client, "client connection idle, closed");
+                why = watchdog(&times, idle, header_read) => {
+                    tracing::debug!(client = %client, why, "client connection closed");
                 }
             }
             shared
@@ -246,35 +244,78 @@ async fn starts_with_h2_preface(tcp: &tokio::net::TcpStream) -> std::io::Result<
     }
 }
 
-/// Resolves when no byte has moved on the connection for `idle` (to within
-/// the coarse clock's tick).
-async fn idle_watchdog(activity: Arc<AtomicU64>, now: Arc<AtomicU64>, idle: Duration) {
-    let idle_ms = idle.as_millis() as u64;
-    let mut wait = idle;
-    loop {
-        tokio::time::sleep(wait).await;
-        let quiet = now
-            .load(Ordering::Relaxed)
-            .saturating_sub(activity.load(Ordering::Relaxed));
-        if quiet >= idle_ms {
-            return;
+/// A client connection's clocks, read by its watchdog: when bytes last
+/// moved, and since when the fast path has been waiting for a request head.
+/// All in coarse `Clock` millis, so the I/O path never asks the OS for the
+/// time and a request costs no timer of its own.
+pub struct ConnTimes {
+    now: Arc<AtomicU64>,
+    activity: AtomicU64,
+    /// 0 while not waiting for a head.
+    head_since: AtomicU64,
+}
+
+impl ConnTimes {
+    fn new(now: Arc<AtomicU64>) -> Self {
+        let at = now.load(Ordering::Relaxed);
+        ConnTimes {
+            now,
+            activity: AtomicU64::new(at),
+            head_since: AtomicU64::new(0),
         }
-        wait = Duration::from_millis(idle_ms - quiet).max(COARSE_TICK);
+    }
+
+    fn touch(&self) {
+        self.activity
+            .store(self.now.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// The header timeout starts (between requests, it is also the
+    /// keep-alive timeout, as in hyper).
+    pub fn waiting_for_head(&self) {
+        self.head_since
+            .store(self.now.load(Ordering::Relaxed).max(1), Ordering::Relaxed);
+    }
+
+    pub fn head_received(&self) {
+        self.head_since.store(0, Ordering::Relaxed);
     }
 }
 
-/// A stream that notes when bytes last moved (for the idle timeout), by the
-/// worker's coarse clock.
+/// Resolves when the connection has been quiet for `idle`, or has waited
+/// `header` for a request head (to within the coarse clock's tick).
+async fn watchdog(times: &ConnTimes, idle: Duration, header: Duration) -> &'static str {
+    let (idle_ms, header_ms) = (idle.as_millis() as u64, header.as_millis() as u64);
+    let mut wait = idle.min(header);
+    loop {
+        tokio::time::sleep(wait).await;
+        let now = times.now.load(Ordering::Relaxed);
+        let quiet = now.saturating_sub(times.activity.load(Ordering::Relaxed));
+        if quiet >= idle_ms {
+            return "idle";
+        }
+        let mut left = idle_ms - quiet;
+        let since = times.head_since.load(Ordering::Relaxed);
+        if since != 0 {
+            let waited = now.saturating_sub(since);
+            if waited >= header_ms {
+                return "no request head within the header timeout";
+            }
+            left = left.min(header_ms - waited);
+        }
+        wait = Duration::from_millis(left).max(COARSE_TICK);
+    }
+}
+
+/// A stream that notes when bytes last moved (for the idle timeout).
 struct Tracked<T> {
     inner: T,
-    activity: Arc<AtomicU64>,
-    now: Arc<AtomicU64>,
+    times: Arc<ConnTimes>,
 }
 
 impl<T> Tracked<T> {
     fn touch(&self) {
-        self.activity
-            .store(self.now.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.times.touch();
     }
 }
 
