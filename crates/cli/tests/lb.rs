@@ -714,3 +714,34 @@ async fn http2_websockets_and_tls_pass_through() {
         .unwrap()
         .contains("TLS setup failed"));
 }
+
+#[tokio::test]
+async fn a_backend_that_answers_too_late_gets_a_504() {
+    let a = Backend::start("a").await;
+    let lb = start_lb(&[&a], &["--upstream-timeout", "1s", "--max-attempts", "1"]);
+    let started = Instant::now();
+    let r = client().get(lb.url("/slow/5000")).send().await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer within 1s"),
+        "{body}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "not before the timeout: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(4500),
+        "not waiting for the backend's answer: {waited:?}"
+    );
+    // The connection is usable afterwards.
+    assert_eq!(
+        client().get(lb.url("/")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+}

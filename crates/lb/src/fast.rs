@@ -184,6 +184,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let outcome = with_retries(&worker, key, idempotent, |backend| {
             forward(
                 &worker,
+                &times,
                 backend,
                 &upstream_head,
                 &body,
@@ -605,9 +606,11 @@ impl HasStatus for Answer {
     }
 }
 
-/// One attempt on one backend.
+/// One attempt on one backend. Its response timeout is kept by the
+/// connection's watchdog (see `ConnTimes`), not by a timer of its own.
 async fn forward(
     worker: &Arc<Worker>,
+    times: &ConnTimes,
     backend: Arc<Backend>,
     head: &[u8],
     body: &Bytes,
@@ -626,7 +629,17 @@ async fn forward(
             .checkout(backend.id, &backend.name, backend.addr)
             .await?;
         let mut conn = checkout.conn;
-        match upstream::send_and_read_head(&mut conn, head, body, timeout, head_request).await {
+        times.waiting_for_upstream();
+        let answered = upstream::send_and_read_head(
+            &mut conn,
+            head,
+            body,
+            head_request,
+            times.upstream_expired(),
+        )
+        .await;
+        times.upstream_answered();
+        match answered {
             Ok(raw) => {
                 let now = Instant::now();
                 let rtt = now - started;

@@ -148,6 +148,7 @@ impl Serving {
         let tls = self.tls.clone();
         let idle = shared.config.timeouts.idle;
         let header_read = shared.config.timeouts.header_read;
+        let upstream_timeout = shared.config.timeouts.upstream_response;
         let watcher = self.graceful.watcher();
         let coarse_now = self.coarse_now.clone();
         let shutdown = self.shutdown.clone();
@@ -188,7 +189,7 @@ impl Serving {
                         tracing::debug!(client = %client, error = %e, "client connection ended with an error");
                     }
                 }
-                why = watchdog(&times, idle, header_read) => {
+                why = watchdog(&times, idle, header_read, upstream_timeout) => {
                     tracing::debug!(client = %client, why, "client connection closed");
                 }
             }
@@ -253,6 +254,10 @@ pub struct ConnTimes {
     activity: AtomicU64,
     /// 0 while not waiting for a head.
     head_since: AtomicU64,
+    /// 0 while not waiting for a backend's response head.
+    upstream_since: AtomicU64,
+    /// Woken by the watchdog when the backend took too long.
+    upstream_late: tokio::sync::Notify,
 }
 
 impl ConnTimes {
@@ -262,6 +267,8 @@ impl ConnTimes {
             now,
             activity: AtomicU64::new(at),
             head_since: AtomicU64::new(0),
+            upstream_since: AtomicU64::new(0),
+            upstream_late: tokio::sync::Notify::new(),
         }
     }
 
@@ -280,30 +287,55 @@ impl ConnTimes {
     pub fn head_received(&self) {
         self.head_since.store(0, Ordering::Relaxed);
     }
+
+    /// The upstream response timeout starts.
+    pub fn waiting_for_upstream(&self) {
+        self.upstream_since
+            .store(self.now.load(Ordering::Relaxed).max(1), Ordering::Relaxed);
+    }
+
+    pub fn upstream_answered(&self) {
+        self.upstream_since.store(0, Ordering::Relaxed);
+    }
+
+    /// Resolves when the watchdog finds the backend late.
+    pub async fn upstream_expired(&self) {
+        self.upstream_late.notified().await;
+    }
 }
 
 /// Resolves when the connection has been quiet for `idle`, or has waited
-/// `header` for a request head (to within the coarse clock's tick).
-async fn watchdog(times: &ConnTimes, idle: Duration, header: Duration) -> &'static str {
-    let (idle_ms, header_ms) = (idle.as_millis() as u64, header.as_millis() as u64);
-    let mut wait = idle.min(header);
+/// `header` for a request head; wakes the fast path when a backend has
+/// taken `upstream` to answer. Checks at least every quarter of the
+/// shortest timeout, so each fires within that much of its setting.
+async fn watchdog(
+    times: &ConnTimes,
+    idle: Duration,
+    header: Duration,
+    upstream: Duration,
+) -> &'static str {
+    let ms = |d: Duration| d.as_millis() as u64;
+    let (idle_ms, header_ms, upstream_ms) = (ms(idle), ms(header), ms(upstream));
+    let check_every = (idle_ms.min(header_ms).min(upstream_ms) / 4).max(ms(COARSE_TICK));
+    let mut wait = check_every;
     loop {
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
         let now = times.now.load(Ordering::Relaxed);
         let quiet = now.saturating_sub(times.activity.load(Ordering::Relaxed));
-        if quiet >= idle_ms {
+        let since_upstream = times.upstream_since.load(Ordering::Relaxed);
+        if quiet >= idle_ms && since_upstream == 0 {
             return "idle";
         }
-        let mut left = idle_ms - quiet;
-        let since = times.head_since.load(Ordering::Relaxed);
-        if since != 0 {
-            let waited = now.saturating_sub(since);
-            if waited >= header_ms {
-                return "no request head within the header timeout";
-            }
-            left = left.min(header_ms - waited);
+        let since_head = times.head_since.load(Ordering::Relaxed);
+        if since_head != 0 && now.saturating_sub(since_head) >= header_ms {
+            return "no request head within the header timeout";
         }
-        wait = Duration::from_millis(left).max(COARSE_TICK);
+        if since_upstream != 0 && now.saturating_sub(since_upstream) >= upstream_ms {
+            // The fast path answers 504 (or retries); checked again next tick
+            // in case it was not listening yet.
+            times.upstream_late.notify_waiters();
+        }
+        wait = check_every;
     }
 }
 

@@ -209,12 +209,13 @@ pub async fn exchange(
 ) -> Result<Response<UpstreamBody>, SendError> {
     let mut encoded = Vec::with_capacity(512);
     encode_request(&mut encoded, head, body);
+    let deadline = tokio::time::sleep(timeout);
     let raw = send_and_read_head(
         &mut conn,
         &encoded,
         body,
-        timeout,
         head.method == Method::HEAD,
+        deadline,
     )
     .await?;
     let (framing, keep_alive) = (raw.framing, raw.keep_alive);
@@ -231,22 +232,25 @@ pub async fn exchange(
 }
 
 /// Sends an encoded request head and its body, then reads the response
-/// head (skipping interim 1xx answers other than 101).
+/// head (skipping interim 1xx answers other than 101) until `deadline`.
 pub async fn send_and_read_head(
     conn: &mut UpstreamConn,
     request_head: &[u8],
     body: &Bytes,
-    timeout: Duration,
     head_request: bool,
+    deadline: impl std::future::Future<Output = ()>,
 ) -> Result<RawHead, SendError> {
     if let Err(e) = write_request(conn, request_head, body).await {
         return Err(SendError::NotSent(e));
     }
-    match tokio::time::timeout(timeout, read_head(conn, head_request)).await {
-        Err(_) => Err(SendError::TimedOut),
-        Ok(Err(ReadHeadError::Eof)) => Err(SendError::ClosedUnanswered),
-        Ok(Err(ReadHeadError::Io(e))) => Err(SendError::Failed(e)),
-        Ok(Ok(raw)) => Ok(raw),
+    tokio::select! {
+        biased;
+        read = read_head(conn, head_request) => match read {
+            Err(ReadHeadError::Eof) => Err(SendError::ClosedUnanswered),
+            Err(ReadHeadError::Io(e)) => Err(SendError::Failed(e)),
+            Ok(raw) => Ok(raw),
+        },
+        () = deadline => Err(SendError::TimedOut),
     }
 }
 
