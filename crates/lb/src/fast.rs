@@ -216,7 +216,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     &conn,
                     status,
                     started,
-                    outcome.backend.as_deref(),
+                    outcome.backend.as_ref().map(|b| b.name.as_str()),
                     outcome.attempts,
                     &request_id,
                 );
@@ -233,7 +233,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             &conn,
             status,
             started,
-            outcome.backend.as_deref(),
+            outcome.backend.as_ref().map(|b| b.name.as_str()),
             outcome.attempts,
             &request_id,
         );

@@ -98,7 +98,7 @@ pub async fn handle(
         &conn,
         resp.status().as_u16(),
         start,
-        backend.as_deref(),
+        backend.as_ref().map(|b| b.name.as_str()),
         attempts,
         request_id,
     );
@@ -161,7 +161,7 @@ async fn serve(
     worker: &Worker,
     conn: &ConnInfo,
     mut req: Request<Incoming>,
-) -> (Response<LbBody>, Option<String>, u32) {
+) -> (Response<LbBody>, Option<Arc<Backend>>, u32) {
     let shared = &worker.shared;
     let upgrade = wants_upgrade(&req);
     let mut client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -175,7 +175,7 @@ async fn serve(
             id
         }
     };
-    let finish = |mut resp: Response<LbBody>, backend: Option<String>, attempts: u32| {
+    let finish = |mut resp: Response<LbBody>, backend: Option<Arc<Backend>>, attempts: u32| {
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), request_id.clone());
         (resp, backend, attempts)
@@ -228,7 +228,7 @@ impl HasStatus for Response<LbBody> {
 /// that gave it and how many backends were tried.
 pub(crate) struct Outcome<R> {
     pub result: Result<R, ProxyError>,
-    pub backend: Option<String>,
+    pub backend: Option<Arc<Backend>>,
     pub attempts: u32,
 }
 
@@ -281,7 +281,6 @@ where
         tried[n_tried] = backend.id;
         n_tried += 1;
         let retry_allowed = n_tried < max_attempts;
-        let name = backend.name.clone();
         match attempt(backend.clone()).await {
             Ok(resp) => {
                 let status = resp.status_code();
@@ -295,26 +294,26 @@ where
                     StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
                 ) && idempotent;
                 if replayable && retry_allowed && take_retry(worker) {
-                    tracing::debug!(backend = %name, %status, "retrying on another backend");
+                    tracing::debug!(backend = %backend.name, %status, "retrying on another backend");
                     continue;
                 }
                 return Outcome {
                     result: Ok(resp),
-                    backend: Some(name),
+                    backend: Some(backend),
                     attempts: n_tried as u32,
                 };
             }
             Err(e) => {
                 backend.stats.failures.fetch_add(1, Ordering::Relaxed);
                 record_failure(shared, &backend, now_ms);
-                tracing::debug!(backend = %name, error = %e, "attempt failed");
+                tracing::debug!(backend = %backend.name, error = %e, "attempt failed");
                 if e.retryable(idempotent) && retry_allowed && take_retry(worker) {
                     last_error = Some(e);
                     continue;
                 }
                 return Outcome {
                     result: Err(e),
-                    backend: Some(name),
+                    backend: Some(backend),
                     attempts: n_tried as u32,
                 };
             }
@@ -341,18 +340,23 @@ fn take_retry(worker: &Worker) -> bool {
 
 /// A new request id, as bytes.
 pub(crate) fn new_request_id_bytes() -> Bytes {
-    Bytes::copy_from_slice(new_request_id().as_bytes())
+    Bytes::copy_from_slice(&request_id_text())
 }
 
 pub(crate) fn new_request_id() -> HeaderValue {
+    // 32 hex digits are always a valid header value.
+    HeaderValue::from_bytes(&request_id_text()).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// 128 random bits as 32 lowercase hex digits.
+fn request_id_text() -> [u8; 32] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let id: u128 = rand::random();
     let mut text = [0u8; 32];
     for (i, digit) in text.iter_mut().enumerate() {
         *digit = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
     }
-    // 32 hex digits are always a valid header value.
-    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("-"))
+    text
 }
 
 /// The request body, whole: bodies are buffered so a request can be replayed.
