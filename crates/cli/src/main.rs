@@ -1,6 +1,7 @@
 //! `scaleout`: the one binary. Parses flags, sets up logging and the
 //! runtime, and calls the role's library entry point.
 
+mod dns;
 mod lb;
 
 /// mimalloc: measurably faster than glibc malloc on the proxy's hot path
@@ -40,6 +41,8 @@ enum Command {
     Up(UpArgs),
     /// Run the load balancer: spread HTTP traffic over web servers, with health checks, retries and draining.
     Lb(Box<lb::LbArgs>),
+    /// Run the site's DNS: an authoritative zone that answers with healthy load balancers only.
+    Dns(Box<dns::DnsArgs>),
 }
 
 #[derive(clap::Args)]
@@ -116,6 +119,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .context("scaleout up")
         }
+        Command::Dns(args) => dns::run(*args, shutdown).await.context("scaleout dns"),
         // Settled (and run) by start(), which sizes the runtime first.
         Command::Lb(_) => anyhow::bail!("scaleout lb is started by start()"),
     }

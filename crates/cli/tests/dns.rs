@@ -1,0 +1,288 @@
+//! `scaleout dns` black-box tests: the real binary, queried with
+//! hickory-resolver, raw hickory-proto messages over UDP and TCP, and `dig`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::backend::Backend;
+use common::{eventually, Proc};
+use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_resolver::proto::rr::{Name, RecordType};
+use hickory_resolver::proto::xfer::Protocol;
+use hickory_resolver::Resolver;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Dns {
+    _proc: Proc,
+    addr: SocketAddr,
+    metrics: String,
+}
+
+fn start_dns(args: &[&str]) -> Dns {
+    let mut all = vec!["dns", "--listen", "127.0.0.1:0", "--zone", "scaleout.test"];
+    all.extend_from_slice(args);
+    let mut proc = Proc::spawn(&all);
+    let line = proc.wait_for_line("scaleout dns:");
+    let addr = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let metrics = line.split_whitespace().last().unwrap().to_string();
+    Dns {
+        _proc: proc,
+        addr,
+        metrics,
+    }
+}
+
+fn resolver(addr: SocketAddr, protocol: Protocol) -> Resolver<TokioConnectionProvider> {
+    let mut config = ResolverConfig::new();
+    config.add_name_server(NameServerConfig::new(addr, protocol));
+    let mut opts = ResolverOpts::default();
+    opts.cache_size = 0;
+    opts.attempts = 1;
+    opts.timeout = Duration::from_secs(2);
+    Resolver::builder_with_config(config, TokioConnectionProvider::default())
+        .with_options(opts)
+        .build()
+}
+
+async fn lookup_a(addr: SocketAddr, name: &str) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = resolver(addr, Protocol::Udp)
+        .lookup_ip(name)
+        .await
+        .unwrap()
+        .iter()
+        .collect();
+    ips.sort();
+    ips
+}
+
+/// One raw query over UDP; the whole response.
+async fn query_udp(addr: SocketAddr, name: &str, qtype: RecordType) -> Message {
+    let mut msg = Message::new();
+    msg.set_id(4242)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query);
+    msg.add_query(Query::query(Name::from_str(name).unwrap(), qtype));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&msg.to_vec().unwrap(), addr).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), sock.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    Message::from_vec(&buf[..n]).unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn answers_a_soa_nxdomain_refused_over_udp_and_tcp_and_survives_garbage() {
+    let dns = start_dns(&[
+        "--host",
+        "www=127.0.0.2,127.0.0.3",
+        "--host",
+        "@=127.0.0.4",
+        "--ttl",
+        "7",
+    ]);
+    assert_eq!(
+        lookup_a(dns.addr, "www.scaleout.test.").await,
+        vec![ip("127.0.0.2"), ip("127.0.0.3")]
+    );
+    let tcp: Vec<IpAddr> = resolver(dns.addr, Protocol::Tcp)
+        .lookup_ip("www.scaleout.test.")
+        .await
+        .unwrap()
+        .iter()
+        .collect();
+    assert_eq!(tcp.len(), 2, "TCP answers too");
+
+    let a = query_udp(dns.addr, "www.scaleout.test.", RecordType::A).await;
+    assert_eq!(a.response_code(), ResponseCode::NoError);
+    assert!(a.authoritative());
+    assert_eq!(a.answers()[0].ttl(), 7);
+    let first = query_udp(dns.addr, "www.scaleout.test.", RecordType::A)
+        .await
+        .answers()[0]
+        .data()
+        .to_string();
+    let second = query_udp(dns.addr, "www.scaleout.test.", RecordType::A)
+        .await
+        .answers()[0]
+        .data()
+        .to_string();
+    assert_ne!(first, second, "answers rotate");
+
+    let soa = query_udp(dns.addr, "scaleout.test.", RecordType::SOA).await;
+    assert_eq!(soa.answers()[0].record_type(), RecordType::SOA);
+    let ns = query_udp(dns.addr, "scaleout.test.", RecordType::NS).await;
+    assert_eq!(ns.answers()[0].record_type(), RecordType::NS);
+    let nx = query_udp(dns.addr, "nope.scaleout.test.", RecordType::A).await;
+    assert_eq!(nx.response_code(), ResponseCode::NXDomain);
+    assert_eq!(
+        nx.name_servers()[0].record_type(),
+        RecordType::SOA,
+        "SOA for negative caching"
+    );
+    let refused = query_udp(dns.addr, "example.com.", RecordType::A).await;
+    assert_eq!(refused.response_code(), ResponseCode::Refused);
+
+    // Garbage over UDP and TCP does not stop it answering.
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for junk in [
+        &b""[..],
+        b"\x00",
+        &[0xffu8; 600][..],
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c",
+    ] {
+        sock.send_to(junk, dns.addr).await.unwrap();
+    }
+    let mut tcp = tokio::net::TcpStream::connect(dns.addr).await.unwrap();
+    tcp.write_all(b"\x00\x10garbage-garbage!").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut sink)).await;
+    assert_eq!(
+        lookup_a(dns.addr, "scaleout.test.").await,
+        vec![ip("127.0.0.4")]
+    );
+
+    let metrics = reqwest::get(format!("{}/metrics", dns.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("scaleout_dns_queries_total{type=\"A\",rcode=\"NXDOMAIN\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("scaleout_dns_queries_total{type=\"A\",rcode=\"REFUSED\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// Two load balancers on the same port at 127.0.0.2 and 127.0.0.3 (the
+/// whole 127/8 is loopback).
+async fn two_health_servers() -> (Arc<Backend>, Arc<Backend>, u16) {
+    for _ in 0..20 {
+        let first = Backend::start_on("lb-a", "127.0.0.2:0".parse().unwrap()).await;
+        let port = first.addr.port();
+        if let Ok(second) = tokio::net::TcpListener::bind(("127.0.0.3", port)).await {
+            drop(second);
+            let second = Backend::start_on("lb-b", SocketAddr::from(([127, 0, 0, 3], port))).await;
+            return (first, second, port);
+        }
+    }
+    panic!("no port free on both 127.0.0.2 and 127.0.0.3");
+}
+
+#[tokio::test]
+async fn an_address_whose_load_balancer_fails_leaves_the_answer_and_comes_back() {
+    let (a, b, port) = two_health_servers().await;
+    let url = format!("http://{{ip}}:{port}/healthz");
+    let dns = start_dns(&[
+        "--host",
+        "www=127.0.0.2,127.0.0.3",
+        "--health-url",
+        &url,
+        "--health-interval",
+        "100ms",
+        "--rise",
+        "2",
+        "--fall",
+        "2",
+    ]);
+    assert_eq!(
+        lookup_a(dns.addr, "www.scaleout.test.").await,
+        vec![ip("127.0.0.2"), ip("127.0.0.3")]
+    );
+
+    a.kill();
+    eventually(
+        Duration::from_secs(10),
+        "127.0.0.2 dropped from the answer",
+        || async { lookup_a(dns.addr, "www.scaleout.test.").await == vec![ip("127.0.0.3")] },
+    )
+    .await;
+    // Both failing: fail open, answer with both.
+    b.set_healthy(false);
+    eventually(
+        Duration::from_secs(10),
+        "all answered when none is healthy",
+        || async {
+            let metrics = reqwest::get(format!("{}/metrics", dns.metrics))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            metrics.contains("scaleout_dns_address_up{address=\"127.0.0.3\"} 0")
+        },
+    )
+    .await;
+    assert_eq!(lookup_a(dns.addr, "www.scaleout.test.").await.len(), 2);
+    // Recovery.
+    b.set_healthy(true);
+    let revived = Backend::start_on("lb-a", SocketAddr::from(([127, 0, 0, 2], port))).await;
+    eventually(Duration::from_secs(10), "both back", || async {
+        let metrics = reqwest::get(format!("{}/metrics", dns.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics.contains("scaleout_dns_address_up{address=\"127.0.0.2\"} 1")
+            && metrics.contains("scaleout_dns_address_up{address=\"127.0.0.3\"} 1")
+    })
+    .await;
+    assert_eq!(
+        lookup_a(dns.addr, "www.scaleout.test.").await,
+        vec![ip("127.0.0.2"), ip("127.0.0.3")]
+    );
+    drop(revived);
+}
+
+/// `dig`, the tool an operator reaches for (Debian's dnsutils; `.ci/run`
+/// installs it when missing).
+#[test]
+fn dig_gets_the_answers() {
+    let dig = std::process::Command::new("dig").arg("-v").output();
+    assert!(
+        dig.is_ok(),
+        "dig not found: install dnsutils (`.ci/run` does)"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dns = rt.block_on(async { start_dns(&["--host", "www=127.0.0.2"]) });
+    let port = dns.addr.port().to_string();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("dig")
+            .args(["@127.0.0.1", "-p", &port, "+time=2", "+tries=1"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run(&["www.scaleout.test", "+short"]).trim(), "127.0.0.2");
+    assert_eq!(
+        run(&["www.scaleout.test", "+short", "+tcp"]).trim(),
+        "127.0.0.2"
+    );
+    assert!(run(&["nope.scaleout.test"]).contains("status: NXDOMAIN"));
+    assert!(run(&["example.com"]).contains("status: REFUSED"));
+    assert!(run(&["scaleout.test", "SOA", "+short"])
+        .starts_with("ns.scaleout.test. hostmaster.scaleout.test."));
+    assert!(
+        run(&["www.scaleout.test", "+bufsize=4096"]).contains("flags: qr aa"),
+        "EDNS query, authoritative answer"
+    );
+}

@@ -1,0 +1,265 @@
+//! The DNS server: hickory-server's `ServerFuture` over UDP and TCP with a
+//! request handler that asks [`Zone`] for the answer, and a small HTTP
+//! listener for `/metrics` and `/healthz`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Header, MessageType, OpCode, ResponseCode};
+use hickory_server::authority::MessageResponseBuilder;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::ServerFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+use crate::zone::Zone;
+use crate::{DnsConfig, Error};
+
+/// How long a TCP client may take per message.
+const TCP_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Handler {
+    zone: Zone,
+    health: Arc<Health>,
+    rotation: AtomicUsize,
+    /// Queries answered, by (type, rcode).
+    counts: Mutex<BTreeMap<(String, String), u64>>,
+}
+
+impl Handler {
+    fn count(&self, qtype: &str, rcode: ResponseCode) {
+        if let Ok(mut c) = self.counts.lock() {
+            *c.entry((qtype.to_string(), rcode_name(rcode))).or_default() += 1;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> ResponseInfo {
+        let builder = MessageResponseBuilder::from_message_request(request);
+        let mut header = Header::response_from_request(request.header());
+        let refuse = |rcode: ResponseCode| {
+            let mut h = header;
+            h.set_response_code(rcode);
+            h
+        };
+        if request.message_type() != MessageType::Query || request.op_code() != OpCode::Query {
+            self.count("-", ResponseCode::NotImp);
+            let h = refuse(ResponseCode::NotImp);
+            return send(&mut response, builder.build_no_records(h), h).await;
+        }
+        let info = match request.request_info() {
+            Ok(info) => info,
+            Err(_) => {
+                // Not exactly one question.
+                self.count("-", ResponseCode::FormErr);
+                let h = refuse(ResponseCode::FormErr);
+                return send(&mut response, builder.build_no_records(h), h).await;
+            }
+        };
+        let qtype = info.query.query_type();
+        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+        let health = &self.health;
+        let answer = self
+            .zone
+            .answer(info.query.name(), qtype, &|a| health.is_up(a), rotation);
+        header.set_authoritative(answer.authoritative);
+        header.set_response_code(answer.rcode);
+        header.set_recursion_available(false);
+        self.count(&qtype.to_string(), answer.rcode);
+        let msg = builder.build(
+            header,
+            answer.answers.iter(),
+            answer.authority.iter(),
+            std::iter::empty(),
+            std::iter::empty(),
+        );
+        send(&mut response, msg, header).await
+    }
+}
+
+async fn send<'a, R: ResponseHandler>(
+    response: &mut R,
+    msg: hickory_server::authority::MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a hickory_proto::rr::Record> + Send + 'a,
+        impl Iterator<Item = &'a hickory_proto::rr::Record> + Send + 'a,
+        impl Iterator<Item = &'a hickory_proto::rr::Record> + Send + 'a,
+        impl Iterator<Item = &'a hickory_proto::rr::Record> + Send + 'a,
+    >,
+    header: Header,
+) -> ResponseInfo {
+    match response.send_response(msg).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(error = %e, "sending a DNS response failed");
+            header.into()
+        }
+    }
+}
+
+/// A DNS server whose sockets are bound.
+pub struct BoundDns {
+    config: DnsConfig,
+    zone: Zone,
+    udp: tokio::net::UdpSocket,
+    tcp: tokio::net::TcpListener,
+    http: tokio::net::TcpListener,
+    /// Where queries go (UDP and TCP).
+    pub addr: SocketAddr,
+    /// Where `/metrics` and `/healthz` are.
+    pub http_addr: SocketAddr,
+}
+
+/// Validates the config and binds UDP, TCP (same port) and HTTP.
+pub async fn bind(config: DnsConfig) -> Result<BoundDns, Error> {
+    config.validate()?;
+    let zone = config.zone()?;
+    let udp = tokio::net::UdpSocket::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = udp.local_addr()?;
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let http = tokio::net::TcpListener::bind(config.http)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.http,
+            source,
+        })?;
+    let http_addr = http.local_addr()?;
+    Ok(BoundDns {
+        config,
+        zone,
+        udp,
+        tcp,
+        http,
+        addr,
+        http_addr,
+    })
+}
+
+impl BoundDns {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let BoundDns {
+            config,
+            zone,
+            udp,
+            tcp,
+            http,
+            addr,
+            http_addr,
+        } = self;
+        let health = Arc::new(Health::default());
+        let handler = Arc::new(Handler {
+            zone: zone.clone(),
+            health: health.clone(),
+            rotation: AtomicUsize::new(0),
+            counts: Mutex::default(),
+        });
+        let mut server = ServerFuture::new(SharedHandler(handler.clone()));
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_TIMEOUT);
+        tracing::info!(%addr, %http_addr, zone = %zone.origin, hosts = zone.hosts.len(), "dns server listening");
+
+        let checker = tokio::spawn(crate::health::run(
+            zone.all_addrs(),
+            config.health.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
+        let app = axum::Router::new()
+            .route(
+                "/healthz",
+                axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+            )
+            .route(
+                "/metrics",
+                axum::routing::get({
+                    let handler = handler.clone();
+                    move || {
+                        let handler = handler.clone();
+                        async move {
+                            (
+                                [("content-type", "text/plain; version=0.0.4")],
+                                render(&handler),
+                            )
+                        }
+                    }
+                }),
+            );
+        let web_server =
+            axum::serve(http, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let web = tokio::spawn(async move { web_server.await });
+
+        shutdown.cancelled().await;
+        let _ = server.shutdown_gracefully().await;
+        checker.abort();
+        let _ = web.await;
+        tracing::info!("dns server stopped");
+        Ok(())
+    }
+}
+
+/// hickory wants the handler by value; the metrics endpoint shares it.
+struct SharedHandler(Arc<Handler>);
+
+#[async_trait::async_trait]
+impl RequestHandler for SharedHandler {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        self.0.handle_request(request, response).await
+    }
+}
+
+/// The rcode as dig prints it.
+fn rcode_name(rcode: ResponseCode) -> String {
+    match u16::from(rcode) {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => n.to_string(),
+    }
+}
+
+fn render(h: &Handler) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP scaleout_dns_queries_total Queries answered, by type and rcode.\n# TYPE scaleout_dns_queries_total counter");
+    if let Ok(counts) = h.counts.lock() {
+        for ((qtype, rcode), n) in counts.iter() {
+            let _ = writeln!(
+                out,
+                "scaleout_dns_queries_total{{type=\"{qtype}\",rcode=\"{rcode}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP scaleout_dns_address_up 1 when the address passes its health check (and is answered).\n# TYPE scaleout_dns_address_up gauge");
+    for addr in h.zone.all_addrs() {
+        let _ = writeln!(
+            out,
+            "scaleout_dns_address_up{{address=\"{addr}\"}} {}",
+            u8::from(h.health.is_up(addr))
+        );
+    }
+    out
+}

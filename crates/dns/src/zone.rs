@@ -1,0 +1,275 @@
+//! The zone and its answers, free of I/O: which records answer a query,
+//! given which addresses are healthy. Policy:
+//! - names outside the zone: REFUSED (authoritative only, no recursion);
+//! - the apex: SOA and NS; a host: A/AAAA of its healthy addresses, rotated
+//!   per query so clients spread over the load balancers; when none of a
+//!   host's addresses is healthy, all of them (fail open: a possibly-down
+//!   answer beats no answer, as Route 53 does);
+//! - a name in the zone that is not a host: NXDOMAIN; a host asked for a
+//!   type it lacks: NOERROR with no answers (NODATA); both with the SOA in
+//!   the authority section for negative caching (RFC 2308).
+
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
+use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+
+/// One name in the zone and its addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub name: Name,
+    pub addrs: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Zone {
+    pub origin: Name,
+    origin_lower: LowerName,
+    pub hosts: Vec<Host>,
+    pub ttl: u32,
+    soa: Record,
+    ns: Record,
+}
+
+/// What to send back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub rcode: ResponseCode,
+    /// Whether the server is authoritative for the name (false: REFUSED).
+    pub authoritative: bool,
+    pub answers: Vec<Record>,
+    pub authority: Vec<Record>,
+}
+
+/// Parses `www=127.0.0.2,127.0.0.3` (a name relative to the zone, or `@`).
+pub fn parse_host(spec: &str, origin: &Name) -> Result<Host, String> {
+    let (label, list) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("--host {spec:?}: use NAME=IP[,IP...]"))?;
+    let name = if label == "@" {
+        origin.clone()
+    } else {
+        Name::from_str(label)
+            .map_err(|e| format!("--host {spec:?}: bad name {label:?}: {e}"))?
+            .append_domain(origin)
+            .map_err(|e| format!("--host {spec:?}: {e}"))?
+    };
+    let addrs = list
+        .split(',')
+        .map(|a| {
+            a.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| format!("--host {spec:?}: {a:?} is not an IP address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(format!("--host {spec:?}: give at least one address"));
+    }
+    Ok(Host { name, addrs })
+}
+
+impl Zone {
+    pub fn new(origin: Name, hosts: Vec<Host>, ttl: u32) -> Self {
+        let origin = origin.to_lowercase();
+        let mut fqdn = origin.clone();
+        fqdn.set_fqdn(true);
+        let ns_name = Name::from_str("ns")
+            .ok()
+            .and_then(|n| n.append_domain(&fqdn).ok())
+            .unwrap_or_else(|| fqdn.clone());
+        let mbox = Name::from_str("hostmaster")
+            .ok()
+            .and_then(|n| n.append_domain(&fqdn).ok())
+            .unwrap_or_else(|| fqdn.clone());
+        // serial, refresh, retry, expire, minimum (negative-cache TTL).
+        let soa = SOA::new(ns_name.clone(), mbox, 1, 3600, 600, 86400, ttl);
+        let soa = Record::from_rdata(fqdn.clone(), ttl, RData::SOA(soa));
+        let ns = Record::from_rdata(fqdn.clone(), ttl, RData::NS(NS(ns_name)));
+        let hosts = hosts
+            .into_iter()
+            .map(|mut h| {
+                h.name = h.name.to_lowercase();
+                h.name.set_fqdn(true);
+                h
+            })
+            .collect();
+        Zone {
+            origin_lower: LowerName::from(&fqdn),
+            origin: fqdn,
+            hosts,
+            ttl,
+            soa,
+            ns,
+        }
+    }
+
+    /// Every address of every host (what the health checker watches).
+    pub fn all_addrs(&self) -> Vec<IpAddr> {
+        let mut all: Vec<IpAddr> = self
+            .hosts
+            .iter()
+            .flat_map(|h| h.addrs.iter().copied())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    pub fn answer(
+        &self,
+        qname: &LowerName,
+        qtype: RecordType,
+        healthy: &dyn Fn(IpAddr) -> bool,
+        rotation: usize,
+    ) -> Answer {
+        if !self.origin_lower.zone_of(qname) {
+            return Answer {
+                rcode: ResponseCode::Refused,
+                authoritative: false,
+                answers: vec![],
+                authority: vec![],
+            };
+        }
+        let negative = |rcode| Answer {
+            rcode,
+            authoritative: true,
+            answers: vec![],
+            authority: vec![self.soa.clone()],
+        };
+        let mut answers = Vec::new();
+        let is_apex = *qname == self.origin_lower;
+        if is_apex {
+            match qtype {
+                RecordType::SOA => answers.push(self.soa.clone()),
+                RecordType::NS => answers.push(self.ns.clone()),
+                RecordType::ANY => answers.extend([self.soa.clone(), self.ns.clone()]),
+                _ => {}
+            }
+        }
+        let host = self
+            .hosts
+            .iter()
+            .find(|h| LowerName::from(&h.name) == *qname);
+        if let Some(host) = host {
+            let wanted: Vec<IpAddr> = host
+                .addrs
+                .iter()
+                .copied()
+                .filter(|a| match qtype {
+                    RecordType::A => a.is_ipv4(),
+                    RecordType::AAAA => a.is_ipv6(),
+                    RecordType::ANY => true,
+                    _ => false,
+                })
+                .collect();
+            let up: Vec<IpAddr> = wanted.iter().copied().filter(|a| healthy(*a)).collect();
+            let mut chosen = if up.is_empty() { wanted } else { up };
+            if !chosen.is_empty() {
+                let n = chosen.len();
+                chosen.rotate_left(rotation % n);
+            }
+            for addr in chosen {
+                let rdata = match addr {
+                    IpAddr::V4(v4) => RData::A(A(v4)),
+                    IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+                };
+                answers.push(Record::from_rdata(host.name.clone(), self.ttl, rdata));
+            }
+        } else if !is_apex {
+            return negative(ResponseCode::NXDomain);
+        }
+        if answers.is_empty() {
+            return negative(ResponseCode::NoError);
+        }
+        Answer {
+            rcode: ResponseCode::NoError,
+            authoritative: true,
+            answers,
+            authority: vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zone() -> Zone {
+        let origin = Name::from_str("scaleout.test.").unwrap();
+        let hosts = vec![
+            parse_host("www=127.0.0.2,127.0.0.3,::1", &origin).unwrap(),
+            parse_host("api=127.0.0.4", &origin).unwrap(),
+        ];
+        Zone::new(origin, hosts, 5)
+    }
+
+    fn q(name: &str) -> LowerName {
+        LowerName::from(Name::from_str(name).unwrap())
+    }
+
+    fn ips(a: &Answer) -> Vec<String> {
+        a.answers.iter().map(|r| r.data().to_string()).collect()
+    }
+
+    #[test]
+    fn healthy_addresses_rotate_and_dead_ones_drop_out() {
+        let z = zone();
+        let all = |_: IpAddr| true;
+        let a0 = z.answer(&q("www.scaleout.test."), RecordType::A, &all, 0);
+        assert_eq!(a0.rcode, ResponseCode::NoError);
+        assert_eq!(ips(&a0), ["127.0.0.2", "127.0.0.3"]);
+        assert_eq!(a0.answers[0].ttl(), 5);
+        let a1 = z.answer(&q("WWW.Scaleout.Test."), RecordType::A, &all, 1);
+        assert_eq!(
+            ips(&a1),
+            ["127.0.0.3", "127.0.0.2"],
+            "rotated, case-insensitive"
+        );
+        let not_2 = |a: IpAddr| a.to_string() != "127.0.0.2";
+        assert_eq!(
+            ips(&z.answer(&q("www.scaleout.test."), RecordType::A, &not_2, 0)),
+            ["127.0.0.3"]
+        );
+        let none = |_: IpAddr| false;
+        assert_eq!(
+            ips(&z.answer(&q("www.scaleout.test."), RecordType::A, &none, 0)).len(),
+            2,
+            "fail open"
+        );
+        assert_eq!(
+            ips(&z.answer(&q("www.scaleout.test."), RecordType::AAAA, &all, 0)),
+            ["::1"]
+        );
+    }
+
+    #[test]
+    fn apex_unknown_names_and_other_zones() {
+        let z = zone();
+        let all = |_: IpAddr| true;
+        let soa = z.answer(&q("scaleout.test."), RecordType::SOA, &all, 0);
+        assert_eq!(soa.answers[0].record_type(), RecordType::SOA);
+        let ns = z.answer(&q("scaleout.test."), RecordType::NS, &all, 0);
+        assert_eq!(ns.answers[0].record_type(), RecordType::NS);
+        let nx = z.answer(&q("nope.scaleout.test."), RecordType::A, &all, 0);
+        assert_eq!(nx.rcode, ResponseCode::NXDomain);
+        assert_eq!(nx.authority[0].record_type(), RecordType::SOA);
+        let nodata = z.answer(&q("api.scaleout.test."), RecordType::MX, &all, 0);
+        assert_eq!(
+            (nodata.rcode, nodata.answers.len()),
+            (ResponseCode::NoError, 0)
+        );
+        let refused = z.answer(&q("example.com."), RecordType::A, &all, 0);
+        assert_eq!(refused.rcode, ResponseCode::Refused);
+        assert!(!refused.authoritative);
+    }
+
+    #[test]
+    fn host_specs_are_checked() {
+        let origin = Name::from_str("scaleout.test.").unwrap();
+        assert!(parse_host("www", &origin).is_err());
+        assert!(parse_host("www=not-an-ip", &origin).is_err());
+        assert_eq!(parse_host("@=10.0.0.1", &origin).unwrap().name, origin);
+    }
+}
