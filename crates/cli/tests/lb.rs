@@ -745,3 +745,48 @@ async fn a_backend_that_answers_too_late_gets_a_504() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn large_bodies_stream_through_both_ways_and_the_connection_is_reused() {
+    let a = Backend::start("a").await;
+    let lb = start_lb(&[&a], &["--max-body-bytes", "3000000"]);
+    let c = client();
+    for _ in 0..2 {
+        let body = c
+            .get(lb.url("/big/2500000"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(body.len(), 2_500_000);
+        assert!(
+            body.iter()
+                .enumerate()
+                .all(|(i, b)| *b == b'a' + (i % 26) as u8),
+            "bytes arrive intact and in order"
+        );
+    }
+    let r = c
+        .post(lb.url("/echo"))
+        .body(vec![b'z'; 2_000_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["body_len"], 2_000_000);
+    // HEAD: headers only.
+    let r = c.head(lb.url("/big/1000")).send().await.unwrap();
+    assert_eq!(r.headers()["content-length"], "1000");
+    assert!(r.bytes().await.unwrap().is_empty());
+    assert_eq!(
+        c.get(lb.url("/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "a"
+    );
+}

@@ -4,7 +4,8 @@
 //!
 //! Routes: `/healthz` (200, or 503 after `set_healthy(false)`), `/slow?ms=N`,
 //! `/status/N` (answers N), `/echo` (the request head as JSON), `/ws`
-//! (101, then echoes bytes), anything else: 200 with the backend's name.
+//! (101, then echoes bytes), `/big/N` (N bytes), anything else: 200 with
+//! the backend's name.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -142,6 +143,11 @@ async fn handle(
     if let Some(code) = path.strip_prefix("/status/") {
         let status = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
         return Ok(reply(status, &name, format!("{code} from {name}")));
+    }
+    if let Some(n) = path.strip_prefix("/big/") {
+        let n: usize = n.parse().unwrap_or(0);
+        let body: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+        return Ok(reply(StatusCode::OK, &name, body));
     }
     if path == "/echo" {
         let mut headers = BTreeMap::new();
