@@ -1,0 +1,19 @@
+//! `scaleout-db`: the seed's data tier — SQLite behind rqlite's HTTP API,
+//! replicated with Raft.
+//!
+//! Built in steps. This step is the part every node runs whatever its
+//! role: [`request`] parses rqlite's request forms (plain SQL strings,
+//! `["sql", p1, ...]` positional and `["sql", {"name": v}]` named
+//! parameters) and [`engine`] executes them on SQLite with rqlite's result
+//! shapes (`results` with `columns`, `types`, `values` or associative
+//! `rows`, `last_insert_id`, `rows_affected`, per-statement `error`,
+//! `time`), transactions that leave no partial writes, and read-only
+//! enforcement for queries. Still to come (issue 4): the Raft log
+//! (openraft), the HTTP API and `scaleout db`, deterministic
+//! `random()`/`datetime('now')`, snapshots.
+
+pub mod engine;
+pub mod request;
+
+pub use engine::{execute, query, ExecOptions};
+pub use request::{parse_statements, Param, Params, RequestError, Statement};
