@@ -8,11 +8,15 @@
 //! shapes (`results` with `columns`, `types`, `values` or associative
 //! `rows`, `last_insert_id`, `rows_affected`, per-statement `error`,
 //! `time`), transactions that leave no partial writes, and read-only
-//! enforcement for queries. Still to come (issue 4): the Raft log
-//! (openraft), the HTTP API and `scaleout db`, deterministic
+//! enforcement for queries; [`http`] serves rqlite's data API
+//! (`/db/execute`, `/db/query`, `/db/request` and their query parameters)
+//! in front of any [`http::Node`]. Still to come (issue 4): the Raft node
+//! (openraft) that implements `Node`, `/status`, `/nodes`, `/readyz`,
+//! `/leader`, backup/load, `scaleout db`, deterministic
 //! `random()`/`datetime('now')`, snapshots.
 
 pub mod engine;
+pub mod http;
 pub mod request;
 
 pub use engine::{execute, query, ExecOptions};

@@ -1,0 +1,505 @@
+//! rqlite's data API over HTTP, in front of any [`Node`]: `/db/execute`,
+//! `/db/query` (GET `q=` and POST), `/db/request`, with rqlite's query
+//! parameters (`transaction`, `timings`, `associative`, `pretty`, `level`,
+//! `freshness`, `freshness_strict`, `min_index`). Errors reach the client
+//! here and only here: bad requests are `400` with `{"error": ...}`,
+//! per-statement SQL errors stay inside `results` with status `200`, as
+//! rqlite does; a node that cannot serve answers `503`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::engine::ExecOptions;
+use crate::request::{parse_statements, RequestError, Statement};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// How fresh a read must be (rqlite's `level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    None,
+    Weak,
+    Linearizable,
+    Strong,
+    Auto,
+}
+
+impl std::str::FromStr for Level {
+    type Err = RequestError;
+    fn from_str(s: &str) -> Result<Self, RequestError> {
+        Ok(match s {
+            "none" => Level::None,
+            "weak" | "" => Level::Weak,
+            "linearizable" => Level::Linearizable,
+            "strong" => Level::Strong,
+            "auto" => Level::Auto,
+            other => {
+                return Err(RequestError(format!(
+                    "level {other:?}: use none, weak, linearizable, strong or auto"
+                )))
+            }
+        })
+    }
+}
+
+/// A read's consistency requirements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOptions {
+    pub level: Level,
+    /// With `none`: refuse to answer from a node whose last contact with
+    /// the leader is older than this.
+    pub freshness: Option<Duration>,
+    pub freshness_strict: bool,
+    /// Answer only once this log index is applied here (read-your-writes).
+    pub min_index: Option<u64>,
+    pub exec: ExecOptions,
+}
+
+/// What a node answered to a write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    pub results: Vec<Value>,
+    /// The log index that committed the write.
+    pub raft_index: u64,
+}
+
+/// Why a node could not serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("not the leader{}", .leader.as_deref().map(|l| format!("; the leader is {l}")).unwrap_or_default())]
+    NotLeader { leader: Option<String> },
+    #[error("no leader: the cluster cannot take writes now")]
+    NoLeader,
+    #[error("index {0} not applied here in time")]
+    NotCaughtUp(u64),
+    #[error("data on this node is staler than the freshness asked for")]
+    Stale,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl NodeError {
+    fn status(&self) -> StatusCode {
+        match self {
+            NodeError::NotLeader { .. }
+            | NodeError::NoLeader
+            | NodeError::NotCaughtUp(_)
+            | NodeError::Stale => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// What the HTTP layer needs from a database node (the consumer owns the
+/// trait: the Raft node implements it; tests use a plain SQLite file).
+#[async_trait::async_trait]
+pub trait Node: Send + Sync + 'static {
+    async fn execute(
+        &self,
+        statements: Vec<Statement>,
+        opts: ExecOptions,
+    ) -> Result<Written, NodeError>;
+    async fn query(
+        &self,
+        statements: Vec<Statement>,
+        opts: ReadOptions,
+    ) -> Result<Vec<Value>, NodeError>;
+}
+
+pub fn router(node: Arc<dyn Node>) -> Router {
+    Router::new()
+        .route("/db/execute", post(execute))
+        .route("/db/query", get(query).post(query))
+        .route("/db/request", post(unified))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
+        .with_state(node)
+}
+
+fn error(status: StatusCode, msg: &str) -> Response {
+    (status, axum::Json(json!({ "error": msg }))).into_response()
+}
+
+/// rqlite's flags are present-or-absent (`?transaction`), or `=true/false`.
+fn flag(params: &HashMap<String, String>, name: &str) -> bool {
+    params
+        .get(name)
+        .is_some_and(|v| v.is_empty() || v == "true" || v == "1")
+}
+
+struct Parsed {
+    pretty: bool,
+    timings: bool,
+    read: ReadOptions,
+}
+
+fn parse_params(params: &HashMap<String, String>) -> Result<Parsed, RequestError> {
+    let level = params
+        .get("level")
+        .map(|l| l.parse())
+        .transpose()?
+        .unwrap_or(Level::Weak);
+    let freshness = params
+        .get("freshness")
+        .map(|f| {
+            humantime::parse_duration(f).map_err(|e| RequestError(format!("freshness {f:?}: {e}")))
+        })
+        .transpose()?;
+    let min_index = params
+        .get("min_index")
+        .map(|m| {
+            m.parse::<u64>()
+                .map_err(|_| RequestError(format!("min_index {m:?} is not a whole number")))
+        })
+        .transpose()?;
+    let exec = ExecOptions {
+        transaction: flag(params, "transaction"),
+        timings: flag(params, "timings"),
+        associative: flag(params, "associative"),
+    };
+    Ok(Parsed {
+        pretty: flag(params, "pretty"),
+        timings: exec.timings,
+        read: ReadOptions {
+            level,
+            freshness,
+            freshness_strict: flag(params, "freshness_strict"),
+            min_index,
+            exec,
+        },
+    })
+}
+
+fn respond(mut body: Value, parsed: &Parsed, started: Instant) -> Response {
+    if parsed.timings {
+        body["time"] = json!(started.elapsed().as_secs_f64());
+    }
+    let text = if parsed.pretty {
+        serde_json::to_string_pretty(&body)
+    } else {
+        serde_json::to_string(&body)
+    };
+    match text {
+        Ok(t) => ([(header::CONTENT_TYPE, "application/json")], t).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn statements_from(body: &[u8]) -> Result<Vec<Statement>, Response> {
+    if body.len() > MAX_BODY {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("request body is larger than {MAX_BODY} bytes"),
+        ));
+    }
+    parse_statements(body).map_err(|e| error(StatusCode::BAD_REQUEST, &e.0))
+}
+
+async fn execute(
+    State(node): State<Arc<dyn Node>>,
+    Query(params): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let parsed = match parse_params(&params) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
+    };
+    let statements = match statements_from(&body) {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    match node.execute(statements, parsed.read.exec).await {
+        Ok(w) => respond(
+            json!({ "results": w.results, "raft_index": w.raft_index }),
+            &parsed,
+            started,
+        ),
+        Err(e) => error(e.status(), &e.to_string()),
+    }
+}
+
+async fn query(
+    State(node): State<Arc<dyn Node>>,
+    Query(params): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let parsed = match parse_params(&params) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
+    };
+    let statements = match params.get("q") {
+        Some(q) if !q.trim().is_empty() => vec![Statement::plain(q.clone())],
+        Some(_) => return error(StatusCode::BAD_REQUEST, "q is empty"),
+        None if body.is_empty() => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give the query as ?q=... or a JSON body",
+            )
+        }
+        None => match statements_from(&body) {
+            Ok(s) => s,
+            Err(resp) => return resp,
+        },
+    };
+    match node.query(statements, parsed.read).await {
+        Ok(results) => respond(json!({ "results": results }), &parsed, started),
+        Err(e) => error(e.status(), &e.to_string()),
+    }
+}
+
+/// `/db/request`: reads and writes in one list. A list of reads only is
+/// served as a query; anything that writes goes through the log as a whole.
+async fn unified(
+    State(node): State<Arc<dyn Node>>,
+    Query(params): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let parsed = match parse_params(&params) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
+    };
+    let statements = match statements_from(&body) {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    if statements.iter().all(|s| looks_read_only(&s.sql)) {
+        return match node.query(statements, parsed.read).await {
+            Ok(results) => respond(json!({ "results": results }), &parsed, started),
+            Err(e) => error(e.status(), &e.to_string()),
+        };
+    }
+    match node.execute(statements, parsed.read.exec).await {
+        Ok(w) => respond(
+            json!({ "results": w.results, "raft_index": w.raft_index }),
+            &parsed,
+            started,
+        ),
+        Err(e) => error(e.status(), &e.to_string()),
+    }
+}
+
+/// A cheap first look; the engine still refuses a write sent as a read.
+fn looks_read_only(sql: &str) -> bool {
+    let first = sql
+        .trim_start()
+        .split(|c: char| c.is_whitespace() || c == '(')
+        .next()
+        .unwrap_or("");
+    ["select", "explain", "with", "values", "pragma"]
+        .iter()
+        .any(|k| first.eq_ignore_ascii_case(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tower::ServiceExt;
+
+    /// One SQLite database, no replication: enough to test the API layer.
+    struct LocalNode {
+        conn: Mutex<rusqlite::Connection>,
+        index: Mutex<u64>,
+    }
+
+    #[async_trait::async_trait]
+    impl Node for LocalNode {
+        async fn execute(
+            &self,
+            statements: Vec<Statement>,
+            opts: ExecOptions,
+        ) -> Result<Written, NodeError> {
+            let conn = self
+                .conn
+                .lock()
+                .map_err(|e| NodeError::Internal(e.to_string()))?;
+            let mut index = self
+                .index
+                .lock()
+                .map_err(|e| NodeError::Internal(e.to_string()))?;
+            *index += 1;
+            Ok(Written {
+                results: crate::engine::execute(&conn, &statements, &opts),
+                raft_index: *index,
+            })
+        }
+        async fn query(
+            &self,
+            statements: Vec<Statement>,
+            opts: ReadOptions,
+        ) -> Result<Vec<Value>, NodeError> {
+            let applied = *self
+                .index
+                .lock()
+                .map_err(|e| NodeError::Internal(e.to_string()))?;
+            if let Some(m) = opts.min_index.filter(|m| *m > applied) {
+                return Err(NodeError::NotCaughtUp(m));
+            }
+            let conn = self
+                .conn
+                .lock()
+                .map_err(|e| NodeError::Internal(e.to_string()))?;
+            Ok(crate::engine::query(&conn, &statements, &opts.exec))
+        }
+    }
+
+    fn app() -> Router {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        router(Arc::new(LocalNode {
+            conn: Mutex::new(conn),
+            index: Mutex::new(0),
+        }))
+    }
+
+    async fn call(app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, Value) {
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn writes_reads_and_the_unified_endpoint_answer_like_rqlite() {
+        let app = app();
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/db/execute",
+            r#"["CREATE TABLE foo (id INTEGER NOT NULL PRIMARY KEY, name TEXT)"]"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(
+            v["results"],
+            json!([{"last_insert_id": 0, "rows_affected": 0}])
+        );
+        let (_, v) = call(
+            &app,
+            "POST",
+            "/db/execute?timings",
+            r#"[["INSERT INTO foo(name) VALUES(?)", "fiona"]]"#,
+        )
+        .await;
+        assert_eq!(v["results"][0]["last_insert_id"], 1);
+        assert_eq!(v["raft_index"], 2);
+        assert!(v["time"].as_f64().is_some() && v["results"][0]["time"].as_f64().is_some());
+
+        let (s, v) = call(
+            &app,
+            "GET",
+            "/db/query?q=SELECT%20*%20FROM%20foo&level=none",
+            "",
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["results"][0]["values"], json!([[1, "fiona"]]));
+        let (_, v) = call(
+            &app,
+            "POST",
+            "/db/query?associative",
+            r#"["SELECT name FROM foo"]"#,
+        )
+        .await;
+        assert_eq!(v["results"][0]["rows"], json!([{"name": "fiona"}]));
+        let (_, v) = call(
+            &app,
+            "POST",
+            "/db/request",
+            r#"["INSERT INTO foo(name) VALUES('declan')", "SELECT COUNT(*) FROM foo"]"#,
+        )
+        .await;
+        assert_eq!(
+            v["results"][0]["rows_affected"], 1,
+            "a list with a write goes through execute"
+        );
+        let (_, v) = call(
+            &app,
+            "POST",
+            "/db/request",
+            r#"["SELECT COUNT(*) AS n FROM foo"]"#,
+        )
+        .await;
+        assert_eq!(v["results"][0]["values"], json!([[2]]));
+
+        // Read-your-writes: min_index ahead of what is applied is refused.
+        let (s, _) = call(&app, "GET", "/db/query?q=SELECT%201&min_index=99", "").await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        let (s, _) = call(&app, "GET", "/db/query?q=SELECT%201&min_index=3", "").await;
+        assert_eq!(s, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_are_400_with_a_reason_and_sql_errors_stay_per_statement() {
+        let app = app();
+        for (uri, body, says) in [
+            ("/db/execute", "[1,", "invalid JSON"),
+            ("/db/execute", "[]", "empty statement list"),
+            (
+                "/db/execute",
+                r#"[["S", 1, {"a": 1}]]"#,
+                "mixed parameter forms",
+            ),
+            (
+                "/db/query?level=eventual",
+                r#"["SELECT 1"]"#,
+                "level \"eventual\"",
+            ),
+            ("/db/query?freshness=soon", r#"["SELECT 1"]"#, "freshness"),
+            ("/db/query?q=", "", "q is empty"),
+            ("/db/query", "", "give the query"),
+        ] {
+            let (s, v) = call(&app, "POST", uri, body).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{uri} {body}");
+            assert!(
+                v["error"].as_str().unwrap().contains(says),
+                "{uri} {body}: {v}"
+            );
+        }
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/db/execute",
+            r#"["INSERT INTO nope VALUES(1)"]"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(v["results"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no such table"));
+        let (s, _) = call(&app, "DELETE", "/db/execute", "").await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn read_only_guess() {
+        assert!(looks_read_only("  select 1"));
+        assert!(looks_read_only("WITH x AS (SELECT 1) SELECT * FROM x"));
+        assert!(!looks_read_only("INSERT INTO t VALUES (1)"));
+    }
+}
