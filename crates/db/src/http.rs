@@ -197,14 +197,13 @@ fn respond(mut body: Value, parsed: &Parsed, started: Instant) -> Response {
     }
 }
 
-fn statements_from(body: &[u8]) -> Result<Vec<Statement>, Response> {
+fn statements_from(body: &[u8]) -> Result<Vec<Statement>, RequestError> {
     if body.len() > MAX_BODY {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            &format!("request body is larger than {MAX_BODY} bytes"),
-        ));
+        return Err(RequestError(format!(
+            "request body is larger than {MAX_BODY} bytes"
+        )));
     }
-    parse_statements(body).map_err(|e| error(StatusCode::BAD_REQUEST, &e.0))
+    parse_statements(body)
 }
 
 async fn execute(
@@ -219,7 +218,7 @@ async fn execute(
     };
     let statements = match statements_from(&body) {
         Ok(s) => s,
-        Err(resp) => return resp,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
     };
     match node.execute(statements, parsed.read.exec).await {
         Ok(w) => respond(
@@ -252,7 +251,7 @@ async fn query(
         }
         None => match statements_from(&body) {
             Ok(s) => s,
-            Err(resp) => return resp,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
         },
     };
     match node.query(statements, parsed.read).await {
@@ -275,7 +274,7 @@ async fn unified(
     };
     let statements = match statements_from(&body) {
         Ok(s) => s,
-        Err(resp) => return resp,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
     };
     if statements.iter().all(|s| looks_read_only(&s.sql)) {
         return match node.query(statements, parsed.read).await {
