@@ -10,11 +10,13 @@
 //! `time`), transactions that leave no partial writes, and read-only
 //! enforcement for queries; [`http`] serves rqlite's data API
 //! (`/db/execute`, `/db/query`, `/db/request` and their query parameters)
-//! in front of any [`http::Node`]. Still to come (issue 4): the Raft node
+//! in front of any [`http::Node`]; [`determinism`] rewrites `random()`,
+//! `randomblob(N)`, `'now'` and `CURRENT_*` so that every node applying a
+//! write gets the same state. Still to come (issue 4): the Raft node
 //! (openraft) that implements `Node`, `/status`, `/nodes`, `/readyz`,
-//! `/leader`, backup/load, `scaleout db`, deterministic
-//! `random()`/`datetime('now')`, snapshots.
+//! `/leader`, backup/load, `scaleout db`, snapshots.
 
+pub mod determinism;
 pub mod engine;
 pub mod http;
 pub mod request;
