@@ -78,6 +78,9 @@ fn with_time(mut result: Value, started: Instant, timings: bool) -> Value {
 }
 
 fn execute_one(conn: &Connection, s: &Statement) -> Result<Value, String> {
+    if let Some(why) = refused(&s.sql) {
+        return Err(why);
+    }
     let mut stmt = prepare(conn, s)?;
     let mut rows = stmt.raw_query();
     while rows.next().map_err(|e| e.to_string())?.is_some() {}
@@ -87,9 +90,11 @@ fn execute_one(conn: &Connection, s: &Statement) -> Result<Value, String> {
 
 /// Runs write statements; one result per statement run.
 pub fn execute(conn: &Connection, statements: &[Statement], opts: &ExecOptions) -> Vec<Value> {
+    // A savepoint, not BEGIN: the same code runs standalone and inside the
+    // state machine's own transaction (which also records the log index).
     let mut results = Vec::with_capacity(statements.len());
     if opts.transaction {
-        if let Err(e) = conn.execute_batch("BEGIN") {
+        if let Err(e) = conn.execute_batch("SAVEPOINT scaleout_tx") {
             return vec![json!({ "error": e.to_string() })];
         }
     }
@@ -100,20 +105,47 @@ pub fn execute(conn: &Connection, statements: &[Statement], opts: &ExecOptions) 
             Err(e) => {
                 results.push(json!({ "error": e }));
                 if opts.transaction {
-                    let _ = conn.execute_batch("ROLLBACK");
+                    let _ = conn.execute_batch("ROLLBACK TO scaleout_tx; RELEASE scaleout_tx");
                     return results;
                 }
             }
         }
     }
     if opts.transaction {
-        if let Err(e) = conn.execute_batch("COMMIT") {
-            let _ = conn.execute_batch("ROLLBACK");
+        if let Err(e) = conn.execute_batch("RELEASE scaleout_tx") {
+            let _ = conn.execute_batch("ROLLBACK TO scaleout_tx; RELEASE scaleout_tx");
             results.push(json!({ "error": e.to_string() }));
         }
     }
     results
 }
+
+/// Statements a client may not send: transaction control (use the
+/// `transaction` parameter; the node owns the transactions) and the node's
+/// own bookkeeping tables.
+fn refused(sql: &str) -> Option<String> {
+    let first = sql
+        .trim_start()
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .next()
+        .unwrap_or("");
+    const CONTROL: [&str; 6] = ["begin", "commit", "end", "rollback", "savepoint", "release"];
+    if CONTROL.iter().any(|k| first.eq_ignore_ascii_case(k)) {
+        return Some(format!(
+            "{} is not allowed: send the statements with ?transaction instead",
+            first.to_uppercase()
+        ));
+    }
+    if sql.to_ascii_lowercase().contains(RESERVED_PREFIX) {
+        return Some(format!(
+            "names starting with {RESERVED_PREFIX} are reserved"
+        ));
+    }
+    None
+}
+
+/// Tables of the node's own, out of clients' reach.
+pub const RESERVED_PREFIX: &str = "_scaleout_";
 
 fn json_value(v: ValueRef<'_>) -> Value {
     match v {
@@ -126,6 +158,9 @@ fn json_value(v: ValueRef<'_>) -> Value {
 }
 
 fn query_one(conn: &Connection, s: &Statement, associative: bool) -> Result<Value, String> {
+    if let Some(why) = refused(&s.sql) {
+        return Err(why);
+    }
     let mut stmt = prepare(conn, s)?;
     if !stmt.readonly() {
         return Err("attempt to change database via query operation".into());

@@ -12,7 +12,9 @@
 //! (`/db/execute`, `/db/query`, `/db/request` and their query parameters)
 //! in front of any [`http::Node`]; [`determinism`] rewrites `random()`,
 //! `randomblob(N)`, `'now'` and `CURRENT_*` so that every node applying a
-//! write gets the same state. Still to come (issue 4): the Raft node
+//! write gets the same state; [`state`] is the state machine that applies
+//! committed entries exactly once (the applied index is committed with the
+//! effects). Still to come (issue 4): the Raft node
 //! (openraft) that implements `Node`, `/status`, `/nodes`, `/readyz`,
 //! `/leader`, backup/load, `scaleout db`, snapshots.
 
@@ -20,6 +22,7 @@ pub mod determinism;
 pub mod engine;
 pub mod http;
 pub mod request;
+pub mod state;
 
 pub use engine::{execute, query, ExecOptions};
 pub use request::{parse_statements, Param, Params, RequestError, Statement};
