@@ -14,13 +14,15 @@
 //! `randomblob(N)`, `'now'` and `CURRENT_*` so that every node applying a
 //! write gets the same state; [`state`] is the state machine that applies
 //! committed entries exactly once (the applied index is committed with the
-//! effects). Still to come (issue 4): the Raft node
+//! effects); [`log`] is the durable Raft log (framed, CRC-checked,
+//! fsynced per batch: group commit) with the vote beside it. Still to come (issue 4): the Raft node
 //! (openraft) that implements `Node`, `/status`, `/nodes`, `/readyz`,
 //! `/leader`, backup/load, `scaleout db`, snapshots.
 
 pub mod determinism;
 pub mod engine;
 pub mod http;
+pub mod log;
 pub mod request;
 pub mod state;
 
