@@ -154,12 +154,12 @@ impl RaftLog {
 
     /// Appends a batch and fsyncs once. Entries must continue the log.
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), LogError> {
-        let mut next = self
+        let first = self
             .last()
             .map_or(entries.first().map_or(1, |e| e.index), |(i, _)| i + 1);
         let mut buf = Vec::new();
         let mut new_slots = Vec::with_capacity(entries.len());
-        for e in entries {
+        for (next, e) in (first..).zip(entries) {
             if e.index != next {
                 return Err(LogError::Gap {
                     last: next.saturating_sub(1),
@@ -174,7 +174,6 @@ impl RaftLog {
                 offset,
                 len: self.end + buf.len() as u64 - offset,
             });
-            next += 1;
         }
         self.file.seek(SeekFrom::Start(self.end))?;
         self.file.write_all(&buf)?;
