@@ -27,9 +27,7 @@ use crate::error::ProxyError;
 use crate::proxy::{self, record_request, with_retries, ConnInfo, HasStatus, InFlight, Worker};
 use crate::selection::hash_bytes;
 use crate::server::ConnTimes;
-use crate::upstream::{
-    self, chunked_step, take_body, Chunk, Framing, RawHead, SendError, UpstreamConn,
-};
+use crate::upstream::{self, chunked_step, take_body, Chunk, Framing, RawHead, UpstreamConn};
 
 const MAX_REQUEST_HEADERS: usize = 100;
 
@@ -621,7 +619,6 @@ async fn forward(
     let started = Instant::now();
     backend.in_flight.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight(&backend);
-    let name = || backend.name.clone();
     let mut fresh_tried = false;
     loop {
         let checkout = worker
@@ -653,36 +650,10 @@ async fn forward(
                     backend: backend.clone(),
                 });
             }
-            // A pooled connection the backend has just closed: nothing was
-            // processed; once more on a fresh connection.
-            Err(SendError::NotSent(_)) if checkout.reused && !fresh_tried => fresh_tried = true,
-            Err(SendError::ClosedUnanswered) if checkout.reused && !fresh_tried && idempotent => {
+            Err(e) if !fresh_tried && e.worth_a_fresh_connection(checkout.reused, idempotent) => {
                 fresh_tried = true
             }
-            Err(SendError::NotSent(e)) => {
-                return Err(ProxyError::NotSent {
-                    backend: name(),
-                    reason: e.to_string(),
-                })
-            }
-            Err(SendError::ClosedUnanswered) => {
-                return Err(ProxyError::Exchange {
-                    backend: name(),
-                    reason: "connection closed without a response".into(),
-                })
-            }
-            Err(SendError::Failed(e)) => {
-                return Err(ProxyError::Exchange {
-                    backend: name(),
-                    reason: e.to_string(),
-                })
-            }
-            Err(SendError::TimedOut) => {
-                return Err(ProxyError::Timeout {
-                    backend: name(),
-                    timeout,
-                })
-            }
+            Err(e) => return Err(e.into_proxy_error(&backend.name, timeout)),
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::config::{Algorithm, HashOn, LbConfig};
 use crate::error::ProxyError;
 use crate::metrics::LbStats;
 use crate::selection::{hash_bytes, BackendSelection, Pick};
-use crate::upstream::{self, Head, Release, SendError, UpstreamPool};
+use crate::upstream::{self, Head, Release, UpstreamPool};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -536,7 +536,7 @@ async fn forward(
         path,
         headers: &parts.headers,
     };
-    let name = || backend.name.clone();
+    let idempotent = is_idempotent(&parts.method, &parts.headers);
     // A pooled connection the backend has just closed fails before anything
     // was processed; such a request goes once more on a fresh connection.
     let mut fresh_tried = false;
@@ -560,38 +560,10 @@ async fn forward(
                 strip_hop_by_hop(&mut parts.headers, false);
                 return Ok(Response::from_parts(parts, LbBody::Upstream(body)));
             }
-            Err(SendError::NotSent(_)) if checkout.reused && !fresh_tried => fresh_tried = true,
-            Err(SendError::NotSent(e)) => {
-                return Err(ProxyError::NotSent {
-                    backend: name(),
-                    reason: e.to_string(),
-                })
-            }
-            Err(SendError::ClosedUnanswered)
-                if checkout.reused
-                    && !fresh_tried
-                    && is_idempotent(&parts.method, &parts.headers) =>
-            {
+            Err(e) if !fresh_tried && e.worth_a_fresh_connection(checkout.reused, idempotent) => {
                 fresh_tried = true
             }
-            Err(SendError::ClosedUnanswered) => {
-                return Err(ProxyError::Exchange {
-                    backend: name(),
-                    reason: "connection closed without a response".into(),
-                })
-            }
-            Err(SendError::Failed(e)) => {
-                return Err(ProxyError::Exchange {
-                    backend: name(),
-                    reason: e.to_string(),
-                })
-            }
-            Err(SendError::TimedOut) => {
-                return Err(ProxyError::Timeout {
-                    backend: name(),
-                    timeout,
-                })
-            }
+            Err(e) => return Err(e.into_proxy_error(&backend.name, timeout)),
         }
     }
 }

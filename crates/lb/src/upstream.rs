@@ -191,6 +191,41 @@ pub enum SendError {
     TimedOut,
 }
 
+impl SendError {
+    /// Whether the attempt deserves one more go on a fresh connection to
+    /// the same backend: a pooled connection the backend had just closed
+    /// processed nothing (for a close without any answer, only an
+    /// idempotent request may assume so).
+    pub fn worth_a_fresh_connection(&self, reused: bool, idempotent: bool) -> bool {
+        reused
+            && match self {
+                SendError::NotSent(_) => true,
+                SendError::ClosedUnanswered => idempotent,
+                SendError::Failed(_) | SendError::TimedOut => false,
+            }
+    }
+
+    /// The attempt's failure, as the retry loop and the client see it.
+    pub fn into_proxy_error(self, backend: &str, timeout: Duration) -> ProxyError {
+        let backend = backend.to_string();
+        match self {
+            SendError::NotSent(e) => ProxyError::NotSent {
+                backend,
+                reason: e.to_string(),
+            },
+            SendError::ClosedUnanswered => ProxyError::Exchange {
+                backend,
+                reason: "connection closed without a response".into(),
+            },
+            SendError::Failed(e) => ProxyError::Exchange {
+                backend,
+                reason: e.to_string(),
+            },
+            SendError::TimedOut => ProxyError::Timeout { backend, timeout },
+        }
+    }
+}
+
 /// A request head to send: everything but the body.
 pub struct Head<'a> {
     pub method: &'a Method,
