@@ -206,28 +206,74 @@ fn statements_from(body: &[u8]) -> Result<Vec<Statement>, RequestError> {
     parse_statements(body)
 }
 
+/// The statements of a request: the JSON body, or for `/db/query` also a
+/// single `?q=`.
+fn statements_of(
+    params: &HashMap<String, String>,
+    body: &[u8],
+    allow_q: bool,
+) -> Result<Vec<Statement>, RequestError> {
+    match params.get("q").filter(|_| allow_q) {
+        Some(q) if !q.trim().is_empty() => Ok(vec![Statement::plain(q.clone())]),
+        Some(_) => Err(RequestError("q is empty".into())),
+        None if body.is_empty() && allow_q => Err(RequestError(
+            "give the query as ?q=... or a JSON body".into(),
+        )),
+        None => statements_from(body),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Execute,
+    Query,
+    /// `/db/request`: reads and writes in one list. A list of reads only is
+    /// served as a query; anything that writes goes through the log whole.
+    Unified,
+}
+
+/// One handler for the three endpoints: parse, send to the node, answer.
+async fn serve(
+    node: Arc<dyn Node>,
+    endpoint: Endpoint,
+    params: HashMap<String, String>,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let request = parse_params(&params).and_then(|parsed| {
+        let statements = statements_of(&params, &body, matches!(endpoint, Endpoint::Query))?;
+        Ok((parsed, statements))
+    });
+    let (parsed, statements) = match request {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
+    };
+    let read = match endpoint {
+        Endpoint::Execute => false,
+        Endpoint::Query => true,
+        Endpoint::Unified => statements.iter().all(|s| looks_read_only(&s.sql)),
+    };
+    let answer = if read {
+        node.query(statements, parsed.read)
+            .await
+            .map(|results| json!({ "results": results }))
+    } else {
+        node.execute(statements, parsed.read.exec)
+            .await
+            .map(|w| json!({ "results": w.results, "raft_index": w.raft_index }))
+    };
+    match answer {
+        Ok(body) => respond(body, &parsed, started),
+        Err(e) => error(e.status(), &e.to_string()),
+    }
+}
+
 async fn execute(
     State(node): State<Arc<dyn Node>>,
     Query(params): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    let started = Instant::now();
-    let parsed = match parse_params(&params) {
-        Ok(p) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
-    };
-    let statements = match statements_from(&body) {
-        Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
-    };
-    match node.execute(statements, parsed.read.exec).await {
-        Ok(w) => respond(
-            json!({ "results": w.results, "raft_index": w.raft_index }),
-            &parsed,
-            started,
-        ),
-        Err(e) => error(e.status(), &e.to_string()),
-    }
+    serve(node, Endpoint::Execute, params, body).await
 }
 
 async fn query(
@@ -235,61 +281,15 @@ async fn query(
     Query(params): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    let started = Instant::now();
-    let parsed = match parse_params(&params) {
-        Ok(p) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
-    };
-    let statements = match params.get("q") {
-        Some(q) if !q.trim().is_empty() => vec![Statement::plain(q.clone())],
-        Some(_) => return error(StatusCode::BAD_REQUEST, "q is empty"),
-        None if body.is_empty() => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "give the query as ?q=... or a JSON body",
-            )
-        }
-        None => match statements_from(&body) {
-            Ok(s) => s,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
-        },
-    };
-    match node.query(statements, parsed.read).await {
-        Ok(results) => respond(json!({ "results": results }), &parsed, started),
-        Err(e) => error(e.status(), &e.to_string()),
-    }
+    serve(node, Endpoint::Query, params, body).await
 }
 
-/// `/db/request`: reads and writes in one list. A list of reads only is
-/// served as a query; anything that writes goes through the log as a whole.
 async fn unified(
     State(node): State<Arc<dyn Node>>,
     Query(params): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    let started = Instant::now();
-    let parsed = match parse_params(&params) {
-        Ok(p) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
-    };
-    let statements = match statements_from(&body) {
-        Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
-    };
-    if statements.iter().all(|s| looks_read_only(&s.sql)) {
-        return match node.query(statements, parsed.read).await {
-            Ok(results) => respond(json!({ "results": results }), &parsed, started),
-            Err(e) => error(e.status(), &e.to_string()),
-        };
-    }
-    match node.execute(statements, parsed.read.exec).await {
-        Ok(w) => respond(
-            json!({ "results": w.results, "raft_index": w.raft_index }),
-            &parsed,
-            started,
-        ),
-        Err(e) => error(e.status(), &e.to_string()),
-    }
+    serve(node, Endpoint::Unified, params, body).await
 }
 
 /// A cheap first look; the engine still refuses a write sent as a read.
