@@ -390,16 +390,7 @@ pub fn chunked_step(state: &mut Chunk, buf: &mut BytesMut) -> std::io::Result<Op
                     }
                     return Ok(None);
                 };
-                let hex = buf[..eol]
-                    .split(|b| *b == b';')
-                    .next()
-                    .unwrap_or(b"")
-                    .trim_ascii();
-                let size = std::str::from_utf8(hex)
-                    .ok()
-                    .filter(|h| !h.is_empty() && h.len() <= 15)
-                    .and_then(|h| u64::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| invalid("bad chunk size"))?;
+                let size = chunk_size(&buf[..eol])?;
                 buf.advance(eol + 2);
                 *state = if size == 0 {
                     Chunk::Trailers
@@ -462,16 +453,7 @@ pub fn chunked_scan(state: &mut Chunk, buf: &[u8]) -> std::io::Result<usize> {
                     return Ok(at);
                 };
                 if *state == Chunk::Size {
-                    let hex = rest[..eol]
-                        .split(|b| *b == b';')
-                        .next()
-                        .unwrap_or(b"")
-                        .trim_ascii();
-                    let size = std::str::from_utf8(hex)
-                        .ok()
-                        .filter(|h| !h.is_empty() && h.len() <= 15)
-                        .and_then(|h| u64::from_str_radix(h, 16).ok())
-                        .ok_or_else(|| invalid("bad chunk size"))?;
+                    let size = chunk_size(&rest[..eol])?;
                     *state = if size == 0 {
                         Chunk::Trailers
                     } else {
@@ -506,6 +488,20 @@ pub fn chunked_scan(state: &mut Chunk, buf: &[u8]) -> std::io::Result<usize> {
             }
         }
     }
+}
+
+/// The size on a chunk-size line (hex, extensions after `;` ignored).
+fn chunk_size(line: &[u8]) -> std::io::Result<u64> {
+    let hex = line
+        .split(|b| *b == b';')
+        .next()
+        .unwrap_or(b"")
+        .trim_ascii();
+    std::str::from_utf8(hex)
+        .ok()
+        .filter(|h| !h.is_empty() && h.len() <= 15)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .ok_or_else(|| invalid("bad chunk size"))
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {
