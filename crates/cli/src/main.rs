@@ -1,6 +1,7 @@
 //! `scaleout`: the one binary. Parses flags, sets up logging and the
 //! runtime, and calls the role's library entry point.
 
+mod db;
 mod dns;
 mod lb;
 
@@ -43,6 +44,8 @@ enum Command {
     Lb(Box<lb::LbArgs>),
     /// Run the site's DNS: an authoritative zone that answers with healthy load balancers only.
     Dns(Box<dns::DnsArgs>),
+    /// Run a database node: SQLite replicated with Raft behind rqlite's HTTP API (leader, voter or read replica).
+    Db(Box<db::DbArgs>),
 }
 
 #[derive(clap::Args)]
@@ -120,6 +123,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .context("scaleout up")
         }
         Command::Dns(args) => dns::run(*args, shutdown).await.context("scaleout dns"),
+        Command::Db(args) => db::run(*args, shutdown).await.context("scaleout db"),
         // Settled (and run) by start(), which sizes the runtime first.
         Command::Lb(_) => anyhow::bail!("scaleout lb is started by start()"),
     }

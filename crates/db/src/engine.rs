@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 
 use crate::request::{Param, Params, Statement};
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExecOptions {
     pub transaction: bool,
     pub timings: bool,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -116,7 +116,21 @@ pub trait Node: Send + Sync + 'static {
     ) -> Result<Vec<Value>, NodeError>;
 }
 
+/// Marks a request one node forwarded to the leader: it is not forwarded
+/// again (leadership moved meanwhile: the client gets 503 and retries).
+pub const FORWARDED: &str = "x-scaleout-forwarded";
+
+#[derive(Clone)]
+struct Api {
+    node: Arc<dyn Node>,
+    client: reqwest::Client,
+}
+
 pub fn router(node: Arc<dyn Node>) -> Router {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap_or_default();
     Router::new()
         .route("/db/execute", post(execute))
         .route("/db/query", get(query).post(query))
@@ -125,10 +139,11 @@ pub fn router(node: Arc<dyn Node>) -> Router {
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         })
-        .with_state(node)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(Api { node, client })
 }
 
-fn error(status: StatusCode, msg: &str) -> Response {
+pub fn error(status: StatusCode, msg: &str) -> Response {
     (status, axum::Json(json!({ "error": msg }))).into_response()
 }
 
@@ -233,13 +248,15 @@ enum Endpoint {
 }
 
 /// One handler for the three endpoints: parse, send to the node, answer.
-async fn serve(
-    node: Arc<dyn Node>,
-    endpoint: Endpoint,
-    params: HashMap<String, String>,
-    body: Bytes,
-) -> Response {
+async fn serve(api: Api, endpoint: Endpoint, request: Request) -> Response {
     let started = Instant::now();
+    let Request {
+        params,
+        body,
+        uri,
+        method,
+        headers,
+    } = request;
     let request = parse_params(&params).and_then(|parsed| {
         let statements = statements_of(&params, &body, matches!(endpoint, Endpoint::Query))?;
         Ok((parsed, statements))
@@ -254,42 +271,144 @@ async fn serve(
         Endpoint::Unified => statements.iter().all(|s| looks_read_only(&s.sql)),
     };
     let answer = if read {
-        node.query(statements, parsed.read)
+        api.node
+            .query(statements, parsed.read)
             .await
             .map(|results| json!({ "results": results }))
     } else {
-        node.execute(statements, parsed.read.exec)
+        api.node
+            .execute(statements, parsed.read.exec)
             .await
             .map(|w| json!({ "results": w.results, "raft_index": w.raft_index }))
     };
     match answer {
         Ok(body) => respond(body, &parsed, started),
+        Err(NodeError::NotLeader {
+            leader: Some(leader),
+        }) => {
+            let to_leader = Forward {
+                leader: &leader,
+                method,
+                uri: &uri,
+                headers: &headers,
+                body,
+            };
+            to_leader.send(&api.client, flag(&params, "redirect")).await
+        }
         Err(e) => error(e.status(), &e.to_string()),
     }
 }
 
-async fn execute(
-    State(node): State<Arc<dyn Node>>,
-    Query(params): Query<HashMap<String, String>>,
-    body: Bytes,
-) -> Response {
-    serve(node, Endpoint::Execute, params, body).await
+/// A request a follower cannot serve, on its way to the leader.
+pub struct Forward<'a> {
+    /// The leader's API base URL (`http://host:port`).
+    pub leader: &'a str,
+    pub method: Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+    pub body: Bytes,
 }
 
-async fn query(
-    State(node): State<Arc<dyn Node>>,
-    Query(params): Query<HashMap<String, String>>,
-    body: Bytes,
-) -> Response {
-    serve(node, Endpoint::Query, params, body).await
+impl Forward<'_> {
+    /// With `redirect`, a 301 to the same path on the leader (rqlite's
+    /// `redirect`); else the request is sent there and the answer relayed.
+    pub async fn send(self, client: &reqwest::Client, redirect: bool) -> Response {
+        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        let target = format!("{}{}", self.leader, path);
+        if redirect {
+            return (
+                StatusCode::MOVED_PERMANENTLY,
+                [(header::LOCATION, target)],
+                axum::Json(json!({ "error": "not the leader", "leader": self.leader })),
+            )
+                .into_response();
+        }
+        if self.headers.contains_key(FORWARDED) {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "leadership changed while the request was forwarded; retry",
+            );
+        }
+        let mut request = client
+            .request(self.method, &target)
+            .header(FORWARDED, "1")
+            .body(self.body);
+        for name in [header::CONTENT_TYPE, header::AUTHORIZATION] {
+            if let Some(v) = self.headers.get(&name) {
+                request = request.header(name, v);
+            }
+        }
+        match request.send().await {
+            Ok(answer) => {
+                let status = answer.status();
+                let content_type = answer.headers().get(header::CONTENT_TYPE).cloned();
+                match answer.bytes().await {
+                    Ok(bytes) => {
+                        let mut response = (status, bytes).into_response();
+                        if let Some(ct) = content_type {
+                            response.headers_mut().insert(header::CONTENT_TYPE, ct);
+                        }
+                        response
+                    }
+                    Err(e) => error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("the leader did not finish its answer: {e}"),
+                    ),
+                }
+            }
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the leader {} could not be reached: {e}", self.leader),
+            ),
+        }
+    }
 }
 
-async fn unified(
-    State(node): State<Arc<dyn Node>>,
-    Query(params): Query<HashMap<String, String>>,
+/// What a data endpoint reads from the HTTP request.
+pub struct Request {
+    params: HashMap<String, String>,
     body: Bytes,
-) -> Response {
-    serve(node, Endpoint::Unified, params, body).await
+    uri: Uri,
+    method: Method,
+    headers: HeaderMap,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Request {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        let uri = req.uri().clone();
+        let method = req.method().clone();
+        let headers = req.headers().clone();
+        let params = Query::<HashMap<String, String>>::try_from_uri(&uri)
+            .map(|q| q.0)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, &e.body_text()))?;
+        let body = Bytes::from_request(req, state).await.map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!("request body: {} (at most {MAX_BODY} bytes)", e.body_text()),
+            )
+        })?;
+        Ok(Request {
+            params,
+            body,
+            uri,
+            method,
+            headers,
+        })
+    }
+}
+
+async fn execute(State(api): State<Api>, request: Request) -> Response {
+    serve(api, Endpoint::Execute, request).await
+}
+
+async fn query(State(api): State<Api>, request: Request) -> Response {
+    serve(api, Endpoint::Query, request).await
+}
+
+async fn unified(State(api): State<Api>, request: Request) -> Response {
+    serve(api, Endpoint::Unified, request).await
 }
 
 /// A cheap first look; the engine still refuses a write sent as a read.

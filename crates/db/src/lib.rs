@@ -20,9 +20,13 @@
 //! `/leader`, backup/load, `scaleout db`, snapshots.
 
 pub mod determinism;
+pub mod dump;
 pub mod engine;
 pub mod http;
 pub mod log;
+pub mod metrics;
+pub mod node;
+pub mod raft;
 pub mod request;
 pub mod state;
 

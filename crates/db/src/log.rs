@@ -268,14 +268,34 @@ impl RaftLog {
 
     /// Stores the vote (opaque bytes) durably.
     pub fn save_vote(&self, vote: &[u8]) -> Result<(), LogError> {
-        Ok(write_atomically(&self.dir, "vote", vote)?)
+        self.save_meta("vote", vote)
     }
 
     pub fn read_vote(&self) -> Result<Option<Vec<u8>>, LogError> {
-        match std::fs::read(self.dir.join("vote")) {
+        self.read_meta("vote")
+    }
+
+    /// Stores a small named value beside the log, replaced atomically.
+    pub fn save_meta(&self, name: &str, bytes: &[u8]) -> Result<(), LogError> {
+        Ok(write_atomically(&self.dir, name, bytes)?)
+    }
+
+    pub fn read_meta(&self, name: &str) -> Result<Option<Vec<u8>>, LogError> {
+        match std::fs::read(self.dir.join(name)) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every entry still in the log, in order (read once, on start).
+    pub fn read_all(&mut self) -> Result<Vec<Entry>, LogError> {
+        match (self.slots.first(), self.slots.last()) {
+            (Some(first), Some(last)) => {
+                let (from, to) = (first.index, last.index + 1);
+                self.read(from, to)
+            }
+            _ => Ok(Vec::new()),
         }
     }
 }

@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 /// A parameter value, as SQLite stores it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Param {
     Null,
     Integer(i64),
@@ -14,7 +14,7 @@ pub enum Param {
     Text(String),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Params {
     None,
     Positional(Vec<Param>),
@@ -22,7 +22,7 @@ pub enum Params {
     Named(Vec<(String, Param)>),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Statement {
     pub sql: String,
     pub params: Params,

@@ -21,14 +21,46 @@ use crate::request::Statement;
 const META: &str = "CREATE TABLE IF NOT EXISTS _scaleout_applied (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     log_index INTEGER NOT NULL,
-    term INTEGER NOT NULL
+    term INTEGER NOT NULL,
+    leader INTEGER NOT NULL DEFAULT 0,
+    membership TEXT
 )";
 
-/// A log position.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+/// A log position: the entry's index, and the term and node that led
+/// when it was written (Raft's log id).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
     pub term: u64,
+    pub leader: u64,
     pub index: u64,
+}
+
+/// What the file says it holds: the last applied entry and the last
+/// cluster membership seen in the log (opaque text to this module).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppliedState {
+    pub applied: Option<Applied>,
+    pub membership: Option<String>,
+}
+
+/// Reads the bookkeeping row of any state file (also a snapshot's).
+pub fn applied_state(conn: &Connection) -> rusqlite::Result<AppliedState> {
+    conn.query_row(
+        "SELECT term, leader, log_index, membership FROM _scaleout_applied WHERE id = 1",
+        [],
+        |r| {
+            Ok(AppliedState {
+                applied: Some(Applied {
+                    term: r.get::<_, i64>(0)? as u64,
+                    leader: r.get::<_, i64>(1)? as u64,
+                    index: r.get::<_, i64>(2)? as u64,
+                }),
+                membership: r.get(3)?,
+            })
+        },
+    )
+    .optional()
+    .map(Option::unwrap_or_default)
 }
 
 pub struct StateMachine {
@@ -45,6 +77,10 @@ impl StateMachine {
         Ok(StateMachine { conn })
     }
 
+    pub fn path(&self) -> Option<&str> {
+        self.conn.path()
+    }
+
     pub fn open_in_memory() -> rusqlite::Result<Self> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(META)?;
@@ -53,19 +89,11 @@ impl StateMachine {
 
     /// The last entry whose effects are in the file.
     pub fn applied(&self) -> rusqlite::Result<Applied> {
-        self.conn
-            .query_row(
-                "SELECT term, log_index FROM _scaleout_applied WHERE id = 1",
-                [],
-                |r| {
-                    Ok(Applied {
-                        term: r.get::<_, i64>(0)? as u64,
-                        index: r.get::<_, i64>(1)? as u64,
-                    })
-                },
-            )
-            .optional()
-            .map(Option::unwrap_or_default)
+        Ok(applied_state(&self.conn)?.applied.unwrap_or_default())
+    }
+
+    pub fn state(&self) -> rusqlite::Result<AppliedState> {
+        applied_state(&self.conn)
     }
 
     /// Applies one committed entry; `None` when it was applied before (a
@@ -78,26 +106,69 @@ impl StateMachine {
         statements: &[Statement],
         opts: &ExecOptions,
     ) -> rusqlite::Result<Option<Vec<Value>>> {
-        if at <= self.applied()? {
+        if at.index <= self.applied()?.index {
             return Ok(None);
         }
+        self.apply_batch(at, None, |tx| engine::execute(tx, statements, opts))
+            .map(Some)
+    }
+
+    /// Runs `work` and records `last` (and the membership, when it
+    /// changed) in one transaction: several committed entries share one
+    /// commit, and the file never holds part of a batch.
+    pub fn apply_batch<T>(
+        &mut self,
+        last: Applied,
+        membership: Option<&str>,
+        work: impl FnOnce(&Connection) -> T,
+    ) -> rusqlite::Result<T> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let results = engine::execute(&tx, statements, opts);
+        let out = work(&tx);
         tx.execute(
-            "INSERT INTO _scaleout_applied (id, log_index, term) VALUES (1, ?1, ?2)
-             ON CONFLICT(id) DO UPDATE SET log_index = excluded.log_index, term = excluded.term",
-            params![at.index as i64, at.term as i64],
+            "INSERT INTO _scaleout_applied (id, log_index, term, leader, membership)
+             VALUES (1, ?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET log_index = excluded.log_index,
+                term = excluded.term, leader = excluded.leader,
+                membership = coalesce(excluded.membership, membership)",
+            params![
+                last.index as i64,
+                last.term as i64,
+                last.leader as i64,
+                membership
+            ],
         )?;
         tx.commit()?;
-        Ok(Some(results))
+        Ok(out)
+    }
+
+    /// Replaces the whole file's contents with another SQLite file's (a
+    /// snapshot), through SQLite's backup so open readers stay valid.
+    pub fn restore(&mut self, from: &Path) -> rusqlite::Result<()> {
+        self.conn.restore(
+            rusqlite::MAIN_DB,
+            from,
+            None::<fn(rusqlite::backup::Progress)>,
+        )
+    }
+
+    /// A consistent copy of the file (the bookkeeping row included).
+    pub fn copy_to(&self, to: &Path) -> rusqlite::Result<()> {
+        copy_to(&self.conn, to)
     }
 
     /// Reads (never through the log).
     pub fn query(&self, statements: &[Statement], opts: &ExecOptions) -> Vec<Value> {
         engine::query(&self.conn, statements, opts)
     }
+}
+
+/// `VACUUM INTO`: a consistent, compact copy of a live file.
+pub fn copy_to(conn: &Connection, to: &Path) -> rusqlite::Result<()> {
+    let _ = std::fs::remove_file(to);
+    conn.execute("VACUUM INTO ?1", [to.to_string_lossy()])
+        .map(|_| ())
 }
 
 #[cfg(test)]
@@ -119,7 +190,11 @@ mod tests {
             let mut sm = StateMachine::open(&path).unwrap();
             assert_eq!(sm.applied().unwrap(), Applied::default());
             sm.apply(
-                Applied { term: 1, index: 1 },
+                Applied {
+                    term: 1,
+                    leader: 1,
+                    index: 1,
+                },
                 &stmts(r#"["CREATE TABLE t (x)"]"#),
                 &opts,
             )
@@ -127,7 +202,11 @@ mod tests {
             .unwrap();
             let r = sm
                 .apply(
-                    Applied { term: 1, index: 2 },
+                    Applied {
+                        term: 1,
+                        leader: 1,
+                        index: 2,
+                    },
                     &stmts(r#"["INSERT INTO t VALUES (1)"]"#),
                     &opts,
                 )
@@ -136,7 +215,11 @@ mod tests {
             assert_eq!(r, vec![json!({"last_insert_id": 1, "rows_affected": 1})]);
             assert_eq!(
                 sm.apply(
-                    Applied { term: 1, index: 2 },
+                    Applied {
+                        term: 1,
+                        leader: 1,
+                        index: 2
+                    },
                     &stmts(r#"["INSERT INTO t VALUES (1)"]"#),
                     &opts
                 )
@@ -146,10 +229,21 @@ mod tests {
             );
         }
         let mut sm = StateMachine::open(&path).unwrap();
-        assert_eq!(sm.applied().unwrap(), Applied { term: 1, index: 2 });
+        assert_eq!(
+            sm.applied().unwrap(),
+            Applied {
+                term: 1,
+                leader: 1,
+                index: 2
+            }
+        );
         assert_eq!(
             sm.apply(
-                Applied { term: 1, index: 1 },
+                Applied {
+                    term: 1,
+                    leader: 1,
+                    index: 1
+                },
                 &stmts(r#"["INSERT INTO t VALUES (9)"]"#),
                 &opts
             )
@@ -168,14 +262,22 @@ mod tests {
             ..Default::default()
         };
         sm.apply(
-            Applied { term: 1, index: 1 },
+            Applied {
+                term: 1,
+                leader: 1,
+                index: 1,
+            },
             &stmts(r#"["CREATE TABLE t (x)"]"#),
             &tx,
         )
         .unwrap();
         let r = sm
             .apply(
-                Applied { term: 1, index: 2 },
+                Applied {
+                    term: 1,
+                    leader: 1,
+                    index: 2,
+                },
                 &stmts(r#"["INSERT INTO t VALUES (1)", "INSERT INTO nope VALUES (2)"]"#),
                 &tx,
             )
@@ -200,7 +302,11 @@ mod tests {
         let opts = ExecOptions::default();
         let r = sm
             .apply(
-                Applied { term: 1, index: 1 },
+                Applied {
+                    term: 1,
+                    leader: 1,
+                    index: 1,
+                },
                 &stmts(r#"["BEGIN", "UPDATE _scaleout_applied SET log_index = 0", "commit"]"#),
                 &opts,
             )

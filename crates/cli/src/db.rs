@@ -1,0 +1,97 @@
+//! `scaleout db`: flags → `scaleout_db::node::DbConfig`, the two listeners
+//! bound (so port 0 works and the printed addresses are the real ones).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use scaleout_db::node::{self, DbConfig};
+use scaleout_db::raft::Member;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct DbArgs {
+    /// This node's id: a whole number, unique in the cluster.
+    #[arg(long)]
+    id: u64,
+    /// The HTTP API address (rqlite's API), host:port; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:4001")]
+    http: String,
+    /// The Raft address the other nodes connect to, host:port.
+    #[arg(long, default_value = "127.0.0.1:4002")]
+    raft: String,
+    /// The data directory (Raft log, vote, SQLite database, snapshots).
+    #[arg(long)]
+    data: PathBuf,
+    /// An existing node's API URL (http://host:port): join its cluster.
+    #[arg(long)]
+    join: Option<String>,
+    /// Join as a read replica (a non-voting Raft learner).
+    #[arg(long)]
+    read_only: bool,
+    /// The API address others should use, if not --http (e.g. behind NAT).
+    #[arg(long)]
+    http_adv: Option<String>,
+    /// The Raft address others should use, if not --raft.
+    #[arg(long)]
+    raft_adv: Option<String>,
+    /// Time without a leader before a follower stands for election (it
+    /// waits between this and twice this).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "600ms")]
+    election_timeout: Duration,
+    /// Applied entries between snapshots (the log before a snapshot is dropped).
+    #[arg(long, default_value_t = 8192)]
+    snapshot_threshold: u64,
+    /// How long a read waits for min_index or for the leader's confirmation.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    read_timeout: Duration,
+}
+
+async fn bind(what: &str, addr: &str) -> anyhow::Result<(TcpListener, String)> {
+    let resolved = node::resolve(addr)
+        .await
+        .with_context(|| format!("--{what}"))?;
+    let listener = TcpListener::bind(resolved)
+        .await
+        .with_context(|| format!("--{what} {addr}: cannot listen"))?;
+    let port = listener.local_addr()?.port();
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    Ok((listener, format!("{host}:{port}")))
+}
+
+pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if args.id == 0 {
+        anyhow::bail!("--id must be 1 or more (0 means \"no node\" in the metrics)");
+    }
+    if let Some(url) = &args.join {
+        if !url.starts_with("http://") {
+            anyhow::bail!("--join {url}: give the API URL of a node, e.g. http://127.0.0.1:4001");
+        }
+    }
+    if args.election_timeout < Duration::from_millis(50) {
+        anyhow::bail!("--election-timeout must be at least 50ms");
+    }
+    let (api, api_addr) = bind("http", &args.http).await?;
+    let (raft, raft_addr) = bind("raft", &args.raft).await?;
+    let advertise = Member {
+        api: args.http_adv.unwrap_or(api_addr),
+        raft: args.raft_adv.unwrap_or(raft_addr),
+    };
+    let mut config = DbConfig::new(args.id, advertise.clone(), args.data.clone());
+    config.join = args.join;
+    config.read_only = args.read_only;
+    config.election_timeout = args.election_timeout;
+    config.snapshot_threshold = args.snapshot_threshold.max(1);
+    config.read_timeout = args.read_timeout;
+    let running = node::start(config, api, raft, shutdown.clone()).await?;
+    println!(
+        "scaleout db: node {} http://{} raft {} data {}",
+        args.id,
+        advertise.api,
+        advertise.raft,
+        args.data.display()
+    );
+    running.run(shutdown).await;
+    Ok(())
+}

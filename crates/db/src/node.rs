@@ -1,0 +1,827 @@
+//! A database node: openraft over the durable log and the SQLite state
+//! machine, serving rqlite's HTTP API.
+//!
+//! Writes go through the log on the leader (a follower's HTTP layer
+//! forwards them there); the answer carries the index that committed
+//! them. Reads are served from local read-only connections once the
+//! requested consistency holds: `none` at once (optionally no staler than
+//! `freshness`), `weak` if this node believes it leads, `linearizable`
+//! after the leader confirms its leadership with a quorum (and has applied
+//! up to that point), `strong` after a round trip through the log; with
+//! `min_index=N` only once N is applied here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use openraft::error::{ForwardToLeader, RaftError};
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::determinism::{self, Moment};
+use crate::engine::{ExecOptions, RESERVED_PREFIX};
+use crate::http::{self, error, Forward, Level, NodeError, ReadOptions, Written};
+use crate::metrics::Stats;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{self, Contact, Network};
+use crate::raft::state_store::{Readers, StateStore};
+use crate::raft::{Command, Member, Raft};
+use crate::request::Statement;
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    pub id: u64,
+    /// The addresses the other nodes and clients use to reach this one.
+    pub advertise: Member,
+    pub data: PathBuf,
+    /// An existing node's API URL, to join its cluster.
+    pub join: Option<String>,
+    /// Join as a non-voting read replica (a Raft learner).
+    pub read_only: bool,
+    /// A follower that hears no leader for this long (up to twice it)
+    /// starts an election.
+    pub election_timeout: Duration,
+    /// Entries applied since the last snapshot that trigger a new one.
+    pub snapshot_threshold: u64,
+    /// How long a read waits for `min_index` or a leader's confirmation.
+    pub read_timeout: Duration,
+}
+
+impl DbConfig {
+    pub fn new(id: u64, advertise: Member, data: PathBuf) -> Self {
+        DbConfig {
+            id,
+            advertise,
+            data,
+            join: None,
+            read_only: false,
+            election_timeout: Duration::from_millis(600),
+            snapshot_threshold: 8192,
+            read_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("data directory {0}: {1}")]
+    Storage(PathBuf, String),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+pub struct DbNode {
+    id: u64,
+    raft: Raft,
+    readers: Arc<Readers>,
+    me: Member,
+    read_only: bool,
+    contact: Arc<Contact>,
+    client: reqwest::Client,
+    stats: Stats,
+    read_timeout: Duration,
+    started: Instant,
+    db_path: PathBuf,
+}
+
+/// A running node: its listeners are bound and serving.
+pub struct Running {
+    pub node: Arc<DbNode>,
+    servers: tokio::task::JoinSet<()>,
+}
+
+fn fresh_data_dir(dir: &Path) -> bool {
+    !dir.join("raft").join("log").exists() && !dir.join("raft").join("vote").exists()
+}
+
+/// Opens the node's storage, starts Raft and serves both listeners; with
+/// an empty data directory, bootstraps a one-node cluster or (with
+/// `join`) asks an existing one to take this node in.
+pub async fn start(
+    config: DbConfig,
+    api: TcpListener,
+    raft_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
+    let fresh = fresh_data_dir(&config.data);
+    let storage =
+        |e: &dyn std::fmt::Display| StartError::Storage(config.data.clone(), e.to_string());
+    let log = LogStore::open(&config.data.join("raft")).map_err(|e| storage(&e))?;
+    let state = StateStore::open(&config.data).map_err(|e| storage(&e))?;
+    let db_path = state.db_path();
+    let readers = Arc::new(Readers::open(&db_path, 4).map_err(|e| storage(&e))?);
+
+    let election = config.election_timeout.as_millis() as u64;
+    let raft_config = openraft::Config {
+        cluster_name: "scaleout".into(),
+        heartbeat_interval: (election / 5).max(20),
+        election_timeout_min: election,
+        election_timeout_max: election * 2,
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
+        max_in_snapshot_log_to_keep: config.snapshot_threshold.min(1000),
+        snapshot_max_chunk_size: 1024 * 1024,
+        max_payload_entries: 512,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| StartError::Config(e.to_string()))?;
+    let raft = Raft::new(config.id, Arc::new(raft_config), Network::new(), log, state)
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+
+    let contact = Arc::new(Contact::default());
+    let node = Arc::new(DbNode {
+        id: config.id,
+        raft: raft.clone(),
+        readers,
+        me: config.advertise.clone(),
+        read_only: config.read_only,
+        contact: contact.clone(),
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_default(),
+        stats: Stats::default(),
+        read_timeout: config.read_timeout,
+        started: Instant::now(),
+        db_path,
+    });
+
+    let mut servers = tokio::task::JoinSet::new();
+    let rpc = network::router(raft.clone(), contact);
+    servers.spawn(serve(raft_listener, rpc, shutdown.clone()));
+    servers.spawn(serve(api, node.clone().router(), shutdown.clone()));
+
+    if fresh {
+        match &config.join {
+            None => {
+                let members = BTreeMap::from([(config.id, config.advertise.clone())]);
+                raft.initialize(members)
+                    .await
+                    .map_err(|e| StartError::Raft(e.to_string()))?;
+                tracing::info!(id = config.id, "bootstrapped a one-node cluster");
+            }
+            Some(url) => {
+                let node = node.clone();
+                let url = url.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { node.join(&url, shutdown).await });
+            }
+        }
+    } else {
+        tracing::info!(id = config.id, "restarted with its data and membership");
+    }
+    Ok(Running { node, servers })
+}
+
+impl Running {
+    /// Serves until `shutdown`, then stops Raft and the listeners.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        shutdown.cancelled().await;
+        if let Err(e) = self.node.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not stop cleanly");
+        }
+        while self.servers.join_next().await.is_some() {}
+    }
+}
+
+async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "server stopped");
+    }
+}
+
+/// Where a non-leader sends a client.
+fn redirect_of<E>(e: &RaftError<u64, E>) -> NodeError
+where
+    E: openraft::TryAsRef<ForwardToLeader<u64, Member>> + std::fmt::Debug + std::fmt::Display,
+{
+    match e.forward_to_leader() {
+        Some(ForwardToLeader {
+            leader_node: Some(node),
+            ..
+        }) => NodeError::NotLeader {
+            leader: Some(node.api_url()),
+        },
+        Some(_) => NodeError::NoLeader,
+        None => NodeError::Internal(e.to_string()),
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl DbNode {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    fn leader(&self) -> Option<(u64, Member)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node))
+    }
+
+    fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    fn not_leader(&self) -> NodeError {
+        match self.leader() {
+            Some((_, node)) => NodeError::NotLeader {
+                leader: Some(node.api_url()),
+            },
+            None => NodeError::NoLeader,
+        }
+    }
+
+    async fn write(&self, command: Command) -> Result<(u64, Vec<Value>), NodeError> {
+        match self.raft.client_write(command).await {
+            Ok(written) => Ok((written.log_id.index, written.data)),
+            Err(e) => Err(redirect_of(&e)),
+        }
+    }
+
+    async fn wait_applied(&self, index: u64) -> Result<(), NodeError> {
+        self.raft
+            .wait(Some(self.read_timeout))
+            .applied_index_at_least(Some(index), "min_index")
+            .await
+            .map(|_| ())
+            .map_err(|_| NodeError::NotCaughtUp(index))
+    }
+
+    /// Asks the cluster at `url` to take this node in, until it does.
+    async fn join(&self, url: &str, shutdown: CancellationToken) {
+        let body = json!({
+            "id": self.id,
+            "api_addr": self.me.api,
+            "addr": self.me.raft,
+            "voter": !self.read_only,
+        });
+        let target = format!("{}/join", url.trim_end_matches('/'));
+        loop {
+            let sent = self.client.post(&target).json(&body).send().await;
+            match sent {
+                Ok(r) if r.status().is_success() => {
+                    tracing::info!(%url, voter = !self.read_only, "joined the cluster");
+                    return;
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    let text = r.text().await.unwrap_or_default();
+                    tracing::warn!(%url, %status, answer = %text, "join refused; retrying");
+                }
+                Err(e) => tracing::warn!(%url, error = %e, "join failed; retrying"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    fn router(self: Arc<Self>) -> Router {
+        let cluster = Router::new()
+            .route("/status", get(status))
+            .route("/nodes", get(nodes))
+            .route("/readyz", get(readyz))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/leader", get(leader))
+            .route("/metrics", get(metrics))
+            .route("/join", post(join))
+            .route("/remove", delete(remove))
+            .route("/db/backup", get(backup))
+            .route("/db/load", post(load))
+            .layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY * 8))
+            .with_state(self.clone());
+        let stats = self.clone();
+        http::router(self)
+            .merge(cluster)
+            .layer(axum::middleware::from_fn(move |req, next| {
+                let stats = stats.clone();
+                async move { stats.stats.observe(req, next).await }
+            }))
+    }
+}
+
+#[async_trait::async_trait]
+impl http::Node for DbNode {
+    async fn execute(
+        &self,
+        statements: Vec<Statement>,
+        opts: ExecOptions,
+    ) -> Result<Written, NodeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let moment = Moment {
+            unix_ms: unix_ms(),
+            seed: rand::random(),
+        };
+        let statements = statements
+            .into_iter()
+            .map(|s| Statement {
+                sql: determinism::rewrite(&s.sql, moment),
+                params: s.params,
+            })
+            .collect();
+        let (raft_index, results) = self.write(Command::Execute { statements, opts }).await?;
+        Ok(Written {
+            results,
+            raft_index,
+        })
+    }
+
+    async fn query(
+        &self,
+        statements: Vec<Statement>,
+        opts: ReadOptions,
+    ) -> Result<Vec<Value>, NodeError> {
+        let level = match opts.level {
+            Level::Auto if self.read_only => Level::None,
+            Level::Auto => Level::Weak,
+            level => level,
+        };
+        match level {
+            Level::None => {
+                if let Some(limit) = opts.freshness.filter(|_| !self.is_leader()) {
+                    match self.contact.age() {
+                        Some(age) if age <= limit => {}
+                        _ => return Err(NodeError::Stale),
+                    }
+                    if opts.freshness_strict {
+                        let m = self.raft.metrics().borrow().clone();
+                        if m.last_applied.map(|l| l.index) < m.last_log_index {
+                            return Err(NodeError::Stale);
+                        }
+                    }
+                }
+            }
+            Level::Weak | Level::Auto => {
+                if !self.is_leader() {
+                    return Err(self.not_leader());
+                }
+            }
+            Level::Linearizable => {
+                let confirmed =
+                    tokio::time::timeout(self.read_timeout, self.raft.ensure_linearizable()).await;
+                match confirmed {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(redirect_of(&e)),
+                    Err(_) => return Err(NodeError::NoLeader),
+                }
+            }
+            Level::Strong => {
+                if !self.is_leader() {
+                    return Err(self.not_leader());
+                }
+                self.write(Command::Barrier).await?;
+            }
+        }
+        if let Some(index) = opts.min_index {
+            self.wait_applied(index).await?;
+        }
+        self.readers
+            .query(statements, opts.exec)
+            .await
+            .map_err(NodeError::Internal)
+    }
+}
+
+// ---- cluster endpoints ----
+
+type Node = State<Arc<DbNode>>;
+
+fn role(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+async fn status(State(node): Node) -> Response {
+    let m = node.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let learners: Vec<u64> = membership.learner_ids().collect();
+    let leader = node.leader();
+    let db_size = std::fs::metadata(&node.db_path).map_or(0, |m| m.len());
+    axum::Json(json!({
+        "node": {
+            "id": node.id.to_string(),
+            "api_addr": node.me.api_url(),
+            "raft_addr": node.me.raft,
+            "read_only": node.read_only,
+            "uptime_seconds": node.started.elapsed().as_secs_f64(),
+        },
+        "store": {
+            "node_id": node.id.to_string(),
+            "leader": leader.as_ref().map(|(id, n)| json!({"node_id": id.to_string(), "api_addr": n.api_url(), "addr": n.raft})),
+            "db_size": db_size,
+            "raft": {
+                "state": role(m.state),
+                "term": m.current_term,
+                "last_log_index": m.last_log_index.unwrap_or(0),
+                "applied_index": m.last_applied.map_or(0, |l| l.index),
+                "snapshot_index": m.snapshot.map_or(0, |l| l.index),
+                "purged_index": m.purged.map_or(0, |l| l.index),
+                "voters": voters,
+                "learners": learners,
+                "voter": voters.contains(&node.id),
+                "millis_since_quorum_ack": m.millis_since_quorum_ack,
+                "last_contact_ms": node.contact.age().map(|a| a.as_millis() as u64),
+            },
+        },
+        "build": { "version": env!("CARGO_PKG_VERSION"), "engine": "scaleout" },
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize, Default)]
+struct NodesParams {
+    nonvoters: Option<String>,
+    ver: Option<String>,
+}
+
+async fn nodes(State(node): Node, Query(params): Query<NodesParams>) -> Response {
+    let m = node.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership().clone();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let with_nonvoters = params.nonvoters.is_some();
+    let leader = node.leader().map(|(id, _)| id);
+    let mut checks = tokio::task::JoinSet::new();
+    for (id, member) in membership.nodes() {
+        let voter = voters.contains(id);
+        if !voter && !with_nonvoters {
+            continue;
+        }
+        let (id, member, client) = (*id, member.clone(), node.client.clone());
+        checks.spawn(async move {
+            let started = Instant::now();
+            let reachable = client
+                .get(format!("{}/healthz", member.api_url()))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            (id, member, voter, reachable, started.elapsed())
+        });
+    }
+    let mut listed = Vec::new();
+    while let Some(Ok((id, member, voter, reachable, took))) = checks.join_next().await {
+        listed.push(json!({
+            "id": id.to_string(),
+            "api_addr": member.api_url(),
+            "addr": member.raft,
+            "voter": voter,
+            "reachable": reachable,
+            "leader": leader == Some(id),
+            "time": took.as_secs_f64(),
+        }));
+    }
+    listed.sort_by_key(|n| n["id"].as_str().and_then(|s| s.parse::<u64>().ok()));
+    let body = if params.ver.as_deref() == Some("2") {
+        json!({ "nodes": listed })
+    } else {
+        Value::Object(
+            listed
+                .into_iter()
+                .map(|n| (n["id"].as_str().unwrap_or_default().to_string(), n))
+                .collect(),
+        )
+    };
+    axum::Json(body).into_response()
+}
+
+async fn readyz(State(node): Node, Query(params): Query<BTreeMap<String, String>>) -> Response {
+    if params.contains_key("noleader") || node.leader().is_some() {
+        (StatusCode::OK, "[+]node ok\n[+]leader ok\n[+]store ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "[+]node ok\n[-]leader not contactable\n",
+        )
+            .into_response()
+    }
+}
+
+async fn leader(State(node): Node) -> Response {
+    match node.leader() {
+        Some((id, member)) => axum::Json(json!({
+            "leader": { "id": id.to_string(), "api_addr": member.api_url(), "addr": member.raft }
+        }))
+        .into_response(),
+        None => error(StatusCode::SERVICE_UNAVAILABLE, "no leader"),
+    }
+}
+
+async fn metrics(State(node): Node) -> Response {
+    let m = node.raft.metrics().borrow().clone();
+    let text = node.stats.render(&m);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Requests only the leader may serve: a follower forwards them.
+async fn on_leader(
+    node: &DbNode,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Option<Response> {
+    if node.is_leader() {
+        return None;
+    }
+    let NodeError::NotLeader {
+        leader: Some(leader),
+    } = node.not_leader()
+    else {
+        return Some(error(StatusCode::SERVICE_UNAVAILABLE, "no leader"));
+    };
+    let forward = Forward {
+        leader: &leader,
+        method,
+        uri,
+        headers,
+        body,
+    };
+    Some(
+        forward
+            .send(
+                &node.client,
+                uri.query().is_some_and(|q| q.contains("redirect")),
+            )
+            .await,
+    )
+}
+
+#[derive(Deserialize)]
+struct JoinRequest {
+    id: serde_json::Value,
+    #[serde(alias = "api")]
+    api_addr: String,
+    #[serde(alias = "raft")]
+    addr: String,
+    #[serde(default = "yes")]
+    voter: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn node_id(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+async fn join(
+    State(node): Node,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request: JoinRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("join: {e}; send {{\"id\": N, \"api_addr\": \"host:port\", \"addr\": \"host:port\", \"voter\": true}}"),
+            )
+        }
+    };
+    let Some(id) = node_id(&request.id) else {
+        return error(StatusCode::BAD_REQUEST, "join: id must be a whole number");
+    };
+    if let Some(forwarded) = on_leader(&node, method, &uri, &headers, body).await {
+        return forwarded;
+    }
+    let member = Member {
+        api: request.api_addr.trim_start_matches("http://").to_string(),
+        raft: request.addr,
+    };
+    let membership = node.raft.metrics().borrow().membership_config.clone();
+    let known = membership.membership().get_node(&id).cloned();
+    let is_voter = membership.membership().voter_ids().any(|v| v == id);
+    if known.as_ref() == Some(&member) && is_voter == request.voter {
+        return axum::Json(json!({ "joined": id, "already": true })).into_response();
+    }
+    if let Err(e) = node.raft.add_learner(id, member.clone(), true).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, &format!("join: {e}"));
+    }
+    if request.voter {
+        let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+        if let Err(e) = node.raft.change_membership(change, false).await {
+            return error(StatusCode::SERVICE_UNAVAILABLE, &format!("join: {e}"));
+        }
+    }
+    tracing::info!(id, %member, voter = request.voter, "node joined");
+    axum::Json(json!({ "joined": id })).into_response()
+}
+
+async fn remove(
+    State(node): Node,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let id = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| node_id(&v["id"]));
+    let Some(id) = id else {
+        return error(StatusCode::BAD_REQUEST, "remove: send {\"id\": N}");
+    };
+    if let Some(forwarded) = on_leader(&node, method, &uri, &headers, body).await {
+        return forwarded;
+    }
+    let membership = node.raft.metrics().borrow().membership_config.clone();
+    if membership.membership().get_node(&id).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("remove: node {id} is not in the cluster"),
+        );
+    }
+    let voters: BTreeSet<u64> = membership.membership().voter_ids().collect();
+    let change = if voters.contains(&id) {
+        ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+    } else {
+        ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+    };
+    match node.raft.change_membership(change, false).await {
+        Ok(_) => {
+            if voters.contains(&id) {
+                // A removed voter stays a learner: take it out entirely.
+                let _ = node
+                    .raft
+                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                    .await;
+            }
+            tracing::info!(id, "node removed");
+            axum::Json(json!({ "removed": id })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("remove: {e}")),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct BackupParams {
+    fmt: Option<String>,
+}
+
+async fn backup(
+    State(node): Node,
+    Query(params): Query<BackupParams>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let local = uri.query().is_some_and(|q| q.contains("noleader"));
+    if !local {
+        if let Some(forwarded) = on_leader(&node, method, &uri, &headers, Bytes::new()).await {
+            return forwarded;
+        }
+    }
+    let sql = match params.fmt.as_deref() {
+        None | Some("binary") | Some("") => false,
+        Some("sql") => true,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("fmt {other:?}: use sql, or leave it out for the SQLite file"),
+            )
+        }
+    };
+    let made = node
+        .readers
+        .with(move |conn| {
+            if sql {
+                crate::dump::dump(conn).map(String::into_bytes)
+            } else {
+                crate::dump::file_copy(conn)
+            }
+        })
+        .await;
+    match made {
+        Ok(Ok(bytes)) => {
+            let content_type = if sql {
+                "application/sql"
+            } else {
+                "application/octet-stream"
+            };
+            ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("backup: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("backup: {e}")),
+    }
+}
+
+async fn load(
+    State(node): Node,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if body.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "load: send a SQLite file or SQL text",
+        );
+    }
+    if let Some(forwarded) = on_leader(&node, method, &uri, &headers, body.clone()).await {
+        return forwarded;
+    }
+    let command = if body.starts_with(b"SQLite format 3\0") {
+        let bytes = body.to_vec();
+        match tokio::task::spawn_blocking(move || crate::dump::dump_file(&bytes)).await {
+            Ok(Ok(sql)) => Command::Load { sql, replace: true },
+            Ok(Err(e)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("load: not a usable SQLite file: {e}"),
+                )
+            }
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("load: {e}")),
+        }
+    } else {
+        let Ok(sql) = String::from_utf8(body.to_vec()) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "load: the body is neither a SQLite file nor UTF-8 SQL text",
+            );
+        };
+        if sql.to_ascii_lowercase().contains(RESERVED_PREFIX) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("load: names starting with {RESERVED_PREFIX} are reserved"),
+            );
+        }
+        Command::Load {
+            sql,
+            replace: false,
+        }
+    };
+    match node.write(command).await {
+        Ok((raft_index, results)) => {
+            let failed = results.iter().any(|r| r.get("error").is_some());
+            let status = if failed {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::OK
+            };
+            (
+                status,
+                axum::Json(json!({ "results": results, "raft_index": raft_index })),
+            )
+                .into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// The listening address a `host:port` names (the first it resolves to).
+pub async fn resolve(addr: &str) -> Result<SocketAddr, StartError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| StartError::Config(format!("{addr}: {e}")))?
+        .next()
+        .ok_or_else(|| StartError::Config(format!("{addr}: resolves to no address")))
+}

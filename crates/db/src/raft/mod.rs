@@ -1,0 +1,85 @@
+//! The Raft side of a node, on openraft (0.9, storage v2): what goes in
+//! the log ([`Command`]), who is in the cluster ([`Member`]), the durable
+//! log ([`log_store`]), the SQLite state machine with its snapshots
+//! ([`state_store`]) and the node-to-node RPCs over HTTP ([`network`]).
+
+// openraft's StorageError is large by design; its API returns it by value.
+#![allow(clippy::result_large_err)]
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::engine::ExecOptions;
+use crate::request::Statement;
+
+pub mod log_store;
+pub mod network;
+pub mod state_store;
+
+/// What a committed log entry asks every node to do. The leader has
+/// already made the SQL deterministic (see [`crate::determinism`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    Execute {
+        statements: Vec<Statement>,
+        opts: ExecOptions,
+    },
+    /// `/db/load`: SQL text run as one transaction; with `replace`, the
+    /// database is emptied first (loading a whole SQLite file).
+    Load { sql: String, replace: bool },
+    /// Nothing to apply: a strong read's round trip through the log.
+    Barrier,
+}
+
+/// A node's two addresses, as the others reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The HTTP API (`host:port`).
+    pub api: String,
+    /// The Raft RPC listener (`host:port`).
+    pub raft: String,
+}
+
+impl Member {
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api)
+    }
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "api={} raft={}", self.api, self.raft)
+    }
+}
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Command,
+        R = Vec<Value>,
+        NodeId = u64,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<u64>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type StoredMembership = openraft::StoredMembership<u64, Member>;
+pub type StorageError = openraft::StorageError<u64>;
+
+/// openraft's storage error for an I/O failure of `what`.
+pub(crate) fn io_error(
+    subject: openraft::ErrorSubject<u64>,
+    verb: openraft::ErrorVerb,
+    e: impl std::fmt::Display,
+) -> StorageError {
+    StorageError::from(openraft::StorageIOError::new(
+        subject,
+        verb,
+        openraft::AnyError::error(e.to_string()),
+    ))
+}
