@@ -96,6 +96,8 @@ pub struct DbNode {
     read_timeout: Duration,
     started: Instant,
     db_path: PathBuf,
+    /// One membership change at a time (openraft refuses overlapping ones).
+    membership_change: tokio::sync::Mutex<()>,
 }
 
 /// A running node: its listeners are bound and serving.
@@ -133,7 +135,7 @@ pub async fn start(
         election_timeout_max: election * 2,
         install_snapshot_timeout: 10_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
-        max_in_snapshot_log_to_keep: config.snapshot_threshold.min(1000),
+        max_in_snapshot_log_to_keep: (config.snapshot_threshold / 2).min(1000),
         snapshot_max_chunk_size: 1024 * 1024,
         max_payload_entries: 512,
         ..Default::default()
@@ -160,6 +162,7 @@ pub async fn start(
         read_timeout: config.read_timeout,
         started: Instant::now(),
         db_path,
+        membership_change: tokio::sync::Mutex::new(()),
     });
 
     let mut servers = tokio::task::JoinSet::new();
@@ -637,6 +640,7 @@ async fn join(
         api: request.api_addr.trim_start_matches("http://").to_string(),
         raft: request.addr,
     };
+    let _one_at_a_time = node.membership_change.lock().await;
     let membership = node.raft.metrics().borrow().membership_config.clone();
     let known = membership.membership().get_node(&id).cloned();
     let is_voter = membership.membership().voter_ids().any(|v| v == id);
@@ -672,6 +676,7 @@ async fn remove(
     if let Some(forwarded) = on_leader(&node, method, &uri, &headers, body).await {
         return forwarded;
     }
+    let _one_at_a_time = node.membership_change.lock().await;
     let membership = node.raft.metrics().borrow().membership_config.clone();
     if membership.membership().get_node(&id).is_none() {
         return error(
@@ -729,16 +734,19 @@ async fn backup(
             )
         }
     };
-    let made = node
-        .readers
-        .with(move |conn| {
-            if sql {
-                crate::dump::dump(conn).map(String::into_bytes)
-            } else {
-                crate::dump::file_copy(conn)
-            }
-        })
-        .await;
+    // Its own connection: VACUUM INTO writes (the copy), which the
+    // query-only readers refuse.
+    let path = node.db_path.clone();
+    let made = tokio::task::spawn_blocking(move || {
+        let conn = rusqlite::Connection::open(&path)?;
+        if sql {
+            crate::dump::dump(&conn).map(String::into_bytes)
+        } else {
+            crate::dump::file_copy(&conn)
+        }
+    })
+    .await
+    .map_err(|e| e.to_string());
     match made {
         Ok(Ok(bytes)) => {
             let content_type = if sql {

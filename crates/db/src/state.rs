@@ -126,6 +126,12 @@ impl StateMachine {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = work(&tx);
+        if tx.is_autocommit() {
+            // The SQL ended the transaction itself (a trigger's
+            // RAISE(ROLLBACK), say): record the position on its own rather
+            // than stop the node; that entry's effects were not atomic.
+            tracing::warn!(index = last.index, "an entry's SQL ended the apply transaction");
+        }
         tx.execute(
             "INSERT INTO _scaleout_applied (id, log_index, term, leader, membership)
              VALUES (1, ?1, ?2, ?3, ?4)
@@ -139,7 +145,11 @@ impl StateMachine {
                 membership
             ],
         )?;
-        tx.commit()?;
+        if tx.is_autocommit() {
+            drop(tx);
+        } else {
+            tx.commit()?;
+        }
         Ok(out)
     }
 

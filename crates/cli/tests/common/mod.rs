@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub mod backend;
+pub mod db;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -31,7 +32,7 @@ impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
         let mut child = Command::new(BIN)
             .args(args)
-            .env("SCALEOUT_LOG", "warn")
+            .env("SCALEOUT_LOG", "warn,openraft=error")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -129,8 +129,8 @@ fn load(conn: &Connection, sql: &str, replace: bool) -> Value {
         while let Some(mut stmt) = batch.next()? {
             let text = stmt.expanded_sql().unwrap_or_default();
             let first = text
-                .split_whitespace()
-                .next()
+                .split(|c: char| c.is_whitespace() || c == ';')
+                .find(|w| !w.is_empty())
                 .unwrap_or("")
                 .to_ascii_lowercase();
             if matches!(first.as_str(), "begin" | "commit" | "end" | "rollback") {
@@ -426,5 +426,40 @@ impl Readers {
     ) -> Result<Vec<Value>, String> {
         self.with(move |conn| engine::query(conn, &statements, &opts))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_tx(conn: &mut Connection, f: impl FnOnce(&Connection) -> Value) -> Value {
+        let tx = conn.transaction().unwrap();
+        let out = f(&tx);
+        tx.commit().unwrap();
+        out
+    }
+
+    #[test]
+    fn a_load_runs_a_dump_inside_the_callers_transaction() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE old (x); CREATE TABLE _scaleout_applied (id);")
+            .unwrap();
+        let dump = "PRAGMA foreign_keys=OFF;\nBEGIN TRANSACTION;\nCREATE TABLE b (x);\nINSERT INTO b VALUES(1);\nCREATE TRIGGER tr AFTER INSERT ON b BEGIN INSERT INTO b VALUES (NULL); END;\nCOMMIT;\n";
+        let out = in_tx(&mut conn, |c| load(c, dump, true));
+        assert_eq!(out, json!({ "statements": 4 }));
+        let names: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_schema ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(names, vec!["_scaleout_applied", "b", "tr"], "old dropped, bookkeeping kept");
+        // A failing load changes nothing.
+        let out = in_tx(&mut conn, |c| load(c, "INSERT INTO b VALUES (2); INSERT INTO nope VALUES (1);", false));
+        assert!(out["error"].as_str().unwrap().contains("no such table"));
+        let n: i64 = conn.query_row("SELECT count(*) FROM b", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 1);
     }
 }

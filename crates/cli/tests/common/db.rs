@@ -1,0 +1,186 @@
+//! `scaleout db` nodes as real processes, and what the tests ask of them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::{client, eventually, Proc};
+
+/// One `scaleout db` process.
+pub struct DbNode {
+    pub proc: Proc,
+    pub id: u64,
+    /// `http://127.0.0.1:PORT`
+    pub api: String,
+    /// `127.0.0.1:PORT`
+    pub raft: String,
+    pub data: PathBuf,
+}
+
+impl DbNode {
+    /// Starts node `id` on free ports with its data in `dir/n<id>`.
+    pub fn start(id: u64, dir: &Path, extra: &[&str]) -> DbNode {
+        Self::start_on(id, dir, "127.0.0.1:0", "127.0.0.1:0", extra)
+    }
+
+    pub fn start_on(id: u64, dir: &Path, http: &str, raft: &str, extra: &[&str]) -> DbNode {
+        let data = dir.join(format!("n{id}"));
+        let id_text = id.to_string();
+        let data_text = data.to_str().expect("utf-8 temp path").to_string();
+        let mut args = vec![
+            "db",
+            "--id",
+            &id_text,
+            "--http",
+            http,
+            "--raft",
+            raft,
+            "--data",
+            &data_text,
+            "--election-timeout",
+            "500ms",
+        ];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn(&args);
+        let line = proc.wait_for_line("scaleout db: node");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let api = words
+            .iter()
+            .find(|w| w.starts_with("http://"))
+            .expect("API URL")
+            .to_string();
+        let raft = words
+            .iter()
+            .position(|w| *w == "raft")
+            .and_then(|i| words.get(i + 1))
+            .expect("raft address")
+            .to_string();
+        DbNode {
+            proc,
+            id,
+            api,
+            raft,
+            data,
+        }
+    }
+
+    /// The same node again, on the same addresses and data (after a kill).
+    pub fn restart(&self, dir: &Path, extra: &[&str]) -> DbNode {
+        let http = self.api.trim_start_matches("http://").to_string();
+        Self::start_on(self.id, dir, &http, &self.raft, extra)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api)
+    }
+
+    pub async fn status(&self) -> Value {
+        get_json(&self.url("/status")).await
+    }
+
+    /// This node's Raft role, if it answers.
+    pub async fn role(&self) -> Option<String> {
+        let answer = client().get(self.url("/status")).send().await.ok()?;
+        let status: Value = answer.json().await.ok()?;
+        status["store"]["raft"]["state"].as_str().map(String::from)
+    }
+
+    pub async fn applied(&self) -> u64 {
+        self.status().await["store"]["raft"]["applied_index"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// POST /db/execute; the whole answer.
+    pub async fn execute(&self, body: Value) -> (u16, Value) {
+        post_json(&self.url("/db/execute"), &body).await
+    }
+
+    /// GET /db/query?q=...&<params>; the first result.
+    pub async fn query(&self, sql: &str, params: &str) -> (u16, Value) {
+        let url = format!(
+            "{}/db/query?q={}&{params}",
+            self.api,
+            urlencode(sql)
+        );
+        let r = client().get(url).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let body: Value = serde_json::from_str(&text).unwrap_or(json!({ "raw": text }));
+        (status, body)
+    }
+
+    /// The values of a read served locally once `index` is applied here.
+    pub async fn values_at(&self, sql: &str, index: u64) -> Value {
+        let (status, body) = self
+            .query(sql, &format!("level=none&min_index={index}"))
+            .await;
+        assert_eq!(status, 200, "node {}: {body}", self.id);
+        assert!(body["results"][0]["error"].is_null(), "{body}");
+        body["results"][0]["values"].clone()
+    }
+}
+
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub async fn get_json(url: &str) -> Value {
+    client().get(url).send().await.unwrap().json().await.unwrap()
+}
+
+pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let r = client().post(url).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let body: Value = serde_json::from_str(&text).unwrap_or(json!({ "raw": text }));
+    (status, body)
+}
+
+/// Starts a cluster: node 1 bootstraps, the others join it as voters;
+/// returns once all are in and node 1 leads.
+pub async fn voters(dir: &Path, count: u64, extra: &[&str]) -> Vec<DbNode> {
+    let first = DbNode::start(1, dir, extra);
+    let join = first.api.clone();
+    let mut nodes = vec![first];
+    for id in 2..=count {
+        let mut args = vec!["--join", join.as_str()];
+        args.extend_from_slice(extra);
+        nodes.push(DbNode::start(id, dir, &args));
+    }
+    let leader = nodes[0].url("/nodes");
+    eventually(Duration::from_secs(20), "every voter joined", || {
+        let leader = leader.clone();
+        async move {
+            let Ok(r) = client().get(&leader).send().await else {
+                return false;
+            };
+            let nodes: Value = r.json().await.unwrap_or_default();
+            nodes.as_object().is_some_and(|m| m.len() as u64 == count)
+        }
+    })
+    .await;
+    nodes
+}
+
+/// The node that says it leads, waiting for one.
+pub async fn leader_of(nodes: &[DbNode]) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        for (i, n) in nodes.iter().enumerate() {
+            if n.role().await.as_deref() == Some("leader") {
+                return i;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no leader elected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

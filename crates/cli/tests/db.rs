@@ -1,0 +1,519 @@
+//! Black-box tests of `scaleout db`: real processes, real sockets, real
+//! SQLite files; clusters of voters and read replicas, leaders killed with
+//! SIGKILL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::db::{leader_of, post_json, voters, DbNode};
+use common::{client, eventually};
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_voters_and_a_read_replica_serve_rqlites_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = voters(dir.path(), 3, &[]).await;
+    // The replica joins through a follower: the join is forwarded.
+    let replica = DbNode::start(4, dir.path(), &["--join", &nodes[1].api, "--read-only"]);
+    let all_url = nodes[0].url("/nodes?nonvoters&ver=2");
+    eventually(Duration::from_secs(20), "the replica is listed", || {
+        let url = all_url.clone();
+        async move {
+            let v: Value = client().get(url).send().await.unwrap().json().await.unwrap();
+            v["nodes"].as_array().is_some_and(|n| n.len() == 4)
+        }
+    })
+    .await;
+    let listed: Value = client()
+        .get(nodes[0].url("/nodes?nonvoters&ver=2"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let replica_entry = listed["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "4")
+        .unwrap()
+        .clone();
+    assert_eq!(replica_entry["voter"], false);
+    assert_eq!(replica_entry["reachable"], true);
+    assert_eq!(replica_entry["api_addr"], replica.api);
+    let voters_only: Value = client()
+        .get(nodes[0].url("/nodes"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(voters_only.as_object().unwrap().len(), 3, "{voters_only}");
+    assert_eq!(voters_only["1"]["leader"], true);
+
+    // A write through the leader and one through a follower (forwarded).
+    let (status, created) = nodes[0]
+        .execute(json!(["CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)"]))
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let (status, via_follower) = nodes[2]
+        .execute(json!([["INSERT INTO t (name) VALUES (?)", "fiona"]]))
+        .await;
+    assert_eq!(status, 200, "{via_follower}");
+    assert_eq!(via_follower["results"][0]["last_insert_id"], 1);
+    let index = via_follower["raft_index"].as_u64().unwrap();
+    assert!(index > created["raft_index"].as_u64().unwrap());
+
+    // Read-your-writes on the replica at once, with min_index.
+    assert_eq!(
+        replica.values_at("SELECT name FROM t", index).await,
+        json!([["fiona"]])
+    );
+    // An index the cluster has not reached: the replica says so (503), in time.
+    let (status, body) = replica
+        .query("SELECT 1", &format!("level=none&min_index={}", index + 1000))
+        .await;
+    assert_eq!(status, 503, "{body}");
+
+    // Strong and linearizable reads on a follower are served by the leader.
+    for level in ["strong", "linearizable", "weak"] {
+        let (status, body) = nodes[1]
+            .query("SELECT name FROM t", &format!("level={level}"))
+            .await;
+        assert_eq!(status, 200, "{level}: {body}");
+        assert_eq!(body["results"][0]["values"], json!([["fiona"]]), "{level}");
+    }
+    // With redirect, the follower points at the leader instead.
+    let r = client()
+        .get(nodes[1].url("/db/query?q=SELECT%201&redirect"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 301);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.starts_with(&nodes[0].api), "{location}");
+    // /leader and /readyz agree everywhere, the replica included.
+    for node in nodes.iter().chain([&replica]) {
+        let leader: Value = client()
+            .get(node.url("/leader"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(leader["leader"]["api_addr"], nodes[0].api);
+        let ready = client().get(node.url("/readyz")).send().await.unwrap();
+        assert_eq!(ready.status(), 200);
+    }
+    assert_eq!(replica.role().await.as_deref(), Some("learner"));
+
+    // Non-deterministic SQL gives the same state on every node.
+    let (status, w) = nodes[0]
+        .execute(json!([
+            "CREATE TABLE r (a INTEGER, b BLOB, c TEXT, d TEXT, e TEXT)",
+            "INSERT INTO r VALUES (random(), randomblob(16), datetime('now'), CURRENT_TIMESTAMP, strftime('%f', 'now'))"
+        ]))
+        .await;
+    assert_eq!(status, 200, "{w}");
+    let at = w["raft_index"].as_u64().unwrap();
+    let sql = "SELECT a, hex(b), c, d, e FROM r";
+    let first = nodes[0].values_at(sql, at).await;
+    assert_ne!(first, json!(null));
+    for node in nodes.iter().skip(1).chain([&replica]) {
+        assert_eq!(node.values_at(sql, at).await, first, "node {}", node.id);
+    }
+
+    // A follower's `none` read with a freshness bound it meets.
+    let (status, body) = nodes[1]
+        .query("SELECT count(*) FROM t", "level=none&freshness=5s")
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Metrics: the leader's role and replication lag per follower.
+    let metrics = client()
+        .get(nodes[0].url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("scaleout_db_role{role=\"leader\"} 1"), "{metrics}");
+    assert!(metrics.contains("scaleout_db_replication_lag_entries{node=\"4\"}"), "{metrics}");
+    assert!(metrics.contains("scaleout_db_request_seconds_count{kind=\"write\"}"));
+
+    // Removing the replica takes it out of the cluster.
+    let r = client()
+        .delete(nodes[1].url("/remove"))
+        .json(&json!({ "id": "4" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let listed: Value = client()
+        .get(nodes[0].url("/nodes?nonvoters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(listed.get("4").is_none(), "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = DbNode::start(1, dir.path(), &[]);
+    leader_of(std::slice::from_ref(&node)).await;
+    let (status, _) = node
+        .execute(json!(["CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE)"]))
+        .await;
+    assert_eq!(status, 200);
+    let raw = |path: &str, body: &'static str| {
+        let url = node.url(path);
+        async move {
+            let r = client()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    for (body, says) in [
+        ("[\"SELECT 1\"", "invalid JSON"),
+        ("[]", "empty statement list"),
+        (r#"[["INSERT INTO t VALUES (?, :v)", 1, {"v": 2}]]"#, "mixed parameter forms"),
+        ("{\"sql\": 1}", "JSON array"),
+    ] {
+        let (status, answer) = raw("/db/execute", body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(says),
+            "{body}: {answer}"
+        );
+    }
+    // Oversized: a clear 4xx with a JSON error, not a hang or a reset.
+    let huge = format!("[\"SELECT '{}'\"]", "x".repeat(17 * 1024 * 1024));
+    let r = client()
+        .post(node.url("/db/execute"))
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+    assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+
+    // SQL errors come back per statement, with 200, as rqlite does.
+    let (status, answer) = node
+        .execute(json!([
+            ["INSERT INTO t (v) VALUES (?)", "a"],
+            "INSERT INTO nope VALUES (1)",
+            ["INSERT INTO t (v) VALUES (?)", "b"]
+        ]))
+        .await;
+    assert_eq!(status, 200);
+    assert!(answer["results"][1]["error"].as_str().unwrap().contains("no such table"));
+    assert_eq!(answer["results"][2]["rows_affected"], 1);
+    // A failed transaction leaves nothing behind.
+    let (status, answer) = post_json(
+        &node.url("/db/execute?transaction"),
+        &json!([
+            ["INSERT INTO t (v) VALUES (?)", "c"],
+            ["INSERT INTO t (v) VALUES (?)", "a"]
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(answer["results"][1]["error"].as_str().unwrap().contains("UNIQUE"), "{answer}");
+    let (_, body) = node.query("SELECT v FROM t ORDER BY v", "level=strong").await;
+    assert_eq!(body["results"][0]["values"], json!([["a"], ["b"]]));
+    // A write sent as a query is refused; so are transaction control and
+    // the node's own tables.
+    let (_, body) = node.query("DELETE FROM t", "").await;
+    assert!(body["results"][0]["error"].is_string(), "{body}");
+    let (_, body) = node.execute(json!(["BEGIN", "DROP TABLE _scaleout_applied"])).await;
+    assert!(body["results"][0]["error"].as_str().unwrap().contains("transaction"));
+    assert!(body["results"][1]["error"].as_str().unwrap().contains("reserved"));
+    // Bad query parameters and cluster requests.
+    for (url, says) in [
+        ("/db/query?q=SELECT%201&level=eventual", "level"),
+        ("/db/query?q=SELECT%201&min_index=soon", "min_index"),
+        ("/db/query?q=SELECT%201&level=none&freshness=fast", "freshness"),
+        ("/db/backup?fmt=xml", "fmt"),
+    ] {
+        let r = client().get(node.url(url)).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{url}");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains(says), "{url}: {body}");
+    }
+    for (path, body) in [("/join", "{\"id\": \"x\"}"), ("/db/load", "")] {
+        let (status, answer) = raw(path, body).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+    }
+    let r = client()
+        .delete(node.url("/remove"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = client().get(node.url("/db/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_during_writes_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = voters(dir.path(), 3, &[]).await;
+    let (status, _) = nodes[0]
+        .execute(json!(["CREATE TABLE w (k TEXT PRIMARY KEY)"]))
+        .await;
+    assert_eq!(status, 200);
+    let apis: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
+    let acked = Arc::new(Mutex::new(Vec::<(String, u64)>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (apis, acked, stop) = (apis.clone(), acked.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("w{w}-{n}");
+                let api = &apis[(n as usize + w) % apis.len()];
+                let sent = http
+                    .post(format!("{api}/db/execute"))
+                    .json(&json!([["INSERT INTO w VALUES (?)", key]]))
+                    .send()
+                    .await;
+                if let Ok(r) = sent {
+                    if r.status() == 200 {
+                        let body: Value = r.json().await.unwrap();
+                        if body["results"][0]["error"].is_null() {
+                            let index = body["raft_index"].as_u64().unwrap();
+                            acked.lock().unwrap().push((key, index));
+                        }
+                    }
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leader = leader_of(&nodes).await;
+    let before = acked.lock().unwrap().len();
+    assert!(before > 0, "no writes acknowledged before the kill");
+    nodes[leader].proc.signal(Signal::SIGKILL);
+    nodes[leader].proc.wait_exit(Duration::from_secs(5));
+    let killed_at = Instant::now();
+    // Writes resume on a new leader.
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if acked.lock().unwrap().len() > before + 4 {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "writes did not resume after the leader was killed"
+        );
+    }
+    let resumed = killed_at.elapsed();
+    eprintln!("writes resumed {resumed:?} after the leader was killed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let last = acked.iter().map(|(_, i)| *i).max().unwrap();
+    let want: BTreeSet<String> = acked.into_iter().map(|(k, _)| k).collect();
+    let have = |values: Value| -> BTreeSet<String> {
+        values
+            .as_array()
+            .map(|rows| rows.iter().map(|r| r[0].as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    for (i, node) in nodes.iter().enumerate() {
+        if i == leader {
+            continue;
+        }
+        let rows = have(node.values_at("SELECT k FROM w", last).await);
+        let missing: Vec<_> = want.difference(&rows).collect();
+        assert!(missing.is_empty(), "node {} lost acknowledged writes: {missing:?}", node.id);
+    }
+    // The killed node comes back with its data and catches up.
+    let restarted = nodes[leader].restart(dir.path(), &[]);
+    let rows = have(restarted.values_at("SELECT k FROM w", last).await);
+    assert!(want.is_subset(&rows), "the restarted node caught up");
+    assert_ne!(restarted.role().await.as_deref(), Some("learner"));
+    nodes[leader] = restarted;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_late_catches_up_from_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = DbNode::start(1, dir.path(), &["--snapshot-threshold", "200"]);
+    leader_of(std::slice::from_ref(&leader)).await;
+    leader
+        .execute(json!(["CREATE TABLE s (id INTEGER PRIMARY KEY, v TEXT)"]))
+        .await;
+    let mut last = 0;
+    for batch in 0..300 {
+        let statements: Vec<Value> = (0..10)
+            .map(|i| json!(["INSERT INTO s (v) VALUES (?)", format!("row {batch}-{i}")]))
+            .collect();
+        let (status, w) = leader.execute(Value::Array(statements)).await;
+        assert_eq!(status, 200, "{w}");
+        last = w["raft_index"].as_u64().unwrap();
+    }
+    eventually(Duration::from_secs(20), "the leader purged its log", || async {
+        leader.status().await["store"]["raft"]["purged_index"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    })
+    .await;
+    let replica = DbNode::start(2, dir.path(), &["--join", &leader.api, "--read-only"]);
+    assert_eq!(
+        replica.values_at("SELECT count(*) FROM s", last).await,
+        json!([[3000]])
+    );
+    let status = replica.status().await;
+    assert!(
+        status["store"]["raft"]["snapshot_index"].as_u64().unwrap() > 0,
+        "the replica installed a snapshot: {status}"
+    );
+    // Later writes keep flowing to it through the log.
+    let (_, w) = leader
+        .execute(json!([["INSERT INTO s (v) VALUES (?)", "after"]]))
+        .await;
+    let at = w["raft_index"].as_u64().unwrap();
+    assert_eq!(
+        replica.values_at("SELECT v FROM s WHERE v = 'after'", at).await,
+        json!([["after"]])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_load_back_as_a_file_or_as_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = voters(dir.path(), 2, &[]).await;
+    nodes[0]
+        .execute(json!([
+            "CREATE TABLE b (id INTEGER PRIMARY KEY, v TEXT, x REAL)",
+            "INSERT INTO b VALUES (1, 'it''s', 1.5), (2, NULL, -2.0)",
+            "CREATE INDEX b_v ON b (v)"
+        ]))
+        .await;
+    // From a follower: served by the leader.
+    let file = client()
+        .get(nodes[1].url("/db/backup"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(file.starts_with(b"SQLite format 3\0"));
+    let sql = client()
+        .get(nodes[0].url("/db/backup?fmt=sql"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(sql.contains("INSERT INTO \"b\" VALUES(1,'it''s',1.5);"), "{sql}");
+    assert!(!sql.contains("_scaleout_"), "no bookkeeping in backups");
+
+    // Loading the file replaces the database, on every node.
+    nodes[0]
+        .execute(json!(["DROP TABLE b", "CREATE TABLE other (z)"]))
+        .await;
+    let r = client()
+        .post(nodes[1].url("/db/load"))
+        .header("content-type", "application/octet-stream")
+        .body(file.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let (status, loaded) = (r.status(), r.json::<Value>().await.unwrap());
+    assert_eq!(status, 200, "{loaded}");
+    let at = loaded["raft_index"].as_u64().unwrap();
+    for node in &nodes {
+        assert_eq!(
+            node.values_at("SELECT id, v, x FROM b ORDER BY id", at).await,
+            json!([[1, "it's", 1.5], [2, null, -2.0]])
+        );
+        assert_eq!(
+            node.values_at("SELECT count(*) FROM sqlite_schema WHERE name = 'other'", at)
+                .await,
+            json!([[0]])
+        );
+    }
+    // SQL text runs as one transaction: a bad statement loads nothing.
+    let r = client()
+        .post(nodes[0].url("/db/load"))
+        .body("CREATE TABLE c (x); INSERT INTO c VALUES (1); INSERT INTO nope VALUES (2);")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let (_, body) = nodes[0]
+        .query("SELECT count(*) FROM sqlite_schema WHERE name = 'c'", "level=strong")
+        .await;
+    assert_eq!(body["results"][0]["values"], json!([[0]]));
+    // And the dump loads back into a fresh single-node cluster.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = DbNode::start(1, other_dir.path(), &[]);
+    leader_of(std::slice::from_ref(&other)).await;
+    let r = client()
+        .post(other.url("/db/load"))
+        .body(sql)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let (_, body) = other.query("SELECT count(*) FROM b", "level=strong").await;
+    assert_eq!(body["results"][0]["values"], json!([[2]]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_with_its_data_keeps_data_and_membership() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = DbNode::start(1, dir.path(), &[]);
+    leader_of(std::slice::from_ref(&node)).await;
+    let (_, w) = node
+        .execute(json!(["CREATE TABLE k (v)", "INSERT INTO k VALUES ('kept')"]))
+        .await;
+    let at = w["raft_index"].as_u64().unwrap();
+    node.proc.signal(Signal::SIGTERM);
+    assert!(node.proc.wait_exit(Duration::from_secs(10)).success());
+    let restarted = node.restart(dir.path(), &[]);
+    node = restarted;
+    leader_of(std::slice::from_ref(&node)).await;
+    assert_eq!(node.values_at("SELECT v FROM k", at).await, json!([["kept"]]));
+    let (status, w) = node.execute(json!(["INSERT INTO k VALUES ('more')"])).await;
+    assert_eq!(status, 200);
+    assert!(w["raft_index"].as_u64().unwrap() > at);
+}
