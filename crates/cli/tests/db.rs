@@ -517,3 +517,57 @@ async fn a_node_restarted_with_its_data_keeps_data_and_membership() {
     assert_eq!(status, 200);
     assert!(w["raft_index"].as_u64().unwrap() > at);
 }
+
+/// pyrqlite from PyPI, unchanged, installed next to the build if missing.
+fn pyrqlite_path() -> std::path::PathBuf {
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyrqlite");
+    let importable = std::process::Command::new("python3")
+        .args(["-c", "import pyrqlite"])
+        .env("PYTHONPATH", &target)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("python3 is needed for the rqlite client test (.ci/run installs it)");
+    if !importable.success() {
+        let installed = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args(["--root-user-action=ignore", "--target"])
+            .arg(&target)
+            .arg("pyrqlite")
+            .status()
+            .expect("pip");
+        assert!(installed.success(), "pip install pyrqlite failed");
+    }
+    target
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_rqlite_client_works_through_a_follower() {
+    let path = pyrqlite_path();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = voters(dir.path(), 2, &[]).await;
+    let follower = nodes[1].api.trim_start_matches("http://").to_string();
+    let (host, port) = follower.rsplit_once(':').unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/pyrqlite_check.py");
+    let (host, port) = (host.to_string(), port.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .args([&host, &port])
+            .env("PYTHONPATH", &path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim() == "OK",
+        "pyrqlite: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The client's writes are on the leader too.
+    let (_, body) = nodes[0]
+        .query("SELECT score FROM people WHERE name = 'ada'", "level=strong")
+        .await;
+    assert_eq!(body["results"][0]["values"], json!([[3.0]]));
+}
