@@ -26,7 +26,14 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
     eventually(Duration::from_secs(20), "the replica is listed", || {
         let url = all_url.clone();
         async move {
-            let v: Value = client().get(url).send().await.unwrap().json().await.unwrap();
+            let v: Value = client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             v["nodes"].as_array().is_some_and(|n| n.len() == 4)
         }
     })
@@ -62,7 +69,9 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
 
     // A write through the leader and one through a follower (forwarded).
     let (status, created) = nodes[0]
-        .execute(json!(["CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)"]))
+        .execute(json!([
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)"
+        ]))
         .await;
     assert_eq!(status, 200, "{created}");
     let (status, via_follower) = nodes[2]
@@ -80,7 +89,10 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
     );
     // An index the cluster has not reached: the replica says so (503), in time.
     let (status, body) = replica
-        .query("SELECT 1", &format!("level=none&min_index={}", index + 1000))
+        .query(
+            "SELECT 1",
+            &format!("level=none&min_index={}", index + 1000),
+        )
         .await;
     assert_eq!(status, 503, "{body}");
 
@@ -148,8 +160,14 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("scaleout_db_role{role=\"leader\"} 1"), "{metrics}");
-    assert!(metrics.contains("scaleout_db_replication_lag_entries{node=\"4\"}"), "{metrics}");
+    assert!(
+        metrics.contains("scaleout_db_role{role=\"leader\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("scaleout_db_replication_lag_entries{node=\"4\"}"),
+        "{metrics}"
+    );
     assert!(metrics.contains("scaleout_db_request_seconds_count{kind=\"write\"}"));
 
     // Removing the replica takes it out of the cluster.
@@ -177,7 +195,9 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
     let node = DbNode::start(1, dir.path(), &[]);
     leader_of(std::slice::from_ref(&node)).await;
     let (status, _) = node
-        .execute(json!(["CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE)"]))
+        .execute(json!([
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE)"
+        ]))
         .await;
     assert_eq!(status, 200);
     let raw = |path: &str, body: &'static str| {
@@ -197,7 +217,10 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
     for (body, says) in [
         ("[\"SELECT 1\"", "invalid JSON"),
         ("[]", "empty statement list"),
-        (r#"[["INSERT INTO t VALUES (?, :v)", 1, {"v": 2}]]"#, "mixed parameter forms"),
+        (
+            r#"[["INSERT INTO t VALUES (?, :v)", 1, {"v": 2}]]"#,
+            "mixed parameter forms",
+        ),
         ("{\"sql\": 1}", "JSON array"),
     ] {
         let (status, answer) = raw("/db/execute", body).await;
@@ -227,7 +250,10 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
         ]))
         .await;
     assert_eq!(status, 200);
-    assert!(answer["results"][1]["error"].as_str().unwrap().contains("no such table"));
+    assert!(answer["results"][1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("no such table"));
     assert_eq!(answer["results"][2]["rows_affected"], 1);
     // A failed transaction leaves nothing behind.
     let (status, answer) = post_json(
@@ -239,27 +265,49 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
     )
     .await;
     assert_eq!(status, 200);
-    assert!(answer["results"][1]["error"].as_str().unwrap().contains("UNIQUE"), "{answer}");
-    let (_, body) = node.query("SELECT v FROM t ORDER BY v", "level=strong").await;
+    assert!(
+        answer["results"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("UNIQUE"),
+        "{answer}"
+    );
+    let (_, body) = node
+        .query("SELECT v FROM t ORDER BY v", "level=strong")
+        .await;
     assert_eq!(body["results"][0]["values"], json!([["a"], ["b"]]));
     // A write sent as a query is refused; so are transaction control and
     // the node's own tables.
     let (_, body) = node.query("DELETE FROM t", "").await;
     assert!(body["results"][0]["error"].is_string(), "{body}");
-    let (_, body) = node.execute(json!(["BEGIN", "DROP TABLE _scaleout_applied"])).await;
-    assert!(body["results"][0]["error"].as_str().unwrap().contains("transaction"));
-    assert!(body["results"][1]["error"].as_str().unwrap().contains("reserved"));
+    let (_, body) = node
+        .execute(json!(["BEGIN", "DROP TABLE _scaleout_applied"]))
+        .await;
+    assert!(body["results"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("transaction"));
+    assert!(body["results"][1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("reserved"));
     // Bad query parameters and cluster requests.
     for (url, says) in [
         ("/db/query?q=SELECT%201&level=eventual", "level"),
         ("/db/query?q=SELECT%201&min_index=soon", "min_index"),
-        ("/db/query?q=SELECT%201&level=none&freshness=fast", "freshness"),
+        (
+            "/db/query?q=SELECT%201&level=none&freshness=fast",
+            "freshness",
+        ),
         ("/db/backup?fmt=xml", "fmt"),
     ] {
         let r = client().get(node.url(url)).send().await.unwrap();
         assert_eq!(r.status(), 400, "{url}");
         let body: Value = r.json().await.unwrap();
-        assert!(body["error"].as_str().unwrap().contains(says), "{url}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(says),
+            "{url}: {body}"
+        );
     }
     for (path, body) in [("/join", "{\"id\": \"x\"}"), ("/db/load", "")] {
         let (status, answer) = raw(path, body).await;
@@ -350,7 +398,11 @@ async fn killing_the_leader_during_writes_loses_no_acknowledged_write() {
     let have = |values: Value| -> BTreeSet<String> {
         values
             .as_array()
-            .map(|rows| rows.iter().map(|r| r[0].as_str().unwrap().to_string()).collect())
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| r[0].as_str().unwrap().to_string())
+                    .collect()
+            })
             .unwrap_or_default()
     };
     for (i, node) in nodes.iter().enumerate() {
@@ -359,7 +411,11 @@ async fn killing_the_leader_during_writes_loses_no_acknowledged_write() {
         }
         let rows = have(node.values_at("SELECT k FROM w", last).await);
         let missing: Vec<_> = want.difference(&rows).collect();
-        assert!(missing.is_empty(), "node {} lost acknowledged writes: {missing:?}", node.id);
+        assert!(
+            missing.is_empty(),
+            "node {} lost acknowledged writes: {missing:?}",
+            node.id
+        );
     }
     // The killed node comes back with its data and catches up.
     let restarted = nodes[leader].restart(dir.path(), &[]);
@@ -386,12 +442,16 @@ async fn a_replica_added_late_catches_up_from_a_snapshot() {
         assert_eq!(status, 200, "{w}");
         last = w["raft_index"].as_u64().unwrap();
     }
-    eventually(Duration::from_secs(20), "the leader purged its log", || async {
-        leader.status().await["store"]["raft"]["purged_index"]
-            .as_u64()
-            .unwrap_or(0)
-            > 0
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the leader purged its log",
+        || async {
+            leader.status().await["store"]["raft"]["purged_index"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        },
+    )
     .await;
     let replica = DbNode::start(2, dir.path(), &["--join", &leader.api, "--read-only"]);
     assert_eq!(
@@ -409,7 +469,9 @@ async fn a_replica_added_late_catches_up_from_a_snapshot() {
         .await;
     let at = w["raft_index"].as_u64().unwrap();
     assert_eq!(
-        replica.values_at("SELECT v FROM s WHERE v = 'after'", at).await,
+        replica
+            .values_at("SELECT v FROM s WHERE v = 'after'", at)
+            .await,
         json!([["after"]])
     );
 }
@@ -443,7 +505,10 @@ async fn backups_load_back_as_a_file_or_as_sql() {
         .text()
         .await
         .unwrap();
-    assert!(sql.contains("INSERT INTO \"b\" VALUES(1,'it''s',1.5);"), "{sql}");
+    assert!(
+        sql.contains("INSERT INTO \"b\" VALUES(1,'it''s',1.5);"),
+        "{sql}"
+    );
     assert!(!sql.contains("_scaleout_"), "no bookkeeping in backups");
 
     // Loading the file replaces the database, on every node.
@@ -462,12 +527,16 @@ async fn backups_load_back_as_a_file_or_as_sql() {
     let at = loaded["raft_index"].as_u64().unwrap();
     for node in &nodes {
         assert_eq!(
-            node.values_at("SELECT id, v, x FROM b ORDER BY id", at).await,
+            node.values_at("SELECT id, v, x FROM b ORDER BY id", at)
+                .await,
             json!([[1, "it's", 1.5], [2, null, -2.0]])
         );
         assert_eq!(
-            node.values_at("SELECT count(*) FROM sqlite_schema WHERE name = 'other'", at)
-                .await,
+            node.values_at(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'other'",
+                at
+            )
+            .await,
             json!([[0]])
         );
     }
@@ -480,7 +549,10 @@ async fn backups_load_back_as_a_file_or_as_sql() {
         .unwrap();
     assert_eq!(r.status(), 400);
     let (_, body) = nodes[0]
-        .query("SELECT count(*) FROM sqlite_schema WHERE name = 'c'", "level=strong")
+        .query(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'c'",
+            "level=strong",
+        )
         .await;
     assert_eq!(body["results"][0]["values"], json!([[0]]));
     // And the dump loads back into a fresh single-node cluster.
@@ -504,7 +576,10 @@ async fn a_node_restarted_with_its_data_keeps_data_and_membership() {
     let mut node = DbNode::start(1, dir.path(), &[]);
     leader_of(std::slice::from_ref(&node)).await;
     let (_, w) = node
-        .execute(json!(["CREATE TABLE k (v)", "INSERT INTO k VALUES ('kept')"]))
+        .execute(json!([
+            "CREATE TABLE k (v)",
+            "INSERT INTO k VALUES ('kept')"
+        ]))
         .await;
     let at = w["raft_index"].as_u64().unwrap();
     node.proc.signal(Signal::SIGTERM);
@@ -512,7 +587,10 @@ async fn a_node_restarted_with_its_data_keeps_data_and_membership() {
     let restarted = node.restart(dir.path(), &[]);
     node = restarted;
     leader_of(std::slice::from_ref(&node)).await;
-    assert_eq!(node.values_at("SELECT v FROM k", at).await, json!([["kept"]]));
+    assert_eq!(
+        node.values_at("SELECT v FROM k", at).await,
+        json!([["kept"]])
+    );
     let (status, w) = node.execute(json!(["INSERT INTO k VALUES ('more')"])).await;
     assert_eq!(status, 200);
     assert!(w["raft_index"].as_u64().unwrap() > at);
@@ -529,7 +607,13 @@ fn pyrqlite_path() -> std::path::PathBuf {
         .expect("python3 is needed for the rqlite client test (.ci/run installs it)");
     if !importable.success() {
         let installed = std::process::Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args(["--root-user-action=ignore", "--target"])
             .arg(&target)
             .arg("pyrqlite")
@@ -547,7 +631,10 @@ async fn an_unchanged_rqlite_client_works_through_a_follower() {
     let nodes = voters(dir.path(), 2, &[]).await;
     let follower = nodes[1].api.trim_start_matches("http://").to_string();
     let (host, port) = follower.rsplit_once(':').unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/pyrqlite_check.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/pyrqlite_check.py"
+    );
     let (host, port) = (host.to_string(), port.to_string());
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")
@@ -567,7 +654,10 @@ async fn an_unchanged_rqlite_client_works_through_a_follower() {
     );
     // The client's writes are on the leader too.
     let (_, body) = nodes[0]
-        .query("SELECT score FROM people WHERE name = 'ada'", "level=strong")
+        .query(
+            "SELECT score FROM people WHERE name = 'ada'",
+            "level=strong",
+        )
         .await;
     assert_eq!(body["results"][0]["values"], json!([[3.0]]));
 }

@@ -35,6 +35,7 @@ use crate::http::{self, error, Forward, Level, NodeError, ReadOptions, Written};
 use crate::metrics::Stats;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{self, Contact, Network};
+use crate::raft::proposer::Proposer;
 use crate::raft::state_store::{Readers, StateStore};
 use crate::raft::{Command, Member, Raft};
 use crate::request::Statement;
@@ -96,6 +97,7 @@ pub struct DbNode {
     read_timeout: Duration,
     started: Instant,
     db_path: PathBuf,
+    proposer: Proposer,
     /// One membership change at a time (openraft refuses overlapping ones).
     membership_change: tokio::sync::Mutex<()>,
 }
@@ -162,6 +164,7 @@ pub async fn start(
         read_timeout: config.read_timeout,
         started: Instant::now(),
         db_path,
+        proposer: Proposer::start(raft.clone(), |e| redirect_of(e)),
         membership_change: tokio::sync::Mutex::new(()),
     });
 
@@ -351,14 +354,21 @@ impl http::Node for DbNode {
             unix_ms: unix_ms(),
             seed: rand::random(),
         };
-        let statements = statements
+        let statements: Vec<Statement> = statements
             .into_iter()
             .map(|s| Statement {
                 sql: determinism::rewrite(&s.sql, moment),
                 params: s.params,
             })
             .collect();
-        let (raft_index, results) = self.write(Command::Execute { statements, opts }).await?;
+        let size: usize = statements
+            .iter()
+            .map(|s: &Statement| s.sql.len() + 16)
+            .sum();
+        let (raft_index, results) = self
+            .proposer
+            .propose(Command::Execute { statements, opts }, size)
+            .await?;
         Ok(Written {
             results,
             raft_index,
@@ -408,7 +418,7 @@ impl http::Node for DbNode {
                 if !self.is_leader() {
                     return Err(self.not_leader());
                 }
-                self.write(Command::Barrier).await?;
+                self.proposer.propose(Command::Barrier, 0).await?;
             }
         }
         if let Some(index) = opts.min_index {

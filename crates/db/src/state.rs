@@ -130,7 +130,10 @@ impl StateMachine {
             // The SQL ended the transaction itself (a trigger's
             // RAISE(ROLLBACK), say): record the position on its own rather
             // than stop the node; that entry's effects were not atomic.
-            tracing::warn!(index = last.index, "an entry's SQL ended the apply transaction");
+            tracing::warn!(
+                index = last.index,
+                "an entry's SQL ended the apply transaction"
+            );
         }
         tx.execute(
             "INSERT INTO _scaleout_applied (id, log_index, term, leader, membership)

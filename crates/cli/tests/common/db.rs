@@ -99,11 +99,7 @@ impl DbNode {
 
     /// GET /db/query?q=...&<params>; the first result.
     pub async fn query(&self, sql: &str, params: &str) -> (u16, Value) {
-        let url = format!(
-            "{}/db/query?q={}&{params}",
-            self.api,
-            urlencode(sql)
-        );
+        let url = format!("{}/db/query?q={}&{params}", self.api, urlencode(sql));
         let r = client().get(url).send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
@@ -134,7 +130,14 @@ pub fn urlencode(s: &str) -> String {
 }
 
 pub async fn get_json(url: &str) -> Value {
-    client().get(url).send().await.unwrap().json().await.unwrap()
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {

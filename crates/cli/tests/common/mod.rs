@@ -32,7 +32,7 @@ impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
         let mut child = Command::new(BIN)
             .args(args)
-            .env("SCALEOUT_LOG", "warn,openraft=error")
+            .env("SCALEOUT_LOG", "warn,openraft=off")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -16,6 +16,7 @@ use crate::request::Statement;
 
 pub mod log_store;
 pub mod network;
+pub mod proposer;
 pub mod state_store;
 
 /// What a committed log entry asks every node to do. The leader has
@@ -31,6 +32,9 @@ pub enum Command {
     Load { sql: String, replace: bool },
     /// Nothing to apply: a strong read's round trip through the log.
     Barrier,
+    /// Several clients' commands in one entry (group commit, see
+    /// [`proposer`]); each is applied on its own.
+    Batch(Vec<Command>),
 }
 
 /// A node's two addresses, as the others reach it.
@@ -70,6 +74,8 @@ pub type LogId = openraft::LogId<u64>;
 pub type Entry = openraft::Entry<TypeConfig>;
 pub type StoredMembership = openraft::StoredMembership<u64, Member>;
 pub type StorageError = openraft::StorageError<u64>;
+pub type WriteError =
+    openraft::error::RaftError<u64, openraft::error::ClientWriteError<u64, Member>>;
 
 /// openraft's storage error for an I/O failure of `what`.
 pub(crate) fn io_error(

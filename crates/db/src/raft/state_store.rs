@@ -102,16 +102,23 @@ impl StateStore {
     }
 }
 
-/// Applies one entry's command; its results are the client's answer.
+/// Applies one entry; its results are the client's answer.
 fn run(conn: &Connection, entry: &Entry) -> Vec<Value> {
     match &entry.payload {
-        EntryPayload::Normal(Command::Execute { statements, opts }) => {
-            engine::execute(conn, statements, opts)
-        }
-        EntryPayload::Normal(Command::Load { sql, replace }) => vec![load(conn, sql, *replace)],
-        EntryPayload::Normal(Command::Barrier)
-        | EntryPayload::Blank
-        | EntryPayload::Membership(_) => Vec::new(),
+        EntryPayload::Normal(command) => run_command(conn, command),
+        EntryPayload::Blank | EntryPayload::Membership(_) => Vec::new(),
+    }
+}
+
+fn run_command(conn: &Connection, command: &Command) -> Vec<Value> {
+    match command {
+        Command::Execute { statements, opts } => engine::execute(conn, statements, opts),
+        Command::Load { sql, replace } => vec![load(conn, sql, *replace)],
+        Command::Barrier => Vec::new(),
+        Command::Batch(commands) => commands
+            .iter()
+            .map(|c| Value::Array(run_command(conn, c)))
+            .collect(),
     }
 }
 
@@ -455,11 +462,23 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(names, vec!["_scaleout_applied", "b", "tr"], "old dropped, bookkeeping kept");
+        assert_eq!(
+            names,
+            vec!["_scaleout_applied", "b", "tr"],
+            "old dropped, bookkeeping kept"
+        );
         // A failing load changes nothing.
-        let out = in_tx(&mut conn, |c| load(c, "INSERT INTO b VALUES (2); INSERT INTO nope VALUES (1);", false));
+        let out = in_tx(&mut conn, |c| {
+            load(
+                c,
+                "INSERT INTO b VALUES (2); INSERT INTO nope VALUES (1);",
+                false,
+            )
+        });
         assert!(out["error"].as_str().unwrap().contains("no such table"));
-        let n: i64 = conn.query_row("SELECT count(*) FROM b", [], |r| r.get(0)).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM b", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 1);
     }
 }
