@@ -37,8 +37,9 @@ pub struct DbArgs {
     #[arg(long)]
     raft_adv: Option<String>,
     /// Time without a leader before a follower stands for election (it
-    /// waits between this and twice this).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "600ms")]
+    /// waits between this and twice this). The default resumes writes
+    /// within about 2 s of losing the leader.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
     election_timeout: Duration,
     /// Applied entries between snapshots (the log before a snapshot is dropped).
     #[arg(long, default_value_t = 8192)]

@@ -13,6 +13,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use openraft::{RaftMetrics, ServerState};
 
+use crate::raft::proposer::Counts;
 use crate::raft::Member;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -88,8 +89,20 @@ impl Stats {
         response
     }
 
-    pub fn render(&self, m: &RaftMetrics<u64, Member>) -> String {
+    pub fn render(&self, m: &RaftMetrics<u64, Member>, proposed: &Counts) -> String {
         let mut out = String::new();
+        out.push_str("# HELP scaleout_db_proposed_entries_total Log entries this node proposed as leader (one per group commit).\n# TYPE scaleout_db_proposed_entries_total counter\n");
+        let _ = writeln!(
+            out,
+            "scaleout_db_proposed_entries_total {}",
+            proposed.entries.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP scaleout_db_proposed_writes_total Client writes those entries carried.\n# TYPE scaleout_db_proposed_writes_total counter\n");
+        let _ = writeln!(
+            out,
+            "scaleout_db_proposed_writes_total {}",
+            proposed.writes.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP scaleout_db_requests_total API requests by kind.\n# TYPE scaleout_db_requests_total counter\n");
         for (name, kind) in self.kinds() {
             let _ = writeln!(

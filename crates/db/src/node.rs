@@ -68,7 +68,7 @@ impl DbConfig {
             data,
             join: None,
             read_only: false,
-            election_timeout: Duration::from_millis(600),
+            election_timeout: Duration::from_millis(500),
             snapshot_threshold: 8192,
             read_timeout: Duration::from_secs(5),
         }
@@ -563,7 +563,7 @@ async fn leader(State(node): Node) -> Response {
 
 async fn metrics(State(node): Node) -> Response {
     let m = node.raft.metrics().borrow().clone();
-    let text = node.stats.render(&m);
+    let text = node.stats.render(&m, &node.proposer.counts);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -14,6 +14,7 @@
 //! `transaction` savepoint): batching changes how many writes one entry
 //! carries, never what any of them does. All share the entry's index.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -22,8 +23,11 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::{Command, Raft, WriteError};
 use crate::http::NodeError;
 
-/// Batches proposed at once: one being made durable while the next
-/// replicates keeps the core busy without reordering anything.
+/// Batches proposed at once. Each entry has a fixed cost (two fsyncs in a
+/// row, a replication round trip, task hops) far above a write's, so fewer,
+/// fuller entries win. Measured with 3 voters + 1 replica, 64 clients:
+/// 1 in flight 8.2-8.6k writes/s (32 writes per entry), 2 in flight
+/// 7.8-9.3k/s, 8 in flight 5.8k/s (5.6 per entry).
 const IN_FLIGHT: usize = 2;
 /// Bounds of one batch.
 const MAX_WRITES: usize = 512;
@@ -34,6 +38,14 @@ type Reply = oneshot::Sender<Result<(u64, Vec<Value>), NodeError>>;
 #[derive(Clone)]
 pub struct Proposer {
     queue: mpsc::UnboundedSender<(Command, usize, Reply)>,
+    pub counts: Arc<Counts>,
+}
+
+/// How well group commit works: writes per proposed entry.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub entries: AtomicU64,
+    pub writes: AtomicU64,
 }
 
 impl Proposer {
@@ -44,8 +56,9 @@ impl Proposer {
         reject: impl Fn(&WriteError) -> NodeError + Send + Sync + 'static,
     ) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batch_loop(raft, rx, Arc::new(reject)));
-        Proposer { queue }
+        let counts = Arc::new(Counts::default());
+        tokio::spawn(batch_loop(raft, rx, Arc::new(reject), counts.clone()));
+        Proposer { queue, counts }
     }
 
     /// Proposes `command` (of about `size` bytes); resolves once it is
@@ -70,6 +83,7 @@ async fn batch_loop(
     raft: Raft,
     mut rx: mpsc::UnboundedReceiver<(Command, usize, Reply)>,
     reject: Reject,
+    counts: Arc<Counts>,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
@@ -87,6 +101,8 @@ async fn batch_loop(
                 Err(_) => break,
             }
         }
+        counts.entries.fetch_add(1, Ordering::Relaxed);
+        counts.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let (raft, reject) = (raft.clone(), reject.clone());
         tokio::spawn(async move {
             propose(&raft, batch, &*reject).await;
