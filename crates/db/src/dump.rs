@@ -119,7 +119,8 @@ mod tests {
         assert!(!sql.contains("_scaleout_"), "{sql}");
         let copy = Connection::open_in_memory().unwrap();
         copy.execute_batch(&sql).unwrap();
-        let rows: Vec<(i64, Option<String>, f64, Option<Vec<u8>>)> = copy
+        type Row = (i64, Option<String>, f64, Option<Vec<u8>>);
+        let rows: Vec<Row> = copy
             .prepare("SELECT id, name, score, pic FROM t ORDER BY id")
             .unwrap()
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))

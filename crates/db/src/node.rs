@@ -164,7 +164,7 @@ pub async fn start(
         read_timeout: config.read_timeout,
         started: Instant::now(),
         db_path,
-        proposer: Proposer::start(raft.clone(), |e| redirect_of(e)),
+        proposer: Proposer::start(raft.clone(), redirect_of),
         membership_change: tokio::sync::Mutex::new(()),
     });
 

@@ -102,7 +102,9 @@ async fn batch_loop(
             }
         }
         counts.entries.fetch_add(1, Ordering::Relaxed);
-        counts.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        counts
+            .writes
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let (raft, reject) = (raft.clone(), reject.clone());
         tokio::spawn(async move {
             propose(&raft, batch, &*reject).await;
