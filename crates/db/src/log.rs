@@ -148,15 +148,23 @@ impl RaftLog {
         self.slots.last().map(|s| (s.index, s.term)).or(self.purged)
     }
 
+    /// No entries in the file (none yet, or all purged).
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     pub fn purged(&self) -> Option<(u64, u64)> {
         self.purged
     }
 
-    /// Appends a batch and fsyncs once. Entries must continue the log.
+    /// Appends a batch and fsyncs once (one flush for many writes).
+    /// An empty file (nothing or everything purged) takes a batch starting
+    /// anywhere; after that, entries must follow one another.
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), LogError> {
         let first = self
+            .slots
             .last()
-            .map_or(entries.first().map_or(1, |e| e.index), |(i, _)| i + 1);
+            .map_or(entries.first().map_or(1, |e| e.index), |s| s.index + 1);
         let mut buf = Vec::new();
         let mut new_slots = Vec::with_capacity(entries.len());
         for (next, e) in (first..).zip(entries) {
@@ -218,8 +226,13 @@ impl RaftLog {
 
     /// Removes entries `from` onward (a conflicting suffix).
     pub fn truncate(&mut self, from: u64) -> Result<(), LogError> {
-        let Some(pos) = self.position(from) else {
-            return Ok(());
+        let pos = match self.slots.first() {
+            None => return Ok(()),
+            Some(first) if from <= first.index => 0,
+            Some(_) => match self.position(from) {
+                Some(pos) => pos,
+                None => return Ok(()),
+            },
         };
         let cut = self.slots[pos].offset;
         self.file.set_len(cut)?;

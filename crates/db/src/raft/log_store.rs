@@ -132,7 +132,7 @@ fn write_loop(mut file: RaftLog, ops: mpsc::Receiver<Op>) {
                         }
                     }
                 }
-                let result = file.append(&entries).map_err(|e| e.to_string());
+                let result = overwrite(&mut file, &entries).map_err(|e| e.to_string());
                 for cb in callbacks {
                     cb.log_io_completed(
                         result.clone().map_err(|e| std::io::Error::other(e.clone())),
@@ -157,6 +157,20 @@ fn write_loop(mut file: RaftLog, ops: mpsc::Receiver<Op>) {
             }
         }
     }
+}
+
+/// Appends, first cutting off any entries the batch replaces (openraft
+/// truncates conflicting entries itself; this keeps the file right
+/// whatever the order of calls).
+fn overwrite(file: &mut RaftLog, entries: &[log::Entry]) -> Result<(), log::LogError> {
+    if let (Some(first), Some((last, _))) =
+        (entries.first(), file.last().filter(|_| !file.is_empty()))
+    {
+        if first.index <= last {
+            file.truncate(first.index)?;
+        }
+    }
+    file.append(entries)
 }
 
 fn range_of(range: &impl RangeBounds<u64>) -> (Bound<u64>, Bound<u64>) {

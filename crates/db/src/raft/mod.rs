@@ -89,3 +89,31 @@ pub(crate) fn io_error(
         openraft::AnyError::error(e.to_string()),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::log_store::LogStore;
+    use super::state_store::StateStore;
+    use super::*;
+
+    struct Builder;
+
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateStore, tempfile::TempDir>
+        for Builder
+    {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateStore), StorageError> {
+            let dir = tempfile::tempdir().map_err(|e| {
+                io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Write, e)
+            })?;
+            let log = LogStore::open(&dir.path().join("raft"))?;
+            let state = StateStore::open(dir.path())?;
+            Ok((dir, log, state))
+        }
+    }
+
+    /// openraft's own conformance suite for log and state machine storage.
+    #[test]
+    fn the_storage_passes_openrafts_suite() {
+        openraft::testing::Suite::test_all(Builder).unwrap();
+    }
+}

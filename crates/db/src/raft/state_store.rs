@@ -34,6 +34,7 @@ use crate::state::{self, Applied, AppliedState, StateMachine};
 pub const DB_FILE: &str = "db.sqlite";
 const SNAPSHOTS: &str = "snapshots";
 const INCOMING: &str = "incoming.sqlite";
+const INSTALLING: &str = "installing.sqlite";
 
 fn sm_error(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
     io_error(ErrorSubject::StateMachine, verb, e)
@@ -85,8 +86,26 @@ impl StateStore {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         std::fs::create_dir_all(dir.join(SNAPSHOTS)).map_err(|e| sm_error(ErrorVerb::Read, e))?;
-        let sm =
+        let mut sm =
             StateMachine::open(&dir.join(DB_FILE)).map_err(|e| sm_error(ErrorVerb::Read, e))?;
+        // The database file is written without an fsync per commit (the
+        // log is the durable record), so an OS crash can take its newest
+        // commits; entries the log has since dropped are in the snapshot,
+        // which is fsynced before the log is purged. Start from whichever
+        // is further along.
+        if let Some((meta, file)) = current_snapshot(&dir.join(SNAPSHOTS))? {
+            let applied = sm.applied().map_err(|e| sm_error(ErrorVerb::Read, e))?;
+            let snapshot_at = meta.last_log_id.map_or(0, |l| l.index);
+            if snapshot_at > applied.index {
+                tracing::warn!(
+                    applied = applied.index,
+                    snapshot = snapshot_at,
+                    "the database is behind its snapshot; restoring the snapshot"
+                );
+                sm.restore(&file)
+                    .map_err(|e| sm_error(ErrorVerb::Read, e))?;
+            }
+        }
         Ok(StateStore {
             sm: Arc::new(Mutex::new(sm)),
             dir: dir.to_path_buf(),
@@ -243,33 +262,44 @@ impl RaftStateMachine<TypeConfig> for StateStore {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, super::Member>,
-        snapshot: Box<tokio::fs::File>,
+        mut snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        snapshot
-            .sync_all()
-            .await
-            .map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
-        drop(snapshot);
-        let sm = self.sm.clone();
+        use tokio::io::AsyncSeekExt;
+        let fail = |e: std::io::Error| snapshot_error(ErrorVerb::Write, e);
+        // Copied from the handle, wherever it points, to a file of ours.
         let dir = self.snapshots();
+        let installing = dir.join(INSTALLING);
+        snapshot
+            .seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(fail)?;
+        let mut copy = tokio::fs::File::create(&installing).await.map_err(fail)?;
+        tokio::io::copy(&mut *snapshot, &mut copy)
+            .await
+            .map_err(fail)?;
+        copy.sync_all().await.map_err(fail)?;
+        drop((copy, snapshot));
+        let _ = tokio::fs::remove_file(dir.join(INCOMING)).await;
+        let sm = self.sm.clone();
         let id = meta.snapshot_id.clone();
         let meta = meta.clone();
         blocking(move || {
-            let incoming = dir.join(INCOMING);
-            let mut sm = lock(&sm);
-            sm.restore(&incoming)
-                .map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
-            let state = sm.state().map_err(|e| snapshot_error(ErrorVerb::Read, e))?;
-            if state.applied.map(|a| a.index) != meta.last_log_id.map(|l| l.index) {
+            let holds = Connection::open(&installing)
+                .and_then(|c| state::applied_state(&c))
+                .map_err(|e| snapshot_error(ErrorVerb::Read, e))?;
+            if holds.applied.map(|a| a.index) != meta.last_log_id.map(|l| l.index) {
                 return Err(snapshot_error(
                     ErrorVerb::Read,
                     format!(
                         "snapshot {} says it ends at {:?} but holds {:?}",
-                        meta.snapshot_id, meta.last_log_id, state.applied
+                        meta.snapshot_id, meta.last_log_id, holds.applied
                     ),
                 ));
             }
-            keep_as_current(&dir, &incoming, &meta)
+            lock(&sm)
+                .restore(&installing)
+                .map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+            keep_as_current(&dir, &installing, &meta)
         })
         .await?;
         tracing::info!(snapshot = %id, "installed a snapshot from the leader");
@@ -301,15 +331,28 @@ type Meta = SnapshotMeta<u64, super::Member>;
 fn keep_as_current(dir: &Path, file: &Path, meta: &Meta) -> Result<(), StorageError> {
     let fail = |e: &dyn std::fmt::Display| snapshot_error(ErrorVerb::Write, e);
     let id = &meta.snapshot_id;
+    // Durable before anything relies on it (the log before it is purged).
+    std::fs::File::open(file)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| fail(&e))?;
     std::fs::rename(file, dir.join(format!("{id}.sqlite"))).map_err(|e| fail(&e))?;
     let text = serde_json::to_vec(meta).map_err(|e| fail(&e))?;
     let tmp = dir.join(format!("{id}.json.tmp"));
-    std::fs::write(&tmp, text).map_err(|e| fail(&e))?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| fail(&e))?;
+        f.write_all(&text)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| fail(&e))?;
+    }
     std::fs::rename(&tmp, dir.join(format!("{id}.json"))).map_err(|e| fail(&e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| fail(&e))?;
     for old in std::fs::read_dir(dir).map_err(|e| fail(&e))?.flatten() {
         let name = old.file_name().to_string_lossy().into_owned();
         let stem = name.split('.').next().unwrap_or("");
-        if stem != id && stem != "incoming" && stem != "building" {
+        if stem != id && !matches!(stem, "incoming" | "installing" | "building") {
             let _ = std::fs::remove_file(old.path());
         }
     }
@@ -439,6 +482,57 @@ impl Readers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::parse_statements;
+
+    fn entry(index: u64, sql: &str) -> Entry {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::Execute {
+                statements: parse_statements(sql.as_bytes()).unwrap(),
+                opts: ExecOptions::default(),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_database_behind_its_snapshot_is_restored_from_it_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = StateStore::open(dir.path()).unwrap();
+            let results = store
+                .apply(vec![
+                    entry(1, r#"["CREATE TABLE t (x)"]"#),
+                    entry(
+                        2,
+                        r#"["INSERT INTO t VALUES (1)", "INSERT INTO t VALUES (2)"]"#,
+                    ),
+                ])
+                .await
+                .unwrap();
+            assert_eq!(results[1].len(), 2, "one result per statement");
+            let snapshot = store
+                .get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap();
+            assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(2));
+            let current = store.get_current_snapshot().await.unwrap().unwrap();
+            assert_eq!(current.meta.snapshot_id, snapshot.meta.snapshot_id);
+        }
+        // An OS crash took the database file's commits (here: all of it).
+        for name in [DB_FILE, "db.sqlite-wal", "db.sqlite-shm"] {
+            let _ = std::fs::remove_file(dir.path().join(name));
+        }
+        let mut store = StateStore::open(dir.path()).unwrap();
+        let (applied, _) = store.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(2));
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2);
+    }
 
     fn in_tx(conn: &mut Connection, f: impl FnOnce(&Connection) -> Value) -> Value {
         let tx = conn.transaction().unwrap();
