@@ -4,6 +4,7 @@
 mod db;
 mod dns;
 mod lb;
+mod web;
 
 /// mimalloc: measurably faster than glibc malloc on the proxy's hot path
 /// (many small, short-lived allocations across worker threads).
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "scaleout", version, propagate_version = true)]
 struct Cli {
     /// Log format on stderr. The level comes from SCALEOUT_LOG (e.g. `debug`,
-    /// `scaleout_web=debug`), default `info`.
+    /// `scaleout_web=debug`), default `info,openraft=error` (openraft logs routine elections at info and warn).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -38,19 +39,21 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a whole stage of the seed on this machine (stage 1: web app, database and cache in one process).
+    /// Run a whole stage of the seed on this machine (1: one server; 2-4: each tier its own process).
     Up(UpArgs),
     /// Run the load balancer: spread HTTP traffic over web servers, with health checks, retries and draining.
     Lb(Box<lb::LbArgs>),
     /// Run the site's DNS: an authoritative zone that answers with healthy load balancers only.
     Dns(Box<dns::DnsArgs>),
+    /// Run one stateless web server of the links app over the replicated database.
+    Web(Box<web::WebArgs>),
     /// Run a database node: SQLite replicated with Raft behind rqlite's HTTP API (leader, voter or read replica).
     Db(Box<db::DbArgs>),
 }
 
 #[derive(clap::Args)]
 struct UpArgs {
-    /// Which stage of the seed to run: 1 = a single server.
+    /// Which stage of the seed to run: 1 = a single server; 2 = web and database apart; 3 = + load balancer and two web servers; 4 = + replicated database (3 voters, 2 read replicas).
     #[arg(long, default_value_t = 1)]
     stage: u8,
     /// Directory for the nodes' data; it survives restarts.
@@ -124,6 +127,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Dns(args) => dns::run(*args, shutdown).await.context("scaleout dns"),
         Command::Db(args) => db::run(*args, shutdown).await.context("scaleout db"),
+        Command::Web(args) => web::run(*args, shutdown).await.context("scaleout web"),
         // Settled (and run) by start(), which sizes the runtime first.
         Command::Lb(_) => anyhow::bail!("scaleout lb is started by start()"),
     }
@@ -131,7 +135,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SCALEOUT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

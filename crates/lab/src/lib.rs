@@ -2,8 +2,16 @@
 //! stages and keeps it running until shut down.
 //!
 //! Stage 1 (the seed's single server) runs in this process: the links web
-//! app, its embedded SQLite database and its read-through cache. Later
-//! stages start each tier as its own child process and supervise them.
+//! app, its embedded SQLite database and its read-through cache. Stages 2
+//! to 4 start each tier as its own child process (the `scaleout` binary
+//! with a role's subcommand, see [`procs`]) on loopback and supervise them:
+//! - stage 2: one web server and one database node;
+//! - stage 3: the load balancer, two web servers, one database node;
+//! - stage 4: the load balancer, two web servers, three voting database
+//!   nodes and two read replicas (writes to the leader, reads spread over
+//!   the replicas).
+
+pub mod procs;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -15,8 +23,10 @@ use tokio_util::sync::CancellationToken;
 /// Fatal errors of `scaleout up`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("stage {0} is not available yet; this build runs stage 1 (single server)")]
+    #[error("stage {0} is not available yet; this build runs stages 1 to 4")]
     StageNotBuilt(u8),
+    #[error("{name}: {reason}")]
+    Spawn { name: String, reason: String },
     #[error("stage must be 1 to 5, not {0}")]
     NoSuchStage(u8),
     #[error("cannot listen on {addr}: {source} (pick another --port-base)")]
@@ -58,8 +68,8 @@ impl Default for UpConfig {
 impl UpConfig {
     pub fn validate(&self) -> Result<(), Error> {
         match self.stage {
-            1 => Ok(()),
-            2..=5 => Err(Error::StageNotBuilt(self.stage)),
+            1..=4 => Ok(()),
+            5 => Err(Error::StageNotBuilt(self.stage)),
             n => Err(Error::NoSuchStage(n)),
         }
     }
@@ -68,7 +78,178 @@ impl UpConfig {
 /// Runs the stage until `shutdown` is cancelled.
 pub async fn up(config: UpConfig, shutdown: CancellationToken) -> Result<(), Error> {
     config.validate()?;
-    stage1(config, shutdown).await
+    match config.stage {
+        1 => stage1(config, shutdown).await,
+        _ => cluster(config, shutdown).await,
+    }
+}
+
+/// The processes of a stage, in the order they start.
+struct Plan {
+    voters: u64,
+    replicas: u64,
+    webs: u64,
+    lb: bool,
+    title: &'static str,
+}
+
+fn plan(stage: u8) -> Plan {
+    match stage {
+        2 => Plan {
+            voters: 1,
+            replicas: 0,
+            webs: 1,
+            lb: false,
+            title: "the web tier and the data tier apart (one web server, one database node)",
+        },
+        3 => Plan {
+            voters: 1,
+            replicas: 0,
+            webs: 2,
+            lb: true,
+            title: "a load balancer in front of two stateless web servers, one database node",
+        },
+        _ => Plan {
+            voters: 3,
+            replicas: 2,
+            webs: 2,
+            lb: true,
+            title: "load balancer, two web servers, a replicated database (3 voters + 2 read replicas)",
+        },
+    }
+}
+
+/// Stages 2–4: every tier a child process on loopback.
+async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Error> {
+    let plan = plan(config.stage);
+    let host = config.host;
+    let mut next_port = config.port_base;
+    let mut port = || {
+        if config.port_base == 0 {
+            format!("{host}:0")
+        } else {
+            next_port += 1;
+            format!("{host}:{}", next_port - 1)
+        }
+    };
+    // The site's port (the web server in stage 2, the load balancer after).
+    let site = port();
+    let dir = config.data_dir.join(format!("stage{}", config.stage));
+    let mut procs: Vec<procs::Proc> = Vec::new();
+    let result = async {
+        let mut db_urls = Vec::new();
+        for id in 1..=plan.voters + plan.replicas {
+            let name = format!("db-{id}");
+            let mut args: Vec<String> = vec![
+                "db".into(),
+                "--id".into(),
+                id.to_string(),
+                "--http".into(),
+                port(),
+                "--raft".into(),
+                port(),
+                "--data".into(),
+                dir.join(&name).to_string_lossy().into_owned(),
+            ];
+            if let Some(first) = db_urls.first() {
+                args.extend(["--join".to_string(), String::clone(first)]);
+            }
+            if id > plan.voters {
+                args.push("--read-only".into());
+            }
+            let p = procs::Proc::start(&name, &args, "scaleout db: node").await?;
+            db_urls.push(p.url().unwrap_or_default());
+            procs.push(p);
+        }
+        let mut web_urls = Vec::new();
+        for i in 1..=plan.webs {
+            let name = format!("web-{i}");
+            let listen = if plan.lb { port() } else { site.clone() };
+            let args: Vec<String> = vec![
+                "web".into(),
+                "--listen".into(),
+                listen,
+                "--db".into(),
+                db_urls.join(","),
+                "--name".into(),
+                name.clone(),
+            ];
+            let p = procs::Proc::start(&name, &args, "scaleout web:").await?;
+            web_urls.push(p.url().unwrap_or_default());
+            procs.push(p);
+        }
+        if plan.lb {
+            let mut args: Vec<String> = vec![
+                "lb".into(),
+                "--listen".into(),
+                site.clone(),
+                "--admin".into(),
+                port(),
+                "--health-path".into(),
+                "/healthz".into(),
+            ];
+            for (i, url) in web_urls.iter().enumerate() {
+                args.extend(["--backend".to_string(), format!("{url},name=web-{}", i + 1)]);
+            }
+            procs.push(procs::Proc::start("lb", &args, "scaleout lb:").await?);
+        }
+        Ok::<(), Error>(())
+    }
+    .await;
+    if let Err(e) = result {
+        for p in procs.into_iter().rev() {
+            p.stop().await;
+        }
+        return Err(e);
+    }
+    println!("scaleout stage {}: {}", config.stage, plan.title);
+    for p in &procs {
+        let role = match p.name.as_str() {
+            "lb" => "load balancer".to_string(),
+            n if n.starts_with("web") => "web server (links app)".to_string(),
+            n => {
+                let id: u64 = n.trim_start_matches("db-").parse().unwrap_or(0);
+                if id > plan.voters {
+                    "database read replica".to_string()
+                } else if id == 1 {
+                    "database voter (first leader)".to_string()
+                } else {
+                    "database voter".to_string()
+                }
+            }
+        };
+        println!(
+            "  {:<6} {:<24} pid {:<7} {}",
+            p.name,
+            p.url().unwrap_or_default(),
+            p.pid().unwrap_or(0),
+            role
+        );
+    }
+    println!("  data in {}", dir.display());
+    println!();
+    let site_url = procs.last().and_then(procs::Proc::url).unwrap_or_default();
+    println!("open {site_url}/ in a browser; Ctrl-C stops everything");
+    // Supervise: report children that die (kill one to watch failover).
+    let mut reported = vec![false; procs.len()];
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+        for (p, seen) in procs.iter_mut().zip(reported.iter_mut()) {
+            if !*seen {
+                if let Some(status) = p.exited() {
+                    *seen = true;
+                    println!("{} exited ({status}); the rest keep running", p.name);
+                }
+            }
+        }
+    }
+    for p in procs.into_iter().rev() {
+        p.stop().await;
+    }
+    Ok(())
 }
 
 /// The seed's first stage: "the web app, the database and a cache can all

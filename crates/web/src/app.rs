@@ -178,6 +178,38 @@ fn base_url(app: &App, headers: &HeaderMap) -> String {
     format!("{proto}://{host}")
 }
 
+/// The cookie that carries read-your-writes across web servers: the log
+/// index of this browser's last write. A read with it is served only by a
+/// database node that has applied that write.
+const SEEN_COOKIE: &str = "scaleout_seen";
+
+/// What this client must see: `min_index` from its cookie.
+fn seen(headers: &HeaderMap) -> ReadOpts {
+    let min_index = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(|(name, _)| *name == SEEN_COOKIE)
+        .filter_map(|(_, value)| value.parse::<u64>().ok())
+        .max();
+    ReadOpts { min_index }
+}
+
+/// Remembers a write's index in the client's cookie (never lowering it).
+fn remember(mut resp: Response, headers: &HeaderMap, index: Option<u64>) -> Response {
+    let Some(index) = index else {
+        return resp;
+    };
+    let index = seen(headers).min_index.map_or(index, |old| old.max(index));
+    let cookie = format!("{SEEN_COOKIE}={index}; Path=/; Max-Age=300; SameSite=Lax; HttpOnly");
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
 fn with_db_node(mut resp: Response, node: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(node) {
         resp.headers_mut().insert(X_DB_NODE.clone(), v);
@@ -255,7 +287,7 @@ async fn render_home(
     error: Option<(&str, &str)>,
     created: Option<&str>,
 ) -> Response {
-    match app.store.newest(HOME_LINKS, ReadOpts::default()).await {
+    match app.store.newest(HOME_LINKS, seen(headers)).await {
         Ok(served) => {
             let base = base_url(app, headers);
             let short = created.map(|c| format!("{base}/{c}"));
@@ -306,10 +338,11 @@ async fn create_form(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
     match create_link(&app, &typed).await {
         Ok(w) => {
             let location = format!("/?created={}", w.value.code);
-            with_db_node(
+            let resp = with_db_node(
                 (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response(),
                 &w.node,
-            )
+            );
+            remember(resp, &headers, w.index)
         }
         Err(AppError::BadRequest(msg)) => {
             render_home(
@@ -346,6 +379,7 @@ async fn create_api(
         .map_err(|e| AppError::BadRequest(format!("body is not {{\"url\": \"...\"}}: {e}")))?;
     let w = create_link(&app, &req.url).await?;
     let location = format!("/api/links/{}", w.value.code);
+    let index = w.index;
     let view = LinkView::new(w.value, &base_url(&app, &headers));
     let resp = (
         StatusCode::CREATED,
@@ -353,7 +387,7 @@ async fn create_api(
         Json(view),
     )
         .into_response();
-    Ok(with_db_node(resp, &w.node))
+    Ok(remember(with_db_node(resp, &w.node), &headers, index))
 }
 
 async fn list_api(
@@ -373,7 +407,7 @@ async fn list_api(
                 ))
             })?,
     };
-    let served = app.store.newest(limit, ReadOpts::default()).await?;
+    let served = app.store.newest(limit, seen(&headers)).await?;
     let base = base_url(&app, &headers);
     let links: Vec<LinkView> = served
         .value
@@ -401,7 +435,7 @@ async fn get_api(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, AppError> {
     let code = code_from(path)?;
-    let served = app.store.get(&code, ReadOpts::default()).await?;
+    let served = app.store.get(&code, seen(&headers)).await?;
     let link = served
         .value
         .ok_or_else(|| AppError::NotFound(format!("no link with code {code:?}")))?;
@@ -411,6 +445,7 @@ async fn get_api(
 
 async fn delete_api(
     State(app): State<Arc<App>>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, AppError> {
     let code = code_from(path)?;
@@ -422,15 +457,14 @@ async fn delete_api(
         return Err(AppError::NotFound(format!("no link with code {code:?}")));
     }
     tracing::info!(%code, node = %w.node, "link deleted");
-    Ok(with_db_node(
-        StatusCode::NO_CONTENT.into_response(),
-        &w.node,
-    ))
+    let resp = with_db_node(StatusCode::NO_CONTENT.into_response(), &w.node);
+    Ok(remember(resp, &headers, w.index))
 }
 
 /// The hot path: code → 302, from the cache when it can.
 async fn redirect(
     State(app): State<Arc<App>>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Response {
     let code = match code_from(path) {
@@ -442,7 +476,7 @@ async fn redirect(
         return found(&url, "hit");
     }
     app.metrics.cache_misses.inc();
-    match app.store.get(&code, ReadOpts::default()).await {
+    match app.store.get(&code, seen(&headers)).await {
         Ok(served) => match served.value {
             Some(link) => {
                 app.cache.put(&code, &link.url).await;

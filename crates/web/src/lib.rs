@@ -3,7 +3,9 @@
 //!
 //! - [`app`]: routes, handlers and the per-response middleware.
 //! - [`store`]: the narrow [`Store`] trait the app needs from its data tier;
-//!   [`sqlite`] is stage 1's embedded implementation.
+//!   [`sqlite`] is stage 1's embedded implementation, [`remote`] the
+//!   replicated database's (stages 2–4), with read-your-writes carried by
+//!   a cookie.
 //! - [`cache`]: the read-through code → URL cache and its staleness bound.
 //! - [`links`]: URL validation and code generation, free of I/O.
 //! - [`html`]: the server-rendered pages; [`metrics`]: Prometheus metrics.
@@ -18,6 +20,7 @@ mod error;
 pub mod html;
 pub mod links;
 pub mod metrics;
+pub mod remote;
 pub mod sqlite;
 pub mod store;
 
@@ -28,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{AppError, StoreError};
+pub use remote::RemoteStore;
 pub use sqlite::SqliteStore;
 pub use store::{Link, ReadOpts, Served, Store, Written};
 

@@ -1,0 +1,63 @@
+//! `scaleout web`: one stateless web server of the links app over the
+//! replicated database.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct WebArgs {
+    /// Address to serve the app on, e.g. 127.0.0.1:8081 (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: String,
+    /// The database: one or more node API URLs, comma-separated
+    /// (http://127.0.0.1:4001,http://127.0.0.1:4011); the rest is discovered.
+    #[arg(long, value_delimiter = ',', required = true)]
+    db: Vec<String>,
+    /// This server's name, shown in X-Served-By and the page footer.
+    #[arg(long, default_value = "web-1")]
+    name: String,
+    /// Base of short URLs, e.g. https://sho.rt (default: from the request).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// How long a cached redirect may outlive its link's deletion elsewhere.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    cache_ttl: Duration,
+    /// How long to wait at start for the database to have a leader.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    db_wait: Duration,
+}
+
+pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    for url in &args.db {
+        if !url.starts_with("http://") {
+            anyhow::bail!("--db {url}: give database API URLs, e.g. http://127.0.0.1:4001");
+        }
+    }
+    let config = scaleout_web::WebConfig {
+        name: args.name.clone(),
+        public_url: args.public_url,
+        cache_ttl: args.cache_ttl,
+        ..Default::default()
+    };
+    config.validate()?;
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
+    let addr = listener.local_addr()?;
+    let store = tokio::select! {
+        store = scaleout_web::RemoteStore::connect(args.db.clone(), args.db_wait) => store
+            .with_context(|| format!("database {}", args.db.join(",")))?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    println!(
+        "scaleout web: {} http://{addr} (database {})",
+        args.name,
+        args.db.join(",")
+    );
+    scaleout_web::run(config, Arc::new(store), listener, shutdown).await?;
+    Ok(())
+}

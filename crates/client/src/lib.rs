@@ -1,0 +1,353 @@
+//! `scaleout-client`: how a web server talks to the replicated database.
+//!
+//! Given one or more seed URLs, the client learns the cluster from any
+//! node's `/nodes` (the leader, the voters, the read replicas) and keeps
+//! that picture fresh: in the background every second, and at once when a
+//! node fails it. Writes go to the leader, reads to the read replicas in
+//! turn (`level=none`, with `min_index` when the caller must see its own
+//! writes), falling back to the voters when no replica can serve.
+//!
+//! Retries never duplicate a write: a write is sent again only when it
+//! certainly did not happen — the connection was refused, or the node
+//! answered that it does not lead (sent with `redirect`, a follower answers
+//! `301` instead of forwarding). A write whose outcome is unknown (the
+//! connection broke after sending, a timeout) is reported as such.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// How long a failover may take before a request gives up.
+const FAILOVER_PATIENCE: Duration = Duration::from_secs(8);
+/// How long a node that failed a read is skipped.
+const SKIP_FAILED: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// No node could serve, or none answered in time; nothing was written.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A write was sent and its outcome is unknown (the connection broke
+    /// or timed out after sending): it may or may not have been applied.
+    #[error("database {node}: outcome of the write unknown: {reason}")]
+    Unknown { node: String, reason: String },
+    /// The node answered with an error for the request itself.
+    #[error("database {node}: {reason}")]
+    Refused { node: String, reason: String },
+}
+
+/// One database node as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    /// `http://host:port`
+    pub api: String,
+    pub voter: bool,
+    pub leader: bool,
+}
+
+impl NodeInfo {
+    /// The name shown in pages and headers, e.g. `db-2`.
+    pub fn name(&self) -> String {
+        format!("db-{}", self.id)
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Topology {
+    nodes: Vec<NodeInfo>,
+    /// When each node last failed a read (skipped for a while).
+    failed: Vec<(String, Instant)>,
+}
+
+impl Topology {
+    fn leader(&self) -> Option<&NodeInfo> {
+        self.nodes.iter().find(|n| n.leader)
+    }
+
+    fn healthy(&self, n: &NodeInfo) -> bool {
+        !self
+            .failed
+            .iter()
+            .any(|(id, at)| *id == n.id && at.elapsed() < SKIP_FAILED)
+    }
+
+    /// Where reads go, in order of preference: healthy replicas, then
+    /// healthy voters, then anything.
+    fn readers(&self) -> Vec<NodeInfo> {
+        let replicas: Vec<_> = self.nodes.iter().filter(|n| !n.voter && self.healthy(n)).cloned().collect();
+        if !replicas.is_empty() {
+            return replicas;
+        }
+        let voters: Vec<_> = self.nodes.iter().filter(|n| self.healthy(n)).cloned().collect();
+        if !voters.is_empty() {
+            return voters;
+        }
+        self.nodes.clone()
+    }
+}
+
+/// What a write returned.
+#[derive(Debug, Clone)]
+pub struct Executed {
+    pub results: Vec<Value>,
+    /// The log index that committed the write (read-your-writes).
+    pub raft_index: u64,
+    pub node: String,
+}
+
+/// What a read returned.
+#[derive(Debug, Clone)]
+pub struct Queried {
+    pub results: Vec<Value>,
+    pub node: String,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    seeds: Vec<String>,
+    http: reqwest::Client,
+    topology: RwLock<Topology>,
+    next_reader: AtomicUsize,
+}
+
+fn lock_read(t: &RwLock<Topology>) -> std::sync::RwLockReadGuard<'_, Topology> {
+    t.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn lock_write(t: &RwLock<Topology>) -> std::sync::RwLockWriteGuard<'_, Topology> {
+    t.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Client {
+    /// A client for the cluster one of `seeds` (API URLs) belongs to. It
+    /// starts a background refresh of the cluster's picture (stopped when
+    /// the last clone of the client is dropped).
+    pub fn new(seeds: Vec<String>) -> Result<Self, ClientError> {
+        if seeds.is_empty() {
+            return Err(ClientError::Unavailable("no database URL given".into()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| ClientError::Unavailable(e.to_string()))?;
+        let seeds = seeds.into_iter().map(|s| s.trim_end_matches('/').to_string()).collect();
+        let inner = Arc::new(Inner {
+            seeds,
+            http,
+            topology: RwLock::new(Topology::default()),
+            next_reader: AtomicUsize::new(0),
+        });
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            while let Some(inner) = weak.upgrade() {
+                let _ = refresh(&inner).await;
+                drop(inner);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        Ok(Client { inner })
+    }
+
+    /// The nodes as last seen.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        lock_read(&self.inner.topology).nodes.clone()
+    }
+
+    /// Learns the cluster now (waits until some node answers, or `patience`).
+    pub async fn discover(&self, patience: Duration) -> Result<(), ClientError> {
+        let deadline = Instant::now() + patience;
+        loop {
+            match refresh(&self.inner).await {
+                Ok(()) if lock_read(&self.inner.topology).leader().is_some() => return Ok(()),
+                Ok(()) => {}
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Unavailable("the cluster has no leader".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs write statements (rqlite's request form) on the leader.
+    pub async fn execute(&self, statements: &Value, transaction: bool) -> Result<Executed, ClientError> {
+        let path = if transaction { "/db/execute?transaction&redirect" } else { "/db/execute?redirect" };
+        let deadline = Instant::now() + FAILOVER_PATIENCE;
+        let mut last = String::from("no leader known");
+        loop {
+            let leader = lock_read(&self.inner.topology).leader().cloned();
+            if let Some(node) = leader {
+                let sent = self
+                    .inner
+                    .http
+                    .post(format!("{}{path}", node.api))
+                    .json(statements)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().is_success() => {
+                        let body: Value = r.json().await.map_err(|e| ClientError::Unknown {
+                            node: node.name(),
+                            reason: format!("unreadable answer: {e}"),
+                        })?;
+                        return Ok(Executed {
+                            results: body["results"].as_array().cloned().unwrap_or_default(),
+                            raft_index: body["raft_index"].as_u64().unwrap_or(0),
+                            node: node.name(),
+                        });
+                    }
+                    // Not the leader (any more): certainly not executed.
+                    Ok(r) if r.status() == reqwest::StatusCode::MOVED_PERMANENTLY
+                        || r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE =>
+                    {
+                        last = format!("{} is not the leader ({})", node.name(), r.status());
+                    }
+                    Ok(r) => {
+                        let status = r.status();
+                        let text = r.text().await.unwrap_or_default();
+                        return Err(ClientError::Refused {
+                            node: node.name(),
+                            reason: format!("{status}: {text}"),
+                        });
+                    }
+                    Err(e) if e.is_connect() => {
+                        last = format!("{} refused the connection", node.name());
+                    }
+                    Err(e) => {
+                        return Err(ClientError::Unknown {
+                            node: node.name(),
+                            reason: e.to_string(),
+                        })
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Unavailable(last));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = refresh(&self.inner).await;
+        }
+    }
+
+    /// Runs read statements on a read replica (or a voter when no replica
+    /// can), served once `min_index` is applied there.
+    pub async fn query(&self, statements: &Value, min_index: Option<u64>) -> Result<Queried, ClientError> {
+        let path = match min_index {
+            Some(i) => format!("/db/query?level=none&min_index={i}"),
+            None => "/db/query?level=none".to_string(),
+        };
+        let deadline = Instant::now() + FAILOVER_PATIENCE;
+        let mut last = String::from("no node known");
+        loop {
+            let readers = lock_read(&self.inner.topology).readers();
+            let start = self.inner.next_reader.fetch_add(1, Ordering::Relaxed);
+            for k in 0..readers.len() {
+                let node = &readers[(start + k) % readers.len()];
+                let sent = self
+                    .inner
+                    .http
+                    .post(format!("{}{path}", node.api))
+                    .json(statements)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().is_success() => match r.json::<Value>().await {
+                        Ok(body) => {
+                            return Ok(Queried {
+                                results: body["results"].as_array().cloned().unwrap_or_default(),
+                                node: node.name(),
+                            })
+                        }
+                        Err(e) => last = format!("{}: unreadable answer: {e}", node.name()),
+                    },
+                    Ok(r) if r.status().is_client_error() => {
+                        let status = r.status();
+                        let text = r.text().await.unwrap_or_default();
+                        return Err(ClientError::Refused {
+                            node: node.name(),
+                            reason: format!("{status}: {text}"),
+                        });
+                    }
+                    Ok(r) => last = format!("{}: {}", node.name(), r.status()),
+                    Err(e) => last = format!("{}: {e}", node.name()),
+                }
+                lock_write(&self.inner.topology)
+                    .failed
+                    .push((node.id.clone(), Instant::now()));
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Unavailable(last));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = refresh(&self.inner).await;
+        }
+    }
+}
+
+/// Asks the seeds and the known nodes for `/nodes` until one answers.
+async fn refresh(inner: &Inner) -> Result<(), ClientError> {
+    let known: Vec<String> = lock_read(&inner.topology).nodes.iter().map(|n| n.api.clone()).collect();
+    let mut last = String::from("no node answered");
+    for base in known.iter().chain(inner.seeds.iter()) {
+        let answer = inner
+            .http
+            .get(format!("{base}/nodes?nonvoters&ver=2"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        let body: Value = match answer {
+            Ok(r) if r.status().is_success() => match r.json().await {
+                Ok(v) => v,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            },
+            Ok(r) => {
+                last = format!("{base}: {}", r.status());
+                continue;
+            }
+            Err(e) => {
+                last = format!("{base}: {e}");
+                continue;
+            }
+        };
+        let nodes: Vec<NodeInfo> = body["nodes"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .filter(|n| n["reachable"] == json!(true))
+                    .filter_map(|n| {
+                        Some(NodeInfo {
+                            id: n["id"].as_str()?.to_string(),
+                            api: n["api_addr"].as_str()?.to_string(),
+                            voter: n["voter"].as_bool().unwrap_or(false),
+                            leader: n["leader"].as_bool().unwrap_or(false),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if nodes.is_empty() {
+            last = format!("{base}: no reachable nodes listed");
+            continue;
+        }
+        let mut topology = lock_write(&inner.topology);
+        topology.failed.retain(|(_, at)| at.elapsed() < SKIP_FAILED);
+        topology.nodes = nodes;
+        return Ok(());
+    }
+    Err(ClientError::Unavailable(last))
+}

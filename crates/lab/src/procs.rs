@@ -1,0 +1,112 @@
+//! The lab's child processes: each tier is the `scaleout` binary itself,
+//! started with a role's subcommand, found ready by the line it prints, and
+//! stopped with SIGTERM (then SIGKILL if it lingers) — children never
+//! outlive the lab.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::Error;
+
+/// How long a child may take to print its ready line.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Proc {
+    pub name: String,
+    /// The line the child printed when ready.
+    pub ready: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `scaleout ARGS...` and waits for a stdout line containing
+    /// `ready_marker`.
+    pub async fn start(name: &str, args: &[String], ready_marker: &str) -> Result<Proc, Error> {
+        let exe = std::env::current_exe().map_err(|e| Error::Spawn {
+            name: name.into(),
+            reason: format!("cannot find the scaleout binary: {e}"),
+        })?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::Spawn {
+                name: name.into(),
+                reason: e.to_string(),
+            })?;
+        let stdout = child.stdout.take().ok_or_else(|| Error::Spawn {
+            name: name.into(),
+            reason: "no stdout".into(),
+        })?;
+        let mut lines = BufReader::new(stdout).lines();
+        let wait = async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains(ready_marker) {
+                    return Some(line);
+                }
+            }
+            None
+        };
+        let ready = match tokio::time::timeout(START_TIMEOUT, wait).await {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                let status = child.wait().await.ok();
+                return Err(Error::Spawn {
+                    name: name.into(),
+                    reason: format!("exited before it was ready ({status:?}); see its log above"),
+                });
+            }
+            Err(_) => {
+                return Err(Error::Spawn {
+                    name: name.into(),
+                    reason: format!("not ready after {START_TIMEOUT:?}"),
+                })
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Proc {
+            name: name.into(),
+            ready,
+            child,
+        })
+    }
+
+    /// The first `http://...` word of the ready line.
+    pub fn url(&self) -> Option<String> {
+        self.ready
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .map(|w| w.trim_end_matches(['/', ';', ',']).to_string())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Whether the child is still running (reports an exit once).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, then SIGKILL after a grace period.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            if tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await.is_ok() {
+                return;
+            }
+            tracing::warn!(name = %self.name, "did not stop in time; killing it");
+        }
+        let _ = self.child.kill().await;
+    }
+}

@@ -1,0 +1,156 @@
+//! Stages 2–4's store: the replicated database over its HTTP API, through
+//! [`scaleout_client`]. Writes go to the leader, reads to the read
+//! replicas; a read that must see a write carries its log index
+//! (`min_index`), so a link created through one web server is found
+//! through any other.
+
+use async_trait::async_trait;
+use scaleout_client::{Client, ClientError};
+use serde_json::{json, Value};
+
+use crate::store::{Link, ReadOpts, Served, Store, StoreError, Written};
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS links (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    code       TEXT NOT NULL UNIQUE,
+    url        TEXT NOT NULL,
+    created_at TEXT NOT NULL
+)";
+
+#[derive(Clone)]
+pub struct RemoteStore {
+    client: Client,
+}
+
+fn store_error(e: ClientError) -> StoreError {
+    match e {
+        ClientError::Unavailable(reason) => StoreError::Unavailable {
+            node: "cluster".into(),
+            reason,
+        },
+        ClientError::Unknown { node, reason } => StoreError::Unavailable { node, reason },
+        ClientError::Refused { node, reason } => StoreError::Internal { node, reason },
+    }
+}
+
+/// The first result of an answer, or the error it carries.
+fn first(results: &[Value], node: &str) -> Result<Value, StoreError> {
+    let r = results.first().cloned().unwrap_or(Value::Null);
+    match r.get("error").and_then(Value::as_str) {
+        Some(e) => Err(StoreError::Internal {
+            node: node.into(),
+            reason: e.into(),
+        }),
+        None => Ok(r),
+    }
+}
+
+fn links_of(result: &Value) -> Vec<Link> {
+    result["values"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|row| {
+                    Some(Link {
+                        code: row[0].as_str()?.to_string(),
+                        url: row[1].as_str()?.to_string(),
+                        created_at: row[2].as_str()?.to_string(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl RemoteStore {
+    /// Connects to the cluster one of `seeds` belongs to and makes sure the
+    /// schema exists (waiting up to `patience` for a leader).
+    pub async fn connect(seeds: Vec<String>, patience: std::time::Duration) -> Result<Self, StoreError> {
+        let client = Client::new(seeds).map_err(store_error)?;
+        client.discover(patience).await.map_err(store_error)?;
+        let created = client
+            .execute(&json!([SCHEMA]), false)
+            .await
+            .map_err(store_error)?;
+        first(&created.results, &created.node)?;
+        Ok(RemoteStore { client })
+    }
+
+    async fn read(&self, statement: Value, opts: ReadOpts) -> Result<(Value, String), StoreError> {
+        let answer = self
+            .client
+            .query(&json!([statement]), opts.min_index)
+            .await
+            .map_err(store_error)?;
+        let result = first(&answer.results, &answer.node)?;
+        Ok((result, answer.node))
+    }
+}
+
+#[async_trait]
+impl Store for RemoteStore {
+    async fn insert(&self, link: &Link) -> Result<Written<()>, StoreError> {
+        let statement = json!([[
+            "INSERT INTO links (code, url, created_at) VALUES (?, ?, ?)",
+            link.code,
+            link.url,
+            link.created_at
+        ]]);
+        let done = self.client.execute(&statement, false).await.map_err(store_error)?;
+        match first(&done.results, &done.node) {
+            Ok(_) => Ok(Written {
+                value: (),
+                node: done.node,
+                index: Some(done.raft_index),
+            }),
+            Err(StoreError::Internal { reason, .. }) if reason.contains("UNIQUE") => {
+                Err(StoreError::Conflict {
+                    code: link.code.clone(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn get(&self, code: &str, opts: ReadOpts) -> Result<Served<Option<Link>>, StoreError> {
+        let (result, node) = self
+            .read(
+                json!(["SELECT code, url, created_at FROM links WHERE code = ?", code]),
+                opts,
+            )
+            .await?;
+        Ok(Served {
+            value: links_of(&result).into_iter().next(),
+            node,
+        })
+    }
+
+    async fn newest(&self, limit: u32, opts: ReadOpts) -> Result<Served<Vec<Link>>, StoreError> {
+        let (result, node) = self
+            .read(
+                json!(["SELECT code, url, created_at FROM links ORDER BY id DESC LIMIT ?", limit]),
+                opts,
+            )
+            .await?;
+        Ok(Served {
+            value: links_of(&result),
+            node,
+        })
+    }
+
+    async fn delete(&self, code: &str) -> Result<Written<bool>, StoreError> {
+        let statement = json!([["DELETE FROM links WHERE code = ?", code]]);
+        let done = self.client.execute(&statement, false).await.map_err(store_error)?;
+        let result = first(&done.results, &done.node)?;
+        Ok(Written {
+            value: result["rows_affected"].as_u64().unwrap_or(0) > 0,
+            node: done.node,
+            index: Some(done.raft_index),
+        })
+    }
+
+    async fn ping(&self) -> Result<String, StoreError> {
+        let (_, node) = self.read(json!("SELECT 1"), ReadOpts::default()).await?;
+        Ok(node)
+    }
+}
