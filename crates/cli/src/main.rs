@@ -146,10 +146,29 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Set by `scaleout up` on the processes it starts.
+const SUPERVISED: &str = "SCALEOUT_SUPERVISED";
+
 /// A token cancelled at the first SIGINT or SIGTERM (graceful shutdown); a
 /// second signal exits at once.
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
+    if std::env::var_os(SUPERVISED).is_some() {
+        // Started by `scaleout up`: never outlive it, even when it is
+        // killed with SIGKILL and cannot stop its children itself.
+        let parent = nix::unistd::getppid();
+        let cancel = token.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                if nix::unistd::getppid() != parent {
+                    tracing::warn!("the supervising scaleout up is gone; shutting down");
+                    cancel.cancel();
+                    return;
+                }
+            }
+        });
+    }
     let cancel = token.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

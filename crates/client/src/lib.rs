@@ -77,11 +77,21 @@ impl Topology {
     /// Where reads go, in order of preference: healthy replicas, then
     /// healthy voters, then anything.
     fn readers(&self) -> Vec<NodeInfo> {
-        let replicas: Vec<_> = self.nodes.iter().filter(|n| !n.voter && self.healthy(n)).cloned().collect();
+        let replicas: Vec<_> = self
+            .nodes
+            .iter()
+            .filter(|n| !n.voter && self.healthy(n))
+            .cloned()
+            .collect();
         if !replicas.is_empty() {
             return replicas;
         }
-        let voters: Vec<_> = self.nodes.iter().filter(|n| self.healthy(n)).cloned().collect();
+        let voters: Vec<_> = self
+            .nodes
+            .iter()
+            .filter(|n| self.healthy(n))
+            .cloned()
+            .collect();
         if !voters.is_empty() {
             return voters;
         }
@@ -141,7 +151,10 @@ impl Client {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| ClientError::Unavailable(e.to_string()))?;
-        let seeds = seeds.into_iter().map(|s| s.trim_end_matches('/').to_string()).collect();
+        let seeds = seeds
+            .into_iter()
+            .map(|s| s.trim_end_matches('/').to_string())
+            .collect();
         let inner = Arc::new(Inner {
             seeds,
             http,
@@ -182,8 +195,16 @@ impl Client {
     }
 
     /// Runs write statements (rqlite's request form) on the leader.
-    pub async fn execute(&self, statements: &Value, transaction: bool) -> Result<Executed, ClientError> {
-        let path = if transaction { "/db/execute?transaction&redirect" } else { "/db/execute?redirect" };
+    pub async fn execute(
+        &self,
+        statements: &Value,
+        transaction: bool,
+    ) -> Result<Executed, ClientError> {
+        let path = if transaction {
+            "/db/execute?transaction&redirect"
+        } else {
+            "/db/execute?redirect"
+        };
         let deadline = Instant::now() + FAILOVER_PATIENCE;
         let mut last = String::from("no leader known");
         loop {
@@ -209,8 +230,9 @@ impl Client {
                         });
                     }
                     // Not the leader (any more): certainly not executed.
-                    Ok(r) if r.status() == reqwest::StatusCode::MOVED_PERMANENTLY
-                        || r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE =>
+                    Ok(r)
+                        if r.status() == reqwest::StatusCode::MOVED_PERMANENTLY
+                            || r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE =>
                     {
                         last = format!("{} is not the leader ({})", node.name(), r.status());
                     }
@@ -243,7 +265,11 @@ impl Client {
 
     /// Runs read statements on a read replica (or a voter when no replica
     /// can), served once `min_index` is applied there.
-    pub async fn query(&self, statements: &Value, min_index: Option<u64>) -> Result<Queried, ClientError> {
+    pub async fn query(
+        &self,
+        statements: &Value,
+        min_index: Option<u64>,
+    ) -> Result<Queried, ClientError> {
         let path = match min_index {
             Some(i) => format!("/db/query?level=none&min_index={i}"),
             None => "/db/query?level=none".to_string(),
@@ -298,7 +324,11 @@ impl Client {
 
 /// Asks the seeds and the known nodes for `/nodes` until one answers.
 async fn refresh(inner: &Inner) -> Result<(), ClientError> {
-    let known: Vec<String> = lock_read(&inner.topology).nodes.iter().map(|n| n.api.clone()).collect();
+    let known: Vec<String> = lock_read(&inner.topology)
+        .nodes
+        .iter()
+        .map(|n| n.api.clone())
+        .collect();
     let mut last = String::from("no node answered");
     for base in known.iter().chain(inner.seeds.iter()) {
         let answer = inner

@@ -114,7 +114,8 @@ fn plan(stage: u8) -> Plan {
             replicas: 2,
             webs: 2,
             lb: true,
-            title: "load balancer, two web servers, a replicated database (3 voters + 2 read replicas)",
+            title:
+                "load balancer, two web servers, a replicated database (3 voters + 2 read replicas)",
         },
     }
 }

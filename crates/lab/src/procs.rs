@@ -34,6 +34,9 @@ impl Proc {
         })?;
         let mut child = Command::new(exe)
             .args(args)
+            // The child stops by itself if this process dies (see the
+            // binary's shutdown_on_signal).
+            .env("SCALEOUT_SUPERVISED", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -102,7 +105,10 @@ impl Proc {
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-            if tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await.is_ok() {
+            if tokio::time::timeout(STOP_TIMEOUT, self.child.wait())
+                .await
+                .is_ok()
+            {
                 return;
             }
             tracing::warn!(name = %self.name, "did not stop in time; killing it");

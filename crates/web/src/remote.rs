@@ -65,7 +65,10 @@ fn links_of(result: &Value) -> Vec<Link> {
 impl RemoteStore {
     /// Connects to the cluster one of `seeds` belongs to and makes sure the
     /// schema exists (waiting up to `patience` for a leader).
-    pub async fn connect(seeds: Vec<String>, patience: std::time::Duration) -> Result<Self, StoreError> {
+    pub async fn connect(
+        seeds: Vec<String>,
+        patience: std::time::Duration,
+    ) -> Result<Self, StoreError> {
         let client = Client::new(seeds).map_err(store_error)?;
         client.discover(patience).await.map_err(store_error)?;
         let created = client
@@ -96,7 +99,11 @@ impl Store for RemoteStore {
             link.url,
             link.created_at
         ]]);
-        let done = self.client.execute(&statement, false).await.map_err(store_error)?;
+        let done = self
+            .client
+            .execute(&statement, false)
+            .await
+            .map_err(store_error)?;
         match first(&done.results, &done.node) {
             Ok(_) => Ok(Written {
                 value: (),
@@ -115,7 +122,10 @@ impl Store for RemoteStore {
     async fn get(&self, code: &str, opts: ReadOpts) -> Result<Served<Option<Link>>, StoreError> {
         let (result, node) = self
             .read(
-                json!(["SELECT code, url, created_at FROM links WHERE code = ?", code]),
+                json!([
+                    "SELECT code, url, created_at FROM links WHERE code = ?",
+                    code
+                ]),
                 opts,
             )
             .await?;
@@ -128,7 +138,10 @@ impl Store for RemoteStore {
     async fn newest(&self, limit: u32, opts: ReadOpts) -> Result<Served<Vec<Link>>, StoreError> {
         let (result, node) = self
             .read(
-                json!(["SELECT code, url, created_at FROM links ORDER BY id DESC LIMIT ?", limit]),
+                json!([
+                    "SELECT code, url, created_at FROM links ORDER BY id DESC LIMIT ?",
+                    limit
+                ]),
                 opts,
             )
             .await?;
@@ -140,7 +153,11 @@ impl Store for RemoteStore {
 
     async fn delete(&self, code: &str) -> Result<Written<bool>, StoreError> {
         let statement = json!([["DELETE FROM links WHERE code = ?", code]]);
-        let done = self.client.execute(&statement, false).await.map_err(store_error)?;
+        let done = self
+            .client
+            .execute(&statement, false)
+            .await
+            .map_err(store_error)?;
         let result = first(&done.results, &done.node)?;
         Ok(Written {
             value: result["rows_affected"].as_u64().unwrap_or(0) > 0,

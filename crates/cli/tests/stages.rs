@@ -1,0 +1,302 @@
+//! Stages 2–4 as `scaleout up` runs them: every tier a real child process
+//! on loopback. Writes land on the database leader, reads on the read
+//! replicas; a link created through one web server is found at once
+//! through the other (the read-your-writes cookie); the database leader
+//! killed with SIGKILL while links are created loses none that were
+//! acknowledged; a replica killed, reads go on.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{client, eventually, Proc};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+/// A running `scaleout up --stage N` and the table it printed.
+struct Stage {
+    proc: Proc,
+    /// name → (url, pid)
+    members: BTreeMap<String, (String, i32)>,
+    site: String,
+}
+
+impl Stage {
+    fn start(stage: u8, data: &std::path::Path) -> Stage {
+        let mut proc = Proc::spawn(&[
+            "up",
+            "--stage",
+            &stage.to_string(),
+            "--port-base",
+            "0",
+            "--data",
+            data.to_str().unwrap(),
+        ]);
+        let open = proc.wait_for_line("open http://");
+        let site = open
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap()
+            .trim_end_matches('/')
+            .to_string();
+        let mut members = BTreeMap::new();
+        for line in &proc.stdout {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.len() >= 4 && words[1].starts_with("http://") && words[2] == "pid" {
+                members.insert(
+                    words[0].to_string(),
+                    (words[1].to_string(), words[3].parse().unwrap()),
+                );
+            }
+        }
+        Stage {
+            proc,
+            members,
+            site,
+        }
+    }
+
+    fn url(&self, name: &str) -> &str {
+        &self.members[name].0
+    }
+
+    /// SIGTERM, and the lab stops every child before it exits.
+    fn stop(mut self) {
+        self.proc.signal(Signal::SIGTERM);
+        assert!(self.proc.wait_exit(Duration::from_secs(30)).success());
+        for (name, (_, pid)) in &self.members {
+            let alive = kill(Pid::from_raw(*pid), None).is_ok();
+            assert!(!alive, "{name} (pid {pid}) outlived scaleout up");
+        }
+    }
+
+    fn kill9(&self, name: &str) {
+        kill(Pid::from_raw(self.members[name].1), Signal::SIGKILL).unwrap();
+    }
+}
+
+async fn create(base: &str, url: &str, cookie: Option<&str>) -> reqwest::Response {
+    let mut req = client()
+        .post(format!("{base}/api/links"))
+        .json(&json!({ "url": url }));
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    req.send().await.unwrap()
+}
+
+fn cookie_of(resp: &reqwest::Response) -> String {
+    resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Reads served by a database node, from its metrics.
+async fn reads_on(url: &str) -> u64 {
+    let text = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("scaleout_db_requests_total{kind=\"read\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage2_runs_the_web_tier_and_the_database_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = Stage::start(2, dir.path());
+    assert!(stage.members.contains_key("db-1") && stage.members.contains_key("web-1"));
+    assert_eq!(stage.site, stage.url("web-1"));
+    let r = create(&stage.site, "https://example.com/two", None).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["x-db-node"], "db-1");
+    let cookie = cookie_of(&r);
+    let code = r.json::<Value>().await.unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = client()
+        .get(format!("{}/{code}", stage.site))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], "https://example.com/two");
+    let home = client().get(&stage.site).send().await.unwrap();
+    assert_eq!(home.headers()["x-db-node"], "db-1");
+    assert!(home.text().await.unwrap().contains("example.com/two"));
+    stage.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = Stage::start(4, dir.path());
+    for name in [
+        "lb", "web-1", "web-2", "db-1", "db-2", "db-3", "db-4", "db-5",
+    ] {
+        assert!(
+            stage.members.contains_key(name),
+            "{name} missing: {:?}",
+            stage.members
+        );
+    }
+
+    // Writes land on the leader; read-your-writes across web servers.
+    let r = create(stage.url("web-1"), "https://example.com/ryw", None).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["x-db-node"], "db-1");
+    let cookie = cookie_of(&r);
+    let code = r.json::<Value>().await.unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..10 {
+        let r = client()
+            .get(format!("{}/api/links/{code}", stage.url("web-2")))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "read-your-writes through the other web server"
+        );
+        let node = r.headers()["x-db-node"].to_str().unwrap().to_string();
+        assert!(
+            node == "db-4" || node == "db-5",
+            "read on a replica, not {node}"
+        );
+    }
+
+    // Reads through the load balancer spread over both replicas.
+    let before: Vec<u64> = futures_reads(&stage).await;
+    for _ in 0..40 {
+        let r = client()
+            .get(format!("{}/api/links/{code}", stage.site))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let after: Vec<u64> = futures_reads(&stage).await;
+    let gained: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    eprintln!("reads gained per node db-1..db-5: {gained:?}");
+    assert!(
+        gained[3] >= 10 && gained[4] >= 10,
+        "both replicas serve reads: {gained:?}"
+    );
+    assert!(
+        gained[0] + gained[1] + gained[2] <= 2,
+        "voters serve (almost) no reads: {gained:?}"
+    );
+
+    // Kill the database leader while links are created through the lb.
+    let site = stage.site.clone();
+    let creator = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut failed = 0u32;
+        let started = Instant::now();
+        let mut n = 0;
+        while started.elapsed() < Duration::from_secs(7) {
+            n += 1;
+            let sent = client()
+                .post(format!("{site}/api/links"))
+                .json(&json!({ "url": format!("https://example.com/f{n}") }))
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status() == 201 => {
+                    let code = r.json::<Value>().await.unwrap()["code"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    acked.push((code, Instant::now()));
+                }
+                _ => failed += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (acked, failed)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_at = Instant::now();
+    stage.kill9("db-1");
+    let (acked, failed) = creator.await.unwrap();
+    let after_kill: Vec<_> = acked.iter().filter(|(_, at)| *at > killed_at).collect();
+    eprintln!(
+        "{} links created, {} after the kill (first {:?} after it), {failed} failed",
+        acked.len(),
+        after_kill.len(),
+        after_kill
+            .first()
+            .map(|(_, at)| at.duration_since(killed_at))
+    );
+    assert!(
+        !after_kill.is_empty(),
+        "creation works again after the failover"
+    );
+    assert!(
+        after_kill[0].1.duration_since(killed_at) < Duration::from_secs(6),
+        "creation resumed within the bound"
+    );
+    // Every acknowledged link exists (read back through the lb).
+    for (code, _) in &acked {
+        let r = client()
+            .get(format!("{}/api/links/{code}", stage.site))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "acknowledged link {code} lost");
+    }
+
+    // A replica dies: reads go on through the other.
+    stage.kill9("db-4");
+    let mut ok = 0;
+    for _ in 0..20 {
+        let r = client()
+            .get(format!("{}/api/links/{code}", stage.site))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 20, "reads continue with one replica down");
+    eventually(Duration::from_secs(10), "reads settle on db-5", || async {
+        let r = client()
+            .get(format!("{}/api/links/{code}", stage.site))
+            .send()
+            .await
+            .unwrap();
+        r.headers()["x-db-node"] == "db-5"
+    })
+    .await;
+    stage.stop();
+}
+
+async fn futures_reads(stage: &Stage) -> Vec<u64> {
+    let mut out = Vec::new();
+    for name in ["db-1", "db-2", "db-3", "db-4", "db-5"] {
+        out.push(reads_on(stage.url(name)).await);
+    }
+    out
+}
