@@ -12,6 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::db::DbNode;
 use common::{client, eventually, Proc};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -141,6 +142,36 @@ async fn stage2_runs_the_web_tier_and_the_database_apart() {
     let home = client().get(&stage.site).send().await.unwrap();
     assert_eq!(home.headers()["x-db-node"], "db-1");
     assert!(home.text().await.unwrap().contains("example.com/two"));
+    stage.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage3_balances_two_web_servers_over_one_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = Stage::start(3, dir.path());
+    assert_eq!(stage.site, stage.url("lb"));
+    let r = create(&stage.site, "https://example.com/three", None).await;
+    assert_eq!(r.status(), 201);
+    let code = r.json::<Value>().await.unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut served_by = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let r = client()
+            .get(format!("{}/api/links/{code}", stage.site))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-db-node"], "db-1");
+        served_by.insert(r.headers()["x-served-by"].to_str().unwrap().to_string());
+    }
+    assert_eq!(
+        served_by.into_iter().collect::<Vec<_>>(),
+        vec!["web-1", "web-2"],
+        "the load balancer spreads over both web servers"
+    );
     stage.stop();
 }
 
@@ -290,6 +321,23 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
         r.headers()["x-db-node"] == "db-5"
     })
     .await;
+
+    // A replica added to the running cluster is found and takes reads.
+    let added = DbNode::start(6, dir.path(), &["--join", stage.url("db-2"), "--read-only"]);
+    eventually(
+        Duration::from_secs(20),
+        "the new replica serves reads",
+        || async {
+            let r = client()
+                .get(format!("{}/api/links/{code}", stage.site))
+                .send()
+                .await
+                .unwrap();
+            r.status() == 200 && r.headers()["x-db-node"] == "db-6"
+        },
+    )
+    .await;
+    drop(added);
     stage.stop();
 }
 

@@ -23,6 +23,9 @@ use serde_json::{json, Value};
 const FAILOVER_PATIENCE: Duration = Duration::from_secs(8);
 /// How long a node that failed a read is skipped.
 const SKIP_FAILED: Duration = Duration::from_secs(2);
+/// A replica further behind the leader than this many log entries (each
+/// holds a group of writes) serves no reads until it catches up.
+pub const MAX_LAG: u64 = 256;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -46,6 +49,8 @@ pub struct NodeInfo {
     pub api: String,
     pub voter: bool,
     pub leader: bool,
+    /// Entries behind the leader, when the leader said.
+    pub lag: Option<u64>,
 }
 
 impl NodeInfo {
@@ -68,10 +73,11 @@ impl Topology {
     }
 
     fn healthy(&self, n: &NodeInfo) -> bool {
-        !self
-            .failed
-            .iter()
-            .any(|(id, at)| *id == n.id && at.elapsed() < SKIP_FAILED)
+        n.lag.is_none_or(|lag| lag <= MAX_LAG)
+            && !self
+                .failed
+                .iter()
+                .any(|(id, at)| *id == n.id && at.elapsed() < SKIP_FAILED)
     }
 
     /// Where reads go, in order of preference: healthy replicas, then
@@ -365,6 +371,7 @@ async fn refresh(inner: &Inner) -> Result<(), ClientError> {
                             api: n["api_addr"].as_str()?.to_string(),
                             voter: n["voter"].as_bool().unwrap_or(false),
                             leader: n["leader"].as_bool().unwrap_or(false),
+                            lag: n["lag"].as_u64(),
                         })
                     })
                     .collect()
@@ -380,4 +387,40 @@ async fn refresh(inner: &Inner) -> Result<(), ClientError> {
         return Ok(());
     }
     Err(ClientError::Unavailable(last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, voter: bool, leader: bool, lag: Option<u64>) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            api: format!("http://db-{id}"),
+            voter,
+            leader,
+            lag,
+        }
+    }
+
+    #[test]
+    fn reads_prefer_healthy_caught_up_replicas_then_voters() {
+        let mut t = Topology {
+            nodes: vec![
+                node("1", true, true, Some(0)),
+                node("2", true, false, Some(3)),
+                node("4", false, false, Some(2)),
+                node("5", false, false, Some(MAX_LAG + 1)),
+            ],
+            failed: Vec::new(),
+        };
+        let ids = |t: &Topology| t.readers().into_iter().map(|n| n.id).collect::<Vec<_>>();
+        assert_eq!(ids(&t), vec!["4"], "the lagging replica is skipped");
+        t.failed.push(("4".into(), Instant::now()));
+        assert_eq!(ids(&t), vec!["1", "2"], "no replica left: the voters serve");
+        t.failed.clear();
+        t.nodes[3].lag = Some(0);
+        assert_eq!(ids(&t), vec!["4", "5"], "caught up, it serves again");
+        assert_eq!(t.leader().map(|n| n.id.as_str()), Some("1"));
+    }
 }

@@ -495,6 +495,15 @@ async fn nodes(State(node): Node, Query(params): Query<NodesParams>) -> Response
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
     let with_nonvoters = params.nonvoters.is_some();
     let leader = node.leader().map(|(id, _)| id);
+    // On the leader: how many entries each node still lacks.
+    let last = m.last_log_index.unwrap_or(0);
+    let lag_of = |id: u64| -> Option<u64> {
+        if id == node.id && m.state == ServerState::Leader {
+            return Some(0);
+        }
+        let matched = m.replication.as_ref()?.get(&id)?;
+        Some(last.saturating_sub(matched.map_or(0, |l| l.index)))
+    };
     let mut checks = tokio::task::JoinSet::new();
     for (id, member) in membership.nodes() {
         let voter = voters.contains(id);
@@ -502,6 +511,7 @@ async fn nodes(State(node): Node, Query(params): Query<NodesParams>) -> Response
             continue;
         }
         let (id, member, client) = (*id, member.clone(), node.client.clone());
+        let lag = lag_of(id);
         checks.spawn(async move {
             let started = Instant::now();
             let reachable = client
@@ -510,12 +520,12 @@ async fn nodes(State(node): Node, Query(params): Query<NodesParams>) -> Response
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());
-            (id, member, voter, reachable, started.elapsed())
+            (id, member, voter, reachable, started.elapsed(), lag)
         });
     }
     let mut listed = Vec::new();
-    while let Some(Ok((id, member, voter, reachable, took))) = checks.join_next().await {
-        listed.push(json!({
+    while let Some(Ok((id, member, voter, reachable, took, lag))) = checks.join_next().await {
+        let mut entry = json!({
             "id": id.to_string(),
             "api_addr": member.api_url(),
             "addr": member.raft,
@@ -523,7 +533,12 @@ async fn nodes(State(node): Node, Query(params): Query<NodesParams>) -> Response
             "reachable": reachable,
             "leader": leader == Some(id),
             "time": took.as_secs_f64(),
-        }));
+        });
+        if let Some(lag) = lag {
+            // Ours, beyond rqlite's fields: entries behind the leader.
+            entry["lag"] = json!(lag);
+        }
+        listed.push(entry);
     }
     listed.sort_by_key(|n| n["id"].as_str().and_then(|s| s.parse::<u64>().ok()));
     let body = if params.ver.as_deref() == Some("2") {
