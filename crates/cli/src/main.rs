@@ -39,7 +39,7 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a whole stage of the seed on this machine (1: one server; 2-4: each tier its own process).
+    /// Run a whole stage of the seed on this machine (1: one server; 2-5: each tier its own process; default 5).
     Up(UpArgs),
     /// Run the load balancer: spread HTTP traffic over web servers, with health checks, retries and draining.
     Lb(Box<lb::LbArgs>),
@@ -53,8 +53,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct UpArgs {
-    /// Which stage of the seed to run: 1 = a single server; 2 = web and database apart; 3 = + load balancer and two web servers; 4 = + replicated database (3 voters, 2 read replicas).
-    #[arg(long, default_value_t = 1)]
+    /// Which stage of the seed to run: 1 = a single server; 2 = web and database apart; 3 = + load balancer and two web servers; 4 = + replicated database (3 voters, 2 read replicas); 5 = + DNS and a second load balancer (the seed's final diagram).
+    #[arg(long, default_value_t = 5)]
     stage: u8,
     /// Directory for the nodes' data; it survives restarts.
     #[arg(long, default_value = "scaleout-data")]

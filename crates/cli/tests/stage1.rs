@@ -515,11 +515,26 @@ fn a_taken_port_is_reported_not_panicked_on() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Proc::spawn(&[
         "up",
+        "--stage",
+        "1",
         "--port-base",
         &port,
         "--data",
         dir.path().to_str().unwrap(),
     ]);
     let status = p.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1));
+    // Stage 4's processes: the child that cannot listen fails the start,
+    // and the lab stops the ones already running.
+    let mut p = Proc::spawn(&[
+        "up",
+        "--stage",
+        "4",
+        "--port-base",
+        &port,
+        "--data",
+        dir.path().to_str().unwrap(),
+    ]);
+    let status = p.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(1));
 }

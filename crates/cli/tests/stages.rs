@@ -24,19 +24,19 @@ struct Stage {
     /// name → (url, pid)
     members: BTreeMap<String, (String, i32)>,
     site: String,
+    /// Stage 5's DNS server and its pid.
+    dns: Option<(std::net::SocketAddr, i32)>,
 }
 
 impl Stage {
-    fn start(stage: u8, data: &std::path::Path) -> Stage {
-        let mut proc = Proc::spawn(&[
-            "up",
-            "--stage",
-            &stage.to_string(),
-            "--port-base",
-            "0",
-            "--data",
-            data.to_str().unwrap(),
-        ]);
+    /// `scaleout up [--stage N]` on free ports (no `--stage`: the default).
+    fn start(stage: Option<u8>, data: &std::path::Path) -> Stage {
+        let stage = stage.map(|n| n.to_string());
+        let mut args = vec!["up", "--port-base", "0", "--data", data.to_str().unwrap()];
+        if let Some(n) = &stage {
+            args.extend(["--stage", n.as_str()]);
+        }
+        let mut proc = Proc::spawn(&args);
         let open = proc.wait_for_line("open http://");
         let site = open
             .split_whitespace()
@@ -45,8 +45,12 @@ impl Stage {
             .trim_end_matches('/')
             .to_string();
         let mut members = BTreeMap::new();
+        let mut dns = None;
         for line in &proc.stdout {
             let words: Vec<&str> = line.split_whitespace().collect();
+            if words.first() == Some(&"dns") && words.get(2) == Some(&"pid") {
+                dns = Some((words[1].parse().unwrap(), words[3].parse().unwrap()));
+            }
             if words.len() >= 4 && words[1].starts_with("http://") && words[2] == "pid" {
                 members.insert(
                     words[0].to_string(),
@@ -58,6 +62,7 @@ impl Stage {
             proc,
             members,
             site,
+            dns,
         }
     }
 
@@ -69,8 +74,12 @@ impl Stage {
     fn stop(mut self) {
         self.proc.signal(Signal::SIGTERM);
         assert!(self.proc.wait_exit(Duration::from_secs(30)).success());
-        for (name, (_, pid)) in &self.members {
-            let alive = kill(Pid::from_raw(*pid), None).is_ok();
+        let dns = self
+            .dns
+            .iter()
+            .map(|(_, pid)| ("dns".to_string(), (String::new(), *pid)));
+        for (name, (_, pid)) in self.members.clone().into_iter().chain(dns) {
+            let alive = kill(Pid::from_raw(pid), None).is_ok();
             assert!(!alive, "{name} (pid {pid}) outlived scaleout up");
         }
     }
@@ -120,7 +129,7 @@ async fn reads_on(url: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage2_runs_the_web_tier_and_the_database_apart() {
     let dir = tempfile::tempdir().unwrap();
-    let stage = Stage::start(2, dir.path());
+    let stage = Stage::start(Some(2), dir.path());
     assert!(stage.members.contains_key("db-1") && stage.members.contains_key("web-1"));
     assert_eq!(stage.site, stage.url("web-1"));
     let r = create(&stage.site, "https://example.com/two", None).await;
@@ -148,7 +157,7 @@ async fn stage2_runs_the_web_tier_and_the_database_apart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage3_balances_two_web_servers_over_one_database() {
     let dir = tempfile::tempdir().unwrap();
-    let stage = Stage::start(3, dir.path());
+    let stage = Stage::start(Some(3), dir.path());
     assert_eq!(stage.site, stage.url("lb"));
     let r = create(&stage.site, "https://example.com/three", None).await;
     assert_eq!(r.status(), 201);
@@ -178,7 +187,7 @@ async fn stage3_balances_two_web_servers_over_one_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
     let dir = tempfile::tempdir().unwrap();
-    let stage = Stage::start(4, dir.path());
+    let stage = Stage::start(Some(4), dir.path());
     for name in [
         "lb", "web-1", "web-2", "db-1", "db-2", "db-3", "db-4", "db-5",
     ] {
@@ -347,4 +356,77 @@ async fn futures_reads(stage: &Stage) -> Vec<u64> {
         out.push(reads_on(stage.url(name)).await);
     }
     out
+}
+
+/// The addresses `scaleout dns` answers for the site's name.
+async fn resolve_site(dns: std::net::SocketAddr) -> Vec<std::net::IpAddr> {
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+    use hickory_resolver::name_server::TokioConnectionProvider;
+    use hickory_resolver::proto::xfer::Protocol;
+    let mut config = ResolverConfig::new();
+    config.add_name_server(NameServerConfig::new(dns, Protocol::Udp));
+    let mut opts = ResolverOpts::default();
+    opts.cache_size = 0;
+    opts.attempts = 1;
+    let resolver =
+        hickory_resolver::Resolver::builder_with_config(config, TokioConnectionProvider::default())
+            .with_options(opts)
+            .build();
+    let mut ips: Vec<_> = resolver
+        .lookup_ip("www.scaleout.test.")
+        .await
+        .unwrap()
+        .iter()
+        .collect();
+    ips.sort();
+    ips
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage5_is_reached_by_name_and_survives_losing_a_load_balancer() {
+    let dir = tempfile::tempdir().unwrap();
+    // No --stage: stage 5 is the default.
+    let stage = Stage::start(None, dir.path());
+    assert_eq!(stage.site, stage.url("lb-1"));
+    let (dns, _) = stage.dns.expect("the DNS server is listed");
+    let port = stage.site.rsplit(':').next().unwrap().to_string();
+    let ips = resolve_site(dns).await;
+    assert_eq!(
+        ips,
+        vec![
+            "127.0.0.2".parse::<std::net::IpAddr>().unwrap(),
+            "127.0.0.3".parse().unwrap()
+        ]
+    );
+    // The page, fetched from an answered address by name.
+    for ip in &ips {
+        let r = client()
+            .get(format!("http://{ip}:{port}/"))
+            .header("host", format!("www.scaleout.test:{port}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.text().await.unwrap().contains("web-"),
+            "the links app answers"
+        );
+    }
+    // A load balancer dies: the name stops pointing at it.
+    stage.kill9("lb-1");
+    eventually(
+        Duration::from_secs(15),
+        "lb-1 leaves the answer",
+        || async move {
+            resolve_site(dns).await == vec!["127.0.0.3".parse::<std::net::IpAddr>().unwrap()]
+        },
+    )
+    .await;
+    let r = client()
+        .get(format!("http://127.0.0.3:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    stage.stop();
 }

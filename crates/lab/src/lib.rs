@@ -3,13 +3,16 @@
 //!
 //! Stage 1 (the seed's single server) runs in this process: the links web
 //! app, its embedded SQLite database and its read-through cache. Stages 2
-//! to 4 start each tier as its own child process (the `scaleout` binary
+//! to 5 start each tier as its own child process (the `scaleout` binary
 //! with a role's subcommand, see [`procs`]) on loopback and supervise them:
 //! - stage 2: one web server and one database node;
 //! - stage 3: the load balancer, two web servers, one database node;
 //! - stage 4: the load balancer, two web servers, three voting database
 //!   nodes and two read replicas (writes to the leader, reads spread over
-//!   the replicas).
+//!   the replicas);
+//! - stage 5 (the default, the seed's final diagram): stage 4 with two load
+//!   balancers on 127.0.0.2 and 127.0.0.3 (same port) and `scaleout dns`
+//!   answering `www.scaleout.test` with the healthy ones.
 
 pub mod procs;
 
@@ -23,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 /// Fatal errors of `scaleout up`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("stage {0} is not available yet; this build runs stages 1 to 4")]
-    StageNotBuilt(u8),
+    #[error("stage 5 puts its load balancers on 127.0.0.2 and 127.0.0.3 and its DNS on 127.0.0.1; run it with the default --host, not {0}")]
+    Stage5Host(IpAddr),
     #[error("{name}: {reason}")]
     Spawn { name: String, reason: String },
     #[error("stage must be 1 to 5, not {0}")]
@@ -57,7 +60,7 @@ pub struct UpConfig {
 impl Default for UpConfig {
     fn default() -> Self {
         UpConfig {
-            stage: 1,
+            stage: 5,
             data_dir: PathBuf::from("scaleout-data"),
             port_base: 8080,
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -69,7 +72,8 @@ impl UpConfig {
     pub fn validate(&self) -> Result<(), Error> {
         match self.stage {
             1..=4 => Ok(()),
-            5 => Err(Error::StageNotBuilt(self.stage)),
+            5 if self.host == IpAddr::V4(Ipv4Addr::LOCALHOST) => Ok(()),
+            5 => Err(Error::Stage5Host(self.host)),
             n => Err(Error::NoSuchStage(n)),
         }
     }
@@ -90,8 +94,16 @@ struct Plan {
     replicas: u64,
     webs: u64,
     lb: bool,
+    /// Stage 5: two load balancers on 127.0.0.2 and 127.0.0.3 behind the
+    /// site's name, served by `scaleout dns`.
+    dns: bool,
     title: &'static str,
 }
+
+/// The zone and name stage 5 serves.
+pub const ZONE: &str = "scaleout.test";
+pub const SITE_NAME: &str = "www.scaleout.test";
+const LB_ADDRS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
 
 fn plan(stage: u8) -> Plan {
     match stage {
@@ -100,6 +112,7 @@ fn plan(stage: u8) -> Plan {
             replicas: 0,
             webs: 1,
             lb: false,
+            dns: false,
             title: "the web tier and the data tier apart (one web server, one database node)",
         },
         3 => Plan {
@@ -107,20 +120,45 @@ fn plan(stage: u8) -> Plan {
             replicas: 0,
             webs: 2,
             lb: true,
+            dns: false,
             title: "a load balancer in front of two stateless web servers, one database node",
+        },
+        4 => Plan {
+            voters: 3,
+            replicas: 2,
+            webs: 2,
+            lb: true,
+            dns: false,
+            title: "load balancer, two web servers, a replicated database (3 voters + 2 read replicas)",
         },
         _ => Plan {
             voters: 3,
             replicas: 2,
             webs: 2,
             lb: true,
-            title:
-                "load balancer, two web servers, a replicated database (3 voters + 2 read replicas)",
+            dns: true,
+            title: "the seed's final diagram: DNS, two load balancers, two web servers, a replicated database (3 voters + 2 read replicas)",
         },
     }
 }
 
-/// Stages 2–4: every tier a child process on loopback.
+fn lb_args(listen: &str, admin: &str, web_urls: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "lb".into(),
+        "--listen".into(),
+        listen.into(),
+        "--admin".into(),
+        admin.into(),
+        "--health-path".into(),
+        "/healthz".into(),
+    ];
+    for (i, url) in web_urls.iter().enumerate() {
+        args.extend(["--backend".to_string(), format!("{url},name=web-{}", i + 1)]);
+    }
+    args
+}
+
+/// Stages 2–5: every tier a child process on loopback.
 async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Error> {
     let plan = plan(config.stage);
     let host = config.host;
@@ -179,19 +217,40 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
             web_urls.push(p.url().unwrap_or_default());
             procs.push(p);
         }
-        if plan.lb {
-            let mut args: Vec<String> = vec![
-                "lb".into(),
-                "--listen".into(),
-                site.clone(),
-                "--admin".into(),
-                port(),
-                "--health-path".into(),
-                "/healthz".into(),
-            ];
-            for (i, url) in web_urls.iter().enumerate() {
-                args.extend(["--backend".to_string(), format!("{url},name=web-{}", i + 1)]);
+        if plan.dns {
+            // Both load balancers on the same port, each on its own
+            // loopback address: DNS answers carry addresses, not ports.
+            let mut lb_port = site.rsplit(':').next().unwrap_or("0").to_string();
+            for (i, ip) in LB_ADDRS.iter().enumerate() {
+                let listen = format!("{ip}:{lb_port}");
+                let p = procs::Proc::start(
+                    &format!("lb-{}", i + 1),
+                    &lb_args(&listen, &port(), &web_urls),
+                    "scaleout lb:",
+                )
+                .await?;
+                if let Some(url) = p.url() {
+                    lb_port = url.rsplit(':').next().unwrap_or("0").to_string();
+                }
+                procs.push(p);
             }
+            let hosts = format!("www={}", LB_ADDRS.join(","));
+            let args: Vec<String> = vec![
+                "dns".into(),
+                "--listen".into(),
+                port(),
+                "--zone".into(),
+                ZONE.into(),
+                "--host".into(),
+                hosts,
+                "--health-url".into(),
+                format!("http://{{ip}}:{lb_port}/healthz"),
+                "--http".into(),
+                port(),
+            ];
+            procs.push(procs::Proc::start("dns", &args, "scaleout dns:").await?);
+        } else if plan.lb {
+            let args = lb_args(&site, &port(), &web_urls);
             procs.push(procs::Proc::start("lb", &args, "scaleout lb:").await?);
         }
         Ok::<(), Error>(())
@@ -205,8 +264,19 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
     }
     println!("scaleout stage {}: {}", config.stage, plan.title);
     for p in &procs {
+        if p.name == "dns" {
+            let addr = p.ready.split_whitespace().nth(2).unwrap_or("?");
+            println!(
+                "  {:<6} {:<24} pid {:<7} DNS for {ZONE} (udp+tcp), metrics {}",
+                p.name,
+                addr,
+                p.pid().unwrap_or(0),
+                p.url().unwrap_or_default()
+            );
+            continue;
+        }
         let role = match p.name.as_str() {
-            "lb" => "load balancer".to_string(),
+            n if n.starts_with("lb") => "load balancer".to_string(),
             n if n.starts_with("web") => "web server (links app)".to_string(),
             n => {
                 let id: u64 = n.trim_start_matches("db-").parse().unwrap_or(0);
@@ -229,8 +299,31 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
     }
     println!("  data in {}", dir.display());
     println!();
-    let site_url = procs.last().and_then(procs::Proc::url).unwrap_or_default();
-    println!("open {site_url}/ in a browser; Ctrl-C stops everything");
+    if plan.dns {
+        let dns_addr = procs
+            .iter()
+            .find(|p| p.name == "dns")
+            .and_then(|p| p.ready.split_whitespace().nth(2))
+            .unwrap_or("?:?")
+            .to_string();
+        let lb1 = procs
+            .iter()
+            .find(|p| p.name == "lb-1")
+            .and_then(procs::Proc::url)
+            .unwrap_or_default();
+        let port = lb1.rsplit(':').next().unwrap_or("?").to_string();
+        let (dns_ip, dns_port) = dns_addr.rsplit_once(':').unwrap_or(("?", "?"));
+        println!("the site is http://{SITE_NAME}:{port}/ and its name is served by scaleout dns:");
+        println!("  dig @{dns_ip} -p {dns_port} {SITE_NAME} +short");
+        println!(
+            "  curl --resolve {SITE_NAME}:{port}:{} http://{SITE_NAME}:{port}/",
+            LB_ADDRS[0]
+        );
+        println!("open {lb1}/ in a browser; Ctrl-C stops everything");
+    } else {
+        let site_url = procs.last().and_then(procs::Proc::url).unwrap_or_default();
+        println!("open {site_url}/ in a browser; Ctrl-C stops everything");
+    }
     // Supervise: report children that die (kill one to watch failover).
     let mut reported = vec![false; procs.len()];
     loop {

@@ -62,10 +62,13 @@ impl Proc {
         let ready = match tokio::time::timeout(START_TIMEOUT, wait).await {
             Ok(Some(line)) => line,
             Ok(None) => {
-                let status = child.wait().await.ok();
+                let status = child
+                    .wait()
+                    .await
+                    .map_or_else(|e| e.to_string(), |s| s.to_string());
                 return Err(Error::Spawn {
                     name: name.into(),
-                    reason: format!("exited before it was ready ({status:?}); see its log above"),
+                    reason: format!("exited before it was ready ({status}); see its log above"),
                 });
             }
             Err(_) => {
