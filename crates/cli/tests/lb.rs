@@ -190,14 +190,15 @@ async fn a_backend_killed_under_load_costs_no_failed_request() {
     );
 
     // Revive it on the same port and data.
-    let mut args = vec![
+    let args = [
         "up",
+        "--stage",
+        "1",
         "--port-base",
         &port2,
         "--data",
         dirs.1.path().to_str().unwrap(),
     ];
-    args.truncate(5);
     let mut revived = common::Proc::spawn(&args);
     revived.wait_for_line("open http://");
     eventually(
