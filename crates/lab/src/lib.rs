@@ -89,7 +89,7 @@ pub async fn up(config: UpConfig, shutdown: CancellationToken) -> Result<(), Err
 }
 
 /// The processes of a stage, in the order they start.
-struct Plan {
+pub(crate) struct Plan {
     voters: u64,
     replicas: u64,
     webs: u64,
@@ -105,7 +105,7 @@ pub const ZONE: &str = "scaleout.test";
 pub const SITE_NAME: &str = "www.scaleout.test";
 const LB_ADDRS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
 
-fn plan(stage: u8) -> Plan {
+pub(crate) fn plan(stage: u8) -> Plan {
     match stage {
         2 => Plan {
             voters: 1,
@@ -142,6 +142,98 @@ fn plan(stage: u8) -> Plan {
     }
 }
 
+/// Starts a plan's processes in order (databases, web servers, load
+/// balancers, DNS), pushing each onto `procs` as it becomes ready, so the
+/// caller can stop what started when a later one fails. `port` hands out
+/// listen addresses; `site` is where the site listens.
+pub(crate) async fn start_topology(
+    plan: &Plan,
+    site: &str,
+    port: &mut impl FnMut() -> String,
+    dir: &std::path::Path,
+    procs: &mut Vec<procs::Proc>,
+) -> Result<(), Error> {
+    let site = site.to_string();
+    let mut db_urls = Vec::new();
+    for id in 1..=plan.voters + plan.replicas {
+        let name = format!("db-{id}");
+        let mut args: Vec<String> = vec![
+            "db".into(),
+            "--id".into(),
+            id.to_string(),
+            "--http".into(),
+            port(),
+            "--raft".into(),
+            port(),
+            "--data".into(),
+            dir.join(&name).to_string_lossy().into_owned(),
+        ];
+        if let Some(first) = db_urls.first() {
+            args.extend(["--join".to_string(), String::clone(first)]);
+        }
+        if id > plan.voters {
+            args.push("--read-only".into());
+        }
+        let p = procs::Proc::start(&name, &args, "scaleout db: node").await?;
+        db_urls.push(p.url().unwrap_or_default());
+        procs.push(p);
+    }
+    let mut web_urls = Vec::new();
+    for i in 1..=plan.webs {
+        let name = format!("web-{i}");
+        let listen = if plan.lb { port() } else { site.clone() };
+        let args: Vec<String> = vec![
+            "web".into(),
+            "--listen".into(),
+            listen,
+            "--db".into(),
+            db_urls.join(","),
+            "--name".into(),
+            name.clone(),
+        ];
+        let p = procs::Proc::start(&name, &args, "scaleout web:").await?;
+        web_urls.push(p.url().unwrap_or_default());
+        procs.push(p);
+    }
+    if plan.dns {
+        // Both load balancers on the same port, each on its own
+        // loopback address: DNS answers carry addresses, not ports.
+        let mut lb_port = site.rsplit(':').next().unwrap_or("0").to_string();
+        for (i, ip) in LB_ADDRS.iter().enumerate() {
+            let listen = format!("{ip}:{lb_port}");
+            let p = procs::Proc::start(
+                &format!("lb-{}", i + 1),
+                &lb_args(&listen, &port(), &web_urls),
+                "scaleout lb:",
+            )
+            .await?;
+            if let Some(url) = p.url() {
+                lb_port = url.rsplit(':').next().unwrap_or("0").to_string();
+            }
+            procs.push(p);
+        }
+        let hosts = format!("www={}", LB_ADDRS.join(","));
+        let args: Vec<String> = vec![
+            "dns".into(),
+            "--listen".into(),
+            port(),
+            "--zone".into(),
+            ZONE.into(),
+            "--host".into(),
+            hosts,
+            "--health-url".into(),
+            format!("http://{{ip}}:{lb_port}/healthz"),
+            "--http".into(),
+            port(),
+        ];
+        procs.push(procs::Proc::start("dns", &args, "scaleout dns:").await?);
+    } else if plan.lb {
+        let args = lb_args(&site, &port(), &web_urls);
+        procs.push(procs::Proc::start("lb", &args, "scaleout lb:").await?);
+    }
+    Ok(())
+}
+
 fn lb_args(listen: &str, admin: &str, web_urls: &[String]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "lb".into(),
@@ -175,87 +267,7 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
     let site = port();
     let dir = config.data_dir.join(format!("stage{}", config.stage));
     let mut procs: Vec<procs::Proc> = Vec::new();
-    let result = async {
-        let mut db_urls = Vec::new();
-        for id in 1..=plan.voters + plan.replicas {
-            let name = format!("db-{id}");
-            let mut args: Vec<String> = vec![
-                "db".into(),
-                "--id".into(),
-                id.to_string(),
-                "--http".into(),
-                port(),
-                "--raft".into(),
-                port(),
-                "--data".into(),
-                dir.join(&name).to_string_lossy().into_owned(),
-            ];
-            if let Some(first) = db_urls.first() {
-                args.extend(["--join".to_string(), String::clone(first)]);
-            }
-            if id > plan.voters {
-                args.push("--read-only".into());
-            }
-            let p = procs::Proc::start(&name, &args, "scaleout db: node").await?;
-            db_urls.push(p.url().unwrap_or_default());
-            procs.push(p);
-        }
-        let mut web_urls = Vec::new();
-        for i in 1..=plan.webs {
-            let name = format!("web-{i}");
-            let listen = if plan.lb { port() } else { site.clone() };
-            let args: Vec<String> = vec![
-                "web".into(),
-                "--listen".into(),
-                listen,
-                "--db".into(),
-                db_urls.join(","),
-                "--name".into(),
-                name.clone(),
-            ];
-            let p = procs::Proc::start(&name, &args, "scaleout web:").await?;
-            web_urls.push(p.url().unwrap_or_default());
-            procs.push(p);
-        }
-        if plan.dns {
-            // Both load balancers on the same port, each on its own
-            // loopback address: DNS answers carry addresses, not ports.
-            let mut lb_port = site.rsplit(':').next().unwrap_or("0").to_string();
-            for (i, ip) in LB_ADDRS.iter().enumerate() {
-                let listen = format!("{ip}:{lb_port}");
-                let p = procs::Proc::start(
-                    &format!("lb-{}", i + 1),
-                    &lb_args(&listen, &port(), &web_urls),
-                    "scaleout lb:",
-                )
-                .await?;
-                if let Some(url) = p.url() {
-                    lb_port = url.rsplit(':').next().unwrap_or("0").to_string();
-                }
-                procs.push(p);
-            }
-            let hosts = format!("www={}", LB_ADDRS.join(","));
-            let args: Vec<String> = vec![
-                "dns".into(),
-                "--listen".into(),
-                port(),
-                "--zone".into(),
-                ZONE.into(),
-                "--host".into(),
-                hosts,
-                "--health-url".into(),
-                format!("http://{{ip}}:{lb_port}/healthz"),
-                "--http".into(),
-                port(),
-            ];
-            procs.push(procs::Proc::start("dns", &args, "scaleout dns:").await?);
-        } else if plan.lb {
-            let args = lb_args(&site, &port(), &web_urls);
-            procs.push(procs::Proc::start("lb", &args, "scaleout lb:").await?);
-        }
-        Ok::<(), Error>(())
-    }
-    .await;
+    let result = start_topology(&plan, &site, &mut port, &dir, &mut procs).await;
     if let Err(e) = result {
         for p in procs.into_iter().rev() {
             p.stop().await;

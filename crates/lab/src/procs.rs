@@ -21,6 +21,9 @@ pub struct Proc {
     pub name: String,
     /// The line the child printed when ready.
     pub ready: String,
+    /// How it was started (a restart uses the same).
+    pub args: Vec<String>,
+    marker: String,
     child: Child,
 }
 
@@ -83,6 +86,8 @@ impl Proc {
         Ok(Proc {
             name: name.into(),
             ready,
+            args: args.to_vec(),
+            marker: ready_marker.into(),
             child,
         })
     }
@@ -102,6 +107,22 @@ impl Proc {
     /// Whether the child is still running (reports an exit once).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Sends a signal (SIGKILL, SIGSTOP, SIGCONT, ...).
+    pub fn signal(&self, signal: Signal) {
+        if let Some(pid) = self.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), signal);
+        }
+    }
+
+    /// Starts it again with the same arguments once it has exited (killed
+    /// or stopped by a fault).
+    pub async fn restart(&mut self) -> Result<(), Error> {
+        let _ = self.child.kill().await;
+        let again = Proc::start(&self.name, &self.args, &self.marker).await?;
+        *self = again;
+        Ok(())
     }
 
     /// SIGTERM, then SIGKILL after a grace period.
