@@ -1,6 +1,7 @@
 //! `scaleout`: the one binary. Parses flags, sets up logging and the
 //! runtime, and calls the role's library entry point.
 
+mod chaos;
 mod db;
 mod dns;
 mod lb;
@@ -45,6 +46,8 @@ enum Command {
     Lb(Box<lb::LbArgs>),
     /// Run the site's DNS: an authoritative zone that answers with healthy load balancers only.
     Dns(Box<dns::DnsArgs>),
+    /// Run stage 4 under a seeded schedule of faults (kills, pauses) while clients work, then check the history.
+    Chaos(Box<chaos::ChaosArgs>),
     /// Run one stateless web server of the links app over the replicated database.
     Web(Box<web::WebArgs>),
     /// Run a database node: SQLite replicated with Raft behind rqlite's HTTP API (leader, voter or read replica).
@@ -128,6 +131,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Dns(args) => dns::run(*args, shutdown).await.context("scaleout dns"),
         Command::Db(args) => db::run(*args, shutdown).await.context("scaleout db"),
         Command::Web(args) => web::run(*args, shutdown).await.context("scaleout web"),
+        Command::Chaos(args) => chaos::run(*args, shutdown).await,
         // Settled (and run) by start(), which sizes the runtime first.
         Command::Lb(_) => anyhow::bail!("scaleout lb is started by start()"),
     }

@@ -14,6 +14,7 @@
 //!   balancers on 127.0.0.2 and 127.0.0.3 (same port) and `scaleout dns`
 //!   answering `www.scaleout.test` with the healthy ones.
 
+pub mod chaos;
 pub mod procs;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

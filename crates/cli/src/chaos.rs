@@ -1,0 +1,72 @@
+//! `scaleout chaos`: stage 4 under a seeded schedule of faults, checked.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct ChaosArgs {
+    /// Seeds the fault schedule and the clients (the same seed, the same schedule).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// How long the clients run.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    duration: Duration,
+    /// Concurrent clients creating and reading links through the load balancer.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Time between faults.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "6s")]
+    fault_every: Duration,
+    /// Directory for the nodes' data (emptied first).
+    #[arg(long, default_value = "scaleout-data")]
+    data: PathBuf,
+    /// Where the history of operations goes (JSON lines).
+    #[arg(long, default_value = "chaos-history.jsonl")]
+    history: PathBuf,
+    /// Fault kinds in order, cycling (default: drawn from the seed):
+    /// kill-leader, kill-db, pause-db, kill-web.
+    #[arg(long, value_delimiter = ',')]
+    faults: Vec<String>,
+}
+
+pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if args.clients == 0 {
+        anyhow::bail!("--clients must be at least 1");
+    }
+    if args.fault_every < Duration::from_secs(3) {
+        anyhow::bail!("--fault-every must be at least 3s (each fault lasts up to 3 s)");
+    }
+    for f in &args.faults {
+        if !scaleout_lab::chaos::FAULT_KINDS.contains(&f.as_str()) {
+            anyhow::bail!(
+                "--faults {f}: use {}",
+                scaleout_lab::chaos::FAULT_KINDS.join(", ")
+            );
+        }
+    }
+    let config = scaleout_lab::chaos::ChaosConfig {
+        seed: args.seed,
+        duration: args.duration,
+        clients: args.clients,
+        fault_every: args.fault_every,
+        data_dir: args.data,
+        history: args.history,
+        faults: args.faults,
+    };
+    let report = scaleout_lab::chaos::run(config, shutdown)
+        .await
+        .context("chaos")?;
+    report.print();
+    if !report.violations.is_empty() {
+        anyhow::bail!(
+            "{} violations with seed {} (history in {})",
+            report.violations.len(),
+            report.seed,
+            report.history.display()
+        );
+    }
+    Ok(())
+}

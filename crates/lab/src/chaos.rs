@@ -1,0 +1,598 @@
+//! `scaleout chaos`: stage 4's processes under a seeded schedule of faults
+//! while clients create and read links through the load balancer; every
+//! operation goes into a history, and a checker reads the history and
+//! every database node's final data.
+//!
+//! Faults, one at a time: SIGKILL of the database leader or of any
+//! database node (restarted a little later on the same ports and data),
+//! SIGSTOP of a database node (SIGCONT later), SIGKILL of a web server
+//! (restarted). Network partitions between database nodes are not injected
+//! yet (they need network namespaces; see issue 6).
+//!
+//! What the checker proves, from the history and the final data of every
+//! node: no acknowledged create is lost; nothing appears that was never
+//! requested; nothing appears twice (each create has its own URL, so a
+//! replayed write would show as a duplicate); all nodes hold identical
+//! data; every read of a client's own acknowledged link, carrying the
+//! client's read-your-writes cookie, finds it. It also measures, per
+//! fault, how long creates and reads were unavailable.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::procs::Proc;
+use crate::{plan, start_topology, Error};
+
+#[derive(Debug, Clone)]
+pub struct ChaosConfig {
+    /// Seeds the fault schedule and the clients' choices.
+    pub seed: u64,
+    pub duration: Duration,
+    pub clients: usize,
+    /// Time between faults.
+    pub fault_every: Duration,
+    pub data_dir: PathBuf,
+    /// Where the history is written (JSON lines).
+    pub history: PathBuf,
+    /// Fault kinds to inject in this order, cycling; empty: drawn from the
+    /// seed. Kinds: kill-leader, kill-db, pause-db, kill-web.
+    pub faults: Vec<String>,
+}
+
+/// The kinds of fault `inject` knows.
+pub const FAULT_KINDS: [&str; 4] = ["kill-leader", "kill-db", "pause-db", "kill-web"];
+
+/// xorshift64*: small, seedable, reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// One operation as the history records it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Op {
+    pub client: usize,
+    /// `create` or `read`.
+    pub kind: &'static str,
+    /// The URL created or the code read.
+    pub key: String,
+    pub invoke_ms: u64,
+    pub complete_ms: u64,
+    /// `ok`, `fail` (certainly not done) or `unknown`.
+    pub outcome: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Fault {
+    pub kind: String,
+    pub target: String,
+    pub at_ms: u64,
+    pub healed_ms: u64,
+    /// From the fault to the first create (read) that succeeded after it.
+    pub creates_back_ms: Option<u64>,
+    pub reads_back_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub operations: usize,
+    pub creates_ok: usize,
+    pub creates_unknown: usize,
+    pub reads_ok: usize,
+    pub faults: Vec<Fault>,
+    pub violations: Vec<String>,
+    pub history: PathBuf,
+}
+
+impl Report {
+    pub fn print(&self) {
+        println!(
+            "chaos seed {}: {} operations ({} creates acknowledged, {} unknown, {} reads ok), {} faults, {} violations",
+            self.seed,
+            self.operations,
+            self.creates_ok,
+            self.creates_unknown,
+            self.reads_ok,
+            self.faults.len(),
+            self.violations.len()
+        );
+        for f in &self.faults {
+            println!(
+                "  {:>7} ms {:<12} {:<6} creates back after {}, reads after {}",
+                f.at_ms,
+                f.kind,
+                f.target,
+                f.creates_back_ms.map_or("-".into(), |m| format!("{m} ms")),
+                f.reads_back_ms.map_or("-".into(), |m| format!("{m} ms")),
+            );
+        }
+        for v in &self.violations {
+            println!("  VIOLATION: {v}");
+        }
+        println!("  history: {}", self.history.display());
+    }
+}
+
+/// A free loopback port, for a process that must keep it across restarts.
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or_else(|_| "127.0.0.1:0".into(), |a| a.to_string())
+}
+
+type History = Arc<Mutex<Vec<Op>>>;
+
+/// Runs the schedule, checks, and returns the report (violations inside).
+pub async fn run(config: ChaosConfig, shutdown: CancellationToken) -> Result<Report, Error> {
+    let plan = plan(4);
+    let dir = config.data_dir.join("chaos");
+    let _ = std::fs::remove_dir_all(&dir);
+    let site = free_port();
+    let mut port = free_port;
+    let mut procs = Vec::new();
+    if let Err(e) = start_topology(&plan, &site, &mut port, &dir, &mut procs).await {
+        stop_all(procs).await;
+        return Err(e);
+    }
+    let outcome = exercise(&config, &mut procs, &site, shutdown).await;
+    stop_all(procs).await;
+    outcome
+}
+
+async fn stop_all(procs: Vec<Proc>) {
+    for p in procs.into_iter().rev() {
+        p.stop().await;
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default()
+}
+
+async fn exercise(
+    config: &ChaosConfig,
+    procs: &mut [Proc],
+    site: &str,
+    shutdown: CancellationToken,
+) -> Result<Report, Error> {
+    let started = Instant::now();
+    let lb = format!("http://{site}");
+    let history: History = Arc::default();
+    let stop = CancellationToken::new();
+    let mut clients = Vec::new();
+    for c in 0..config.clients {
+        let (lb, history, stop) = (lb.clone(), history.clone(), stop.clone());
+        let seed = config.seed.wrapping_add(c as u64 + 1);
+        clients.push(tokio::spawn(client(c, seed, lb, history, stop, started)));
+    }
+    let mut rng = Rng::new(config.seed);
+    let mut faults = Vec::new();
+    let deadline = started + config.duration;
+    while Instant::now() + config.fault_every < deadline && !shutdown.is_cancelled() {
+        tokio::time::sleep(config.fault_every).await;
+        let kind = match config.faults.get(faults.len() % config.faults.len().max(1)) {
+            Some(k) => k.clone(),
+            None => FAULT_KINDS[rng.below(FAULT_KINDS.len() as u64) as usize].to_string(),
+        };
+        let fault = inject(&kind, &mut rng, procs, started).await?;
+        faults.push(fault);
+    }
+    tokio::time::sleep(deadline.saturating_duration_since(Instant::now())).await;
+    stop.cancel();
+    for c in clients {
+        let _ = c.await;
+    }
+    let ops = history
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for f in &mut faults {
+        let back = |kind: &str| {
+            ops.iter()
+                .filter(|o| o.kind == kind && o.outcome == "ok" && o.complete_ms >= f.at_ms)
+                .map(|o| o.complete_ms - f.at_ms)
+                .min()
+        };
+        f.creates_back_ms = back("create");
+        f.reads_back_ms = back("read");
+    }
+    let mut file = std::fs::File::create(&config.history).map_err(|e| Error::Spawn {
+        name: "chaos".into(),
+        reason: format!("history {}: {e}", config.history.display()),
+    })?;
+    for op in &ops {
+        let _ = writeln!(file, "{}", serde_json::to_string(op).unwrap_or_default());
+    }
+    let violations = check(&ops, procs).await;
+    Ok(Report {
+        seed: config.seed,
+        operations: ops.len(),
+        creates_ok: ops
+            .iter()
+            .filter(|o| o.kind == "create" && o.outcome == "ok")
+            .count(),
+        creates_unknown: ops
+            .iter()
+            .filter(|o| o.kind == "create" && o.outcome == "unknown")
+            .count(),
+        reads_ok: ops
+            .iter()
+            .filter(|o| o.kind == "read" && o.outcome == "ok")
+            .count(),
+        faults,
+        violations,
+        history: config.history.clone(),
+    })
+}
+
+/// The database leader's process name, if one leads.
+async fn leader_name(procs: &[Proc]) -> Option<String> {
+    for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
+        let Some(url) = p.url() else { continue };
+        let Ok(r) = http()
+            .get(format!("{url}/leader"))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let Ok(v) = r.json::<Value>().await else {
+            continue;
+        };
+        if let Some(id) = v["leader"]["id"].as_str() {
+            return Some(format!("db-{id}"));
+        }
+    }
+    None
+}
+
+/// One fault, healed before returning.
+async fn inject(
+    kind: &str,
+    rng: &mut Rng,
+    procs: &mut [Proc],
+    started: Instant,
+) -> Result<Fault, Error> {
+    let dbs: Vec<String> = procs
+        .iter()
+        .filter(|p| p.name.starts_with("db-"))
+        .map(|p| p.name.clone())
+        .collect();
+    let target = match kind {
+        "kill-leader" => leader_name(procs)
+            .await
+            .or_else(|| dbs.first().cloned())
+            .unwrap_or_default(),
+        "kill-web" => format!("web-{}", rng.below(2) + 1),
+        _ => dbs[rng.below(dbs.len() as u64) as usize].clone(),
+    };
+    let at_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(kind, %target, "fault");
+    let Some(p) = procs.iter_mut().find(|p| p.name == target) else {
+        return Err(Error::Spawn {
+            name: target,
+            reason: "no such process".into(),
+        });
+    };
+    let outage = Duration::from_millis(1500 + rng.below(1500));
+    if kind == "pause-db" {
+        p.signal(Signal::SIGSTOP);
+        tokio::time::sleep(outage).await;
+        p.signal(Signal::SIGCONT);
+    } else {
+        p.signal(Signal::SIGKILL);
+        tokio::time::sleep(outage).await;
+        p.restart().await?;
+    }
+    Ok(Fault {
+        kind: kind.into(),
+        target,
+        at_ms,
+        healed_ms: started.elapsed().as_millis() as u64,
+        creates_back_ms: None,
+        reads_back_ms: None,
+    })
+}
+
+/// One client: creates links (each URL its own) and reads its own back,
+/// keeping its read-your-writes cookie like a browser.
+async fn client(
+    id: usize,
+    seed: u64,
+    lb: String,
+    history: History,
+    stop: CancellationToken,
+    started: Instant,
+) {
+    let http = http();
+    let mut rng = Rng::new(seed);
+    let mut cookie: Option<String> = None;
+    let mut mine: Vec<String> = Vec::new();
+    let mut n = 0u64;
+    let now = || started.elapsed().as_millis() as u64;
+    while !stop.is_cancelled() {
+        let read = !mine.is_empty() && rng.below(10) < 4;
+        let invoke_ms = now();
+        let (kind, key, outcome, detail) = if read {
+            let code = mine[rng.below(mine.len() as u64) as usize].clone();
+            let mut req = http.get(format!("{lb}/api/links/{code}"));
+            if let Some(c) = &cookie {
+                req = req.header("cookie", c);
+            }
+            match req.send().await {
+                Ok(r) if r.status() == 200 => ("read", code, "ok", String::new()),
+                Ok(r) if r.status() == 404 => {
+                    ("read", code, "fail", "404: own link not found".into())
+                }
+                Ok(r) => ("read", code, "unknown", r.status().to_string()),
+                Err(e) => ("read", code, "unknown", e.to_string()),
+            }
+        } else {
+            n += 1;
+            let url = format!("https://chaos.test/{id}/{n}");
+            let mut req = http
+                .post(format!("{lb}/api/links"))
+                .json(&json!({ "url": url }));
+            if let Some(c) = &cookie {
+                req = req.header("cookie", c);
+            }
+            match req.send().await {
+                Ok(r) if r.status() == 201 => {
+                    if let Some(set) = r.headers().get("set-cookie").and_then(|v| v.to_str().ok()) {
+                        cookie = set.split(';').next().map(String::from);
+                    }
+                    let body: Value = r.json().await.unwrap_or_default();
+                    let code = body["code"].as_str().unwrap_or_default().to_string();
+                    mine.push(code.clone());
+                    ("create", url, "ok", code)
+                }
+                Ok(r) if r.status().is_client_error() => {
+                    ("create", url, "fail", r.status().to_string())
+                }
+                Ok(r) => ("create", url, "unknown", r.status().to_string()),
+                Err(e) => ("create", url, "unknown", e.to_string()),
+            }
+        };
+        let op = Op {
+            client: id,
+            kind,
+            key,
+            invoke_ms,
+            complete_ms: now(),
+            outcome,
+            detail,
+        };
+        history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(op);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Every node's links (url → count), once all have caught up.
+async fn final_data(procs: &[Proc]) -> Result<BTreeMap<String, BTreeMap<String, u64>>, String> {
+    let dbs: Vec<(String, String)> = procs
+        .iter()
+        .filter(|p| p.name.starts_with("db-"))
+        .filter_map(|p| Some((p.name.clone(), p.url()?)))
+        .collect();
+    // The index every node must reach: a write made now, through the leader.
+    let mut target = None;
+    for _ in 0..100 {
+        for (_, url) in &dbs {
+            let sent = http()
+                .post(format!("{url}/db/execute"))
+                .json(&json!(["CREATE TABLE IF NOT EXISTS _chaos_probe (x)"]))
+                .send()
+                .await;
+            if let Ok(r) = sent {
+                if r.status() == 200 {
+                    target = r
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .and_then(|v| v["raft_index"].as_u64());
+                    break;
+                }
+            }
+        }
+        if target.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let target = target.ok_or("no leader took the final probe write within 20 s")?;
+    let mut out = BTreeMap::new();
+    for (name, url) in &dbs {
+        let q = format!(
+            "{url}/db/query?level=none&min_index={target}&q=SELECT%20url%2C%20count(*)%20FROM%20links%20GROUP%20BY%20url"
+        );
+        let mut rows = None;
+        for _ in 0..10 {
+            if let Ok(r) = http().get(&q).send().await {
+                if r.status() == 200 {
+                    rows = r.json::<Value>().await.ok();
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let rows = rows.ok_or_else(|| format!("{name} never caught up to index {target}"))?;
+        let mut counts = BTreeMap::new();
+        for row in rows["results"][0]["values"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            if let (Some(url), Some(n)) = (row[0].as_str(), row[1].as_u64()) {
+                counts.insert(url.to_string(), n);
+            }
+        }
+        out.insert(name.clone(), counts);
+    }
+    Ok(out)
+}
+
+/// The checker: the history against every node's final data.
+pub async fn check(ops: &[Op], procs: &[Proc]) -> Vec<String> {
+    let data = match final_data(procs).await {
+        Ok(d) => d,
+        Err(e) => return vec![e],
+    };
+    check_history(ops, &data)
+}
+
+/// The pure part of the checker (unit-tested).
+pub fn check_history(ops: &[Op], data: &BTreeMap<String, BTreeMap<String, u64>>) -> Vec<String> {
+    let mut violations = Vec::new();
+    let requested: BTreeSet<&str> = ops
+        .iter()
+        .filter(|o| o.kind == "create")
+        .map(|o| o.key.as_str())
+        .collect();
+    let acked: BTreeSet<&str> = ops
+        .iter()
+        .filter(|o| o.kind == "create" && o.outcome == "ok")
+        .map(|o| o.key.as_str())
+        .collect();
+    for (node, counts) in data {
+        let chaos: BTreeMap<&str, u64> = counts
+            .iter()
+            .filter(|(url, _)| url.starts_with("https://chaos.test/"))
+            .map(|(u, n)| (u.as_str(), *n))
+            .collect();
+        for url in &acked {
+            if !chaos.contains_key(url) {
+                violations.push(format!("{node}: acknowledged create {url} is lost"));
+            }
+        }
+        for (url, n) in &chaos {
+            if *n > 1 {
+                violations.push(format!(
+                    "{node}: {url} appears {n} times (a duplicated write)"
+                ));
+            }
+            if !requested.contains(url) {
+                violations.push(format!("{node}: {url} was never requested"));
+            }
+        }
+    }
+    let mut distinct = data.values().collect::<Vec<_>>();
+    distinct.dedup();
+    if distinct.len() > 1 {
+        violations.push(format!(
+            "nodes diverge: {}",
+            data.iter()
+                .map(|(n, c)| format!("{n} has {} links", c.len()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    for op in ops
+        .iter()
+        .filter(|o| o.kind == "read" && o.outcome == "fail")
+    {
+        violations.push(format!(
+            "client {} at {} ms: read-your-writes broken for {} ({})",
+            op.client, op.complete_ms, op.key, op.detail
+        ));
+    }
+    violations
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(kind: &'static str, key: &str, outcome: &'static str) -> Op {
+        Op {
+            client: 0,
+            kind,
+            key: key.into(),
+            invoke_ms: 0,
+            complete_ms: 1,
+            outcome,
+            detail: String::new(),
+        }
+    }
+
+    fn node(urls: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        urls.iter().map(|(u, n)| (u.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn the_checker_finds_each_kind_of_violation() {
+        let a = "https://chaos.test/0/1";
+        let b = "https://chaos.test/0/2";
+        let c = "https://chaos.test/0/3";
+        let ops = vec![
+            op("create", a, "ok"),
+            op("create", b, "unknown"),
+            op("create", c, "ok"),
+            op("read", "abc", "ok"),
+        ];
+        // Healthy: the unknown create may or may not be there.
+        let data = BTreeMap::from([
+            ("db-1".to_string(), node(&[(a, 1), (c, 1)])),
+            ("db-2".to_string(), node(&[(a, 1), (c, 1)])),
+        ]);
+        assert_eq!(check_history(&ops, &data), Vec::<String>::new());
+        // Lost, duplicated, phantom, diverged, read-your-writes broken.
+        let bad = BTreeMap::from([
+            (
+                "db-1".to_string(),
+                node(&[(a, 2), ("https://chaos.test/9/9", 1)]),
+            ),
+            ("db-2".to_string(), node(&[(a, 1), (c, 1)])),
+        ]);
+        let mut ops = ops;
+        ops.push(op("read", "zzz", "fail"));
+        let found = check_history(&ops, &bad).join("\n");
+        for says in [
+            "is lost",
+            "appears 2 times",
+            "never requested",
+            "diverge",
+            "read-your-writes",
+        ] {
+            assert!(found.contains(says), "{says}: {found}");
+        }
+    }
+
+    #[test]
+    fn a_seed_gives_the_same_schedule() {
+        let draw = |seed| {
+            let mut r = Rng::new(seed);
+            (0..8).map(|_| r.below(4)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+}
