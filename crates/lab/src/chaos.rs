@@ -88,7 +88,8 @@ pub struct Fault {
     pub target: String,
     pub at_ms: u64,
     pub healed_ms: u64,
-    /// From the fault to the first create (read) that succeeded after it.
+    /// From the fault to the completion of the first create (read) sent
+    /// after it that succeeded.
     pub creates_back_ms: Option<u64>,
     pub reads_back_ms: Option<u64>,
 }
@@ -125,6 +126,27 @@ impl Report {
                 f.target,
                 f.creates_back_ms.map_or("-".into(), |m| format!("{m} ms")),
                 f.reads_back_ms.map_or("-".into(), |m| format!("{m} ms")),
+            );
+        }
+        let mut worst: BTreeMap<&str, (usize, u64, u64)> = BTreeMap::new();
+        for f in &self.faults {
+            let w = worst.entry(f.kind.as_str()).or_default();
+            w.0 += 1;
+            w.1 = w.1.max(f.creates_back_ms.unwrap_or(u64::MAX));
+            w.2 = w.2.max(f.reads_back_ms.unwrap_or(u64::MAX));
+        }
+        for (kind, (n, creates, reads)) in worst {
+            let ms = |v: u64| {
+                if v == u64::MAX {
+                    "never".to_string()
+                } else {
+                    format!("{v} ms")
+                }
+            };
+            println!(
+                "  worst after {kind} (x{n}): creates back after {}, reads after {}",
+                ms(creates),
+                ms(reads)
             );
         }
         for v in &self.violations {
@@ -214,7 +236,7 @@ async fn exercise(
     for f in &mut faults {
         let back = |kind: &str| {
             ops.iter()
-                .filter(|o| o.kind == kind && o.outcome == "ok" && o.complete_ms >= f.at_ms)
+                .filter(|o| o.kind == kind && o.outcome == "ok" && o.invoke_ms >= f.at_ms)
                 .map(|o| o.complete_ms - f.at_ms)
                 .min()
         };
