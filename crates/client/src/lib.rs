@@ -200,6 +200,20 @@ impl Client {
         }
     }
 
+    async fn post(
+        &self,
+        node: &NodeInfo,
+        path: &str,
+        statements: &Value,
+    ) -> reqwest::Result<reqwest::Response> {
+        self.inner
+            .http
+            .post(format!("{}{path}", node.api))
+            .json(statements)
+            .send()
+            .await
+    }
+
     /// Runs write statements (rqlite's request form) on the leader.
     pub async fn execute(
         &self,
@@ -216,13 +230,7 @@ impl Client {
         loop {
             let leader = lock_read(&self.inner.topology).leader().cloned();
             if let Some(node) = leader {
-                let sent = self
-                    .inner
-                    .http
-                    .post(format!("{}{path}", node.api))
-                    .json(statements)
-                    .send()
-                    .await;
+                let sent = self.post(&node, &path, statements).await;
                 match sent {
                     Ok(r) if r.status().is_success() => {
                         let body: Value = r.json().await.map_err(|e| ClientError::Unknown {
@@ -287,13 +295,7 @@ impl Client {
             let start = self.inner.next_reader.fetch_add(1, Ordering::Relaxed);
             for k in 0..readers.len() {
                 let node = &readers[(start + k) % readers.len()];
-                let sent = self
-                    .inner
-                    .http
-                    .post(format!("{}{path}", node.api))
-                    .json(statements)
-                    .send()
-                    .await;
+                let sent = self.post(&node, &path, statements).await;
                 match sent {
                     Ok(r) if r.status().is_success() => match r.json::<Value>().await {
                         Ok(body) => {

@@ -154,6 +154,11 @@ fn flag(params: &HashMap<String, String>, name: &str) -> bool {
         .is_some_and(|v| v.is_empty() || v == "true" || v == "1")
 }
 
+/// A flag of a request's query string (for handlers that take no `Query`).
+pub fn uri_flag(uri: &Uri, name: &str) -> bool {
+    Query::<HashMap<String, String>>::try_from_uri(uri).is_ok_and(|q| flag(&q.0, name))
+}
+
 struct Parsed {
     pretty: bool,
     timings: bool,

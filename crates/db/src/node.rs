@@ -608,10 +608,7 @@ async fn on_leader(
     };
     Some(
         forward
-            .send(
-                &node.client,
-                uri.query().is_some_and(|q| q.contains("redirect")),
-            )
+            .send(&node.client, http::uri_flag(uri, "redirect"))
             .await,
     )
 }
@@ -743,7 +740,7 @@ async fn backup(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let local = uri.query().is_some_and(|q| q.contains("noleader"));
+    let local = http::uri_flag(&uri, "noleader");
     if !local {
         if let Some(forwarded) = on_leader(&node, method, &uri, &headers, Bytes::new()).await {
             return forwarded;
