@@ -230,7 +230,7 @@ impl Client {
         loop {
             let leader = lock_read(&self.inner.topology).leader().cloned();
             if let Some(node) = leader {
-                let sent = self.post(&node, &path, statements).await;
+                let sent = self.post(&node, path, statements).await;
                 match sent {
                     Ok(r) if r.status().is_success() => {
                         let body: Value = r.json().await.map_err(|e| ClientError::Unknown {
@@ -295,7 +295,7 @@ impl Client {
             let start = self.inner.next_reader.fetch_add(1, Ordering::Relaxed);
             for k in 0..readers.len() {
                 let node = &readers[(start + k) % readers.len()];
-                let sent = self.post(&node, &path, statements).await;
+                let sent = self.post(node, &path, statements).await;
                 match sent {
                     Ok(r) if r.status().is_success() => match r.json::<Value>().await {
                         Ok(body) => {
