@@ -239,14 +239,6 @@ fn unix_ms() -> i64 {
 }
 
 impl DbNode {
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    pub fn raft(&self) -> &Raft {
-        &self.raft
-    }
-
     fn leader(&self) -> Option<(u64, Member)> {
         let m = self.raft.metrics();
         let m = m.borrow();

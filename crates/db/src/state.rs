@@ -77,10 +77,6 @@ impl StateMachine {
         Ok(StateMachine { conn })
     }
 
-    pub fn path(&self) -> Option<&str> {
-        self.conn.path()
-    }
-
     pub fn open_in_memory() -> rusqlite::Result<Self> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(META)?;
@@ -164,11 +160,6 @@ impl StateMachine {
             from,
             None::<fn(rusqlite::backup::Progress)>,
         )
-    }
-
-    /// A consistent copy of the file (the bookkeeping row included).
-    pub fn copy_to(&self, to: &Path) -> rusqlite::Result<()> {
-        copy_to(&self.conn, to)
     }
 
     /// Reads (never through the log).
