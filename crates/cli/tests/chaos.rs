@@ -54,6 +54,14 @@ fn a_short_fault_schedule_loses_duplicates_and_invents_nothing() {
         );
     }
     assert!(!printed.contains("never"), "{printed}");
+    // Linearizable and strong counts were made (and checked).
+    let counts: u64 = summary
+        .split(", ")
+        .find(|part| part.ends_with("linearizable counts)"))
+        .and_then(|part| part.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(counts > 10, "{summary}");
     let lines = std::fs::read_to_string(&history).unwrap();
     let ops = lines.lines().count();
     assert!(ops > 100, "a real history: {ops} operations");

@@ -14,8 +14,11 @@
 //! requested; nothing appears twice (each create has its own URL, so a
 //! replayed write would show as a duplicate); all nodes hold identical
 //! data; every read of a client's own acknowledged link, carrying the
-//! client's read-your-writes cookie, finds it. It also measures, per
-//! fault, how long creates and reads were unavailable.
+//! client's read-your-writes cookie, finds it; every `linearizable` or
+//! `strong` count of a client's own links lies between the creates
+//! acknowledged before the read was sent and those sent before it
+//! completed (linearizability for a grow-only set per client). It also
+//! measures, per fault, how long creates and reads were unavailable.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -80,6 +83,19 @@ pub struct Op {
     /// `ok`, `fail` (certainly not done) or `unknown`.
     pub outcome: &'static str,
     pub detail: String,
+    /// A `count`: the number of its own links the client's linearizable
+    /// read saw, and what linearizability allows — at least the creates
+    /// acknowledged before the read was sent, at most those sent before it
+    /// completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<Count>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Count {
+    pub seen: u64,
+    pub at_least: u64,
+    pub at_most: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -101,6 +117,8 @@ pub struct Report {
     pub creates_ok: usize,
     pub creates_unknown: usize,
     pub reads_ok: usize,
+    /// `linearizable`/`strong` counts answered (each checked).
+    pub counts_ok: usize,
     pub faults: Vec<Fault>,
     pub violations: Vec<String>,
     pub history: PathBuf,
@@ -109,12 +127,13 @@ pub struct Report {
 impl Report {
     pub fn print(&self) {
         println!(
-            "chaos seed {}: {} operations ({} creates acknowledged, {} unknown, {} reads ok), {} faults, {} violations",
+            "chaos seed {}: {} operations ({} creates acknowledged, {} unknown, {} reads ok, {} linearizable counts), {} faults, {} violations",
             self.seed,
             self.operations,
             self.creates_ok,
             self.creates_unknown,
             self.reads_ok,
+            self.counts_ok,
             self.faults.len(),
             self.violations.len()
         );
@@ -206,11 +225,19 @@ async fn exercise(
     let lb = format!("http://{site}");
     let history: History = Arc::default();
     let stop = CancellationToken::new();
+    let dbs: Vec<String> = procs
+        .iter()
+        .filter(|p| p.name.starts_with("db-"))
+        .filter_map(Proc::url)
+        .collect();
     let mut clients = Vec::new();
     for c in 0..config.clients {
         let (lb, history, stop) = (lb.clone(), history.clone(), stop.clone());
         let seed = config.seed.wrapping_add(c as u64 + 1);
-        clients.push(tokio::spawn(client(c, seed, lb, history, stop, started)));
+        let dbs = dbs.clone();
+        clients.push(tokio::spawn(client(
+            c, seed, lb, dbs, history, stop, started,
+        )));
     }
     let mut rng = Rng::new(config.seed);
     let mut faults = Vec::new();
@@ -266,6 +293,7 @@ async fn exercise(
             .iter()
             .filter(|o| o.kind == "read" && o.outcome == "ok")
             .count(),
+        counts_ok: ops.iter().filter(|o| o.count.is_some()).count(),
         faults,
         violations,
         history: config.history.clone(),
@@ -343,11 +371,14 @@ async fn inject(
 }
 
 /// One client: creates links (each URL its own) and reads its own back,
-/// keeping its read-your-writes cookie like a browser.
+/// keeping its read-your-writes cookie like a browser; now and then it
+/// counts its own links with a `linearizable` or `strong` read on any
+/// database node (forwarded to the leader).
 async fn client(
     id: usize,
     seed: u64,
     lb: String,
+    dbs: Vec<String>,
     history: History,
     stop: CancellationToken,
     started: Instant,
@@ -359,9 +390,45 @@ async fn client(
     let mut n = 0u64;
     let now = || started.elapsed().as_millis() as u64;
     while !stop.is_cancelled() {
-        let read = !mine.is_empty() && rng.below(10) < 4;
+        let dice = rng.below(20);
+        let read = !mine.is_empty() && dice < 8;
         let invoke_ms = now();
-        let (kind, key, outcome, detail) = if read {
+        let mut count = None;
+        let (kind, key, outcome, detail) = if dice >= 18 && !dbs.is_empty() {
+            let level = if dice == 18 { "linearizable" } else { "strong" };
+            let node = &dbs[rng.below(dbs.len() as u64) as usize];
+            let sql =
+                format!("SELECT count(*) FROM links WHERE url LIKE 'https://chaos.test/{id}/%'");
+            let (at_least, at_most) = (mine.len() as u64, n);
+            let answer = http
+                .post(format!("{node}/db/query?level={level}"))
+                .json(&json!([sql]))
+                .send()
+                .await;
+            match answer {
+                Ok(r) if r.status() == 200 => {
+                    let body: Value = r.json().await.unwrap_or_default();
+                    match body["results"][0]["values"][0][0].as_u64() {
+                        Some(seen) => {
+                            count = Some(Count {
+                                seen,
+                                at_least,
+                                at_most,
+                            });
+                            ("count", level.to_string(), "ok", node.clone())
+                        }
+                        None => ("count", level.to_string(), "unknown", body.to_string()),
+                    }
+                }
+                Ok(r) => (
+                    "count",
+                    level.to_string(),
+                    "unknown",
+                    r.status().to_string(),
+                ),
+                Err(e) => ("count", level.to_string(), "unknown", e.to_string()),
+            }
+        } else if read {
             let code = mine[rng.below(mine.len() as u64) as usize].clone();
             let mut req = http.get(format!("{lb}/api/links/{code}"));
             if let Some(c) = &cookie {
@@ -409,6 +476,7 @@ async fn client(
             complete_ms: now(),
             outcome,
             detail,
+            count,
         };
         history
             .lock()
@@ -537,6 +605,16 @@ pub fn check_history(ops: &[Op], data: &BTreeMap<String, BTreeMap<String, u64>>)
                 .join(", ")
         ));
     }
+    for op in ops.iter().filter(|o| o.outcome == "ok") {
+        if let Some(c) = op.count {
+            if c.seen < c.at_least || c.seen > c.at_most {
+                violations.push(format!(
+                    "client {} at {} ms: a {} read counted {} of its links; linearizability allows {} to {}",
+                    op.client, op.complete_ms, op.key, c.seen, c.at_least, c.at_most
+                ));
+            }
+        }
+    }
     for op in ops
         .iter()
         .filter(|o| o.kind == "read" && o.outcome == "fail")
@@ -562,6 +640,7 @@ mod tests {
             complete_ms: 1,
             outcome,
             detail: String::new(),
+            count: None,
         }
     }
 
@@ -596,6 +675,13 @@ mod tests {
         ]);
         let mut ops = ops;
         ops.push(op("read", "zzz", "fail"));
+        let mut stale = op("count", "linearizable", "ok");
+        stale.count = Some(Count {
+            seen: 1,
+            at_least: 2,
+            at_most: 3,
+        });
+        ops.push(stale);
         let found = check_history(&ops, &bad).join("\n");
         for says in [
             "is lost",
@@ -603,6 +689,7 @@ mod tests {
             "never requested",
             "diverge",
             "read-your-writes",
+            "linearizability allows 2 to 3",
         ] {
             assert!(found.contains(says), "{says}: {found}");
         }
