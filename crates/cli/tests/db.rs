@@ -26,26 +26,12 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
     eventually(Duration::from_secs(20), "the replica is listed", || {
         let url = all_url.clone();
         async move {
-            let v: Value = client()
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v: Value = common::get_json(&url).await;
             v["nodes"].as_array().is_some_and(|n| n.len() == 4)
         }
     })
     .await;
-    let listed: Value = client()
-        .get(nodes[0].url("/nodes?nonvoters&ver=2"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = common::get_json(&nodes[0].url("/nodes?nonvoters&ver=2")).await;
     let replica_entry = listed["nodes"]
         .as_array()
         .unwrap()
@@ -56,14 +42,7 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
     assert_eq!(replica_entry["voter"], false);
     assert_eq!(replica_entry["reachable"], true);
     assert_eq!(replica_entry["api_addr"], replica.api);
-    let voters_only: Value = client()
-        .get(nodes[0].url("/nodes"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let voters_only: Value = common::get_json(&nodes[0].url("/nodes")).await;
     assert_eq!(voters_only.as_object().unwrap().len(), 3, "{voters_only}");
     assert_eq!(voters_only["1"]["leader"], true);
 
@@ -115,14 +94,7 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
     assert!(location.starts_with(&nodes[0].api), "{location}");
     // /leader and /readyz agree everywhere, the replica included.
     for node in nodes.iter().chain([&replica]) {
-        let leader: Value = client()
-            .get(node.url("/leader"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let leader: Value = common::get_json(&node.url("/leader")).await;
         assert_eq!(leader["leader"]["api_addr"], nodes[0].api);
         let ready = client().get(node.url("/readyz")).send().await.unwrap();
         assert_eq!(ready.status(), 200);
@@ -152,14 +124,7 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
     assert_eq!(status, 200, "{body}");
 
     // Metrics: the leader's role and replication lag per follower.
-    let metrics = client()
-        .get(nodes[0].url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::get_text(&nodes[0].url("/metrics")).await;
     assert!(
         metrics.contains("scaleout_db_role{role=\"leader\"} 1"),
         "{metrics}"
@@ -178,14 +143,7 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let listed: Value = client()
-        .get(nodes[0].url("/nodes?nonvoters"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = common::get_json(&nodes[0].url("/nodes?nonvoters")).await;
     assert!(listed.get("4").is_none(), "{listed}");
 }
 
@@ -497,14 +455,7 @@ async fn backups_load_back_as_a_file_or_as_sql() {
         .await
         .unwrap();
     assert!(file.starts_with(b"SQLite format 3\0"));
-    let sql = client()
-        .get(nodes[0].url("/db/backup?fmt=sql"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let sql = common::get_text(&nodes[0].url("/db/backup?fmt=sql")).await;
     assert!(
         sql.contains("INSERT INTO \"b\" VALUES(1,'it''s',1.5);"),
         "{sql}"

@@ -213,14 +213,7 @@ async fn a_backend_killed_under_load_costs_no_failed_request() {
     let (ok, failed) = load.stop().await;
     assert_eq!(failed, 0, "{failed} failed GETs out of {}", ok + failed);
     assert!(ok > 500, "load ran: {ok}");
-    let metrics = client()
-        .get(lb.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::get_text(&lb.admin_url("/metrics")).await;
     assert!(
         metrics.contains("scaleout_lb_backend_up{backend=\"web2\"} 1"),
         "{metrics}"

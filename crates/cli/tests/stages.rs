@@ -66,6 +66,15 @@ impl Stage {
         }
     }
 
+    /// GET /api/links/CODE through the site.
+    async fn lookup(&self, code: &str) -> reqwest::Response {
+        client()
+            .get(format!("{}/api/links/{code}", self.site))
+            .send()
+            .await
+            .unwrap()
+    }
+
     fn url(&self, name: &str) -> &str {
         &self.members[name].0
     }
@@ -111,14 +120,7 @@ fn cookie_of(resp: &reqwest::Response) -> String {
 
 /// Reads served by a database node, from its metrics.
 async fn reads_on(url: &str) -> u64 {
-    let text = client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::get_text(&format!("{url}/metrics")).await;
     text.lines()
         .find(|l| l.starts_with("scaleout_db_requests_total{kind=\"read\"}"))
         .and_then(|l| l.split_whitespace().last())
@@ -167,11 +169,7 @@ async fn stage3_balances_two_web_servers_over_one_database() {
         .to_string();
     let mut served_by = std::collections::BTreeSet::new();
     for _ in 0..10 {
-        let r = client()
-            .get(format!("{}/api/links/{code}", stage.site))
-            .send()
-            .await
-            .unwrap();
+        let r = stage.lookup(&code).await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-db-node"], "db-1");
         served_by.insert(r.headers()["x-served-by"].to_str().unwrap().to_string());
@@ -229,11 +227,7 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
     // Reads through the load balancer spread over both replicas.
     let before: Vec<u64> = futures_reads(&stage).await;
     for _ in 0..40 {
-        let r = client()
-            .get(format!("{}/api/links/{code}", stage.site))
-            .send()
-            .await
-            .unwrap();
+        let r = stage.lookup(&code).await;
         assert_eq!(r.status(), 200);
     }
     let after: Vec<u64> = futures_reads(&stage).await;
@@ -309,11 +303,7 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
     );
     // Every acknowledged link exists (read back through the lb).
     for (code, _) in &acked {
-        let r = client()
-            .get(format!("{}/api/links/{code}", stage.site))
-            .send()
-            .await
-            .unwrap();
+        let r = stage.lookup(code).await;
         assert_eq!(r.status(), 200, "acknowledged link {code} lost");
     }
 
@@ -321,22 +311,14 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
     stage.kill9("db-4");
     let mut ok = 0;
     for _ in 0..20 {
-        let r = client()
-            .get(format!("{}/api/links/{code}", stage.site))
-            .send()
-            .await
-            .unwrap();
+        let r = stage.lookup(&code).await;
         if r.status() == 200 {
             ok += 1;
         }
     }
     assert_eq!(ok, 20, "reads continue with one replica down");
     eventually(Duration::from_secs(10), "reads settle on db-5", || async {
-        let r = client()
-            .get(format!("{}/api/links/{code}", stage.site))
-            .send()
-            .await
-            .unwrap();
+        let r = stage.lookup(&code).await;
         r.headers()["x-db-node"] == "db-5"
     })
     .await;
@@ -347,11 +329,7 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
         Duration::from_secs(20),
         "the new replica serves reads",
         || async {
-            let r = client()
-                .get(format!("{}/api/links/{code}", stage.site))
-                .send()
-                .await
-                .unwrap();
+            let r = stage.lookup(&code).await;
             r.status() == 200 && r.headers()["x-db-node"] == "db-6"
         },
     )

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{client, eventually, Proc};
+use super::{client, eventually, get_json, Proc};
 
 /// One `scaleout db` process.
 pub struct DbNode {
@@ -127,17 +127,6 @@ pub fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-pub async fn get_json(url: &str) -> Value {
-    client()
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {

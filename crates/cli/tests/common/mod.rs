@@ -141,6 +141,30 @@ pub fn client() -> reqwest::Client {
         .expect("reqwest client")
 }
 
+/// GET `url` and the answer's body as JSON (the test fails on any error).
+pub async fn get_json(url: &str) -> serde_json::Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// GET `url` and the answer's body as text.
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// `scaleout lb` on a free port, its admin API on another.
 pub struct Lb {
     pub proc: Proc,
