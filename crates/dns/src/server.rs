@@ -122,19 +122,39 @@ pub struct BoundDns {
 }
 
 /// Validates the config and binds UDP, TCP (same port) and HTTP.
+/// UDP and TCP on the same port. With port 0 the OS picks the UDP port,
+/// and another process may already hold that port for TCP: then pick
+/// again (a few times) rather than fail.
+async fn bind_udp_and_tcp(
+    listen: SocketAddr,
+) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener, SocketAddr), Error> {
+    let mut attempts = 0;
+    loop {
+        let udp = tokio::net::UdpSocket::bind(listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: listen,
+                source,
+            })?;
+        let addr = udp.local_addr()?;
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(tcp) => return Ok((udp, tcp, addr)),
+            Err(e)
+                if listen.port() == 0
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && attempts < 16 =>
+            {
+                attempts += 1;
+            }
+            Err(source) => return Err(Error::Bind { addr, source }),
+        }
+    }
+}
+
 pub async fn bind(config: DnsConfig) -> Result<BoundDns, Error> {
     config.validate()?;
     let zone = config.zone()?;
-    let udp = tokio::net::UdpSocket::bind(config.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = udp.local_addr()?;
-    let tcp = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })?;
+    let (udp, tcp, addr) = bind_udp_and_tcp(config.listen).await?;
     let http = tokio::net::TcpListener::bind(config.http)
         .await
         .map_err(|source| Error::Bind {
