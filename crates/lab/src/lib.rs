@@ -20,6 +20,7 @@ pub mod procs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -179,6 +180,9 @@ pub(crate) async fn start_topology(
         db_urls.push(p.url().unwrap_or_default());
         procs.push(p);
     }
+    if let Some(first) = db_urls.first() {
+        wait_for_cluster(first, plan.voters + plan.replicas).await?;
+    }
     let mut web_urls = Vec::new();
     for i in 1..=plan.webs {
         let name = format!("web-{i}");
@@ -234,6 +238,52 @@ pub(crate) async fn start_topology(
     }
     Ok(())
 }
+
+/// Waits until the cluster lists all `nodes` members as reachable. A node
+/// joins in the background after it prints its line, and a web server
+/// that learned the cluster before the replicas joined would read from
+/// the voters until its next refresh.
+async fn wait_for_cluster(seed: &str, nodes: u64) -> Result<(), Error> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + CLUSTER_PATIENCE;
+    loop {
+        let seen;
+        let answer = http
+            .get(format!("{seed}/nodes?nonvoters&ver=2"))
+            .send()
+            .await;
+        match answer {
+            Ok(r) => match r.json::<serde_json::Value>().await {
+                Ok(body) => {
+                    let listed = body["nodes"].as_array().cloned().unwrap_or_default();
+                    let reachable = listed
+                        .iter()
+                        .filter(|n| n["reachable"] == serde_json::json!(true))
+                        .count();
+                    if listed.len() as u64 == nodes && reachable as u64 == nodes {
+                        return Ok(());
+                    }
+                    seen = format!("{reachable} of {nodes} nodes are members and reachable");
+                }
+                Err(e) => seen = e.to_string(),
+            },
+            Err(e) => seen = e.to_string(),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Spawn {
+                name: "database cluster".into(),
+                reason: format!("not complete after {CLUSTER_PATIENCE:?}: {seen}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long a new database cluster may take to have all its members.
+const CLUSTER_PATIENCE: Duration = Duration::from_secs(30);
 
 fn lb_args(listen: &str, admin: &str, web_urls: &[String]) -> Vec<String> {
     let mut args: Vec<String> = vec![
