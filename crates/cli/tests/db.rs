@@ -66,6 +66,13 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
         replica.values_at("SELECT name FROM t", index).await,
         json!([["fiona"]])
     );
+    // A read says which state it saw, so a client can ask any other node
+    // for at least that state next (monotonic reads across replicas).
+    let (_, seen) = replica
+        .query("SELECT name FROM t", &format!("level=none&min_index={index}"))
+        .await;
+    let seen_index = seen["raft_index"].as_u64().unwrap();
+    assert!(seen_index >= index, "{seen}");
     // An index the cluster has not reached: the replica says so (503), in time.
     let (status, body) = replica
         .query(

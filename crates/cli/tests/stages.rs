@@ -224,6 +224,27 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
         );
     }
 
+    // Monotonic reads: a read tells the browser which state it saw (at
+    // least its write), so no later read, on any replica, shows older data;
+    // a cookie already that new is left alone.
+    let seen_at = |c: &str| c.split('=').nth(1).unwrap().parse::<u64>().unwrap();
+    let r = client()
+        .get(format!("{}/api/links/{code}", stage.url("web-1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let read_cookie = cookie_of(&r);
+    assert!(seen_at(&read_cookie) >= seen_at(&cookie), "{read_cookie} {cookie}");
+    let r = client()
+        .get(format!("{}/api/links/{code}", stage.url("web-1")))
+        .header("cookie", &read_cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("set-cookie").is_none(), "{:?}", r.headers());
+
     // Reads through the load balancer spread over both replicas.
     let before: Vec<u64> = futures_reads(&stage).await;
     for _ in 0..40 {

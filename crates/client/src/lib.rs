@@ -118,6 +118,9 @@ pub struct Executed {
 #[derive(Debug, Clone)]
 pub struct Queried {
     pub results: Vec<Value>,
+    /// The index of the state the read saw: pass it as `min_index` later
+    /// to never see older data (monotonic reads across replicas).
+    pub raft_index: u64,
     pub node: String,
 }
 
@@ -301,6 +304,7 @@ impl Client {
                         Ok(body) => {
                             return Ok(Queried {
                                 results: body["results"].as_array().cloned().unwrap_or_default(),
+                                raft_index: body["raft_index"].as_u64().unwrap_or(0),
                                 node: node.name(),
                             })
                         }

@@ -65,11 +65,13 @@ pub struct ReadOptions {
     pub exec: ExecOptions,
 }
 
-/// What a node answered to a write.
+/// What a node answered.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Written {
+pub struct Answer {
     pub results: Vec<Value>,
-    /// The log index that committed the write.
+    /// A write: the log index that committed it. A read: the index of the
+    /// state it saw (every write up to it is visible), which a client can
+    /// pass back as `min_index` to never see older data on another node.
     pub raft_index: u64,
 }
 
@@ -108,12 +110,12 @@ pub trait Node: Send + Sync + 'static {
         &self,
         statements: Vec<Statement>,
         opts: ExecOptions,
-    ) -> Result<Written, NodeError>;
+    ) -> Result<Answer, NodeError>;
     async fn query(
         &self,
         statements: Vec<Statement>,
         opts: ReadOptions,
-    ) -> Result<Vec<Value>, NodeError>;
+    ) -> Result<Answer, NodeError>;
 }
 
 /// Marks a request one node forwarded to the leader: it is not forwarded
@@ -276,16 +278,11 @@ async fn serve(api: Api, endpoint: Endpoint, request: Request) -> Response {
         Endpoint::Unified => statements.iter().all(|s| looks_read_only(&s.sql)),
     };
     let answer = if read {
-        api.node
-            .query(statements, parsed.read)
-            .await
-            .map(|results| json!({ "results": results }))
+        api.node.query(statements, parsed.read).await
     } else {
-        api.node
-            .execute(statements, parsed.read.exec)
-            .await
-            .map(|w| json!({ "results": w.results, "raft_index": w.raft_index }))
-    };
+        api.node.execute(statements, parsed.read.exec).await
+    }
+    .map(|a| json!({ "results": a.results, "raft_index": a.raft_index }));
     match answer {
         Ok(body) => respond(body, &parsed, started),
         Err(NodeError::NotLeader {
@@ -446,7 +443,7 @@ mod tests {
             &self,
             statements: Vec<Statement>,
             opts: ExecOptions,
-        ) -> Result<Written, NodeError> {
+        ) -> Result<Answer, NodeError> {
             let conn = self
                 .conn
                 .lock()
@@ -456,7 +453,7 @@ mod tests {
                 .lock()
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
             *index += 1;
-            Ok(Written {
+            Ok(Answer {
                 results: crate::engine::execute(&conn, &statements, &opts),
                 raft_index: *index,
             })
@@ -465,7 +462,7 @@ mod tests {
             &self,
             statements: Vec<Statement>,
             opts: ReadOptions,
-        ) -> Result<Vec<Value>, NodeError> {
+        ) -> Result<Answer, NodeError> {
             let applied = *self
                 .index
                 .lock()
@@ -477,7 +474,10 @@ mod tests {
                 .conn
                 .lock()
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
-            Ok(crate::engine::query(&conn, &statements, &opts.exec))
+            Ok(Answer {
+                results: crate::engine::query(&conn, &statements, &opts.exec),
+                raft_index: applied,
+            })
         }
     }
 

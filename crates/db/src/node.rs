@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::determinism::{self, Moment};
 use crate::engine::{ExecOptions, RESERVED_PREFIX};
-use crate::http::{self, error, Forward, Level, NodeError, ReadOptions, Written};
+use crate::http::{self, error, Forward, Level, NodeError, ReadOptions, Answer};
 use crate::metrics::Stats;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{self, Contact, Network};
@@ -338,7 +338,7 @@ impl http::Node for DbNode {
         &self,
         statements: Vec<Statement>,
         opts: ExecOptions,
-    ) -> Result<Written, NodeError> {
+    ) -> Result<Answer, NodeError> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
@@ -361,7 +361,7 @@ impl http::Node for DbNode {
             .proposer
             .propose(Command::Execute { statements, opts }, size)
             .await?;
-        Ok(Written {
+        Ok(Answer {
             results,
             raft_index,
         })
@@ -371,7 +371,7 @@ impl http::Node for DbNode {
         &self,
         statements: Vec<Statement>,
         opts: ReadOptions,
-    ) -> Result<Vec<Value>, NodeError> {
+    ) -> Result<Answer, NodeError> {
         let level = match opts.level {
             Level::Auto if self.read_only => Level::None,
             Level::Auto => Level::Weak,
@@ -416,10 +416,15 @@ impl http::Node for DbNode {
         if let Some(index) = opts.min_index {
             self.wait_applied(index).await?;
         }
-        self.readers
+        let (results, raft_index) = self
+            .readers
             .query(statements, opts.exec)
             .await
-            .map_err(NodeError::Internal)
+            .map_err(NodeError::Internal)?;
+        Ok(Answer {
+            results,
+            raft_index,
+        })
     }
 }
 

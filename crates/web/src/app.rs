@@ -178,9 +178,12 @@ fn base_url(app: &App, headers: &HeaderMap) -> String {
     format!("{proto}://{host}")
 }
 
-/// The cookie that carries read-your-writes across web servers: the log
-/// index of this browser's last write. A read with it is served only by a
-/// database node that has applied that write.
+/// The cookie that carries a browser's session guarantees across web
+/// servers: the highest log index it has seen, from its own writes
+/// (read-your-writes) and from the reads it was served (monotonic reads). A
+/// read with it is served only by a database node that has applied that
+/// index, so the browser never sees its writes vanish or the data go back
+/// in time when the next request lands on another replica.
 const SEEN_COOKIE: &str = "scaleout_seen";
 
 /// What this client must see: `min_index` from its cookie.
@@ -197,12 +200,15 @@ fn seen(headers: &HeaderMap) -> ReadOpts {
     ReadOpts { min_index }
 }
 
-/// Remembers a write's index in the client's cookie (never lowering it).
+/// Remembers an index the client has seen in its cookie, when it is newer
+/// than the one the cookie holds.
 fn remember(mut resp: Response, headers: &HeaderMap, index: Option<u64>) -> Response {
     let Some(index) = index else {
         return resp;
     };
-    let index = seen(headers).min_index.map_or(index, |old| old.max(index));
+    if seen(headers).min_index.is_some_and(|old| old >= index) {
+        return resp;
+    }
     let cookie = format!("{SEEN_COOKIE}={index}; Path=/; Max-Age=300; SameSite=Lax; HttpOnly");
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().append(header::SET_COOKIE, v);
@@ -299,7 +305,8 @@ async fn render_home(
                 web_server: &app.config.name,
                 db_node: &served.node,
             });
-            with_db_node((status, Html(page)).into_response(), &served.node)
+            let resp = with_db_node((status, Html(page)).into_response(), &served.node);
+            remember(resp, headers, served.index)
         }
         Err(e) => html_error(app, AppError::from(e)),
     }
@@ -414,10 +421,11 @@ async fn list_api(
         .into_iter()
         .map(|l| LinkView::new(l, &base))
         .collect();
-    Ok(with_db_node(
+    let resp = with_db_node(
         Json(serde_json::json!({ "links": links })).into_response(),
         &served.node,
-    ))
+    );
+    Ok(remember(resp, &headers, served.index))
 }
 
 fn code_from(path: Result<Path<String>, PathRejection>) -> Result<String, AppError> {
@@ -440,7 +448,8 @@ async fn get_api(
         .value
         .ok_or_else(|| AppError::NotFound(format!("no link with code {code:?}")))?;
     let view = LinkView::new(link, &base_url(&app, &headers));
-    Ok(with_db_node(Json(view).into_response(), &served.node))
+    let resp = with_db_node(Json(view).into_response(), &served.node);
+    Ok(remember(resp, &headers, served.index))
 }
 
 async fn delete_api(
@@ -477,19 +486,19 @@ async fn redirect(
     }
     app.metrics.cache_misses.inc();
     match app.store.get(&code, seen(&headers)).await {
-        Ok(served) => match served.value {
-            Some(link) => {
-                app.cache.put(&code, &link.url).await;
-                with_db_node(found(&link.url, "miss"), &served.node)
-            }
-            None => {
-                let resp = html_error(
+        Ok(served) => {
+            let resp = match served.value {
+                Some(link) => {
+                    app.cache.put(&code, &link.url).await;
+                    found(&link.url, "miss")
+                }
+                None => html_error(
                     &app,
                     AppError::NotFound(format!("There is no link with code {code:?}.")),
-                );
-                with_db_node(resp, &served.node)
-            }
-        },
+                ),
+            };
+            remember(with_db_node(resp, &served.node), &headers, served.index)
+        }
         Err(e) => html_error(&app, e.into()),
     }
 }

@@ -79,14 +79,24 @@ impl RemoteStore {
         Ok(RemoteStore { client })
     }
 
-    async fn read(&self, statement: Value, opts: ReadOpts) -> Result<(Value, String), StoreError> {
+    /// One read statement's result, served as the stored link type wants.
+    async fn read<T>(
+        &self,
+        statement: Value,
+        opts: ReadOpts,
+        value: impl FnOnce(&Value) -> T,
+    ) -> Result<Served<T>, StoreError> {
         let answer = self
             .client
             .query(&json!([statement]), opts.min_index)
             .await
             .map_err(store_error)?;
         let result = first(&answer.results, &answer.node)?;
-        Ok((result, answer.node))
+        Ok(Served {
+            value: value(&result),
+            node: answer.node,
+            index: Some(answer.raft_index),
+        })
     }
 }
 
@@ -120,35 +130,27 @@ impl Store for RemoteStore {
     }
 
     async fn get(&self, code: &str, opts: ReadOpts) -> Result<Served<Option<Link>>, StoreError> {
-        let (result, node) = self
-            .read(
-                json!([
-                    "SELECT code, url, created_at FROM links WHERE code = ?",
-                    code
-                ]),
-                opts,
-            )
-            .await?;
-        Ok(Served {
-            value: links_of(&result).into_iter().next(),
-            node,
-        })
+        self.read(
+            json!([
+                "SELECT code, url, created_at FROM links WHERE code = ?",
+                code
+            ]),
+            opts,
+            |result| links_of(result).into_iter().next(),
+        )
+        .await
     }
 
     async fn newest(&self, limit: u32, opts: ReadOpts) -> Result<Served<Vec<Link>>, StoreError> {
-        let (result, node) = self
-            .read(
-                json!([
-                    "SELECT code, url, created_at FROM links ORDER BY id DESC LIMIT ?",
-                    limit
-                ]),
-                opts,
-            )
-            .await?;
-        Ok(Served {
-            value: links_of(&result),
-            node,
-        })
+        self.read(
+            json!([
+                "SELECT code, url, created_at FROM links ORDER BY id DESC LIMIT ?",
+                limit
+            ]),
+            opts,
+            links_of,
+        )
+        .await
     }
 
     async fn delete(&self, code: &str) -> Result<Written<bool>, StoreError> {
@@ -167,7 +169,7 @@ impl Store for RemoteStore {
     }
 
     async fn ping(&self) -> Result<String, StoreError> {
-        let (_, node) = self.read(json!("SELECT 1"), ReadOpts::default()).await?;
-        Ok(node)
+        let served = self.read(json!("SELECT 1"), ReadOpts::default(), |_| ()).await?;
+        Ok(served.node)
     }
 }

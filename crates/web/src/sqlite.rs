@@ -112,6 +112,7 @@ impl SqliteStore {
             Ok(Served {
                 value,
                 node: inner.node.clone(),
+                index: None,
             })
         })
         .await

@@ -29,11 +29,13 @@ pub struct ReadOpts {
     pub min_index: Option<u64>,
 }
 
-/// A read result and the database node that served it.
+/// A read result, the database node that served it, and the log index of
+/// the state it saw (`None` for an unreplicated store).
 #[derive(Debug, Clone)]
 pub struct Served<T> {
     pub value: T,
     pub node: String,
+    pub index: Option<u64>,
 }
 
 /// A write result: the node that took it and the log index that committed it

@@ -469,13 +469,25 @@ impl Readers {
         .map_err(|e| e.to_string())
     }
 
+    /// Runs the statements in one read transaction (one snapshot of the
+    /// data), and returns their results with the index of the state they
+    /// saw, read in the same transaction.
     pub async fn query(
         self: &Arc<Self>,
         statements: Vec<Statement>,
         opts: ExecOptions,
-    ) -> Result<Vec<Value>, String> {
-        self.with(move |conn| engine::query(conn, &statements, &opts))
-            .await
+    ) -> Result<(Vec<Value>, u64), String> {
+        self.with(move |conn| {
+            let snapshot = conn.unchecked_transaction().map_err(|e| e.to_string())?;
+            let applied = state::applied_state(conn)
+                .map_err(|e| e.to_string())?
+                .applied
+                .map_or(0, |a| a.index);
+            let results = engine::query(conn, &statements, &opts);
+            drop(snapshot);
+            Ok((results, applied))
+        })
+        .await?
     }
 }
 
