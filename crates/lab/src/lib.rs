@@ -15,6 +15,7 @@
 //!   answering `www.scaleout.test` with the healthy ones.
 
 pub mod chaos;
+pub mod linear;
 pub mod procs;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
