@@ -17,6 +17,10 @@ pub struct ChaosArgs {
     /// Concurrent clients creating and reading links through the load balancer.
     #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// Concurrent clients writing, compare-and-setting and reading registers
+    /// on the data API (checked for linearizability and monotonic reads).
+    #[arg(long, default_value_t = 3)]
+    registers: usize,
     /// Time between faults.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "6s")]
     fault_every: Duration,
@@ -51,6 +55,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> anyhow::Result
         seed: args.seed,
         duration: args.duration,
         clients: args.clients,
+        registers: args.registers,
         fault_every: args.fault_every,
         data_dir: args.data,
         history: args.history,

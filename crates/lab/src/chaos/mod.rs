@@ -33,12 +33,16 @@ use tokio_util::sync::CancellationToken;
 use crate::procs::Proc;
 use crate::{plan, start_topology, Error};
 
+mod registers;
+
 #[derive(Debug, Clone)]
 pub struct ChaosConfig {
     /// Seeds the fault schedule and the clients' choices.
     pub seed: u64,
     pub duration: Duration,
     pub clients: usize,
+    /// Register clients (straight on the data API; linearizability).
+    pub registers: usize,
     /// Time between faults.
     pub fault_every: Duration,
     pub data_dir: PathBuf,
@@ -48,6 +52,9 @@ pub struct ChaosConfig {
     /// seed. Kinds: kill-leader, kill-db, pause-db, kill-web.
     pub faults: Vec<String>,
 }
+
+/// How many registers the register clients share.
+const REGISTER_KEYS: i64 = 4;
 
 /// The kinds of fault `inject` knows.
 pub const FAULT_KINDS: [&str; 4] = ["kill-leader", "kill-db", "pause-db", "kill-web"];
@@ -119,6 +126,11 @@ pub struct Report {
     pub reads_ok: usize,
     /// `linearizable`/`strong` counts answered (each checked).
     pub counts_ok: usize,
+    /// Register operations, and those the linearizability search placed.
+    pub register_ops: usize,
+    pub register_checked: usize,
+    /// What the checker could not decide (not violations).
+    pub undecided: Vec<String>,
     pub faults: Vec<Fault>,
     pub violations: Vec<String>,
     pub history: PathBuf,
@@ -136,6 +148,10 @@ impl Report {
             self.counts_ok,
             self.faults.len(),
             self.violations.len()
+        );
+        println!(
+            "  registers: {} operations, {} checked for linearizability",
+            self.register_ops, self.register_checked
         );
         for f in &self.faults {
             println!(
@@ -167,6 +183,9 @@ impl Report {
                 ms(creates),
                 ms(reads)
             );
+        }
+        for u in &self.undecided {
+            println!("  undecided: {u}");
         }
         for v in &self.violations {
             println!("  VIOLATION: {v}");
@@ -207,7 +226,7 @@ async fn stop_all(procs: Vec<Proc>) {
     }
 }
 
-fn http() -> reqwest::Client {
+pub(crate) fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::none())
@@ -237,6 +256,32 @@ async fn exercise(
         let dbs = dbs.clone();
         clients.push(tokio::spawn(client(
             c, seed, lb, dbs, history, stop, started,
+        )));
+    }
+    let register_log: registers::Log = Arc::default();
+    if config.registers > 0 {
+        let db = scaleout_client::Client::new(dbs.clone()).map_err(|e| Error::Spawn {
+            name: "chaos".into(),
+            reason: e.to_string(),
+        })?;
+        db.discover(Duration::from_secs(10))
+            .await
+            .and(db.execute(&json!([registers::TABLE]), false).await.map(|_| ()))
+            .map_err(|e| Error::Spawn {
+                name: "chaos".into(),
+                reason: format!("creating the registers: {e}"),
+            })?;
+    }
+    for r in 0..config.registers {
+        let id = config.clients + r;
+        clients.push(tokio::spawn(registers::client(
+            id,
+            config.seed.wrapping_add(id as u64 + 1),
+            dbs.clone(),
+            REGISTER_KEYS,
+            register_log.clone(),
+            stop.clone(),
+            started,
         )));
     }
     let mut rng = Rng::new(config.seed);
@@ -277,7 +322,22 @@ async fn exercise(
     for op in &ops {
         let _ = writeln!(file, "{}", serde_json::to_string(op).unwrap_or_default());
     }
-    let violations = check(&ops, procs).await;
+    let register_ops = register_log
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for r in &register_ops {
+        let line = serde_json::to_value(r)
+            .map(|mut v| {
+                v["kind"] = json!("register");
+                v.to_string()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(file, "{line}");
+    }
+    let mut violations = check(&ops, procs).await;
+    let findings = registers::check(&register_ops);
+    violations.extend(findings.violations);
     Ok(Report {
         seed: config.seed,
         operations: ops.len(),
@@ -294,6 +354,9 @@ async fn exercise(
             .filter(|o| o.kind == "read" && o.outcome == "ok")
             .count(),
         counts_ok: ops.iter().filter(|o| o.count.is_some()).count(),
+        register_ops: register_ops.len(),
+        register_checked: findings.checked,
+        undecided: findings.undecided,
         faults,
         violations,
         history: config.history.clone(),
