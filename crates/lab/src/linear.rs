@@ -40,10 +40,10 @@ pub enum Verdict {
     Linearizable,
     /// No order works. `stuck` is the operation the deepest attempt could
     /// not place, `state` the register's value there, and `window` the
-    /// smallest prefix-closed stretch of the history that is already not
-    /// linearizable: the operations (indexes into the input) that overlap
-    /// the time from the first operation still open at the stuck point to
-    /// the end of the shortest failing prefix.
+    /// stretch of history that shows it: the operations (indexes into the
+    /// input) that overlap the time from the write that set `state` (or
+    /// the first operation still open there) to the end of the shortest
+    /// prefix of the history that is already not linearizable.
     Violation {
         stuck: usize,
         state: Option<i64>,
@@ -158,7 +158,8 @@ enum Search {
     Stuck {
         stuck: usize,
         state: Option<i64>,
-        /// Operations still open (called, not placed) at the stuck point.
+        /// Operations still open (called, not placed) at the stuck point,
+        /// and the placed one that last set the register's value there.
         open: Vec<usize>,
     },
     GaveUp(u64),
@@ -211,6 +212,13 @@ fn search(events: &[Event], initial: Option<i64>, max_steps: u64) -> Search {
                 }
                 p = entries.next[p];
             }
+            let setter = stack.iter().rev().map(|(call, _)| entries.op[*call].0).find(|&j| {
+                !matches!(
+                    events[j].op,
+                    RegisterOp::Read { .. } | RegisterOp::Cas { applied: false, .. }
+                ) || events[j].complete_us.is_none()
+            });
+            open.extend(setter);
             deepest = Some((stack.len(), i, state, open));
         }
         let Some((call, before)) = stack.pop() else {
@@ -367,9 +375,11 @@ mod tests {
             ev(1, w(9), 100, Some(101)),
         ];
         match check(&h, None, 100_000) {
-            Verdict::Violation { stuck, window, .. } => {
+            Verdict::Violation { stuck, window, state } => {
                 assert_eq!(stuck, 3, "the stale read is the one that cannot be placed");
+                assert_eq!(state, Some(2));
                 assert!(window.contains(&3), "{window:?}");
+                assert!(window.contains(&1), "the write of what it should have seen: {window:?}");
                 assert!(!window.contains(&4), "the window ends at the violation: {window:?}");
             }
             v => panic!("{v:?}"),
