@@ -16,6 +16,7 @@
 
 pub mod chaos;
 pub mod linear;
+pub mod netns;
 pub mod procs;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
