@@ -31,9 +31,14 @@ pub struct ChaosArgs {
     #[arg(long, default_value = "chaos-history.jsonl")]
     history: PathBuf,
     /// Fault kinds in order, cycling (default: drawn from the seed):
-    /// kill-leader, kill-db, pause-db, kill-web.
+    /// kill-leader, kill-db, pause-db, kill-web, partition-leader (the
+    /// leader cut off from the other database nodes), partition-node (any
+    /// one cut off), partition-link (one link between two cut).
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
+    /// Keep the database nodes in the lab's network namespace (no partitions).
+    #[arg(long)]
+    no_netns: bool,
 }
 
 pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -60,6 +65,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> anyhow::Result
         data_dir: args.data,
         history: args.history,
         faults: args.faults,
+        netns: !args.no_netns,
     };
     let report = scaleout_lab::chaos::run(config, shutdown)
         .await

@@ -265,6 +265,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
             "freshness",
         ),
         ("/db/backup?fmt=xml", "fmt"),
+        ("/nodes?timeout=soon", "timeout"),
     ] {
         let r = client().get(node.url(url)).send().await.unwrap();
         assert_eq!(r.status(), 400, "{url}");

@@ -23,6 +23,11 @@ use serde_json::{json, Value};
 const FAILOVER_PATIENCE: Duration = Duration::from_secs(8);
 /// How long a node that failed a read is skipped.
 const SKIP_FAILED: Duration = Duration::from_secs(2);
+/// How long one node may take to answer a read before the next is asked
+/// (reads are safe to send again). A replica cut off from the leader
+/// cannot reach a `min_index` and would otherwise hold the read for the
+/// node's whole `--read-timeout`.
+const READ_PATIENCE: Duration = Duration::from_secs(1);
 /// A replica further behind the leader than this many log entries (each
 /// holds a group of writes) serves no reads until it catches up.
 pub const MAX_LAG: u64 = 256;
@@ -298,28 +303,35 @@ impl Client {
             let start = self.inner.next_reader.fetch_add(1, Ordering::Relaxed);
             for k in 0..readers.len() {
                 let node = &readers[(start + k) % readers.len()];
-                let sent = self.post(node, &path, statements).await;
+                let sent = tokio::time::timeout(READ_PATIENCE, async {
+                    let r = self.post(node, &path, statements).await?;
+                    let status = r.status();
+                    let body = r.bytes().await?;
+                    Ok::<_, reqwest::Error>((status, body))
+                })
+                .await;
                 match sent {
-                    Ok(r) if r.status().is_success() => match r.json::<Value>().await {
-                        Ok(body) => {
-                            return Ok(Queried {
-                                results: body["results"].as_array().cloned().unwrap_or_default(),
-                                raft_index: body["raft_index"].as_u64().unwrap_or(0),
-                                node: node.name(),
-                            })
+                    Err(_) => last = format!("{}: no answer within {READ_PATIENCE:?}", node.name()),
+                    Ok(Ok((status, body))) if status.is_success() => {
+                        match serde_json::from_slice::<Value>(&body) {
+                            Ok(body) => {
+                                return Ok(Queried {
+                                    results: body["results"].as_array().cloned().unwrap_or_default(),
+                                    raft_index: body["raft_index"].as_u64().unwrap_or(0),
+                                    node: node.name(),
+                                })
+                            }
+                            Err(e) => last = format!("{}: unreadable answer: {e}", node.name()),
                         }
-                        Err(e) => last = format!("{}: unreadable answer: {e}", node.name()),
-                    },
-                    Ok(r) if r.status().is_client_error() => {
-                        let status = r.status();
-                        let text = r.text().await.unwrap_or_default();
+                    }
+                    Ok(Ok((status, body))) if status.is_client_error() => {
                         return Err(ClientError::Refused {
                             node: node.name(),
-                            reason: format!("{status}: {text}"),
+                            reason: format!("{status}: {}", String::from_utf8_lossy(&body)),
                         });
                     }
-                    Ok(r) => last = format!("{}: {}", node.name(), r.status()),
-                    Err(e) => last = format!("{}: {e}", node.name()),
+                    Ok(Ok((status, _))) => last = format!("{}: {status}", node.name()),
+                    Ok(Err(e)) => last = format!("{}: {e}", node.name()),
                 }
                 lock_write(&self.inner.topology)
                     .failed
@@ -342,10 +354,11 @@ async fn refresh(inner: &Inner) -> Result<(), ClientError> {
         .map(|n| n.api.clone())
         .collect();
     let mut last = String::from("no node answered");
+    let mut leaderless = None;
     for base in known.iter().chain(inner.seeds.iter()) {
         let answer = inner
             .http
-            .get(format!("{base}/nodes?nonvoters&ver=2"))
+            .get(format!("{base}/nodes?nonvoters&ver=2&timeout=300ms"))
             .timeout(Duration::from_secs(2))
             .send()
             .await;
@@ -387,12 +400,27 @@ async fn refresh(inner: &Inner) -> Result<(), ClientError> {
             last = format!("{base}: no reachable nodes listed");
             continue;
         }
-        let mut topology = lock_write(&inner.topology);
-        topology.failed.retain(|(_, at)| at.elapsed() < SKIP_FAILED);
-        topology.nodes = nodes;
-        return Ok(());
+        // A node that knows no leader (cut off, or mid-election) is kept
+        // only if no other node names one.
+        if nodes.iter().any(|n| n.leader) {
+            install(inner, nodes);
+            return Ok(());
+        }
+        leaderless.get_or_insert(nodes);
     }
-    Err(ClientError::Unavailable(last))
+    match leaderless {
+        Some(nodes) => {
+            install(inner, nodes);
+            Ok(())
+        }
+        None => Err(ClientError::Unavailable(last)),
+    }
+}
+
+fn install(inner: &Inner, nodes: Vec<NodeInfo>) {
+    let mut topology = lock_write(&inner.topology);
+    topology.failed.retain(|(_, at)| at.elapsed() < SKIP_FAILED);
+    topology.nodes = nodes;
 }
 
 #[cfg(test)]

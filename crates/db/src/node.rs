@@ -95,6 +95,9 @@ pub struct DbNode {
     client: reqwest::Client,
     stats: Stats,
     read_timeout: Duration,
+    /// How long a leader may go without hearing from a quorum before it
+    /// stops presenting itself as the leader (the election timeout).
+    lease: Duration,
     started: Instant,
     db_path: PathBuf,
     proposer: Proposer,
@@ -162,6 +165,7 @@ pub async fn start(
             .unwrap_or_default(),
         stats: Stats::default(),
         read_timeout: config.read_timeout,
+        lease: config.election_timeout,
         started: Instant::now(),
         db_path,
         proposer: Proposer::start(raft.clone(), redirect_of),
@@ -239,18 +243,31 @@ fn unix_ms() -> i64 {
 }
 
 impl DbNode {
+    /// The leader as this node knows it. Itself only while it has heard
+    /// from a quorum within the election timeout: a leader cut off from
+    /// the others (the rest may have elected another meanwhile) says it
+    /// knows no leader, so clients look elsewhere instead of waiting on
+    /// writes it cannot commit.
     fn leader(&self) -> Option<(u64, Member)> {
         let m = self.raft.metrics();
         let m = m.borrow();
         let id = m.current_leader?;
+        if id == self.id && !self.holds_quorum(&m) {
+            return None;
+        }
         let node = m.membership_config.membership().get_node(&id)?.clone();
         Some((id, node))
+    }
+
+    fn holds_quorum(&self, m: &openraft::RaftMetrics<u64, Member>) -> bool {
+        m.millis_since_quorum_ack
+            .is_none_or(|ms| u128::from(ms) <= self.lease.as_millis())
     }
 
     fn is_leader(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
-        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+        m.state == ServerState::Leader && m.current_leader == Some(self.id) && self.holds_quorum(&m)
     }
 
     fn not_leader(&self) -> NodeError {
@@ -484,9 +501,22 @@ async fn status(State(node): Node) -> Response {
 struct NodesParams {
     nonvoters: Option<String>,
     ver: Option<String>,
+    /// How long to wait for each node's answer (rqlite's `timeout`, e.g.
+    /// `500ms`, `2s`); 1 s by default.
+    timeout: Option<String>,
 }
 
 async fn nodes(State(node): Node, Query(params): Query<NodesParams>) -> Response {
+    let patience = match params.timeout.as_deref().map(humantime::parse_duration) {
+        None => Duration::from_secs(1),
+        Some(Ok(d)) if d > Duration::ZERO => d.min(Duration::from_secs(30)),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "timeout must be a duration such as 500ms or 2s",
+            )
+        }
+    };
     let m = node.raft.metrics().borrow().clone();
     let membership = m.membership_config.membership().clone();
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
@@ -513,7 +543,7 @@ async fn nodes(State(node): Node, Query(params): Query<NodesParams>) -> Response
             let started = Instant::now();
             let reachable = client
                 .get(format!("{}/healthz", member.api_url()))
-                .timeout(Duration::from_secs(1))
+                .timeout(patience)
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());

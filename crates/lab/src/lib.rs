@@ -149,26 +149,36 @@ pub(crate) fn plan(stage: u8) -> Plan {
 /// Starts a plan's processes in order (databases, web servers, load
 /// balancers, DNS), pushing each onto `procs` as it becomes ready, so the
 /// caller can stop what started when a later one fails. `port` hands out
-/// listen addresses; `site` is where the site listens.
+/// listen addresses; `site` is where the site listens. With `net`, each
+/// database node runs in its own network namespace, on its address there.
 pub(crate) async fn start_topology(
     plan: &Plan,
     site: &str,
     port: &mut impl FnMut() -> String,
     dir: &std::path::Path,
     procs: &mut Vec<procs::Proc>,
+    net: Option<&netns::Net>,
 ) -> Result<(), Error> {
     let site = site.to_string();
     let mut db_urls = Vec::new();
     for id in 1..=plan.voters + plan.replicas {
         let name = format!("db-{id}");
+        let namespace = net.map(|n| n.namespace(id as usize - 1));
+        let (http, raft) = match net {
+            Some(n) => {
+                let addr = n.addr(id as usize - 1);
+                (format!("{addr}:4001"), format!("{addr}:4002"))
+            }
+            None => (port(), port()),
+        };
         let mut args: Vec<String> = vec![
             "db".into(),
             "--id".into(),
             id.to_string(),
             "--http".into(),
-            port(),
+            http,
             "--raft".into(),
-            port(),
+            raft,
             "--data".into(),
             dir.join(&name).to_string_lossy().into_owned(),
         ];
@@ -178,7 +188,8 @@ pub(crate) async fn start_topology(
         if id > plan.voters {
             args.push("--read-only".into());
         }
-        let p = procs::Proc::start(&name, &args, "scaleout db: node").await?;
+        let p =
+            procs::Proc::start_in(namespace.as_deref(), &name, &args, "scaleout db: node").await?;
         db_urls.push(p.url().unwrap_or_default());
         procs.push(p);
     }
@@ -320,7 +331,7 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
     let site = port();
     let dir = config.data_dir.join(format!("stage{}", config.stage));
     let mut procs: Vec<procs::Proc> = Vec::new();
-    let result = start_topology(&plan, &site, &mut port, &dir, &mut procs).await;
+    let result = start_topology(&plan, &site, &mut port, &dir, &mut procs, None).await;
     if let Err(e) = result {
         for p in procs.into_iter().rev() {
             p.stop().await;

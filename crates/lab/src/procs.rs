@@ -24,6 +24,8 @@ pub struct Proc {
     /// How it was started (a restart uses the same).
     pub args: Vec<String>,
     marker: String,
+    /// The network namespace it runs in, if not the lab's.
+    netns: Option<String>,
     child: Child,
 }
 
@@ -31,11 +33,30 @@ impl Proc {
     /// Starts `scaleout ARGS...` and waits for a stdout line containing
     /// `ready_marker`.
     pub async fn start(name: &str, args: &[String], ready_marker: &str) -> Result<Proc, Error> {
+        Proc::start_in(None, name, args, ready_marker).await
+    }
+
+    /// `start`, inside network namespace `netns` when given (through
+    /// `ip netns exec`, which becomes the child: same PID, same signals).
+    pub async fn start_in(
+        netns: Option<&str>,
+        name: &str,
+        args: &[String],
+        ready_marker: &str,
+    ) -> Result<Proc, Error> {
         let exe = std::env::current_exe().map_err(|e| Error::Spawn {
             name: name.into(),
             reason: format!("cannot find the scaleout binary: {e}"),
         })?;
-        let mut child = Command::new(exe)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .args(args)
             // The child stops by itself if this process dies (see the
             // binary's shutdown_on_signal).
@@ -88,6 +109,7 @@ impl Proc {
             ready,
             args: args.to_vec(),
             marker: ready_marker.into(),
+            netns: netns.map(String::from),
             child,
         })
     }
@@ -120,7 +142,8 @@ impl Proc {
     /// or stopped by a fault).
     pub async fn restart(&mut self) -> Result<(), Error> {
         let _ = self.child.kill().await;
-        let again = Proc::start(&self.name, &self.args, &self.marker).await?;
+        let again =
+            Proc::start_in(self.netns.as_deref(), &self.name, &self.args, &self.marker).await?;
         *self = again;
         Ok(())
     }

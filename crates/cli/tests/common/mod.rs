@@ -56,7 +56,12 @@ impl Proc {
 
     /// Waits for a stdout line containing `needle` and returns it.
     pub fn wait_for_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + START_TIMEOUT;
+        self.wait_for_line_within(needle, START_TIMEOUT)
+    }
+
+    /// `wait_for_line` with its own patience.
+    pub fn wait_for_line_within(&mut self, needle: &str, patience: Duration) -> String {
+        let deadline = Instant::now() + patience;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
@@ -100,7 +105,19 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that it can clean up (children, namespaces),
+    /// then SIGKILL if it lingers.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(self.pid(), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

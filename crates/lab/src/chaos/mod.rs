@@ -30,6 +30,7 @@ use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::netns::Net;
 use crate::procs::Proc;
 use crate::{plan, start_topology, Error};
 
@@ -49,15 +50,31 @@ pub struct ChaosConfig {
     /// Where the history is written (JSON lines).
     pub history: PathBuf,
     /// Fault kinds to inject in this order, cycling; empty: drawn from the
-    /// seed. Kinds: kill-leader, kill-db, pause-db, kill-web.
+    /// seed. Kinds: `FAULT_KINDS`.
     pub faults: Vec<String>,
+    /// Run the database nodes in network namespaces (needed for
+    /// partitions; skipped, with a note, where they cannot be made).
+    pub netns: bool,
 }
 
 /// How many registers the register clients share.
 const REGISTER_KEYS: i64 = 4;
 
 /// The kinds of fault `inject` knows.
-pub const FAULT_KINDS: [&str; 4] = ["kill-leader", "kill-db", "pause-db", "kill-web"];
+pub const FAULT_KINDS: [&str; 7] = [
+    "kill-leader",
+    "kill-db",
+    "pause-db",
+    "kill-web",
+    "partition-leader",
+    "partition-node",
+    "partition-link",
+];
+
+/// Faults that need the database nodes in network namespaces.
+fn is_partition(kind: &str) -> bool {
+    kind.starts_with("partition")
+}
 
 /// xorshift64*: small, seedable, reproducible.
 struct Rng(u64);
@@ -111,10 +128,33 @@ pub struct Fault {
     pub target: String,
     pub at_ms: u64,
     pub healed_ms: u64,
-    /// From the fault to the completion of the first create (read) sent
-    /// after it that succeeded.
-    pub creates_back_ms: Option<u64>,
-    pub reads_back_ms: Option<u64>,
+    /// The longest time, from the fault until a few seconds after it was
+    /// healed, in which no create (read) succeeded; `None`: none succeeded
+    /// after the fault was healed.
+    pub creates_down_ms: Option<u64>,
+    pub reads_down_ms: Option<u64>,
+}
+
+/// How long after a fault is healed its effects are still measured.
+const AFTERMATH_MS: u64 = 5_000;
+
+/// The longest stretch in `[from, to]` without a completion in `done`
+/// (sorted), counted from `from`; `None` if nothing completed after
+/// `healed`.
+fn longest_outage(done: &[u64], from: u64, healed: u64, to: u64) -> Option<u64> {
+    let inside: Vec<u64> = done
+        .iter()
+        .copied()
+        .filter(|t| *t > from && *t <= to)
+        .collect();
+    if !inside.iter().any(|t| *t >= healed) {
+        return None;
+    }
+    std::iter::once(from)
+        .chain(inside.iter().copied())
+        .zip(inside.iter().copied())
+        .map(|(a, b)| b - a)
+        .max()
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -155,20 +195,20 @@ impl Report {
         );
         for f in &self.faults {
             println!(
-                "  {:>7} ms {:<12} {:<6} creates back after {}, reads after {}",
+                "  {:>7} ms {:<16} {:<9} creates down {}, reads down {}",
                 f.at_ms,
                 f.kind,
                 f.target,
-                f.creates_back_ms.map_or("-".into(), |m| format!("{m} ms")),
-                f.reads_back_ms.map_or("-".into(), |m| format!("{m} ms")),
+                f.creates_down_ms.map_or("-".into(), |m| format!("{m} ms")),
+                f.reads_down_ms.map_or("-".into(), |m| format!("{m} ms")),
             );
         }
         let mut worst: BTreeMap<&str, (usize, u64, u64)> = BTreeMap::new();
         for f in &self.faults {
             let w = worst.entry(f.kind.as_str()).or_default();
             w.0 += 1;
-            w.1 = w.1.max(f.creates_back_ms.unwrap_or(u64::MAX));
-            w.2 = w.2.max(f.reads_back_ms.unwrap_or(u64::MAX));
+            w.1 = w.1.max(f.creates_down_ms.unwrap_or(u64::MAX));
+            w.2 = w.2.max(f.reads_down_ms.unwrap_or(u64::MAX));
         }
         for (kind, (n, creates, reads)) in worst {
             let ms = |v: u64| {
@@ -179,7 +219,7 @@ impl Report {
                 }
             };
             println!(
-                "  worst after {kind} (x{n}): creates back after {}, reads after {}",
+                "  worst after {kind} (x{n}): creates down {}, reads down {}",
                 ms(creates),
                 ms(reads)
             );
@@ -211,12 +251,21 @@ pub async fn run(config: ChaosConfig, shutdown: CancellationToken) -> Result<Rep
     let site = free_port();
     let mut port = free_port;
     let mut procs = Vec::new();
-    if let Err(e) = start_topology(&plan, &site, &mut port, &dir, &mut procs).await {
+    let mut net = None;
+    if config.netns {
+        match Net::create((plan.voters + plan.replicas) as usize) {
+            Ok(n) => net = Some(n),
+            Err(e) => println!("chaos: partitions skipped: no network namespaces here ({e})"),
+        }
+    }
+    let started = start_topology(&plan, &site, &mut port, &dir, &mut procs, net.as_ref()).await;
+    if let Err(e) = started {
         stop_all(procs).await;
         return Err(e);
     }
-    let outcome = exercise(&config, &mut procs, &site, shutdown).await;
+    let outcome = exercise(&config, &mut procs, &site, net.as_mut(), shutdown).await;
     stop_all(procs).await;
+    drop(net);
     outcome
 }
 
@@ -238,6 +287,7 @@ async fn exercise(
     config: &ChaosConfig,
     procs: &mut [Proc],
     site: &str,
+    mut net: Option<&mut Net>,
     shutdown: CancellationToken,
 ) -> Result<Report, Error> {
     let started = Instant::now();
@@ -286,17 +336,28 @@ async fn exercise(
     }
     let mut rng = Rng::new(config.seed);
     let mut faults = Vec::new();
+    let possible = |k: &&str| net.is_some() || !is_partition(k);
+    let kinds: Vec<&str> = FAULT_KINDS.iter().copied().filter(possible).collect();
+    let schedule: Vec<&str> = config.faults.iter().map(String::as_str).filter(possible).collect();
     let deadline = started + config.duration;
-    while Instant::now() + config.fault_every < deadline && !shutdown.is_cancelled() {
-        tokio::time::sleep(config.fault_every).await;
-        let kind = match config.faults.get(faults.len() % config.faults.len().max(1)) {
-            Some(k) => k.clone(),
-            None => FAULT_KINDS[rng.below(FAULT_KINDS.len() as u64) as usize].to_string(),
+    // A fault lasts up to 3 s, and its aftermath is measured for a while.
+    let room = config.fault_every + Duration::from_secs(3) + Duration::from_millis(AFTERMATH_MS / 2);
+    while Instant::now() + room < deadline && !shutdown.is_cancelled() {
+        tokio::select! {
+            () = tokio::time::sleep(config.fault_every) => {}
+            () = shutdown.cancelled() => break,
+        }
+        let kind = match schedule.get(faults.len() % schedule.len().max(1)) {
+            Some(k) => k,
+            None => kinds[rng.below(kinds.len() as u64) as usize],
         };
-        let fault = inject(&kind, &mut rng, procs, started).await?;
+        let fault = inject(kind, &mut rng, procs, net.as_deref_mut(), started).await?;
         faults.push(fault);
     }
-    tokio::time::sleep(deadline.saturating_duration_since(Instant::now())).await;
+    tokio::select! {
+        () = tokio::time::sleep(deadline.saturating_duration_since(Instant::now())) => {}
+        () = shutdown.cancelled() => {}
+    }
     stop.cancel();
     for c in clients {
         let _ = c.await;
@@ -305,15 +366,21 @@ async fn exercise(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
+    let done = |kind: &str| {
+        let mut t: Vec<u64> = ops
+            .iter()
+            .filter(|o| o.kind == kind && o.outcome == "ok")
+            .map(|o| o.complete_ms)
+            .collect();
+        t.sort_unstable();
+        t
+    };
+    let (creates, reads) = (done("create"), done("read"));
+    let end = started.elapsed().as_millis() as u64;
     for f in &mut faults {
-        let back = |kind: &str| {
-            ops.iter()
-                .filter(|o| o.kind == kind && o.outcome == "ok" && o.invoke_ms >= f.at_ms)
-                .map(|o| o.complete_ms - f.at_ms)
-                .min()
-        };
-        f.creates_back_ms = back("create");
-        f.reads_back_ms = back("read");
+        let to = (f.healed_ms + AFTERMATH_MS).min(end);
+        f.creates_down_ms = longest_outage(&creates, f.at_ms, f.healed_ms, to);
+        f.reads_down_ms = longest_outage(&reads, f.at_ms, f.healed_ms, to);
     }
     let mut file = std::fs::File::create(&config.history).map_err(|e| Error::Spawn {
         name: "chaos".into(),
@@ -390,6 +457,7 @@ async fn inject(
     kind: &str,
     rng: &mut Rng,
     procs: &mut [Proc],
+    net: Option<&mut Net>,
     started: Instant,
 ) -> Result<Fault, Error> {
     let dbs: Vec<String> = procs
@@ -397,39 +465,72 @@ async fn inject(
         .filter(|p| p.name.starts_with("db-"))
         .map(|p| p.name.clone())
         .collect();
+    let any_db = |rng: &mut Rng| dbs[rng.below(dbs.len() as u64) as usize].clone();
     let target = match kind {
-        "kill-leader" => leader_name(procs)
+        "kill-leader" | "partition-leader" => leader_name(procs)
             .await
             .or_else(|| dbs.first().cloned())
             .unwrap_or_default(),
         "kill-web" => format!("web-{}", rng.below(2) + 1),
-        _ => dbs[rng.below(dbs.len() as u64) as usize].clone(),
+        "partition-link" => {
+            let a = any_db(rng);
+            let mut b = any_db(rng);
+            while b == a {
+                b = any_db(rng);
+            }
+            format!("{a}|{b}")
+        }
+        _ => any_db(rng),
     };
     let at_ms = started.elapsed().as_millis() as u64;
     tracing::info!(kind, %target, "fault");
-    let Some(p) = procs.iter_mut().find(|p| p.name == target) else {
-        return Err(Error::Spawn {
-            name: target,
-            reason: "no such process".into(),
-        });
-    };
     let outage = Duration::from_millis(1500 + rng.below(1500));
-    if kind == "pause-db" {
-        p.signal(Signal::SIGSTOP);
+    if is_partition(kind) {
+        let net = net.ok_or_else(|| Error::Spawn {
+            name: "chaos".into(),
+            reason: format!("{kind} needs network namespaces"),
+        })?;
+        // db-N runs in namespace N-1.
+        let index = |name: &str| {
+            name.trim_start_matches("db-")
+                .parse::<usize>()
+                .map_or(0, |n| n.saturating_sub(1))
+        };
+        let cut = match target.split_once('|') {
+            Some((a, b)) => net.cut(index(a), index(b)),
+            None => net.partition(&[index(&target)]),
+        };
+        let net_error = |e: String| Error::Spawn {
+            name: "chaos".into(),
+            reason: e,
+        };
+        cut.map_err(net_error)?;
         tokio::time::sleep(outage).await;
-        p.signal(Signal::SIGCONT);
+        net.heal().map_err(net_error)?;
     } else {
-        p.signal(Signal::SIGKILL);
-        tokio::time::sleep(outage).await;
-        p.restart().await?;
+        let Some(p) = procs.iter_mut().find(|p| p.name == target) else {
+            return Err(Error::Spawn {
+                name: target,
+                reason: "no such process".into(),
+            });
+        };
+        if kind == "pause-db" {
+            p.signal(Signal::SIGSTOP);
+            tokio::time::sleep(outage).await;
+            p.signal(Signal::SIGCONT);
+        } else {
+            p.signal(Signal::SIGKILL);
+            tokio::time::sleep(outage).await;
+            p.restart().await?;
+        }
     }
     Ok(Fault {
         kind: kind.into(),
         target,
         at_ms,
         healed_ms: started.elapsed().as_millis() as u64,
-        creates_back_ms: None,
-        reads_back_ms: None,
+        creates_down_ms: None,
+        reads_down_ms: None,
     })
 }
 
@@ -756,6 +857,16 @@ mod tests {
         ] {
             assert!(found.contains(says), "{says}: {found}");
         }
+    }
+
+    #[test]
+    fn an_outage_is_the_longest_stretch_without_success() {
+        // Fault at 100, healed at 300: successes at 110, 900, 950.
+        assert_eq!(longest_outage(&[50, 110, 900, 950], 100, 300, 2000), Some(790));
+        // Nothing came back after the heal.
+        assert_eq!(longest_outage(&[50, 110, 200], 100, 300, 2000), None);
+        // Measured from the fault when the first success comes late.
+        assert_eq!(longest_outage(&[1600, 1610], 100, 300, 2000), Some(1500));
     }
 
     #[test]
