@@ -620,3 +620,58 @@ async fn an_unchanged_rqlite_client_works_through_a_follower() {
         .await;
     assert_eq!(body["results"][0]["values"], json!([[3.0]]));
 }
+
+/// A leader that cannot hear from a quorum stops presenting itself as the
+/// leader within about the election timeout: it answers writes with a
+/// quick 503 (clients go and look for the new leader) instead of holding
+/// them until their timeout, and says it knows no leader. When the others
+/// come back, writes go through again. (Found by `scaleout chaos` with
+/// `partition-leader`: clients kept sending to the cut-off leader.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_quorum_stops_taking_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = voters(dir.path(), 3, &[]).await;
+    let leader = &nodes[leader_of(&nodes).await];
+    let (status, _) = leader.execute(json!(["CREATE TABLE q (x)"])).await;
+    assert_eq!(status, 200);
+    let followers: Vec<&DbNode> = nodes.iter().filter(|n| n.id != leader.id).collect();
+    for f in &followers {
+        f.proc.signal(Signal::SIGSTOP);
+    }
+    // Within a few election timeouts, the leader says it leads no more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stepped_aside = false;
+    while !stepped_aside && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let nodes: Value = common::get_json(&leader.url("/nodes?timeout=200ms")).await;
+        stepped_aside = !nodes
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|n| n["leader"] == json!(true));
+    }
+    let started = Instant::now();
+    let (status, body) = post_json(
+        &leader.url("/db/execute?redirect"),
+        &json!([["INSERT INTO q VALUES (1)"]]),
+    )
+    .await;
+    let took = started.elapsed();
+    for f in &followers {
+        f.proc.signal(Signal::SIGCONT);
+    }
+    assert!(stepped_aside, "the cut-off leader still says it leads");
+    assert_eq!(status, 503, "{body}");
+    assert!(took < Duration::from_secs(2), "answered at once, not held: {took:?}");
+    // The cluster takes writes again once the others are back.
+    eventually(Duration::from_secs(15), "writes resume", || async {
+        for n in &nodes {
+            let (status, body) = n.execute(json!([["INSERT INTO q VALUES (2)"]])).await;
+            if status == 200 && body["results"][0]["error"].is_null() {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+}

@@ -328,6 +328,24 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
         assert_eq!(r.status(), 200, "acknowledged link {code} lost");
     }
 
+    // A replica hangs (SIGSTOP): reads go on through the other, and none
+    // waits on the hung one for long (without a limit per read it would be
+    // held up to the client's 10 s timeout).
+    let paused = stage.members["db-5"].1;
+    kill(Pid::from_raw(paused), Signal::SIGSTOP).unwrap();
+    let mut slowest = Duration::ZERO;
+    let mut ok = 0;
+    for _ in 0..10 {
+        let started = Instant::now();
+        if stage.lookup(&code).await.status() == 200 {
+            ok += 1;
+        }
+        slowest = slowest.max(started.elapsed());
+    }
+    kill(Pid::from_raw(paused), Signal::SIGCONT).unwrap();
+    assert_eq!(ok, 10, "reads continue with one replica hung");
+    assert!(slowest < Duration::from_secs(4), "a read waited {slowest:?}");
+
     // A replica dies: reads go on through the other.
     stage.kill9("db-4");
     let mut ok = 0;

@@ -165,11 +165,26 @@ enum Search {
     GaveUp(u64),
 }
 
+/// A well-mixed 128-bit key for operation `i` (splitmix64, twice).
+fn zobrist(i: u64) -> u128 {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    (u128::from(mix(2 * i)) << 64) | u128::from(mix(2 * i + 1))
+}
+
 fn search(events: &[Event], initial: Option<i64>, max_steps: u64) -> Search {
     let mut entries = Entries::new(events);
-    let words = events.len().div_ceil(64).max(1);
-    let mut placed = vec![0u64; words];
-    let mut seen: HashSet<(Vec<u64>, Option<i64>)> = HashSet::new();
+    // The set of placed operations, as a Zobrist hash: each operation has
+    // a random 128-bit key and the set is the XOR of its members' keys, so
+    // placing or lifting one is O(1) and a memo entry is 24 bytes however
+    // long the history (a collision needs ~2^64 entries).
+    let keys: Vec<u128> = (0..events.len() as u64).map(zobrist).collect();
+    let mut placed: u128 = 0;
+    let mut seen: HashSet<(u128, Option<i64>)> = HashSet::new();
     let mut stack: Vec<(usize, Option<i64>)> = Vec::new();
     let mut state = initial;
     let mut deepest: Option<(usize, usize, Option<i64>, Vec<usize>)> = None;
@@ -189,15 +204,15 @@ fn search(events: &[Event], initial: Option<i64>, max_steps: u64) -> Search {
         if is_call {
             let known = events[i].complete_us.is_some();
             if let Some(next_state) = step(state, &events[i].op, known) {
-                placed[i / 64] |= 1 << (i % 64);
-                if seen.insert((placed.clone(), next_state)) {
+                placed ^= keys[i];
+                if seen.insert((placed, next_state)) {
                     stack.push((entry, state));
                     state = next_state;
                     entries.lift(entry);
                     entry = entries.head;
                     continue;
                 }
-                placed[i / 64] &= !(1 << (i % 64));
+                placed ^= keys[i];
             }
             entry = entries.next[entry];
             continue;
@@ -226,7 +241,7 @@ fn search(events: &[Event], initial: Option<i64>, max_steps: u64) -> Search {
             return Search::Stuck { stuck, state, open };
         };
         let j = entries.op[call].0;
-        placed[j / 64] &= !(1 << (j % 64));
+        placed ^= keys[j];
         state = before;
         entries.unlift(call);
         entry = entries.next[call];

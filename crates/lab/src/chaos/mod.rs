@@ -138,6 +138,20 @@ pub struct Fault {
 /// How long after a fault is healed its effects are still measured.
 const AFTERMATH_MS: u64 = 5_000;
 
+/// The availability every fault is held to: writes resume within 2 s of
+/// losing the leader with the database's default 500 ms election timeout
+/// (up to twice that to elect, then a commit), and reads no later.
+pub const BOUND_MS: u64 = 2_000;
+
+impl Fault {
+    /// Whether creates or reads stayed down longer than `BOUND_MS`.
+    pub fn over_bound(&self) -> bool {
+        [self.creates_down_ms, self.reads_down_ms]
+            .iter()
+            .any(|d| d.is_none_or(|ms| ms > BOUND_MS))
+    }
+}
+
 /// The longest stretch in `[from, to]` without a completion in `done`
 /// (sorted), counted from `from`; `None` if nothing completed after
 /// `healed`.
@@ -195,14 +209,21 @@ impl Report {
         );
         for f in &self.faults {
             println!(
-                "  {:>7} ms {:<16} {:<9} creates down {}, reads down {}",
+                "  {:>7} ms {:<16} {:<9} creates down {}, reads down {}{}",
                 f.at_ms,
                 f.kind,
                 f.target,
                 f.creates_down_ms.map_or("-".into(), |m| format!("{m} ms")),
                 f.reads_down_ms.map_or("-".into(), |m| format!("{m} ms")),
+                if f.over_bound() { "  (over the bound)" } else { "" },
             );
         }
+        println!(
+            "  bound: creates and reads back within {} ms of any fault (the database's election timeout is 500 ms); {} of {} faults over it",
+            BOUND_MS,
+            self.faults.iter().filter(|f| f.over_bound()).count(),
+            self.faults.len()
+        );
         let mut worst: BTreeMap<&str, (usize, u64, u64)> = BTreeMap::new();
         for f in &self.faults {
             let w = worst.entry(f.kind.as_str()).or_default();
@@ -731,10 +752,10 @@ pub fn check_history(ops: &[Op], data: &BTreeMap<String, BTreeMap<String, u64>>)
         .filter(|o| o.kind == "create")
         .map(|o| o.key.as_str())
         .collect();
-    let acked: BTreeSet<&str> = ops
+    let acked: BTreeMap<&str, &Op> = ops
         .iter()
         .filter(|o| o.kind == "create" && o.outcome == "ok")
-        .map(|o| o.key.as_str())
+        .map(|o| (o.key.as_str(), o))
         .collect();
     for (node, counts) in data {
         let chaos: BTreeMap<&str, u64> = counts
@@ -742,9 +763,12 @@ pub fn check_history(ops: &[Op], data: &BTreeMap<String, BTreeMap<String, u64>>)
             .filter(|(url, _)| url.starts_with("https://chaos.test/"))
             .map(|(u, n)| (u.as_str(), *n))
             .collect();
-        for url in &acked {
+        for (url, op) in &acked {
             if !chaos.contains_key(url) {
-                violations.push(format!("{node}: acknowledged create {url} is lost"));
+                violations.push(format!(
+                    "{node}: acknowledged create {url} is lost (client {}, sent at {} ms, acknowledged at {} ms)",
+                    op.client, op.invoke_ms, op.complete_ms
+                ));
             }
         }
         for (url, n) in &chaos {
