@@ -741,7 +741,68 @@ pub async fn check(ops: &[Op], procs: &[Proc]) -> Vec<String> {
         Ok(d) => d,
         Err(e) => return vec![e],
     };
-    check_history(ops, &data)
+    let mut violations = check_history(ops, &data);
+    // Every table, row by row: each node's SQL dump (all have caught up
+    // with the final write, and nothing writes any more).
+    let mut sums = BTreeMap::new();
+    for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
+        let Some(url) = p.url() else { continue };
+        let dump = match http().get(format!("{url}/db/backup?fmt=sql&noleader")).send().await {
+            Ok(r) if r.status() == 200 => r.text().await.unwrap_or_default(),
+            _ => {
+                violations.push(format!("{}: no SQL dump for the table checksums", p.name));
+                continue;
+            }
+        };
+        sums.insert(p.name.clone(), table_checksums(&dump));
+    }
+    violations.extend(diverging_tables(&sums));
+    violations
+}
+
+/// Per table of a SQL dump: its row count and a checksum (FNV-1a) of its
+/// rows in order.
+pub fn table_checksums(dump: &str) -> BTreeMap<String, (u64, u64)> {
+    let mut sums: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for line in dump.lines() {
+        let Some(rest) = line.strip_prefix("INSERT INTO ") else {
+            continue;
+        };
+        let table = rest.split(" VALUES").next().unwrap_or("").trim_matches('"');
+        let (rows, hash) = sums
+            .entry(table.to_string())
+            .or_insert((0, 0xcbf2_9ce4_8422_2325));
+        *rows += 1;
+        for b in line.bytes().chain(std::iter::once(b'\n')) {
+            *hash = (*hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    sums
+}
+
+/// The tables whose checksums differ between nodes.
+pub fn diverging_tables(sums: &BTreeMap<String, BTreeMap<String, (u64, u64)>>) -> Vec<String> {
+    let tables: BTreeSet<&String> = sums.values().flat_map(|t| t.keys()).collect();
+    tables
+        .into_iter()
+        .filter_map(|table| {
+            let per_node: Vec<(&String, Option<&(u64, u64)>)> =
+                sums.iter().map(|(node, t)| (node, t.get(table))).collect();
+            let mut distinct: Vec<_> = per_node.iter().map(|(_, s)| *s).collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            (distinct.len() > 1).then(|| {
+                let detail: Vec<String> = per_node
+                    .iter()
+                    .map(|(node, s)| match s {
+                        Some((rows, hash)) => format!("{node} {rows} rows #{:016x}", hash),
+                        None => format!("{node} no rows"),
+                    })
+                    .collect();
+                format!("table {table} differs between nodes: {}", detail.join(", "))
+            })
+        })
+        .collect()
 }
 
 /// The pure part of the checker (unit-tested).
@@ -881,6 +942,25 @@ mod tests {
         ] {
             assert!(found.contains(says), "{says}: {found}");
         }
+    }
+
+    #[test]
+    fn tables_that_differ_between_nodes_are_named() {
+        let a = "CREATE TABLE t (x);\nINSERT INTO \"t\" VALUES(1);\nINSERT INTO \"u\" VALUES(2);\n";
+        let b = "CREATE TABLE t (x);\nINSERT INTO \"t\" VALUES(1);\nINSERT INTO \"u\" VALUES(3);\n";
+        let c = "CREATE TABLE t (x);\nINSERT INTO \"t\" VALUES(1);\n";
+        let sums = |dumps: &[(&str, &str)]| {
+            dumps
+                .iter()
+                .map(|(n, d)| (n.to_string(), table_checksums(d)))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(table_checksums(a)["t"].0, 1);
+        assert!(diverging_tables(&sums(&[("db-1", a), ("db-2", a)])).is_empty());
+        let found = diverging_tables(&sums(&[("db-1", a), ("db-2", b), ("db-3", c)]));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("table u differs"), "{found:?}");
+        assert!(found[0].contains("db-3 no rows"), "{found:?}");
     }
 
     #[test]
