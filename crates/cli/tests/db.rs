@@ -622,9 +622,10 @@ async fn an_unchanged_rqlite_client_works_through_a_follower() {
 }
 
 /// A leader that cannot hear from a quorum stops presenting itself as the
-/// leader within about the election timeout: it answers writes with a
-/// quick 503 (clients go and look for the new leader) instead of holding
-/// them until their timeout, and says it knows no leader. When the others
+/// leader within about the election timeout: it answers new writes with a
+/// quick 503 (clients go and look for the new leader) and pending ones
+/// with 504, outcome unknown, instead of holding them until the partition
+/// heals, and says it knows no leader. When the others
 /// come back, writes go through again. (Found by `scaleout chaos` with
 /// `partition-leader`: clients kept sending to the cut-off leader.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -638,6 +639,12 @@ async fn a_leader_cut_off_from_its_quorum_stops_taking_writes() {
     for f in &followers {
         f.proc.signal(Signal::SIGSTOP);
     }
+    // A write taken just before the leader notices cannot commit: once the
+    // lease is over it is answered "outcome unknown" (504), not held.
+    let started = Instant::now();
+    let (pending_status, pending) =
+        post_json(&leader.url("/db/execute"), &json!([["INSERT INTO q VALUES (0)"]])).await;
+    let pending_took = started.elapsed();
     // Within a few election timeouts, the leader says it leads no more.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut stepped_aside = false;
@@ -660,6 +667,9 @@ async fn a_leader_cut_off_from_its_quorum_stops_taking_writes() {
     for f in &followers {
         f.proc.signal(Signal::SIGCONT);
     }
+    assert_eq!(pending_status, 504, "{pending}");
+    assert!(pending_took < Duration::from_secs(4), "held {pending_took:?}");
+    assert!(pending["error"].as_str().unwrap().contains("unknown"), "{pending}");
     assert!(stepped_aside, "the cut-off leader still says it leads");
     assert_eq!(status, 503, "{body}");
     assert!(took < Duration::from_secs(2), "answered at once, not held: {took:?}");

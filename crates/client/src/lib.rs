@@ -258,10 +258,22 @@ impl Client {
                     {
                         last = format!("{} is not the leader ({})", node.name(), r.status());
                     }
-                    Ok(r) => {
+                    // The request itself was refused: certainly not done.
+                    Ok(r) if r.status().is_client_error() => {
                         let status = r.status();
                         let text = r.text().await.unwrap_or_default();
                         return Err(ClientError::Refused {
+                            node: node.name(),
+                            reason: format!("{status}: {text}"),
+                        });
+                    }
+                    // Any other failure after sending (504: the leader lost
+                    // its quorum with the write pending) may or may not
+                    // have happened.
+                    Ok(r) => {
+                        let status = r.status();
+                        let text = r.text().await.unwrap_or_default();
+                        return Err(ClientError::Unknown {
                             node: node.name(),
                             reason: format!("{status}: {text}"),
                         });

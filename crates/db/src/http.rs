@@ -86,6 +86,10 @@ pub enum NodeError {
     NotCaughtUp(u64),
     #[error("data on this node is staler than the freshness asked for")]
     Stale,
+    /// The leader lost its quorum while the write waited to commit: it may
+    /// still be committed by the next leader, or never.
+    #[error("the leader lost its quorum while the write was pending; its outcome is unknown")]
+    OutcomeUnknown,
     #[error("{0}")]
     Internal(String),
 }
@@ -97,6 +101,7 @@ impl NodeError {
             | NodeError::NoLeader
             | NodeError::NotCaughtUp(_)
             | NodeError::Stale => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
             NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

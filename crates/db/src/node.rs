@@ -132,12 +132,17 @@ pub async fn start(
     let db_path = state.db_path();
     let readers = Arc::new(Readers::open(&db_path, 4).map_err(|e| storage(&e))?);
 
+    // openraft 0.9 makes a follower that knew a leader wait out a lease of
+    // `election_timeout_max` and then a random timeout between min and max
+    // before it stands: min = T/2 and max = 3T/4 put that at 1.25-1.5 T
+    // after the last heartbeat (with min = T, max = 2T it was 1.5-2 s for
+    // the default T = 500 ms, and failover took up to 3.7 s in a soak).
     let election = config.election_timeout.as_millis() as u64;
     let raft_config = openraft::Config {
         cluster_name: "scaleout".into(),
-        heartbeat_interval: (election / 5).max(20),
-        election_timeout_min: election,
-        election_timeout_max: election * 2,
+        heartbeat_interval: (election / 10).max(10),
+        election_timeout_min: (election / 2).max(25),
+        election_timeout_max: (election * 3 / 4).max(40),
         install_snapshot_timeout: 10_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
         max_in_snapshot_log_to_keep: (config.snapshot_threshold / 2).min(1000),
@@ -168,7 +173,7 @@ pub async fn start(
         lease: config.election_timeout,
         started: Instant::now(),
         db_path,
-        proposer: Proposer::start(raft.clone(), redirect_of),
+        proposer: Proposer::start(raft.clone(), redirect_of, config.election_timeout),
         membership_change: tokio::sync::Mutex::new(()),
     });
 

@@ -13,14 +13,25 @@
 //! Each write in a batch is applied on its own (its own results, its own
 //! `transaction` savepoint): batching changes how many writes one entry
 //! carries, never what any of them does. All share the entry's index.
+//!
+//! A leader cut off from its quorum cannot commit, and openraft keeps its
+//! pending writes until it hears from the others again. Once the leader
+//! has not heard from a quorum for the lease (the election timeout), the
+//! proposer answers its pending writes "outcome unknown" (each may still
+//! be committed by the next leader) instead of holding their clients.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
 
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::{Command, Raft, WriteError};
+use super::{Command, Raft, TypeConfig, WriteError};
+
+type Written = openraft::raft::ClientWriteResponse<TypeConfig>;
 use crate::http::NodeError;
 
 /// Batches proposed at once. Each entry has a fixed cost (two fsyncs in a
@@ -54,10 +65,12 @@ impl Proposer {
     pub fn start(
         raft: Raft,
         reject: impl Fn(&WriteError) -> NodeError + Send + Sync + 'static,
+        lease: Duration,
     ) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let counts = Arc::new(Counts::default());
-        tokio::spawn(batch_loop(raft, rx, Arc::new(reject), counts.clone()));
+        let lease = Lease { raft, lease };
+        tokio::spawn(batch_loop(lease, rx, Arc::new(reject), counts.clone()));
         Proposer { queue, counts }
     }
 
@@ -79,8 +92,42 @@ impl Proposer {
 
 type Reject = Arc<dyn Fn(&WriteError) -> NodeError + Send + Sync>;
 
-async fn batch_loop(
+/// The raft handle and how long its leadership holds without a quorum.
+#[derive(Clone)]
+struct Lease {
     raft: Raft,
+    lease: Duration,
+}
+
+impl Lease {
+    /// Resolves when this node leads but has not heard from a quorum for
+    /// longer than the lease.
+    async fn lost(&self) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            let lost = {
+                let m = metrics.borrow_and_update();
+                m.state == ServerState::Leader
+                    && m.millis_since_quorum_ack
+                        .is_some_and(|ms| u128::from(ms) > self.lease.as_millis())
+            };
+            if lost || metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// `client_write`, or `OutcomeUnknown` once the lease is lost.
+    async fn write(&self, command: Command) -> Result<Result<Written, WriteError>, NodeError> {
+        tokio::select! {
+            written = self.raft.client_write(command) => Ok(written),
+            () = self.lost() => Err(NodeError::OutcomeUnknown),
+        }
+    }
+}
+
+async fn batch_loop(
+    raft: Lease,
     mut rx: mpsc::UnboundedReceiver<(Command, usize, Reply)>,
     reject: Reject,
     counts: Arc<Counts>,
@@ -114,24 +161,29 @@ async fn batch_loop(
 }
 
 async fn propose(
-    raft: &Raft,
+    raft: &Lease,
     mut batch: Vec<(Command, usize, Reply)>,
     reject: &(dyn Fn(&WriteError) -> NodeError + Send + Sync),
 ) {
     if batch.len() == 1 {
         if let Some((command, _, reply)) = batch.pop() {
-            let answer = raft
-                .client_write(command)
-                .await
-                .map(|w| (w.log_id.index, w.data))
-                .map_err(|e| reject(&e));
+            let answer = match raft.write(command).await {
+                Ok(written) => written
+                    .map(|w| (w.log_id.index, w.data))
+                    .map_err(|e| reject(&e)),
+                Err(unknown) => Err(unknown),
+            };
             let _ = reply.send(answer);
         }
         return;
     }
     let (commands, replies): (Vec<Command>, Vec<Reply>) =
         batch.into_iter().map(|(c, _, r)| (c, r)).unzip();
-    match raft.client_write(Command::Batch(commands)).await {
+    let written = match raft.write(Command::Batch(commands)).await {
+        Ok(written) => written.map_err(|e| reject(&e)),
+        Err(unknown) => Err(unknown),
+    };
+    match written {
         Ok(written) => {
             let index = written.log_id.index;
             let mut results = written.data.into_iter();
@@ -145,8 +197,7 @@ async fn propose(
                 let _ = reply.send(mine);
             }
         }
-        Err(e) => {
-            let refusal = reject(&e);
+        Err(refusal) => {
             for reply in replies {
                 let _ = reply.send(Err(refusal.clone()));
             }
