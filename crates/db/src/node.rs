@@ -134,15 +134,17 @@ pub async fn start(
 
     // openraft 0.9 makes a follower that knew a leader wait out a lease of
     // `election_timeout_max` and then a random timeout between min and max
-    // before it stands: min = T/2 and max = 3T/4 put that at 1.25-1.5 T
-    // after the last heartbeat (with min = T, max = 2T it was 1.5-2 s for
-    // the default T = 500 ms, and failover took up to 3.7 s in a soak).
+    // before it stands: 3-4 T after the last heartbeat. Tried: min = T/2,
+    // max = 3T/4 (1.25-1.5 T); failover then took 0.8-1.1 s when it went
+    // well, but 5-7 s or more in 4 of 10 leader kills under the chaos load
+    // on 2 cores (elections that kept failing), against a steady 1.8-4.2 s
+    // with these values.
     let election = config.election_timeout.as_millis() as u64;
     let raft_config = openraft::Config {
         cluster_name: "scaleout".into(),
-        heartbeat_interval: (election / 10).max(10),
-        election_timeout_min: (election / 2).max(25),
-        election_timeout_max: (election * 3 / 4).max(40),
+        heartbeat_interval: (election / 5).max(20),
+        election_timeout_min: election,
+        election_timeout_max: election * 2,
         install_snapshot_timeout: 10_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
         max_in_snapshot_log_to_keep: (config.snapshot_threshold / 2).min(1000),
