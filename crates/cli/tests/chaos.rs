@@ -12,20 +12,29 @@ use std::time::Duration;
 
 use common::Proc;
 
-/// Whether this machine lets us make network namespaces (partitions need
-/// them; the runner skips partitions, and says so, where it cannot).
+/// Whether this machine lets us make what the runner makes for partitions
+/// (a namespace, a bridge, a veth pair between them); the runner skips
+/// partitions, and says so, where it cannot.
 fn namespaces_work() -> bool {
-    let name = format!("scaleout-probe-{}", std::process::id());
-    let made = std::process::Command::new("ip")
-        .args(["netns", "add", &name])
-        .status()
-        .is_ok_and(|s| s.success());
-    if made {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &name])
-            .status();
-    }
-    made
+    let tag = std::process::id();
+    let (ns, bridge, veth) = (
+        format!("scaleout-probe-{tag}"),
+        format!("sopb{tag}"),
+        format!("sopv{tag}"),
+    );
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let works = ip(&["netns", "add", &ns])
+        && ip(&["link", "add", &bridge, "type", "bridge"])
+        && ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])
+        && ip(&["link", "set", &veth, "master", &bridge]);
+    ip(&["netns", "del", &ns]);
+    ip(&["link", "del", &bridge]);
+    works
 }
 
 /// The number in `text` just before `label`, e.g. `12 faults`.
