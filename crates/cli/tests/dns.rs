@@ -11,13 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::backend::Backend;
+use common::dns::{lookup_a, resolver};
 use common::{eventually, Proc};
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
-use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_resolver::proto::rr::{Name, RecordType};
 use hickory_resolver::proto::xfer::Protocol;
-use hickory_resolver::Resolver;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Dns {
@@ -38,29 +36,6 @@ fn start_dns(args: &[&str]) -> Dns {
         addr,
         metrics,
     }
-}
-
-fn resolver(addr: SocketAddr, protocol: Protocol) -> Resolver<TokioConnectionProvider> {
-    let mut config = ResolverConfig::new();
-    config.add_name_server(NameServerConfig::new(addr, protocol));
-    let mut opts = ResolverOpts::default();
-    opts.cache_size = 0;
-    opts.attempts = 1;
-    opts.timeout = Duration::from_secs(2);
-    Resolver::builder_with_config(config, TokioConnectionProvider::default())
-        .with_options(opts)
-        .build()
-}
-
-async fn lookup_a(addr: SocketAddr, name: &str) -> Vec<IpAddr> {
-    let mut ips: Vec<IpAddr> = resolver(addr, Protocol::Udp)
-        .lookup_ip(name)
-        .await
-        .unwrap()
-        .iter()
-        .collect();
-    ips.sort();
-    ips
 }
 
 /// One raw query over UDP; the whole response.

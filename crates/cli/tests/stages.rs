@@ -108,6 +108,20 @@ async fn create(base: &str, url: &str, cookie: Option<&str>) -> reqwest::Respons
     req.send().await.unwrap()
 }
 
+/// Creates a link through `base`, checks that the database leader (db-1)
+/// wrote it, and returns the browser's cookie and the link's code.
+async fn create_on_leader(base: &str, url: &str) -> (String, String) {
+    let r = create(base, url, None).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["x-db-node"], "db-1");
+    let cookie = cookie_of(&r);
+    let code = r.json::<Value>().await.unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (cookie, code)
+}
+
 fn cookie_of(resp: &reqwest::Response) -> String {
     resp.headers()["set-cookie"]
         .to_str()
@@ -134,14 +148,7 @@ async fn stage2_runs_the_web_tier_and_the_database_apart() {
     let stage = Stage::start(Some(2), dir.path());
     assert!(stage.members.contains_key("db-1") && stage.members.contains_key("web-1"));
     assert_eq!(stage.site, stage.url("web-1"));
-    let r = create(&stage.site, "https://example.com/two", None).await;
-    assert_eq!(r.status(), 201);
-    assert_eq!(r.headers()["x-db-node"], "db-1");
-    let cookie = cookie_of(&r);
-    let code = r.json::<Value>().await.unwrap()["code"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (cookie, code) = create_on_leader(&stage.site, "https://example.com/two").await;
     let r = client()
         .get(format!("{}/{code}", stage.site))
         .header("cookie", &cookie)
@@ -197,14 +204,7 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
     }
 
     // Writes land on the leader; read-your-writes across web servers.
-    let r = create(stage.url("web-1"), "https://example.com/ryw", None).await;
-    assert_eq!(r.status(), 201);
-    assert_eq!(r.headers()["x-db-node"], "db-1");
-    let cookie = cookie_of(&r);
-    let code = r.json::<Value>().await.unwrap()["code"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (cookie, code) = create_on_leader(stage.url("web-1"), "https://example.com/ryw").await;
     for _ in 0..10 {
         let r = client()
             .get(format!("{}/api/links/{code}", stage.url("web-2")))
@@ -385,30 +385,6 @@ async fn futures_reads(stage: &Stage) -> Vec<u64> {
     out
 }
 
-/// The addresses `scaleout dns` answers for the site's name.
-async fn resolve_site(dns: std::net::SocketAddr) -> Vec<std::net::IpAddr> {
-    use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
-    use hickory_resolver::name_server::TokioConnectionProvider;
-    use hickory_resolver::proto::xfer::Protocol;
-    let mut config = ResolverConfig::new();
-    config.add_name_server(NameServerConfig::new(dns, Protocol::Udp));
-    let mut opts = ResolverOpts::default();
-    opts.cache_size = 0;
-    opts.attempts = 1;
-    let resolver =
-        hickory_resolver::Resolver::builder_with_config(config, TokioConnectionProvider::default())
-            .with_options(opts)
-            .build();
-    let mut ips: Vec<_> = resolver
-        .lookup_ip("www.scaleout.test.")
-        .await
-        .unwrap()
-        .iter()
-        .collect();
-    ips.sort();
-    ips
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage5_is_reached_by_name_and_survives_losing_a_load_balancer() {
     let dir = tempfile::tempdir().unwrap();
@@ -417,7 +393,7 @@ async fn stage5_is_reached_by_name_and_survives_losing_a_load_balancer() {
     assert_eq!(stage.site, stage.url("lb-1"));
     let (dns, _) = stage.dns.expect("the DNS server is listed");
     let port = stage.site.rsplit(':').next().unwrap().to_string();
-    let ips = resolve_site(dns).await;
+    let ips = common::dns::lookup_a(dns, "www.scaleout.test.").await;
     assert_eq!(
         ips,
         vec![
@@ -445,7 +421,7 @@ async fn stage5_is_reached_by_name_and_survives_losing_a_load_balancer() {
         Duration::from_secs(15),
         "lb-1 leaves the answer",
         || async move {
-            resolve_site(dns).await == vec!["127.0.0.3".parse::<std::net::IpAddr>().unwrap()]
+            common::dns::lookup_a(dns, "www.scaleout.test.").await == vec!["127.0.0.3".parse::<std::net::IpAddr>().unwrap()]
         },
     )
     .await;

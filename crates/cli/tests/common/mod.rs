@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 pub mod backend;
 pub mod db;
+pub mod dns;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
