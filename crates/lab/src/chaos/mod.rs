@@ -332,17 +332,15 @@ async fn exercise(
     }
     let register_log: registers::Log = Arc::default();
     if config.registers > 0 {
-        let db = scaleout_client::Client::new(dbs.clone()).map_err(|e| Error::Spawn {
+        let failed = |e: scaleout_client::ClientError| Error::Spawn {
             name: "chaos".into(),
-            reason: e.to_string(),
-        })?;
-        db.discover(Duration::from_secs(10))
+            reason: format!("creating the registers: {e}"),
+        };
+        let db = scaleout_client::Client::new(dbs.clone()).map_err(failed)?;
+        db.discover(Duration::from_secs(10)).await.map_err(failed)?;
+        db.execute(&json!([registers::TABLE]), false)
             .await
-            .and(db.execute(&json!([registers::TABLE]), false).await.map(|_| ()))
-            .map_err(|e| Error::Spawn {
-                name: "chaos".into(),
-                reason: format!("creating the registers: {e}"),
-            })?;
+            .map_err(failed)?;
     }
     for r in 0..config.registers {
         let id = config.clients + r;
