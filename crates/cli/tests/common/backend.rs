@@ -41,8 +41,20 @@ impl Backend {
         Self::start_on(name, "127.0.0.1:0".parse().unwrap()).await
     }
 
+    /// On `addr`; a port another socket holds for a moment (a test
+    /// reviving a backend on the port it had) is tried again for 5 s.
     pub async fn start_on(name: &str, addr: SocketAddr) -> Arc<Backend> {
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("backend {name} cannot listen on {addr}: {e}"),
+            }
+        };
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             healthy: AtomicBool::new(true),
