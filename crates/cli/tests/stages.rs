@@ -68,11 +68,7 @@ impl Stage {
 
     /// GET /api/links/CODE through the site.
     async fn lookup(&self, code: &str) -> reqwest::Response {
-        client()
-            .get(format!("{}/api/links/{code}", self.site))
-            .send()
-            .await
-            .unwrap()
+        read_link(&self.site, code, None).await
     }
 
     fn url(&self, name: &str) -> &str {
@@ -120,6 +116,15 @@ async fn create_on_leader(base: &str, url: &str) -> (String, String) {
         .unwrap()
         .to_string();
     (cookie, code)
+}
+
+/// `GET /api/links/CODE` through `base`, with the browser's cookie if any.
+async fn read_link(base: &str, code: &str, cookie: Option<&str>) -> reqwest::Response {
+    let mut req = client().get(format!("{base}/api/links/{code}"));
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    req.send().await.unwrap()
 }
 
 fn cookie_of(resp: &reqwest::Response) -> String {
@@ -206,12 +211,7 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
     // Writes land on the leader; read-your-writes across web servers.
     let (cookie, code) = create_on_leader(stage.url("web-1"), "https://example.com/ryw").await;
     for _ in 0..10 {
-        let r = client()
-            .get(format!("{}/api/links/{code}", stage.url("web-2")))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
+        let r = read_link(stage.url("web-2"), &code, Some(&cookie)).await;
         assert_eq!(
             r.status(),
             200,
@@ -228,20 +228,11 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
     // least its write), so no later read, on any replica, shows older data;
     // a cookie already that new is left alone.
     let seen_at = |c: &str| c.split('=').nth(1).unwrap().parse::<u64>().unwrap();
-    let r = client()
-        .get(format!("{}/api/links/{code}", stage.url("web-1")))
-        .send()
-        .await
-        .unwrap();
+    let r = read_link(stage.url("web-1"), &code, None).await;
     assert_eq!(r.status(), 200);
     let read_cookie = cookie_of(&r);
     assert!(seen_at(&read_cookie) >= seen_at(&cookie), "{read_cookie} {cookie}");
-    let r = client()
-        .get(format!("{}/api/links/{code}", stage.url("web-1")))
-        .header("cookie", &read_cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = read_link(stage.url("web-1"), &code, Some(&read_cookie)).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("set-cookie").is_none(), "{:?}", r.headers());
 
