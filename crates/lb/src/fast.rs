@@ -119,12 +119,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut rbuf = BytesMut::with_capacity(8 * 1024);
     let mut wbuf: Vec<u8> = Vec::with_capacity(4 * 1024);
     let mut upstream_head: Vec<u8> = Vec::with_capacity(1024);
+    // One wait on the shared token for the connection's life: a wait made
+    // per request would lock the token's waiter list twice per request.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         times.waiting_for_head();
         let read = tokio::select! {
             biased;
             r = read_head(&mut io, &mut rbuf, limits.max_header_bytes) => r?,
-            () = shutdown.cancelled(), if rbuf.is_empty() => return Ok(()),
+            () = &mut cancelled, if rbuf.is_empty() => return Ok(()),
         };
         times.head_received();
         let req = match read {
