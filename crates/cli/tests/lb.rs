@@ -351,13 +351,28 @@ async fn a_backend_added_through_the_admin_api_takes_traffic_at_once() {
 async fn sigterm_lets_the_in_flight_request_finish_then_exits() {
     let a = Backend::start("a").await;
     let mut lb = start_lb(&[&a], &[]);
+    // A keep-alive connection that has had its answer and sits idle: the
+    // drain closes it at once instead of waiting out the 30 s drain deadline.
+    let mut idle = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    idle.write_all(b"GET /idle HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 512];
+    let n = idle.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"), "first answer");
     let url = lb.url("/slow/1500");
     let slow = tokio::spawn(async move { client().get(url).send().await.unwrap() });
     eventually(Duration::from_secs(5), "request in flight", || async {
-        a.hits() == 1
+        a.hits() == 2
     })
     .await;
     lb.proc.signal(Signal::SIGTERM);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_))),
+        "the idle keep-alive connection is closed at SIGTERM, got {closed:?}"
+    );
     let resp = slow.await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.text().await.unwrap(), "slow a");
