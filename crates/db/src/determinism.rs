@@ -1,20 +1,32 @@
-//! The same SQL must give the same state on every node. SQLite's
-//! non-deterministic functions are made deterministic by the leader before
-//! a write enters the log, with the time and randomness of that moment
-//! passed in (no I/O, no clock here):
-//! - `random()` becomes an integer literal;
-//! - `randomblob(N)` with a literal `N` becomes a blob literal;
-//! - `'now'` as an argument of `date`, `time`, `datetime`, `julianday`,
-//!   `unixepoch`, `strftime` or `timediff` becomes that moment's timestamp;
-//! - `CURRENT_TIMESTAMP`, `CURRENT_DATE`, `CURRENT_TIME` become literals.
+//! Determinism by construction: the same entry gives the same state on
+//! every node, whatever SQL it carries.
 //!
-//! A small lexer keeps string literals, quoted identifiers and comments
-//! intact, so `'random()'` in a string stays text. Not covered (as in
-//! rqlite): a column `DEFAULT CURRENT_TIMESTAMP` evaluated inside an insert
-//! that does not name the column.
+//! The leader fixes a [`Moment`] for each write (the time and a random
+//! seed) and it travels in the log entry. Every node applies the entry on
+//! a connection whose non-deterministic functions are replaced, by name,
+//! with versions that read the moment instead of the clock or the OS's
+//! randomness ([`FixedFunctions`]): `random()`, `randomblob(N)`, and
+//! `date`, `time`, `datetime`, `julianday`, `unixepoch`, `strftime`,
+//! `timediff` and `CURRENT_*` with `'now'` (or no time at all). SQLite
+//! looks functions up by name when it compiles a statement, so the
+//! replacements hold wherever a function is called from: a statement, a
+//! trigger, a view, a column's `DEFAULT`, an expression built from
+//! parameters (`julianday('no'||'w')`, `strftime(?, ?)` with `"now"`).
+//! No SQL text is rewritten. `'localtime'` and `'utc'` are refused in
+//! writes (they depend on the node's time zone). `changes()` and
+//! `last_insert_rowid()` are reset before each write
+//! ([`crate::engine`]), so they describe only the request's own
+//! statements; the functions whose value depends on the node itself are
+//! refused ([`crate::guard::NODE_FUNCTIONS`]).
+
+use std::sync::{Arc, Mutex};
+
+use rusqlite::functions::{Context, FunctionFlags};
+use rusqlite::types::{Value, ValueRef};
+use rusqlite::Connection;
 
 /// What the leader fixes for one write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Moment {
     /// Milliseconds since the Unix epoch.
     pub unix_ms: i64,
@@ -22,7 +34,10 @@ pub struct Moment {
     pub seed: u64,
 }
 
-const TIME_FUNCTIONS: [&str; 7] = [
+/// The functions of SQLite whose value this module fixes per write.
+pub const FIXED_FUNCTIONS: [&str; 14] = [
+    "random",
+    "randomblob",
     "date",
     "time",
     "datetime",
@@ -30,10 +45,27 @@ const TIME_FUNCTIONS: [&str; 7] = [
     "unixepoch",
     "strftime",
     "timediff",
+    "current_date",
+    "current_time",
+    "current_timestamp",
+    "changes",
+    "last_insert_rowid",
+];
+
+/// Date and time functions, and which argument holds the time value
+/// (`None`: every argument does, as in `timediff(a, b)`).
+const TIME_FUNCTIONS: [(&str, Option<usize>); 7] = [
+    ("date", Some(0)),
+    ("time", Some(0)),
+    ("datetime", Some(0)),
+    ("julianday", Some(0)),
+    ("unixepoch", Some(0)),
+    ("strftime", Some(1)),
+    ("timediff", None),
 ];
 
 /// splitmix64: the k-th random value of a seed.
-fn random_value(seed: u64, k: u64) -> u64 {
+pub fn random_value(seed: u64, k: u64) -> u64 {
     let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(k + 1));
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -64,191 +96,173 @@ pub fn timestamp(unix_ms: i64) -> String {
     )
 }
 
-#[derive(Debug, PartialEq)]
-enum Token<'a> {
-    /// Anything kept as it is: whitespace, punctuation, numbers, quoted
-    /// identifiers, comments.
-    Other(&'a str),
-    Word(&'a str),
-    Str(&'a str),
+/// The moment of the write being applied, and how many random values it
+/// has drawn.
+#[derive(Debug, Default)]
+struct Draws {
+    moment: Moment,
+    drawn: u64,
 }
 
-fn lex(sql: &str) -> Vec<Token<'_>> {
-    let bytes = sql.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        let start = i;
-        let b = bytes[i];
-        let quoted = |close: u8, i: &mut usize| {
-            *i += 1;
-            while *i < bytes.len() {
-                if bytes[*i] == close {
-                    if close != b']' && bytes.get(*i + 1) == Some(&close) {
-                        *i += 2;
-                        continue;
-                    }
-                    *i += 1;
-                    return;
-                }
-                *i += 1;
-            }
+/// The replaced functions of one apply connection.
+#[derive(Clone)]
+pub struct FixedFunctions {
+    draws: Arc<Mutex<Draws>>,
+}
+
+fn lock(draws: &Mutex<Draws>) -> std::sync::MutexGuard<'_, Draws> {
+    draws
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn owned(v: ValueRef<'_>) -> Value {
+    v.into()
+}
+
+/// SQLite's text form of a value, for comparing arguments as SQLite does.
+fn text_of(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::Text(t) => Some(t.as_bytes()),
+        Value::Blob(b) => Some(b),
+        _ => None,
+    }
+}
+
+fn is_now(v: &Value) -> bool {
+    text_of(v).is_some_and(|t| t.eq_ignore_ascii_case(b"now"))
+}
+
+fn depends_on_time_zone(v: &Value) -> bool {
+    text_of(v).is_some_and(|t| {
+        let t = t.trim_ascii();
+        t.eq_ignore_ascii_case(b"localtime") || t.eq_ignore_ascii_case(b"utc")
+    })
+}
+
+fn refuse(msg: String) -> rusqlite::Error {
+    rusqlite::Error::UserFunctionError(msg.into())
+}
+
+/// `sqlite3_value_int64`'s reading of a value: numbers as they are, text
+/// by its leading integer, anything else 0.
+fn as_integer(v: ValueRef<'_>) -> i64 {
+    match v {
+        ValueRef::Integer(i) => i,
+        ValueRef::Real(f) => f as i64,
+        ValueRef::Text(t) | ValueRef::Blob(t) => {
+            let t = String::from_utf8_lossy(t);
+            let t = t.trim_start();
+            let end = t
+                .char_indices()
+                .find(|&(i, c)| !(c.is_ascii_digit() || (i == 0 && (c == '-' || c == '+'))))
+                .map_or(t.len(), |(i, _)| i);
+            t[..end].parse().unwrap_or(0)
+        }
+        ValueRef::Null => 0,
+    }
+}
+
+impl FixedFunctions {
+    /// Replaces the non-deterministic functions on `conn` (the apply
+    /// connection).
+    pub fn install(conn: &Connection) -> rusqlite::Result<FixedFunctions> {
+        let fixed = FixedFunctions {
+            draws: Arc::new(Mutex::new(Draws::default())),
         };
-        match b {
-            b'\'' => {
-                quoted(b'\'', &mut i);
-                out.push(Token::Str(&sql[start..i]));
+        // The originals, for the date and time functions to call once the
+        // moment is in place: a private connection nothing replaced.
+        let builtin = Arc::new(Mutex::new(Connection::open_in_memory()?));
+        let volatile = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_INNOCUOUS;
+        let draws = fixed.draws.clone();
+        conn.create_scalar_function("random", 0, volatile, move |_| {
+            let mut d = lock(&draws);
+            let v = random_value(d.moment.seed, d.drawn) as i64;
+            d.drawn += 1;
+            Ok(v)
+        })?;
+        let draws = fixed.draws.clone();
+        conn.create_scalar_function("randomblob", 1, volatile, move |ctx: &Context<'_>| {
+            let n = as_integer(ctx.get_raw(0)).max(1);
+            if n > i64::from(crate::guard::MAX_VALUE_BYTES) {
+                return Err(refuse(format!(
+                    "randomblob({n}): larger than the {} bytes a value may have",
+                    crate::guard::MAX_VALUE_BYTES
+                )));
             }
-            b'"' | b'`' => {
-                quoted(b, &mut i);
-                out.push(Token::Other(&sql[start..i]));
+            let mut d = lock(&draws);
+            let mut out = Vec::with_capacity(n as usize);
+            while out.len() < n as usize {
+                out.extend_from_slice(&random_value(d.moment.seed, d.drawn).to_le_bytes());
+                d.drawn += 1;
             }
-            b'[' => {
-                quoted(b']', &mut i);
-                out.push(Token::Other(&sql[start..i]));
-            }
-            b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
-                    i += 1;
+            out.truncate(n as usize);
+            Ok(out)
+        })?;
+        let constant = FunctionFlags::SQLITE_UTF8
+            | FunctionFlags::SQLITE_DETERMINISTIC
+            | FunctionFlags::SQLITE_INNOCUOUS;
+        for (name, time_at) in TIME_FUNCTIONS {
+            let (draws, builtin) = (fixed.draws.clone(), builtin.clone());
+            conn.create_scalar_function(name, -1, constant, move |ctx: &Context<'_>| {
+                let now = timestamp(lock(&draws).moment.unix_ms);
+                let mut args: Vec<Value> = (0..ctx.len()).map(|i| owned(ctx.get_raw(i))).collect();
+                let modifiers_from = time_at.map_or(args.len(), |t| t + 1);
+                if args.iter().skip(modifiers_from).any(depends_on_time_zone) {
+                    return Err(refuse(format!(
+                        "{name}() with 'localtime' or 'utc' is not allowed in a write: it depends on the node's time zone; store UTC and convert when reading"
+                    )));
                 }
-                out.push(Token::Other(&sql[start..i]));
-            }
-            b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                i += 2;
-                while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
-                    i += 1;
-                }
-                i = (i + 2).min(bytes.len());
-                out.push(Token::Other(&sql[start..i]));
-            }
-            b if b.is_ascii_alphabetic() || b == b'_' => {
-                while i < bytes.len()
-                    && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_' || bytes[i] == b'$')
-                {
-                    i += 1;
-                }
-                out.push(Token::Word(&sql[start..i]));
-            }
-            b if b.is_ascii_digit() => {
-                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.') {
-                    i += 1;
-                }
-                out.push(Token::Other(&sql[start..i]));
-            }
-            _ => {
-                // One character (a whole UTF-8 sequence).
-                i += sql[i..].chars().next().map_or(1, char::len_utf8);
-                out.push(Token::Other(&sql[start..i]));
-            }
-        }
-    }
-    out
-}
-
-fn is_space(t: &Token<'_>) -> bool {
-    matches!(t, Token::Other(s) if s.trim().is_empty() || s.starts_with("--") || s.starts_with("/*"))
-}
-
-/// The statement with its non-deterministic parts fixed to `moment`.
-pub fn rewrite(sql: &str, moment: Moment) -> String {
-    let tokens = lex(sql);
-    let now = timestamp(moment.unix_ms);
-    let mut out = String::with_capacity(sql.len() + 32);
-    let mut k = 0u64;
-    // Paren depth at which each open call to a time function sits.
-    let mut depth = 0usize;
-    let mut time_call_depths: Vec<usize> = Vec::new();
-    let next_open = |from: usize| {
-        (from..tokens.len())
-            .find(|j| !is_space(&tokens[*j]))
-            .filter(|j| tokens[*j] == Token::Other("("))
-    };
-    let mut i = 0;
-    while i < tokens.len() {
-        match &tokens[i] {
-            Token::Word(w) if w.eq_ignore_ascii_case("random") => {
-                if let Some(open) = next_open(i + 1) {
-                    if let Some(close) = (open + 1..tokens.len())
-                        .find(|j| !is_space(&tokens[*j]))
-                        .filter(|j| tokens[*j] == Token::Other(")"))
-                    {
-                        out.push_str(&(random_value(moment.seed, k) as i64).to_string());
-                        k += 1;
-                        i = close + 1;
-                        continue;
+                for (i, arg) in args.iter_mut().enumerate() {
+                    if time_at.is_none_or(|t| t == i) && is_now(arg) {
+                        *arg = Value::Text(now.clone());
                     }
                 }
-                out.push_str(w);
-            }
-            Token::Word(w) if w.eq_ignore_ascii_case("randomblob") => {
-                // randomblob(<integer literal>) only; anything else is kept.
-                let parts: Vec<usize> = (i + 1..tokens.len())
-                    .filter(|j| !is_space(&tokens[*j]))
-                    .take(3)
-                    .collect();
-                let n = parts.get(1).and_then(|j| match &tokens[*j] {
-                    Token::Other(d) => d.parse::<usize>().ok(),
-                    _ => None,
-                });
-                let literal_arg = parts.len() == 3
-                    && tokens[parts[0]] == Token::Other("(")
-                    && tokens[parts[2]] == Token::Other(")");
-                match (n, literal_arg) {
-                    (Some(n), true) if n <= 1024 * 1024 => {
-                        out.push_str("X'");
-                        for b in 0..n.max(1) {
-                            out.push_str(&format!(
-                                "{:02X}",
-                                random_value(moment.seed, k + b as u64) as u8
-                            ));
-                        }
-                        out.push('\'');
-                        k += n as u64;
-                        i = parts[2] + 1;
-                        continue;
-                    }
-                    _ => out.push_str(w),
+                // No time value at all means now: date(), strftime('%s').
+                if time_at == Some(args.len()) {
+                    args.push(Value::Text(now));
                 }
-            }
-            Token::Word(w) if w.eq_ignore_ascii_case("current_timestamp") => {
-                out.push_str(&format!("'{}'", &now[..19]))
-            }
-            Token::Word(w) if w.eq_ignore_ascii_case("current_date") => {
-                out.push_str(&format!("'{}'", &now[..10]))
-            }
-            Token::Word(w) if w.eq_ignore_ascii_case("current_time") => {
-                out.push_str(&format!("'{}'", &now[11..19]))
-            }
-            Token::Word(w)
-                if TIME_FUNCTIONS.iter().any(|f| w.eq_ignore_ascii_case(f))
-                    && next_open(i + 1).is_some() =>
-            {
-                time_call_depths.push(depth + 1);
-                out.push_str(w);
-            }
-            Token::Other("(") => {
-                depth += 1;
-                out.push('(');
-            }
-            Token::Other(")") => {
-                if time_call_depths.last() == Some(&depth) {
-                    time_call_depths.pop();
-                }
-                depth = depth.saturating_sub(1);
-                out.push(')');
-            }
-            Token::Str(s)
-                if time_call_depths.last() == Some(&depth) && s.eq_ignore_ascii_case("'now'") =>
-            {
-                out.push('\'');
-                out.push_str(&now);
-                out.push('\'');
-            }
-            Token::Str(s) | Token::Other(s) | Token::Word(s) => out.push_str(s),
+                call(&builtin, name, &args)
+            })?;
         }
-        i += 1;
+        for (name, original) in [
+            ("current_timestamp", "datetime"),
+            ("current_date", "date"),
+            ("current_time", "time"),
+        ] {
+            let (draws, builtin) = (fixed.draws.clone(), builtin.clone());
+            conn.create_scalar_function(name, 0, constant, move |_| {
+                let now = timestamp(lock(&draws).moment.unix_ms);
+                call(&builtin, original, &[Value::Text(now)])
+            })?;
+        }
+        for (name, args) in crate::guard::NODE_FUNCTIONS {
+            conn.create_scalar_function(name, args, volatile, move |_| -> rusqlite::Result<i64> {
+                Err(refuse(crate::guard::node_function_error(name)))
+            })?;
+        }
+        Ok(fixed)
     }
-    out
+
+    /// The write being applied from now on was fixed at `moment`.
+    pub fn start(&self, moment: Moment) {
+        let mut d = lock(&self.draws);
+        d.moment = moment;
+        d.drawn = 0;
+    }
+}
+
+/// Calls SQLite's own `name` on `args`.
+fn call(builtin: &Mutex<Connection>, name: &str, args: &[Value]) -> rusqlite::Result<Value> {
+    let conn = builtin
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let marks = (1..=args.len())
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut stmt = conn.prepare_cached(&format!("SELECT {name}({marks})"))?;
+    stmt.query_row(rusqlite::params_from_iter(args), |r| r.get::<_, Value>(0))
 }
 
 #[cfg(test)]
@@ -267,65 +281,107 @@ mod tests {
         assert_eq!(timestamp(M.unix_ms), "2025-11-25 14:06:00.123");
     }
 
+    fn fixed_at(moment: Moment) -> Connection {
+        let c = Connection::open_in_memory().unwrap();
+        FixedFunctions::install(&c).unwrap().start(moment);
+        c
+    }
+
+    fn one(c: &Connection, sql: &str) -> rusqlite::Result<Value> {
+        c.query_row(sql, [], |r| r.get(0))
+    }
+
+    /// Every spelling the text rewriter of old missed: evaluated values,
+    /// not text, decide.
     #[test]
-    fn random_and_time_are_fixed_but_text_is_not_touched() {
-        let sql = "INSERT INTO t VALUES (random(), RANDOM ( ), datetime('now'), strftime('%s', 'NOW'), 'now', 'random()', CURRENT_TIMESTAMP, date('now', '-1 day'), randomblob(4), randomblob(16)) -- random()";
-        let out = rewrite(sql, M);
-        assert_eq!(
-            out.to_lowercase().matches("random").count(),
-            2,
-            "only the string and the comment keep it: {out}"
-        );
-        let first = out
-            .trim_start_matches("INSERT INTO t VALUES (")
-            .split(',')
-            .next()
+    fn every_spelling_of_now_and_randomness_is_fixed() {
+        let sqls = [
+            "SELECT random()",
+            "SELECT hex(randomblob(length('abcdefgh')))",
+            "SELECT strftime('%Y-%m-%d %H:%M:%f', \"now\")",
+            "SELECT strftime('%Y-%m-%d %H:%M:%f', 'no' || 'w')",
+            "SELECT strftime('%Y-%m-%d %H:%M:%f')",
+            "SELECT julianday('no'||'w')",
+            "SELECT date()",
+            "SELECT unixepoch('NOW', 'subsec')",
+            "SELECT CURRENT_TIMESTAMP",
+            "SELECT current_date || ' ' || Current_Time",
+            "SELECT timediff('now', '2000-01-01')",
+        ];
+        for sql in sqls {
+            let a = one(&fixed_at(M), sql).unwrap();
+            let b = one(&fixed_at(M), sql).unwrap();
+            assert_eq!(a, b, "{sql}: two nodes agree");
+            let other = one(
+                &fixed_at(Moment {
+                    unix_ms: M.unix_ms + 86_400_000,
+                    seed: 7,
+                }),
+                sql,
+            )
             .unwrap();
-        assert!(
-            first.parse::<i64>().is_ok(),
-            "random() became an integer: {out}"
+            assert_ne!(a, other, "{sql}: and it is the moment that decides");
+        }
+        let c = fixed_at(M);
+        assert_eq!(
+            one(&c, "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')").unwrap(),
+            Value::Text("2025-11-25 14:06:00.123".into())
         );
-        assert!(out.contains("datetime('2025-11-25 14:06:00.123')"), "{out}");
-        assert!(
-            out.contains("strftime('%s', '2025-11-25 14:06:00.123')"),
-            "{out}"
+        let p: Value = c
+            .query_row("SELECT datetime(?1)", ["now"], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            p,
+            Value::Text("2025-11-25 14:06:00".into()),
+            "a parameter too"
         );
-        assert!(
-            out.contains(", 'now',"),
-            "a plain 'now' string stays: {out}"
+        assert_eq!(
+            one(&c, "SELECT date('2020-02-29', '+1 year')").unwrap(),
+            Value::Text("2021-03-01".into()),
+            "other dates are SQLite's own arithmetic"
         );
-        assert!(out.contains("'random()'"), "text stays: {out}");
-        assert!(out.contains("'2025-11-25 14:06:00'"), "{out}");
-        assert!(
-            out.contains("date('2025-11-25 14:06:00.123', '-1 day')"),
-            "{out}"
-        );
-        assert_eq!(out.matches("X'").count(), 2, "both blobs fixed: {out}");
-        assert!(!out.contains("randomblob"), "{out}");
-        assert!(out.ends_with("-- random()"), "comments stay: {out}");
-        assert_eq!(rewrite(sql, M), out, "the same moment gives the same SQL");
-        assert_ne!(
-            rewrite(sql, Moment { seed: 43, ..M }),
-            out,
-            "another seed, other values"
+        assert_eq!(
+            one(&c, "SELECT strftime('now', '2020-01-01')").unwrap(),
+            Value::Text("now".into()),
+            "a format is not a time"
         );
     }
 
     #[test]
-    fn rewritten_sql_runs_identically_on_two_databases() {
-        let sql = "CREATE TABLE t (a, b, c, d); INSERT INTO t VALUES (random(), datetime('now'), randomblob(8), CURRENT_DATE)";
-        let dump = |s: &str| {
-            let c = rusqlite::Connection::open_in_memory().unwrap();
-            c.execute_batch(s).unwrap();
-            c.query_row(
-                "SELECT quote(a) || quote(b) || quote(c) || quote(d) FROM t",
-                [],
-                |r| r.get::<_, String>(0),
+    fn defaults_and_triggers_use_the_fixed_functions() {
+        let run = || {
+            let c = fixed_at(M);
+            c.execute_batch(
+                "CREATE TABLE t (x, at DEFAULT CURRENT_TIMESTAMP, r DEFAULT (random()));
+                 CREATE TABLE log (what, at);
+                 CREATE TRIGGER tr AFTER INSERT ON t BEGIN INSERT INTO log VALUES (randomblob(4), julianday()); END;
+                 INSERT INTO t (x) VALUES (1);",
+            )
+            .unwrap();
+            one(
+                &c,
+                "SELECT quote(at) || quote(r) || (SELECT quote(what) || quote(at) FROM log) FROM t",
             )
             .unwrap()
         };
-        let fixed = rewrite(sql, M);
-        assert_eq!(dump(&fixed), dump(&fixed));
-        assert_ne!(dump(sql), dump(sql), "unrewritten, two nodes would differ");
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn the_time_zone_and_node_functions_are_refused() {
+        let c = fixed_at(M);
+        for sql in [
+            "SELECT datetime('now', 'localtime')",
+            "SELECT date('2020-01-01', ' UTC ')",
+            "SELECT total_changes()",
+            "SELECT sqlite_version()",
+        ] {
+            assert!(one(&c, sql).is_err(), "{sql}");
+        }
+        assert!(one(&c, "SELECT length(randomblob(1e12))").is_err());
+        assert_eq!(
+            one(&c, "SELECT length(randomblob(-5))").unwrap(),
+            Value::Integer(1)
+        );
     }
 }

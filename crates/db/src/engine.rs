@@ -10,12 +10,19 @@
 //!   would change the database is refused.
 //! - `time` (seconds) per result when `timings` is asked for.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
+use rusqlite::fallible_iterator::FallibleIterator;
+use rusqlite::hooks::TransactionOperation;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ToSql};
 use serde_json::{json, Map, Value};
 
+use crate::determinism::{FixedFunctions, Moment};
+use crate::guard::{Fault, Guard, Mode};
 use crate::request::{Param, Params, Statement};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -37,21 +44,28 @@ impl ToSql for Param {
     }
 }
 
-fn prepare<'c>(conn: &'c Connection, s: &Statement) -> Result<rusqlite::Statement<'c>, String> {
-    let mut stmt = conn.prepare(&s.sql).map_err(|e| e.to_string())?;
+/// Why a statement could not be prepared: SQLite refused it (its
+/// authorizer included), or the request's parameters do not fit it.
+enum Prepared {
+    Sqlite(rusqlite::Error),
+    Request(String),
+}
+
+fn prepare<'c>(conn: &'c Connection, s: &Statement) -> Result<rusqlite::Statement<'c>, Prepared> {
+    let mut stmt = conn.prepare(&s.sql).map_err(Prepared::Sqlite)?;
     match &s.params {
         Params::None => {}
         Params::Positional(values) => {
             if values.len() != stmt.parameter_count() {
-                return Err(format!(
+                return Err(Prepared::Request(format!(
                     "the statement takes {} parameters, {} given",
                     stmt.parameter_count(),
                     values.len()
-                ));
+                )));
             }
             for (i, v) in values.iter().enumerate() {
                 stmt.raw_bind_parameter(i + 1, v)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| Prepared::Request(e.to_string()))?;
             }
         }
         Params::Named(values) => {
@@ -59,9 +73,11 @@ fn prepare<'c>(conn: &'c Connection, s: &Statement) -> Result<rusqlite::Statemen
                 let index = [":", "@", "$"]
                     .iter()
                     .find_map(|p| stmt.parameter_index(&format!("{p}{name}")).ok().flatten())
-                    .ok_or_else(|| format!("the statement has no parameter named {name:?}"))?;
+                    .ok_or_else(|| {
+                        Prepared::Request(format!("the statement has no parameter named {name:?}"))
+                    })?;
                 stmt.raw_bind_parameter(index, v)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| Prepared::Request(e.to_string()))?;
             }
         }
     }
@@ -77,71 +93,364 @@ fn with_time(mut result: Value, started: Instant, timings: bool) -> Value {
     result
 }
 
-fn execute_one(conn: &Connection, s: &Statement) -> Result<Value, String> {
-    if let Some(why) = refused(&s.sql) {
-        return Err(why);
+/// What the leader fixed for one write, carried in its log entry so that
+/// every node applies it the same way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WriteEnv {
+    /// The time and randomness its functions see.
+    pub moment: Moment,
+    /// SQLite VM steps the request may take (0: unbounded).
+    pub budget: u64,
+}
+
+/// A connection with the rules for clients' SQL installed: the guard on
+/// every connection, the fixed functions on the one that applies writes.
+pub struct Guarded {
+    pub conn: Connection,
+    pub guard: Guard,
+    fixed: Option<FixedFunctions>,
+}
+
+impl Guarded {
+    /// The connection that applies the log.
+    pub fn writer(conn: Connection, shutdown: Arc<AtomicBool>) -> rusqlite::Result<Self> {
+        let guard = Guard::install(&conn, shutdown)?;
+        let fixed = FixedFunctions::install(&conn)?;
+        // Where `last_insert_rowid()` and `changes()` are reset before
+        // each write (a temporary table: nothing reaches the file).
+        conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS scaleout_reset (x)")?;
+        Ok(Guarded {
+            conn,
+            guard,
+            fixed: Some(fixed),
+        })
     }
-    let mut stmt = prepare(conn, s)?;
+
+    /// A connection that serves reads.
+    pub fn reader(conn: Connection, shutdown: Arc<AtomicBool>) -> rusqlite::Result<Self> {
+        let guard = Guard::install(&conn, shutdown)?;
+        Ok(Guarded {
+            conn,
+            guard,
+            fixed: None,
+        })
+    }
+
+    /// Runs the node's own SQL (no rules, no budget).
+    pub fn internal(&self, sql: &str) -> rusqlite::Result<()> {
+        self.guard.set_mode(Mode::Internal);
+        self.conn.execute_batch(sql)
+    }
+
+    fn start_write(&self, env: &WriteEnv) -> Result<(), Fault> {
+        if let Some(fixed) = &self.fixed {
+            fixed.start(env.moment);
+        }
+        self.guard.start_write(env.budget);
+        // last_insert_rowid() and changes() describe the request's own
+        // statements only, on every node (the connection's history
+        // differs: restarts, snapshots).
+        self.guard.set_mode(Mode::Internal);
+        let reset = |sql: &str| {
+            self.conn
+                .prepare_cached(sql)
+                .and_then(|mut s| s.execute([]))
+                .map_err(|e| Fault(format!("resetting the connection: {e}")))
+        };
+        reset("INSERT OR REPLACE INTO temp.scaleout_reset (rowid, x) VALUES (0, 0)")?;
+        reset("UPDATE temp.scaleout_reset SET x = x WHERE 0")?;
+        Ok(())
+    }
+}
+
+/// How one statement of a write ended, when it did not succeed.
+enum Failed {
+    /// The client's SQL failed, the same way on every node: an answer.
+    Client(String),
+    /// The statement failed and took the surrounding transaction with it
+    /// (`RAISE(ROLLBACK)`, `OR ROLLBACK`, an interrupted write) or left
+    /// what replicas cannot reproduce: the entry is run again without it.
+    Ended(String),
+    Fault(Fault),
+}
+
+/// Where a write statement sits in a log entry: (request, statement).
+pub type Position = (usize, usize);
+
+/// A run of one entry's writes that had to stop: the statement at
+/// `position` ended the transaction. The caller rolls back and runs the
+/// entry again with that statement answered `error` and not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub position: Position,
+    pub error: String,
+}
+
+/// What an earlier run of the same entry found, for the next run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rerun {
+    /// Statements that ended the transaction, with their errors: answered,
+    /// not run.
+    pub skipped: BTreeMap<Position, String>,
+    /// The entry's commit failed on a deferred foreign key: each request
+    /// now checks its own, and one that leaves a violation is rolled back
+    /// alone.
+    pub check_deferred: bool,
+}
+
+/// With [`Rerun::check_deferred`]: whether the request left a foreign key
+/// violation (the database holds none before it: every commit checks).
+fn violates_foreign_keys(db: &Guarded) -> Result<bool, Fault> {
+    db.guard.set_mode(Mode::Internal);
+    let mut stmt = db
+        .conn
+        .prepare("PRAGMA foreign_key_check")
+        .map_err(|e| Fault(e.to_string()))?;
+    let mut rows = stmt.query([]).map_err(|e| Fault(e.to_string()))?;
+    // An error here (a key naming a missing parent) fails the request on
+    // every node alike.
+    Ok(!matches!(rows.next(), Ok(None)))
+}
+
+const DEFERRED_VIOLATION: &str =
+    "FOREIGN KEY constraint failed (a deferred key, checked at commit): nothing of this request was applied";
+
+/// Why a write could not be applied.
+#[derive(Debug)]
+pub enum Stop {
+    Ended(Ended),
+    Fault(Fault),
+}
+
+impl From<Fault> for Stop {
+    fn from(f: Fault) -> Self {
+        Stop::Fault(f)
+    }
+}
+
+/// The rowid after which SQLite picks new rowids at random (which no
+/// replica could reproduce): no row may hold it.
+const LAST_ROWID: i64 = i64::MAX;
+
+fn holds_last_rowid(db: &Guarded, table: &str) -> bool {
+    db.guard.set_mode(Mode::Internal);
+    let quoted = table.replace('"', "\"\"");
+    db.conn
+        .prepare_cached(&format!("SELECT max(_rowid_) FROM main.\"{quoted}\""))
+        .and_then(|mut s| s.query_row([], |r| r.get::<_, Option<i64>>(0)))
+        .is_ok_and(|max| max == Some(LAST_ROWID))
+}
+
+fn execute_one(db: &Guarded, s: &Statement) -> Result<Value, Failed> {
+    let conn = &db.conn;
+    let failed = |e: rusqlite::Error| match db.guard.classify(&e) {
+        Ok(msg) if conn.is_autocommit() => Failed::Ended(msg),
+        Ok(msg) => Failed::Client(msg),
+        Err(fault) => Failed::Fault(fault),
+    };
+    db.guard.set_mode(Mode::Write);
+    let mut stmt = prepare(conn, s).map_err(|e| match e {
+        Prepared::Sqlite(e) => failed(e),
+        Prepared::Request(msg) => Failed::Client(msg),
+    })?;
+    let writes = db.guard.take_writes();
     let mut rows = stmt.raw_query();
-    while rows.next().map_err(|e| e.to_string())?.is_some() {}
+    loop {
+        match rows.next() {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => return Err(failed(e)),
+        }
+    }
     drop(rows);
+    drop(stmt);
+    if conn.is_autocommit() {
+        return Err(Failed::Ended(
+            "the statement ended the transaction it ran in".into(),
+        ));
+    }
+    if let Some(table) = writes.iter().find(|t| holds_last_rowid(db, t)) {
+        return Err(Failed::Ended(format!(
+            "rowid {LAST_ROWID} in {table:?} is not allowed: after it SQLite picks rowids at random, which replicas could not reproduce"
+        )));
+    }
     Ok(json!({ "last_insert_id": conn.last_insert_rowid(), "rows_affected": conn.changes() }))
 }
 
-/// Runs write statements; one result per statement run.
-pub fn execute(conn: &Connection, statements: &[Statement], opts: &ExecOptions) -> Vec<Value> {
-    // A savepoint, not BEGIN: the same code runs standalone and inside the
-    // state machine's own transaction (which also records the log index).
+/// Runs one request's write statements on the apply connection, inside
+/// the caller's transaction; `request` is its place in the entry and
+/// `skipped` the statements an earlier run found ending the transaction.
+/// One result per statement run. With `transaction`, the request's
+/// statements apply all or none: the first error rolls them back and
+/// stops.
+pub fn execute(
+    db: &Guarded,
+    request: usize,
+    statements: &[Statement],
+    opts: &ExecOptions,
+    env: &WriteEnv,
+    rerun: &Rerun,
+) -> Result<Vec<Value>, Stop> {
+    db.start_write(env)?;
+    let internal = |sql: &str| db.internal(sql).map_err(|e| Fault(e.to_string()));
     let mut results = Vec::with_capacity(statements.len());
-    if opts.transaction {
-        if let Err(e) = conn.execute_batch("SAVEPOINT scaleout_tx") {
-            return vec![json!({ "error": e.to_string() })];
-        }
+    let own_savepoint = opts.transaction || rerun.check_deferred;
+    if own_savepoint {
+        internal("SAVEPOINT scaleout_request")?;
     }
-    for s in statements {
+    for (k, s) in statements.iter().enumerate() {
         let started = Instant::now();
-        match execute_one(conn, s) {
+        let outcome = match rerun.skipped.get(&(request, k)) {
+            Some(error) => Err(Failed::Client(error.clone())),
+            None => execute_one(db, s),
+        };
+        match outcome {
             Ok(r) => results.push(with_time(r, started, opts.timings)),
-            Err(e) => {
+            Err(Failed::Client(e)) => {
                 results.push(json!({ "error": e }));
                 if opts.transaction {
-                    let _ = conn.execute_batch("ROLLBACK TO scaleout_tx; RELEASE scaleout_tx");
-                    return results;
+                    internal("ROLLBACK TO scaleout_request; RELEASE scaleout_request")?;
+                    return Ok(results);
                 }
+            }
+            Err(Failed::Ended(error)) => {
+                return Err(Stop::Ended(Ended {
+                    position: (request, k),
+                    error,
+                }))
+            }
+            Err(Failed::Fault(f)) => return Err(Stop::Fault(f)),
+        }
+    }
+    if rerun.check_deferred && violates_foreign_keys(db)? {
+        internal("ROLLBACK TO scaleout_request")?;
+        for r in &mut results {
+            if r.get("error").is_none() {
+                *r = json!({ "error": DEFERRED_VIOLATION });
             }
         }
     }
-    if opts.transaction {
-        if let Err(e) = conn.execute_batch("RELEASE scaleout_tx") {
-            let _ = conn.execute_batch("ROLLBACK TO scaleout_tx; RELEASE scaleout_tx");
-            results.push(json!({ "error": e.to_string() }));
-        }
+    if own_savepoint {
+        internal("RELEASE scaleout_request")?;
     }
-    results
+    Ok(results)
 }
 
-/// Statements a client may not send: transaction control (use the
-/// `transaction` parameter; the node owns the transactions) and the node's
-/// own bookkeeping tables.
-fn refused(sql: &str) -> Option<String> {
-    let first = sql
-        .trim_start()
-        .split(|c: char| c.is_whitespace() || c == ';')
-        .next()
-        .unwrap_or("");
-    const CONTROL: [&str; 6] = ["begin", "commit", "end", "rollback", "savepoint", "release"];
-    if CONTROL.iter().any(|k| first.eq_ignore_ascii_case(k)) {
-        return Some(format!(
-            "{} is not allowed: send the statements with ?transaction instead",
-            first.to_uppercase()
-        ));
+/// `/db/load` on the apply connection: all of `sql` or none of it; with
+/// `replace`, the database is emptied first (a whole file loaded). It
+/// runs under the write rules; the transaction control a dump holds
+/// (`BEGIN`, `COMMIT`, as SQLite's parser reports it) is skipped, since
+/// the load is one transaction already. Each statement gets the budget.
+pub fn load(
+    db: &Guarded,
+    request: usize,
+    sql: &str,
+    replace: bool,
+    env: &WriteEnv,
+    rerun: &Rerun,
+) -> Result<Value, Stop> {
+    if let Some(error) = rerun.skipped.get(&(request, 0)) {
+        return Ok(json!({ "error": error }));
     }
-    if sql.to_ascii_lowercase().contains(RESERVED_PREFIX) {
-        return Some(format!(
-            "names starting with {RESERVED_PREFIX} are reserved"
-        ));
+    db.start_write(env)?;
+    let internal = |sql: &str| db.internal(sql).map_err(|e| Fault(e.to_string()));
+    internal("SAVEPOINT scaleout_load")?;
+    let outcome = load_statements(db, sql, replace, env).and_then(|count| {
+        match rerun.check_deferred && violates_foreign_keys(db).map_err(Failed::Fault)? {
+            true => Err(Failed::Client(DEFERRED_VIOLATION.into())),
+            false => Ok(count),
+        }
+    });
+    match outcome {
+        Ok(count) => {
+            internal("RELEASE scaleout_load")?;
+            Ok(json!({ "statements": count }))
+        }
+        Err(Failed::Client(e)) => {
+            internal("ROLLBACK TO scaleout_load; RELEASE scaleout_load")?;
+            Ok(json!({ "error": format!("load: {e}; nothing was loaded") }))
+        }
+        Err(Failed::Ended(error)) => Err(Stop::Ended(Ended {
+            position: (request, 0),
+            error: format!("load: {error}; nothing was loaded"),
+        })),
+        Err(Failed::Fault(f)) => Err(Stop::Fault(f)),
     }
-    None
+}
+
+fn load_statements(
+    db: &Guarded,
+    sql: &str,
+    replace: bool,
+    env: &WriteEnv,
+) -> Result<usize, Failed> {
+    let conn = &db.conn;
+    let failed = |e: rusqlite::Error| match db.guard.classify(&e) {
+        Ok(msg) if conn.is_autocommit() => Failed::Ended(msg),
+        Ok(msg) => Failed::Client(msg),
+        Err(fault) => Failed::Fault(fault),
+    };
+    if replace {
+        db.guard.set_mode(Mode::Internal);
+        drop_everything(conn).map_err(failed)?;
+    }
+    let mut batch = rusqlite::Batch::new(conn, sql);
+    let mut count = 0;
+    loop {
+        db.guard.set_mode(Mode::Load);
+        db.guard.start_write(env.budget);
+        let Some(mut stmt) = batch.next().map_err(failed)? else {
+            break;
+        };
+        match db.guard.transaction_control() {
+            None => {}
+            Some(TransactionOperation::Rollback) => {
+                return Err(Failed::Client(
+                    "the text holds a ROLLBACK (a dump of a database with errors ends so)".into(),
+                ))
+            }
+            // BEGIN, COMMIT, END: the load is one transaction already.
+            Some(_) => continue,
+        }
+        let writes = db.guard.take_writes();
+        stmt.raw_execute().map_err(failed)?;
+        drop(stmt);
+        if conn.is_autocommit() {
+            return Err(Failed::Ended(
+                "a statement ended the load's transaction".into(),
+            ));
+        }
+        if let Some(table) = writes.iter().find(|t| holds_last_rowid(db, t)) {
+            return Err(Failed::Client(format!(
+                "rowid {LAST_ROWID} in {table:?} is not allowed: after it SQLite picks rowids at random, which replicas could not reproduce"
+            )));
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Drops every table and view of the client's (the node's own state
+/// stays).
+fn drop_everything(conn: &Connection) -> rusqlite::Result<()> {
+    let objects: Vec<(String, String)> = conn
+        .prepare(
+            "SELECT type, name FROM sqlite_schema
+             WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (kind, name) in objects {
+        if name.starts_with(RESERVED_PREFIX) {
+            continue;
+        }
+        let quoted = name.replace('"', "\"\"");
+        conn.execute_batch(&format!(
+            "DROP {} IF EXISTS \"{quoted}\"",
+            kind.to_uppercase()
+        ))?;
+    }
+    Ok(())
 }
 
 /// Tables of the node's own, out of clients' reach.
@@ -157,11 +466,40 @@ fn json_value(v: ValueRef<'_>) -> Value {
     }
 }
 
-fn query_one(conn: &Connection, s: &Statement, associative: bool) -> Result<Value, String> {
-    if let Some(why) = refused(&s.sql) {
-        return Err(why);
+/// What bounds one read request.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// It is stopped at this moment (rqlite's `db_timeout`).
+    pub deadline: Instant,
+    /// Bytes of values all its results may hold together.
+    pub max_bytes: usize,
+}
+
+/// The bytes a value adds to an answer, roughly as JSON.
+fn size_of(v: ValueRef<'_>) -> usize {
+    match v {
+        ValueRef::Null | ValueRef::Integer(_) | ValueRef::Real(_) => 8,
+        ValueRef::Text(t) => t.len() + 2,
+        ValueRef::Blob(b) => b.len() * 4 / 3 + 4,
     }
-    let mut stmt = prepare(conn, s)?;
+}
+
+fn query_one(
+    db: &Guarded,
+    s: &Statement,
+    associative: bool,
+    left: &mut usize,
+    max_bytes: usize,
+) -> Result<Value, String> {
+    let failed = |e: rusqlite::Error| match db.guard.classify(&e) {
+        Ok(msg) => msg,
+        Err(fault) => fault.0,
+    };
+    db.guard.set_mode(Mode::Read);
+    let mut stmt = prepare(&db.conn, s).map_err(|e| match e {
+        Prepared::Sqlite(e) => failed(e),
+        Prepared::Request(msg) => msg,
+    })?;
     if !stmt.readonly() {
         return Err("attempt to change database via query operation".into());
     }
@@ -173,10 +511,16 @@ fn query_one(conn: &Connection, s: &Statement, associative: bool) -> Result<Valu
         .collect();
     let mut values = Vec::new();
     let mut rows = stmt.raw_query();
-    while let Some(row) = rows.next().map_err(|e| e.to_string())? {
+    while let Some(row) = rows.next().map_err(failed)? {
         let mut out = Vec::with_capacity(columns.len());
         for i in 0..columns.len() {
-            out.push(json_value(row.get_ref(i).map_err(|e| e.to_string())?));
+            let v = row.get_ref(i).map_err(|e| e.to_string())?;
+            *left = left.checked_sub(size_of(v)).ok_or_else(|| {
+                format!(
+                    "the results are larger than {max_bytes} bytes: page through them with LIMIT and OFFSET"
+                )
+            })?;
+            out.push(json_value(v));
         }
         values.push(out);
     }
@@ -199,18 +543,30 @@ fn query_one(conn: &Connection, s: &Statement, associative: bool) -> Result<Valu
     Ok(result)
 }
 
-/// Runs read statements; one result per statement.
-pub fn query(conn: &Connection, statements: &[Statement], opts: &ExecOptions) -> Vec<Value> {
-    statements
+/// Runs read statements on a read connection; one result per statement.
+/// Every statement is prepared under the read rules, must be read-only by
+/// SQLite's own account, and stops at the limits.
+pub fn query(
+    db: &Guarded,
+    statements: &[Statement],
+    opts: &ExecOptions,
+    limits: ReadLimits,
+) -> Vec<Value> {
+    db.guard.start_read(limits.deadline);
+    let mut left = limits.max_bytes;
+    let results = statements
         .iter()
         .map(|s| {
             let started = Instant::now();
-            match query_one(conn, s, opts.associative) {
+            match query_one(db, s, opts.associative, &mut left, limits.max_bytes) {
                 Ok(r) => with_time(r, started, opts.timings),
                 Err(e) => json!({ "error": e }),
             }
         })
-        .collect()
+        .collect();
+    db.guard.set_mode(Mode::Internal);
+    db.guard.unbounded();
+    results
 }
 
 /// RFC 4648 base64, how BLOBs travel in JSON.
@@ -239,37 +595,101 @@ fn base64(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::request::parse_statements;
+    use crate::state::{Applied, StateMachine};
 
-    fn db() -> Connection {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(
-            "CREATE TABLE foo (id INTEGER NOT NULL PRIMARY KEY, name TEXT, age INTEGER)",
-        )
-        .unwrap();
-        c
+    /// A state machine fed entries by hand, as the log would.
+    struct Db {
+        sm: StateMachine,
+        index: u64,
+        budget: u64,
     }
 
-    fn run_exec(c: &Connection, body: &str, transaction: bool) -> Vec<Value> {
-        execute(
-            c,
-            &parse_statements(body.as_bytes()).unwrap(),
-            &ExecOptions {
-                transaction,
-                ..Default::default()
-            },
-        )
+    fn at(index: u64) -> Applied {
+        Applied {
+            term: 1,
+            leader: 1,
+            index,
+        }
     }
 
-    fn count(c: &Connection) -> i64 {
-        c.query_row("SELECT COUNT(*) FROM foo", [], |r| r.get(0))
-            .unwrap()
+    impl Db {
+        fn new(schema: &str) -> Db {
+            let mut db = Db {
+                sm: StateMachine::open_in_memory().unwrap(),
+                index: 0,
+                budget: 0,
+            };
+            if !schema.is_empty() {
+                let r = db.exec(&serde_json::to_string(&vec![schema]).unwrap(), false);
+                assert!(r[0].get("error").is_none(), "{r:?}");
+            }
+            db
+        }
+
+        /// One log entry holding these requests (group commit).
+        fn batch(&mut self, requests: &[(&str, bool)]) -> Vec<Vec<Value>> {
+            let parsed: Vec<(Vec<Statement>, ExecOptions)> = requests
+                .iter()
+                .map(|(body, transaction)| {
+                    (
+                        parse_statements(body.as_bytes()).unwrap(),
+                        ExecOptions {
+                            transaction: *transaction,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect();
+            self.index += 1;
+            let env = WriteEnv {
+                moment: Moment {
+                    unix_ms: 1_700_000_000_000,
+                    seed: self.index,
+                },
+                budget: self.budget,
+            };
+            self.sm
+                .apply_entry(at(self.index), None, |db, rerun| {
+                    parsed
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (statements, opts))| {
+                            execute(db, i, statements, opts, &env, rerun)
+                        })
+                        .collect()
+                })
+                .unwrap()
+        }
+
+        fn exec(&mut self, body: &str, transaction: bool) -> Vec<Value> {
+            self.batch(&[(body, transaction)]).remove(0)
+        }
+
+        fn query(&self, body: &str) -> Vec<Value> {
+            self.sm.query(
+                &parse_statements(body.as_bytes()).unwrap(),
+                &ExecOptions::default(),
+            )
+        }
+
+        fn count(&self, table: &str) -> i64 {
+            let r = self.query(&format!(r#"["SELECT count(*) FROM {table}"]"#));
+            r[0]["values"][0][0].as_i64().unwrap()
+        }
     }
+
+    fn error_of(v: &Value) -> &str {
+        v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error in {v}"))
+    }
+
+    const FOO: &str = "CREATE TABLE foo (id INTEGER NOT NULL PRIMARY KEY, name TEXT, age INTEGER)";
 
     #[test]
     fn executes_with_every_parameter_form() {
-        let c = db();
-        let r = run_exec(
-            &c,
+        let mut db = Db::new(FOO);
+        let r = db.exec(
             r#"["INSERT INTO foo(name) VALUES('fiona')", ["INSERT INTO foo(name, age) VALUES(?, ?)", "declan", 20], ["INSERT INTO foo(name, age) VALUES(:name, :age)", {"name": "aoife", "age": 30}]]"#,
             false,
         );
@@ -281,18 +701,12 @@ mod tests {
                 json!({"last_insert_id": 3, "rows_affected": 1}),
             ]
         );
-        let q = query(
-            &c,
-            &parse_statements(br#"["SELECT id, name, age FROM foo WHERE age > 10 ORDER BY id"]"#)
-                .unwrap(),
-            &ExecOptions::default(),
-        );
+        let q = db.query(r#"["SELECT id, name, age FROM foo WHERE age > 10 ORDER BY id"]"#);
         assert_eq!(
             q[0],
             json!({"columns": ["id", "name", "age"], "types": ["integer", "text", "integer"], "values": [[2, "declan", 20], [3, "aoife", 30]]})
         );
-        let assoc = query(
-            &c,
+        let assoc = db.sm.query(
             &parse_statements(br#"[["SELECT name FROM foo WHERE id = ?", 1]]"#).unwrap(),
             &ExecOptions {
                 associative: true,
@@ -307,62 +721,39 @@ mod tests {
 
     #[test]
     fn errors_are_per_statement_and_transactions_leave_nothing_behind() {
-        let c = db();
-        let r = run_exec(
-            &c,
+        let mut db = Db::new(FOO);
+        let r = db.exec(
             r#"["INSERT INTO foo(name) VALUES('a')", "INSERT INTO nope VALUES(1)", "INSERT INTO foo(name) VALUES('b')"]"#,
             false,
         );
         assert_eq!(r.len(), 3);
-        assert!(r[1]["error"]
-            .as_str()
-            .unwrap()
-            .contains("no such table: nope"));
-        assert_eq!(count(&c), 2, "without a transaction the others stand");
-
-        let r = run_exec(
-            &c,
+        assert!(error_of(&r[1]).contains("no such table: nope"));
+        assert_eq!(db.count("foo"), 2, "without a transaction the others stand");
+        let r = db.exec(
             r#"["INSERT INTO foo(name) VALUES('c')", "INSERT INTO nope VALUES(1)", "INSERT INTO foo(name) VALUES('d')"]"#,
             true,
         );
         assert_eq!(r.len(), 2, "stops at the first error");
-        assert!(r[1]["error"].is_string());
         assert_eq!(
-            count(&c),
+            db.count("foo"),
             2,
             "a failed transaction leaves no partial writes"
         );
-
-        let r = run_exec(&c, r#"[["INSERT INTO foo(name) VALUES(?)", 1, 2]]"#, false);
-        assert!(r[0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("takes 1 parameters, 2 given"));
-        let r = run_exec(
-            &c,
-            r#"[["INSERT INTO foo(name) VALUES(:n)", {"x": 1}]]"#,
-            false,
-        );
-        assert!(r[0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("no parameter named \"x\""));
+        let r = db.exec(r#"[["INSERT INTO foo(name) VALUES(?)", 1, 2]]"#, false);
+        assert!(error_of(&r[0]).contains("takes 1 parameters, 2 given"));
+        let r = db.exec(r#"[["INSERT INTO foo(name) VALUES(:n)", {"x": 1}]]"#, false);
+        assert!(error_of(&r[0]).contains("no parameter named \"x\""));
     }
 
     #[test]
     fn queries_cannot_write_and_report_timings_and_blobs() {
-        let c = db();
-        let q = query(
-            &c,
-            &parse_statements(br#"["DELETE FROM foo"]"#).unwrap(),
-            &ExecOptions::default(),
-        );
+        let db = Db::new(FOO);
+        let q = db.query(r#"["DELETE FROM foo"]"#);
         assert_eq!(
             q[0],
             json!({"error": "attempt to change database via query operation"})
         );
-        let q = query(
-            &c,
+        let q = db.sm.query(
             &parse_statements(br#"["SELECT x'00ff10' AS b, 1.5 AS r, NULL AS n"]"#).unwrap(),
             &ExecOptions {
                 timings: true,
@@ -372,14 +763,193 @@ mod tests {
         assert_eq!(q[0]["values"], json!([["AP8Q", 1.5, null]]));
         assert!(q[0]["time"].as_f64().unwrap() >= 0.0);
         assert_eq!(base64(b"hello"), "aGVsbG8=");
-        let empty = query(
-            &c,
-            &parse_statements(br#"["SELECT * FROM foo"]"#).unwrap(),
-            &ExecOptions::default(),
-        );
+        let empty = db.query(r#"["SELECT * FROM foo"]"#);
         assert!(
             empty[0].get("values").is_none(),
             "no rows: no values key, as rqlite"
         );
+    }
+
+    /// Issue 12's first finding: one request's SQL ended the group
+    /// commit's transaction and took other clients' writes with it.
+    #[test]
+    fn no_request_can_end_the_transaction_other_requests_share() {
+        let mut db = Db::new(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, who TEXT UNIQUE ON CONFLICT ROLLBACK)",
+        );
+        let r = db.exec(
+            r#"["CREATE TRIGGER tr AFTER INSERT ON t WHEN new.who = 'raise' BEGIN SELECT RAISE(ROLLBACK, 'raised'); END"]"#,
+            false,
+        );
+        assert!(r[0].get("error").is_none(), "{r:?}");
+        let r = db.batch(&[
+            (r#"["INSERT INTO t (who) VALUES ('a')"]"#, false),
+            (r#"["/**/ROLLBACK"]"#, false),
+            (r#"["-- comment\nCOMMIT"]"#, false),
+            (r#"["INSERT INTO t (who) VALUES ('b')"]"#, false),
+            (r#"["INSERT INTO t (who) VALUES ('raise')", "INSERT INTO t (who) VALUES ('c')"]"#, false),
+            (r#"["INSERT INTO t (who) VALUES ('d')", "INSERT OR ROLLBACK INTO t (id, who) VALUES (1, 'dup')"]"#, true),
+            (r#"["INSERT INTO t (who) VALUES ('a')"]"#, false),
+            (r#"["END TRANSACTION", "SAVEPOINT x", "release x", "BEGIN IMMEDIATE"]"#, false),
+            (r#"["INSERT INTO t (who) VALUES ('e')"]"#, false),
+        ]);
+        assert!(r[0][0].get("error").is_none());
+        assert!(error_of(&r[1][0]).contains("transaction control"), "{r:?}");
+        assert!(error_of(&r[2][0]).contains("transaction control"));
+        assert_eq!(error_of(&r[4][0]), "raised");
+        assert!(
+            r[4][1].get("error").is_none(),
+            "the request's next statement still runs"
+        );
+        assert_eq!(r[5].len(), 2);
+        assert!(error_of(&r[5][1]).contains("UNIQUE"), "{r:?}");
+        assert!(
+            error_of(&r[6][0]).contains("UNIQUE"),
+            "ON CONFLICT ROLLBACK in the schema"
+        );
+        for e in &r[7] {
+            assert!(error_of(e).contains("transaction control"));
+        }
+        let who = db.query(r#"["SELECT who FROM t ORDER BY id"]"#);
+        assert_eq!(
+            who[0]["values"],
+            json!([["a"], ["b"], ["c"], ["e"]]),
+            "every write not refused is there, 'd' went with its transaction"
+        );
+    }
+
+    #[test]
+    fn a_runaway_write_stops_at_its_budget_and_the_others_commit() {
+        let mut db = Db::new("CREATE TABLE t (x)");
+        db.budget = 2_000_000;
+        let r = db.batch(&[
+            (r#"["INSERT INTO t VALUES (1)"]"#, false),
+            (r#"["INSERT INTO t SELECT count(*) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT x FROM c)"]"#, false),
+            (r#"["INSERT INTO t VALUES (2)"]"#, false),
+        ]);
+        assert!(error_of(&r[1][0]).contains("budget of 2000000"), "{r:?}");
+        assert_eq!(db.count("t"), 2);
+    }
+
+    #[test]
+    fn a_read_stops_at_its_deadline_and_its_size_limit() {
+        let db = Db::new("");
+        let runaway = parse_statements(
+            br#"["WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c", "SELECT 1"]"#,
+        )
+        .unwrap();
+        let limits = ReadLimits {
+            deadline: Instant::now() + std::time::Duration::from_millis(200),
+            max_bytes: 1024,
+        };
+        let reader =
+            Guarded::reader(Connection::open_in_memory().unwrap(), Arc::default()).unwrap();
+        let r = query(&reader, &runaway, &ExecOptions::default(), limits);
+        assert!(error_of(&r[0]).contains("time limit"), "{r:?}");
+        let big = parse_statements(br#"["SELECT zeroblob(100) FROM (VALUES (1), (2), (3), (4), (5), (6), (7), (8), (9), (10))"]"#).unwrap();
+        let limits = ReadLimits {
+            deadline: Instant::now() + std::time::Duration::from_secs(60),
+            max_bytes: 1024,
+        };
+        let r = query(&reader, &big, &ExecOptions::default(), limits);
+        assert!(error_of(&r[0]).contains("larger than 1024 bytes"), "{r:?}");
+        drop(db);
+    }
+
+    #[test]
+    fn the_last_rowid_is_refused_so_sqlite_never_picks_one_at_random() {
+        let mut db = Db::new("CREATE TABLE t (x)");
+        let r = db.batch(&[
+            (r#"["INSERT INTO t VALUES (1)"]"#, false),
+            (r#"["INSERT INTO t (rowid, x) VALUES (9223372036854775807, 2)", "INSERT INTO t (x) VALUES (3)"]"#, false),
+            (r#"["UPDATE t SET rowid = 9223372036854775807 WHERE x = 1"]"#, false),
+        ]);
+        assert!(error_of(&r[1][0]).contains("9223372036854775807"), "{r:?}");
+        assert!(error_of(&r[2][0]).contains("9223372036854775807"), "{r:?}");
+        assert!(r[1][1].get("error").is_none());
+        assert_eq!(
+            db.query(r#"["SELECT max(rowid) FROM t"]"#)[0]["values"],
+            json!([[2]])
+        );
+    }
+
+    #[test]
+    fn a_deferred_foreign_key_fails_its_own_request_only() {
+        let mut db = Db::new("CREATE TABLE parent (id INTEGER PRIMARY KEY)");
+        db.exec(r#"["CREATE TABLE child (id INTEGER PRIMARY KEY, p REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)", "INSERT INTO parent VALUES (1)"]"#, false);
+        let r = db.batch(&[
+            (r#"["INSERT INTO child (p) VALUES (1)"]"#, false),
+            (r#"["INSERT INTO child (p) VALUES (42)"]"#, false),
+            (
+                r#"["INSERT INTO child (p) VALUES (7)", "INSERT INTO parent VALUES (7)"]"#,
+                true,
+            ),
+        ]);
+        assert!(r[0][0].get("error").is_none());
+        assert!(error_of(&r[1][0]).contains("FOREIGN KEY"), "{r:?}");
+        assert!(
+            r[2][0].get("error").is_none(),
+            "resolved within its request: {r:?}"
+        );
+        assert_eq!(
+            db.query(r#"["SELECT p FROM child ORDER BY id"]"#)[0]["values"],
+            json!([[1], [7]])
+        );
+    }
+
+    #[test]
+    fn the_nodes_files_and_connection_state_are_out_of_reach() {
+        let mut db = Db::new("CREATE TABLE t (x)");
+        for sql in [
+            "ATTACH DATABASE '/tmp/scaleout-attack.sqlite' AS x",
+            "VACUUM INTO '/tmp/scaleout-attack.sqlite'",
+            "CREATE TEMP TABLE tt (x)",
+            "UPDATE _scaleout_applied SET log_index = 0",
+            "CREATE TRIGGER evil AFTER UPDATE ON _scaleout_applied BEGIN SELECT 1; END",
+            "PRAGMA foreign_keys = OFF",
+            "PRAGMA writable_schema = 1",
+            "INSERT INTO t SELECT total_changes()",
+            "INSERT INTO t SELECT page_count FROM pragma_page_count",
+            "INSERT INTO t SELECT rootpage FROM sqlite_schema",
+            "INSERT INTO t SELECT datetime('now', 'localtime')",
+        ] {
+            let r = db.exec(&serde_json::to_string(&vec![sql]).unwrap(), false);
+            assert!(r[0].get("error").is_some(), "{sql} was allowed");
+        }
+        assert!(!std::path::Path::new("/tmp/scaleout-attack.sqlite").exists());
+        let r = db.exec(
+            r#"["CREATE TABLE d (x DEFAULT (total_changes()))", "INSERT INTO d DEFAULT VALUES"]"#,
+            false,
+        );
+        assert!(
+            error_of(&r[1]).contains("total_changes"),
+            "a DEFAULT calls the same functions: {r:?}"
+        );
+        for sql in [
+            "ATTACH DATABASE ':memory:' AS x",
+            "SELECT * FROM _scaleout_applied",
+            "PRAGMA query_only = 0",
+            "BEGIN",
+        ] {
+            let r = db.query(&serde_json::to_string(&vec![sql]).unwrap());
+            assert!(r[0].get("error").is_some(), "read {sql} was allowed");
+        }
+        assert_eq!(db.count("t"), 0);
+    }
+
+    #[test]
+    fn changes_and_last_insert_rowid_describe_the_request_alone() {
+        let mut db = Db::new("CREATE TABLE t (a, b)");
+        db.exec(r#"["INSERT INTO t VALUES (1, 1), (2, 2), (3, 3)"]"#, false);
+        db.exec(
+            r#"["INSERT INTO t SELECT last_insert_rowid(), changes()"]"#,
+            false,
+        );
+        db.exec(
+            r#"["UPDATE t SET b = b", "INSERT INTO t SELECT last_insert_rowid(), changes()"]"#,
+            false,
+        );
+        let r = db.query(r#"["SELECT a, b FROM t WHERE rowid > 3 ORDER BY rowid"]"#);
+        assert_eq!(r[0]["values"], json!([[0, 0], [0, 4]]));
     }
 }

@@ -62,6 +62,9 @@ pub struct ReadOptions {
     pub freshness_strict: bool,
     /// Answer only once this log index is applied here (read-your-writes).
     pub min_index: Option<u64>,
+    /// Stop the query after this long (rqlite's `db_timeout`; the node's
+    /// `--query-timeout` bounds it).
+    pub db_timeout: Option<Duration>,
     pub exec: ExecOptions,
 }
 
@@ -90,6 +93,9 @@ pub enum NodeError {
     /// still be committed by the next leader, or never.
     #[error("the leader lost its quorum while the write was pending; its outcome is unknown")]
     OutcomeUnknown,
+    /// Every read connection stayed busy for the read's whole time.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -100,7 +106,8 @@ impl NodeError {
             NodeError::NotLeader { .. }
             | NodeError::NoLeader
             | NodeError::NotCaughtUp(_)
-            | NodeError::Stale => StatusCode::SERVICE_UNAVAILABLE,
+            | NodeError::Stale
+            | NodeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
             NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -191,6 +198,13 @@ fn parse_params(params: &HashMap<String, String>) -> Result<Parsed, RequestError
                 .map_err(|_| RequestError(format!("min_index {m:?} is not a whole number")))
         })
         .transpose()?;
+    let db_timeout = params
+        .get("db_timeout")
+        .map(|t| {
+            humantime::parse_duration(t)
+                .map_err(|e| RequestError(format!("db_timeout {t:?}: {e}; use e.g. 500ms or 2s")))
+        })
+        .transpose()?;
     let exec = ExecOptions {
         transaction: flag(params, "transaction"),
         timings: flag(params, "timings"),
@@ -204,6 +218,7 @@ fn parse_params(params: &HashMap<String, String>) -> Result<Parsed, RequestError
             freshness,
             freshness_strict: flag(params, "freshness_strict"),
             min_index,
+            db_timeout,
             exec,
         },
     })
@@ -438,7 +453,7 @@ mod tests {
 
     /// One SQLite database, no replication: enough to test the API layer.
     struct LocalNode {
-        conn: Mutex<rusqlite::Connection>,
+        sm: Mutex<crate::state::StateMachine>,
         index: Mutex<u64>,
     }
 
@@ -449,8 +464,8 @@ mod tests {
             statements: Vec<Statement>,
             opts: ExecOptions,
         ) -> Result<Answer, NodeError> {
-            let conn = self
-                .conn
+            let mut sm = self
+                .sm
                 .lock()
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
             let mut index = self
@@ -458,8 +473,17 @@ mod tests {
                 .lock()
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
             *index += 1;
+            let at = crate::state::Applied {
+                term: 1,
+                leader: 1,
+                index: *index,
+            };
+            let results = sm
+                .apply(at, &statements, &opts, &crate::engine::WriteEnv::default())
+                .map_err(|e| NodeError::Internal(e.to_string()))?
+                .unwrap_or_default();
             Ok(Answer {
-                results: crate::engine::execute(&conn, &statements, &opts),
+                results,
                 raft_index: *index,
             })
         }
@@ -475,21 +499,20 @@ mod tests {
             if let Some(m) = opts.min_index.filter(|m| *m > applied) {
                 return Err(NodeError::NotCaughtUp(m));
             }
-            let conn = self
-                .conn
+            let sm = self
+                .sm
                 .lock()
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
             Ok(Answer {
-                results: crate::engine::query(&conn, &statements, &opts.exec),
+                results: sm.query(&statements, &opts.exec),
                 raft_index: applied,
             })
         }
     }
 
     fn app() -> Router {
-        let conn = rusqlite::Connection::open_in_memory().unwrap();
         router(Arc::new(LocalNode {
-            conn: Mutex::new(conn),
+            sm: Mutex::new(crate::state::StateMachine::open_in_memory().unwrap()),
             index: Mutex::new(0),
         }))
     }

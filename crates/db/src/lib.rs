@@ -5,10 +5,13 @@
 //! `["sql", p1, ...]` positional and `["sql", {"name": v}]` named
 //! parameters) and [`engine`] executes them on SQLite with rqlite's result
 //! shapes, transactions that leave no partial writes, and read-only
-//! enforcement for queries; [`http`] serves rqlite's data API in front of
+//! enforcement for queries, every client statement under [`guard`]
+//! (SQLite's authorizer and a budget of VM steps or time);
+//! [`http`] serves rqlite's data API in front of
 //! any [`http::Node`] and forwards what only the leader may serve;
-//! [`determinism`] rewrites `random()`, `randomblob(N)`, `'now'` and
-//! `CURRENT_*` so that every node applying a write gets the same state;
+//! [`determinism`] replaces `random()`, `randomblob(N)`, the clock and
+//! `CURRENT_*` on the apply connection with functions of the moment the
+//! leader fixed, so that every node applying a write gets the same state;
 //! [`state`] applies committed entries exactly once (the applied log id is
 //! committed with the effects); [`log`] is the durable Raft log file;
 //! [`raft`] wires them into openraft (log store, state machine and
@@ -19,6 +22,7 @@
 pub mod determinism;
 pub mod dump;
 pub mod engine;
+pub mod guard;
 pub mod http;
 pub mod log;
 pub mod metrics;
@@ -27,5 +31,5 @@ pub mod raft;
 pub mod request;
 pub mod state;
 
-pub use engine::{execute, query, ExecOptions};
+pub use engine::{ExecOptions, WriteEnv};
 pub use request::{parse_statements, Param, Params, RequestError, Statement};

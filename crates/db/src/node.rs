@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,14 +30,14 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::determinism::{self, Moment};
-use crate::engine::{ExecOptions, RESERVED_PREFIX};
+use crate::determinism::Moment;
+use crate::engine::{ExecOptions, ReadLimits, WriteEnv};
 use crate::http::{self, error, Forward, Level, NodeError, ReadOptions, Answer};
 use crate::metrics::Stats;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{self, Contact, Network};
 use crate::raft::proposer::Proposer;
-use crate::raft::state_store::{Readers, StateStore};
+use crate::raft::state_store::{ReadError, Readers, StateStore};
 use crate::raft::{Command, Member, Raft};
 use crate::request::Statement;
 
@@ -58,6 +59,14 @@ pub struct DbConfig {
     pub snapshot_threshold: u64,
     /// How long a read waits for `min_index` or a leader's confirmation.
     pub read_timeout: Duration,
+    /// The longest a query may run (rqlite's `db_timeout`; a request's
+    /// own `db_timeout` may only shorten it).
+    pub query_timeout: Duration,
+    /// Bytes of values one read's results may hold.
+    pub max_result_bytes: usize,
+    /// SQLite VM steps one write request may take, the same verdict on
+    /// every node (it travels in the log entry).
+    pub write_budget: u64,
 }
 
 impl DbConfig {
@@ -71,6 +80,9 @@ impl DbConfig {
             election_timeout: Duration::from_millis(500),
             snapshot_threshold: 8192,
             read_timeout: Duration::from_secs(5),
+            query_timeout: Duration::from_secs(5),
+            max_result_bytes: 64 * 1024 * 1024,
+            write_budget: crate::guard::DEFAULT_WRITE_BUDGET,
         }
     }
 }
@@ -95,6 +107,11 @@ pub struct DbNode {
     client: reqwest::Client,
     stats: Stats,
     read_timeout: Duration,
+    query_timeout: Duration,
+    max_result_bytes: usize,
+    write_budget: u64,
+    /// Held for the node's life: one process per data directory.
+    _lock: std::fs::File,
     /// How long a leader may go without hearing from a quorum before it
     /// stops presenting itself as the leader (the election timeout).
     lease: Duration,
@@ -111,6 +128,28 @@ pub struct Running {
     servers: tokio::task::JoinSet<()>,
 }
 
+/// Takes the data directory's lock (`LOCK`, an exclusive `flock` held
+/// for the process's life): a second node on the same directory would
+/// write the same files.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
+    let fail = |e: &dyn std::fmt::Display| StartError::Storage(dir.to_path_buf(), e.to_string());
+    std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(|e| fail(&e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Storage(
+            dir.to_path_buf(),
+            "another scaleout db process is using this data directory (it holds LOCK); stop it or give another --data".into(),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(fail(&e)),
+    }
+}
+
 fn fresh_data_dir(dir: &Path) -> bool {
     !dir.join("raft").join("log").exists() && !dir.join("raft").join("vote").exists()
 }
@@ -124,13 +163,24 @@ pub async fn start(
     raft_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
-    let fresh = fresh_data_dir(&config.data);
     let storage =
         |e: &dyn std::fmt::Display| StartError::Storage(config.data.clone(), e.to_string());
+    let lock = lock_data_dir(&config.data)?;
+    let fresh = fresh_data_dir(&config.data);
+    // Set on shutdown: whatever statement runs stops within a thousand
+    // SQLite steps, so SIGTERM is never held by a runaway query.
+    let stopping = Arc::new(AtomicBool::new(false));
+    {
+        let (stopping, shutdown) = (stopping.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stopping.store(true, Ordering::Relaxed);
+        });
+    }
     let log = LogStore::open(&config.data.join("raft")).map_err(|e| storage(&e))?;
-    let state = StateStore::open(&config.data).map_err(|e| storage(&e))?;
+    let state = StateStore::open(&config.data, stopping.clone()).map_err(|e| storage(&e))?;
     let db_path = state.db_path();
-    let readers = Arc::new(Readers::open(&db_path, 4).map_err(|e| storage(&e))?);
+    let readers = Arc::new(Readers::open(&db_path, 4, stopping).map_err(|e| storage(&e))?);
 
     // openraft 0.9 makes a follower that knew a leader wait out a lease of
     // `election_timeout_max` and then a random timeout between min and max
@@ -172,6 +222,10 @@ pub async fn start(
             .unwrap_or_default(),
         stats: Stats::default(),
         read_timeout: config.read_timeout,
+        query_timeout: config.query_timeout,
+        max_result_bytes: config.max_result_bytes,
+        write_budget: config.write_budget,
+        _lock: lock,
         lease: config.election_timeout,
         started: Instant::now(),
         db_path,
@@ -286,6 +340,27 @@ impl DbNode {
         }
     }
 
+    /// What the leader fixes for a write it takes: the moment its
+    /// functions see and its budget.
+    fn write_env(&self) -> WriteEnv {
+        WriteEnv {
+            moment: Moment {
+                unix_ms: unix_ms(),
+                seed: rand::random(),
+            },
+            budget: self.write_budget,
+        }
+    }
+
+    /// Whether this node still applies the log (an apply that failed on
+    /// the node's own account, a full disk say, stops its Raft core).
+    fn applying(&self) -> Result<(), String> {
+        match &self.raft.metrics().borrow().running_state {
+            Ok(()) => Ok(()),
+            Err(fatal) => Err(fatal.to_string()),
+        }
+    }
+
     async fn write(&self, command: Command) -> Result<(u64, Vec<Value>), NodeError> {
         match self.raft.client_write(command).await {
             Ok(written) => Ok((written.log_id.index, written.data)),
@@ -366,24 +441,21 @@ impl http::Node for DbNode {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
-        let moment = Moment {
-            unix_ms: unix_ms(),
-            seed: rand::random(),
-        };
-        let statements: Vec<Statement> = statements
-            .into_iter()
-            .map(|s| Statement {
-                sql: determinism::rewrite(&s.sql, moment),
-                params: s.params,
-            })
-            .collect();
+        let env = self.write_env();
         let size: usize = statements
             .iter()
             .map(|s: &Statement| s.sql.len() + 16)
             .sum();
         let (raft_index, results) = self
             .proposer
-            .propose(Command::Execute { statements, opts }, size)
+            .propose(
+                Command::Execute {
+                    statements,
+                    opts,
+                    env,
+                },
+                size,
+            )
             .await?;
         Ok(Answer {
             results,
@@ -440,11 +512,21 @@ impl http::Node for DbNode {
         if let Some(index) = opts.min_index {
             self.wait_applied(index).await?;
         }
+        let timeout = opts
+            .db_timeout
+            .map_or(self.query_timeout, |t| t.min(self.query_timeout));
+        let limits = ReadLimits {
+            deadline: Instant::now() + timeout,
+            max_bytes: self.max_result_bytes,
+        };
         let (results, raft_index) = self
             .readers
-            .query(statements, opts.exec)
+            .query(statements, opts.exec, limits)
             .await
-            .map_err(NodeError::Internal)?;
+            .map_err(|e| match e {
+                ReadError::Busy(_) => NodeError::Busy(e.to_string()),
+                ReadError::Internal(msg) => NodeError::Internal(msg),
+            })?;
         Ok(Answer {
             results,
             raft_index,
@@ -589,6 +671,13 @@ async fn nodes(State(node): Node, Query(params): Query<NodesParams>) -> Response
 }
 
 async fn readyz(State(node): Node, Query(params): Query<BTreeMap<String, String>>) -> Response {
+    if let Err(why) = node.applying() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("[+]node ok\n[-]store stopped applying the log: {why}\n"),
+        )
+            .into_response();
+    }
     if params.contains_key("noleader") || node.leader().is_some() {
         (StatusCode::OK, "[+]node ok\n[+]leader ok\n[+]store ok\n").into_response()
     } else {
@@ -836,7 +925,11 @@ async fn load(
     let command = if body.starts_with(b"SQLite format 3\0") {
         let bytes = body.to_vec();
         match tokio::task::spawn_blocking(move || crate::dump::dump_file(&bytes)).await {
-            Ok(Ok(sql)) => Command::Load { sql, replace: true },
+            Ok(Ok(sql)) => Command::Load {
+                sql,
+                replace: true,
+                env: node.write_env(),
+            },
             Ok(Err(e)) => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -852,15 +945,10 @@ async fn load(
                 "load: the body is neither a SQLite file nor UTF-8 SQL text",
             );
         };
-        if sql.to_ascii_lowercase().contains(RESERVED_PREFIX) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("load: names starting with {RESERVED_PREFIX} are reserved"),
-            );
-        }
         Command::Load {
             sql,
             replace: false,
+            env: node.write_env(),
         }
     };
     match node.write(command).await {

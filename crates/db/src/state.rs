@@ -10,11 +10,14 @@
 //! simply applied again.
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
-use crate::engine::{self, ExecOptions};
+use crate::engine::{self, ExecOptions, Guarded, ReadLimits, Rerun, Stop, WriteEnv};
+use crate::guard::{Fault, Mode};
 use crate::request::Statement;
 
 /// Where the applied index lives (reserved: clients cannot touch it).
@@ -64,115 +67,205 @@ pub fn applied_state(conn: &Connection) -> rusqlite::Result<AppliedState> {
 }
 
 pub struct StateMachine {
-    conn: Connection,
+    db: Guarded,
+}
+
+/// Why an entry could not be applied: the node's fault (its disk, its
+/// memory, its shutdown), never the client's SQL. The node must stop
+/// applying rather than go on differently from the others.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Fault(#[from] Fault),
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
 }
 
 impl StateMachine {
-    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+    /// Opens the state file; `shutdown` set stops a statement that runs.
+    pub fn open(path: &Path, shutdown: Arc<AtomicBool>) -> rusqlite::Result<Self> {
         let conn = Connection::open(path)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
         )?;
         conn.execute_batch(META)?;
-        Ok(StateMachine { conn })
+        Ok(StateMachine {
+            db: Guarded::writer(conn, shutdown)?,
+        })
     }
 
     pub fn open_in_memory() -> rusqlite::Result<Self> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(META)?;
-        Ok(StateMachine { conn })
+        Ok(StateMachine {
+            db: Guarded::writer(conn, Arc::default())?,
+        })
     }
 
     /// The last entry whose effects are in the file.
     pub fn applied(&self) -> rusqlite::Result<Applied> {
-        Ok(applied_state(&self.conn)?.applied.unwrap_or_default())
+        Ok(self.state()?.applied.unwrap_or_default())
     }
 
     pub fn state(&self) -> rusqlite::Result<AppliedState> {
-        applied_state(&self.conn)
+        self.db.guard.set_mode(Mode::Internal);
+        applied_state(&self.db.conn)
     }
 
-    /// Applies one committed entry; `None` when it was applied before (a
-    /// replay after a crash), else the per-statement results. Statement
-    /// errors are results, not failures: the entry still counts as applied,
-    /// as on every other node.
+    /// Applies one committed write entry; `None` when it was applied
+    /// before (a replay after a crash), else the per-statement results.
+    /// Statement errors are results, not failures: the entry still counts
+    /// as applied, as on every other node.
     pub fn apply(
         &mut self,
         at: Applied,
         statements: &[Statement],
         opts: &ExecOptions,
-    ) -> rusqlite::Result<Option<Vec<Value>>> {
+        env: &WriteEnv,
+    ) -> Result<Option<Vec<Value>>, ApplyError> {
         if at.index <= self.applied()?.index {
             return Ok(None);
         }
-        self.apply_batch(at, None, |tx| engine::execute(tx, statements, opts))
-            .map(Some)
+        self.apply_entry(at, None, |db, rerun| {
+            engine::execute(db, 0, statements, opts, env, rerun)
+        })
+        .map(Some)
     }
 
-    /// Runs `work` and records `last` (and the membership, when it
-    /// changed) in one transaction: several committed entries share one
-    /// commit, and the file never holds part of a batch.
-    pub fn apply_batch<T>(
+    /// Runs one entry's `work` and records `at` (and the membership, when
+    /// it changed) in one transaction: the file never holds part of an
+    /// entry, and says exactly which entries it holds.
+    ///
+    /// A statement of a client's can end the transaction it runs in
+    /// (`RAISE(ROLLBACK)` in a trigger, `INSERT OR ROLLBACK`, a write
+    /// stopped by its budget), which would take the entry's other writes
+    /// with it. Then the entry runs again from the start, with that
+    /// statement answered by its error and not run. Each run depends only
+    /// on the state before the entry, the same on every node, so every
+    /// node skips the same statements and ends with the same data.
+    ///
+    /// A commit can also fail on the client's account: a foreign key
+    /// declared `DEFERRABLE INITIALLY DEFERRED` is checked only then.
+    /// The entry then runs again with each request checking its own keys
+    /// ([`Rerun::check_deferred`]), and the one that breaks them is
+    /// rolled back alone.
+    pub fn apply_entry<T>(
         &mut self,
-        last: Applied,
+        at: Applied,
         membership: Option<&str>,
-        work: impl FnOnce(&Connection) -> T,
-    ) -> rusqlite::Result<T> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let out = work(&tx);
-        if tx.is_autocommit() {
-            // The SQL ended the transaction itself (a trigger's
-            // RAISE(ROLLBACK), say): record the position on its own rather
-            // than stop the node; that entry's effects were not atomic.
-            tracing::warn!(
-                index = last.index,
-                "an entry's SQL ended the apply transaction"
-            );
+        mut work: impl FnMut(&Guarded, &Rerun) -> Result<T, Stop>,
+    ) -> Result<T, ApplyError> {
+        let mut rerun = Rerun::default();
+        loop {
+            self.db.internal("BEGIN IMMEDIATE")?;
+            match work(&self.db, &rerun) {
+                Ok(out) => {
+                    self.db.guard.set_mode(Mode::Internal);
+                    self.db.guard.unbounded();
+                    let recorded = self
+                        .record(at, membership)
+                        .and_then(|()| self.db.conn.execute_batch("COMMIT"));
+                    match recorded {
+                        Ok(()) => return Ok(out),
+                        Err(e)
+                            if !rerun.check_deferred
+                                && e.sqlite_error_code()
+                                    == Some(rusqlite::ErrorCode::ConstraintViolation) =>
+                        {
+                            self.roll_back();
+                            tracing::debug!(index = at.index, error = %e, "the entry's commit failed on a deferred key; running it again with each request checked");
+                            rerun.check_deferred = true;
+                        }
+                        Err(e) => {
+                            self.roll_back();
+                            return Err(e.into());
+                        }
+                    }
+                }
+                Err(Stop::Ended(ended)) => {
+                    self.roll_back();
+                    tracing::debug!(
+                        index = at.index,
+                        position = ?ended.position,
+                        error = %ended.error,
+                        "a statement ended the apply transaction; running the entry again without it"
+                    );
+                    rerun.skipped.insert(ended.position, ended.error);
+                }
+                Err(Stop::Fault(fault)) => {
+                    self.roll_back();
+                    return Err(fault.into());
+                }
+            }
         }
-        tx.execute(
-            "INSERT INTO _scaleout_applied (id, log_index, term, leader, membership)
-             VALUES (1, ?1, ?2, ?3, ?4)
-             ON CONFLICT(id) DO UPDATE SET log_index = excluded.log_index,
-                term = excluded.term, leader = excluded.leader,
-                membership = coalesce(excluded.membership, membership)",
-            params![
+    }
+
+    fn record(&self, last: Applied, membership: Option<&str>) -> rusqlite::Result<()> {
+        self.db
+            .conn
+            .prepare_cached(
+                "INSERT INTO _scaleout_applied (id, log_index, term, leader, membership)
+                 VALUES (1, ?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET log_index = excluded.log_index,
+                    term = excluded.term, leader = excluded.leader,
+                    membership = coalesce(excluded.membership, membership)",
+            )?
+            .execute(params![
                 last.index as i64,
                 last.term as i64,
                 last.leader as i64,
                 membership
-            ],
-        )?;
-        if tx.is_autocommit() {
-            drop(tx);
-        } else {
-            tx.commit()?;
+            ])
+            .map(|_| ())
+    }
+
+    fn roll_back(&self) {
+        self.db.guard.set_mode(Mode::Internal);
+        self.db.guard.unbounded();
+        if !self.db.conn.is_autocommit() {
+            if let Err(e) = self.db.conn.execute_batch("ROLLBACK") {
+                tracing::error!(error = %e, "rolling back an apply transaction failed");
+            }
         }
-        Ok(out)
     }
 
     /// Replaces the whole file's contents with another SQLite file's (a
     /// snapshot), through SQLite's backup so open readers stay valid.
     pub fn restore(&mut self, from: &Path) -> rusqlite::Result<()> {
-        self.conn.restore(
+        self.db.guard.set_mode(Mode::Internal);
+        self.db.conn.restore(
             rusqlite::MAIN_DB,
             from,
             None::<fn(rusqlite::backup::Progress)>,
         )
     }
 
-    /// Reads (never through the log).
+    /// Reads (never through the log), under the read rules.
     pub fn query(&self, statements: &[Statement], opts: &ExecOptions) -> Vec<Value> {
-        engine::query(&self.conn, statements, opts)
+        let limits = ReadLimits {
+            deadline: std::time::Instant::now() + std::time::Duration::from_secs(60),
+            max_bytes: usize::MAX,
+        };
+        engine::query(&self.db, statements, opts, limits)
     }
 }
 
-/// `VACUUM INTO`: a consistent, compact copy of a live file.
+/// A consistent copy of a live file, page for page (SQLite's backup in
+/// one step, under one read transaction): the copy holds the same rows
+/// with the same rowids, unlike `VACUUM INTO`, which may renumber the
+/// rowids of tables without an `INTEGER PRIMARY KEY`.
 pub fn copy_to(conn: &Connection, to: &Path) -> rusqlite::Result<()> {
     let _ = std::fs::remove_file(to);
-    conn.execute("VACUUM INTO ?1", [to.to_string_lossy()])
-        .map(|_| ())
+    let mut copy = Connection::open(to)?;
+    let backup = rusqlite::backup::Backup::new(conn, &mut copy)?;
+    match backup.step(-1)? {
+        rusqlite::backup::StepResult::Done => Ok(()),
+        // One step copies every page unless the source is busy or locked.
+        _ => Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("the copy did not finish in one step".into()),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -191,7 +284,7 @@ mod tests {
         let path = dir.path().join("state.sqlite");
         let opts = ExecOptions::default();
         {
-            let mut sm = StateMachine::open(&path).unwrap();
+            let mut sm = StateMachine::open(&path, Default::default()).unwrap();
             assert_eq!(sm.applied().unwrap(), Applied::default());
             sm.apply(
                 Applied {
@@ -201,6 +294,7 @@ mod tests {
                 },
                 &stmts(r#"["CREATE TABLE t (x)"]"#),
                 &opts,
+                &WriteEnv::default(),
             )
             .unwrap()
             .unwrap();
@@ -213,6 +307,7 @@ mod tests {
                     },
                     &stmts(r#"["INSERT INTO t VALUES (1)"]"#),
                     &opts,
+                    &WriteEnv::default(),
                 )
                 .unwrap()
                 .unwrap();
@@ -225,14 +320,15 @@ mod tests {
                         index: 2
                     },
                     &stmts(r#"["INSERT INTO t VALUES (1)"]"#),
-                    &opts
+                    &opts,
+                    &WriteEnv::default()
                 )
                 .unwrap(),
                 None,
                 "replayed entry skipped"
             );
         }
-        let mut sm = StateMachine::open(&path).unwrap();
+        let mut sm = StateMachine::open(&path, Default::default()).unwrap();
         assert_eq!(
             sm.applied().unwrap(),
             Applied {
@@ -249,7 +345,8 @@ mod tests {
                     index: 1
                 },
                 &stmts(r#"["INSERT INTO t VALUES (9)"]"#),
-                &opts
+                &opts,
+                &WriteEnv::default()
             )
             .unwrap(),
             None
@@ -273,6 +370,7 @@ mod tests {
             },
             &stmts(r#"["CREATE TABLE t (x)"]"#),
             &tx,
+            &WriteEnv::default(),
         )
         .unwrap();
         let r = sm
@@ -284,6 +382,7 @@ mod tests {
                 },
                 &stmts(r#"["INSERT INTO t VALUES (1)", "INSERT INTO nope VALUES (2)"]"#),
                 &tx,
+                &WriteEnv::default(),
             )
             .unwrap()
             .unwrap();
@@ -313,6 +412,7 @@ mod tests {
                 },
                 &stmts(r#"["BEGIN", "UPDATE _scaleout_applied SET log_index = 0", "commit"]"#),
                 &opts,
+                &WriteEnv::default(),
             )
             .unwrap()
             .unwrap();

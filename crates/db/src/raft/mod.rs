@@ -11,7 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::engine::ExecOptions;
+use crate::engine::{ExecOptions, WriteEnv};
 use crate::request::Statement;
 
 pub mod log_store;
@@ -19,17 +19,26 @@ pub mod network;
 pub mod proposer;
 pub mod state_store;
 
-/// What a committed log entry asks every node to do. The leader has
-/// already made the SQL deterministic (see [`crate::determinism`]).
+/// What a committed log entry asks every node to do. The SQL travels as
+/// the client sent it, with what the leader fixed for it (`env`: the
+/// moment its functions see, its budget): every node applies it on a
+/// connection made deterministic (see [`crate::determinism`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     Execute {
         statements: Vec<Statement>,
         opts: ExecOptions,
+        #[serde(default)]
+        env: WriteEnv,
     },
     /// `/db/load`: SQL text run as one transaction; with `replace`, the
     /// database is emptied first (loading a whole SQLite file).
-    Load { sql: String, replace: bool },
+    Load {
+        sql: String,
+        replace: bool,
+        #[serde(default)]
+        env: WriteEnv,
+    },
     /// Nothing to apply: a strong read's round trip through the log.
     Barrier,
     /// Several clients' commands in one entry (group commit, see
@@ -106,7 +115,7 @@ mod tests {
                 io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Write, e)
             })?;
             let log = LogStore::open(&dir.path().join("raft"))?;
-            let state = StateStore::open(dir.path())?;
+            let state = StateStore::open(dir.path(), Default::default())?;
             Ok((dir, log, state))
         }
     }

@@ -17,17 +17,19 @@
 //! to the same file (WAL lets them run beside the writer).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder};
-use rusqlite::fallible_iterator::FallibleIterator;
-use rusqlite::Connection;
-use serde_json::{json, Value};
+use rusqlite::{Connection, OpenFlags};
+use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::{io_error, Command, Entry, LogId, StorageError, StoredMembership, TypeConfig};
-use crate::engine::{self, ExecOptions, RESERVED_PREFIX};
+use crate::engine::{self, ExecOptions, Guarded, ReadLimits, Rerun, Stop};
+use crate::guard::Fault;
 use crate::request::Statement;
 use crate::state::{self, Applied, AppliedState, StateMachine};
 
@@ -83,11 +85,12 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    /// Opens (or creates) the database in `dir`.
-    pub fn open(dir: &Path) -> Result<Self, StorageError> {
+    /// Opens (or creates) the database in `dir`; `shutdown` set stops
+    /// whatever statement the apply runs.
+    pub fn open(dir: &Path, shutdown: Arc<AtomicBool>) -> Result<Self, StorageError> {
         std::fs::create_dir_all(dir.join(SNAPSHOTS)).map_err(|e| sm_error(ErrorVerb::Read, e))?;
-        let mut sm =
-            StateMachine::open(&dir.join(DB_FILE)).map_err(|e| sm_error(ErrorVerb::Read, e))?;
+        let mut sm = StateMachine::open(&dir.join(DB_FILE), shutdown)
+            .map_err(|e| sm_error(ErrorVerb::Read, e))?;
         // The database file is written without an fsync per commit (the
         // log is the durable record), so an OS crash can take its newest
         // commits; entries the log has since dropped are in the snapshot,
@@ -121,81 +124,40 @@ impl StateStore {
     }
 }
 
-/// Applies one entry; its results are the client's answer.
-fn run(conn: &Connection, entry: &Entry) -> Vec<Value> {
+/// Applies one entry's command (inside the state machine's transaction
+/// for it); its results are the clients' answers.
+fn run(db: &Guarded, entry: &Entry, rerun: &Rerun) -> Result<Vec<Value>, Stop> {
     match &entry.payload {
-        EntryPayload::Normal(command) => run_command(conn, command),
-        EntryPayload::Blank | EntryPayload::Membership(_) => Vec::new(),
-    }
-}
-
-fn run_command(conn: &Connection, command: &Command) -> Vec<Value> {
-    match command {
-        Command::Execute { statements, opts } => engine::execute(conn, statements, opts),
-        Command::Load { sql, replace } => vec![load(conn, sql, *replace)],
-        Command::Barrier => Vec::new(),
-        Command::Batch(commands) => commands
+        EntryPayload::Normal(Command::Batch(commands)) => commands
             .iter()
-            .map(|c| Value::Array(run_command(conn, c)))
+            .enumerate()
+            .map(|(request, c)| run_command(db, request, c, rerun).map(Value::Array))
             .collect(),
+        EntryPayload::Normal(command) => run_command(db, 0, command, rerun),
+        EntryPayload::Blank | EntryPayload::Membership(_) => Ok(Vec::new()),
     }
 }
 
-/// `/db/load`: all of `sql` or none of it; with `replace`, the database
-/// is emptied first. Transaction control in the text (as in a `.dump`) is
-/// skipped: the load is one transaction already.
-fn load(conn: &Connection, sql: &str, replace: bool) -> Value {
-    let outcome = (|| -> rusqlite::Result<usize> {
-        conn.execute_batch("SAVEPOINT scaleout_load")?;
-        if replace {
-            drop_everything(conn)?;
+fn run_command(
+    db: &Guarded,
+    request: usize,
+    command: &Command,
+    rerun: &Rerun,
+) -> Result<Vec<Value>, Stop> {
+    match command {
+        Command::Execute {
+            statements,
+            opts,
+            env,
+        } => engine::execute(db, request, statements, opts, env, rerun),
+        Command::Load { sql, replace, env } => {
+            engine::load(db, request, sql, *replace, env, rerun).map(|r| vec![r])
         }
-        let mut batch = rusqlite::Batch::new(conn, sql);
-        let mut count = 0;
-        while let Some(mut stmt) = batch.next()? {
-            let text = stmt.expanded_sql().unwrap_or_default();
-            let first = text
-                .split(|c: char| c.is_whitespace() || c == ';')
-                .find(|w| !w.is_empty())
-                .unwrap_or("")
-                .to_ascii_lowercase();
-            if matches!(first.as_str(), "begin" | "commit" | "end" | "rollback") {
-                continue;
-            }
-            stmt.raw_execute()?;
-            count += 1;
-        }
-        conn.execute_batch("RELEASE scaleout_load")?;
-        Ok(count)
-    })();
-    match outcome {
-        Ok(count) => json!({ "statements": count }),
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK TO scaleout_load; RELEASE scaleout_load");
-            json!({ "error": e.to_string() })
-        }
+        Command::Barrier => Ok(Vec::new()),
+        Command::Batch(_) => Err(Stop::Fault(Fault(
+            "a batch inside a batch: the leader never writes one".into(),
+        ))),
     }
-}
-
-fn drop_everything(conn: &Connection) -> rusqlite::Result<()> {
-    let objects: Vec<(String, String)> = conn
-        .prepare(
-            "SELECT type, name FROM sqlite_schema
-             WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'",
-        )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    for (kind, name) in objects {
-        if name.starts_with(RESERVED_PREFIX) {
-            continue;
-        }
-        let quoted = name.replace('"', "\"\"");
-        conn.execute_batch(&format!(
-            "DROP {} IF EXISTS \"{quoted}\"",
-            kind.to_uppercase()
-        ))?;
-    }
-    Ok(())
 }
 
 impl RaftStateMachine<TypeConfig> for StateStore {
@@ -214,28 +176,39 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let Some(last) = entries.last().map(|e| e.log_id) else {
-            return Ok(Vec::new());
-        };
-        let membership = entries
-            .iter()
-            .rev()
-            .find_map(|e| match &e.payload {
-                EntryPayload::Membership(m) => {
-                    Some(StoredMembership::new(Some(e.log_id), m.clone()))
-                }
-                _ => None,
-            })
-            .map(|m| serde_json::to_string(&m))
-            .transpose()
-            .map_err(|e| sm_error(ErrorVerb::Write, e))?;
         let sm = self.sm.clone();
         blocking(move || {
-            lock(&sm)
-                .apply_batch(applied_of(&last), membership.as_deref(), |conn| {
-                    entries.iter().map(|e| run(conn, e)).collect()
+            let mut sm = lock(&sm);
+            entries
+                .iter()
+                .map(|entry| {
+                    // The membership is recorded with the entry that
+                    // carries it.
+                    let membership = match &entry.payload {
+                        EntryPayload::Membership(m) => Some(
+                            serde_json::to_string(&StoredMembership::new(
+                                Some(entry.log_id),
+                                m.clone(),
+                            ))
+                            .map_err(|e| sm_error(ErrorVerb::Write, e))?,
+                        ),
+                        _ => None,
+                    };
+                    sm.apply_entry(
+                        applied_of(&entry.log_id),
+                        membership.as_deref(),
+                        |db, rerun| run(db, entry, rerun),
+                    )
+                    .map_err(|e| {
+                        tracing::error!(
+                            index = entry.log_id.index,
+                            error = %e,
+                            "applying an entry failed: this node stops applying"
+                        );
+                        sm_error(ErrorVerb::Write, e)
+                    })
                 })
-                .map_err(|e| sm_error(ErrorVerb::Write, e))
+                .collect()
         })
         .await
     }
@@ -423,50 +396,72 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-/// Read-only connections to the state file, a few at a time.
+/// Read-only connections to the state file, a few at a time, each under
+/// the read rules ([`crate::guard`]).
 pub struct Readers {
-    conns: Mutex<Vec<Connection>>,
+    conns: Mutex<Vec<Guarded>>,
     permits: Semaphore,
+    count: usize,
+}
+
+/// Why a read could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("all {0} read connections stayed busy until the read's deadline; retry")]
+    Busy(usize),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Readers {
-    pub fn open(path: &Path, count: usize) -> rusqlite::Result<Self> {
+    pub fn open(path: &Path, count: usize, shutdown: Arc<AtomicBool>) -> rusqlite::Result<Self> {
         let conns = (0..count)
             .map(|_| {
-                let conn = Connection::open(path)?;
+                let conn = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
                 conn.execute_batch("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")?;
-                Ok(conn)
+                Guarded::reader(conn, shutdown.clone())
             })
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(Readers {
             permits: Semaphore::new(conns.len()),
+            count: conns.len(),
             conns: Mutex::new(conns),
         })
     }
 
-    /// Runs `f` on a free connection, off the async threads.
+    /// Runs `f` on a free connection, off the async threads; waits for
+    /// one until `deadline` at most.
     pub async fn with<T: Send + 'static>(
         self: &Arc<Self>,
-        f: impl FnOnce(&Connection) -> T + Send + 'static,
-    ) -> Result<T, String> {
-        let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
-        let conn = self
+        deadline: Instant,
+        f: impl FnOnce(&Guarded) -> T + Send + 'static,
+    ) -> Result<T, ReadError> {
+        let permit = tokio::time::timeout_at(deadline.into(), self.permits.acquire())
+            .await
+            .map_err(|_| ReadError::Busy(self.count))?
+            .map_err(|e| ReadError::Internal(e.to_string()))?;
+        let db = self
             .conns
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop()
-            .ok_or("no free reader")?;
+            .ok_or_else(|| ReadError::Internal("no free reader".into()))?;
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let out = f(&conn);
+        let out = tokio::task::spawn_blocking(move || {
+            let out = f(&db);
             me.conns
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(conn);
+                .push(db);
             out
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| ReadError::Internal(e.to_string()));
+        drop(permit);
+        out
     }
 
     /// Runs the statements in one read transaction (one snapshot of the
@@ -476,16 +471,22 @@ impl Readers {
         self: &Arc<Self>,
         statements: Vec<Statement>,
         opts: ExecOptions,
-    ) -> Result<(Vec<Value>, u64), String> {
-        self.with(move |conn| {
-            let snapshot = conn.unchecked_transaction().map_err(|e| e.to_string())?;
-            let applied = state::applied_state(conn)
-                .map_err(|e| e.to_string())?
-                .applied
-                .map_or(0, |a| a.index);
-            let results = engine::query(conn, &statements, &opts);
-            drop(snapshot);
-            Ok((results, applied))
+        limits: ReadLimits,
+    ) -> Result<(Vec<Value>, u64), ReadError> {
+        self.with(limits.deadline, move |db| {
+            db.internal("BEGIN")
+                .map_err(|e| ReadError::Internal(e.to_string()))?;
+            let applied = state::applied_state(&db.conn)
+                .map_err(|e| ReadError::Internal(e.to_string()))
+                .map(|s| s.applied.map_or(0, |a| a.index));
+            let results = match &applied {
+                Ok(_) => Ok(engine::query(db, &statements, &opts, limits)),
+                Err(e) => Err(ReadError::Internal(e.to_string())),
+            };
+            if let Err(e) = db.internal("COMMIT") {
+                tracing::warn!(error = %e, "ending a read transaction failed");
+            }
+            Ok((results?, applied?))
         })
         .await?
     }
@@ -502,6 +503,7 @@ mod tests {
             payload: EntryPayload::Normal(Command::Execute {
                 statements: parse_statements(sql.as_bytes()).unwrap(),
                 opts: ExecOptions::default(),
+                env: Default::default(),
             }),
         }
     }
@@ -510,7 +512,7 @@ mod tests {
     async fn a_database_behind_its_snapshot_is_restored_from_it_on_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut store = StateStore::open(dir.path()).unwrap();
+            let mut store = StateStore::open(dir.path(), Default::default()).unwrap();
             let results = store
                 .apply(vec![
                     entry(1, r#"["CREATE TABLE t (x)"]"#),
@@ -536,7 +538,7 @@ mod tests {
         for name in [DB_FILE, "db.sqlite-wal", "db.sqlite-shm"] {
             let _ = std::fs::remove_file(dir.path().join(name));
         }
-        let mut store = StateStore::open(dir.path()).unwrap();
+        let mut store = StateStore::open(dir.path(), Default::default()).unwrap();
         let (applied, _) = store.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(2));
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
@@ -546,45 +548,62 @@ mod tests {
         assert_eq!(n, 2);
     }
 
-    fn in_tx(conn: &mut Connection, f: impl FnOnce(&Connection) -> Value) -> Value {
-        let tx = conn.transaction().unwrap();
-        let out = f(&tx);
-        tx.commit().unwrap();
-        out
-    }
-
     #[test]
-    fn a_load_runs_a_dump_inside_the_callers_transaction() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch("CREATE TABLE old (x); CREATE TABLE _scaleout_applied (id);")
-            .unwrap();
+    fn a_load_replaces_everything_or_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(&dir.path().join("db.sqlite"), Default::default()).unwrap();
+        let mut index = 0;
+        let mut load = |sql: &str, replace: bool| {
+            index += 1;
+            let at = Applied {
+                term: 1,
+                leader: 1,
+                index,
+            };
+            sm.apply_entry(at, None, |db, rerun| {
+                engine::load(db, 0, sql, replace, &Default::default(), rerun)
+            })
+            .unwrap()
+        };
+        assert!(load("CREATE TABLE old (x);", false).get("error").is_none());
         let dump = "PRAGMA foreign_keys=OFF;\nBEGIN TRANSACTION;\nCREATE TABLE b (x);\nINSERT INTO b VALUES(1);\nCREATE TRIGGER tr AFTER INSERT ON b BEGIN INSERT INTO b VALUES (NULL); END;\nCOMMIT;\n";
-        let out = in_tx(&mut conn, |c| load(c, dump, true));
-        assert_eq!(out, json!({ "statements": 4 }));
-        let names: Vec<String> = conn
-            .prepare("SELECT name FROM sqlite_schema ORDER BY name")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let out = load(dump, true);
+        assert!(
+            out.get("error").is_some(),
+            "PRAGMA foreign_keys is refused: {out}"
+        );
+        let out = load(&dump.replace("PRAGMA foreign_keys=OFF;\n", ""), true);
+        assert_eq!(out, serde_json::json!({ "statements": 3 }));
+        // A failing load changes nothing, and neither does one that
+        // reaches for the node's state.
+        for bad in [
+            "INSERT INTO b VALUES (2); INSERT INTO nope VALUES (1);",
+            "CREATE TRIGGER evil AFTER UPDATE ON _scaleout_applied BEGIN SELECT 1; END;",
+            "DROP TABLE b; ATTACH '/tmp/x' AS x;",
+            "INSERT INTO b VALUES (3); ROLLBACK;",
+        ] {
+            let out = load(bad, true);
+            assert!(
+                out["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("nothing was loaded"),
+                "{bad}: {out}"
+            );
+        }
+        drop(load);
+        let q = sm.query(
+            &crate::request::parse_statements(
+                br#"["SELECT count(*) FROM b", "SELECT name FROM sqlite_schema ORDER BY name"]"#,
+            )
+            .unwrap(),
+            &ExecOptions::default(),
+        );
+        assert_eq!(q[0]["values"], serde_json::json!([[1]]));
         assert_eq!(
-            names,
-            vec!["_scaleout_applied", "b", "tr"],
+            q[1]["values"],
+            serde_json::json!([["_scaleout_applied"], ["b"], ["tr"]]),
             "old dropped, bookkeeping kept"
         );
-        // A failing load changes nothing.
-        let out = in_tx(&mut conn, |c| {
-            load(
-                c,
-                "INSERT INTO b VALUES (2); INSERT INTO nope VALUES (1);",
-                false,
-            )
-        });
-        assert!(out["error"].as_str().unwrap().contains("no such table"));
-        let n: i64 = conn
-            .query_row("SELECT count(*) FROM b", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, 1);
     }
 }

@@ -1,0 +1,736 @@
+//! The rules a client's SQL runs under, decided by SQLite itself.
+//!
+//! Every statement a client sends is prepared under SQLite's authorizer
+//! (called by SQLite's own parser with what the statement will do, not
+//! its text) and runs under a progress handler that bounds its work. The
+//! text is never inspected: `/**/ROLLBACK`, `-- x\nCOMMIT` and a
+//! trigger's body all reach the authorizer as the same action.
+//!
+//! - [`policy`] is the decision, a pure function of the mode and the
+//!   action (unit-tested below): transaction control, `ATTACH`/`DETACH`,
+//!   temporary objects, the node's `_scaleout_*` tables, pragmas outside
+//!   an allow-list, and, in the replicated write path, whatever exposes
+//!   one node's file layout (`dbstat`, `sqlite_schema.rootpage`) are
+//!   refused.
+//! - The budget: the write path counts SQLite VM steps (the same count on
+//!   every node, so the same verdict everywhere, unlike a clock); reads
+//!   get a wall-clock deadline. Shutdown stops any statement within a
+//!   thousand steps.
+//! - [`Guard::classify`] sorts a failed statement into an error the
+//!   client caused (the same on every node: an answer) and one the node
+//!   suffered (I/O, memory, shutdown: the apply must stop, not answer).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization, TransactionOperation};
+use rusqlite::limits::Limit;
+use rusqlite::{Connection, ErrorCode};
+
+use crate::engine::RESERVED_PREFIX;
+
+/// VM steps between two calls of the progress handler: the budget's
+/// granularity.
+pub const STEPS_PER_CHECK: u64 = 1000;
+/// The largest string or blob any statement may make (SQLite's
+/// `SQLITE_LIMIT_LENGTH`, the same constant on every node).
+pub const MAX_VALUE_BYTES: i32 = 64 * 1024 * 1024;
+/// Default VM steps one write request may take (about a second on this
+/// machine's cores): a runaway write fails the same way on every node.
+pub const DEFAULT_WRITE_BUDGET: u64 = 100_000_000;
+
+/// Whose statement is being prepared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The node's own statements (savepoints, bookkeeping): no rules.
+    Internal,
+    /// A client's statement in the replicated write path.
+    Write,
+    /// A statement of a `/db/load`: the write rules, except that
+    /// transaction control is noted (the load skips it) rather than refused.
+    Load,
+    /// A client's read.
+    Read,
+}
+
+/// What the authorizer saw that the caller must act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Noted {
+    /// Allowed as it is.
+    Nothing,
+    /// A table the statement may insert into or update (for the rowid check).
+    Writes,
+    /// Transaction control in a load.
+    TransactionControl(TransactionOperation),
+}
+
+/// Why a statement was stopped by the progress handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tripped {
+    /// The write request used up its budget of VM steps (deterministic).
+    Budget(u64),
+    /// The read passed its deadline.
+    Deadline,
+    /// The node is shutting down.
+    Shutdown,
+}
+
+const TRANSACTION_CONTROL: &str = "transaction control (BEGIN, COMMIT, END, ROLLBACK, SAVEPOINT, RELEASE) is not allowed: the node owns the transactions; send the statements with ?transaction to run them as one";
+
+/// Pragmas a write may run, with or without a value: settings kept in
+/// the database file itself, the same on every node.
+const WRITE_PRAGMAS: [&str; 2] = ["user_version", "application_id"];
+/// Pragmas that only describe the schema or check it: allowed everywhere.
+const INTROSPECTION_PRAGMAS: [&str; 15] = [
+    "table_info",
+    "table_xinfo",
+    "table_list",
+    "index_info",
+    "index_xinfo",
+    "index_list",
+    "foreign_key_list",
+    "foreign_key_check",
+    "integrity_check",
+    "quick_check",
+    "collation_list",
+    "function_list",
+    "module_list",
+    "pragma_list",
+    "compile_options",
+];
+/// Settings a read may look at (without a value: setting one would
+/// change a pooled connection for whoever uses it next).
+const READ_PRAGMAS: [&str; 13] = [
+    "user_version",
+    "application_id",
+    "schema_version",
+    "data_version",
+    "foreign_keys",
+    "encoding",
+    "page_size",
+    "page_count",
+    "freelist_count",
+    "journal_mode",
+    "auto_vacuum",
+    "recursive_triggers",
+    "defer_foreign_keys",
+];
+/// Virtual table modules a write may create: they store their data in
+/// ordinary tables, the same on every node.
+const WRITE_MODULES: [&str; 5] = ["fts3", "fts4", "fts5", "rtree", "rtree_i32"];
+
+/// Functions refused in writes: their value depends on the node (its
+/// connection's history, its build), not on the data. SQLite's own
+/// `pragma_function_list` flags these as not deterministic; the ones it
+/// flags so that are deterministic by construction here (random, time,
+/// `changes()`, `last_insert_rowid()`) are in [`crate::determinism`].
+pub const NODE_FUNCTIONS: [(&str, i32); 9] = [
+    ("total_changes", 0),
+    ("sqlite_version", 0),
+    ("sqlite_source_id", 0),
+    ("sqlite_compileoption_get", 1),
+    ("sqlite_compileoption_used", 1),
+    ("load_extension", 1),
+    ("load_extension", 2),
+    ("fts3_tokenizer", 1),
+    ("fts3_tokenizer", 2),
+];
+
+fn reserved(name: &str) -> bool {
+    name.len() >= RESERVED_PREFIX.len()
+        && name[..RESERVED_PREFIX.len()].eq_ignore_ascii_case(RESERVED_PREFIX)
+}
+
+fn is_schema_table(name: &str) -> bool {
+    [
+        "sqlite_master",
+        "sqlite_schema",
+        "sqlite_temp_master",
+        "sqlite_temp_schema",
+    ]
+    .iter()
+    .any(|t| name.eq_ignore_ascii_case(t))
+}
+
+/// The decision for one action of a statement being prepared: `Ok` with
+/// what to note, or `Err` with the reason the client is told.
+pub fn policy(
+    mode: Mode,
+    action: &AuthAction<'_>,
+    database: Option<&str>,
+) -> Result<Noted, String> {
+    use AuthAction as A;
+    if mode == Mode::Internal {
+        return Ok(Noted::Nothing);
+    }
+    let writing = matches!(mode, Mode::Write | Mode::Load);
+    // Every name the action touches, for the reserved-prefix rule.
+    let names: [Option<&str>; 2] = match *action {
+        A::CreateIndex {
+            index_name,
+            table_name,
+        }
+        | A::DropIndex {
+            index_name,
+            table_name,
+        }
+        | A::CreateTempIndex {
+            index_name,
+            table_name,
+        }
+        | A::DropTempIndex {
+            index_name,
+            table_name,
+        } => [Some(index_name), Some(table_name)],
+        A::CreateTrigger {
+            trigger_name,
+            table_name,
+        }
+        | A::DropTrigger {
+            trigger_name,
+            table_name,
+        }
+        | A::CreateTempTrigger {
+            trigger_name,
+            table_name,
+        }
+        | A::DropTempTrigger {
+            trigger_name,
+            table_name,
+        } => [Some(trigger_name), Some(table_name)],
+        A::CreateTable { table_name }
+        | A::CreateTempTable { table_name }
+        | A::DropTable { table_name }
+        | A::DropTempTable { table_name }
+        | A::Delete { table_name }
+        | A::Insert { table_name }
+        | A::Analyze { table_name }
+        | A::AlterTable { table_name, .. }
+        | A::Read { table_name, .. }
+        | A::Update { table_name, .. }
+        | A::CreateVtable { table_name, .. }
+        | A::DropVtable { table_name, .. } => [Some(table_name), None],
+        A::CreateView { view_name }
+        | A::DropView { view_name }
+        | A::CreateTempView { view_name }
+        | A::DropTempView { view_name } => [Some(view_name), None],
+        A::Reindex { index_name } => [Some(index_name), None],
+        _ => [None, None],
+    };
+    if names.iter().flatten().any(|n| reserved(n)) {
+        return Err(format!(
+            "names starting with {RESERVED_PREFIX} are reserved for the node's own state"
+        ));
+    }
+    match *action {
+        A::Transaction { operation } | A::Savepoint { operation, .. } => {
+            if mode == Mode::Load && matches!(*action, A::Transaction { .. }) {
+                Ok(Noted::TransactionControl(operation))
+            } else {
+                Err(TRANSACTION_CONTROL.into())
+            }
+        }
+        A::Attach { .. } | A::Detach { .. } => Err(
+            "ATTACH, DETACH and VACUUM INTO are not allowed: the node's files are out of clients' reach"
+                .into(),
+        ),
+        A::CreateTempIndex { .. }
+        | A::CreateTempTable { .. }
+        | A::CreateTempTrigger { .. }
+        | A::CreateTempView { .. }
+        | A::DropTempIndex { .. }
+        | A::DropTempTable { .. }
+        | A::DropTempTrigger { .. }
+        | A::DropTempView { .. } => Err(
+            "temporary tables, views, triggers and indexes are not allowed: they would live in one node's connection, not in the replicated database"
+                .into(),
+        ),
+        A::Insert { .. } | A::Update { .. } | A::Delete { .. }
+            if database.is_some_and(|d| d.eq_ignore_ascii_case("temp")) =>
+        {
+            Err("the temp database is not replicated: write to main".into())
+        }
+        A::Pragma { pragma_name, pragma_value } => {
+            let name = pragma_name.to_ascii_lowercase();
+            let allowed = INTROSPECTION_PRAGMAS.contains(&name.as_str())
+                || (writing && WRITE_PRAGMAS.contains(&name.as_str()))
+                || (!writing && pragma_value.is_none() && READ_PRAGMAS.contains(&name.as_str()));
+            if allowed {
+                Ok(Noted::Nothing)
+            } else if writing {
+                Err(format!(
+                    "PRAGMA {name} is not allowed in a write: it sets one connection's state or reads one node's file layout; allowed: {}, and {}",
+                    WRITE_PRAGMAS.join(", "),
+                    INTROSPECTION_PRAGMAS.join(", ")
+                ))
+            } else {
+                Err(format!(
+                    "PRAGMA {name}{} is not allowed in a read: reads may look at {} and run {}",
+                    if pragma_value.is_some() { " with a value" } else { "" },
+                    READ_PRAGMAS.join(", "),
+                    INTROSPECTION_PRAGMAS.join(", ")
+                ))
+            }
+        }
+        A::Read { table_name, .. } if writing && table_name.eq_ignore_ascii_case("dbstat") => Err(
+            "dbstat is not allowed in a write: it describes one node's file layout".into(),
+        ),
+        A::Read { table_name, column_name }
+            if writing
+                && is_schema_table(table_name)
+                && column_name.eq_ignore_ascii_case("rootpage") =>
+        {
+            Err("sqlite_schema.rootpage is not allowed in a write: it describes one node's file layout".into())
+        }
+        A::CreateVtable { module_name, .. }
+            if !WRITE_MODULES.iter().any(|m| m.eq_ignore_ascii_case(module_name)) =>
+        {
+            Err(format!(
+                "virtual tables using {module_name} are not allowed; allowed modules: {}",
+                WRITE_MODULES.join(", ")
+            ))
+        }
+        A::Function { function_name }
+            if NODE_FUNCTIONS
+                .iter()
+                .any(|(f, _)| f.eq_ignore_ascii_case(function_name))
+                && (writing || function_name.eq_ignore_ascii_case("load_extension")
+                    || function_name.eq_ignore_ascii_case("fts3_tokenizer")) =>
+        {
+            Err(node_function_error(function_name))
+        }
+        A::Insert { table_name } | A::Update { table_name, .. }
+            if writing && !is_schema_table(table_name) =>
+        {
+            Ok(Noted::Writes)
+        }
+        _ => Ok(Noted::Nothing),
+    }
+}
+
+pub fn node_function_error(name: &str) -> String {
+    format!(
+        "{name}() is not allowed here: its value depends on the node (its connection or build), so replicas would differ"
+    )
+}
+
+/// The per-connection state the hooks share with the code running
+/// statements.
+#[derive(Debug)]
+struct State {
+    mode: Mode,
+    /// The first refusal while preparing the current statement.
+    refusal: Option<String>,
+    /// Tables the statement may insert into or update.
+    writes: BTreeSet<String>,
+    transaction_control: Option<TransactionOperation>,
+    /// Progress-handler calls left for this request (writes).
+    checks_left: Option<u64>,
+    budget: u64,
+    deadline: Option<Instant>,
+    tripped: Option<Tripped>,
+}
+
+/// The hooks installed on one connection, and their state.
+pub struct Guard {
+    state: Arc<Mutex<State>>,
+    shutdown: Arc<AtomicBool>,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Guard {
+    /// Installs the authorizer, the progress handler and the limits on
+    /// `conn`. `shutdown` set stops whatever runs on it.
+    pub fn install(conn: &Connection, shutdown: Arc<AtomicBool>) -> rusqlite::Result<Guard> {
+        let state = Arc::new(Mutex::new(State {
+            mode: Mode::Internal,
+            refusal: None,
+            writes: BTreeSet::new(),
+            transaction_control: None,
+            checks_left: None,
+            budget: 0,
+            deadline: None,
+            tripped: None,
+        }));
+        let hooked = state.clone();
+        conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+            let mut s = lock(&hooked);
+            match policy(s.mode, &ctx.action, ctx.database_name) {
+                Ok(Noted::Nothing) => Authorization::Allow,
+                Ok(Noted::Writes) => {
+                    if let AuthAction::Insert { table_name }
+                    | AuthAction::Update { table_name, .. } = ctx.action
+                    {
+                        if ctx
+                            .database_name
+                            .is_none_or(|d| d.eq_ignore_ascii_case("main"))
+                        {
+                            s.writes.insert(table_name.to_string());
+                        }
+                    }
+                    Authorization::Allow
+                }
+                Ok(Noted::TransactionControl(op)) => {
+                    s.transaction_control = Some(op);
+                    Authorization::Allow
+                }
+                Err(why) => {
+                    s.refusal.get_or_insert(why);
+                    Authorization::Deny
+                }
+            }
+        }));
+        let hooked = state.clone();
+        let stop = shutdown.clone();
+        conn.progress_handler(
+            STEPS_PER_CHECK as i32,
+            Some(move || {
+                let mut s = lock(&hooked);
+                if stop.load(Ordering::Relaxed) {
+                    s.tripped = Some(Tripped::Shutdown);
+                    return true;
+                }
+                // The node's own statements do not spend a client's budget.
+                let counted = matches!(s.mode, Mode::Write | Mode::Load);
+                if let Some(left) = s.checks_left.as_mut().filter(|_| counted) {
+                    if *left == 0 {
+                        s.tripped = Some(Tripped::Budget(s.budget));
+                        return true;
+                    }
+                    *left -= 1;
+                }
+                if s.deadline.is_some_and(|d| Instant::now() >= d) {
+                    s.tripped = Some(Tripped::Deadline);
+                    return true;
+                }
+                false
+            }),
+        );
+        conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
+        Ok(Guard { state, shutdown })
+    }
+
+    /// Whose statements are prepared from now on; clears what the last
+    /// statement noted.
+    pub fn set_mode(&self, mode: Mode) {
+        let mut s = lock(&self.state);
+        s.mode = mode;
+        s.refusal = None;
+        s.writes.clear();
+        s.transaction_control = None;
+    }
+
+    /// A write request starts: `budget` VM steps for all its statements
+    /// (0: unbounded, for entries written before budgets existed).
+    pub fn start_write(&self, budget: u64) {
+        let mut s = lock(&self.state);
+        s.budget = budget;
+        s.checks_left = (budget > 0).then(|| budget / STEPS_PER_CHECK);
+        s.deadline = None;
+        s.tripped = None;
+    }
+
+    /// A read starts: it must end by `deadline`.
+    pub fn start_read(&self, deadline: Instant) {
+        let mut s = lock(&self.state);
+        s.checks_left = None;
+        s.deadline = Some(deadline);
+        s.tripped = None;
+    }
+
+    /// No bound (the node's own work).
+    pub fn unbounded(&self) {
+        let mut s = lock(&self.state);
+        s.checks_left = None;
+        s.deadline = None;
+        s.tripped = None;
+    }
+
+    /// Why the last statement was refused while being prepared, if it was.
+    pub fn refusal(&self) -> Option<String> {
+        lock(&self.state).refusal.clone()
+    }
+
+    pub fn take_writes(&self) -> BTreeSet<String> {
+        std::mem::take(&mut lock(&self.state).writes)
+    }
+
+    pub fn transaction_control(&self) -> Option<TransactionOperation> {
+        lock(&self.state).transaction_control
+    }
+
+    pub fn tripped(&self) -> Option<Tripped> {
+        lock(&self.state).tripped
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Relaxed)
+    }
+
+    /// Sorts a statement's failure: `Ok(message)` when the client's SQL
+    /// caused it (every node fails it the same way), `Err` when the node
+    /// did (its disk, memory, shutdown).
+    pub fn classify(&self, e: &rusqlite::Error) -> Result<String, Fault> {
+        match self.tripped() {
+            Some(Tripped::Budget(steps)) => {
+                return Ok(format!(
+                    "the statement ran past its budget of {steps} SQLite steps and was stopped (the same on every node); nothing of it was applied"
+                ))
+            }
+            Some(Tripped::Deadline) => {
+                return Ok("the query ran past its time limit and was stopped".into())
+            }
+            Some(Tripped::Shutdown) => return Err(Fault("the node is shutting down".into())),
+            None => {}
+        }
+        if self.shutting_down() {
+            return Err(Fault("the node is shutting down".into()));
+        }
+        let Some(code) = e.sqlite_error_code() else {
+            // rusqlite's own checks (parameters, types): about the request.
+            return Ok(e.to_string());
+        };
+        match code {
+            ErrorCode::ConstraintViolation
+            | ErrorCode::TypeMismatch
+            | ErrorCode::TooBig
+            | ErrorCode::ParameterOutOfRange
+            | ErrorCode::AuthorizationForStatementDenied
+            | ErrorCode::Unknown => Ok(match (code, self.refusal()) {
+                (ErrorCode::AuthorizationForStatementDenied, Some(why)) => why,
+                _ => e.to_string(),
+            }),
+            _ => Err(Fault(e.to_string())),
+        }
+    }
+}
+
+/// A failure of the node, not of the client's SQL: the apply must stop
+/// rather than answer (another node would not fail the same way).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Fault(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use AuthAction as A;
+
+    #[test]
+    fn transaction_control_is_refused_in_every_spelling_sqlite_parses() {
+        for mode in [Mode::Write, Mode::Read] {
+            for op in [
+                TransactionOperation::Begin,
+                TransactionOperation::Rollback,
+                TransactionOperation::Unknown,
+            ] {
+                assert!(policy(mode, &A::Transaction { operation: op }, None).is_err());
+                assert!(policy(
+                    mode,
+                    &A::Savepoint {
+                        operation: op,
+                        savepoint_name: "s"
+                    },
+                    None
+                )
+                .is_err());
+            }
+        }
+        assert_eq!(
+            policy(
+                Mode::Load,
+                &A::Transaction {
+                    operation: TransactionOperation::Begin
+                },
+                None
+            ),
+            Ok(Noted::TransactionControl(TransactionOperation::Begin))
+        );
+        assert!(policy(
+            Mode::Load,
+            &A::Savepoint {
+                operation: TransactionOperation::Begin,
+                savepoint_name: "s"
+            },
+            None
+        )
+        .is_err());
+        assert_eq!(
+            policy(
+                Mode::Internal,
+                &A::Transaction {
+                    operation: TransactionOperation::Begin
+                },
+                None
+            ),
+            Ok(Noted::Nothing)
+        );
+    }
+
+    #[test]
+    fn the_nodes_files_and_state_are_out_of_reach() {
+        for mode in [Mode::Write, Mode::Load, Mode::Read] {
+            assert!(policy(mode, &A::Attach { filename: "/etc/x" }, None).is_err());
+            assert!(policy(mode, &A::Detach { database_name: "x" }, None).is_err());
+            assert!(policy(
+                mode,
+                &A::Read {
+                    table_name: "_SCALEOUT_applied",
+                    column_name: "log_index"
+                },
+                Some("main")
+            )
+            .is_err());
+            assert!(policy(
+                mode,
+                &A::CreateTrigger {
+                    trigger_name: "t",
+                    table_name: "_scaleout_applied"
+                },
+                Some("main")
+            )
+            .is_err());
+            assert!(policy(mode, &A::CreateTempTable { table_name: "t" }, Some("temp")).is_err());
+        }
+    }
+
+    #[test]
+    fn writes_may_only_use_what_is_the_same_on_every_node() {
+        let w = Mode::Write;
+        assert!(policy(
+            w,
+            &A::Function {
+                function_name: "total_changes"
+            },
+            None
+        )
+        .is_err());
+        assert!(policy(
+            w,
+            &A::Function {
+                function_name: "SQLITE_VERSION"
+            },
+            None
+        )
+        .is_err());
+        assert_eq!(
+            policy(
+                w,
+                &A::Function {
+                    function_name: "abs"
+                },
+                None
+            ),
+            Ok(Noted::Nothing)
+        );
+        assert_eq!(
+            policy(
+                Mode::Read,
+                &A::Function {
+                    function_name: "total_changes"
+                },
+                None
+            ),
+            Ok(Noted::Nothing),
+            "reads are not replicated"
+        );
+        let pragma = |name, value| A::Pragma {
+            pragma_name: name,
+            pragma_value: value,
+        };
+        assert!(policy(w, &pragma("user_version", Some("3")), None).is_ok());
+        assert!(policy(w, &pragma("table_info", Some("t")), None).is_ok());
+        for bad in [
+            "foreign_keys",
+            "writable_schema",
+            "page_count",
+            "journal_mode",
+            "optimize",
+        ] {
+            assert!(policy(w, &pragma(bad, None), None).is_err(), "{bad}");
+        }
+        assert!(policy(Mode::Read, &pragma("page_count", None), None).is_ok());
+        assert!(policy(Mode::Read, &pragma("foreign_keys", Some("0")), None).is_err());
+        assert!(policy(Mode::Read, &pragma("query_only", Some("0")), None).is_err());
+        assert!(policy(
+            w,
+            &A::Read {
+                table_name: "dbstat",
+                column_name: "pageno"
+            },
+            Some("main")
+        )
+        .is_err());
+        assert!(policy(
+            w,
+            &A::Read {
+                table_name: "sqlite_master",
+                column_name: "rootpage"
+            },
+            Some("main")
+        )
+        .is_err());
+        assert!(policy(
+            w,
+            &A::Read {
+                table_name: "sqlite_master",
+                column_name: "name"
+            },
+            Some("main")
+        )
+        .is_ok());
+        assert!(policy(
+            w,
+            &A::CreateVtable {
+                table_name: "s",
+                module_name: "dbstat"
+            },
+            Some("main")
+        )
+        .is_err());
+        assert!(policy(
+            w,
+            &A::CreateVtable {
+                table_name: "s",
+                module_name: "FTS5"
+            },
+            Some("main")
+        )
+        .is_ok());
+        assert_eq!(
+            policy(w, &A::Insert { table_name: "t" }, Some("main")),
+            Ok(Noted::Writes)
+        );
+        assert!(policy(w, &A::Insert { table_name: "t" }, Some("temp")).is_err());
+    }
+
+    /// Every function SQLite itself flags as not deterministic is either
+    /// made deterministic here or refused: a new SQLite with a new such
+    /// function fails this test instead of slipping through.
+    #[test]
+    fn every_non_deterministic_builtin_is_covered() {
+        let c = Connection::open_in_memory().unwrap();
+        let mut st = c
+            .prepare("SELECT DISTINCT name FROM pragma_function_list WHERE builtin = 1 AND type = 's' AND (flags & 0x800) = 0")
+            .unwrap();
+        let names: Vec<String> = st
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(!names.is_empty());
+        for name in names {
+            let covered = NODE_FUNCTIONS.iter().any(|(f, _)| *f == name)
+                || crate::determinism::FIXED_FUNCTIONS.contains(&name.as_str());
+            assert!(covered, "{name}() is neither fixed nor refused");
+        }
+    }
+}
