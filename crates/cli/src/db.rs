@@ -47,6 +47,18 @@ pub struct DbArgs {
     /// How long a read waits for min_index or for the leader's confirmation.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     read_timeout: Duration,
+    /// The longest a query may run before it is stopped (a request's
+    /// ?db_timeout= may only shorten it).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    query_timeout: Duration,
+    /// Bytes of values one query's results may hold.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    max_result_bytes: usize,
+    /// SQLite VM steps one write request may take before it is stopped
+    /// (about 1 s per 100 million here). The leader's value travels with
+    /// each write, so every node reaches the same verdict.
+    #[arg(long, default_value_t = scaleout_db::guard::DEFAULT_WRITE_BUDGET)]
+    write_budget: u64,
 }
 
 async fn bind(what: &str, addr: &str) -> anyhow::Result<(TcpListener, String)> {
@@ -85,6 +97,15 @@ pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()
     config.election_timeout = args.election_timeout;
     config.snapshot_threshold = args.snapshot_threshold.max(1);
     config.read_timeout = args.read_timeout;
+    if args.query_timeout.is_zero() || args.write_budget < scaleout_db::guard::STEPS_PER_CHECK {
+        anyhow::bail!(
+            "--query-timeout must be more than 0 and --write-budget at least {}",
+            scaleout_db::guard::STEPS_PER_CHECK
+        );
+    }
+    config.query_timeout = args.query_timeout;
+    config.max_result_bytes = args.max_result_bytes;
+    config.write_budget = args.write_budget;
     let running = node::start(config, api, raft, shutdown.clone()).await?;
     println!(
         "scaleout db: node {} http://{} raft {} data {}",

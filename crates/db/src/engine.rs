@@ -402,6 +402,9 @@ fn load_statements(
         let Some(mut stmt) = batch.next().map_err(failed)? else {
             break;
         };
+        if db.guard.no_op_in_load() {
+            continue;
+        }
         match db.guard.transaction_control() {
             None => {}
             Some(TransactionOperation::Rollback) => {

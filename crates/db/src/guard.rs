@@ -64,6 +64,9 @@ pub enum Noted {
     Writes,
     /// Transaction control in a load.
     TransactionControl(TransactionOperation),
+    /// `PRAGMA foreign_keys` in a load (a dump starts with one): a no-op
+    /// inside a transaction, which a load is; skipped.
+    NoOpInLoad,
 }
 
 /// Why a statement was stopped by the progress handler.
@@ -252,6 +255,11 @@ pub fn policy(
         {
             Err("the temp database is not replicated: write to main".into())
         }
+        A::Pragma { pragma_name, .. }
+            if mode == Mode::Load && pragma_name.eq_ignore_ascii_case("foreign_keys") =>
+        {
+            Ok(Noted::NoOpInLoad)
+        }
         A::Pragma { pragma_name, pragma_value } => {
             let name = pragma_name.to_ascii_lowercase();
             let allowed = INTROSPECTION_PRAGMAS.contains(&name.as_str())
@@ -326,6 +334,7 @@ struct State {
     /// Tables the statement may insert into or update.
     writes: BTreeSet<String>,
     transaction_control: Option<TransactionOperation>,
+    no_op: bool,
     /// Progress-handler calls left for this request (writes).
     checks_left: Option<u64>,
     budget: u64,
@@ -354,6 +363,7 @@ impl Guard {
             refusal: None,
             writes: BTreeSet::new(),
             transaction_control: None,
+            no_op: false,
             checks_left: None,
             budget: 0,
             deadline: None,
@@ -379,6 +389,10 @@ impl Guard {
                 }
                 Ok(Noted::TransactionControl(op)) => {
                     s.transaction_control = Some(op);
+                    Authorization::Allow
+                }
+                Ok(Noted::NoOpInLoad) => {
+                    s.no_op = true;
                     Authorization::Allow
                 }
                 Err(why) => {
@@ -426,6 +440,7 @@ impl Guard {
         s.refusal = None;
         s.writes.clear();
         s.transaction_control = None;
+        s.no_op = false;
     }
 
     /// A write request starts: `budget` VM steps for all its statements
@@ -465,6 +480,11 @@ impl Guard {
 
     pub fn transaction_control(&self) -> Option<TransactionOperation> {
         lock(&self.state).transaction_control
+    }
+
+    /// The statement just prepared in a load does nothing there.
+    pub fn no_op_in_load(&self) -> bool {
+        lock(&self.state).no_op
     }
 
     pub fn tripped(&self) -> Option<Tripped> {
