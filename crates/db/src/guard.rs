@@ -157,6 +157,10 @@ fn is_schema_table(name: &str) -> bool {
     .any(|t| name.eq_ignore_ascii_case(t))
 }
 
+fn is_statistics(name: &str) -> bool {
+    name.len() == 12 && name[..11].eq_ignore_ascii_case("sqlite_stat")
+}
+
 /// The decision for one action of a statement being prepared: `Ok` with
 /// what to note, or `Err` with the reason the client is told.
 pub fn policy(
@@ -291,6 +295,16 @@ pub fn policy(
                 && column_name.eq_ignore_ascii_case("rootpage") =>
         {
             Err("sqlite_schema.rootpage is not allowed in a write: it describes one node's file layout".into())
+        }
+        A::Insert { table_name }
+        | A::Update { table_name, .. }
+        | A::Delete { table_name }
+        | A::DropTable { table_name }
+            if writing && is_statistics(table_name) =>
+        {
+            Err(format!(
+                "{table_name} is written by ANALYZE only: a node plans with the statistics it loaded, so edits would make nodes plan (and order rows) differently"
+            ))
         }
         A::CreateVtable { module_name, .. }
             if !WRITE_MODULES.iter().any(|m| m.eq_ignore_ascii_case(module_name)) =>
@@ -730,6 +744,9 @@ mod tests {
             Ok(Noted::Writes)
         );
         assert!(policy(w, &A::Insert { table_name: "t" }, Some("temp")).is_err());
+        assert!(policy(w, &A::Insert { table_name: "sqlite_stat1" }, Some("main")).is_err());
+        assert!(policy(w, &A::DropTable { table_name: "SQLITE_STAT4" }, Some("main")).is_err());
+        assert!(policy(Mode::Read, &A::Read { table_name: "sqlite_stat1", column_name: "stat" }, Some("main")).is_ok());
     }
 
     /// Every function SQLite itself flags as not deterministic is either

@@ -118,6 +118,43 @@ impl DbNode {
     }
 }
 
+impl DbNode {
+    /// Everything this node holds once `index` is applied here: the
+    /// schema, and each table's rows with their rowids, in rowid order
+    /// (WITHOUT ROWID tables by their columns).
+    pub async fn contents(&self, index: u64) -> Value {
+        let schema = self
+            .values_at(
+                "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY name",
+                index,
+            )
+            .await;
+        let mut tables = serde_json::Map::new();
+        tables.insert("sqlite_schema".into(), schema.clone());
+        for row in schema.as_array().into_iter().flatten() {
+            let (Some("table"), Some(name)) = (row[0].as_str(), row[1].as_str()) else {
+                continue;
+            };
+            if name.starts_with("sqlite_") || name.starts_with("_scaleout_") {
+                continue;
+            }
+            let quoted = name.replace('"', "\"\"");
+            let with_rowid = format!("SELECT _rowid_, * FROM \"{quoted}\" ORDER BY _rowid_");
+            let (status, body) = self
+                .query(&with_rowid, &format!("level=none&min_index={index}"))
+                .await;
+            let rows = if status == 200 && body["results"][0]["error"].is_null() {
+                body["results"][0]["values"].clone()
+            } else {
+                self.values_at(&format!("SELECT * FROM \"{quoted}\" ORDER BY 1"), index)
+                    .await
+            };
+            tables.insert(name.to_string(), rows);
+        }
+        Value::Object(tables)
+    }
+}
+
 pub fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
