@@ -21,6 +21,12 @@ pub struct ChaosArgs {
     /// on the data API (checked for linearizability and monotonic reads).
     #[arg(long, default_value_t = 3)]
     registers: usize,
+    /// Concurrent clients sending hostile SQL to the data API (rollback in
+    /// any spelling, RAISE in triggers, non-deterministic functions,
+    /// runaway queries, ATTACH, ...), each checked: its acknowledged
+    /// ledger rows on every node, its refused ones on none.
+    #[arg(long, default_value_t = 1)]
+    hostile: usize,
     /// Time between faults.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "6s")]
     fault_every: Duration,
@@ -61,6 +67,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> anyhow::Result
         duration: args.duration,
         clients: args.clients,
         registers: args.registers,
+        hostile: args.hostile,
         fault_every: args.fault_every,
         data_dir: args.data,
         history: args.history,

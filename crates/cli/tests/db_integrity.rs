@@ -5,7 +5,8 @@
 //! differential fuzzer at the end sends random SQL from a grammar of
 //! such statements and checks the three guarantees.
 //!
-//! The fuzzer runs with a fixed seed and a bounded number of requests;
+//! The grammar is the chaos run's hostile workload
+//! (`scaleout_lab::chaos::hostile`). The fuzzer runs with a fixed seed and a bounded number of requests;
 //! `SCALEOUT_FUZZ_SEED` and `SCALEOUT_FUZZ_REQUESTS` (per client) run it
 //! longer by hand.
 
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use common::db::{leader_of, post_json, voters, DbNode};
 use common::{client, eventually, Proc};
 use nix::sys::signal::Signal;
+use scaleout_lab::chaos::hostile::{self, Ledger, Rng};
 use serde_json::{json, Value};
 
 /// A small budget so that runaway writes stop quickly in a debug build.
@@ -359,156 +361,6 @@ async fn a_data_directory_takes_one_node_and_sigterm_interrupts_a_statement() {
     assert_eq!(rows, json!([[7]]), "the runaway insert left nothing");
 }
 
-/// A small deterministic generator (splitmix64): the same seed, the same
-/// run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<'a>(&mut self, items: &'a [&'a str]) -> &'a str {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
-
-/// Expressions whose value may differ between nodes unless the design
-/// makes them the same, or that fail.
-const EXPRESSIONS: &[&str] = &[
-    "random()",
-    "randomblob(4)",
-    "hex(randomblob(length('abcdefgh')))",
-    "datetime('now')",
-    "strftime('%Y-%m-%d %H:%M:%f', \"now\")",
-    "strftime('%Y-%m-%d %H:%M:%f')",
-    "julianday('no'||'w')",
-    "unixepoch('now', 'subsec')",
-    "CURRENT_TIMESTAMP",
-    "changes()",
-    "last_insert_rowid()",
-    "total_changes()",
-    "datetime('now', 'localtime')",
-    "sqlite_version()",
-    "42",
-    "'text'",
-    "abs(-7) * 3",
-    "zeroblob(100000000)",
-];
-
-/// One statement from the grammar of careless and hostile SQL; `attach`
-/// is a path in the test's own directory.
-fn statement(rng: &mut Rng, attach: &str) -> Value {
-    let t = format!("p{}", rng.below(3));
-    let u = format!("p{}", rng.below(3));
-    let n = rng.below(6);
-    let e = |rng: &mut Rng| rng.pick(EXPRESSIONS).to_string();
-    let sql = match rng.below(22) {
-        0 => rng
-            .pick(&[
-                "ROLLBACK",
-                "/**/ROLLBACK",
-                "-- x\nCOMMIT",
-                "END",
-                "BEGIN",
-                "BEGIN IMMEDIATE",
-                "SAVEPOINT s",
-                "RELEASE s",
-                "ROLLBACK TO s",
-                "  commit transaction ;",
-            ])
-            .to_string(),
-        1 => format!(
-            "CREATE TRIGGER IF NOT EXISTS r{n}{t} {} INSERT ON {t} WHEN new.a % 3 = {} BEGIN SELECT RAISE({}, 'boom'); END",
-            rng.pick(&["BEFORE", "AFTER"]),
-            rng.below(3),
-            rng.pick(&["ROLLBACK", "ABORT", "FAIL", "IGNORE"])
-        ),
-        2 => format!(
-            "CREATE TRIGGER IF NOT EXISTS w{n}{t} AFTER INSERT ON {t} BEGIN INSERT INTO {u} (a, b, c) VALUES (random(), datetime('now'), {}); END",
-            e(rng)
-        ),
-        3 => format!("DROP TRIGGER IF EXISTS r{n}{t}"),
-        4..=7 => format!(
-            "INSERT INTO {t} (a, b, c) VALUES ({}, {}, {})",
-            rng.below(100),
-            e(rng),
-            e(rng)
-        ),
-        8 => format!("INSERT OR ROLLBACK INTO {t} (rowid, a) VALUES ({}, {})", rng.below(20), e(rng)),
-        9 => format!("INSERT OR REPLACE INTO {t} (rowid, a, b) VALUES ({}, {}, {})", rng.below(20), rng.below(9), e(rng)),
-        10 => format!("UPDATE {t} SET b = {} WHERE a % 3 = {}", e(rng), rng.below(3)),
-        11 => format!("DELETE FROM {t} WHERE rowid % 5 = {n}"),
-        12 => rng
-            .pick(&[
-                "INSERT INTO p0 (rowid, a) VALUES (9223372036854775807, 1)",
-                "INSERT INTO p1 (a) SELECT count(*) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT x FROM c)",
-                "UPDATE p2 SET c = (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c)",
-            ])
-            .to_string(),
-        13 => format!("ATTACH DATABASE '{attach}' AS x{n}"),
-        14 => rng
-            .pick(&[
-                "INSERT INTO nope VALUES (1)",
-                "SELECT * FROM",
-                "INSERT INTO p0 (zz) VALUES (1)",
-                "VACUUM",
-                "CREATE TEMP TABLE tt (x)",
-                "UPDATE _scaleout_applied SET log_index = 0",
-            ])
-            .to_string(),
-        15 => format!(
-            "CREATE TABLE IF NOT EXISTS q{n} (a, b DEFAULT (random()), c DEFAULT CURRENT_TIMESTAMP, d DEFAULT ({}))",
-            e(rng)
-        ),
-        16 => format!("INSERT INTO q{n} (a) VALUES ({})", rng.below(50)),
-        17 => rng
-            .pick(&[
-                "CREATE INDEX IF NOT EXISTS pb ON p0 (b)",
-                "ANALYZE",
-                "DROP TABLE IF EXISTS q1",
-                "PRAGMA foreign_keys = OFF",
-                "PRAGMA recursive_triggers = 1",
-                "PRAGMA user_version = 7",
-                "PRAGMA case_sensitive_like = 1",
-                "INSERT INTO sqlite_stat1 VALUES ('p0', 'pb', '1000000 1')",
-            ])
-            .to_string(),
-        18 => format!("INSERT INTO kid (d) VALUES ({n})"),
-        19 => format!("INSERT INTO dad (id) VALUES ({n})"),
-        20 => format!("DELETE FROM dad WHERE id = {n}"),
-        _ => {
-            return json!([
-                "INSERT INTO p0 (a, b, c) VALUES (?, strftime(?, ?), ?)",
-                rng.below(100),
-                "%Y-%m-%d %H:%M:%f",
-                "now",
-                rng.pick(&["now", "x"])
-            ])
-        }
-    };
-    Value::String(sql)
-}
-
-/// What happened to one request's ledger row.
-#[derive(Debug)]
-enum Ledger {
-    /// Answered with no error for it: it must be on every node.
-    Acknowledged(u64, u64),
-    /// Answered as failed (or its transaction rolled back): on no node.
-    Refused(u64, u64),
-    /// No answer, or no ledger row in the request.
-    Unknown,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn differential_fuzz_of_hostile_sql_against_a_cluster() {
     let seed: u64 = std::env::var("SCALEOUT_FUZZ_SEED")
@@ -521,18 +373,7 @@ async fn differential_fuzz_of_hostile_sql_against_a_cluster() {
         .unwrap_or(30);
     let dir = tempfile::tempdir().unwrap();
     let (nodes, leader) = cluster(dir.path()).await;
-    ok_write(
-        &nodes[leader],
-        json!([
-            "CREATE TABLE ledger (client INTEGER, seq INTEGER, v, PRIMARY KEY (client, seq))",
-            "CREATE TABLE p0 (a, b, c)",
-            "CREATE TABLE p1 (a, b, c UNIQUE ON CONFLICT ROLLBACK)",
-            "CREATE TABLE p2 (a INTEGER PRIMARY KEY, b, c)",
-            "CREATE TABLE dad (id INTEGER PRIMARY KEY)",
-            "CREATE TABLE kid (id INTEGER PRIMARY KEY, d REFERENCES dad (id) DEFERRABLE INITIALLY DEFERRED)"
-        ]),
-    )
-    .await;
+    ok_write(&nodes[leader], json!(hostile::SCHEMA)).await;
     let urls = apis(&nodes);
     let attach = dir.path().join("attached.sqlite");
     let mut clients = tokio::task::JoinSet::new();
@@ -543,37 +384,14 @@ async fn differential_fuzz_of_hostile_sql_against_a_cluster() {
             let mut rng = Rng(seed.wrapping_mul(1000).wrapping_add(c));
             let mut outcomes = Vec::new();
             for seq in 0..per_client {
-                let mut body: Vec<Value> = (0..rng.below(4)).map(|_| statement(&mut rng, &attach)).collect();
-                let ledger_at = (rng.below(5) > 0).then(|| {
-                    let at = rng.below(body.len() as u64 + 1) as usize;
-                    let v = rng.pick(EXPRESSIONS);
-                    body.insert(at, json!([format!("INSERT INTO ledger VALUES (?, ?, {v})"), c, seq]));
-                    at
-                });
-                if body.is_empty() {
-                    continue;
-                }
-                let transaction = rng.below(3) == 0;
+                let req = hostile::request(&mut rng, c, seq, &attach, true);
                 let node = &nodes[rng.below(4) as usize];
-                let (status, answer) = write_to(node, Value::Array(body), transaction).await;
+                let (status, answer) = write_to(node, req.body.clone(), req.transaction).await;
                 assert!(
                     status == 200 || status == 503 || status == 504,
                     "seed {seed}: {status} {answer}"
                 );
-                let outcome = match ledger_at {
-                    Some(at) if status == 200 => {
-                        let results = answer["results"].as_array().unwrap();
-                        let any_error = results.iter().any(|r| !r["error"].is_null());
-                        match results.get(at) {
-                            Some(r) if r["error"].is_null() && !(transaction && any_error) => {
-                                Ledger::Acknowledged(c, seq)
-                            }
-                            _ => Ledger::Refused(c, seq),
-                        }
-                    }
-                    _ => Ledger::Unknown,
-                };
-                outcomes.push(outcome);
+                outcomes.push((c, seq, hostile::ledger_outcome(&req, status, &answer)));
                 // Now and then a runaway read on some node.
                 if rng.below(10) == 0 {
                     let read = common::db::urlencode(
@@ -598,20 +416,20 @@ async fn differential_fuzz_of_hostile_sql_against_a_cluster() {
     }
     let index = ok_write(&nodes[leader], json!(["SELECT 1"])).await;
     let contents = assert_identical(&nodes, index).await;
-    let stored: BTreeSet<(u64, u64)> = contents["ledger"]
+    let stored: BTreeSet<(u64, u64)> = contents["hostile_ledger"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| (r[1].as_u64().unwrap(), r[2].as_u64().unwrap()))
         .collect();
     let (mut acknowledged, mut refused) = (0, 0);
-    for outcome in &outcomes {
+    for (c, s, outcome) in &outcomes {
         match outcome {
-            Ledger::Acknowledged(c, s) => {
+            Ledger::Acknowledged => {
                 acknowledged += 1;
                 assert!(stored.contains(&(*c, *s)), "seed {seed}: acknowledged ({c}, {s}) lost");
             }
-            Ledger::Refused(c, s) => {
+            Ledger::Refused => {
                 refused += 1;
                 assert!(!stored.contains(&(*c, *s)), "seed {seed}: refused ({c}, {s}) stored");
             }

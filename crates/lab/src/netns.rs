@@ -1,10 +1,16 @@
 //! Network namespaces for the database nodes, so that `scaleout chaos` can
 //! cut the network between them for real.
 //!
-//! Each node gets its own namespace with one veth link into a bridge in
-//! the lab's namespace; the bridge holds the lab's address on a private
-//! /24 (10.200–249.x.0/24, picked from the lab's PID), the nodes hold .11,
-//! .12, ... Web servers and the lab reach every node through the bridge.
+//! Each node gets its own namespace with one veth link into a bridge; the
+//! bridge lives in a namespace of its own (`scaleout-<pid>-br`), joined
+//! to the lab's namespace by one more veth pair whose lab end holds the
+//! lab's address on a private /24 (10.200–249.x.0/24, picked from the
+//! lab's PID); the nodes hold .11, .12, ... Web servers and the lab reach
+//! every node through the bridge. The bridge has a namespace of its own
+//! because a host running Docker filters bridged traffic through its
+//! iptables `FORWARD` chain, whose policy Docker sets to `DROP`: in the
+//! bridge's own namespace that chain is empty, and the host's rules stay
+//! untouched.
 //! A partition between two nodes is a pair of blackhole routes, one in
 //! each node's namespace: their packets to each other vanish (a silent
 //! drop, as a broken link looks: connections hang until timeouts), while
@@ -56,18 +62,25 @@ impl Net {
             cut: BTreeSet::new(),
         };
         let lab = format!("{}/24", net.lab_addr());
-        ip(&["link", "add", &net.bridge, "type", "bridge"])?;
+        let br = net.bridge_namespace();
+        ip(&["netns", "add", &br])?;
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        // The lab's leg: its end here holds the lab's address.
+        ip(&["link", "add", &net.bridge, "type", "veth", "peer", "name", "lab", "netns", &br])?;
+        ip(&["-n", &br, "link", "set", "lab", "master", "br0"])?;
+        ip(&["-n", &br, "link", "set", "lab", "up"])?;
         ip(&["addr", "add", &lab, "dev", &net.bridge])?;
         ip(&["link", "set", &net.bridge, "up"])?;
         for i in 0..nodes {
             let ns = net.namespace(i);
-            let veth = format!("sov{tag}-{i}");
+            let veth = format!("n{i}");
             let addr = format!("{}/24", net.addr(i));
             ip(&["netns", "add", &ns])?;
             net.nodes = i + 1;
-            ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-            ip(&["link", "set", &veth, "master", &net.bridge])?;
-            ip(&["link", "set", &veth, "up"])?;
+            ip(&["-n", &br, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&["-n", &br, "link", "set", &veth, "master", "br0"])?;
+            ip(&["-n", &br, "link", "set", &veth, "up"])?;
             ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
@@ -90,6 +103,11 @@ impl Net {
     /// Node `i`'s namespace name.
     pub fn namespace(&self, i: usize) -> String {
         format!("scaleout-{}-{i}", self.tag)
+    }
+
+    /// The namespace the bridge lives in.
+    fn bridge_namespace(&self) -> String {
+        format!("scaleout-{}-br", self.tag)
     }
 
     fn blackhole(&self, verb: &str, a: usize, b: usize) -> Result<(), String> {
@@ -164,6 +182,8 @@ impl Drop for Net {
             // with it the lab's end.
             let _ = ip(&["netns", "del", &self.namespace(i)]);
         }
+        // The bridge's namespace takes the bridge and the lab's leg.
+        let _ = ip(&["netns", "del", &self.bridge_namespace()]);
         let _ = ip(&["link", "del", &self.bridge]);
     }
 }

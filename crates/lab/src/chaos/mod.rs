@@ -6,8 +6,16 @@
 //! Faults, one at a time: SIGKILL of the database leader or of any
 //! database node (restarted a little later on the same ports and data),
 //! SIGSTOP of a database node (SIGCONT later), SIGKILL of a web server
-//! (restarted). Network partitions between database nodes are not injected
-//! yet (they need network namespaces; see issue 6).
+//! (restarted), and network partitions between database nodes (each node
+//! in its own network namespace, links cut by blackhole routes: the
+//! leader cut off, any node cut off, one link cut).
+//!
+//! Beside the link clients, register clients ([`registers`]) check
+//! linearizability on the data API, and hostile clients ([`hostile`])
+//! send what careless or malicious clients send — transaction control in
+//! any spelling, `RAISE` in triggers, non-deterministic functions,
+//! runaway queries, `ATTACH` — so faults and hostile SQL are checked
+//! together.
 //!
 //! What the checker proves, from the history and the final data of every
 //! node: no acknowledged create is lost; nothing appears that was never
@@ -17,7 +25,9 @@
 //! client's read-your-writes cookie, finds it; every `linearizable` or
 //! `strong` count of a client's own links lies between the creates
 //! acknowledged before the read was sent and those sent before it
-//! completed (linearizability for a grow-only set per client). It also
+//! completed (linearizability for a grow-only set per client); every
+//! hostile client's acknowledged ledger row is on every node and no
+//! refused one on any; no file appeared where `ATTACH` pointed. It also
 //! measures, per fault, how long creates and reads were unavailable.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,6 +44,7 @@ use crate::netns::Net;
 use crate::procs::Proc;
 use crate::{plan, start_topology, Error};
 
+pub mod hostile;
 mod registers;
 
 #[derive(Debug, Clone)]
@@ -44,6 +55,8 @@ pub struct ChaosConfig {
     pub clients: usize,
     /// Register clients (straight on the data API; linearizability).
     pub registers: usize,
+    /// Clients sending hostile SQL to the data API (see [`hostile`]).
+    pub hostile: usize,
     /// Time between faults.
     pub fault_every: Duration,
     pub data_dir: PathBuf,
@@ -184,6 +197,10 @@ pub struct Report {
     /// Register operations, and those the linearizability search placed.
     pub register_ops: usize,
     pub register_checked: usize,
+    /// Hostile requests sent, and their ledger rows acknowledged (each
+    /// checked on every node).
+    pub hostile_ops: usize,
+    pub hostile_acknowledged: usize,
     /// What the checker could not decide (not violations).
     pub undecided: Vec<String>,
     pub faults: Vec<Fault>,
@@ -207,6 +224,10 @@ impl Report {
         println!(
             "  registers: {} operations, {} checked for linearizability",
             self.register_ops, self.register_checked
+        );
+        println!(
+            "  hostile SQL: {} requests, {} ledger rows acknowledged (each checked on every node)",
+            self.hostile_ops, self.hostile_acknowledged
         );
         for f in &self.faults {
             println!(
@@ -354,6 +375,32 @@ async fn exercise(
             started,
         )));
     }
+    let hostile_log: hostile::Log = Arc::default();
+    let attach = config.data_dir.join("chaos-attach.sqlite");
+    let _ = std::fs::remove_file(&attach);
+    if config.hostile > 0 {
+        let failed = |e: scaleout_client::ClientError| Error::Spawn {
+            name: "chaos".into(),
+            reason: format!("creating the hostile workload's tables: {e}"),
+        };
+        let db = scaleout_client::Client::new(dbs.clone()).map_err(failed)?;
+        db.discover(Duration::from_secs(10)).await.map_err(failed)?;
+        db.execute(&json!(hostile::SCHEMA), false)
+            .await
+            .map_err(failed)?;
+    }
+    for h in 0..config.hostile {
+        let id = config.clients + config.registers + h;
+        clients.push(tokio::spawn(hostile::client(
+            id,
+            config.seed.wrapping_add(id as u64 + 1),
+            dbs.clone(),
+            attach.to_string_lossy().into_owned(),
+            hostile_log.clone(),
+            stop.clone(),
+            started,
+        )));
+    }
     let mut rng = Rng::new(config.seed);
     let mut faults = Vec::new();
     let possible = |k: &&str| net.is_some() || !is_partition(k);
@@ -422,7 +469,26 @@ async fn exercise(
             .unwrap_or_default();
         let _ = writeln!(file, "{line}");
     }
-    let mut violations = check(&ops, procs).await;
+    let hostile_ops = hostile_log
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for h in &hostile_ops {
+        let line = serde_json::to_value(h)
+            .map(|mut v| {
+                v["kind"] = json!("hostile");
+                v.to_string()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(file, "{line}");
+    }
+    let mut violations = check(&ops, &hostile_ops, procs).await;
+    if attach.exists() {
+        violations.push(format!(
+            "hostile SQL made a file on the server: {}",
+            attach.display()
+        ));
+    }
     let findings = registers::check(&register_ops);
     violations.extend(findings.violations);
     Ok(Report {
@@ -442,6 +508,11 @@ async fn exercise(
             .count(),
         counts_ok: ops.iter().filter(|o| o.count.is_some()).count(),
         register_ops: register_ops.len(),
+        hostile_ops: hostile_ops.len(),
+        hostile_acknowledged: hostile_ops
+            .iter()
+            .filter(|h| h.ledger == hostile::Ledger::Acknowledged)
+            .count(),
         register_checked: findings.checked,
         undecided: findings.undecided,
         faults,
@@ -671,7 +742,9 @@ async fn client(
 }
 
 /// Every node's links (url → count), once all have caught up.
-async fn final_data(procs: &[Proc]) -> Result<BTreeMap<String, BTreeMap<String, u64>>, String> {
+type FinalData = (u64, BTreeMap<String, BTreeMap<String, u64>>);
+
+async fn final_data(procs: &[Proc]) -> Result<FinalData, String> {
     let dbs: Vec<(String, String)> = procs
         .iter()
         .filter(|p| p.name.starts_with("db-"))
@@ -731,16 +804,52 @@ async fn final_data(procs: &[Proc]) -> Result<BTreeMap<String, BTreeMap<String, 
         }
         out.insert(name.clone(), counts);
     }
+    Ok((target, out))
+}
+
+/// Each node's hostile ledger rows once it has applied `target`.
+async fn hostile_ledgers(
+    procs: &[Proc],
+    target: u64,
+) -> Result<BTreeMap<String, BTreeSet<(u64, u64)>>, String> {
+    let mut out = BTreeMap::new();
+    for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
+        let Some(url) = p.url() else { continue };
+        let q = format!(
+            "{url}/db/query?level=none&min_index={target}&q=SELECT%20client%2C%20seq%20FROM%20hostile_ledger"
+        );
+        let answer = match http().get(&q).send().await {
+            Ok(r) if r.status() == 200 => r.json::<Value>().await.unwrap_or_default(),
+            Ok(r) => return Err(format!("{}: the hostile ledger: {}", p.name, r.status())),
+            Err(e) => return Err(format!("{}: the hostile ledger: {e}", p.name)),
+        };
+        if let Some(e) = answer["results"][0]["error"].as_str() {
+            return Err(format!("{}: the hostile ledger: {e}", p.name));
+        }
+        let rows: BTreeSet<(u64, u64)> = answer["results"][0]["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| Some((r[0].as_u64()?, r[1].as_u64()?)))
+            .collect();
+        out.insert(p.name.clone(), rows);
+    }
     Ok(out)
 }
 
 /// The checker: the history against every node's final data.
-pub async fn check(ops: &[Op], procs: &[Proc]) -> Vec<String> {
-    let data = match final_data(procs).await {
+pub async fn check(ops: &[Op], hostile_ops: &[hostile::Op], procs: &[Proc]) -> Vec<String> {
+    let (target, data) = match final_data(procs).await {
         Ok(d) => d,
         Err(e) => return vec![e],
     };
     let mut violations = check_history(ops, &data);
+    if !hostile_ops.is_empty() {
+        match hostile_ledgers(procs, target).await {
+            Ok(ledgers) => violations.extend(hostile::check(hostile_ops, &ledgers)),
+            Err(e) => violations.push(e),
+        }
+    }
     // Every table, row by row: each node's SQL dump (all have caught up
     // with the final write, and nothing writes any more).
     let mut sums = BTreeMap::new();
