@@ -102,7 +102,10 @@ async fn assert_identical(nodes: &[DbNode], index: u64) -> Value {
 async fn assert_serving(nodes: &[DbNode], leader: usize) {
     let index = ok_write(
         &nodes[leader],
-        json!(["CREATE TABLE IF NOT EXISTS alive (x)", "INSERT INTO alive VALUES (1)"]),
+        json!([
+            "CREATE TABLE IF NOT EXISTS alive (x)",
+            "INSERT INTO alive VALUES (1)"
+        ]),
     )
     .await;
     for node in nodes {
@@ -170,7 +173,11 @@ async fn rollback_in_any_spelling_loses_no_other_clients_write() {
     while let Some(done) = tasks.join_next().await {
         acked.extend(done.unwrap());
     }
-    assert!(acked.len() >= 300, "most writes acknowledged: {}", acked.len());
+    assert!(
+        acked.len() >= 300,
+        "most writes acknowledged: {}",
+        acked.len()
+    );
     let index = ok_write(&nodes[leader], json!(["SELECT 1"])).await;
     let contents = assert_identical(&nodes, index).await;
     let stored: BTreeSet<(u64, u64)> = contents["rows"]
@@ -199,17 +206,28 @@ async fn non_deterministic_sql_stores_the_same_values_everywhere() {
     let forms = [
         json!(["INSERT INTO v VALUES ('randomblob', hex(randomblob(length('abcdefgh'))))"]),
         json!(["INSERT INTO v VALUES ('double quotes', strftime('%Y-%m-%d %H:%M:%f', \"now\"))"]),
-        json!([["INSERT INTO v VALUES ('parameter', strftime('%Y-%m-%d %H:%M:%f', ?))", "now"]]),
+        json!([[
+            "INSERT INTO v VALUES ('parameter', strftime('%Y-%m-%d %H:%M:%f', ?))",
+            "now"
+        ]]),
         json!(["INSERT INTO v VALUES ('no time', strftime('%Y-%m-%d %H:%M:%f'))"]),
         json!(["INSERT INTO v VALUES ('concatenated', julianday('no'||'w'))"]),
         json!(["INSERT INTO v VALUES ('random', random())"]),
-        json!(["CREATE TABLE d (x, at DEFAULT CURRENT_TIMESTAMP, r DEFAULT (random()))", "INSERT INTO d (x) VALUES (1)"]),
+        json!([
+            "CREATE TABLE d (x, at DEFAULT CURRENT_TIMESTAMP, r DEFAULT (random()))",
+            "INSERT INTO d (x) VALUES (1)"
+        ]),
         json!(["INSERT INTO v SELECT 'changes', changes()"]),
     ];
     for form in forms {
         ok_write(&nodes[leader], form).await;
     }
-    let (status, answer) = write(&nodes[leader], json!(["INSERT INTO v VALUES ('total', total_changes())"]), false).await;
+    let (status, answer) = write(
+        &nodes[leader],
+        json!(["INSERT INTO v VALUES ('total', total_changes())"]),
+        false,
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(errors(&answer)[0].contains("total_changes"), "{answer}");
     let index = ok_write(&nodes[leader], json!(["SELECT 1"])).await;
@@ -223,7 +241,11 @@ async fn non_deterministic_sql_stores_the_same_values_everywhere() {
 async fn a_load_that_reaches_for_the_nodes_state_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (nodes, leader) = cluster(dir.path()).await;
-    ok_write(&nodes[leader], json!(["CREATE TABLE keep (x)", "INSERT INTO keep VALUES (42)"])).await;
+    ok_write(
+        &nodes[leader],
+        json!(["CREATE TABLE keep (x)", "INSERT INTO keep VALUES (42)"]),
+    )
+    .await;
     let file = dir.path().join("evil.sqlite");
     {
         let c = rusqlite::Connection::open(&file).unwrap();
@@ -261,18 +283,33 @@ async fn runaway_statements_are_bounded_and_the_cluster_goes_on() {
     let (nodes, leader) = cluster(dir.path()).await;
     ok_write(&nodes[leader], json!(["CREATE TABLE t (x)"])).await;
     let runaway = "INSERT INTO t SELECT count(*) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT x FROM c)";
-    let (status, answer) = write(&nodes[leader], json!([runaway, "INSERT INTO t VALUES (1)"]), false).await;
+    let (status, answer) = write(
+        &nodes[leader],
+        json!([runaway, "INSERT INTO t VALUES (1)"]),
+        false,
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
-    assert!(answer["results"][0]["error"].as_str().unwrap().contains("budget"), "{answer}");
+    assert!(
+        answer["results"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("budget"),
+        "{answer}"
+    );
     assert!(answer["results"][1]["error"].is_null(), "{answer}");
     // More runaway reads at once than a node has read connections.
-    let read = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c";
+    let read =
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c";
     let started = Instant::now();
     let mut reads = tokio::task::JoinSet::new();
     for i in 0..6 {
         let url = format!(
             "{}&db_timeout=500ms",
-            nodes[i % 2 + 2].url(&format!("/db/query?level=none&q={}", common::db::urlencode(read)))
+            nodes[i % 2 + 2].url(&format!(
+                "/db/query?level=none&q={}",
+                common::db::urlencode(read)
+            ))
         );
         reads.spawn(async move {
             let r = client().get(url).send().await.unwrap();
@@ -282,11 +319,18 @@ async fn runaway_statements_are_bounded_and_the_cluster_goes_on() {
     while let Some(done) = reads.join_next().await {
         let (status, answer) = done.unwrap();
         assert!(
-            status == 503 || answer["results"][0]["error"].as_str().is_some_and(|e| e.contains("time limit")),
+            status == 503
+                || answer["results"][0]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("time limit")),
             "{status} {answer}"
         );
     }
-    assert!(started.elapsed() < Duration::from_secs(20), "reads held for {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "reads held for {:?}",
+        started.elapsed()
+    );
     for node in &nodes {
         let (status, answer) = node.query("SELECT count(*) FROM t", "level=none").await;
         assert_eq!(status, 200, "node {} still reads: {answer}", node.id);
@@ -300,7 +344,10 @@ async fn runaway_statements_are_bounded_and_the_cluster_goes_on() {
     .await;
     assert!(errors(&answer)[0].contains("ATTACH"), "{answer}");
     let (_, answer) = nodes[3]
-        .query(&format!("ATTACH DATABASE '{}' AS x", attach.display()), "level=none")
+        .query(
+            &format!("ATTACH DATABASE '{}' AS x", attach.display()),
+            "level=none",
+        )
         .await;
     assert!(answer.to_string().contains("ATTACH"), "{answer}");
     assert!(!attach.exists(), "no file made through SQL");
@@ -329,13 +376,21 @@ async fn a_data_directory_takes_one_node_and_sigterm_interrupts_a_statement() {
         node.data.to_str().unwrap(),
     ]);
     let status = second.wait_exit(Duration::from_secs(20));
-    assert!(!status.success(), "a second node on the same directory started");
+    assert!(
+        !status.success(),
+        "a second node on the same directory started"
+    );
     leader_of(std::slice::from_ref(&node)).await;
     ok_write(&node, json!(["CREATE TABLE t (x)"])).await;
     let url = node.url("/db/execute");
     let spinning = tokio::spawn(async move {
         let body = json!(["INSERT INTO t SELECT count(*) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT x FROM c)"]);
-        client().post(url).json(&body).send().await.map(|r| r.status().as_u16())
+        client()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
     node.proc.signal(Signal::SIGTERM);
@@ -354,7 +409,10 @@ async fn a_data_directory_takes_one_node_and_sigterm_interrupts_a_statement() {
             assert!(errors(&answer).is_empty(), "{answer}");
             break answer["raft_index"].as_u64().unwrap();
         }
-        assert!(Instant::now() < deadline, "no write taken after the restart: {answer}");
+        assert!(
+            Instant::now() < deadline,
+            "no write taken after the restart: {answer}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let rows = restarted.values_at("SELECT x FROM t", index).await;
@@ -427,11 +485,17 @@ async fn differential_fuzz_of_hostile_sql_against_a_cluster() {
         match outcome {
             Ledger::Acknowledged => {
                 acknowledged += 1;
-                assert!(stored.contains(&(*c, *s)), "seed {seed}: acknowledged ({c}, {s}) lost");
+                assert!(
+                    stored.contains(&(*c, *s)),
+                    "seed {seed}: acknowledged ({c}, {s}) lost"
+                );
             }
             Ledger::Refused => {
                 refused += 1;
-                assert!(!stored.contains(&(*c, *s)), "seed {seed}: refused ({c}, {s}) stored");
+                assert!(
+                    !stored.contains(&(*c, *s)),
+                    "seed {seed}: refused ({c}, {s}) stored"
+                );
             }
             Ledger::Unknown => {}
         }
@@ -441,7 +505,111 @@ async fn differential_fuzz_of_hostile_sql_against_a_cluster() {
         outcomes.len(),
         stored.len()
     );
-    assert!(acknowledged > 0 && refused > 0, "the workload exercised both");
+    assert!(
+        acknowledged > 0 && refused > 0,
+        "the workload exercised both"
+    );
     assert!(!attach.exists(), "no file made through SQL");
     assert_serving(&nodes, leader).await;
+}
+
+/// A replica that hears no leader says it is not ready (it kept saying
+/// "leader ok" about the last leader it knew, long after it was gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_hears_no_leader_is_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, _) = cluster(dir.path()).await;
+    let replica = nodes.pop().unwrap();
+    let ready = replica.url("/readyz");
+    eventually(Duration::from_secs(10), "the replica is ready", || {
+        let url = ready.clone();
+        async move {
+            client()
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    })
+    .await;
+    for voter in &nodes {
+        voter.proc.signal(Signal::SIGKILL);
+    }
+    eventually(
+        Duration::from_secs(15),
+        "the replica says it is not ready",
+        || {
+            let url = ready.clone();
+            async move {
+                client()
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 503)
+            }
+        },
+    )
+    .await;
+}
+
+/// One request of 10,000 statements beside concurrent writers: it is
+/// applied, and the others' writes go on (a payload that could not cross
+/// within openraft's heartbeat interval was sent again forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_write_is_replicated_and_the_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, leader) = cluster(dir.path()).await;
+    ok_write(
+        &nodes[leader],
+        json!(["CREATE TABLE big (x)", "CREATE TABLE small (x)"]),
+    )
+    .await;
+    let urls = apis(&nodes);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..4u64 {
+        let (urls, stop) = (urls.clone(), stop.clone());
+        writers.spawn(async move {
+            let (mut ok, mut other) = (0, Vec::new());
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let (status, answer) = write_to(
+                    &urls[(w % 3) as usize],
+                    json!([["INSERT INTO small VALUES (?)", i]]),
+                    false,
+                )
+                .await;
+                if status == 200 && errors(&answer).is_empty() {
+                    ok += 1;
+                } else {
+                    other.push(format!("{status} {answer}"));
+                }
+            }
+            (ok, other)
+        });
+    }
+    let statements: Vec<Value> = (0..10000)
+        .map(|i| json!(["INSERT INTO big VALUES (?)", format!("{i:0>40}")]))
+        .collect();
+    let (status, answer) = write(&nodes[leader], Value::Array(statements), false).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(status, 200, "{answer}");
+    assert!(errors(&answer).is_empty());
+    let index = answer["raft_index"].as_u64().unwrap();
+    while let Some(done) = writers.join_next().await {
+        let (ok, other) = done.unwrap();
+        assert!(ok > 0, "a writer got nothing done: {other:?}");
+        assert!(
+            other.is_empty(),
+            "writes failed beside the large one: {other:?}"
+        );
+    }
+    for node in nodes.iter() {
+        assert_eq!(
+            node.values_at("SELECT count(*) FROM big", index).await,
+            json!([[10000]])
+        );
+    }
 }

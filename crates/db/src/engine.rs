@@ -109,6 +109,10 @@ pub struct Guarded {
     pub conn: Connection,
     pub guard: Guard,
     fixed: Option<FixedFunctions>,
+    /// Per table, the name that reaches its rowid (`rowid`, `oid` or
+    /// `_rowid_`, whichever no column took), or `None` when every one did;
+    /// forgotten whenever a statement changes the schema.
+    rowid_names: std::cell::RefCell<std::collections::HashMap<String, Option<&'static str>>>,
 }
 
 impl Guarded {
@@ -118,11 +122,12 @@ impl Guarded {
         let fixed = FixedFunctions::install(&conn)?;
         // Where `last_insert_rowid()` and `changes()` are reset before
         // each write (a temporary table: nothing reaches the file).
-        conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS scaleout_reset (x)")?;
+        conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS _scaleout_reset (x)")?;
         Ok(Guarded {
             conn,
             guard,
             fixed: Some(fixed),
+            rowid_names: Default::default(),
         })
     }
 
@@ -133,6 +138,7 @@ impl Guarded {
             conn,
             guard,
             fixed: None,
+            rowid_names: Default::default(),
         })
     }
 
@@ -157,8 +163,8 @@ impl Guarded {
                 .and_then(|mut s| s.execute([]))
                 .map_err(|e| Fault(format!("resetting the connection: {e}")))
         };
-        reset("INSERT OR REPLACE INTO temp.scaleout_reset (rowid, x) VALUES (0, 0)")?;
-        reset("UPDATE temp.scaleout_reset SET x = x WHERE 0")?;
+        reset("INSERT OR REPLACE INTO temp._scaleout_reset (rowid, x) VALUES (0, 0)")?;
+        reset("UPDATE temp._scaleout_reset SET x = x WHERE 0")?;
         Ok(())
     }
 }
@@ -202,14 +208,31 @@ pub struct Rerun {
 /// violation (the database holds none before it: every commit checks).
 fn violates_foreign_keys(db: &Guarded) -> Result<bool, Fault> {
     db.guard.set_mode(Mode::Internal);
-    let mut stmt = db
+    let tables: Vec<String> = db
         .conn
-        .prepare("PRAGMA foreign_key_check")
+        .prepare_cached(
+            "SELECT name FROM pragma_table_list WHERE schema = 'main' AND type = 'table'",
+        )
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
         .map_err(|e| Fault(e.to_string()))?;
-    let mut rows = stmt.query([]).map_err(|e| Fault(e.to_string()))?;
-    // An error here (a key naming a missing parent) fails the request on
-    // every node alike.
-    Ok(!matches!(rows.next(), Ok(None)))
+    for table in tables {
+        let checked = db
+            .conn
+            .prepare_cached("SELECT 1 FROM pragma_foreign_key_check(?1, 'main')")
+            .and_then(|mut s| s.exists([&table]));
+        match checked {
+            Ok(true) => return Ok(true),
+            Ok(false) => {}
+            // A key that cannot be checked (a "foreign key mismatch": no
+            // unique index on the parent's columns) is one SQLite refuses
+            // on every write that touches it; the node's own failures
+            // stop the apply.
+            Err(e) => {
+                db.guard.classify(&e)?;
+            }
+        }
+    }
+    Ok(false)
 }
 
 const DEFERRED_VIOLATION: &str =
@@ -232,34 +255,121 @@ impl From<Fault> for Stop {
 /// replica could reproduce): no row may hold it.
 const LAST_ROWID: i64 = i64::MAX;
 
+/// The name that reaches `table`'s rowid: one of SQLite's three aliases
+/// that no column of the table took. `Err` when every one did (the rowid
+/// is then out of reach, and so is the check).
+fn rowid_name(db: &Guarded, table: &str) -> Result<Option<&'static str>, ()> {
+    if let Some(known) = db.rowid_names.borrow().get(table) {
+        return known.map(Some).ok_or(());
+    }
+    db.guard.set_mode(Mode::Internal);
+    let columns: Result<Vec<String>, _> = db
+        .conn
+        .prepare_cached("SELECT name FROM pragma_table_xinfo(?1, 'main')")
+        .and_then(|mut s| {
+            s.query_map([table], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<_>>()
+        });
+    // Not a table here (a view, say): nothing to check.
+    let Ok(columns) = columns else {
+        return Ok(None);
+    };
+    if columns.is_empty() {
+        return Ok(None);
+    }
+    let free = ["rowid", "oid", "_rowid_"]
+        .into_iter()
+        .find(|alias| !columns.iter().any(|c| c.eq_ignore_ascii_case(alias)));
+    db.rowid_names.borrow_mut().insert(table.to_string(), free);
+    free.map(Some).ok_or(())
+}
+
+/// Whether the statement left `table` holding the last rowid (or a
+/// table whose rowid cannot be checked at all).
 fn holds_last_rowid(db: &Guarded, table: &str) -> bool {
+    let name = match rowid_name(db, table) {
+        Ok(Some(name)) => name,
+        Ok(None) => return false,
+        Err(()) => return true,
+    };
     db.guard.set_mode(Mode::Internal);
     let quoted = table.replace('"', "\"\"");
     db.conn
-        .prepare_cached(&format!("SELECT max(_rowid_) FROM main.\"{quoted}\""))
+        .prepare_cached(&format!("SELECT max({name}) FROM main.\"{quoted}\""))
         .and_then(|mut s| s.query_row([], |r| r.get::<_, Option<i64>>(0)))
+        // WITHOUT ROWID tables have none.
         .is_ok_and(|max| max == Some(LAST_ROWID))
 }
 
+/// `SQLITE_FULL` is the node's (its disk) unless the statement wrote an
+/// `AUTOINCREMENT` table, whose counter SQLite reports full at the last
+/// rowid — the same on every node — and the disk has room to spare.
+fn full_is_the_clients(
+    db: &Guarded,
+    e: &rusqlite::Error,
+    writes: &std::collections::BTreeSet<String>,
+) -> bool {
+    if e.sqlite_error_code() != Some(rusqlite::ErrorCode::DiskFull) {
+        return false;
+    }
+    db.guard.set_mode(Mode::Internal);
+    let autoincrement = writes.iter().any(|t| {
+        db.conn
+            .prepare_cached(
+                "SELECT 1 FROM sqlite_schema WHERE name = ?1 AND sql LIKE '%AUTOINCREMENT%'",
+            )
+            .and_then(|mut s| s.exists([t]))
+            .unwrap_or(false)
+    });
+    let room = match db.conn.path().filter(|p| !p.is_empty()) {
+        // In memory: no disk to fill.
+        None => true,
+        Some(p) => std::path::Path::new(p)
+            .parent()
+            .and_then(|dir| nix::sys::statvfs::statvfs(dir).ok())
+            .is_some_and(|fs| {
+                (fs.blocks_available() as u64).saturating_mul(fs.fragment_size() as u64)
+                    > FULL_MARGIN
+            }),
+    };
+    autoincrement && room
+}
+
+/// Free space below which `SQLITE_FULL` is taken for a full disk.
+const FULL_MARGIN: u64 = 256 * 1024 * 1024;
+
 fn execute_one(db: &Guarded, s: &Statement) -> Result<Value, Failed> {
     let conn = &db.conn;
-    let failed = |e: rusqlite::Error| match db.guard.classify(&e) {
-        Ok(msg) if conn.is_autocommit() => Failed::Ended(msg),
-        Ok(msg) => Failed::Client(msg),
-        Err(fault) => Failed::Fault(fault),
+    let failed = |e: rusqlite::Error, writes: &std::collections::BTreeSet<String>| {
+        let verdict = if full_is_the_clients(db, &e, writes) {
+            Ok(e.to_string())
+        } else {
+            db.guard.classify(&e)
+        };
+        match verdict {
+            Ok(msg) if conn.is_autocommit() => Failed::Ended(msg),
+            Ok(msg) => Failed::Client(msg),
+            Err(fault) => Failed::Fault(fault),
+        }
     };
     db.guard.set_mode(Mode::Write);
     let mut stmt = prepare(conn, s).map_err(|e| match e {
-        Prepared::Sqlite(e) => failed(e),
+        Prepared::Sqlite(e) => failed(e, &Default::default()),
         Prepared::Request(msg) => Failed::Client(msg),
     })?;
     let writes = db.guard.take_writes();
+    if db.guard.take_schema_changed() {
+        db.rowid_names.borrow_mut().clear();
+    }
     let mut rows = stmt.raw_query();
     loop {
         match rows.next() {
             Ok(Some(_)) => {}
             Ok(None) => break,
-            Err(e) => return Err(failed(e)),
+            Err(e) => {
+                drop(rows);
+                return Err(failed(e, &writes));
+            }
         }
     }
     drop(rows);
@@ -270,11 +380,15 @@ fn execute_one(db: &Guarded, s: &Statement) -> Result<Value, Failed> {
         ));
     }
     if let Some(table) = writes.iter().find(|t| holds_last_rowid(db, t)) {
-        return Err(Failed::Ended(format!(
-            "rowid {LAST_ROWID} in {table:?} is not allowed: after it SQLite picks rowids at random, which replicas could not reproduce"
-        )));
+        return Err(Failed::Ended(last_rowid_error(table)));
     }
     Ok(json!({ "last_insert_id": conn.last_insert_rowid(), "rows_affected": conn.changes() }))
+}
+
+fn last_rowid_error(table: &str) -> String {
+    format!(
+        "rowid {LAST_ROWID} in {table:?} is not allowed: after it SQLite picks rowids at random, which replicas could not reproduce (and a table whose columns take all of rowid, oid and _rowid_ hides its rowid from this check, so it cannot be written)"
+    )
 }
 
 /// Runs one request's write statements on the apply connection, inside
@@ -355,19 +469,26 @@ pub fn load(
     db.start_write(env)?;
     let internal = |sql: &str| db.internal(sql).map_err(|e| Fault(e.to_string()));
     internal("SAVEPOINT scaleout_load")?;
+    // The load's keys were deferred: check them all now (switching the
+    // deferral off would forget what it counted).
     let outcome = load_statements(db, sql, replace, env).and_then(|count| {
-        match rerun.check_deferred && violates_foreign_keys(db).map_err(Failed::Fault)? {
-            true => Err(Failed::Client(DEFERRED_VIOLATION.into())),
+        match violates_foreign_keys(db).map_err(Failed::Fault)? {
+            true => Err(Failed::Client(
+                "FOREIGN KEY constraint failed: the loaded rows leave a key without its parent"
+                    .into(),
+            )),
             false => Ok(count),
         }
     });
     match outcome {
         Ok(count) => {
-            internal("RELEASE scaleout_load")?;
+            internal("RELEASE scaleout_load; PRAGMA defer_foreign_keys = OFF")?;
             Ok(json!({ "statements": count }))
         }
         Err(Failed::Client(e)) => {
-            internal("ROLLBACK TO scaleout_load; RELEASE scaleout_load")?;
+            internal(
+                "ROLLBACK TO scaleout_load; RELEASE scaleout_load; PRAGMA defer_foreign_keys = OFF",
+            )?;
             Ok(json!({ "error": format!("load: {e}; nothing was loaded") }))
         }
         Err(Failed::Ended(error)) => Err(Stop::Ended(Ended {
@@ -390,8 +511,15 @@ fn load_statements(
         Ok(msg) => Failed::Client(msg),
         Err(fault) => Failed::Fault(fault),
     };
+    // Foreign keys are checked when the entry commits, not statement by
+    // statement: a dump may insert children before parents, and emptying
+    // the database drops parents before children (reset by SQLite at the
+    // commit; switched off again below for the entry's other requests).
+    db.guard.set_mode(Mode::Internal);
+    conn.execute_batch("PRAGMA defer_foreign_keys = ON")
+        .map_err(failed)?;
+    db.rowid_names.borrow_mut().clear();
     if replace {
-        db.guard.set_mode(Mode::Internal);
         drop_everything(conn).map_err(failed)?;
     }
     let mut batch = rusqlite::Batch::new(conn, sql);
@@ -416,6 +544,9 @@ fn load_statements(
             Some(_) => continue,
         }
         let writes = db.guard.take_writes();
+        if db.guard.take_schema_changed() {
+            db.rowid_names.borrow_mut().clear();
+        }
         stmt.raw_execute().map_err(failed)?;
         drop(stmt);
         if conn.is_autocommit() {
@@ -424,9 +555,7 @@ fn load_statements(
             ));
         }
         if let Some(table) = writes.iter().find(|t| holds_last_rowid(db, t)) {
-            return Err(Failed::Client(format!(
-                "rowid {LAST_ROWID} in {table:?} is not allowed: after it SQLite picks rowids at random, which replicas could not reproduce"
-            )));
+            return Err(Failed::Client(last_rowid_error(table)));
         }
         count += 1;
     }
@@ -478,13 +607,23 @@ pub struct ReadLimits {
     pub max_bytes: usize,
 }
 
-/// The bytes a value adds to an answer, roughly as JSON.
+/// The bytes a value adds to an answer as JSON (control characters,
+/// quotes and backslashes escaped: up to six bytes each).
 fn size_of(v: ValueRef<'_>) -> usize {
     match v {
-        ValueRef::Null | ValueRef::Integer(_) | ValueRef::Real(_) => 8,
-        ValueRef::Text(t) => t.len() + 2,
+        ValueRef::Null | ValueRef::Integer(_) | ValueRef::Real(_) => 24,
+        ValueRef::Text(t) => json_text_size(t),
         ValueRef::Blob(b) => b.len() * 4 / 3 + 4,
     }
+}
+
+fn json_text_size(t: &[u8]) -> usize {
+    t.len()
+        + 2
+        + t.iter()
+            .filter(|b| **b < 0x20 || **b == b'"' || **b == b'\\')
+            .count()
+            * 5
 }
 
 fn query_one(
@@ -512,17 +651,34 @@ fn query_one(
         .iter()
         .map(|c| c.decl_type().unwrap_or("").to_ascii_lowercase())
         .collect();
+    // With `associative`, every row repeats the column names.
+    let per_row: usize = if associative {
+        columns
+            .iter()
+            .map(|c| json_text_size(c.as_bytes()) + 1)
+            .sum()
+    } else {
+        0
+    };
+    let too_big = || {
+        format!("the results are larger than {max_bytes} bytes: page through them with LIMIT and OFFSET")
+    };
+    *left = left
+        .checked_sub(
+            columns
+                .iter()
+                .map(|c| json_text_size(c.as_bytes()) * 2)
+                .sum(),
+        )
+        .ok_or_else(too_big)?;
     let mut values = Vec::new();
     let mut rows = stmt.raw_query();
     while let Some(row) = rows.next().map_err(failed)? {
+        *left = left.checked_sub(per_row).ok_or_else(too_big)?;
         let mut out = Vec::with_capacity(columns.len());
         for i in 0..columns.len() {
             let v = row.get_ref(i).map_err(|e| e.to_string())?;
-            *left = left.checked_sub(size_of(v)).ok_or_else(|| {
-                format!(
-                    "the results are larger than {max_bytes} bytes: page through them with LIMIT and OFFSET"
-                )
-            })?;
+            *left = left.checked_sub(size_of(v)).ok_or_else(too_big)?;
             out.push(json_value(v));
         }
         values.push(out);
@@ -954,5 +1110,193 @@ mod tests {
         );
         let r = db.query(r#"["SELECT a, b FROM t WHERE rowid > 3 ORDER BY rowid"]"#);
         assert_eq!(r[0]["values"], json!([[0, 0], [0, 4]]));
+    }
+
+    // ---- the attacker's findings (issue 12's review), one test each ----
+
+    /// F1a: a deferred key checked against a parent without a unique
+    /// index ("foreign key mismatch") failed the re-run's check, taken for
+    /// the node's fault: every node stopped applying.
+    #[test]
+    fn a_key_that_cannot_be_checked_fails_its_request_not_the_node() {
+        let mut db = Db::new("CREATE TABLE fp (id INTEGER PRIMARY KEY)");
+        db.exec(r#"["CREATE TABLE fc (p REFERENCES fp (id) DEFERRABLE INITIALLY DEFERRED)", "CREATE TABLE mm_p (a)", "CREATE TABLE mm_c (x REFERENCES mm_p (a))"]"#, false);
+        let r = db.batch(&[
+            (r#"["INSERT INTO fc VALUES (999)"]"#, false),
+            (r#"["INSERT INTO fp VALUES (1)"]"#, false),
+        ]);
+        assert!(r[0][0].get("error").is_some(), "{r:?}");
+        assert!(r[1][0].get("error").is_none(), "{r:?}");
+        assert_eq!(db.count("fp"), 1);
+    }
+
+    /// F1b: an AUTOINCREMENT counter set to the last rowid made the next
+    /// insert fail "database or disk is full", taken for the node's fault.
+    #[test]
+    fn an_autoincrement_counter_at_its_end_fails_the_request_not_the_node() {
+        let mut db = Db::new("CREATE TABLE ai (id INTEGER PRIMARY KEY AUTOINCREMENT, v)");
+        let r = db.exec(r#"["INSERT INTO ai (v) VALUES (1)", "UPDATE sqlite_sequence SET seq = 9223372036854775807 WHERE name = 'ai'", "INSERT INTO sqlite_sequence VALUES ('x', 1)"]"#, false);
+        assert!(error_of(&r[1]).contains("sqlite_sequence"), "{r:?}");
+        assert!(error_of(&r[2]).contains("sqlite_sequence"), "{r:?}");
+        let r = db.batch(&[
+            (
+                r#"["INSERT INTO ai (id, v) VALUES (9223372036854775807, 2), (NULL, 3)"]"#,
+                false,
+            ),
+            (r#"["INSERT INTO ai (v) VALUES (4)"]"#, false),
+        ]);
+        assert!(r[0][0].get("error").is_some(), "{r:?}");
+        assert!(r[1][0].get("error").is_none(), "{r:?}");
+        assert_eq!(db.count("ai"), 2);
+    }
+
+    /// F1c and F2: FTS5's shadow tables cannot be written (the connection
+    /// is defensive); FTS5 and R*Tree tables work across requests and
+    /// after a restart (their modules' own pragmas are allowed, whatever
+    /// the connection prepared before).
+    #[test]
+    fn virtual_tables_work_across_requests_and_restarts_and_their_internals_are_out_of_reach() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let env = WriteEnv::default();
+        let run = |sm: &mut StateMachine, index: u64, body: &str| {
+            let statements = parse_statements(body.as_bytes()).unwrap();
+            sm.apply(at(index), &statements, &ExecOptions::default(), &env)
+                .unwrap()
+                .unwrap()
+        };
+        {
+            let mut sm = StateMachine::open(&path, Arc::default()).unwrap();
+            let r = run(
+                &mut sm,
+                1,
+                r#"["CREATE VIRTUAL TABLE docs USING fts5(body)", "INSERT INTO docs VALUES ('first')", "CREATE VIRTUAL TABLE box USING rtree(id, x0, x1)"]"#,
+            );
+            assert!(r.iter().all(|r| r.get("error").is_none()), "{r:?}");
+            let r = run(
+                &mut sm,
+                2,
+                r#"["INSERT INTO docs VALUES ('second')", "INSERT INTO box VALUES (1, 0, 1)"]"#,
+            );
+            assert!(r.iter().all(|r| r.get("error").is_none()), "{r:?}");
+            let r = run(
+                &mut sm,
+                3,
+                r#"["UPDATE docs_data SET block = x'ffff' WHERE id > 1", "DELETE FROM box_node"]"#,
+            );
+            assert!(
+                r.iter().all(|r| r.get("error").is_some()),
+                "shadow tables are read-only: {r:?}"
+            );
+        }
+        let mut sm = StateMachine::open(&path, Arc::default()).unwrap();
+        let r = run(&mut sm, 4, r#"["INSERT INTO docs VALUES ('third')"]"#);
+        assert!(r[0].get("error").is_none(), "after a restart: {r:?}");
+        let q = sm.query(
+            &parse_statements(
+                br#"["SELECT count(*) FROM docs WHERE docs MATCH 'third OR first'"]"#,
+            )
+            .unwrap(),
+            &ExecOptions::default(),
+        );
+        assert_eq!(q[0]["values"], json!([[2]]));
+    }
+
+    /// F3: a column named `_rowid_` hid the rowid from the last-rowid
+    /// check; a table whose columns take all three names cannot be
+    /// written at all.
+    #[test]
+    fn a_column_named_like_the_rowid_does_not_hide_it() {
+        let mut db = Db::new("CREATE TABLE r1 (_rowid_ TEXT, v)");
+        let r = db.exec(r#"["INSERT INTO r1 (rowid, _rowid_, v) VALUES (9223372036854775807, 'a', 1)", "INSERT INTO r1 (_rowid_, v) VALUES ('b', 2)"]"#, false);
+        assert!(error_of(&r[0]).contains("9223372036854775807"), "{r:?}");
+        assert!(r[1].get("error").is_none());
+        let r = db.exec(
+            r#"["CREATE TABLE r3 (rowid, oid, _rowid_)", "INSERT INTO r3 VALUES (1, 2, 3)"]"#,
+            false,
+        );
+        assert!(r[0].get("error").is_none());
+        assert!(error_of(&r[1]).contains("hides its rowid"), "{r:?}");
+    }
+
+    /// F6: the result cap counts JSON escapes and, with `associative`,
+    /// the column names every row repeats.
+    #[test]
+    fn the_result_cap_counts_what_the_answer_holds() {
+        let reader =
+            Guarded::reader(Connection::open_in_memory().unwrap(), Arc::default()).unwrap();
+        let limits = || ReadLimits {
+            deadline: Instant::now() + std::time::Duration::from_secs(60),
+            max_bytes: 100_000,
+        };
+        let escapes = parse_statements(br#"["SELECT printf('%.*c', 30000, char(1))"]"#).unwrap();
+        let r = query(&reader, &escapes, &ExecOptions::default(), limits());
+        assert!(error_of(&r[0]).contains("larger than"), "{r:?}");
+        let names = parse_statements(
+            br#"["WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c LIMIT 200) SELECT NULL AS \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\" FROM c"]"#,
+        )
+        .unwrap();
+        let assoc = ExecOptions {
+            associative: true,
+            ..Default::default()
+        };
+        let r = query(&reader, &names, &ExecOptions::default(), limits());
+        assert!(
+            r[0].get("error").is_none(),
+            "as columns and values it fits: {r:?}"
+        );
+        let r = query(&reader, &names, &assoc, limits());
+        assert!(error_of(&r[0]).contains("larger than"), "{r:?}");
+    }
+
+    /// F10: ALTER TABLE renames, ANALYZE of everything, and the functions
+    /// that describe the build.
+    #[test]
+    fn ordinary_schema_changes_work_and_build_functions_are_refused() {
+        let mut db = Db::new("CREATE TABLE a (x, y)");
+        let r = db.exec(r#"["ALTER TABLE a RENAME TO b", "ALTER TABLE b RENAME COLUMN x TO z", "ALTER TABLE b DROP COLUMN y", "ANALYZE", "INSERT INTO b SELECT fts5_source_id()", "INSERT INTO b SELECT compile_options FROM pragma_compile_options"]"#, false);
+        for ok in &r[..4] {
+            assert!(ok.get("error").is_none(), "{r:?}");
+        }
+        assert!(error_of(&r[4]).contains("fts5_source_id"), "{r:?}");
+        assert!(r[5].get("error").is_some(), "{r:?}");
+    }
+
+    /// F9: a load that replaces a database holding foreign keys.
+    #[test]
+    fn a_load_replaces_a_database_with_foreign_keys() {
+        let mut db = Db::new("CREATE TABLE parent (id INTEGER PRIMARY KEY)");
+        db.exec(r#"["CREATE TABLE child (p REFERENCES parent (id))", "INSERT INTO parent VALUES (1)", "INSERT INTO child VALUES (1)"]"#, false);
+        db.index += 1;
+        let dump = "CREATE TABLE child (p REFERENCES parent (id)); CREATE TABLE parent (id INTEGER PRIMARY KEY); INSERT INTO child VALUES (2); INSERT INTO parent VALUES (2);";
+        let out = db
+            .sm
+            .apply_entry(at(db.index), None, |g, rerun| {
+                load(g, 0, dump, true, &WriteEnv::default(), rerun)
+            })
+            .unwrap();
+        assert_eq!(out, json!({ "statements": 4 }), "children before parents");
+        assert_eq!(
+            db.query(r#"["SELECT p FROM child"]"#)[0]["values"],
+            json!([[2]])
+        );
+        db.index += 1;
+        let broken = "INSERT INTO child VALUES (3);";
+        let out = db
+            .sm
+            .apply_entry(at(db.index), None, |g, rerun| {
+                load(g, 0, broken, false, &WriteEnv::default(), rerun)
+            })
+            .unwrap();
+        assert!(error_of(&out).contains("FOREIGN KEY"), "{out}");
+        assert_eq!(
+            db.query(r#"["SELECT p FROM child"]"#)[0]["values"],
+            json!([[2]])
+        );
+        let r = db.exec(r#"["INSERT INTO child VALUES (4)"]"#, false);
+        assert!(
+            error_of(&r[0]).contains("FOREIGN KEY"),
+            "checked again after the load: {r:?}"
+        );
     }
 }

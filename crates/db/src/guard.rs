@@ -37,6 +37,8 @@ pub const STEPS_PER_CHECK: u64 = 1000;
 /// The largest string or blob any statement may make (SQLite's
 /// `SQLITE_LIMIT_LENGTH`, the same constant on every node).
 pub const MAX_VALUE_BYTES: i32 = 64 * 1024 * 1024;
+/// The longest LIKE or GLOB pattern (SQLite's default is 50,000).
+pub const MAX_PATTERN_BYTES: i32 = 1000;
 /// Default VM steps one write request may take (about a second on this
 /// machine's cores): a runaway write fails the same way on every node.
 pub const DEFAULT_WRITE_BUDGET: u64 = 100_000_000;
@@ -85,8 +87,14 @@ const TRANSACTION_CONTROL: &str = "transaction control (BEGIN, COMMIT, END, ROLL
 /// Pragmas a write may run, with or without a value: settings kept in
 /// the database file itself, the same on every node.
 const WRITE_PRAGMAS: [&str; 2] = ["user_version", "application_id"];
-/// Pragmas that only describe the schema or check it: allowed everywhere.
-const INTROSPECTION_PRAGMAS: [&str; 15] = [
+/// Pragmas a write may read (no value): the virtual table modules run
+/// them inside a client's statement (FTS5 `data_version`, FTS3 and
+/// R*Tree `page_size`), and their values are the same on every node (one
+/// writer per file; the page size is the file's own).
+const WRITE_READ_PRAGMAS: [&str; 2] = ["data_version", "page_size"];
+/// Pragmas that only describe the schema or check it: allowed everywhere
+/// (`compile_options` in reads only: it describes the build).
+const INTROSPECTION_PRAGMAS: [&str; 14] = [
     "table_info",
     "table_xinfo",
     "table_list",
@@ -101,11 +109,11 @@ const INTROSPECTION_PRAGMAS: [&str; 15] = [
     "function_list",
     "module_list",
     "pragma_list",
-    "compile_options",
 ];
 /// Settings a read may look at (without a value: setting one would
 /// change a pooled connection for whoever uses it next).
-const READ_PRAGMAS: [&str; 13] = [
+const READ_PRAGMAS: [&str; 14] = [
+    "compile_options",
     "user_version",
     "application_id",
     "schema_version",
@@ -129,7 +137,8 @@ const WRITE_MODULES: [&str; 5] = ["fts3", "fts4", "fts5", "rtree", "rtree_i32"];
 /// `pragma_function_list` flags these as not deterministic; the ones it
 /// flags so that are deterministic by construction here (random, time,
 /// `changes()`, `last_insert_rowid()`) are in [`crate::determinism`].
-pub const NODE_FUNCTIONS: [(&str, i32); 9] = [
+pub const NODE_FUNCTIONS: [(&str, i32); 10] = [
+    ("fts5_source_id", 0),
     ("total_changes", 0),
     ("sqlite_version", 0),
     ("sqlite_source_id", 0),
@@ -226,7 +235,10 @@ pub fn policy(
         A::Reindex { index_name } => [Some(index_name), None],
         _ => [None, None],
     };
-    if names.iter().flatten().any(|n| reserved(n)) {
+    // ANALYZE of every table takes in the node's own (one row, the same
+    // on every node): harmless, and refusing it would refuse ANALYZE.
+    let analyze = matches!(action, A::Analyze { .. });
+    if !analyze && names.iter().flatten().any(|n| reserved(n)) {
         return Err(format!(
             "names starting with {RESERVED_PREFIX} are reserved for the node's own state"
         ));
@@ -254,8 +266,9 @@ pub fn policy(
             "temporary tables, views, triggers and indexes are not allowed: they would live in one node's connection, not in the replicated database"
                 .into(),
         ),
-        A::Insert { .. } | A::Update { .. } | A::Delete { .. }
-            if database.is_some_and(|d| d.eq_ignore_ascii_case("temp")) =>
+        A::Insert { table_name } | A::Update { table_name, .. } | A::Delete { table_name }
+            if database.is_some_and(|d| d.eq_ignore_ascii_case("temp"))
+                && !is_schema_table(table_name) =>
         {
             Err("the temp database is not replicated: write to main".into())
         }
@@ -268,6 +281,9 @@ pub fn policy(
             let name = pragma_name.to_ascii_lowercase();
             let allowed = INTROSPECTION_PRAGMAS.contains(&name.as_str())
                 || (writing && WRITE_PRAGMAS.contains(&name.as_str()))
+                || (writing
+                    && pragma_value.is_none()
+                    && WRITE_READ_PRAGMAS.contains(&name.as_str()))
                 || (!writing && pragma_value.is_none() && READ_PRAGMAS.contains(&name.as_str()));
             if allowed {
                 Ok(Noted::Nothing)
@@ -305,6 +321,11 @@ pub fn policy(
             Err(format!(
                 "{table_name} is written by ANALYZE only: a node plans with the statistics it loaded, so edits would make nodes plan (and order rows) differently"
             ))
+        }
+        A::Insert { table_name } | A::Update { table_name, .. }
+            if writing && table_name.eq_ignore_ascii_case("sqlite_sequence") =>
+        {
+            Err("sqlite_sequence is AUTOINCREMENT's own: setting a counter could make inserts fail as if the disk were full (deleting a row resets it)".into())
         }
         A::CreateVtable { module_name, .. }
             if !WRITE_MODULES.iter().any(|m| m.eq_ignore_ascii_case(module_name)) =>
@@ -349,6 +370,8 @@ struct State {
     writes: BTreeSet<String>,
     transaction_control: Option<TransactionOperation>,
     no_op: bool,
+    /// The statement creates, alters or drops a table.
+    schema_changed: bool,
     /// Progress-handler calls left for this request (writes).
     checks_left: Option<u64>,
     budget: u64,
@@ -378,6 +401,7 @@ impl Guard {
             writes: BTreeSet::new(),
             transaction_control: None,
             no_op: false,
+            schema_changed: false,
             checks_left: None,
             budget: 0,
             deadline: None,
@@ -386,6 +410,16 @@ impl Guard {
         let hooked = state.clone();
         conn.authorizer(Some(move |ctx: AuthContext<'_>| {
             let mut s = lock(&hooked);
+            if matches!(
+                ctx.action,
+                AuthAction::CreateTable { .. }
+                    | AuthAction::DropTable { .. }
+                    | AuthAction::AlterTable { .. }
+                    | AuthAction::CreateVtable { .. }
+                    | AuthAction::DropVtable { .. }
+            ) {
+                s.schema_changed = true;
+            }
             match policy(s.mode, &ctx.action, ctx.database_name) {
                 Ok(Noted::Nothing) => Authorization::Allow,
                 Ok(Noted::Writes) => {
@@ -443,6 +477,13 @@ impl Guard {
         );
         conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)?;
         conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
+        // LIKE and GLOB compare in time proportional to the value times
+        // the pattern, all inside one VM step: keep patterns short.
+        conn.set_limit(Limit::SQLITE_LIMIT_LIKE_PATTERN_LENGTH, MAX_PATTERN_BYTES)?;
+        // No SQL may write the file's structures directly (writable
+        // schema, shadow tables of FTS and R*Tree).
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+        crate::bounded::install(conn)?;
         Ok(Guard { state, shutdown })
     }
 
@@ -496,6 +537,11 @@ impl Guard {
         lock(&self.state).transaction_control
     }
 
+    /// Whether a statement prepared since the last call changes tables.
+    pub fn take_schema_changed(&self) -> bool {
+        std::mem::take(&mut lock(&self.state).schema_changed)
+    }
+
     /// The statement just prepared in a load does nothing there.
     pub fn no_op_in_load(&self) -> bool {
         lock(&self.state).no_op
@@ -542,8 +588,24 @@ impl Guard {
                 (ErrorCode::AuthorizationForStatementDenied, Some(why)) => why,
                 _ => e.to_string(),
             }),
+            // A virtual table's own index found inconsistent with its
+            // data (an FTS5 'delete' given wrong values): the same data,
+            // the same error, on every node. The file itself cannot be
+            // corrupted by SQL (the connection is defensive).
+            ErrorCode::DatabaseCorrupt if extended_code(e) == Some(SQLITE_CORRUPT_VTAB) => {
+                Ok(e.to_string())
+            }
             _ => Err(Fault(e.to_string())),
         }
+    }
+}
+
+const SQLITE_CORRUPT_VTAB: i32 = 267;
+
+fn extended_code(e: &rusqlite::Error) -> Option<i32> {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => Some(f.extended_code),
+        _ => None,
     }
 }
 
@@ -744,9 +806,31 @@ mod tests {
             Ok(Noted::Writes)
         );
         assert!(policy(w, &A::Insert { table_name: "t" }, Some("temp")).is_err());
-        assert!(policy(w, &A::Insert { table_name: "sqlite_stat1" }, Some("main")).is_err());
-        assert!(policy(w, &A::DropTable { table_name: "SQLITE_STAT4" }, Some("main")).is_err());
-        assert!(policy(Mode::Read, &A::Read { table_name: "sqlite_stat1", column_name: "stat" }, Some("main")).is_ok());
+        assert!(policy(
+            w,
+            &A::Insert {
+                table_name: "sqlite_stat1"
+            },
+            Some("main")
+        )
+        .is_err());
+        assert!(policy(
+            w,
+            &A::DropTable {
+                table_name: "SQLITE_STAT4"
+            },
+            Some("main")
+        )
+        .is_err());
+        assert!(policy(
+            Mode::Read,
+            &A::Read {
+                table_name: "sqlite_stat1",
+                column_name: "stat"
+            },
+            Some("main")
+        )
+        .is_ok());
     }
 
     /// Every function SQLite itself flags as not deterministic is either

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::determinism::Moment;
 use crate::engine::{ExecOptions, ReadLimits, WriteEnv};
-use crate::http::{self, error, Forward, Level, NodeError, ReadOptions, Answer};
+use crate::http::{self, error, Answer, Forward, Level, NodeError, ReadOptions};
 use crate::metrics::Stats;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{self, Contact, Network};
@@ -113,7 +113,11 @@ pub struct DbNode {
     /// Held for the node's life: one process per data directory.
     _lock: std::fs::File,
     /// How long a leader may go without hearing from a quorum before it
-    /// stops presenting itself as the leader (the election timeout).
+    /// stops presenting itself as the leader: twice the election timeout.
+    /// Followers stand 3-4 election timeouts after the last heartbeat, and
+    /// a payload of entries in flight (one large write) holds back the
+    /// heartbeats behind it, so a shorter lease would give up on writes
+    /// that are about to commit.
     lease: Duration,
     started: Instant,
     db_path: PathBuf,
@@ -192,14 +196,22 @@ pub async fn start(
     let election = config.election_timeout.as_millis() as u64;
     let raft_config = openraft::Config {
         cluster_name: "scaleout".into(),
-        heartbeat_interval: (election / 5).max(20),
+        // openraft 0.9 gives every AppendEntries (a heartbeat or a payload
+        // of entries) the heartbeat interval to complete, and sends the
+        // same payload again when it does not: a payload that cannot cross
+        // in time is never replicated. Two fifths of the election timeout
+        // leaves a follower two heartbeats before it may stand, and a
+        // payload 200 ms (by default) to be sent, parsed and fsynced.
+        heartbeat_interval: (election * 2 / 5).max(20),
         election_timeout_min: election,
         election_timeout_max: election * 2,
         install_snapshot_timeout: 10_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
         max_in_snapshot_log_to_keep: (config.snapshot_threshold / 2).min(1000),
         snapshot_max_chunk_size: 1024 * 1024,
-        max_payload_entries: 512,
+        // Small payloads, so that catching up goes in steps that each
+        // cross well within the interval above.
+        max_payload_entries: 64,
         ..Default::default()
     }
     .validate()
@@ -226,10 +238,10 @@ pub async fn start(
         max_result_bytes: config.max_result_bytes,
         write_budget: config.write_budget,
         _lock: lock,
-        lease: config.election_timeout,
+        lease: config.election_timeout * 2,
         started: Instant::now(),
         db_path,
-        proposer: Proposer::start(raft.clone(), redirect_of, config.election_timeout),
+        proposer: Proposer::start(raft.clone(), redirect_of, config.election_timeout * 2),
         membership_change: tokio::sync::Mutex::new(()),
     });
 
@@ -323,6 +335,13 @@ impl DbNode {
     fn holds_quorum(&self, m: &openraft::RaftMetrics<u64, Member>) -> bool {
         m.millis_since_quorum_ack
             .is_none_or(|ms| u128::from(ms) <= self.lease.as_millis())
+    }
+
+    /// Whether this node leads, or has heard from its leader lately (a
+    /// follower or replica keeps the last leader it knew long after that
+    /// leader is gone).
+    fn hears_leader(&self) -> bool {
+        self.is_leader() || self.contact.age().is_some_and(|age| age <= self.lease * 2)
     }
 
     fn is_leader(&self) -> bool {
@@ -678,7 +697,7 @@ async fn readyz(State(node): Node, Query(params): Query<BTreeMap<String, String>
         )
             .into_response();
     }
-    if params.contains_key("noleader") || node.leader().is_some() {
+    if params.contains_key("noleader") || (node.leader().is_some() && node.hears_leader()) {
         (StatusCode::OK, "[+]node ok\n[+]leader ok\n[+]store ok\n").into_response()
     } else {
         (

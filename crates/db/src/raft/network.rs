@@ -4,7 +4,13 @@
 //! A peer that cannot be connected to is reported `Unreachable`, so
 //! openraft backs off instead of spinning; any other failure is a network
 //! error and retried at the next heartbeat. Each call carries openraft's
-//! own deadline for it.
+//! own deadline for it — except a payload of entries: openraft 0.9 gives
+//! every AppendEntries the heartbeat interval and, when it runs out, sends
+//! the same payload again, so a payload that takes longer to send, parse
+//! and fsync (one large write) would never be replicated. Such a call
+//! goes on in a task of its own after openraft stops waiting, and the
+//! retry of the same payload waits for that call's answer instead of
+//! starting over (bounded by [`PAYLOAD_TIMEOUT`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,10 +56,33 @@ impl Default for Network {
     }
 }
 
+/// The longest one payload of entries may take to be answered.
+pub const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+type AppendResult = RpcResult<AppendEntriesResponse<u64>, openraft::error::Infallible>;
+
+/// What identifies a payload across openraft's retries: the leader's
+/// vote, where it starts and where it ends.
+type PayloadKey = (
+    openraft::Vote<u64>,
+    Option<openraft::LogId<u64>>,
+    Option<openraft::LogId<u64>>,
+);
+
 pub struct Peer {
     client: reqwest::Client,
     target: u64,
     base: String,
+    /// The payload of entries in flight, answered or not.
+    in_flight: Option<(PayloadKey, tokio::task::JoinHandle<AppendResult>)>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.in_flight.take() {
+            task.abort();
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -64,6 +93,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: self.client.clone(),
             target,
             base: format!("http://{}/raft", node.raft),
+            in_flight: None,
         }
     }
 }
@@ -82,10 +112,35 @@ impl Peer {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let sent = self
-            .client
-            .post(format!("{}/{path}", self.base))
-            .timeout(option.hard_ttl())
+        send(
+            &self.client,
+            &self.base,
+            self.target,
+            path,
+            req,
+            option.hard_ttl(),
+        )
+        .await
+    }
+}
+
+async fn send<Req, Resp, E>(
+    client: &reqwest::Client,
+    base: &str,
+    target: u64,
+    path: &str,
+    req: &Req,
+    timeout: Duration,
+) -> RpcResult<Resp, E>
+where
+    Req: Serialize,
+    Resp: DeserializeOwned,
+    E: std::error::Error + DeserializeOwned,
+{
+    {
+        let sent = client
+            .post(format!("{base}/{path}"))
+            .timeout(timeout)
             .json(req)
             .send()
             .await
@@ -100,7 +155,7 @@ impl Peer {
             .json()
             .await
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
     }
 }
 
@@ -110,7 +165,39 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>, openraft::error::Infallible> {
-        self.call("append", &rpc, &option).await
+        if rpc.entries.is_empty() {
+            return self.call("append", &rpc, &option).await;
+        }
+        let key: PayloadKey = (
+            rpc.vote,
+            rpc.prev_log_id,
+            rpc.entries.last().map(|e| e.log_id),
+        );
+        let same = self.in_flight.as_ref().is_some_and(|(k, _)| *k == key);
+        if !same {
+            if let Some((_, old)) = self.in_flight.take() {
+                old.abort();
+            }
+            let (client, base, target) = (self.client.clone(), self.base.clone(), self.target);
+            let task = tokio::spawn(async move {
+                send(&client, &base, target, "append", &rpc, PAYLOAD_TIMEOUT).await
+            });
+            self.in_flight = Some((key, task));
+        }
+        let Some((_, task)) = self.in_flight.as_mut() else {
+            return Err(RPCError::Network(NetworkError::new(
+                &std::io::Error::other("no payload in flight"),
+            )));
+        };
+        // openraft may stop waiting here (its deadline); the task goes on
+        // and the next call with the same payload picks its answer up.
+        let answer = task.await;
+        self.in_flight = None;
+        answer.unwrap_or_else(|e| {
+            Err(RPCError::Network(NetworkError::new(
+                &std::io::Error::other(e.to_string()),
+            )))
+        })
     }
 
     async fn install_snapshot(

@@ -568,7 +568,11 @@ mod tests {
         assert!(load("CREATE TABLE old (x);", false).get("error").is_none());
         let dump = "PRAGMA foreign_keys=OFF;\nBEGIN TRANSACTION;\nCREATE TABLE b (x);\nINSERT INTO b VALUES(1);\nCREATE TRIGGER tr AFTER INSERT ON b BEGIN INSERT INTO b VALUES (NULL); END;\nCOMMIT;\n";
         let out = load(dump, true);
-        assert_eq!(out, serde_json::json!({ "statements": 3 }), "PRAGMA foreign_keys skipped");
+        assert_eq!(
+            out,
+            serde_json::json!({ "statements": 3 }),
+            "PRAGMA foreign_keys skipped"
+        );
         let out = load("PRAGMA writable_schema=1;", false);
         assert!(out.get("error").is_some(), "other pragmas are not: {out}");
         // A failing load changes nothing, and neither does one that

@@ -361,7 +361,11 @@ mod tests {
 
     #[test]
     fn the_checker_finds_lost_and_phantom_rows() {
-        let ops = [op(1, Ledger::Acknowledged), op(2, Ledger::Refused), op(3, Ledger::Unknown)];
+        let ops = [
+            op(1, Ledger::Acknowledged),
+            op(2, Ledger::Refused),
+            op(3, Ledger::Unknown),
+        ];
         let good = BTreeMap::from([("db-1".to_string(), BTreeSet::from([(1, 1), (1, 3)]))]);
         assert!(check(&ops, &good).is_empty());
         let bad = BTreeMap::from([("db-2".to_string(), BTreeSet::from([(1, 2)]))]);
@@ -379,18 +383,27 @@ mod tests {
         };
         let ok = json!({"results": [{"rows_affected": 1}, {"rows_affected": 1}]});
         assert_eq!(ledger_outcome(&req, 200, &ok), Ledger::Acknowledged);
-        let rolled_back = json!({"results": [{"rows_affected": 1}, {"rows_affected": 1}, {"error": "x"}]});
+        let rolled_back =
+            json!({"results": [{"rows_affected": 1}, {"rows_affected": 1}, {"error": "x"}]});
         assert_eq!(ledger_outcome(&req, 200, &rolled_back), Ledger::Refused);
         assert_eq!(ledger_outcome(&req, 504, &ok), Ledger::Unknown);
-        let alone = Request { transaction: false, ..req };
-        assert_eq!(ledger_outcome(&alone, 200, &rolled_back), Ledger::Acknowledged);
+        let alone = Request {
+            transaction: false,
+            ..req
+        };
+        assert_eq!(
+            ledger_outcome(&alone, 200, &rolled_back),
+            Ledger::Acknowledged
+        );
     }
 
     #[test]
     fn a_seed_gives_the_same_requests() {
         let body = |seed| {
             let mut rng = Rng(seed);
-            (0..20).map(|i| request(&mut rng, 0, i, "/x", true).body).collect::<Vec<_>>()
+            (0..20)
+                .map(|i| request(&mut rng, 0, i, "/x", true).body)
+                .collect::<Vec<_>>()
         };
         assert_eq!(body(3), body(3));
         assert_ne!(body(3), body(4));
