@@ -613,3 +613,30 @@ async fn a_large_write_is_replicated_and_the_others_go_on() {
         );
     }
 }
+
+/// A read whose `min_index` the cluster never reached is refused at
+/// once, on the leader and on a replica, with a code a client can act on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_min_index_beyond_the_log_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, leader) = cluster(dir.path()).await;
+    let index = ok_write(&nodes[leader], json!(["CREATE TABLE t (x)"])).await;
+    for node in [&nodes[leader], &nodes[3]] {
+        let started = Instant::now();
+        let (status, answer) = node
+            .query("SELECT 1", &format!("level=none&min_index={}", u64::MAX))
+            .await;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["code"], "min_index_ahead_of_log", "{answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        // An index a write returned is waited for, not refused.
+        let (status, answer) = node
+            .query("SELECT 1", &format!("level=none&min_index={index}"))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+}

@@ -231,7 +231,10 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
     let r = read_link(stage.url("web-1"), &code, None).await;
     assert_eq!(r.status(), 200);
     let read_cookie = cookie_of(&r);
-    assert!(seen_at(&read_cookie) >= seen_at(&cookie), "{read_cookie} {cookie}");
+    assert!(
+        seen_at(&read_cookie) >= seen_at(&cookie),
+        "{read_cookie} {cookie}"
+    );
     let r = read_link(stage.url("web-1"), &code, Some(&read_cookie)).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("set-cookie").is_none(), "{:?}", r.headers());
@@ -335,7 +338,10 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
     }
     kill(Pid::from_raw(paused), Signal::SIGCONT).unwrap();
     assert_eq!(ok, 10, "reads continue with one replica hung");
-    assert!(slowest < Duration::from_secs(4), "a read waited {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(4),
+        "a read waited {slowest:?}"
+    );
 
     // A replica dies: reads go on through the other.
     stage.kill9("db-4");
@@ -412,7 +418,8 @@ async fn stage5_is_reached_by_name_and_survives_losing_a_load_balancer() {
         Duration::from_secs(15),
         "lb-1 leaves the answer",
         || async move {
-            common::dns::lookup_a(dns, "www.scaleout.test.").await == vec!["127.0.0.3".parse::<std::net::IpAddr>().unwrap()]
+            common::dns::lookup_a(dns, "www.scaleout.test.").await
+                == vec!["127.0.0.3".parse::<std::net::IpAddr>().unwrap()]
         },
     )
     .await;
@@ -422,5 +429,55 @@ async fn stage5_is_reached_by_name_and_survives_losing_a_load_balancer() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    stage.stop();
+}
+
+/// A browser whose cookie names a log index the cluster never reached (a
+/// cookie from before a rebuild, or forged) is served at once and its
+/// session starts afresh; nobody else sees an error, and the load
+/// balancer keeps both web servers (the forged cookie once held each
+/// request 20 s and ended in 503s that got them ejected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cookie_from_the_future_is_reset_and_hurts_no_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = Stage::start(Some(4), dir.path());
+    let (_, code) = create_on_leader(stage.url("web-1"), "https://example.com/future").await;
+    let site = stage.site.clone();
+    let forged = "scaleout_seen=18446744073709551615";
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let (site, code) = (site.clone(), code.clone());
+        tasks.spawn(async move {
+            let cookie = (i % 2 == 0).then_some(forged);
+            let r = read_link(&site, &code, cookie).await;
+            let status = r.status().as_u16();
+            let reset = r
+                .headers()
+                .get("set-cookie")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from);
+            (cookie.is_some(), status, reset)
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (forged_cookie, status, reset) = done.unwrap();
+        assert_eq!(status, 200, "every read served");
+        if forged_cookie {
+            let reset = reset.expect("the forged session is reset");
+            let index: u64 = reset
+                .split(';')
+                .next()
+                .and_then(|c| c.split('=').nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap();
+            assert!(index < u64::MAX && index > 0, "{reset}");
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "nothing waited for the forged index: {:?}",
+        started.elapsed()
+    );
     stage.stop();
 }

@@ -44,6 +44,24 @@ pub enum ClientError {
     /// The node answered with an error for the request itself.
     #[error("database {node}: {reason}")]
     Refused { node: String, reason: String },
+    /// A read's `min_index` is beyond the cluster's log: the index did not
+    /// come from this cluster (a session cookie from before a rebuild, or
+    /// forged). Nothing waits for it.
+    #[error("database {node}: {reason}")]
+    AheadOfLog { node: String, reason: String },
+}
+
+/// The `code` the data API gives a read whose `min_index` is beyond the
+/// cluster's log (`scaleout_db::http::AHEAD_OF_LOG`).
+pub const AHEAD_OF_LOG: &str = "min_index_ahead_of_log";
+
+/// An error answer of the data API: rqlite's `error`, and scaleout's
+/// `code` where one applies.
+#[derive(Debug, serde::Deserialize)]
+struct ErrorAnswer {
+    error: String,
+    #[serde(default)]
+    code: Option<String>,
 }
 
 /// One database node as the client sees it.
@@ -328,7 +346,10 @@ impl Client {
                         match serde_json::from_slice::<Value>(&body) {
                             Ok(body) => {
                                 return Ok(Queried {
-                                    results: body["results"].as_array().cloned().unwrap_or_default(),
+                                    results: body["results"]
+                                        .as_array()
+                                        .cloned()
+                                        .unwrap_or_default(),
                                     raft_index: body["raft_index"].as_u64().unwrap_or(0),
                                     node: node.name(),
                                 })
@@ -337,9 +358,17 @@ impl Client {
                         }
                     }
                     Ok(Ok((status, body))) if status.is_client_error() => {
+                        let reason = format!("{status}: {}", String::from_utf8_lossy(&body));
+                        let answer = serde_json::from_slice::<ErrorAnswer>(&body).ok();
+                        if answer.as_ref().and_then(|a| a.code.as_deref()) == Some(AHEAD_OF_LOG) {
+                            return Err(ClientError::AheadOfLog {
+                                node: node.name(),
+                                reason: answer.map_or(reason, |a| a.error),
+                            });
+                        }
                         return Err(ClientError::Refused {
                             node: node.name(),
-                            reason: format!("{status}: {}", String::from_utf8_lossy(&body)),
+                            reason,
                         });
                     }
                     Ok(Ok((status, _))) => last = format!("{}: {status}", node.name()),

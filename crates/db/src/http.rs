@@ -87,6 +87,10 @@ pub enum NodeError {
     NoLeader,
     #[error("index {0} not applied here in time")]
     NotCaughtUp(u64),
+    /// A read asked for a log index the cluster has not reached (a
+    /// session cookie from another cluster, or forged): refused at once.
+    #[error("min_index {asked} is beyond the cluster's log (it has committed {committed}); drop it or use an index a write returned")]
+    AheadOfLog { asked: u64, committed: u64 },
     #[error("data on this node is staler than the freshness asked for")]
     Stale,
     /// The leader lost its quorum while the write waited to commit: it may
@@ -109,6 +113,7 @@ impl NodeError {
             | NodeError::Stale
             | NodeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
+            NodeError::AheadOfLog { .. } => StatusCode::BAD_REQUEST,
             NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -317,9 +322,18 @@ async fn serve(api: Api, endpoint: Endpoint, request: Request) -> Response {
             };
             to_leader.send(&api.client, flag(&params, "redirect")).await
         }
+        Err(e @ NodeError::AheadOfLog { .. }) => (
+            e.status(),
+            axum::Json(json!({ "error": e.to_string(), "code": AHEAD_OF_LOG })),
+        )
+            .into_response(),
         Err(e) => error(e.status(), &e.to_string()),
     }
 }
+
+/// The `code` of an answer to a read whose `min_index` is beyond the
+/// cluster's log (beside rqlite's `error`, which clients show).
+pub const AHEAD_OF_LOG: &str = "min_index_ahead_of_log";
 
 /// A request a follower cannot serve, on its way to the leader.
 pub struct Forward<'a> {

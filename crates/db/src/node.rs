@@ -387,6 +387,51 @@ impl DbNode {
         }
     }
 
+    /// Refuses at once a `min_index` the cluster has not reached, rather
+    /// than make the read wait for it: the leader knows its own log; a
+    /// follower or replica in touch with the leader knows the commit index
+    /// the leader sends with every heartbeat (an index a write returned is
+    /// committed, so it arrives with the next heartbeat or two). A node
+    /// out of touch cannot tell, and waits as before.
+    async fn refuse_beyond_the_log(&self, index: u64) -> Result<(), NodeError> {
+        let ahead = |committed: u64| NodeError::AheadOfLog {
+            asked: index,
+            committed,
+        };
+        if self.is_leader() {
+            let last = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+            return if index > last {
+                Err(ahead(last))
+            } else {
+                Ok(())
+            };
+        }
+        let known = || {
+            let local = self
+                .raft
+                .metrics()
+                .borrow()
+                .last_applied
+                .map_or(0, |l| l.index);
+            self.contact.leader_commit().max(local)
+        };
+        if index <= known() || !self.hears_leader() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.lease;
+        while Instant::now() < deadline {
+            tokio::time::sleep(self.lease / 10).await;
+            if index <= known() {
+                return Ok(());
+            }
+        }
+        if self.hears_leader() {
+            Err(ahead(known()))
+        } else {
+            Ok(())
+        }
+    }
+
     async fn wait_applied(&self, index: u64) -> Result<(), NodeError> {
         self.raft
             .wait(Some(self.read_timeout))
@@ -529,6 +574,7 @@ impl http::Node for DbNode {
             }
         }
         if let Some(index) = opts.min_index {
+            self.refuse_beyond_the_log(index).await?;
             self.wait_applied(index).await?;
         }
         let timeout = opts

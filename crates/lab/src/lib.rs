@@ -102,6 +102,8 @@ pub(crate) struct Plan {
     /// site's name, served by `scaleout dns`.
     dns: bool,
     title: &'static str,
+    /// Extra flags for every database node.
+    db_args: Vec<String>,
 }
 
 /// The zone and name stage 5 serves.
@@ -118,6 +120,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             lb: false,
             dns: false,
             title: "the web tier and the data tier apart (one web server, one database node)",
+            db_args: Vec::new(),
         },
         3 => Plan {
             voters: 1,
@@ -126,6 +129,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             lb: true,
             dns: false,
             title: "a load balancer in front of two stateless web servers, one database node",
+            db_args: Vec::new(),
         },
         4 => Plan {
             voters: 3,
@@ -134,6 +138,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             lb: true,
             dns: false,
             title: "load balancer, two web servers, a replicated database (3 voters + 2 read replicas)",
+            db_args: Vec::new(),
         },
         _ => Plan {
             voters: 3,
@@ -142,6 +147,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             lb: true,
             dns: true,
             title: "the seed's final diagram: DNS, two load balancers, two web servers, a replicated database (3 voters + 2 read replicas)",
+            db_args: Vec::new(),
         },
     }
 }
@@ -188,6 +194,7 @@ pub(crate) async fn start_topology(
         if id > plan.voters {
             args.push("--read-only".into());
         }
+        args.extend(plan.db_args.iter().cloned());
         let p =
             procs::Proc::start_in(namespace.as_deref(), &name, &args, "scaleout db: node").await?;
         db_urls.push(p.url().unwrap_or_default());

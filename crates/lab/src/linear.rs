@@ -16,11 +16,19 @@ use std::collections::HashSet;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "f", rename_all = "lowercase")]
 pub enum RegisterOp {
-    Write { value: i64 },
+    Write {
+        value: i64,
+    },
     /// `None`: the register had no value yet.
-    Read { value: Option<i64> },
+    Read {
+        value: Option<i64>,
+    },
     /// Compare-and-set; `applied` says whether it did (known outcomes).
-    Cas { from: i64, to: i64, applied: bool },
+    Cas {
+        from: i64,
+        to: i64,
+        applied: bool,
+    },
 }
 
 /// One operation on one register, with its times in microseconds.
@@ -50,7 +58,9 @@ pub enum Verdict {
         window: Vec<usize>,
     },
     /// The search gave up after this many steps.
-    Undecided { steps: u64 },
+    Undecided {
+        steps: u64,
+    },
 }
 
 /// Applies `op` to `state`: the new state, or `None` when the op cannot
@@ -110,7 +120,9 @@ impl Entries {
                 .collect(),
             open: order.iter().map(|(t, ..)| *t == u64::MAX).collect(),
             prev: (0..n).map(|p| if p == 0 { NIL } else { p - 1 }).collect(),
-            next: (0..n).map(|p| if p + 1 == n { NIL } else { p + 1 }).collect(),
+            next: (0..n)
+                .map(|p| if p + 1 == n { NIL } else { p + 1 })
+                .collect(),
             head: if n == 0 { NIL } else { 0 },
         }
     }
@@ -227,12 +239,16 @@ fn search(events: &[Event], initial: Option<i64>, max_steps: u64) -> Search {
                 }
                 p = entries.next[p];
             }
-            let setter = stack.iter().rev().map(|(call, _)| entries.op[*call].0).find(|&j| {
-                !matches!(
-                    events[j].op,
-                    RegisterOp::Read { .. } | RegisterOp::Cas { applied: false, .. }
-                ) || events[j].complete_us.is_none()
-            });
+            let setter = stack
+                .iter()
+                .rev()
+                .map(|(call, _)| entries.op[*call].0)
+                .find(|&j| {
+                    !matches!(
+                        events[j].op,
+                        RegisterOp::Read { .. } | RegisterOp::Cas { applied: false, .. }
+                    ) || events[j].complete_us.is_none()
+                });
             open.extend(setter);
             deepest = Some((stack.len(), i, state, open));
         }
@@ -341,10 +357,7 @@ mod tests {
         assert_eq!(check(&h, None, 100_000), Verdict::Linearizable);
         // Concurrent: the read may see the write or not, either order.
         for seen in [None, Some(7)] {
-            let h = vec![
-                ev(0, w(7), 0, Some(10)),
-                ev(1, r(seen), 1, Some(9)),
-            ];
+            let h = vec![ev(0, w(7), 0, Some(10)), ev(1, r(seen), 1, Some(9))];
             assert_eq!(check(&h, None, 100_000), Verdict::Linearizable, "{seen:?}");
         }
         // Two concurrent writes, then reads agreeing on the later one.
@@ -390,30 +403,43 @@ mod tests {
             ev(1, w(9), 100, Some(101)),
         ];
         match check(&h, None, 100_000) {
-            Verdict::Violation { stuck, window, state } => {
+            Verdict::Violation {
+                stuck,
+                window,
+                state,
+            } => {
                 assert_eq!(stuck, 3, "the stale read is the one that cannot be placed");
                 assert_eq!(state, Some(2));
                 assert!(window.contains(&3), "{window:?}");
-                assert!(window.contains(&1), "the write of what it should have seen: {window:?}");
-                assert!(!window.contains(&4), "the window ends at the violation: {window:?}");
+                assert!(
+                    window.contains(&1),
+                    "the write of what it should have seen: {window:?}"
+                );
+                assert!(
+                    !window.contains(&4),
+                    "the window ends at the violation: {window:?}"
+                );
             }
             v => panic!("{v:?}"),
         }
         // A value nobody wrote.
         let h = vec![ev(0, w(1), 0, Some(1)), ev(1, r(Some(3)), 2, Some(3))];
-        assert!(matches!(check(&h, None, 100_000), Verdict::Violation { .. }));
+        assert!(matches!(
+            check(&h, None, 100_000),
+            Verdict::Violation { .. }
+        ));
         // A CAS that says it applied when the register held another value.
-        let h = vec![
-            ev(0, w(1), 0, Some(1)),
-            ev(1, cas(2, 3, true), 2, Some(3)),
-        ];
-        assert!(matches!(check(&h, None, 100_000), Verdict::Violation { .. }));
+        let h = vec![ev(0, w(1), 0, Some(1)), ev(1, cas(2, 3, true), 2, Some(3))];
+        assert!(matches!(
+            check(&h, None, 100_000),
+            Verdict::Violation { .. }
+        ));
         // A CAS that says it did not apply when it should have.
-        let h = vec![
-            ev(0, w(1), 0, Some(1)),
-            ev(1, cas(1, 3, false), 2, Some(3)),
-        ];
-        assert!(matches!(check(&h, None, 100_000), Verdict::Violation { .. }));
+        let h = vec![ev(0, w(1), 0, Some(1)), ev(1, cas(1, 3, false), 2, Some(3))];
+        assert!(matches!(
+            check(&h, None, 100_000),
+            Verdict::Violation { .. }
+        ));
         // Two reads that disagree on the order of two writes.
         let h = vec![
             ev(0, w(1), 0, Some(10)),
@@ -421,7 +447,10 @@ mod tests {
             ev(2, r(Some(1)), 11, Some(12)),
             ev(3, r(Some(2)), 13, Some(14)),
         ];
-        assert!(matches!(check(&h, None, 100_000), Verdict::Violation { .. }));
+        assert!(matches!(
+            check(&h, None, 100_000),
+            Verdict::Violation { .. }
+        ));
     }
 
     #[test]

@@ -67,7 +67,18 @@ impl Net {
         ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &br, "link", "set", "br0", "up"])?;
         // The lab's leg: its end here holds the lab's address.
-        ip(&["link", "add", &net.bridge, "type", "veth", "peer", "name", "lab", "netns", &br])?;
+        ip(&[
+            "link",
+            "add",
+            &net.bridge,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lab",
+            "netns",
+            &br,
+        ])?;
         ip(&["-n", &br, "link", "set", "lab", "master", "br0"])?;
         ip(&["-n", &br, "link", "set", "lab", "up"])?;
         ip(&["addr", "add", &lab, "dev", &net.bridge])?;
@@ -78,7 +89,10 @@ impl Net {
             let addr = format!("{}/24", net.addr(i));
             ip(&["netns", "add", &ns])?;
             net.nodes = i + 1;
-            ip(&["-n", &br, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "-n", &br, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
             ip(&["-n", &br, "link", "set", &veth, "master", "br0"])?;
             ip(&["-n", &br, "link", "set", &veth, "up"])?;
             ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
@@ -112,7 +126,10 @@ impl Net {
 
     fn blackhole(&self, verb: &str, a: usize, b: usize) -> Result<(), String> {
         let (na, nb) = (self.namespace(a), self.namespace(b));
-        let (to_b, to_a) = (format!("{}/32", self.addr(b)), format!("{}/32", self.addr(a)));
+        let (to_b, to_a) = (
+            format!("{}/32", self.addr(b)),
+            format!("{}/32", self.addr(a)),
+        );
         ip(&["-n", &na, "route", verb, "blackhole", &to_b])?;
         ip(&["-n", &nb, "route", verb, "blackhole", &to_a])
     }

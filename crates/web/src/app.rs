@@ -200,15 +200,36 @@ fn seen(headers: &HeaderMap) -> ReadOpts {
     ReadOpts { min_index }
 }
 
+/// Remembers the index of the state a read showed the client; a cookie
+/// the database found beyond its log is replaced, not kept.
+fn remember_served(
+    resp: Response,
+    headers: &HeaderMap,
+    index: Option<u64>,
+    reset: bool,
+) -> Response {
+    if reset {
+        return set_seen(resp, index);
+    }
+    remember(resp, headers, index)
+}
+
 /// Remembers an index the client has seen in its cookie, when it is newer
 /// than the one the cookie holds.
-fn remember(mut resp: Response, headers: &HeaderMap, index: Option<u64>) -> Response {
+fn remember(resp: Response, headers: &HeaderMap, index: Option<u64>) -> Response {
+    if seen(headers)
+        .min_index
+        .is_some_and(|old| index.is_some_and(|i| old >= i))
+    {
+        return resp;
+    }
+    set_seen(resp, index)
+}
+
+fn set_seen(mut resp: Response, index: Option<u64>) -> Response {
     let Some(index) = index else {
         return resp;
     };
-    if seen(headers).min_index.is_some_and(|old| old >= index) {
-        return resp;
-    }
     let cookie = format!("{SEEN_COOKIE}={index}; Path=/; Max-Age=300; SameSite=Lax; HttpOnly");
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().append(header::SET_COOKIE, v);
@@ -306,7 +327,7 @@ async fn render_home(
                 db_node: &served.node,
             });
             let resp = with_db_node((status, Html(page)).into_response(), &served.node);
-            remember(resp, headers, served.index)
+            remember_served(resp, headers, served.index, served.session_reset)
         }
         Err(e) => html_error(app, AppError::from(e)),
     }
@@ -425,7 +446,12 @@ async fn list_api(
         Json(serde_json::json!({ "links": links })).into_response(),
         &served.node,
     );
-    Ok(remember(resp, &headers, served.index))
+    Ok(remember_served(
+        resp,
+        &headers,
+        served.index,
+        served.session_reset,
+    ))
 }
 
 fn code_from(path: Result<Path<String>, PathRejection>) -> Result<String, AppError> {
@@ -449,7 +475,12 @@ async fn get_api(
         .ok_or_else(|| AppError::NotFound(format!("no link with code {code:?}")))?;
     let view = LinkView::new(link, &base_url(&app, &headers));
     let resp = with_db_node(Json(view).into_response(), &served.node);
-    Ok(remember(resp, &headers, served.index))
+    Ok(remember_served(
+        resp,
+        &headers,
+        served.index,
+        served.session_reset,
+    ))
 }
 
 async fn delete_api(
@@ -497,7 +528,12 @@ async fn redirect(
                     AppError::NotFound(format!("There is no link with code {code:?}.")),
                 ),
             };
-            remember(with_db_node(resp, &served.node), &headers, served.index)
+            remember_served(
+                with_db_node(resp, &served.node),
+                &headers,
+                served.index,
+                served.session_reset,
+            )
         }
         Err(e) => html_error(&app, e.into()),
     }

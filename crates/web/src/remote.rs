@@ -29,7 +29,9 @@ fn store_error(e: ClientError) -> StoreError {
             reason,
         },
         ClientError::Unknown { node, reason } => StoreError::Unavailable { node, reason },
-        ClientError::Refused { node, reason } => StoreError::Internal { node, reason },
+        ClientError::Refused { node, reason } | ClientError::AheadOfLog { node, reason } => {
+            StoreError::Internal { node, reason }
+        }
     }
 }
 
@@ -86,16 +88,28 @@ impl RemoteStore {
         opts: ReadOpts,
         value: impl FnOnce(&Value) -> T,
     ) -> Result<Served<T>, StoreError> {
-        let answer = self
-            .client
-            .query(&json!([statement]), opts.min_index)
-            .await
-            .map_err(store_error)?;
+        let statements = json!([statement]);
+        let (answer, session_reset) = match self.client.query(&statements, opts.min_index).await {
+            Ok(answer) => (answer, false),
+            // The browser's cookie names a state this cluster never had:
+            // serve it the data as it is, and start its session afresh.
+            Err(ClientError::AheadOfLog { node, reason }) => {
+                tracing::info!(%node, %reason, "a session index beyond the log; read without it");
+                let answer = self
+                    .client
+                    .query(&statements, None)
+                    .await
+                    .map_err(store_error)?;
+                (answer, true)
+            }
+            Err(e) => return Err(store_error(e)),
+        };
         let result = first(&answer.results, &answer.node)?;
         Ok(Served {
             value: value(&result),
             node: answer.node,
             index: Some(answer.raft_index),
+            session_reset,
         })
     }
 }
@@ -169,7 +183,9 @@ impl Store for RemoteStore {
     }
 
     async fn ping(&self) -> Result<String, StoreError> {
-        let served = self.read(json!("SELECT 1"), ReadOpts::default(), |_| ()).await?;
+        let served = self
+            .read(json!("SELECT 1"), ReadOpts::default(), |_| ())
+            .await?;
         Ok(served.node)
     }
 }

@@ -113,6 +113,7 @@ impl SqliteStore {
                 value,
                 node: inner.node.clone(),
                 index: None,
+                session_reset: false,
             })
         })
         .await

@@ -36,6 +36,10 @@ pub struct Served<T> {
     pub value: T,
     pub node: String,
     pub index: Option<u64>,
+    /// The `min_index` asked for was beyond the database's log (the
+    /// session cookie did not come from this cluster): the read was served
+    /// without it, and the session should start again from `index`.
+    pub session_reset: bool,
 }
 
 /// A write result: the node that took it and the log index that committed it

@@ -218,12 +218,14 @@ impl RaftNetwork<TypeConfig> for Peer {
 }
 
 /// When this node last heard from a leader that it accepted (for
-/// `freshness` on reads with `level=none`).
+/// `freshness` on reads with `level=none`), and the highest commit index
+/// a leader has told it of (every AppendEntries carries the leader's).
 #[derive(Debug)]
 pub struct Contact {
     started: Instant,
     /// Milliseconds since `started`, plus one (0: never).
     last: AtomicU64,
+    leader_commit: AtomicU64,
 }
 
 impl Default for Contact {
@@ -231,6 +233,7 @@ impl Default for Contact {
         Contact {
             started: Instant::now(),
             last: AtomicU64::new(0),
+            leader_commit: AtomicU64::new(0),
         }
     }
 }
@@ -239,6 +242,11 @@ impl Contact {
     pub fn touch(&self) {
         let ms = self.started.elapsed().as_millis() as u64 + 1;
         self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// The highest commit index a leader has sent here.
+    pub fn leader_commit(&self) -> u64 {
+        self.leader_commit.load(Ordering::Relaxed)
     }
 
     /// How long ago, if ever.
@@ -274,12 +282,16 @@ async fn append(
     State(rpc): State<Rpc>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
 ) -> Json<Result<AppendEntriesResponse<u64>, RaftError<u64>>> {
+    let commit = req.leader_commit.map_or(0, |c| c.index);
     let answer = rpc.raft.append_entries(req).await;
     if matches!(
         answer,
         Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))
     ) {
         rpc.contact.touch();
+        rpc.contact
+            .leader_commit
+            .fetch_max(commit, Ordering::Relaxed);
     }
     Json(answer)
 }

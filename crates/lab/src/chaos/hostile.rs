@@ -285,7 +285,7 @@ pub async fn client(
         seq += 1;
         // Runaway statements now and then only: each holds every write
         // for its budget.
-        let runaway = rng.below(10) == 0;
+        let runaway = rng.below(20) == 0;
         let req = request(&mut rng, id as u64, seq, &attach, runaway);
         let node = &dbs[rng.below(dbs.len() as u64) as usize];
         let path = if req.transaction {

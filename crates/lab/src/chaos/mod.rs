@@ -237,7 +237,11 @@ impl Report {
                 f.target,
                 f.creates_down_ms.map_or("-".into(), |m| format!("{m} ms")),
                 f.reads_down_ms.map_or("-".into(), |m| format!("{m} ms")),
-                if f.over_bound() { "  (over the bound)" } else { "" },
+                if f.over_bound() {
+                    "  (over the bound)"
+                } else {
+                    ""
+                },
             );
         }
         println!(
@@ -286,9 +290,21 @@ fn free_port() -> String {
 
 type History = Arc<Mutex<Vec<Op>>>;
 
+/// The database's default write budget (`scaleout db --write-budget`).
+fn scaleout_db_budget() -> u64 {
+    100_000_000
+}
+
 /// Runs the schedule, checks, and returns the report (violations inside).
 pub async fn run(config: ChaosConfig, shutdown: CancellationToken) -> Result<Report, Error> {
-    let plan = plan(4);
+    let mut plan = plan(4);
+    // The hostile workload's runaway writes hold every write for their
+    // budget: a tenth of the default, so that they stay a nuisance and not
+    // an outage (the default is about 1 s of a release build's steps).
+    plan.db_args = vec![
+        "--write-budget".into(),
+        (scaleout_db_budget() / 10).to_string(),
+    ];
     let dir = config.data_dir.join("chaos");
     let _ = std::fs::remove_dir_all(&dir);
     let site = free_port();
@@ -405,7 +421,12 @@ async fn exercise(
     let mut faults = Vec::new();
     let possible = |k: &&str| net.is_some() || !is_partition(k);
     let kinds: Vec<&str> = FAULT_KINDS.iter().copied().filter(possible).collect();
-    let schedule: Vec<&str> = config.faults.iter().map(String::as_str).filter(possible).collect();
+    let schedule: Vec<&str> = config
+        .faults
+        .iter()
+        .map(String::as_str)
+        .filter(possible)
+        .collect();
     let deadline = started + config.duration;
     // A fault lasts up to 3 s, and its aftermath is measured for a while.
     let room = config.fault_every + Duration::from_secs(3) + Duration::from_millis(AFTERMATH_MS);
@@ -855,7 +876,11 @@ pub async fn check(ops: &[Op], hostile_ops: &[hostile::Op], procs: &[Proc]) -> V
     let mut sums = BTreeMap::new();
     for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
         let Some(url) = p.url() else { continue };
-        let dump = match http().get(format!("{url}/db/backup?fmt=sql&noleader")).send().await {
+        let dump = match http()
+            .get(format!("{url}/db/backup?fmt=sql&noleader"))
+            .send()
+            .await
+        {
             Ok(r) if r.status() == 200 => r.text().await.unwrap_or_default(),
             _ => {
                 violations.push(format!("{}: no SQL dump for the table checksums", p.name));
@@ -1074,7 +1099,10 @@ mod tests {
     #[test]
     fn an_outage_is_the_longest_stretch_without_success() {
         // Fault at 100, healed at 300: successes at 110, 900, 950.
-        assert_eq!(longest_outage(&[50, 110, 900, 950], 100, 300, 2000), Some(790));
+        assert_eq!(
+            longest_outage(&[50, 110, 900, 950], 100, 300, 2000),
+            Some(790)
+        );
         // Nothing came back after the heal.
         assert_eq!(longest_outage(&[50, 110, 200], 100, 300, 2000), None);
         // Measured from the fault when the first success comes late.

@@ -77,7 +77,10 @@ pub async fn client(
         let key = rng.below(keys as u64) as i64;
         let dice = rng.below(10);
         let invoke_us = now();
-        let cas_from = last_read.get(&key).copied().filter(|_| (3..=4).contains(&dice));
+        let cas_from = last_read
+            .get(&key)
+            .copied()
+            .filter(|_| (3..=4).contains(&dice));
         let (how, op, outcome, ver, raft_index, detail) = if dice <= 4 {
             n += 1;
             let value = (id as i64 + 1) * 1_000_000_000 + n;
@@ -125,7 +128,14 @@ pub async fn client(
                         last_read.insert(key, v);
                     }
                     let index = body.as_ref().and_then(|b| b["raft_index"].as_u64());
-                    (level, RegisterOp::Read { value }, "ok", ver, index, node.clone())
+                    (
+                        level,
+                        RegisterOp::Read { value },
+                        "ok",
+                        ver,
+                        index,
+                        node.clone(),
+                    )
                 }
                 None => (
                     level,
@@ -151,7 +161,14 @@ pub async fn client(
                             q.node,
                         )
                     }
-                    None => ("none", RegisterOp::Read { value: None }, "fail", None, None, q.node),
+                    None => (
+                        "none",
+                        RegisterOp::Read { value: None },
+                        "fail",
+                        None,
+                        None,
+                        q.node,
+                    ),
                 },
                 Err(e) => (
                     "none",
