@@ -59,6 +59,21 @@ pub struct DbArgs {
     /// each write, so every node reaches the same verdict.
     #[arg(long, default_value_t = scaleout_db::guard::DEFAULT_WRITE_BUDGET)]
     write_budget: u64,
+    /// Users and permissions for the API, in rqlite's format (a JSON list
+    /// of {"username", "password" (plain or bcrypt), "perms"}; "*" is
+    /// everyone). Without it the API is open, as rqlite's.
+    #[arg(long)]
+    auth: Option<PathBuf>,
+    /// A file holding the secret every Raft RPC between the nodes must
+    /// carry (the same on every node; or set SCALEOUT_CLUSTER_SECRET).
+    /// Without one, anyone who reaches --raft can take part in Raft.
+    #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
+    /// A file whose first line is user:password, to sign in when joining
+    /// a cluster with --auth (or SCALEOUT_DB_CREDENTIALS, or
+    /// SCALEOUT_DB_USER and SCALEOUT_DB_PASSWORD).
+    #[arg(long)]
+    join_credentials: Option<PathBuf>,
 }
 
 async fn bind(what: &str, addr: &str) -> anyhow::Result<(TcpListener, String)> {
@@ -103,6 +118,36 @@ pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()
             scaleout_db::guard::STEPS_PER_CHECK
         );
     }
+    config.users = match &args.auth {
+        Some(path) => Some(std::sync::Arc::new(
+            scaleout_db::auth::Users::load(path).map_err(|e| anyhow::anyhow!("--auth {e}"))?,
+        )),
+        None => None,
+    };
+    config.cluster_secret = match (
+        &args.cluster_secret_file,
+        std::env::var("SCALEOUT_CLUSTER_SECRET"),
+    ) {
+        (Some(path), _) => Some(
+            scaleout_db::auth::ClusterSecret::load(path)
+                .map_err(|e| anyhow::anyhow!("--cluster-secret-file {e}"))?,
+        ),
+        (None, Ok(secret)) => Some(
+            scaleout_db::auth::ClusterSecret::new(secret.trim())
+                .map_err(|e| anyhow::anyhow!("SCALEOUT_CLUSTER_SECRET: {e}"))?,
+        ),
+        (None, Err(_)) => None,
+    };
+    let credentials = match &args.join_credentials {
+        Some(path) => {
+            Some(scaleout_client::Credentials::from_file(path).map_err(anyhow::Error::msg)?)
+        }
+        None => scaleout_client::Credentials::from_env().map_err(anyhow::Error::msg)?,
+    };
+    config.join_credentials = credentials.map(|c| {
+        let (user, password) = c.pair();
+        (user.to_string(), password.to_string())
+    });
     config.query_timeout = args.query_timeout;
     config.max_result_bytes = args.max_result_bytes;
     config.write_budget = args.write_budget;

@@ -29,6 +29,11 @@ pub struct WebArgs {
     /// How long to wait at start for the database to have a leader.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     db_wait: Duration,
+    /// A file whose first line is user:password, to sign in to a database
+    /// started with --auth (or set SCALEOUT_DB_CREDENTIALS to such a file,
+    /// or SCALEOUT_DB_USER and SCALEOUT_DB_PASSWORD).
+    #[arg(long)]
+    db_credentials: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -44,12 +49,18 @@ pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<(
         ..Default::default()
     };
     config.validate()?;
+    let credentials = match &args.db_credentials {
+        Some(path) => {
+            Some(scaleout_client::Credentials::from_file(path).map_err(anyhow::Error::msg)?)
+        }
+        None => scaleout_client::Credentials::from_env().map_err(anyhow::Error::msg)?,
+    };
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
     let addr = listener.local_addr()?;
     let store = tokio::select! {
-        store = scaleout_web::RemoteStore::connect(args.db.clone(), args.db_wait) => store
+        store = scaleout_web::RemoteStore::connect_as(args.db.clone(), credentials, args.db_wait) => store
             .with_context(|| format!("database {}", args.db.join(",")))?,
         () = shutdown.cancelled() => return Ok(()),
     };

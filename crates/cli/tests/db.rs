@@ -69,18 +69,23 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
     // A read says which state it saw, so a client can ask any other node
     // for at least that state next (monotonic reads across replicas).
     let (_, seen) = replica
-        .query("SELECT name FROM t", &format!("level=none&min_index={index}"))
+        .query(
+            "SELECT name FROM t",
+            &format!("level=none&min_index={index}"),
+        )
         .await;
     let seen_index = seen["raft_index"].as_u64().unwrap();
     assert!(seen_index >= index, "{seen}");
-    // An index the cluster has not reached: the replica says so (503), in time.
+    // An index the cluster has not reached: the replica says so at once
+    // (400, with a code a client can act on), rather than hold the read.
     let (status, body) = replica
         .query(
             "SELECT 1",
             &format!("level=none&min_index={}", index + 1000),
         )
         .await;
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "min_index_ahead_of_log", "{body}");
 
     // Strong and linearizable reads on a follower are served by the leader.
     for level in ["strong", "linearizable", "weak"] {
@@ -642,8 +647,11 @@ async fn a_leader_cut_off_from_its_quorum_stops_taking_writes() {
     // A write taken just before the leader notices cannot commit: once the
     // lease is over it is answered "outcome unknown" (504), not held.
     let started = Instant::now();
-    let (pending_status, pending) =
-        post_json(&leader.url("/db/execute"), &json!([["INSERT INTO q VALUES (0)"]])).await;
+    let (pending_status, pending) = post_json(
+        &leader.url("/db/execute"),
+        &json!([["INSERT INTO q VALUES (0)"]]),
+    )
+    .await;
     let pending_took = started.elapsed();
     // Within a few election timeouts, the leader says it leads no more.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -668,11 +676,20 @@ async fn a_leader_cut_off_from_its_quorum_stops_taking_writes() {
         f.proc.signal(Signal::SIGCONT);
     }
     assert_eq!(pending_status, 504, "{pending}");
-    assert!(pending_took < Duration::from_secs(4), "held {pending_took:?}");
-    assert!(pending["error"].as_str().unwrap().contains("unknown"), "{pending}");
+    assert!(
+        pending_took < Duration::from_secs(4),
+        "held {pending_took:?}"
+    );
+    assert!(
+        pending["error"].as_str().unwrap().contains("unknown"),
+        "{pending}"
+    );
     assert!(stepped_aside, "the cut-off leader still says it leads");
     assert_eq!(status, 503, "{body}");
-    assert!(took < Duration::from_secs(2), "answered at once, not held: {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "answered at once, not held: {took:?}"
+    );
     // The cluster takes writes again once the others are back.
     eventually(Duration::from_secs(15), "writes resume", || async {
         for n in &nodes {

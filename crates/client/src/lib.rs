@@ -152,11 +152,78 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// A user of the database's `--auth`: every request the client sends
+/// signs in as it (HTTP Basic).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({:?}, ..)", self.user)
+    }
+}
+
+impl Credentials {
+    pub fn new(user: impl Into<String>, password: impl Into<String>) -> Self {
+        Credentials {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    /// From a file whose first line is `user:password` (kept out of
+    /// command lines, which every user of the machine can read).
+    pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let line = text.lines().next().unwrap_or("").trim_end();
+        let (user, password) = line
+            .split_once(':')
+            .filter(|(u, _)| !u.is_empty())
+            .ok_or_else(|| format!("{}: write user:password on its first line", path.display()))?;
+        Ok(Credentials::new(user, password))
+    }
+
+    /// From the environment: `SCALEOUT_DB_CREDENTIALS` (a file, as
+    /// [`Credentials::from_file`] reads), or `SCALEOUT_DB_USER` with
+    /// `SCALEOUT_DB_PASSWORD`; `None` when none is set.
+    pub fn from_env() -> Result<Option<Self>, String> {
+        if let Some(path) = std::env::var_os("SCALEOUT_DB_CREDENTIALS") {
+            return Credentials::from_file(std::path::Path::new(&path)).map(Some);
+        }
+        match (
+            std::env::var("SCALEOUT_DB_USER"),
+            std::env::var("SCALEOUT_DB_PASSWORD"),
+        ) {
+            (Ok(user), Ok(password)) => Ok(Some(Credentials::new(user, password))),
+            (Ok(_), Err(_)) => Err("SCALEOUT_DB_USER is set without SCALEOUT_DB_PASSWORD".into()),
+            _ => Ok(None),
+        }
+    }
+
+    /// The pair, for a request's basic auth.
+    pub fn pair(&self) -> (&str, &str) {
+        (&self.user, &self.password)
+    }
+}
+
 struct Inner {
     seeds: Vec<String>,
+    credentials: Option<Credentials>,
     http: reqwest::Client,
     topology: RwLock<Topology>,
     next_reader: AtomicUsize,
+}
+
+impl Inner {
+    fn sign(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.credentials {
+            Some(c) => request.basic_auth(&c.user, Some(&c.password)),
+            None => request,
+        }
+    }
 }
 
 fn lock_read(t: &RwLock<Topology>) -> std::sync::RwLockReadGuard<'_, Topology> {
@@ -172,6 +239,14 @@ impl Client {
     /// starts a background refresh of the cluster's picture (stopped when
     /// the last clone of the client is dropped).
     pub fn new(seeds: Vec<String>) -> Result<Self, ClientError> {
+        Self::with_credentials(seeds, None)
+    }
+
+    /// [`Client::new`], signing every request in as `credentials`.
+    pub fn with_credentials(
+        seeds: Vec<String>,
+        credentials: Option<Credentials>,
+    ) -> Result<Self, ClientError> {
         if seeds.is_empty() {
             return Err(ClientError::Unavailable("no database URL given".into()));
         }
@@ -189,6 +264,7 @@ impl Client {
             .collect();
         let inner = Arc::new(Inner {
             seeds,
+            credentials,
             http,
             topology: RwLock::new(Topology::default()),
             next_reader: AtomicUsize::new(0),
@@ -232,12 +308,8 @@ impl Client {
         path: &str,
         statements: &Value,
     ) -> reqwest::Result<reqwest::Response> {
-        self.inner
-            .http
-            .post(format!("{}{path}", node.api))
-            .json(statements)
-            .send()
-            .await
+        let request = self.inner.http.post(format!("{}{path}", node.api));
+        self.inner.sign(request).json(statements).send().await
     }
 
     /// Runs write statements (rqlite's request form) on the leader.
@@ -397,12 +469,11 @@ async fn refresh(inner: &Inner) -> Result<(), ClientError> {
     let mut last = String::from("no node answered");
     let mut leaderless = None;
     for base in known.iter().chain(inner.seeds.iter()) {
-        let answer = inner
+        let request = inner
             .http
             .get(format!("{base}/nodes?nonvoters&ver=2&timeout=300ms"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await;
+            .timeout(Duration::from_secs(2));
+        let answer = inner.sign(request).send().await;
         let body: Value = match answer {
             Ok(r) if r.status().is_success() => match r.json().await {
                 Ok(v) => v,

@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 
+use crate::auth::{Caller, Denied, Perm};
 use crate::engine::ExecOptions;
 use crate::request::{parse_statements, RequestError, Statement};
 
@@ -162,6 +163,22 @@ pub fn router(node: Arc<dyn Node>) -> Router {
         .with_state(Api { node, client })
 }
 
+/// A request the node's users may not make: `401` (with the challenge
+/// that makes clients send Basic credentials) or `403`.
+pub fn denied_response(denied: &Denied) -> Response {
+    match denied {
+        Denied::Unauthenticated(why) => {
+            let mut resp = error(StatusCode::UNAUTHORIZED, why);
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Basic realm=\"scaleout\""),
+            );
+            resp
+        }
+        Denied::Forbidden(why) => error(StatusCode::FORBIDDEN, why),
+    }
+}
+
 pub fn error(status: StatusCode, msg: &str) -> Response {
     (status, axum::Json(json!({ "error": msg }))).into_response()
 }
@@ -288,6 +305,7 @@ async fn serve(api: Api, endpoint: Endpoint, request: Request) -> Response {
         uri,
         method,
         headers,
+        caller,
     } = request;
     let request = parse_params(&params).and_then(|parsed| {
         let statements = statements_of(&params, &body, matches!(endpoint, Endpoint::Query))?;
@@ -302,6 +320,15 @@ async fn serve(api: Api, endpoint: Endpoint, request: Request) -> Response {
         Endpoint::Query => true,
         Endpoint::Unified => statements.iter().all(|s| looks_read_only(&s.sql)),
     };
+    if !read && !caller.may(Perm::Execute) {
+        let denied = match &caller.user {
+            None => {
+                Denied::Unauthenticated("writes need a user with the execute permission".into())
+            }
+            Some(user) => Denied::Forbidden(format!("user {user:?} lacks the execute permission")),
+        };
+        return denied_response(&denied);
+    }
     let answer = if read {
         api.node.query(statements, parsed.read).await
     } else {
@@ -407,6 +434,8 @@ pub struct Request {
     uri: Uri,
     method: Method,
     headers: HeaderMap,
+    /// Who signed in (`--auth`); without it, anyone may do anything.
+    caller: Caller,
 }
 
 impl<S: Send + Sync> axum::extract::FromRequest<S> for Request {
@@ -416,6 +445,11 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Request {
         let uri = req.uri().clone();
         let method = req.method().clone();
         let headers = req.headers().clone();
+        let caller = req
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_else(Caller::anyone_may_do_anything);
         let params = Query::<HashMap<String, String>>::try_from_uri(&uri)
             .map(|q| q.0)
             .map_err(|e| error(StatusCode::BAD_REQUEST, &e.body_text()))?;
@@ -431,6 +465,7 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Request {
             uri,
             method,
             headers,
+            caller,
         })
     }
 }

@@ -19,6 +19,7 @@
 //! cluster endpoints (`/status`, `/nodes`, `/readyz`, `/leader`, `/join`,
 //! `/remove`, backup and load, `/metrics`); [`dump`] writes SQL dumps.
 
+pub mod auth;
 pub mod bounded;
 pub mod determinism;
 pub mod dump;

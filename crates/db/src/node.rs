@@ -30,6 +30,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Caller;
 use crate::determinism::Moment;
 use crate::engine::{ExecOptions, ReadLimits, WriteEnv};
 use crate::http::{self, error, Answer, Forward, Level, NodeError, ReadOptions};
@@ -67,6 +68,13 @@ pub struct DbConfig {
     /// SQLite VM steps one write request may take, the same verdict on
     /// every node (it travels in the log entry).
     pub write_budget: u64,
+    /// Users and permissions on the API (`--auth`); `None`: open, as
+    /// rqlite without `-auth`.
+    pub users: Option<Arc<crate::auth::Users>>,
+    /// What this node signs in with when it joins (`user`, `password`).
+    pub join_credentials: Option<(String, String)>,
+    /// The secret every Raft RPC must carry; `None`: none needed.
+    pub cluster_secret: Option<crate::auth::ClusterSecret>,
 }
 
 impl DbConfig {
@@ -83,6 +91,9 @@ impl DbConfig {
             query_timeout: Duration::from_secs(5),
             max_result_bytes: 64 * 1024 * 1024,
             write_budget: crate::guard::DEFAULT_WRITE_BUDGET,
+            users: None,
+            join_credentials: None,
+            cluster_secret: None,
         }
     }
 }
@@ -112,6 +123,11 @@ pub struct DbNode {
     write_budget: u64,
     /// Held for the node's life: one process per data directory.
     _lock: std::fs::File,
+    users: Option<Arc<crate::auth::Users>>,
+    join_credentials: Option<(String, String)>,
+    cluster_secret: Option<crate::auth::ClusterSecret>,
+    /// Where the leader's log ended, and when it said so.
+    leader_end: std::sync::Mutex<Option<(Instant, u64)>>,
     /// How long a leader may go without hearing from a quorum before it
     /// stops presenting itself as the leader: twice the election timeout.
     /// Followers stand 3-4 election timeouts after the last heartbeat, and
@@ -216,7 +232,8 @@ pub async fn start(
     }
     .validate()
     .map_err(|e| StartError::Config(e.to_string()))?;
-    let raft = Raft::new(config.id, Arc::new(raft_config), Network::new(), log, state)
+    let network = Network::new(config.cluster_secret.clone());
+    let raft = Raft::new(config.id, Arc::new(raft_config), network, log, state)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
 
@@ -238,6 +255,10 @@ pub async fn start(
         max_result_bytes: config.max_result_bytes,
         write_budget: config.write_budget,
         _lock: lock,
+        users: config.users.clone(),
+        join_credentials: config.join_credentials.clone(),
+        cluster_secret: config.cluster_secret.clone(),
+        leader_end: std::sync::Mutex::new(None),
         lease: config.election_timeout * 2,
         started: Instant::now(),
         db_path,
@@ -246,7 +267,7 @@ pub async fn start(
     });
 
     let mut servers = tokio::task::JoinSet::new();
-    let rpc = network::router(raft.clone(), contact);
+    let rpc = network::router(raft.clone(), contact, config.cluster_secret.clone());
     servers.spawn(serve(raft_listener, rpc, shutdown.clone()));
     servers.spawn(serve(api, node.clone().router(), shutdown.clone()));
 
@@ -388,48 +409,67 @@ impl DbNode {
     }
 
     /// Refuses at once a `min_index` the cluster has not reached, rather
-    /// than make the read wait for it: the leader knows its own log; a
-    /// follower or replica in touch with the leader knows the commit index
-    /// the leader sends with every heartbeat (an index a write returned is
-    /// committed, so it arrives with the next heartbeat or two). A node
-    /// out of touch cannot tell, and waits as before.
+    /// than make the read wait for it. The leader knows its own log (an
+    /// index a write returned is committed, so it is there). A follower or
+    /// replica whose own log is short of the index asks the leader where
+    /// its log ends (remembered for a moment, asked again before
+    /// refusing). A node that cannot reach the leader cannot tell, and
+    /// waits as before.
     async fn refuse_beyond_the_log(&self, index: u64) -> Result<(), NodeError> {
-        let ahead = |committed: u64| NodeError::AheadOfLog {
+        let own_end = || self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        let ahead = |end: u64| NodeError::AheadOfLog {
             asked: index,
-            committed,
+            committed: end,
         };
-        if self.is_leader() {
-            let last = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
-            return if index > last {
-                Err(ahead(last))
-            } else {
-                Ok(())
-            };
-        }
-        let known = || {
-            let local = self
-                .raft
-                .metrics()
-                .borrow()
-                .last_applied
-                .map_or(0, |l| l.index);
-            self.contact.leader_commit().max(local)
-        };
-        if index <= known() || !self.hears_leader() {
+        if index <= own_end() {
             return Ok(());
         }
-        let deadline = Instant::now() + self.lease;
-        while Instant::now() < deadline {
-            tokio::time::sleep(self.lease / 10).await;
-            if index <= known() {
-                return Ok(());
+        if self.is_leader() {
+            return Err(ahead(own_end()));
+        }
+        for fresh in [false, true] {
+            match self.leader_log_end(fresh).await {
+                Some(end) if index <= end => return Ok(()),
+                Some(_) => {}
+                None => return Ok(()),
             }
         }
-        if self.hears_leader() {
-            Err(ahead(known()))
-        } else {
-            Ok(())
+        match self.leader_log_end(false).await {
+            Some(end) if index > end => Err(ahead(end)),
+            _ => Ok(()),
         }
+    }
+
+    /// Where the leader's log ends, as the leader says (`GET /raft/log`
+    /// on its Raft listener); remembered for 200 ms unless `fresh`.
+    async fn leader_log_end(&self, fresh: bool) -> Option<u64> {
+        let now = Instant::now();
+        if !fresh {
+            let known = *self
+                .leader_end
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((at, end)) = known {
+                if now.duration_since(at) < Duration::from_millis(200) {
+                    return Some(end);
+                }
+            }
+        }
+        let (_, leader) = self.leader()?;
+        let mut request = self
+            .client
+            .get(format!("http://{}/raft/log", leader.raft))
+            .timeout(self.lease);
+        if let Some(secret) = &self.cluster_secret {
+            request = request.header(header::AUTHORIZATION, secret.header());
+        }
+        let answer: network::LogEnd = request.send().await.ok()?.json().await.ok()?;
+        *self
+            .leader_end
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((now, answer.last_log_index));
+        Some(answer.last_log_index)
     }
 
     async fn wait_applied(&self, index: u64) -> Result<(), NodeError> {
@@ -451,7 +491,11 @@ impl DbNode {
         });
         let target = format!("{}/join", url.trim_end_matches('/'));
         loop {
-            let sent = self.client.post(&target).json(&body).send().await;
+            let mut request = self.client.post(&target).json(&body);
+            if let Some((user, password)) = &self.join_credentials {
+                request = request.basic_auth(user, Some(password));
+            }
+            let sent = request.send().await;
             match sent {
                 Ok(r) if r.status().is_success() => {
                     tracing::info!(%url, voter = !self.read_only, "joined the cluster");
@@ -486,12 +530,18 @@ impl DbNode {
             .layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY * 8))
             .with_state(self.clone());
         let stats = self.clone();
-        http::router(self)
-            .merge(cluster)
-            .layer(axum::middleware::from_fn(move |req, next| {
-                let stats = stats.clone();
-                async move { stats.stats.observe(req, next).await }
-            }))
+        let users = self.users.clone();
+        let mut api = http::router(self).merge(cluster);
+        if let Some(users) = users {
+            api = api.layer(axum::middleware::from_fn(move |req, next| {
+                let users = users.clone();
+                async move { sign_in(&users, req, next).await }
+            }));
+        }
+        api.layer(axum::middleware::from_fn(move |req, next| {
+            let stats = stats.clone();
+            async move { stats.stats.observe(req, next).await }
+        }))
     }
 }
 
@@ -596,6 +646,33 @@ impl http::Node for DbNode {
             results,
             raft_index,
         })
+    }
+}
+
+/// Signs a request in (`--auth`) and lets it through if its user may do
+/// what its endpoint does; handlers that need more look at the [`Caller`]
+/// it leaves in the request.
+async fn sign_in(
+    users: &crate::auth::Users,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(need) = crate::auth::needs(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match users.check(header, need) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(denied) => {
+            tracing::info!(path = req.uri().path(), %denied, "request refused");
+            http::denied_response(&denied)
+        }
     }
 }
 
@@ -826,6 +903,7 @@ fn node_id(v: &Value) -> Option<u64> {
 
 async fn join(
     State(node): Node,
+    caller: Option<axum::Extension<Caller>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -843,6 +921,13 @@ async fn join(
     let Some(id) = node_id(&request.id) else {
         return error(StatusCode::BAD_REQUEST, "join: id must be a whole number");
     };
+    if let Some(axum::Extension(caller)) = &caller {
+        if request.voter && !caller.may(crate::auth::Perm::Join) {
+            return http::denied_response(&crate::auth::Denied::Forbidden(
+                "joining as a voter needs the join permission (join-read-only allows a read replica)".into(),
+            ));
+        }
+    }
     if let Some(forwarded) = on_leader(&node, method, &uri, &headers, body).await {
         return forwarded;
     }

@@ -71,7 +71,17 @@ impl RemoteStore {
         seeds: Vec<String>,
         patience: std::time::Duration,
     ) -> Result<Self, StoreError> {
-        let client = Client::new(seeds).map_err(store_error)?;
+        Self::connect_as(seeds, None, patience).await
+    }
+
+    /// [`RemoteStore::connect`], signing in to the database as
+    /// `credentials` (its `--auth`).
+    pub async fn connect_as(
+        seeds: Vec<String>,
+        credentials: Option<scaleout_client::Credentials>,
+        patience: std::time::Duration,
+    ) -> Result<Self, StoreError> {
+        let client = Client::with_credentials(seeds, credentials).map_err(store_error)?;
         client.discover(patience).await.map_err(store_error)?;
         let created = client
             .execute(&json!([SCHEMA]), false)

@@ -31,28 +31,26 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{Member, Raft, TypeConfig};
+use crate::auth::ClusterSecret;
+use axum::response::IntoResponse;
 
 /// Connections to the other nodes (one pool shared by all peers).
 #[derive(Clone)]
 pub struct Network {
     client: reqwest::Client,
+    secret: Option<ClusterSecret>,
 }
 
 impl Network {
-    pub fn new() -> Self {
+    /// `secret`: what every RPC carries, when the cluster has one.
+    pub fn new(secret: Option<ClusterSecret>) -> Self {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
-        Network { client }
-    }
-}
-
-impl Default for Network {
-    fn default() -> Self {
-        Self::new()
+        Network { client, secret }
     }
 }
 
@@ -71,6 +69,7 @@ type PayloadKey = (
 
 pub struct Peer {
     client: reqwest::Client,
+    secret: Option<ClusterSecret>,
     target: u64,
     base: String,
     /// The payload of entries in flight, answered or not.
@@ -91,6 +90,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: u64, node: &Member) -> Peer {
         Peer {
             client: self.client.clone(),
+            secret: self.secret.clone(),
             target,
             base: format!("http://{}/raft", node.raft),
             in_flight: None,
@@ -114,6 +114,7 @@ impl Peer {
     {
         send(
             &self.client,
+            self.secret.as_ref(),
             &self.base,
             self.target,
             path,
@@ -126,6 +127,7 @@ impl Peer {
 
 async fn send<Req, Resp, E>(
     client: &reqwest::Client,
+    secret: Option<&ClusterSecret>,
     base: &str,
     target: u64,
     path: &str,
@@ -138,19 +140,17 @@ where
     E: std::error::Error + DeserializeOwned,
 {
     {
-        let sent = client
-            .post(format!("{base}/{path}"))
-            .timeout(timeout)
-            .json(req)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                } else {
-                    RPCError::Network(NetworkError::new(&e))
-                }
-            })?;
+        let mut request = client.post(format!("{base}/{path}")).timeout(timeout);
+        if let Some(secret) = secret {
+            request = request.header(reqwest::header::AUTHORIZATION, secret.header());
+        }
+        let sent = request.json(req).send().await.map_err(|e| {
+            if e.is_connect() {
+                RPCError::Unreachable(Unreachable::new(&e))
+            } else {
+                RPCError::Network(NetworkError::new(&e))
+            }
+        })?;
         let answer: Result<Resp, RaftError<u64, E>> = sent
             .json()
             .await
@@ -179,8 +179,18 @@ impl RaftNetwork<TypeConfig> for Peer {
                 old.abort();
             }
             let (client, base, target) = (self.client.clone(), self.base.clone(), self.target);
+            let secret = self.secret.clone();
             let task = tokio::spawn(async move {
-                send(&client, &base, target, "append", &rpc, PAYLOAD_TIMEOUT).await
+                send(
+                    &client,
+                    secret.as_ref(),
+                    &base,
+                    target,
+                    "append",
+                    &rpc,
+                    PAYLOAD_TIMEOUT,
+                )
+                .await
             });
             self.in_flight = Some((key, task));
         }
@@ -268,14 +278,43 @@ struct Rpc {
     contact: Arc<Contact>,
 }
 
-/// The RPC endpoints, for the `--raft` listener.
-pub fn router(raft: Raft, contact: Arc<Contact>) -> Router {
-    Router::new()
+/// The RPC endpoints, for the `--raft` listener. With a cluster secret,
+/// an RPC without it is refused (`401`) and logged: no one without the
+/// secret can vote, append entries or install a snapshot here.
+pub fn router(raft: Raft, contact: Arc<Contact>, secret: Option<ClusterSecret>) -> Router {
+    let rpcs = Router::new()
+        .route("/raft/log", axum::routing::get(log_end))
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
-        .with_state(Rpc { raft, contact })
+        .with_state(Rpc { raft, contact });
+    let Some(secret) = secret else {
+        return rpcs;
+    };
+    rpcs.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let secret = secret.clone();
+            async move {
+                let given = req
+                    .headers()
+                    .get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok());
+                if secret.admits(given) {
+                    return next.run(req).await;
+                }
+                tracing::warn!(
+                    path = req.uri().path(),
+                    "a Raft RPC without the cluster secret was refused"
+                );
+                (
+                    axum::http::StatusCode::UNAUTHORIZED,
+                    "this node's Raft RPCs need the cluster secret\n",
+                )
+                    .into_response()
+            }
+        },
+    ))
 }
 
 async fn append(
@@ -294,6 +333,18 @@ async fn append(
             .fetch_max(commit, Ordering::Relaxed);
     }
     Json(answer)
+}
+
+/// Where a node's log ends (asked of the leader by a node deciding whether
+/// a read's `min_index` is one the cluster has reached).
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct LogEnd {
+    pub last_log_index: u64,
+}
+
+async fn log_end(State(rpc): State<Rpc>) -> Json<LogEnd> {
+    let last_log_index = rpc.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    Json(LogEnd { last_log_index })
 }
 
 async fn vote(
