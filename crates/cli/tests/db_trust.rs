@@ -354,3 +354,56 @@ async fn a_web_server_signs_in_with_credentials_from_a_file() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Joins of nodes whose Raft address never answers change nothing, and
+/// writes go on meanwhile (three such joins once stopped every write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_of_unreachable_nodes_change_nothing_and_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = DbNode::start(1, dir.path(), &[]);
+    leader_of(std::slice::from_ref(&node)).await;
+    let (s, b, _) = call(
+        "POST",
+        &node.url("/db/execute"),
+        None,
+        Some(json!(["CREATE TABLE t (x)"])),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let mut joins = tokio::task::JoinSet::new();
+    for id in 7..10u64 {
+        let url = node.url("/join");
+        joins.spawn(async move {
+            let body = json!({"id": id, "api_addr": "127.0.0.1:1", "addr": format!("127.0.0.1:{}", id), "voter": true});
+            call("POST", &url, None, Some(body)).await
+        });
+    }
+    for i in 0..20 {
+        let (s, b, _) = call(
+            "POST",
+            &node.url("/db/execute"),
+            None,
+            Some(json!([["INSERT INTO t VALUES (?)", i]])),
+        )
+        .await;
+        assert_eq!(s, 200, "a write during the joins: {b}");
+    }
+    while let Some(done) = joins.join_next().await {
+        let (s, b, _) = done.unwrap();
+        assert_eq!(s, 503, "{b}");
+        assert!(
+            b["error"].as_str().unwrap().contains("does not answer"),
+            "{b}"
+        );
+    }
+    let listed: Value = common::get_json(&node.url("/nodes?nonvoters&ver=2")).await;
+    assert_eq!(listed["nodes"].as_array().unwrap().len(), 1, "{listed}");
+    let (s, b, _) = call(
+        "POST",
+        &node.url("/db/execute"),
+        None,
+        Some(json!(["INSERT INTO t VALUES (99)"])),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+}

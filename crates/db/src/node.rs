@@ -424,8 +424,26 @@ impl DbNode {
         if index <= own_end() {
             return Ok(());
         }
-        if self.is_leader() {
+        // A leader a quorum has confirmed lately knows the log (one that
+        // just restarted may still call itself the leader of its old term).
+        let confirmed = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.state == ServerState::Leader
+                && m.millis_since_quorum_ack
+                    .is_some_and(|ms| u128::from(ms) <= self.lease.as_millis())
+        };
+        if confirmed {
             return Err(ahead(own_end()));
+        }
+        if self.is_leader() {
+            return Ok(());
+        }
+        // Only a leader this node hears from now can tell (after a
+        // restart, the leader it remembers may be itself, or gone).
+        let heard = self.contact.age().is_some_and(|age| age <= self.lease);
+        if !heard || self.leader().is_none_or(|(id, _)| id == self.id) {
+            return Ok(());
         }
         for fresh in [false, true] {
             match self.leader_log_end(fresh).await {
@@ -935,6 +953,17 @@ async fn join(
         api: request.api_addr.trim_start_matches("http://").to_string(),
         raft: request.addr,
     };
+    // A node whose Raft address does not answer is not added: added, it
+    // would hold the membership (and, as a voter, the quorum) hostage.
+    if !node.answers_raft(&member).await {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "join: node {id}'s Raft address {} does not answer; nothing was changed",
+                member.raft
+            ),
+        );
+    }
     let _one_at_a_time = node.membership_change.lock().await;
     let membership = node.raft.metrics().borrow().membership_config.clone();
     let known = membership.membership().get_node(&id).cloned();
@@ -942,8 +971,20 @@ async fn join(
     if known.as_ref() == Some(&member) && is_voter == request.voter {
         return axum::Json(json!({ "joined": id, "already": true })).into_response();
     }
-    if let Err(e) = node.raft.add_learner(id, member.clone(), true).await {
-        return error(StatusCode::SERVICE_UNAVAILABLE, &format!("join: {e}"));
+    match tokio::time::timeout(
+        JOIN_CATCH_UP,
+        node.raft.add_learner(id, member.clone(), true),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("join: {e}")),
+        Err(_) => {
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!("join: node {id} is still catching up as a learner; ask again to go on"),
+            )
+        }
     }
     if request.voter {
         let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
@@ -953,6 +994,33 @@ async fn join(
     }
     tracing::info!(id, %member, voter = request.voter, "node joined");
     axum::Json(json!({ "joined": id })).into_response()
+}
+
+/// How long a join waits for the new node to catch up before answering
+/// (the node asks again, and the join goes on from where it is).
+const JOIN_CATCH_UP: Duration = Duration::from_secs(30);
+
+impl DbNode {
+    /// Whether `member`'s Raft listener answers at all (within 5 s).
+    async fn answers_raft(&self, member: &Member) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut request = self
+                .client
+                .get(format!("http://{}/raft/log", member.raft))
+                .timeout(Duration::from_secs(1));
+            if let Some(secret) = &self.cluster_secret {
+                request = request.header(header::AUTHORIZATION, secret.header());
+            }
+            if request.send().await.is_ok() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
 }
 
 async fn remove(

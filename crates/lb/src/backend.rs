@@ -177,8 +177,14 @@ impl Backend {
     }
 
     /// A request to this backend failed; ejects it when the streak reaches
-    /// the threshold. Returns the ejection, if one started.
-    pub fn record_failure(&self, cfg: &OutlierConfig, now_ms: u64) -> Option<Duration> {
+    /// the threshold and `may_eject` agrees (the pool's ejection cap).
+    /// Returns the ejection, if one started.
+    pub fn record_failure(
+        &self,
+        cfg: &OutlierConfig,
+        now_ms: u64,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Option<Duration> {
         if cfg.consecutive_failures == 0 {
             return None;
         }
@@ -187,6 +193,10 @@ impl Backend {
             return None;
         }
         self.consecutive_failures.store(0, Ordering::Relaxed);
+        if !may_eject() {
+            self.stats.ejections_refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         let n = self.ejections_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
         let length = ejection_length(cfg, n);
         self.ejected_until
@@ -194,6 +204,16 @@ impl Backend {
         self.stats.ejections.fetch_add(1, Ordering::Relaxed);
         Some(length)
     }
+}
+
+/// Whether one more of `pool` may be ejected at `now_ms` without the
+/// ejected exceeding `max_percent` of it.
+pub fn may_eject_one_more(pool: &[Arc<Backend>], max_percent: u32, now_ms: u64) -> bool {
+    let ejected = pool
+        .iter()
+        .filter(|b| b.ejected_until.load(Ordering::Relaxed) > now_ms)
+        .count() as u64;
+    (ejected + 1) * 100 <= pool.len() as u64 * u64::from(max_percent)
 }
 
 /// The n-th ejection in a row lasts base × 2^(n-1), at most max.
@@ -313,32 +333,71 @@ mod tests {
             consecutive_failures: 3,
             base_ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(5),
+            max_ejection_percent: 100,
         };
         let b = backend();
         assert!(b.available(0));
-        assert_eq!(b.record_failure(&cfg, 0), None);
-        assert_eq!(b.record_failure(&cfg, 0), None);
-        assert_eq!(b.record_failure(&cfg, 0), Some(Duration::from_secs(1)));
+        assert_eq!(b.record_failure(&cfg, 0, || true), None);
+        assert_eq!(b.record_failure(&cfg, 0, || true), None);
+        assert_eq!(
+            b.record_failure(&cfg, 0, || true),
+            Some(Duration::from_secs(1))
+        );
         assert!(!b.available(999));
         assert!(b.available(1000));
         // Still failing after the ejection: the next one is twice as long.
         for _ in 0..2 {
-            b.record_failure(&cfg, 1000);
+            b.record_failure(&cfg, 1000, || true);
         }
-        assert_eq!(b.record_failure(&cfg, 1000), Some(Duration::from_secs(2)));
+        assert_eq!(
+            b.record_failure(&cfg, 1000, || true),
+            Some(Duration::from_secs(2))
+        );
         assert!(!b.available(2999));
         // A success resets both streaks.
         b.record_success();
         for _ in 0..2 {
-            b.record_failure(&cfg, 5000);
+            b.record_failure(&cfg, 5000, || true);
         }
-        assert_eq!(b.record_failure(&cfg, 5000), Some(Duration::from_secs(1)));
+        assert_eq!(
+            b.record_failure(&cfg, 5000, || true),
+            Some(Duration::from_secs(1))
+        );
         assert_eq!(
             ejection_length(&cfg, 10),
             Duration::from_secs(5),
             "capped at max"
         );
         assert_eq!(ejection_length(&cfg, 100), Duration::from_secs(5));
+    }
+
+    /// The pool's cap: with half the pool at most, two of four backends
+    /// may be out at once, never the third; an ejection that is over
+    /// makes room again.
+    #[test]
+    fn no_more_than_the_cap_is_ejected_at_once() {
+        let cfg = OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(5),
+            max_ejection_percent: 50,
+        };
+        let pool: Vec<Arc<Backend>> = (0..4).map(|_| Arc::new(backend())).collect();
+        let fail = |i: usize, now: u64| {
+            pool[i].record_failure(&cfg, now, || {
+                may_eject_one_more(&pool, cfg.max_ejection_percent, now)
+            })
+        };
+        assert!(fail(0, 0).is_some());
+        assert!(fail(1, 0).is_some());
+        assert!(fail(2, 0).is_none(), "a third would leave less than half");
+        assert!(pool[2].available(0));
+        assert_eq!(pool[2].stats.ejections_refused.load(Ordering::Relaxed), 1);
+        assert!(fail(2, 1000).is_some(), "the first two are back at 1000 ms");
+        assert!(
+            !may_eject_one_more(&pool[..1], 50, 0),
+            "a pool of one keeps its backend"
+        );
     }
 
     #[test]

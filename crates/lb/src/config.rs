@@ -170,6 +170,11 @@ pub struct OutlierConfig {
     pub base_ejection: Duration,
     #[serde(with = "humantime_serde")]
     pub max_ejection: Duration,
+    /// The largest share of the pool (percent) ejected at once: a backend
+    /// that would take the ejected past it stays in rotation (Envoy's
+    /// `max_ejection_percent`). A fault every backend shares, or a client
+    /// whose requests fail everywhere, must not empty the pool.
+    pub max_ejection_percent: u32,
 }
 
 impl Default for OutlierConfig {
@@ -178,6 +183,7 @@ impl Default for OutlierConfig {
             consecutive_failures: 5,
             base_ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(30),
+            max_ejection_percent: 50,
         }
     }
 }
@@ -343,6 +349,9 @@ impl LbConfig {
             if h.interval < Duration::from_millis(10) || h.timeout.is_zero() {
                 return fail("health interval must be at least 10ms and timeout above 0".into());
             }
+        }
+        if self.outlier.max_ejection_percent > 100 {
+            return fail("outlier max_ejection_percent must be 0 to 100".into());
         }
         if self.outlier.base_ejection > self.outlier.max_ejection {
             return fail("outlier base_ejection must not exceed max_ejection".into());

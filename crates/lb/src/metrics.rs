@@ -60,6 +60,8 @@ pub struct BackendStats {
     /// Attempts that got no response (connect error, reset, timeout).
     pub failures: AtomicU64,
     pub ejections: AtomicU64,
+    /// Ejections the pool's cap (`max_ejection_percent`) held back.
+    pub ejections_refused: AtomicU64,
     pub checks_failed: AtomicU64,
     pub latency: Histogram,
 }
@@ -187,7 +189,7 @@ pub fn render(stats: &LbStats, backends: &[std::sync::Arc<Backend>], clock_ms: u
         &'static str,
         fn(&Backend, u64) -> u64,
     );
-    let per_backend: [Gauge; 6] = [
+    let per_backend: [Gauge; 7] = [
         (
             "scaleout_lb_backend_failures_total",
             "counter",
@@ -199,6 +201,12 @@ pub fn render(stats: &LbStats, backends: &[std::sync::Arc<Backend>], clock_ms: u
             "counter",
             "Passive outlier ejections.",
             |b, _| b.stats.ejections.load(Ordering::Relaxed),
+        ),
+        (
+            "scaleout_lb_backend_ejections_refused_total",
+            "counter",
+            "Ejections held back because the pool's ejected share was at its cap.",
+            |b, _| b.stats.ejections_refused.load(Ordering::Relaxed),
         ),
         (
             "scaleout_lb_backend_health_checks_failed_total",

@@ -322,7 +322,15 @@ where
 }
 
 fn record_failure(shared: &Shared, backend: &Backend, now_ms: u64) {
-    if let Some(length) = backend.record_failure(&shared.config.outlier, now_ms) {
+    let may_eject = || {
+        let pool = shared.pool.snapshot();
+        crate::backend::may_eject_one_more(
+            &pool,
+            shared.config.outlier.max_ejection_percent,
+            now_ms,
+        )
+    };
+    if let Some(length) = backend.record_failure(&shared.config.outlier, now_ms, may_eject) {
         tracing::warn!(backend = %backend.name, ejected_for = ?length, "backend ejected (consecutive failures)");
     }
 }
