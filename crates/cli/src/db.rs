@@ -74,6 +74,12 @@ pub struct DbArgs {
     /// SCALEOUT_DB_USER and SCALEOUT_DB_PASSWORD).
     #[arg(long)]
     join_credentials: Option<PathBuf>,
+    /// Time a client has to send a request head (slowloris).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    header_timeout: Duration,
+    /// Connections at once on each listener; more are closed at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
 }
 
 async fn bind(what: &str, addr: &str) -> anyhow::Result<(TcpListener, String)> {
@@ -148,6 +154,11 @@ pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()
         let (user, password) = c.pair();
         (user.to_string(), password.to_string())
     });
+    config.limits = scaleout_serve::Limits {
+        header_timeout: args.header_timeout,
+        max_connections: args.max_connections.max(1),
+        ..Default::default()
+    };
     config.query_timeout = args.query_timeout;
     config.max_result_bytes = args.max_result_bytes;
     config.write_budget = args.write_budget;

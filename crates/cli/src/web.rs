@@ -34,6 +34,12 @@ pub struct WebArgs {
     /// or SCALEOUT_DB_USER and SCALEOUT_DB_PASSWORD).
     #[arg(long)]
     db_credentials: Option<std::path::PathBuf>,
+    /// Time a client has to send a request head (slowloris).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    header_timeout: Duration,
+    /// Connections at once; more are closed at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
 }
 
 pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -46,6 +52,11 @@ pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<(
         name: args.name.clone(),
         public_url: args.public_url,
         cache_ttl: args.cache_ttl,
+        limits: scaleout_serve::Limits {
+            header_timeout: args.header_timeout,
+            max_connections: args.max_connections.max(1),
+            ..Default::default()
+        },
         ..Default::default()
     };
     config.validate()?;

@@ -407,3 +407,90 @@ async fn joins_of_unreachable_nodes_change_nothing_and_writes_go_on() {
     .await;
     assert_eq!(s, 200, "{b}");
 }
+
+/// Whether the server at `addr` closes a connection that sent half a
+/// request head, within `within`.
+async fn cuts_a_slow_head(addr: &str, within: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(within, slow.read_to_end(&mut buf))
+        .await
+        .is_ok()
+}
+
+/// Slowloris on a database node and a web server: a connection that
+/// dribbles its head is cut at the head timeout while others are served;
+/// connections past the cap are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_are_cut_and_connections_capped_on_db_and_web() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = DbNode::start(
+        1,
+        dir.path(),
+        &["--header-timeout", "500ms", "--max-connections", "40"],
+    );
+    leader_of(std::slice::from_ref(&node)).await;
+    let api = node.api.trim_start_matches("http://").to_string();
+    let slow = tokio::spawn({
+        let api = api.clone();
+        async move { cuts_a_slow_head(&api, Duration::from_secs(5)).await }
+    });
+    let (s, _, _) = call("GET", &node.url("/status"), None, None).await;
+    assert_eq!(s, 200, "served beside the slow client");
+    assert!(slow.await.unwrap(), "the database node cut the slow head");
+
+    let mut web = Proc::spawn(&[
+        "web",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        &node.api,
+        "--header-timeout",
+        "500ms",
+        "--max-connections",
+        "20",
+    ]);
+    let line = web.wait_for_line("scaleout web:");
+    let site = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
+    let host = site.trim_start_matches("http://").to_string();
+    assert!(
+        cuts_a_slow_head(&host, Duration::from_secs(5)).await,
+        "the web server cut the slow head"
+    );
+    // Hold the web server's 20 connections; the next is closed at once,
+    // and once they go, it serves again.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(tokio::net::TcpStream::connect(&host).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = client().get(format!("{site}/healthz")).send().await;
+    assert!(
+        refused.is_err(),
+        "a 21st connection is refused: {refused:?}"
+    );
+    drop(held);
+    eventually(
+        Duration::from_secs(10),
+        "the web server serves again",
+        || {
+            let url = format!("{site}/healthz");
+            async move {
+                client()
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+            }
+        },
+    )
+    .await;
+}

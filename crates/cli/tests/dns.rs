@@ -55,6 +55,45 @@ async fn query_udp(addr: SocketAddr, name: &str, qtype: RecordType) -> Message {
     Message::from_vec(&buf[..n]).unwrap()
 }
 
+/// An EDNS version the server does not speak is answered BADVERS (the
+/// extended code 16: 0 in the header, 1 in the OPT record's high bits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_edns_version_is_answered_badvers() {
+    let dns = start_dns(&["--host", "www=127.0.0.2"]);
+    let mut msg = Message::new();
+    msg.set_id(7)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query);
+    msg.add_query(Query::query(
+        Name::from_str("www.scaleout.test.").unwrap(),
+        RecordType::A,
+    ));
+    msg.extensions_mut()
+        .get_or_insert_with(hickory_resolver::proto::op::Edns::new)
+        .set_version(1);
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&msg.to_vec().unwrap(), dns.addr)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), sock.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = Message::from_vec(&buf[..n]).unwrap();
+    // 16 on the wire (hickory reads it back as BADSIG, which shares 16).
+    assert_eq!(u16::from(answer.response_code()), 16, "{answer:?}");
+    assert_eq!(
+        answer.extensions().as_ref().map(|e| e.rcode_high()),
+        Some(1)
+    );
+    assert!(answer.answers().is_empty());
+    assert_eq!(answer.extensions().as_ref().map(|e| e.version()), Some(0));
+    // Version 0 is answered as before.
+    let plain = query_udp(dns.addr, "www.scaleout.test.", RecordType::A).await;
+    assert_eq!(plain.response_code(), ResponseCode::NoError);
+}
+
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }

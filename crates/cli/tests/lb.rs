@@ -448,6 +448,30 @@ async fn oversized_headers_malformed_requests_and_big_bodies_are_refused() {
     assert!(raw_exchange(lb.addr, b"BLAH\x01 / HTTP/1.1\r\n\r\n")
         .await
         .starts_with("HTTP/1.1 400"));
+    // Strict parsing: what a stricter peer would read otherwise.
+    for (raw, status) in [
+        (
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\nx"[..],
+            "400",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", "400"),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            "501",
+        ),
+        // A chunk announced past the body limit: refused before its data.
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffff\r\n",
+            "413",
+        ),
+    ] {
+        let answer = raw_exchange(lb.addr, raw).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{:?}: {answer}",
+            String::from_utf8_lossy(raw)
+        );
+    }
     let r = client()
         .post(lb.url("/"))
         .body(vec![b'x'; 5000])

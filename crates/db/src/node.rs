@@ -75,6 +75,8 @@ pub struct DbConfig {
     pub join_credentials: Option<(String, String)>,
     /// The secret every Raft RPC must carry; `None`: none needed.
     pub cluster_secret: Option<crate::auth::ClusterSecret>,
+    /// Request-head timeout and connection cap of both listeners.
+    pub limits: scaleout_serve::Limits,
 }
 
 impl DbConfig {
@@ -94,6 +96,7 @@ impl DbConfig {
             users: None,
             join_credentials: None,
             cluster_secret: None,
+            limits: scaleout_serve::Limits::default(),
         }
     }
 }
@@ -268,8 +271,13 @@ pub async fn start(
 
     let mut servers = tokio::task::JoinSet::new();
     let rpc = network::router(raft.clone(), contact, config.cluster_secret.clone());
-    servers.spawn(serve(raft_listener, rpc, shutdown.clone()));
-    servers.spawn(serve(api, node.clone().router(), shutdown.clone()));
+    servers.spawn(serve(raft_listener, rpc, config.limits, shutdown.clone()));
+    servers.spawn(serve(
+        api,
+        node.clone().router(),
+        config.limits,
+        shutdown.clone(),
+    ));
 
     if fresh {
         match &config.join {
@@ -304,10 +312,14 @@ impl Running {
     }
 }
 
-async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: scaleout_serve::Limits,
+    shutdown: CancellationToken,
+) {
+    let refusals = Arc::default();
+    let served = scaleout_serve::serve(listener, router, limits, refusals, shutdown).await;
     if let Err(e) = served {
         tracing::error!(error = %e, "server stopped");
     }

@@ -57,6 +57,18 @@ impl RequestHandler for Handler {
             let h = refuse(ResponseCode::NotImp);
             return send(&mut response, builder.build_no_records(h), h).await;
         }
+        // EDNS beyond version 0 is BADVERS, answered with our version
+        // (RFC 6891 §6.1.3), not a NOERROR that would pretend to speak it.
+        if request.edns().is_some_and(|e| e.version() > 0) {
+            let mut builder = MessageResponseBuilder::from_message_request(request);
+            let mut edns = hickory_proto::op::Edns::new();
+            edns.set_version(0);
+            edns.set_max_payload(1232);
+            builder.edns(edns);
+            self.count("-", ResponseCode::BADVERS);
+            let h = refuse(ResponseCode::BADVERS);
+            return send(&mut response, builder.build_no_records(h), h).await;
+        }
         let info = match request.request_info() {
             Ok(info) => info,
             Err(_) => {

@@ -352,9 +352,13 @@ fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Request>, Client
         let (n, v) = req.headers[i].clone();
         let (name, value) = (&req.head[n.clone()], &req.head[v.clone()]);
         if name.eq_ignore_ascii_case(b"content-length") {
-            let parsed = std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok());
+            // Digits only (RFC 9110 §8.6): no sign, no spaces inside, no
+            // list; a value a stricter peer would read otherwise is refused.
+            let digits = value.trim_ascii();
+            let parsed =
+                (!digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit))
+                    .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+                    .flatten();
             match (parsed, content_length) {
                 (None, _) => {
                     return Err(client_error(
@@ -371,15 +375,13 @@ fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Request>, Client
                 (Some(a), _) => content_length = Some(a),
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            let last = value
-                .split(|b| *b == b',')
-                .next_back()
-                .map(<[u8]>::trim_ascii)
-                .unwrap_or(b"");
-            if !last.eq_ignore_ascii_case(b"chunked") {
+            // Exactly one coding, chunked, over all the request's
+            // Transfer-Encoding headers: forwarding `gzip, chunked` as
+            // chunked would drop a coding; RFC 9112 §6.1 answers 501.
+            if chunked || !value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                 return Err(client_error(
                     StatusCode::NOT_IMPLEMENTED,
-                    "only chunked transfer-coding is supported",
+                    "only the chunked transfer-coding, alone, is supported",
                 ));
             }
             chunked = true;
@@ -401,6 +403,12 @@ fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Request>, Client
         } else if name.eq_ignore_ascii_case(b"expect") {
             req.expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case(b"host") {
+            if req.host.is_some() {
+                return Err(client_error(
+                    StatusCode::BAD_REQUEST,
+                    "more than one Host header",
+                ));
+            }
             req.host = Some(v.clone());
         } else if name.eq_ignore_ascii_case(b"x-request-id") {
             if !value.is_empty() && value.len() <= 200 {
@@ -469,7 +477,19 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
             }
             let mut body = BytesMut::new();
             loop {
-                match chunked_step(&mut state, rbuf) {
+                let step = chunked_step(&mut state, rbuf);
+                // A chunk announced larger than the limit is refused at
+                // once, before a byte of it is read.
+                if let Chunk::Data(left) = state {
+                    let taken = match &step {
+                        Ok(Some(data)) => data.len(),
+                        _ => 0,
+                    };
+                    if (body.len() + taken) as u64 + left > max as u64 {
+                        return Ok(Err(too_large()));
+                    }
+                }
+                match step {
                     Ok(Some(data)) => {
                         if body.len() + data.len() > max {
                             return Ok(Err(too_large()));
@@ -865,6 +885,12 @@ mod tests {
             (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", StatusCode::BAD_REQUEST),
             (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n", StatusCode::BAD_REQUEST),
             (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", StatusCode::NOT_IMPLEMENTED),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", StatusCode::NOT_IMPLEMENTED),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", StatusCode::NOT_IMPLEMENTED),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +1\r\n\r\n", StatusCode::BAD_REQUEST),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1 1\r\n\r\n", StatusCode::BAD_REQUEST),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1,1\r\n\r\n", StatusCode::BAD_REQUEST),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", StatusCode::BAD_REQUEST),
             (b"GET http://x/ HTTP/1.1\r\nHost: h\r\n\r\n", StatusCode::BAD_REQUEST),
             (b"G\x01T / HTTP/1.1\r\n\r\n", StatusCode::BAD_REQUEST),
         ] {

@@ -59,6 +59,8 @@ pub struct WebConfig {
     pub public_url: Option<String>,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Request-head timeout and connection cap.
+    pub limits: scaleout_serve::Limits,
 }
 
 impl Default for WebConfig {
@@ -69,6 +71,7 @@ impl Default for WebConfig {
             cache_ttl: Duration::from_secs(5),
             public_url: None,
             max_body_bytes: 16 * 1024,
+            limits: scaleout_serve::Limits::default(),
         }
     }
 }
@@ -113,9 +116,15 @@ pub async fn run(
     let app = Arc::new(app::App::new(config, store)?);
     let addr = listener.local_addr()?;
     tracing::info!(server = %app.config.name, %addr, "web server listening");
-    axum::serve(listener, app::router(app.clone()))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    let limits = app.config.limits;
+    scaleout_serve::serve(
+        listener,
+        app::router(app.clone()),
+        limits,
+        Arc::default(),
+        shutdown,
+    )
+    .await?;
     tracing::info!(server = %app.config.name, "web server stopped");
     Ok(())
 }

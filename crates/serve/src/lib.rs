@@ -1,0 +1,186 @@
+//! `scaleout-serve`: serves an axum router the way every scaleout HTTP
+//! server must — the web servers and the database nodes alike — with its
+//! resources bounded:
+//!
+//! - a client must send a request head within [`Limits::header_timeout`]
+//!   (slowloris: a connection dribbling its head, or opened and left
+//!   silent, is closed; between requests on a kept-alive connection the
+//!   same bound applies);
+//! - at most [`Limits::max_connections`] connections at once: one more is
+//!   accepted and closed at once (so the kernel's backlog does not fill
+//!   with connections nobody will serve), counted and logged;
+//! - graceful shutdown: on `shutdown`, no new connections, in-flight
+//!   requests finish (up to [`Limits::drain`]), then everything closes.
+//!
+//! HTTP/1.1 and HTTP/2 (prior knowledge) through hyper-util's `auto`
+//! builder, as `axum::serve` does.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// The bounds of one server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Time to send a request head (and to start the next one).
+    pub header_timeout: Duration,
+    /// Connections at once.
+    pub max_connections: usize,
+    /// How long in-flight requests may take to finish at shutdown.
+    pub drain: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a server refused, for its metrics.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    /// Connections closed at once because the server was full.
+    pub over_capacity: AtomicU64,
+}
+
+/// Serves `router` on `listener` until `shutdown`, within `limits`.
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: Limits,
+    refusals: Arc<Refusals>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors, say: wait a moment rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refusals.over_capacity.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, max = limits.max_connections, "connection refused: the server is full");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let builder = builder.clone();
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(drain = ?limits.drain, "requests still in flight at the end of the drain");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn server(limits: Limits) -> (std::net::SocketAddr, Arc<Refusals>, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let refusals = Arc::new(Refusals::default());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            router,
+            limits,
+            refusals.clone(),
+            shutdown.clone(),
+        ));
+        (addr, refusals, shutdown)
+    }
+
+    /// A client that dribbles its head is cut at the header timeout, while
+    /// another is served.
+    #[tokio::test]
+    async fn a_slow_head_is_cut_and_others_are_served() {
+        let limits = Limits {
+            header_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, _, shutdown) = server(limits).await;
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let ok = reqwest::get(format!("http://{addr}/")).await.unwrap();
+        assert_eq!(ok.text().await.unwrap(), "ok");
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "the slow connection was closed");
+        shutdown.cancel();
+    }
+
+    /// One connection more than the cap is closed at once, and counted.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed() {
+        let limits = Limits {
+            max_connections: 2,
+            ..Limits::default()
+        };
+        let (addr, refusals, shutdown) = server(limits).await;
+        let _a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without an answer");
+        assert_eq!(refusals.over_capacity.load(Ordering::Relaxed), 1);
+        shutdown.cancel();
+    }
+}
