@@ -170,8 +170,9 @@ fn trim<'a>(x: &'a str, set: &str, left: bool, right: bool) -> rusqlite::Result<
     Ok(out)
 }
 
-/// Calls SQLite's own `name` on `args`.
-fn call(builtin: &Mutex<Connection>, name: &str, args: &[Value]) -> rusqlite::Result<Value> {
+/// Calls SQLite's own `name` on `args`, on a private connection where
+/// nothing replaced it (also used by [`crate::determinism`]).
+pub(crate) fn call(builtin: &Mutex<Connection>, name: &str, args: &[Value]) -> rusqlite::Result<Value> {
     let conn = builtin
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

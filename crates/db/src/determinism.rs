@@ -222,7 +222,7 @@ impl FixedFunctions {
                 if time_at == Some(args.len()) {
                     args.push(Value::Text(now));
                 }
-                call(&builtin, name, &args)
+                crate::bounded::call(&builtin, name, &args)
             })?;
         }
         for (name, original) in [
@@ -233,7 +233,7 @@ impl FixedFunctions {
             let (draws, builtin) = (fixed.draws.clone(), builtin.clone());
             conn.create_scalar_function(name, 0, constant, move |_| {
                 let now = timestamp(lock(&draws).moment.unix_ms);
-                call(&builtin, original, &[Value::Text(now)])
+                crate::bounded::call(&builtin, original, &[Value::Text(now)])
             })?;
         }
         for (name, args) in crate::guard::NODE_FUNCTIONS {
@@ -250,19 +250,6 @@ impl FixedFunctions {
         d.moment = moment;
         d.drawn = 0;
     }
-}
-
-/// Calls SQLite's own `name` on `args`.
-fn call(builtin: &Mutex<Connection>, name: &str, args: &[Value]) -> rusqlite::Result<Value> {
-    let conn = builtin
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let marks = (1..=args.len())
-        .map(|i| format!("?{i}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut stmt = conn.prepare_cached(&format!("SELECT {name}({marks})"))?;
-    stmt.query_row(rusqlite::params_from_iter(args), |r| r.get::<_, Value>(0))
 }
 
 #[cfg(test)]
