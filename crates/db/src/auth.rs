@@ -83,6 +83,9 @@ pub struct Users {
     anyone: HashSet<Perm>,
     /// Digests of credentials bcrypt accepted, and when.
     verified: Mutex<HashMap<[u8; 32], Instant>>,
+    /// One bcrypt verification at a time: wrong passwords sent in a flood
+    /// cost one core at most, not every core.
+    bcrypt_gate: Mutex<()>,
 }
 
 /// How long a bcrypt verification is remembered.
@@ -168,11 +171,13 @@ impl Users {
             by_name,
             anyone,
             verified: Mutex::new(HashMap::new()),
+            bcrypt_gate: Mutex::new(()),
         })
     }
 
     /// Signs a request in from its `Authorization` header and checks it
-    /// may do what it needs.
+    /// may do what it needs. May run bcrypt: call it off the async
+    /// threads.
     pub fn check(&self, authorization: Option<&str>, need: Perm) -> Result<Caller, Denied> {
         let caller = match authorization {
             None => Caller {
@@ -234,9 +239,14 @@ impl Users {
                     return true;
                 }
                 drop(verified);
+                let gate = self
+                    .bcrypt_gate
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let ok = std::str::from_utf8(password)
                     .ok()
                     .is_some_and(|p| bcrypt::verify(p, hash).unwrap_or(false));
+                drop(gate);
                 if ok {
                     let mut verified = self
                         .verified
@@ -321,7 +331,8 @@ impl ClusterSecret {
         format!("Bearer {}", String::from_utf8_lossy(&self.0))
     }
 
-    /// Whether an `Authorization` header carries this secret.
+    /// Whether a header (`Authorization`, or the join's own) carries this
+    /// secret.
     pub fn admits(&self, authorization: Option<&str>) -> bool {
         authorization
             .and_then(|h| h.strip_prefix("Bearer "))

@@ -172,7 +172,11 @@ fn trim<'a>(x: &'a str, set: &str, left: bool, right: bool) -> rusqlite::Result<
 
 /// Calls SQLite's own `name` on `args`, on a private connection where
 /// nothing replaced it (also used by [`crate::determinism`]).
-pub(crate) fn call(builtin: &Mutex<Connection>, name: &str, args: &[Value]) -> rusqlite::Result<Value> {
+pub(crate) fn call(
+    builtin: &Mutex<Connection>,
+    name: &str,
+    args: &[Value],
+) -> rusqlite::Result<Value> {
     let conn = builtin
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

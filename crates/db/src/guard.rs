@@ -36,9 +36,10 @@ use crate::engine::RESERVED_PREFIX;
 pub const STEPS_PER_CHECK: u64 = 1000;
 /// The largest string or blob any statement may make (SQLite's
 /// `SQLITE_LIMIT_LENGTH`, the same constant on every node).
-pub const MAX_VALUE_BYTES: i32 = 64 * 1024 * 1024;
-/// The longest LIKE or GLOB pattern (SQLite's default is 50,000).
-pub const MAX_PATTERN_BYTES: i32 = 1000;
+pub const MAX_VALUE_BYTES: i32 = 16 * 1024 * 1024;
+/// The longest LIKE or GLOB pattern (SQLite's default is 50,000): a match
+/// costs up to the value's length times the pattern's, in one VM step.
+pub const MAX_PATTERN_BYTES: i32 = 100;
 /// Default VM steps one write request may take (about a second on this
 /// machine's cores): a runaway write fails the same way on every node.
 pub const DEFAULT_WRITE_BUDGET: u64 = 100_000_000;
@@ -128,9 +129,13 @@ const READ_PRAGMAS: [&str; 14] = [
     "recursive_triggers",
     "defer_foreign_keys",
 ];
-/// Virtual table modules a write may create: they store their data in
-/// ordinary tables, the same on every node.
-const WRITE_MODULES: [&str; 5] = ["fts3", "fts4", "fts5", "rtree", "rtree_i32"];
+/// Virtual table modules a write may create: FTS5, which keeps its data
+/// and its settings in ordinary tables, the same on every node. Not FTS3/4
+/// (an `automerge` setting outlives the rollback that undid it, in one
+/// connection's memory) nor R*Tree (it reads its row estimate from
+/// `sqlite_stat1` once per connection, so a restarted node plans, and
+/// orders rows, differently).
+const WRITE_MODULES: [&str; 1] = ["fts5"];
 
 /// Functions refused in writes: their value depends on the node (its
 /// connection's history, its build), not on the data. SQLite's own
@@ -176,6 +181,17 @@ pub fn policy(
     mode: Mode,
     action: &AuthAction<'_>,
     database: Option<&str>,
+) -> Result<Noted, String> {
+    policy_in(mode, action, database, false)
+}
+
+/// [`policy`], for an action of a statement that drops a table or an
+/// index (`dropping`): SQLite deletes their statistics as part of it.
+pub fn policy_in(
+    mode: Mode,
+    action: &AuthAction<'_>,
+    database: Option<&str>,
+    dropping: bool,
 ) -> Result<Noted, String> {
     use AuthAction as A;
     if mode == Mode::Internal {
@@ -305,17 +321,18 @@ pub fn policy(
         A::Read { table_name, .. } if writing && table_name.eq_ignore_ascii_case("dbstat") => Err(
             "dbstat is not allowed in a write: it describes one node's file layout".into(),
         ),
+        // DROP reads the root pages it frees: it lays out nothing.
         A::Read { table_name, column_name }
             if writing
+                && !dropping
                 && is_schema_table(table_name)
                 && column_name.eq_ignore_ascii_case("rootpage") =>
         {
             Err("sqlite_schema.rootpage is not allowed in a write: it describes one node's file layout".into())
         }
-        A::Insert { table_name }
-        | A::Update { table_name, .. }
-        | A::Delete { table_name }
-        | A::DropTable { table_name }
+        // DROP TABLE and DROP INDEX delete their statistics themselves;
+        // any other change to them is refused.
+        A::Insert { table_name } | A::Update { table_name, .. } | A::DropTable { table_name }
             if writing && is_statistics(table_name) =>
         {
             Err(format!(
@@ -327,6 +344,9 @@ pub fn policy(
         {
             Err("sqlite_sequence is AUTOINCREMENT's own: setting a counter could make inserts fail as if the disk were full (deleting a row resets it)".into())
         }
+        A::Delete { table_name } if writing && is_statistics(table_name) && !dropping => Err(format!(
+            "{table_name} is written by ANALYZE only: a node plans with the statistics it loaded, so edits would make nodes plan (and order rows) differently"
+        )),
         A::CreateVtable { module_name, .. }
             if !WRITE_MODULES.iter().any(|m| m.eq_ignore_ascii_case(module_name)) =>
         {
@@ -372,6 +392,9 @@ struct State {
     no_op: bool,
     /// The statement creates, alters or drops a table.
     schema_changed: bool,
+    /// The statement drops a table or an index (whose statistics SQLite
+    /// then deletes).
+    dropping: bool,
     /// Progress-handler calls left for this request (writes).
     checks_left: Option<u64>,
     budget: u64,
@@ -402,6 +425,7 @@ impl Guard {
             transaction_control: None,
             no_op: false,
             schema_changed: false,
+            dropping: false,
             checks_left: None,
             budget: 0,
             deadline: None,
@@ -420,7 +444,15 @@ impl Guard {
             ) {
                 s.schema_changed = true;
             }
-            match policy(s.mode, &ctx.action, ctx.database_name) {
+            if matches!(
+                ctx.action,
+                AuthAction::DropTable { .. }
+                    | AuthAction::DropIndex { .. }
+                    | AuthAction::DropVtable { .. }
+            ) {
+                s.dropping = true;
+            }
+            match policy_in(s.mode, &ctx.action, ctx.database_name, s.dropping) {
                 Ok(Noted::Nothing) => Authorization::Allow,
                 Ok(Noted::Writes) => {
                     if let AuthAction::Insert { table_name }
@@ -496,6 +528,7 @@ impl Guard {
         s.writes.clear();
         s.transaction_control = None;
         s.no_op = false;
+        s.dropping = false;
     }
 
     /// A write request starts: `budget` VM steps for all its statements
@@ -559,6 +592,12 @@ impl Guard {
     /// caused it (every node fails it the same way), `Err` when the node
     /// did (its disk, memory, shutdown).
     pub fn classify(&self, e: &rusqlite::Error) -> Result<String, Fault> {
+        self.classify_whole(e)
+            .map(bounded_message)
+            .map_err(|f| Fault(bounded_message(f.0)))
+    }
+
+    fn classify_whole(&self, e: &rusqlite::Error) -> Result<String, Fault> {
         match self.tripped() {
             Some(Tripped::Budget(steps)) => {
                 return Ok(format!(
@@ -601,6 +640,23 @@ impl Guard {
 }
 
 const SQLITE_CORRUPT_VTAB: i32 = 267;
+
+/// The longest error message kept: SQLite may repeat a whole argument in
+/// one (`json_extract`'s path), and an entry's answers are held in memory
+/// on every node.
+pub const MAX_ERROR_BYTES: usize = 4096;
+
+/// `msg`, cut to [`MAX_ERROR_BYTES`] at a character boundary.
+pub fn bounded_message(msg: String) -> String {
+    if msg.len() <= MAX_ERROR_BYTES {
+        return msg;
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &msg[..end], msg.len())
+}
 
 fn extended_code(e: &rusqlite::Error) -> Option<i32> {
     match e {

@@ -261,13 +261,24 @@ fn respond(mut body: Value, parsed: &Parsed, started: Instant) -> Response {
     }
 }
 
+/// The most statements one request may hold: each is answered, and the
+/// whole request is one log entry every node applies.
+pub const MAX_STATEMENTS: usize = 10_000;
+
 fn statements_from(body: &[u8]) -> Result<Vec<Statement>, RequestError> {
     if body.len() > MAX_BODY {
         return Err(RequestError(format!(
             "request body is larger than {MAX_BODY} bytes"
         )));
     }
-    parse_statements(body)
+    let statements = parse_statements(body)?;
+    if statements.len() > MAX_STATEMENTS {
+        return Err(RequestError(format!(
+            "{} statements in one request; at most {MAX_STATEMENTS} (split them, or send a script to /db/load)",
+            statements.len()
+        )));
+    }
+    Ok(statements)
 }
 
 /// The statements of a request: the JSON body, or for `/db/query` also a
@@ -396,7 +407,11 @@ impl Forward<'_> {
             .request(self.method, &target)
             .header(FORWARDED, "1")
             .body(self.body);
-        for name in [header::CONTENT_TYPE, header::AUTHORIZATION] {
+        for name in [
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::HeaderName::from_static(crate::raft::network::CLUSTER_SECRET_HEADER),
+        ] {
             if let Some(v) = self.headers.get(&name) {
                 request = request.header(name, v);
             }

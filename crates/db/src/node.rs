@@ -525,6 +525,9 @@ impl DbNode {
             if let Some((user, password)) = &self.join_credentials {
                 request = request.basic_auth(user, Some(password));
             }
+            if let Some(secret) = &self.cluster_secret {
+                request = request.header(network::CLUSTER_SECRET_HEADER, secret.header());
+            }
             let sent = request.send().await;
             match sent {
                 Ok(r) if r.status().is_success() => {
@@ -565,7 +568,7 @@ impl DbNode {
         if let Some(users) = users {
             api = api.layer(axum::middleware::from_fn(move |req, next| {
                 let users = users.clone();
-                async move { sign_in(&users, req, next).await }
+                async move { sign_in(users, req, next).await }
             }));
         }
         api.layer(axum::middleware::from_fn(move |req, next| {
@@ -683,7 +686,7 @@ impl http::Node for DbNode {
 /// what its endpoint does; handlers that need more look at the [`Caller`]
 /// it leaves in the request.
 async fn sign_in(
-    users: &crate::auth::Users,
+    users: Arc<crate::auth::Users>,
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -693,8 +696,15 @@ async fn sign_in(
     let header = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match users.check(header, need) {
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    // bcrypt takes a fifth of a second: never on the async threads.
+    let checked = tokio::task::spawn_blocking(move || users.check(header.as_deref(), need)).await;
+    let checked = match checked {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("sign-in: {e}")),
+    };
+    match checked {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
@@ -958,6 +968,21 @@ async fn join(
             ));
         }
     }
+    // With a cluster secret, a joining node proves it holds it: the
+    // leader is about to send it the whole log, and the secret with every
+    // RPC.
+    if let Some(secret) = &node.cluster_secret {
+        let given = headers
+            .get(network::CLUSTER_SECRET_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if !secret.admits(given) {
+            tracing::warn!(id, "a join without the cluster secret was refused");
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "join: this cluster needs its secret from a joining node (--cluster-secret-file)",
+            );
+        }
+    }
     if let Some(forwarded) = on_leader(&node, method, &uri, &headers, body).await {
         return forwarded;
     }
@@ -965,6 +990,23 @@ async fn join(
         api: request.api_addr.trim_start_matches("http://").to_string(),
         raft: request.addr,
     };
+    // One node per address: another id on a member's address would give
+    // that node two votes (or a node its own leader as a learner).
+    let taken = node
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .nodes()
+        .find(|(other, m)| **other != id && (m.raft == member.raft || m.api == member.api))
+        .map(|(other, _)| *other);
+    if let Some(other) = taken {
+        return error(
+            StatusCode::CONFLICT,
+            &format!("join: node {other} already has the address {member}; nothing was changed"),
+        );
+    }
     // A node whose Raft address does not answer is not added: added, it
     // would hold the membership (and, as a voter, the quorum) hostage.
     if !node.answers_raft(&member).await {
@@ -1017,13 +1059,12 @@ impl DbNode {
     async fn answers_raft(&self, member: &Member) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let mut request = self
+            // No secret goes with the probe: the address is the joiner's
+            // word, and a secured node answers 401, which is an answer.
+            let request = self
                 .client
                 .get(format!("http://{}/raft/log", member.raft))
                 .timeout(Duration::from_secs(1));
-            if let Some(secret) = &self.cluster_secret {
-                request = request.header(header::AUTHORIZATION, secret.header());
-            }
             if request.send().await.is_ok() {
                 return true;
             }

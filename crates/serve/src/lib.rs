@@ -3,9 +3,13 @@
 //! resources bounded:
 //!
 //! - a client must send a request head within [`Limits::header_timeout`]
-//!   (slowloris: a connection dribbling its head, or opened and left
-//!   silent, is closed; between requests on a kept-alive connection the
-//!   same bound applies);
+//!   (slowloris: a connection dribbling its head is closed, and so is one
+//!   opened and left silent: its first byte must come within the same
+//!   bound);
+//! - a connection with no traffic either way for [`IDLE`] is closed
+//!   (kept-alive HTTP/1 between requests, an HTTP/2 connection that only
+//!   sent its preface, a body that stopped half-way), so idle sockets
+//!   cannot hold the connection cap;
 //! - at most [`Limits::max_connections`] connections at once: one more is
 //!   accepted and closed at once (so the kernel's backlog does not fill
 //!   with connections nobody will serve), counted and logged;
@@ -44,6 +48,67 @@ impl Default for Limits {
             max_connections: 10_000,
             drain: Duration::from_secs(30),
         }
+    }
+}
+
+/// A connection with no bytes either way for this long is closed.
+pub const IDLE: Duration = Duration::from_secs(60);
+
+/// A socket that notes when bytes last crossed it (milliseconds since
+/// `started`, plus one; 0: never).
+struct Watched {
+    inner: tokio::net::TcpStream,
+    activity: Arc<AtomicU64>,
+    started: tokio::time::Instant,
+}
+
+impl Watched {
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64 + 1;
+        self.activity.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -98,13 +163,43 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
         let builder = builder.clone();
+        let activity = Arc::new(AtomicU64::new(0));
+        let started = tokio::time::Instant::now();
+        let io = Watched {
+            inner: stream,
+            activity: activity.clone(),
+            started,
+        };
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let conn = graceful.watch(conn);
+        let first_byte = limits.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let idle = async {
+                let mut limit = first_byte;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let last = activity.load(Ordering::Relaxed);
+                    // Before the first byte, the head's bound; after, IDLE.
+                    if last != 0 {
+                        limit = IDLE;
+                    }
+                    let since = started
+                        .elapsed()
+                        .saturating_sub(Duration::from_millis(last));
+                    if since > limit {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                done = conn => {
+                    if let Err(e) = done {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                () = idle => tracing::debug!(%peer, "connection closed: no traffic"),
             }
             drop(slot);
         });
@@ -159,6 +254,22 @@ mod tests {
         let mut buf = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
         assert!(read.is_ok(), "the slow connection was closed");
+        shutdown.cancel();
+    }
+
+    /// A connection that never sends a byte is closed at the head's bound
+    /// (it held a slot of the cap for good).
+    #[tokio::test]
+    async fn a_silent_connection_is_closed() {
+        let limits = Limits {
+            header_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, _, shutdown) = server(limits).await;
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "closed");
         shutdown.cancel();
     }
 

@@ -54,6 +54,10 @@ impl Network {
     }
 }
 
+/// Where a joining node shows the cluster secret (its `Authorization`
+/// carries the user's credentials).
+pub const CLUSTER_SECRET_HEADER: &str = "x-scaleout-cluster-secret";
+
 /// The longest one payload of entries may take to be answered.
 pub const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
