@@ -640,3 +640,60 @@ async fn a_min_index_beyond_the_log_is_refused_at_once() {
         assert_eq!(status, 200, "{answer}");
     }
 }
+
+/// Unmounts a test's small filesystem, even when the test fails.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A node whose disk fills stops applying rather than answer as if the
+/// write had failed on the client's account (another node, with room,
+/// applies it), and says it is not ready. Runs where a tmpfs can be
+/// mounted (root); skipped with a note elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_disk_fills_stops_applying_and_is_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a small tmpfs here");
+        return;
+    }
+    let _unmount = Mounted(small.clone());
+    let node = DbNode::start(1, &small, &[]);
+    leader_of(std::slice::from_ref(&node)).await;
+    ok_write(&node, json!(["CREATE TABLE t (b)"])).await;
+    let mut stopped = false;
+    for _ in 0..40 {
+        let (status, answer) = write(
+            &node,
+            json!(["INSERT INTO t VALUES (zeroblob(500000))"]),
+            false,
+        )
+        .await;
+        if status != 200 || !errors(&answer).is_empty() {
+            assert!(
+                status >= 500,
+                "a full disk is the node's fault, not an answer about the SQL: {status} {answer}"
+            );
+            stopped = true;
+            break;
+        }
+    }
+    assert!(stopped, "4 MiB filled");
+    let ready = client().get(node.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("stopped applying"));
+}
