@@ -396,15 +396,27 @@ fn execute_one(db: &Guarded, s: &Statement) -> Result<Value, Failed> {
     }
     drop(rows);
     drop(stmt);
-    if conn.is_autocommit() {
+    left_replayable(db, &writes)?;
+    Ok(json!({ "last_insert_id": conn.last_insert_rowid(), "rows_affected": conn.changes() }))
+}
+
+/// After a write statement that succeeded: whether it left what every
+/// node can reproduce. It may have ended the transaction it ran in, or
+/// left a table at the last rowid; either way the entry runs again
+/// without it.
+fn left_replayable(
+    db: &Guarded,
+    writes: &std::collections::BTreeSet<String>,
+) -> Result<(), Failed> {
+    if db.conn.is_autocommit() {
         return Err(Failed::Ended(
             "the statement ended the transaction it ran in".into(),
         ));
     }
-    if let Some(table) = writes.iter().find(|t| holds_last_rowid(db, t)) {
-        return Err(Failed::Ended(last_rowid_error(table)));
+    match writes.iter().find(|t| holds_last_rowid(db, t)) {
+        Some(table) => Err(Failed::Ended(last_rowid_error(table))),
+        None => Ok(()),
     }
-    Ok(json!({ "last_insert_id": conn.last_insert_rowid(), "rows_affected": conn.changes() }))
 }
 
 fn last_rowid_error(table: &str) -> String {
@@ -571,14 +583,7 @@ fn load_statements(
         }
         stmt.raw_execute().map_err(failed)?;
         drop(stmt);
-        if conn.is_autocommit() {
-            return Err(Failed::Ended(
-                "a statement ended the load's transaction".into(),
-            ));
-        }
-        if let Some(table) = writes.iter().find(|t| holds_last_rowid(db, t)) {
-            return Err(Failed::Client(last_rowid_error(table)));
-        }
+        left_replayable(db, &writes)?;
         count += 1;
     }
     Ok(count)

@@ -481,28 +481,12 @@ async fn exercise(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    for r in &register_ops {
-        let line = serde_json::to_value(r)
-            .map(|mut v| {
-                v["kind"] = json!("register");
-                v.to_string()
-            })
-            .unwrap_or_default();
-        let _ = writeln!(file, "{line}");
-    }
+    write_tagged(&mut file, "register", &register_ops);
     let hostile_ops = hostile_log
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    for h in &hostile_ops {
-        let line = serde_json::to_value(h)
-            .map(|mut v| {
-                v["kind"] = json!("hostile");
-                v.to_string()
-            })
-            .unwrap_or_default();
-        let _ = writeln!(file, "{line}");
-    }
+    write_tagged(&mut file, "hostile", &hostile_ops);
     let mut violations = check(&ops, &hostile_ops, procs).await;
     if attach.exists() {
         violations.push(format!(
@@ -540,6 +524,19 @@ async fn exercise(
         violations,
         history: config.history.clone(),
     })
+}
+
+/// Writes each of `ops` to the history as a JSON line with its `kind`.
+fn write_tagged<T: serde::Serialize>(file: &mut std::fs::File, kind: &str, ops: &[T]) {
+    for op in ops {
+        let line = serde_json::to_value(op)
+            .map(|mut v| {
+                v["kind"] = json!(kind);
+                v.to_string()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(file, "{line}");
+    }
 }
 
 /// The database leader's process name, if one leads.
