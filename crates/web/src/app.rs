@@ -80,6 +80,36 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// Sent with every response.
+const SECURITY_HEADERS: [(HeaderName, &str); 4] = [
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::REFERRER_POLICY, "no-referrer"),
+    (header::X_FRAME_OPTIONS, "DENY"),
+];
+
+/// Whether a browser says this request comes from another site (its
+/// `Sec-Fetch-Site`, or an `Origin` whose host is not the one asked):
+/// a cross-site form post (CSRF). Clients that send neither (curl, the
+/// API's users) are not browsers acting for someone else.
+fn cross_site(headers: &HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = text("sec-fetch-site") {
+        return !matches!(site, "same-origin" | "none");
+    }
+    let Some(origin) = text("origin") else {
+        return false;
+    };
+    let host = text("x-forwarded-host")
+        .or_else(|| text("host"))
+        .unwrap_or("");
+    let origin_host = origin.split_once("://").map_or(origin, |(_, h)| h);
+    origin == "null" || !origin_host.eq_ignore_ascii_case(host)
+}
+
 /// Every response: names this server, carries the request id (kept from the
 /// client or load balancer, else made here), is counted and timed.
 async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
@@ -106,6 +136,11 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
     let headers = resp.headers_mut();
     headers.insert(X_SERVED_BY.clone(), app.served_by.clone());
     headers.insert(X_REQUEST_ID.clone(), request_id);
+    // The pages load nothing but their own inline style and post only
+    // to this site; nothing may frame them or learn where users came from.
+    for (name, value) in SECURITY_HEADERS {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
     app.metrics
@@ -349,6 +384,11 @@ fn html_error(app: &App, err: AppError) -> Response {
 /// The HTML form's target: post/redirect/get on success, the page again
 /// with the message on bad input.
 async fn create_form(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    if cross_site(&headers) {
+        let err =
+            AppError::Forbidden("this form may only be sent from this site's own page".into());
+        return html_error(&app, err);
+    }
     if !content_type_is(&headers, "application/x-www-form-urlencoded") {
         let err = AppError::UnsupportedMediaType(
             "the form must be sent as application/x-www-form-urlencoded".into(),
@@ -723,5 +763,49 @@ mod tests {
             "https://10.0.0.5:8081",
             "an unsafe host is ignored"
         );
+    }
+
+    /// Every page carries the security headers; a form posted from another
+    /// site is refused before anything is read, one from the site itself
+    /// is taken (here it reaches the down database: 503).
+    #[tokio::test]
+    async fn security_headers_and_cross_site_forms() {
+        let (_, headers, _) = call(get("/healthz")).await;
+        assert!(headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'"));
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+        assert_eq!(headers["referrer-policy"], "no-referrer");
+        let form = |extra: &[(&str, &str)]| {
+            let mut req = axum::http::Request::post("/links")
+                .header("host", "links.test")
+                .header("content-type", "application/x-www-form-urlencoded");
+            for (k, v) in extra {
+                req = req.header(*k, *v);
+            }
+            req.body(Body::from("url=https%3A%2F%2Fexample.com"))
+                .unwrap()
+        };
+        for hostile in [
+            vec![("origin", "https://evil.example")],
+            vec![("origin", "null")],
+            vec![("sec-fetch-site", "cross-site")],
+            vec![
+                ("sec-fetch-site", "same-site"),
+                ("origin", "http://links.test"),
+            ],
+        ] {
+            let (status, _, _) = call(form(&hostile)).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{hostile:?}");
+        }
+        for friendly in [
+            vec![("origin", "http://links.test")],
+            vec![("sec-fetch-site", "same-origin")],
+            vec![],
+        ] {
+            let (status, _, _) = call(form(&friendly)).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{friendly:?}");
+        }
     }
 }
