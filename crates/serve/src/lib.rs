@@ -57,9 +57,44 @@ pub const IDLE: Duration = Duration::from_secs(60);
 /// A socket that notes when bytes last crossed it (milliseconds since
 /// `started`, plus one; 0: never).
 struct Watched {
-    inner: tokio::net::TcpStream,
+    inner: Option<tokio::net::TcpStream>,
     activity: Arc<AtomicU64>,
     started: tokio::time::Instant,
+}
+
+/// How long a closed connection's unread request data is drained, and how
+/// much of it, before the socket closes.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024 * 1024;
+
+/// Closing a socket with unread data makes the kernel send a reset, which
+/// can reach the client before the answer it was sent (a `413` for a body
+/// refused half-way): the client sees a broken pipe instead. Like nginx's
+/// lingering close, the rest of what the client sends is read and dropped
+/// for a moment before the socket goes.
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let (Some(mut stream), Ok(runtime)) =
+            (self.inner.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = stream.shutdown().await;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut drained = 0;
+            let _ = tokio::time::timeout(LINGER, async {
+                while drained < LINGER_BYTES {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => drained += n,
+                    }
+                }
+            })
+            .await;
+        });
+    }
 }
 
 impl Watched {
@@ -76,7 +111,10 @@ impl tokio::io::AsyncRead for Watched {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(Ok(()));
+        };
+        let polled = std::pin::Pin::new(inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.touch();
         }
@@ -90,7 +128,10 @@ impl tokio::io::AsyncWrite for Watched {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()));
+        };
+        let polled = std::pin::Pin::new(inner).poll_write(cx, buf);
         if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
             self.touch();
         }
@@ -101,14 +142,20 @@ impl tokio::io::AsyncWrite for Watched {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        match self.inner.as_mut() {
+            Some(inner) => std::pin::Pin::new(inner).poll_flush(cx),
+            None => std::task::Poll::Ready(Ok(())),
+        }
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        match self.inner.as_mut() {
+            Some(inner) => std::pin::Pin::new(inner).poll_shutdown(cx),
+            None => std::task::Poll::Ready(Ok(())),
+        }
     }
 }
 
@@ -166,7 +213,7 @@ pub async fn serve(
         let activity = Arc::new(AtomicU64::new(0));
         let started = tokio::time::Instant::now();
         let io = Watched {
-            inner: stream,
+            inner: Some(stream),
             activity: activity.clone(),
             started,
         };
@@ -254,6 +301,38 @@ mod tests {
         let mut buf = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
         assert!(read.is_ok(), "the slow connection was closed");
+        shutdown.cancel();
+    }
+
+    /// A body refused half-way gets its answer, not a broken pipe: the
+    /// rest of it is drained before the socket closes.
+    #[tokio::test]
+    async fn a_refused_body_gets_its_answer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new()
+            .route(
+                "/",
+                axum::routing::post(|_: axum::body::Bytes| async { "ok" }),
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(1024));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            router,
+            Limits::default(),
+            Arc::default(),
+            shutdown.clone(),
+        ));
+        for _ in 0..5 {
+            let r = reqwest::Client::new()
+                .post(format!("http://{addr}/"))
+                .body(vec![b'x'; 8 * 1024 * 1024])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 413);
+        }
         shutdown.cancel();
     }
 
