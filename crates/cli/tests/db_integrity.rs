@@ -521,33 +521,15 @@ async fn a_replica_that_hears_no_leader_is_not_ready() {
     let (mut nodes, _) = cluster(dir.path()).await;
     let replica = nodes.pop().unwrap();
     let ready = replica.url("/readyz");
-    eventually(Duration::from_secs(10), "the replica is ready", || {
-        let url = ready.clone();
-        async move {
-            client()
-                .get(url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        }
-    })
-    .await;
+    common::eventually_status(Duration::from_secs(10), "the replica is ready", &ready, 200).await;
     for voter in &nodes {
         voter.proc.signal(Signal::SIGKILL);
     }
-    eventually(
+    common::eventually_status(
         Duration::from_secs(15),
         "the replica says it is not ready",
-        || {
-            let url = ready.clone();
-            async move {
-                client()
-                    .get(url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 503)
-            }
-        },
+        &ready,
+        503,
     )
     .await;
 }

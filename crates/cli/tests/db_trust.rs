@@ -478,19 +478,11 @@ async fn slow_heads_are_cut_and_connections_capped_on_db_and_web() {
         "a 21st connection is refused: {refused:?}"
     );
     drop(held);
-    eventually(
+    common::eventually_status(
         Duration::from_secs(10),
         "the web server serves again",
-        || {
-            let url = format!("{site}/healthz");
-            async move {
-                client()
-                    .get(url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 200)
-            }
-        },
+        &format!("{site}/healthz"),
+        200,
     )
     .await;
 }

@@ -251,3 +251,18 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Waits (up to `within`) until `GET url` answers `status`.
+pub async fn eventually_status(within: Duration, what: &str, url: &str, status: u16) {
+    eventually(within, what, || {
+        let url = url.to_string();
+        async move {
+            client()
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == status)
+        }
+    })
+    .await;
+}
