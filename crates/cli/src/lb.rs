@@ -74,6 +74,27 @@ pub struct LbArgs {
     /// Largest request body in bytes (413 beyond).
     #[arg(long)]
     max_body_bytes: Option<usize>,
+    /// Bodies up to this many bytes stay in memory; larger ones are spooled to disk.
+    #[arg(long)]
+    body_buffer_bytes: Option<usize>,
+    /// Request body bytes held in memory at once, all clients together (then bodies spool).
+    #[arg(long)]
+    max_body_memory: Option<usize>,
+    /// Request body bytes in the spool at once (503 beyond).
+    #[arg(long)]
+    max_spool_bytes: Option<u64>,
+    /// Directory for spooled request bodies (default: the system's temp directory).
+    #[arg(long)]
+    spool_dir: Option<PathBuf>,
+    /// A request body gets this long, plus 1 s per --min-body-rate bytes received (408 after).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    body_timeout: Option<Duration>,
+    /// …but never more than this in all.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_body_time: Option<Duration>,
+    /// The slowest a request body may arrive, bytes per second.
+    #[arg(long)]
+    min_body_rate: Option<u64>,
     /// Client connections open at once.
     #[arg(long)]
     max_connections: Option<usize>,
@@ -144,7 +165,13 @@ impl LbArgs {
             drain_timeout => timeouts.drain, max_header_bytes => limits.max_header_bytes,
             max_body_bytes => limits.max_body_bytes, max_connections => limits.max_connections,
             max_attempts => retry.max_attempts, retry_budget => retry.budget_ratio,
+            body_buffer_bytes => limits.body_buffer_bytes, max_body_memory => limits.max_body_memory,
+            max_spool_bytes => limits.max_spool_bytes, body_timeout => timeouts.body,
+            max_body_time => timeouts.max_body, min_body_rate => limits.min_body_rate,
         );
+        if self.spool_dir.is_some() {
+            c.limits.spool_dir = self.spool_dir;
+        }
         if self.admin_token.is_some() {
             c.admin_token = self.admin_token;
         }

@@ -826,3 +826,186 @@ async fn large_bodies_stream_through_both_ways_and_the_connection_is_reused() {
         "a"
     );
 }
+
+/// A `scaleout_lb_*` sample from the admin `/metrics`.
+async fn lb_metric(lb: &Lb, name: &str) -> f64 {
+    let text = common::get_text(&lb.admin_url("/metrics")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+}
+
+/// The resident memory of a process, in bytes.
+fn rss_bytes(pid: nix::unistd::Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+#[tokio::test]
+async fn large_bodies_are_spooled_and_arrive_intact_and_slow_ones_get_408() {
+    let a = Backend::start("a").await;
+    let spool = tempfile::tempdir().unwrap();
+    let lb = start_lb(
+        &[&a],
+        &[
+            "--body-buffer-bytes",
+            "1024",
+            "--spool-dir",
+            spool.path().to_str().unwrap(),
+            "--body-timeout",
+            "1s",
+            "--max-body-time",
+            "2s",
+            "--min-body-rate",
+            "100000",
+        ],
+    );
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let want = common::backend::fnv1a(&body);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for c in [client(), h2] {
+        let r = c.post(lb.url("/echo")).body(body.clone()).send().await.unwrap();
+        let echo: Value = r.json().await.unwrap();
+        assert_eq!(echo["body_len"], 300_000);
+        assert_eq!(echo["body_fnv"], want, "the spooled body arrives byte for byte");
+    }
+    // A small body stays in memory; chunked ones are spooled too.
+    let r = client().post(lb.url("/echo")).body("tiny").send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["body_len"], 4);
+    let mut chunked =
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    for c in body.chunks(7000) {
+        chunked.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        chunked.extend_from_slice(c);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw_exchange(lb.addr, &chunked).await;
+    assert!(answer.contains(&want), "{answer}");
+    assert!(lb_metric(&lb, "scaleout_lb_bodies_spooled_total").await >= 3.0);
+    assert_eq!(lb_metric(&lb, "scaleout_lb_body_spool_bytes").await, 0.0);
+    assert_eq!(lb_metric(&lb, "scaleout_lb_body_memory_bytes").await, 0.0);
+    assert_eq!(
+        std::fs::read_dir(spool.path()).unwrap().count(),
+        0,
+        "spooled bodies are unnamed files: nothing left behind"
+    );
+
+    // A body that stalls, and one that drips, are cut with 408.
+    let hits_before = a.hits();
+    for drip in [false, true] {
+        let mut s = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let (mut r, mut w) = s.into_split();
+        let writer = tokio::spawn(async move {
+            while drip && w.write_all(b"x").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            // A stalled client keeps its socket open.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(w);
+        });
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut answer)).await;
+        writer.abort();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "drip={drip}: {answer}");
+        assert!(started.elapsed() < Duration::from_secs(8), "cut by the body deadline");
+    }
+    assert_eq!(a.hits(), hits_before, "no partial body reached the backend");
+    assert_eq!(lb_metric(&lb, "scaleout_lb_bodies_too_slow_total").await, 2.0);
+}
+
+/// The attack from the trust-boundaries report: 2,000 connections each
+/// send almost 1 MiB of a body and stall. The load balancer's memory stays
+/// within its documented bound (`max_body_memory` plus a small buffer per
+/// connection), other clients are served meanwhile, and the stalled
+/// uploads are cut at the body deadline.
+#[tokio::test]
+async fn two_thousand_stalled_uploads_stay_within_the_memory_bound() {
+    const UPLOADS: usize = 2000;
+    const MIB: usize = 1024 * 1024;
+    let a = Backend::start("a").await;
+    let spool = tempfile::tempdir().unwrap();
+    let lb = start_lb(
+        &[&a],
+        &[
+            "--spool-dir",
+            spool.path().to_str().unwrap(),
+            "--max-body-memory",
+            "16777216",
+            "--max-spool-bytes",
+            "4294967296",
+            "--body-timeout",
+            "20s",
+            "--max-body-time",
+            "25s",
+        ],
+    );
+    let before = rss_bytes(lb.proc.pid());
+    let chunk = bytes::Bytes::from(vec![b'u'; MIB - 1024]);
+    let mut uploads = tokio::task::JoinSet::new();
+    let sent = Arc::new(AtomicU64::new(0));
+    for _ in 0..UPLOADS {
+        let (chunk, sent, addr) = (chunk.clone(), sent.clone(), lb.addr);
+        uploads.spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {MIB}\r\n\r\n");
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(&chunk).await.unwrap();
+            sent.fetch_add(1, Ordering::Relaxed);
+            // Stall: the last KiB never comes. Read what the lb answers.
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(90), s.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        });
+    }
+    eventually(Duration::from_secs(60), "every upload sent its bytes", || {
+        let sent = sent.clone();
+        async move { sent.load(Ordering::Relaxed) == UPLOADS as u64 }
+    })
+    .await;
+    // Bytes sent may still sit in socket buffers: wait until the load
+    // balancer holds every one.
+    let all = (UPLOADS * (MIB - 1024)) as f64;
+    eventually(Duration::from_secs(60), "every byte reached the spool", || {
+        let lb = &lb;
+        async move { lb_metric(lb, "scaleout_lb_body_spool_bytes").await >= all }
+    })
+    .await;
+    let spooled = lb_metric(&lb, "scaleout_lb_body_spool_bytes").await;
+    let grown = rss_bytes(lb.proc.pid()).saturating_sub(before);
+    // The documented bound: max_body_memory (16 MiB here) + 64 KiB per
+    // connection. Without the spool this was 2 GiB.
+    let bound = 16 * MIB as u64 + UPLOADS as u64 * 64 * 1024;
+    eprintln!(
+        "2,000 stalled uploads: rss grew {} MiB (bound {} MiB), {} MiB spooled",
+        grown / MIB as u64,
+        bound / MIB as u64,
+        spooled as u64 / MIB as u64
+    );
+    assert!(grown < bound, "rss grew {grown} bytes, bound {bound}");
+    // Others are served meanwhile.
+    let r = client().post(lb.url("/echo")).body("hello").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // The stalled ones are cut with 408 at the deadline, and the spool empties.
+    let mut cut = 0;
+    while let Some(answer) = uploads.join_next().await {
+        cut += usize::from(answer.unwrap().starts_with("HTTP/1.1 408"));
+    }
+    assert_eq!(cut, UPLOADS);
+    assert_eq!(lb_metric(&lb, "scaleout_lb_body_spool_bytes").await, 0.0);
+}

@@ -110,7 +110,8 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Json<Value> {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let body = crate::metrics::render(&shared.stats, &shared.pool.list(), now_ms(&shared));
+    let mut body = crate::metrics::render(&shared.stats, &shared.pool.list(), now_ms(&shared));
+    crate::metrics::render_bodies(&mut body, &shared.bodies);
     (
         [(
             header::CONTENT_TYPE,

@@ -228,6 +228,13 @@ pub struct Timeouts {
     /// How long a shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
+    /// A request body gets this long, plus one second per
+    /// `limits.min_body_rate` bytes received…
+    #[serde(with = "humantime_serde")]
+    pub body: Duration,
+    /// …and never more than this; a body still arriving then gets 408.
+    #[serde(with = "humantime_serde")]
+    pub max_body: Duration,
 }
 
 impl Default for Timeouts {
@@ -238,6 +245,8 @@ impl Default for Timeouts {
             upstream_response: Duration::from_secs(30),
             idle: Duration::from_secs(60),
             drain: Duration::from_secs(30),
+            body: Duration::from_secs(10),
+            max_body: Duration::from_secs(60),
         }
     }
 }
@@ -247,9 +256,28 @@ impl Default for Timeouts {
 pub struct Limits {
     /// Largest request head (request line + headers); 431 beyond. At least 8 KiB.
     pub max_header_bytes: usize,
-    /// Largest request body; 413 beyond. Bodies are buffered (as nginx does)
-    /// so that a request can be replayed on another backend.
+    /// Largest request body; 413 beyond. Bodies are kept whole (as nginx
+    /// does) so that a request can be replayed on another backend.
     pub max_body_bytes: usize,
+    /// A body up to this size stays in memory; a larger one goes to the spool.
+    pub body_buffer_bytes: usize,
+    /// Request bodies held in memory at once, all connections together;
+    /// beyond, bodies go to the spool.
+    pub max_body_memory: usize,
+    /// Request bodies in the spool at once; a body that finds it full gets 503.
+    pub max_spool_bytes: u64,
+    /// Where spooled bodies go (unnamed files); the system's temp directory
+    /// when unset.
+    pub spool_dir: Option<PathBuf>,
+    /// The slowest a request body may arrive, in bytes per second (see
+    /// `timeouts.body`).
+    pub min_body_rate: u64,
+    /// HTTP/2 streams a client may have open on one connection.
+    pub h2_max_streams: u32,
+    /// HTTP/2 flow-control windows: what a client may send ahead of the
+    /// load balancer reading it, per stream and per connection.
+    pub h2_stream_window: u32,
+    pub h2_connection_window: u32,
     /// Client connections open at once; beyond, new ones wait to be accepted.
     pub max_connections: usize,
     /// Idle upstream connections kept per backend.
@@ -261,6 +289,14 @@ impl Default for Limits {
         Limits {
             max_header_bytes: 32 * 1024,
             max_body_bytes: 1024 * 1024,
+            body_buffer_bytes: 64 * 1024,
+            max_body_memory: 64 * 1024 * 1024,
+            max_spool_bytes: 1024 * 1024 * 1024,
+            spool_dir: None,
+            min_body_rate: 1024,
+            h2_max_streams: 100,
+            h2_stream_window: 64 * 1024,
+            h2_connection_window: 1024 * 1024,
             max_connections: 10_000,
             max_idle_per_backend: 512,
         }
@@ -368,16 +404,37 @@ impl LbConfig {
         if self.limits.max_connections == 0 {
             return fail("max_connections must be at least 1".into());
         }
+        let l = &self.limits;
+        if l.min_body_rate == 0 {
+            return fail("min_body_rate must be at least 1 byte per second".into());
+        }
+        if l.h2_max_streams == 0 {
+            return fail("h2_max_streams must be at least 1".into());
+        }
+        if !(65_535..=(1 << 31) - 1).contains(&l.h2_stream_window)
+            || !(65_535..=(1 << 31) - 1).contains(&l.h2_connection_window)
+        {
+            return fail("h2 windows must be between 65535 and 2^31-1 bytes".into());
+        }
+        if let Some(dir) = &l.spool_dir {
+            if !dir.is_dir() {
+                return fail(format!("spool_dir {} is not a directory", dir.display()));
+            }
+        }
         let t = &self.timeouts;
         for (name, d) in [
             ("connect", t.connect),
             ("header_read", t.header_read),
             ("upstream_response", t.upstream_response),
             ("idle", t.idle),
+            ("body", t.body),
         ] {
             if d.is_zero() {
                 return fail(format!("timeout {name} must be above 0"));
             }
+        }
+        if t.max_body < t.body {
+            return fail("timeout max_body must not be below body".into());
         }
         if let Some(token) = &self.admin_token {
             if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {

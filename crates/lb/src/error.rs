@@ -71,6 +71,12 @@ pub enum ProxyError {
     BodyTooLarge { limit: usize },
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The request body stopped arriving, or came slower than the minimum rate.
+    #[error("the request body arrived too slowly")]
+    BodyTimeout,
+    /// The spool for large request bodies is full.
+    #[error("the load balancer has no room for this request body now; retry later")]
+    SpoolFull,
 }
 
 impl ProxyError {
@@ -81,7 +87,10 @@ impl ProxyError {
             | ProxyError::Exchange { .. }
             | ProxyError::Timeout { .. } => Side::Upstream,
             ProxyError::NoBackend => Side::Internal,
-            ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) => Side::Downstream,
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::BodyTimeout => Side::Downstream,
+            ProxyError::SpoolFull => Side::Internal,
         }
     }
 
@@ -92,9 +101,11 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. } | ProxyError::NotSent { .. } => true,
             ProxyError::Exchange { .. } | ProxyError::Timeout { .. } => idempotent,
-            ProxyError::NoBackend | ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) => {
-                false
-            }
+            ProxyError::NoBackend
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::BodyTimeout
+            | ProxyError::SpoolFull => false,
         }
     }
 
@@ -107,6 +118,8 @@ impl ProxyError {
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::SpoolFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -5,7 +5,8 @@
 //!
 //! What this path does per request, in order: read the head (within the
 //! header timeout; 431 past the size limit, 400 when malformed), read the
-//! body whole (413 past the limit; `Expect: 100-continue` answered), write
+//! body whole (413 past the limit, 408 below the minimum rate, large
+//! ones spooled; `Expect: 100-continue` answered), write
 //! the upstream head with hop-by-hop headers dropped and the forwarding
 //! headers added, then [`with_retries`] over backends, and finally the
 //! response head and body to the client. HTTP/2 (h2c) connections and TLS
@@ -27,9 +28,13 @@ use crate::error::ProxyError;
 use crate::proxy::{self, record_request, with_retries, ConnInfo, HasStatus, InFlight, Worker};
 use crate::selection::hash_bytes;
 use crate::server::ConnTimes;
+use crate::spool::{Bodies, BodyWriter, RequestBody};
 use crate::upstream::{self, chunked_step, take_body, Chunk, Framing, RawHead, UpstreamConn};
 
 const MAX_REQUEST_HEADERS: usize = 100;
+
+/// A request body is read at most this much at a time.
+const BODY_READ: usize = 16 * 1024;
 
 /// Hop-by-hop request and response headers (RFC 9110 §7.6.1), plus the
 /// ones this path always writes itself.
@@ -146,14 +151,15 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             .map_or_else(proxy::new_request_id_bytes, |r| req.head.slice(r));
 
         // The body, whole.
-        let body = match read_body(&mut io, &mut rbuf, &req, limits.max_body_bytes).await? {
+        let body = match read_body(&mut io, &mut rbuf, &req, &shared.bodies).await? {
             Ok(body) => body,
             Err(e) => {
+                let status = e.status();
                 let _ = write_error(
                     &mut io,
                     &mut wbuf,
-                    e.status,
-                    &e.message,
+                    status,
+                    &e.to_string(),
                     Some(&request_id),
                     true,
                 )
@@ -161,7 +167,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 record_request(
                     &shared,
                     &conn,
-                    e.status.as_u16(),
+                    status.as_u16(),
                     started,
                     None,
                     0,
@@ -439,80 +445,104 @@ fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Request>, Client
     Ok(Some(req))
 }
 
-/// Reads the request body whole. The outer error is the connection's; the
-/// inner one an answer for the client.
+/// Reads the request body whole (into memory or the spool, see
+/// [`crate::spool`]), at the minimum rate. The outer error is the
+/// connection's; the inner one an answer for the client.
 async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     rbuf: &mut BytesMut,
     req: &Request,
-    max: usize,
-) -> std::io::Result<Result<Bytes, ClientError>> {
-    let too_large = || {
-        client_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than {max} bytes"),
-        )
-    };
+    bodies: &Arc<Bodies>,
+) -> std::io::Result<Result<RequestBody, ProxyError>> {
     match req.framing {
-        Framing::Length(0) => Ok(Ok(Bytes::new())),
+        Framing::Length(0) | Framing::Close => Ok(Ok(RequestBody::empty())),
         Framing::Length(n) => {
-            if n > max as u64 {
-                return Ok(Err(too_large()));
+            if n > bodies.max_body {
+                return Ok(Err(bodies.too_large()));
             }
             let n = n as usize;
-            if req.expect_continue && rbuf.len() < n {
+            if rbuf.len() >= n {
+                return Ok(BodyWriter::whole(bodies, rbuf.split_to(n).freeze()));
+            }
+            if req.expect_continue {
                 io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
             }
-            while rbuf.len() < n {
-                rbuf.reserve(n - rbuf.len());
-                if io.read_buf(rbuf).await? == 0 {
-                    return Err(upstream::invalid("client closed inside the request body"));
+            let mut body = BodyWriter::new(bodies);
+            let started = tokio::time::Instant::now();
+            loop {
+                let take = rbuf.len().min(n - body.len() as usize);
+                if let Err(e) = body.push(&rbuf[..take]) {
+                    return Ok(Err(e));
+                }
+                rbuf.advance(take);
+                if body.len() as usize == n {
+                    return Ok(body.finish());
+                }
+                if let Err(e) = read_more(io, rbuf, bodies, started, body.len()).await? {
+                    return Ok(Err(e));
                 }
             }
-            Ok(Ok(rbuf.split_to(n).freeze()))
         }
         Framing::Chunked(mut state) => {
             if req.expect_continue && rbuf.is_empty() {
                 io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
             }
-            let mut body = BytesMut::new();
+            let mut body = BodyWriter::new(bodies);
+            let started = tokio::time::Instant::now();
             loop {
                 let step = chunked_step(&mut state, rbuf);
                 // A chunk announced larger than the limit is refused at
                 // once, before a byte of it is read.
                 if let Chunk::Data(left) = state {
                     let taken = match &step {
-                        Ok(Some(data)) => data.len(),
+                        Ok(Some(data)) => data.len() as u64,
                         _ => 0,
                     };
-                    if (body.len() + taken) as u64 + left > max as u64 {
-                        return Ok(Err(too_large()));
+                    if body.len() + taken + left > bodies.max_body {
+                        return Ok(Err(bodies.too_large()));
                     }
                 }
                 match step {
                     Ok(Some(data)) => {
-                        if body.len() + data.len() > max {
-                            return Ok(Err(too_large()));
+                        if let Err(e) = body.push(&data) {
+                            return Ok(Err(e));
                         }
-                        body.extend_from_slice(&data);
                         continue;
                     }
-                    Ok(None) if state == Chunk::Done => return Ok(Ok(body.freeze())),
+                    Ok(None) if state == Chunk::Done => return Ok(body.finish()),
                     Ok(None) => {}
                     Err(e) => {
-                        return Ok(Err(client_error(
-                            StatusCode::BAD_REQUEST,
-                            format!("malformed chunked body: {e}"),
-                        )))
+                        return Ok(Err(ProxyError::BadRequest(format!(
+                            "malformed chunked body: {e}"
+                        ))))
                     }
                 }
-                rbuf.reserve(8 * 1024);
-                if io.read_buf(rbuf).await? == 0 {
-                    return Err(upstream::invalid("client closed inside the request body"));
+                if let Err(e) = read_more(io, rbuf, bodies, started, body.len()).await? {
+                    return Ok(Err(e));
                 }
             }
         }
-        Framing::Close => Ok(Ok(Bytes::new())),
+    }
+}
+
+/// Reads more of a request body into `rbuf`, by the body's deadline.
+async fn read_more<S: AsyncRead + Unpin>(
+    io: &mut S,
+    rbuf: &mut BytesMut,
+    bodies: &Bodies,
+    started: tokio::time::Instant,
+    received: u64,
+) -> std::io::Result<Result<(), ProxyError>> {
+    rbuf.reserve(BODY_READ);
+    let deadline = bodies.deadline(started, received);
+    match tokio::time::timeout_at(deadline, io.read_buf(rbuf)).await {
+        Err(_) => {
+            bodies.too_slow.fetch_add(1, Ordering::Relaxed);
+            Ok(Err(ProxyError::BodyTimeout))
+        }
+        Ok(Ok(0)) => Err(upstream::invalid("client closed inside the request body")),
+        Ok(Ok(_)) => Ok(Ok(())),
+        Ok(Err(e)) => Err(e),
     }
 }
 
@@ -521,7 +551,7 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
 fn encode_upstream_head(
     out: &mut Vec<u8>,
     req: &Request,
-    body: &Bytes,
+    body: &RequestBody,
     conn: &ConnInfo,
     scheme: &str,
     request_id: &Bytes,
@@ -635,7 +665,7 @@ async fn forward(
     times: &ConnTimes,
     backend: Arc<Backend>,
     head: &[u8],
-    body: &Bytes,
+    body: &RequestBody,
     head_request: bool,
     idempotent: bool,
 ) -> Result<Answer, ProxyError> {
@@ -915,7 +945,7 @@ mod tests {
         encode_upstream_head(
             &mut out,
             &req,
-            &Bytes::new(),
+            &RequestBody::empty(),
             &conn,
             "http",
             &Bytes::from_static(b"rid"),

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod selection;
 pub mod server;
+pub mod spool;
 pub mod tls;
 pub mod upstream;
 
@@ -130,6 +131,7 @@ impl BoundLb {
             stats: Default::default(),
             clock: Clock::new(),
             scheme: if tls.is_some() { "https" } else { "http" },
+            bodies: Arc::new(spool::Bodies::new(&config.limits, &config.timeouts)),
             config,
         });
         let worker = Arc::new(Worker {

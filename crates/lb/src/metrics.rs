@@ -111,6 +111,48 @@ fn escape_label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Request bodies held: gauges of memory and spool, counters of bodies
+/// spooled, refused for lack of room and cut for arriving too slowly.
+pub fn render_bodies(out: &mut String, bodies: &crate::spool::Bodies) {
+    for (name, help, v) in [
+        (
+            "scaleout_lb_body_memory_bytes",
+            "Request body bytes held in memory now.",
+            bodies.memory_used() as u64,
+        ),
+        (
+            "scaleout_lb_body_spool_bytes",
+            "Request body bytes in the spool now.",
+            bodies.spool_used(),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    for (name, help, v) in [
+        (
+            "scaleout_lb_bodies_spooled_total",
+            "Request bodies written to the spool.",
+            &bodies.spooled,
+        ),
+        (
+            "scaleout_lb_bodies_spool_full_total",
+            "Request bodies refused (503) because the spool was full.",
+            &bodies.spool_full,
+        ),
+        (
+            "scaleout_lb_bodies_too_slow_total",
+            "Request bodies cut (408) for arriving below the minimum rate.",
+            &bodies.too_slow,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+}
+
 /// The Prometheus text exposition of the whole load balancer.
 pub fn render(stats: &LbStats, backends: &[std::sync::Arc<Backend>], clock_ms: u64) -> String {
     let mut out = String::with_capacity(4096 + backends.len() * 2048);

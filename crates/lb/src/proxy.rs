@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tower::retry::budget::{Budget, TpsBudget};
@@ -21,6 +21,7 @@ use crate::config::{Algorithm, HashOn, LbConfig};
 use crate::error::ProxyError;
 use crate::metrics::LbStats;
 use crate::selection::{hash_bytes, BackendSelection, Pick};
+use crate::spool::{Bodies, BodyWriter, RequestBody};
 use crate::upstream::{self, Head, Release, UpstreamPool};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -41,6 +42,8 @@ pub struct Shared {
     pub clock: Clock,
     /// `http` or `https`: what clients used.
     pub scheme: &'static str,
+    /// Request bodies held, in memory and in the spool.
+    pub bodies: Arc<crate::spool::Bodies>,
 }
 
 /// One client connection's constant facts, computed once.
@@ -181,7 +184,7 @@ async fn serve(
         (resp, backend, attempts)
     };
 
-    let body = match read_body(body, &parts.headers, shared.config.limits.max_body_bytes).await {
+    let body = match read_body(body, &parts.headers, &shared.bodies).await {
         Ok(b) => b,
         Err(e) => return finish(e.into_response(), None, 0),
     };
@@ -195,6 +198,10 @@ async fn serve(
         let client_upgrade = Arc::new(std::sync::Mutex::new(client_upgrade.take()));
         let parts = &parts;
         let body = &body;
+        let Some(body) = body.in_memory() else {
+            let e = ProxyError::BadRequest("an upgrade request carries a large body".into());
+            return finish(e.into_response(), None, 0);
+        };
         with_retries(worker, key, idempotent, move |backend| {
             let request = build_request(parts, body.clone());
             let client_upgrade = client_upgrade.clone();
@@ -367,28 +374,45 @@ fn request_id_text() -> [u8; 32] {
     text
 }
 
-/// The request body, whole: bodies are buffered so a request can be replayed.
-async fn read_body(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<Bytes, ProxyError> {
+/// The request body, whole (in memory or the spool, see [`crate::spool`]),
+/// so a request can be replayed; at the minimum rate.
+async fn read_body(
+    mut body: Incoming,
+    headers: &HeaderMap,
+    bodies: &Arc<Bodies>,
+) -> Result<RequestBody, ProxyError> {
     if body.is_end_stream() {
-        return Ok(Bytes::new());
+        return Ok(RequestBody::empty());
     }
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
     {
-        if len > limit as u64 {
-            return Err(ProxyError::BodyTooLarge { limit });
+        if len > bodies.max_body {
+            return Err(bodies.too_large());
         }
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge { limit })
+    let mut writer = BodyWriter::new(bodies);
+    let started = tokio::time::Instant::now();
+    loop {
+        let deadline = bodies.deadline(started, writer.len());
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                bodies.too_slow.fetch_add(1, Ordering::Relaxed);
+                return Err(ProxyError::BodyTimeout);
+            }
+            Ok(None) => return writer.finish(),
+            Ok(Some(Err(e))) => {
+                return Err(ProxyError::BadRequest(format!(
+                    "reading the request body failed: {e}"
+                )))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            writer.push(&data)?;
         }
-        Err(e) => Err(ProxyError::BadRequest(format!(
-            "reading the request body failed: {e}"
-        ))),
     }
 }
 
@@ -531,7 +555,7 @@ async fn forward(
     worker: &Worker,
     backend: &Arc<Backend>,
     parts: &http::request::Parts,
-    body: &Bytes,
+    body: &RequestBody,
 ) -> Result<Response<LbBody>, ProxyError> {
     let shared = &worker.shared;
     let timeout = shared.config.timeouts.upstream_response;

@@ -214,6 +214,15 @@ fn http_builder(config: &LbConfig) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(config.limits.max_header_bytes as u32)
+        // What one connection may make the load balancer hold: its streams,
+        // and what each may send ahead of being read (bodies read are
+        // bounded by the spool's rules).
+        .max_concurrent_streams(config.limits.h2_max_streams)
+        .initial_stream_window_size(config.limits.h2_stream_window)
+        .initial_connection_window_size(config.limits.h2_connection_window)
+        .max_send_buf_size(256 * 1024)
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Some(config.timeouts.idle / 2))
         .keep_alive_timeout(Duration::from_secs(20));
     builder

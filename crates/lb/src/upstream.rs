@@ -24,9 +24,9 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::spool::RequestBody;
 use crate::error::ProxyError;
 
 /// Most response headers accepted from a backend.
@@ -238,7 +238,7 @@ pub struct Head<'a> {
 pub async fn exchange(
     mut conn: UpstreamConn,
     head: &Head<'_>,
-    body: &Bytes,
+    body: &RequestBody,
     timeout: Duration,
     release: Release,
 ) -> Result<Response<UpstreamBody>, SendError> {
@@ -271,7 +271,7 @@ pub async fn exchange(
 pub async fn send_and_read_head(
     conn: &mut UpstreamConn,
     request_head: &[u8],
-    body: &Bytes,
+    body: &RequestBody,
     head_request: bool,
     deadline: impl std::future::Future<Output = ()>,
 ) -> Result<RawHead, SendError> {
@@ -289,7 +289,7 @@ pub async fn send_and_read_head(
     }
 }
 
-fn encode_request(out: &mut Vec<u8>, head: &Head<'_>, body: &Bytes) {
+fn encode_request(out: &mut Vec<u8>, head: &Head<'_>, body: &RequestBody) {
     out.clear();
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
@@ -308,12 +308,12 @@ fn encode_request(out: &mut Vec<u8>, head: &Head<'_>, body: &Bytes) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The body is buffered whole, so its length is known; methods that
+/// The body is kept whole, so its length is known; methods that
 /// usually carry a body get an explicit 0.
-pub fn push_content_length(out: &mut Vec<u8>, method: &Method, len: usize) {
+pub fn push_content_length(out: &mut Vec<u8>, method: &Method, len: u64) {
     if len > 0 || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
         out.extend_from_slice(b"content-length: ");
-        push_decimal(out, len as u64);
+        push_decimal(out, len);
         out.extend_from_slice(b"\r\n");
     }
 }
@@ -332,16 +332,12 @@ pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
-async fn write_request(conn: &mut UpstreamConn, head: &[u8], body: &Bytes) -> std::io::Result<()> {
-    if body.len() <= 16 * 1024 {
-        conn.wbuf.clear();
-        conn.wbuf.extend_from_slice(head);
-        conn.wbuf.extend_from_slice(body);
-        conn.stream.write_all(&conn.wbuf).await
-    } else {
-        conn.stream.write_all(head).await?;
-        conn.stream.write_all(body).await
-    }
+async fn write_request(
+    conn: &mut UpstreamConn,
+    head: &[u8],
+    body: &RequestBody,
+) -> std::io::Result<()> {
+    body.write_after(&mut conn.stream, head, &mut conn.wbuf).await
 }
 
 enum ReadHeadError {
@@ -823,7 +819,7 @@ impl http_body::Body for UpstreamBody {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A backend that answers each request with the next canned response.
     async fn canned(responses: Vec<&'static [u8]>) -> SocketAddr {
@@ -859,7 +855,7 @@ mod tests {
         let resp = exchange(
             co.conn,
             &head,
-            &Bytes::new(),
+            &RequestBody::empty(),
             Duration::from_secs(5),
             release,
         )
@@ -946,6 +942,11 @@ mod tests {
         headers.insert("host", HeaderValue::from_static("h"));
         headers.insert("content-length", HeaderValue::from_static("999"));
         let mut out = Vec::new();
+        let bodies = Arc::new(crate::spool::Bodies::new(
+            &crate::config::Limits::default(),
+            &crate::config::Timeouts::default(),
+        ));
+        let abc = crate::spool::BodyWriter::whole(&bodies, Bytes::from_static(b"abc")).unwrap();
         encode_request(
             &mut out,
             &Head {
@@ -953,7 +954,7 @@ mod tests {
                 path: "/p?q",
                 headers: &headers,
             },
-            &Bytes::from_static(b"abc"),
+            &abc,
         );
         assert_eq!(
             out,

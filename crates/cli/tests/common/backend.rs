@@ -173,7 +173,11 @@ async fn handle(
             "headers": headers,
         });
         let body = req.into_body().collect().await?.to_bytes();
-        let echoed = serde_json::json!({ "head": head, "body_len": body.len() });
+        let echoed = serde_json::json!({
+            "head": head,
+            "body_len": body.len(),
+            "body_fnv": fnv1a(&body),
+        });
         return Ok(reply(StatusCode::OK, &name, echoed.to_string()));
     }
     if path == "/ws" {
@@ -198,4 +202,13 @@ async fn handle(
             .unwrap());
     }
     Ok(reply(StatusCode::OK, &name, name.clone()))
+}
+
+/// FNV-1a over a body, as hex: what `/echo` says it received.
+pub fn fnv1a(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
