@@ -40,6 +40,43 @@ pub struct WebArgs {
     /// Connections at once; more are closed at once.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// A file whose first line is the admin token: `Authorization: Bearer`
+    /// it to delete any link (or set SCALEOUT_WEB_ADMIN_TOKEN).
+    #[arg(long)]
+    admin_token_file: Option<std::path::PathBuf>,
+    /// Links one client address may create per minute (0: no limit).
+    #[arg(long, default_value_t = 60)]
+    create_rate: u32,
+    /// ...in bursts of this many.
+    #[arg(long, default_value_t = 20)]
+    create_burst: u32,
+    /// A proxy (address or CIDR) whose X-Forwarded-For names the client; repeat
+    /// for each (default: loopback and the private ranges).
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    trusted_proxies: Vec<String>,
+}
+
+/// The admin token from `--admin-token-file` or `SCALEOUT_WEB_ADMIN_TOKEN`.
+fn admin_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--admin-token-file {}", path.display()))?;
+        let token = text.lines().next().unwrap_or("").trim().to_string();
+        return Ok(Some(token));
+    }
+    Ok(std::env::var("SCALEOUT_WEB_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty()))
+}
+
+fn parse_net(text: &str) -> anyhow::Result<ipnet::IpNet> {
+    if let Ok(net) = text.parse::<ipnet::IpNet>() {
+        return Ok(net);
+    }
+    let ip: std::net::IpAddr = text
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--trusted-proxy {text:?}: give an address or a CIDR, e.g. 10.0.0.0/8"))?;
+    Ok(ipnet::IpNet::from(ip))
 }
 
 pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -56,6 +93,17 @@ pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<(
             header_timeout: args.header_timeout,
             max_connections: args.max_connections.max(1),
             ..Default::default()
+        },
+        admin_token: admin_token(args.admin_token_file.as_deref())?,
+        create_per_minute: args.create_rate,
+        create_burst: args.create_burst,
+        trusted_proxies: if args.trusted_proxies.is_empty() {
+            scaleout_web::abuse::default_trusted()
+        } else {
+            args.trusted_proxies
+                .iter()
+                .map(|t| parse_net(t))
+                .collect::<anyhow::Result<_>>()?
         },
         ..Default::default()
     };

@@ -26,7 +26,7 @@ async fn create(c: &reqwest::Client, s: &Stage1, url: &str) -> Value {
 
 async fn codes(c: &reqwest::Client, s: &Stage1) -> Vec<String> {
     let body: Value = c
-        .get(s.url("/api/links?limit=1000"))
+        .get(s.url("/api/links?limit=100"))
         .send()
         .await
         .unwrap()
@@ -74,7 +74,11 @@ async fn json_api_creates_reads_lists_redirects_and_deletes() {
     assert_eq!(resp.status(), StatusCode::CREATED);
     assert_eq!(resp.headers()["x-served-by"], "web-1");
     let location = resp.headers()[LOCATION].to_str().unwrap().to_string();
-    let link: Value = resp.json().await.unwrap();
+    let mut link: Value = resp.json().await.unwrap();
+    let token = link["delete_token"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 32, "128 random bits, hex");
+    // The token is shown once, at creation; reads never carry it.
+    link.as_object_mut().unwrap().remove("delete_token");
     let code = link["code"].as_str().unwrap();
     assert_eq!(location, format!("/api/links/{code}"));
     assert_eq!(link["url"], "https://example.com/a?b=c");
@@ -91,7 +95,9 @@ async fn json_api_creates_reads_lists_redirects_and_deletes() {
         .unwrap();
     assert_eq!(got, link);
 
-    let second = create(&c, &s, "http://example.org/").await;
+    let mut second = create(&c, &s, "http://example.org/").await;
+    let second_token = second["delete_token"].as_str().unwrap().to_string();
+    second.as_object_mut().unwrap().remove("delete_token");
     let list: Value = c
         .get(s.url("/api/links?limit=1"))
         .send()
@@ -123,8 +129,30 @@ async fn json_api_creates_reads_lists_redirects_and_deletes() {
     let r = c.get(s.url(&format!("/{code}"))).send().await.unwrap();
     assert_eq!(r.headers()["x-cache"], "hit");
 
+    // Only the link's own token deletes it: none → 401, another link's → 403.
+    assert_json_error(
+        c.delete(s.url(&location)).send().await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "delete_token",
+    )
+    .await;
+    assert_json_error(
+        c.delete(s.url(&location))
+            .bearer_auth(&second_token)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::FORBIDDEN,
+        "does not delete",
+    )
+    .await;
+    assert_eq!(
+        c.get(s.url(&format!("/{code}"))).send().await.unwrap().status(),
+        StatusCode::FOUND,
+        "still there"
+    );
     // Delete evicts the cached entry at once on this server.
-    let d = c.delete(s.url(&location)).send().await.unwrap();
+    let d = c.delete(s.url(&location)).bearer_auth(&token).send().await.unwrap();
     assert_eq!(d.status(), StatusCode::NO_CONTENT);
     let r = c.get(s.url(&format!("/{code}"))).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
@@ -140,7 +168,7 @@ async fn json_api_creates_reads_lists_redirects_and_deletes() {
     )
     .await;
     assert_json_error(
-        c.delete(s.url(&location)).send().await.unwrap(),
+        c.delete(s.url(&location)).bearer_auth(&token).send().await.unwrap(),
         StatusCode::NOT_FOUND,
         code,
     )
@@ -162,6 +190,23 @@ async fn home_page_has_the_form_the_newest_links_and_names_the_servers() {
                 .to_string(),
         );
     }
+    // The API pages through them all, newest first, 10 at a time.
+    let mut paged = Vec::new();
+    let mut next = Some("/api/links?limit=10".to_string());
+    while let Some(page) = next {
+        let body: Value = c.get(s.url(&page)).send().await.unwrap().json().await.unwrap();
+        paged.extend(
+            body["links"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["code"].as_str().unwrap().to_string()),
+        );
+        next = body["next"].as_str().map(String::from);
+        assert!(paged.len() <= 30, "paging ends");
+    }
+    assert_eq!(paged, made.iter().rev().cloned().collect::<Vec<_>>());
+
     let resp = c.get(s.url("/")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.headers()[CONTENT_TYPE]
@@ -206,19 +251,44 @@ async fn html_form_posts_redirect_back_and_bad_urls_show_the_error() {
         .strip_prefix("/?created=")
         .expect("redirect to the home page")
         .to_string();
-    let page = c
+    // The delete token rides to the next page in a cookie, never in the URL.
+    let token_cookie = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("scaleout_delete_{code}=")))
+        .expect("the delete token cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(!location.contains(token_cookie.split('=').nth(1).unwrap()));
+    let shown = c
         .get(s.url(&location))
+        .header("cookie", &token_cookie)
         .send()
         .await
-        .unwrap()
-        .text()
-        .await
         .unwrap();
+    assert!(
+        shown.headers().get_all("set-cookie").iter().any(|v| v
+            .to_str()
+            .unwrap()
+            .starts_with(&format!("scaleout_delete_{code}=;"))),
+        "shown once, then the cookie goes"
+    );
+    let page = shown.text().await.unwrap();
     assert!(page.contains(&format!(
         "Created <a href=\"{}\"",
         s.url(&format!("/{code}"))
     )));
     assert!(page.contains("https://www.rust-lang.org/learn"));
+    let token = page
+        .split("<code id=\"delete-token\">")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .expect("the page shows the delete token")
+        .to_string();
 
     let resp = c
         .post(s.url("/links"))
@@ -233,7 +303,14 @@ async fn html_form_posts_redirect_back_and_bad_urls_show_the_error() {
         page.contains("value=\"javascript:alert(1)\""),
         "the typed URL is kept in the form"
     );
-    assert_eq!(codes(&c, &s).await, vec![code]);
+    assert_eq!(codes(&c, &s).await, vec![code.clone()]);
+    let d = c
+        .delete(s.url(&format!("/api/links/{code}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(d.status(), StatusCode::NO_CONTENT, "the shown token deletes the link");
 }
 
 #[tokio::test]
@@ -324,7 +401,7 @@ async fn bad_inputs_get_clear_errors_and_store_nothing() {
             "limit must be",
         ),
         (
-            c.get(s.url("/api/links?limit=1001")),
+            c.get(s.url("/api/links?limit=101")),
             StatusCode::BAD_REQUEST,
             "limit must be",
         ),
@@ -339,9 +416,14 @@ async fn bad_inputs_get_clear_errors_and_store_nothing() {
             "bad-code!",
         ),
         (
-            c.delete(s.url("/api/links/nosuch1")),
+            c.delete(s.url("/api/links/nosuch1")).bearer_auth("0123456789abcdef0123456789abcdef"),
             StatusCode::NOT_FOUND,
             "nosuch1",
+        ),
+        (
+            c.get(s.url("/api/links?before=x")),
+            StatusCode::BAD_REQUEST,
+            "before must be",
         ),
         (
             c.put(s.url("/api/links")),

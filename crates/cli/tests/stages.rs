@@ -165,6 +165,29 @@ async fn stage2_runs_the_web_tier_and_the_database_apart() {
     let home = client().get(&stage.site).send().await.unwrap();
     assert_eq!(home.headers()["x-db-node"], "db-1");
     assert!(home.text().await.unwrap().contains("example.com/two"));
+
+    // Deletes through the replicated store need the link's own token.
+    let made = create(&stage.site, "https://example.com/mine", None).await;
+    let token = made.json::<Value>().await.unwrap();
+    let (mine, token) = (
+        token["code"].as_str().unwrap().to_string(),
+        token["delete_token"].as_str().unwrap().to_string(),
+    );
+    let delete = |code: String, token: Option<String>| {
+        let site = stage.site.clone();
+        async move {
+            let mut req = client().delete(format!("{site}/api/links/{code}"));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            req.send().await.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(delete(code.clone(), None).await, 401);
+    assert_eq!(delete(code.clone(), Some(token.clone())).await, 403, "not this link's token");
+    assert_eq!(delete(mine.clone(), Some(token.clone())).await, 204);
+    assert_eq!(delete(mine, Some(token)).await, 404);
+    assert_eq!(read_link(&stage.site, &code, None).await.status(), 200);
     stage.stop();
 }
 

@@ -215,6 +215,9 @@ pub(crate) async fn start_topology(
             db_urls.join(","),
             "--name".into(),
             name.clone(),
+            // Every client of a lab comes from this machine: one address.
+            "--create-rate".into(),
+            "0".into(),
         ];
         let p = procs::Proc::start(&name, &args, "scaleout web:").await?;
         web_urls.push(p.url().unwrap_or_default());
@@ -441,7 +444,11 @@ async fn stage1(config: UpConfig, shutdown: CancellationToken) -> Result<(), Err
     let addr = listener
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })?;
-    let web = scaleout_web::WebConfig::default();
+    let web = scaleout_web::WebConfig {
+        // Every client of a lab comes from this machine: one address.
+        create_per_minute: 0,
+        ..Default::default()
+    };
     println!("scaleout stage 1: a single server (web app + database + cache in one process)");
     println!(
         "  {:<6} http://{addr}/  links app, cache TTL {:?}",

@@ -208,7 +208,16 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        // Handlers may ask who is at the other end (`ConnectInfo`), as with
+        // axum's own `into_make_service_with_connect_info`.
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                req
+            },
+        ));
         let builder = builder.clone();
         let activity = Arc::new(AtomicU64::new(0));
         let started = tokio::time::Instant::now();

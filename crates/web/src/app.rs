@@ -1,12 +1,13 @@
 //! Routes and handlers of the links app, and the middleware every response
 //! passes through (`X-Served-By`, `X-Request-Id`, metrics, access log).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -20,7 +21,8 @@ use crate::error::{AppError, StoreError};
 use crate::html::{self, HomePage};
 use crate::links;
 use crate::metrics::{RequestLabels, RouteLabels, WebMetrics};
-use crate::store::{Link, ReadOpts, Store, Written};
+use crate::store::{Deleted, Deleter, Link, ReadOpts, Store, Written};
+use crate::abuse::{self, CreateLimit};
 use crate::WebConfig;
 
 pub static X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
@@ -30,9 +32,11 @@ pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// How many links the home page lists.
 const HOME_LINKS: u32 = 20;
-/// `GET /api/links` default and maximum `limit`.
+/// `GET /api/links` default and maximum `limit`: more is paged (`before`).
 const LIST_DEFAULT: u32 = 20;
-const LIST_MAX: u32 = 1000;
+const LIST_MAX: u32 = 100;
+/// The cookie that shows a form user their new link's delete token once.
+const TOKEN_COOKIE_PREFIX: &str = "scaleout_delete_";
 /// Attempts at drawing an unused code before giving up (each collision has
 /// odds of about n / 3.5e12).
 const CODE_ATTEMPTS: usize = 8;
@@ -42,6 +46,7 @@ pub struct App {
     pub store: Arc<dyn Store>,
     pub cache: LinkCache,
     pub metrics: WebMetrics,
+    pub create_limit: CreateLimit,
     served_by: HeaderValue,
 }
 
@@ -57,6 +62,7 @@ impl App {
         Ok(App {
             cache: LinkCache::new(config.cache_capacity, config.cache_ttl),
             metrics: WebMetrics::new(&config.name),
+            create_limit: CreateLimit::new(config.create_per_minute, config.create_burst),
             served_by,
             store,
             config,
@@ -172,6 +178,9 @@ struct LinkView {
     url: String,
     short_url: String,
     created_at: String,
+    /// Only in the answer to the creation: what deletes the link.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delete_token: Option<String>,
 }
 
 impl LinkView {
@@ -181,8 +190,25 @@ impl LinkView {
             code: link.code,
             url: link.url,
             created_at: link.created_at,
+            delete_token: None,
         }
     }
+}
+
+/// The peer of a request, when the server says (it does; a router
+/// driven directly in a unit test does not).
+type Peer = Option<axum::Extension<ConnectInfo<SocketAddr>>>;
+
+/// Refuses a creation past the client's rate.
+fn check_create_rate(app: &App, headers: &HeaderMap, peer: &Peer) -> Result<(), AppError> {
+    let peer = peer
+        .as_ref()
+        .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |p| p.0 .0);
+    let client = abuse::client_ip(headers, peer, &app.config.trusted_proxies);
+    app.create_limit.check(client).map_err(|retry_after| {
+        app.metrics.rate_limited.inc();
+        AppError::TooManyRequests { retry_after }
+    })
 }
 
 /// The scheme and host short URLs are built on: the configured public URL,
@@ -279,24 +305,29 @@ fn with_db_node(mut resp: Response, node: &str) -> Response {
     resp
 }
 
-async fn create_link(app: &App, raw_url: &str) -> Result<Written<Link>, AppError> {
+/// Creates a link; returns it with its delete token.
+async fn create_link(app: &App, raw_url: &str) -> Result<(Written<Link>, String), AppError> {
     let url = links::validate_url(raw_url).map_err(AppError::BadRequest)?;
     let created_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let token = links::new_delete_token(&mut rand::rng());
+    let delete_hash = Some(links::token_hash(&token));
     for _ in 0..CODE_ATTEMPTS {
         let code = links::new_code(&mut rand::rng());
         let link = Link {
             code,
             url: url.clone(),
             created_at: created_at.clone(),
+            delete_hash: delete_hash.clone(),
         };
         match app.store.insert(&link).await {
             Ok(w) => {
                 tracing::info!(code = %link.code, node = %w.node, "link created");
-                return Ok(Written {
+                let written = Written {
                     value: link,
                     node: w.node,
                     index: w.index,
-                });
+                };
+                return Ok((written, token));
             }
             Err(StoreError::Conflict { code }) => {
                 tracing::debug!(%code, "code taken, drawing another")
@@ -339,7 +370,15 @@ async fn home(
     RawQuery(query): RawQuery,
 ) -> Response {
     let created = query_param(query.as_deref(), "created").filter(|c| links::is_valid_code(c));
-    render_home(&app, &headers, StatusCode::OK, None, created.as_deref()).await
+    let resp = render_home(&app, &headers, StatusCode::OK, None, created.as_deref()).await;
+    // The token cookie has been shown: it goes.
+    match created.filter(|c| cookie(&headers, &format!("{TOKEN_COOKIE_PREFIX}{c}")).is_some()) {
+        Some(code) => with_cookie(
+            resp,
+            &format!("{TOKEN_COOKIE_PREFIX}{code}=; Path=/; Max-Age=0; SameSite=Strict; HttpOnly"),
+        ),
+        None => resp,
+    }
 }
 
 async fn render_home(
@@ -349,14 +388,19 @@ async fn render_home(
     error: Option<(&str, &str)>,
     created: Option<&str>,
 ) -> Response {
-    match app.store.newest(HOME_LINKS, seen(headers)).await {
+    match app.store.newest(HOME_LINKS, None, seen(headers)).await {
         Ok(served) => {
             let base = base_url(app, headers);
             let short = created.map(|c| format!("{base}/{c}"));
+            let token = created.and_then(|c| {
+                cookie(headers, &format!("{TOKEN_COOKIE_PREFIX}{c}"))
+                    .filter(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+            });
             let page = html::home(&HomePage {
-                links: &served.value,
+                links: &served.value.links,
                 error,
                 created: short.as_deref(),
+                delete_token: token.as_deref(),
                 base: &base,
                 web_server: &app.config.name,
                 db_node: &served.node,
@@ -374,20 +418,30 @@ fn html_error(app: &App, err: AppError) -> Response {
         tracing::warn!(error = %err, "request failed");
     }
     let title = status.canonical_reason().unwrap_or("Error");
-    (
+    let mut resp = (
         status,
         Html(html::error_page(title, &err.to_string(), &app.config.name)),
     )
-        .into_response()
+        .into_response();
+    err.add_headers(resp.headers_mut());
+    resp
 }
 
 /// The HTML form's target: post/redirect/get on success, the page again
 /// with the message on bad input.
-async fn create_form(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+async fn create_form(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     if cross_site(&headers) {
         let err =
             AppError::Forbidden("this form may only be sent from this site's own page".into());
         return html_error(&app, err);
+    }
+    if let Err(e) = check_create_rate(&app, &headers, &peer) {
+        return html_error(&app, e);
     }
     if !content_type_is(&headers, "application/x-www-form-urlencoded") {
         let err = AppError::UnsupportedMediaType(
@@ -404,11 +458,18 @@ async fn create_form(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         .map(|(_, v)| v.into_owned())
         .unwrap_or_default();
     match create_link(&app, &typed).await {
-        Ok(w) => {
-            let location = format!("/?created={}", w.value.code);
+        Ok((w, token)) => {
+            let code = &w.value.code;
+            let location = format!("/?created={code}");
             let resp = with_db_node(
                 (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response(),
                 &w.node,
+            );
+            // The delete token rides to the next page in a cookie, not in
+            // the URL (where logs and history would keep it).
+            let resp = with_cookie(
+                resp,
+                &format!("{TOKEN_COOKIE_PREFIX}{code}={token}; Path=/; Max-Age=600; SameSite=Strict; HttpOnly"),
             );
             remember(resp, &headers, w.index)
         }
@@ -434,9 +495,11 @@ struct CreateRequest {
 
 async fn create_api(
     State(app): State<Arc<App>>,
+    peer: Peer,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, AppError> {
+    check_create_rate(&app, &headers, &peer)?;
     if !content_type_is(&headers, "application/json") {
         return Err(AppError::UnsupportedMediaType(
             "send the link as JSON with Content-Type: application/json".into(),
@@ -445,10 +508,11 @@ async fn create_api(
     let body = read_body(&app, body).await?;
     let req: CreateRequest = serde_json::from_slice(&body)
         .map_err(|e| AppError::BadRequest(format!("body is not {{\"url\": \"...\"}}: {e}")))?;
-    let w = create_link(&app, &req.url).await?;
+    let (w, token) = create_link(&app, &req.url).await?;
     let location = format!("/api/links/{}", w.value.code);
     let index = w.index;
-    let view = LinkView::new(w.value, &base_url(&app, &headers));
+    let mut view = LinkView::new(w.value, &base_url(&app, &headers));
+    view.delete_token = Some(token);
     let resp = (
         StatusCode::CREATED,
         [(header::LOCATION, location)],
@@ -475,15 +539,28 @@ async fn list_api(
                 ))
             })?,
     };
-    let served = app.store.newest(limit, seen(&headers)).await?;
+    let before = match query_param(query.as_deref(), "before") {
+        None => None,
+        Some(raw) => Some(raw.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            AppError::BadRequest(format!(
+                "before must be the `next` of a previous page, not {raw:?}"
+            ))
+        })?),
+    };
+    let served = app.store.newest(limit, before, seen(&headers)).await?;
     let base = base_url(&app, &headers);
+    let next = served
+        .value
+        .next
+        .map(|n| format!("/api/links?limit={limit}&before={n}"));
     let links: Vec<LinkView> = served
         .value
+        .links
         .into_iter()
         .map(|l| LinkView::new(l, &base))
         .collect();
     let resp = with_db_node(
-        Json(serde_json::json!({ "links": links })).into_response(),
+        Json(serde_json::json!({ "links": links, "next": next })).into_response(),
         &served.node,
     );
     Ok(remember_served(
@@ -529,16 +606,69 @@ async fn delete_api(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, AppError> {
     let code = code_from(path)?;
-    let w = app.store.delete(&code).await?;
-    // Evict even when the database had no such link: this server may still
-    // cache one deleted elsewhere.
-    app.cache.evict(&code).await;
-    if !w.value {
-        return Err(AppError::NotFound(format!("no link with code {code:?}")));
+    let by = deleter(&app, &headers)?;
+    let w = app.store.delete(&code, &by).await?;
+    match w.value {
+        Deleted::Done => {}
+        Deleted::NoSuchLink => {
+            // This server may still cache one deleted elsewhere.
+            app.cache.evict(&code).await;
+            return Err(AppError::NotFound(format!("no link with code {code:?}")));
+        }
+        Deleted::WrongToken => {
+            return Err(AppError::Forbidden(format!(
+                "this token does not delete link {code:?}: use the delete_token returned when it was created"
+            )))
+        }
     }
+    app.cache.evict(&code).await;
     tracing::info!(%code, node = %w.node, "link deleted");
     let resp = with_db_node(StatusCode::NO_CONTENT.into_response(), &w.node);
     Ok(remember(resp, &headers, w.index))
+}
+
+/// Who asks for a delete: `Authorization: Bearer <token>` with the link's
+/// delete token, or the admin token.
+fn deleter(app: &App, headers: &HeaderMap) -> Result<Deleter, AppError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            AppError::Unauthorized(
+                "deleting a link needs Authorization: Bearer <the delete_token returned when it was created>"
+                    .into(),
+            )
+        })?;
+    if let Some(admin) = &app.config.admin_token {
+        if bool::from(subtle::ConstantTimeEq::ct_eq(token.as_bytes(), admin.as_bytes())) {
+            return Ok(Deleter::Admin);
+        }
+    }
+    Ok(Deleter::Owner {
+        token_hash: links::token_hash(token),
+    })
+}
+
+/// One cookie's value from the request.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn with_cookie(mut resp: Response, cookie: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(cookie) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
 }
 
 /// The hot path: code → 302, from the cache when it can.
@@ -656,10 +786,15 @@ mod tests {
         async fn get(&self, _: &str, _: ReadOpts) -> Result<Served<Option<Link>>, StoreError> {
             down()
         }
-        async fn newest(&self, _: u32, _: ReadOpts) -> Result<Served<Vec<Link>>, StoreError> {
+        async fn newest(
+            &self,
+            _: u32,
+            _: Option<i64>,
+            _: ReadOpts,
+        ) -> Result<Served<crate::store::Page>, StoreError> {
             down()
         }
-        async fn delete(&self, _: &str) -> Result<Written<bool>, StoreError> {
+        async fn delete(&self, _: &str, _: &Deleter) -> Result<Written<Deleted>, StoreError> {
             down()
         }
         async fn ping(&self) -> Result<String, StoreError> {
@@ -743,6 +878,41 @@ mod tests {
                 "{config:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn creations_past_a_clients_rate_get_429_and_others_go_on() {
+        let config = WebConfig {
+            create_per_minute: 60,
+            create_burst: 3,
+            ..WebConfig::default()
+        };
+        let app = Arc::new(App::new(config, Arc::new(DownStore)).unwrap());
+        let create = |client: &'static str| {
+            let app = app.clone();
+            async move {
+                let mut req = axum::http::Request::post("/api/links")
+                    .header("content-type", "application/json")
+                    .header("x-forwarded-for", client)
+                    .body(Body::from(r#"{"url": "https://example.com/"}"#))
+                    .unwrap();
+                req.extensions_mut()
+                    .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 9))));
+                router(app).oneshot(req).await.unwrap()
+            }
+        };
+        for _ in 0..3 {
+            // Past the limit check: the (down) database answers.
+            assert_eq!(create("192.0.2.1").await.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let refused = create("192.0.2.1").await;
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(refused.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(
+            create("192.0.2.2").await.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "another client is not held back"
+        );
     }
 
     #[test]

@@ -34,9 +34,16 @@ pub enum AppError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
-    /// A browser's request this site did not make (a cross-site form).
+    /// A browser's request this site did not make (a cross-site form), or
+    /// a token that does not open this door.
     #[error("{0}")]
     Forbidden(String),
+    /// No credentials where some are needed.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// This client is over its rate; it may try again after `retry_after` seconds.
+    #[error("too many links created from this address; try again in {retry_after} s")]
+    TooManyRequests { retry_after: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -50,10 +57,31 @@ impl AppError {
             AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AppError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Store(StoreError::Unavailable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Store(StoreError::Conflict { .. } | StoreError::Internal { .. }) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+        }
+    }
+}
+
+impl AppError {
+    /// What the status asks of the client: when to come back, how to sign in.
+    pub fn add_headers(&self, headers: &mut axum::http::HeaderMap) {
+        use axum::http::{header, HeaderValue};
+        match self {
+            AppError::TooManyRequests { retry_after } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            AppError::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"links\""),
+                );
+            }
+            _ => {}
         }
     }
 }
@@ -66,10 +94,12 @@ impl IntoResponse for AppError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "request failed");
         }
-        (
+        let mut resp = (
             status,
             Json(serde_json::json!({ "error": self.to_string() })),
         )
-            .into_response()
+            .into_response();
+        self.add_headers(resp.headers_mut());
+        resp
     }
 }

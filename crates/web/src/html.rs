@@ -41,6 +41,8 @@ pub struct HomePage<'a> {
     pub error: Option<(&'a str, &'a str)>,
     /// The short URL of a link just created through the form.
     pub created: Option<&'a str>,
+    /// Its delete token, shown once.
+    pub delete_token: Option<&'a str>,
     /// Base for short URLs, e.g. `http://127.0.0.1:8080`.
     pub base: &'a str,
     pub web_server: &'a str,
@@ -72,6 +74,14 @@ pub fn home(page: &HomePage<'_>) -> String {
             out,
             "<p class=\"msg ok\">Created <a href=\"{short}\">{short}</a></p>"
         );
+        if let Some(token) = page.delete_token {
+            let _ = write!(
+                out,
+                "<p class=\"msg ok\">Its delete token, shown once: <code id=\"delete-token\">{}</code> \
+                 (<code>DELETE /api/links/CODE</code> with <code>Authorization: Bearer</code> it).</p>",
+                escape(token)
+            );
+        }
     }
     let _ = write!(
         out,
@@ -140,11 +150,13 @@ mod tests {
             code: "abc".into(),
             url: "https://x/?q=<script>".into(),
             created_at: "t".into(),
+            delete_hash: None,
         }];
         let page = home(&HomePage {
             links: &links,
             error: Some(("bad \"url\"", "<typed>")),
             created: None,
+            delete_token: None,
             base: "http://h",
             web_server: "web-1",
             db_node: "db-<1>",

@@ -14,6 +14,7 @@
 //! shutdown token — the same call serves the single-process stage 1, the
 //! `scaleout web` process of later stages, and the tests.
 
+pub mod abuse;
 pub mod app;
 pub mod cache;
 mod error;
@@ -61,6 +62,15 @@ pub struct WebConfig {
     pub max_body_bytes: usize,
     /// Request-head timeout and connection cap.
     pub limits: scaleout_serve::Limits,
+    /// Deletes any link (`Authorization: Bearer` it); `None`: only the
+    /// links' own delete tokens do.
+    pub admin_token: Option<String>,
+    /// Links one client address may create per minute (0: no limit)…
+    pub create_per_minute: u32,
+    /// …in bursts of this many.
+    pub create_burst: u32,
+    /// Peers whose `X-Forwarded-For` names the client (the load balancers).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for WebConfig {
@@ -72,6 +82,10 @@ impl Default for WebConfig {
             public_url: None,
             max_body_bytes: 16 * 1024,
             limits: scaleout_serve::Limits::default(),
+            admin_token: None,
+            create_per_minute: 60,
+            create_burst: 20,
+            trusted_proxies: abuse::default_trusted(),
         }
     }
 }
@@ -91,6 +105,13 @@ impl WebConfig {
             return Err(Error::Config(
                 "max body size must be at least 64 bytes".into(),
             ));
+        }
+        if let Some(token) = &self.admin_token {
+            if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(Error::Config(
+                    "the admin token must be at least 16 printable ASCII characters".into(),
+                ));
+            }
         }
         if let Some(public) = &self.public_url {
             let ok = url::Url::parse(public)

@@ -74,6 +74,21 @@ pub fn new_code(rng: &mut impl Rng) -> String {
     }
 }
 
+/// A new delete token: 128 random bits as 32 hex digits. Only its hash is
+/// stored ([`token_hash`]), so a copy of the database deletes nothing.
+pub fn new_delete_token(rng: &mut impl Rng) -> String {
+    format!("{:032x}", rng.random::<u128>())
+}
+
+/// SHA-256 of a token, in hex: what the database keeps and compares.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

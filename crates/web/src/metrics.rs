@@ -25,6 +25,7 @@ pub struct WebMetrics {
     pub latency: Family<RouteLabels, Histogram>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
+    pub rate_limited: Counter,
 }
 
 impl WebMetrics {
@@ -60,12 +61,19 @@ impl WebMetrics {
             "Code lookups that went to the database",
             cache_misses.clone(),
         );
+        let rate_limited = Counter::default();
+        registry.register(
+            "scaleout_web_creations_rate_limited",
+            "Link creations refused (429) because the client was over its rate",
+            rate_limited.clone(),
+        );
         WebMetrics {
             registry,
             requests,
             latency,
             cache_hits,
             cache_misses,
+            rate_limited,
         }
     }
 

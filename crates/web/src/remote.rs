@@ -8,13 +8,14 @@ use async_trait::async_trait;
 use scaleout_client::{Client, ClientError};
 use serde_json::{json, Value};
 
-use crate::store::{Link, ReadOpts, Served, Store, StoreError, Written};
+use crate::store::{Deleted, Deleter, Link, Page, ReadOpts, Served, Store, StoreError, Written};
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS links (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     code       TEXT NOT NULL UNIQUE,
     url        TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    delete_hash TEXT
 )";
 
 #[derive(Clone)]
@@ -57,6 +58,7 @@ fn links_of(result: &Value) -> Vec<Link> {
                         code: row[0].as_str()?.to_string(),
                         url: row[1].as_str()?.to_string(),
                         created_at: row[2].as_str()?.to_string(),
+                        delete_hash: None,
                     })
                 })
                 .collect()
@@ -88,6 +90,29 @@ impl RemoteStore {
             .await
             .map_err(store_error)?;
         first(&created.results, &created.node)?;
+        // A table from before delete tokens gets their column.
+        let columns = client
+            .query(
+                &json!(["SELECT name FROM pragma_table_info('links') WHERE name = 'delete_hash'"]),
+                Some(created.raft_index),
+            )
+            .await
+            .map_err(store_error)?;
+        let has = first(&columns.results, &columns.node)?["values"]
+            .as_array()
+            .is_some_and(|rows| !rows.is_empty());
+        if !has {
+            let altered = client
+                .execute(&json!(["ALTER TABLE links ADD COLUMN delete_hash TEXT"]), false)
+                .await
+                .map_err(store_error)?;
+            if let Err(e) = first(&altered.results, &altered.node) {
+                // Another web server added it first.
+                if !e.to_string().contains("duplicate column") {
+                    return Err(e);
+                }
+            }
+        }
         Ok(RemoteStore { client })
     }
 
@@ -128,10 +153,11 @@ impl RemoteStore {
 impl Store for RemoteStore {
     async fn insert(&self, link: &Link) -> Result<Written<()>, StoreError> {
         let statement = json!([[
-            "INSERT INTO links (code, url, created_at) VALUES (?, ?, ?)",
+            "INSERT INTO links (code, url, created_at, delete_hash) VALUES (?, ?, ?, ?)",
             link.code,
             link.url,
-            link.created_at
+            link.created_at,
+            link.delete_hash
         ]]);
         let done = self
             .client
@@ -165,28 +191,66 @@ impl Store for RemoteStore {
         .await
     }
 
-    async fn newest(&self, limit: u32, opts: ReadOpts) -> Result<Served<Vec<Link>>, StoreError> {
+    async fn newest(
+        &self,
+        limit: u32,
+        before: Option<i64>,
+        opts: ReadOpts,
+    ) -> Result<Served<Page>, StoreError> {
         self.read(
             json!([
-                "SELECT code, url, created_at FROM links ORDER BY id DESC LIMIT ?",
+                "SELECT code, url, created_at, id FROM links WHERE id < ? ORDER BY id DESC LIMIT ?",
+                before.unwrap_or(i64::MAX),
                 limit
             ]),
             opts,
-            links_of,
+            |result| {
+                let ids = result["values"].as_array().map(|rows| {
+                    rows.iter()
+                        .filter_map(|row| row[3].as_i64())
+                        .collect::<Vec<_>>()
+                });
+                let rows = ids
+                    .unwrap_or_default()
+                    .into_iter()
+                    .zip(links_of(result))
+                    .collect();
+                crate::store::page_of(rows, limit)
+            },
         )
         .await
     }
 
-    async fn delete(&self, code: &str) -> Result<Written<bool>, StoreError> {
-        let statement = json!([["DELETE FROM links WHERE code = ?", code]]);
+    async fn delete(&self, code: &str, by: &Deleter) -> Result<Written<Deleted>, StoreError> {
+        let statement = match by {
+            Deleter::Admin => json!([["DELETE FROM links WHERE code = ?", code]]),
+            Deleter::Owner { token_hash } => json!([[
+                "DELETE FROM links WHERE code = ? AND delete_hash = ?",
+                code,
+                token_hash
+            ]]),
+        };
         let done = self
             .client
             .execute(&statement, false)
             .await
             .map_err(store_error)?;
         let result = first(&done.results, &done.node)?;
+        let value = if result["rows_affected"].as_u64().unwrap_or(0) > 0 {
+            Deleted::Done
+        } else {
+            // Nothing deleted: no such link, or not this token's. Asked of
+            // a node that has seen the delete.
+            let opts = ReadOpts {
+                min_index: Some(done.raft_index),
+            };
+            match self.get(code, opts).await?.value {
+                Some(_) => Deleted::WrongToken,
+                None => Deleted::NoSuchLink,
+            }
+        };
         Ok(Written {
-            value: result["rows_affected"].as_u64().unwrap_or(0) > 0,
+            value,
             node: done.node,
             index: Some(done.raft_index),
         })

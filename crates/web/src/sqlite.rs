@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
-use crate::store::{Link, ReadOpts, Served, Store, StoreError, Written};
+use crate::store::{Deleted, Deleter, Link, Page, ReadOpts, Served, Store, StoreError, Written};
 
 const READERS: usize = 4;
 
@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS links (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     code       TEXT NOT NULL UNIQUE,
     url        TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    delete_hash TEXT
 );";
 
 #[derive(Clone)]
@@ -54,6 +55,7 @@ impl SqliteStore {
                 "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;",
             )
             .and_then(|()| writer.execute_batch(SCHEMA))
+            .and_then(|()| add_delete_hash(&writer))
             .map_err(|e| fail(&e))?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
@@ -154,11 +156,23 @@ fn sql_error(node: &str, e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// A file from before delete tokens gets their column.
+fn add_delete_hash(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('links') WHERE name = 'delete_hash'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE links ADD COLUMN delete_hash TEXT")?;
+    }
+    Ok(())
+}
+
 fn row_to_link(row: &rusqlite::Row<'_>) -> rusqlite::Result<Link> {
     Ok(Link {
         code: row.get(0)?,
         url: row.get(1)?,
         created_at: row.get(2)?,
+        delete_hash: None,
     })
 }
 
@@ -168,8 +182,8 @@ impl Store for SqliteStore {
         let link = link.clone();
         self.write(move |conn, node| {
             match conn.execute(
-                "INSERT INTO links (code, url, created_at) VALUES (?1, ?2, ?3)",
-                params![link.code, link.url, link.created_at],
+                "INSERT INTO links (code, url, created_at, delete_hash) VALUES (?1, ?2, ?3, ?4)",
+                params![link.code, link.url, link.created_at, link.delete_hash],
             ) {
                 Ok(_) => Ok(Written {
                     value: (),
@@ -195,23 +209,56 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn newest(&self, limit: u32, _opts: ReadOpts) -> Result<Served<Vec<Link>>, StoreError> {
+    async fn newest(
+        &self,
+        limit: u32,
+        before: Option<i64>,
+        _opts: ReadOpts,
+    ) -> Result<Served<Page>, StoreError> {
         self.read(move |conn, node| {
-            conn.prepare_cached("SELECT code, url, created_at FROM links ORDER BY id DESC LIMIT ?1")
-                .and_then(|mut stmt| stmt.query_map([limit], row_to_link)?.collect())
-                .map_err(|e| sql_error(node, e))
+            let rows: Vec<(i64, Link)> = conn
+                .prepare_cached(
+                    "SELECT code, url, created_at, id FROM links WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_map(params![before.unwrap_or(i64::MAX), limit], |row| {
+                        Ok((row.get(3)?, row_to_link(row)?))
+                    })?
+                    .collect()
+                })
+                .map_err(|e| sql_error(node, e))?;
+            Ok(crate::store::page_of(rows, limit))
         })
         .await
     }
 
-    async fn delete(&self, code: &str) -> Result<Written<bool>, StoreError> {
+    async fn delete(&self, code: &str, by: &Deleter) -> Result<Written<Deleted>, StoreError> {
         let code = code.to_string();
+        let by = by.clone();
         self.write(move |conn, node| {
-            let n = conn
-                .execute("DELETE FROM links WHERE code = ?1", [code])
-                .map_err(|e| sql_error(node, e))?;
+            let n = match &by {
+                Deleter::Admin => conn.execute("DELETE FROM links WHERE code = ?1", [&code]),
+                Deleter::Owner { token_hash } => conn.execute(
+                    "DELETE FROM links WHERE code = ?1 AND delete_hash = ?2",
+                    [&code, token_hash],
+                ),
+            }
+            .map_err(|e| sql_error(node, e))?;
+            let value = if n > 0 {
+                Deleted::Done
+            } else {
+                let exists = conn
+                    .prepare_cached("SELECT 1 FROM links WHERE code = ?1")
+                    .and_then(|mut stmt| stmt.exists([&code]))
+                    .map_err(|e| sql_error(node, e))?;
+                if exists {
+                    Deleted::WrongToken
+                } else {
+                    Deleted::NoSuchLink
+                }
+            };
             Ok(Written {
-                value: n > 0,
+                value,
                 node: node.to_string(),
                 index: None,
             })
@@ -239,37 +286,64 @@ mod tests {
             code: code.into(),
             url: format!("https://example.com/{code}"),
             created_at: "2026-01-01T00:00:00.000Z".into(),
+            delete_hash: None,
         }
     }
 
+    fn owned(code: &str, token: &str) -> Link {
+        Link {
+            delete_hash: Some(crate::links::token_hash(token)),
+            ..link(code)
+        }
+    }
+
+    fn owner(token: &str) -> Deleter {
+        Deleter::Owner {
+            token_hash: crate::links::token_hash(token),
+        }
+    }
+
+    async fn newest(store: &SqliteStore, limit: u32, before: Option<i64>) -> Page {
+        store
+            .newest(limit, before, ReadOpts::default())
+            .await
+            .unwrap()
+            .value
+    }
+
     #[tokio::test]
-    async fn insert_get_list_delete_and_reopen() {
+    async fn insert_get_page_delete_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/links.sqlite");
         let store = SqliteStore::open(&path, "db-test").unwrap();
-        store.insert(&link("aaa")).await.unwrap();
-        store.insert(&link("bbb")).await.unwrap();
+        store.insert(&owned("aaa", "ta")).await.unwrap();
+        store.insert(&owned("bbb", "tb")).await.unwrap();
+        store.insert(&link("ccc")).await.unwrap();
         let got = store.get("aaa", ReadOpts::default()).await.unwrap();
-        assert_eq!(got.value, Some(link("aaa")));
+        assert_eq!(got.value, Some(link("aaa")), "the hash is never read back");
         assert_eq!(got.node, "db-test");
-        let newest = store.newest(10, ReadOpts::default()).await.unwrap().value;
-        assert_eq!(newest, vec![link("bbb"), link("aaa")]);
-        assert_eq!(
-            store
-                .newest(1, ReadOpts::default())
-                .await
-                .unwrap()
-                .value
-                .len(),
-            1
-        );
+        let all = newest(&store, 10, None).await;
+        assert_eq!(all.links, vec![link("ccc"), link("bbb"), link("aaa")]);
+        assert_eq!(all.next, None, "one page holds them all");
+        let first = newest(&store, 2, None).await;
+        assert_eq!(first.links, vec![link("ccc"), link("bbb")]);
+        let second = newest(&store, 2, first.next).await;
+        assert_eq!(second.links, vec![link("aaa")]);
+        assert_eq!(second.next, None);
 
         assert!(matches!(
             store.insert(&link("aaa")).await,
             Err(StoreError::Conflict { code }) if code == "aaa"
         ));
-        assert!(store.delete("aaa").await.unwrap().value);
-        assert!(!store.delete("aaa").await.unwrap().value);
+        let delete = |code: &'static str, by: Deleter| {
+            let store = store.clone();
+            async move { store.delete(code, &by).await.unwrap().value }
+        };
+        assert_eq!(delete("aaa", owner("tb")).await, Deleted::WrongToken);
+        assert_eq!(delete("ccc", owner("")).await, Deleted::WrongToken, "no token, no owner");
+        assert_eq!(delete("aaa", owner("ta")).await, Deleted::Done);
+        assert_eq!(delete("aaa", owner("ta")).await, Deleted::NoSuchLink);
+        assert_eq!(delete("ccc", Deleter::Admin).await, Deleted::Done);
         assert_eq!(
             store.get("aaa", ReadOpts::default()).await.unwrap().value,
             None
@@ -277,13 +351,30 @@ mod tests {
         drop(store);
 
         let reopened = SqliteStore::open(&path, "db-test").unwrap();
-        let newest = reopened
-            .newest(10, ReadOpts::default())
-            .await
-            .unwrap()
-            .value;
-        assert_eq!(newest, vec![link("bbb")]);
+        assert_eq!(newest(&reopened, 10, None).await.links, vec![link("bbb")]);
         assert_eq!(reopened.ping().await.unwrap(), "db-test");
+    }
+
+    #[tokio::test]
+    async fn a_file_from_before_delete_tokens_gets_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE links (id INTEGER PRIMARY KEY AUTOINCREMENT, code TEXT NOT NULL UNIQUE,
+             url TEXT NOT NULL, created_at TEXT NOT NULL);
+             INSERT INTO links (code, url, created_at) VALUES ('old', 'https://example.com/old', 't');",
+        )
+        .unwrap();
+        drop(old);
+        let store = SqliteStore::open(&path, "db").unwrap();
+        store.insert(&owned("new", "tn")).await.unwrap();
+        assert_eq!(
+            store.delete("old", &owner("x")).await.unwrap().value,
+            Deleted::WrongToken,
+            "a link from before tokens: only an admin deletes it"
+        );
+        assert_eq!(store.delete("new", &owner("tn")).await.unwrap().value, Deleted::Done);
     }
 
     #[test]

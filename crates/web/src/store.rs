@@ -19,6 +19,37 @@ pub struct Link {
     /// RFC 3339 UTC time, chosen by the web server (not by the database) so
     /// that replicas applying the same write store the same value.
     pub created_at: String,
+    /// SHA-256 (hex) of the token that may delete the link; set when it is
+    /// created, never read back (links created before tokens have none:
+    /// only an admin deletes those).
+    #[serde(skip)]
+    pub delete_hash: Option<String>,
+}
+
+/// Who asks to delete a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleter {
+    /// Whoever holds the token returned at creation: its SHA-256 (hex).
+    Owner { token_hash: String },
+    /// The web tier's admin.
+    Admin,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    Done,
+    NoSuchLink,
+    /// The link exists and the token is not its own.
+    WrongToken,
+}
+
+/// One page of the newest links, and where the next page starts.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub links: Vec<Link>,
+    /// The `before` of the next page; `None` on the last page.
+    pub next: Option<i64>,
 }
 
 /// How fresh a read must be.
@@ -57,10 +88,28 @@ pub trait Store: Send + Sync + 'static {
     async fn insert(&self, link: &Link) -> Result<Written<()>, StoreError>;
     /// Looks one link up by code.
     async fn get(&self, code: &str, opts: ReadOpts) -> Result<Served<Option<Link>>, StoreError>;
-    /// The newest links first, at most `limit`.
-    async fn newest(&self, limit: u32, opts: ReadOpts) -> Result<Served<Vec<Link>>, StoreError>;
-    /// Deletes a link; `value` says whether it existed.
-    async fn delete(&self, code: &str) -> Result<Written<bool>, StoreError>;
+    /// The newest links first, at most `limit`, older than the link
+    /// numbered `before` when given (paging).
+    async fn newest(
+        &self,
+        limit: u32,
+        before: Option<i64>,
+        opts: ReadOpts,
+    ) -> Result<Served<Page>, StoreError>;
+    /// Deletes a link when `by` may.
+    async fn delete(&self, code: &str, by: &Deleter) -> Result<Written<Deleted>, StoreError>;
     /// Checks that the database answers; returns the node that answered.
     async fn ping(&self) -> Result<String, StoreError>;
+}
+
+/// A page from up to `limit` rows `(id, link)`, newest first: a full page
+/// says where the next one starts.
+pub fn page_of(rows: Vec<(i64, Link)>, limit: u32) -> Page {
+    let next = (rows.len() as u32 >= limit)
+        .then(|| rows.last().map(|(id, _)| *id))
+        .flatten();
+    Page {
+        links: rows.into_iter().map(|(_, link)| link).collect(),
+        next,
+    }
 }
