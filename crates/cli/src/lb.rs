@@ -29,6 +29,11 @@ pub struct LbArgs {
     /// Bearer token the admin API requires.
     #[arg(long, env = "SCALEOUT_LB_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// A file holding the admin API's bearer token; made (mode 0600, with a
+    /// random token) when missing. An admin API bound beyond loopback with
+    /// no token gets one made in the temp directory.
+    #[arg(long, conflicts_with = "admin_token")]
+    admin_token_file: Option<PathBuf>,
     /// TOML file with any of the settings (see the README).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -95,6 +100,12 @@ pub struct LbArgs {
     /// The slowest a request body may arrive, bytes per second.
     #[arg(long)]
     min_body_rate: Option<u64>,
+    /// Requests per second one client address may make; 429 beyond (default: no limit).
+    #[arg(long)]
+    rate_per_ip: Option<u32>,
+    /// ...in bursts of this many (default: one second's worth).
+    #[arg(long)]
+    rate_burst: Option<u32>,
     /// Client connections open at once.
     #[arg(long)]
     max_connections: Option<usize>,
@@ -168,12 +179,28 @@ impl LbArgs {
             body_buffer_bytes => limits.body_buffer_bytes, max_body_memory => limits.max_body_memory,
             max_spool_bytes => limits.max_spool_bytes, body_timeout => timeouts.body,
             max_body_time => timeouts.max_body, min_body_rate => limits.min_body_rate,
+            rate_per_ip => limits.rate_per_ip, rate_burst => limits.rate_burst,
         );
         if self.spool_dir.is_some() {
             c.limits.spool_dir = self.spool_dir;
         }
         if self.admin_token.is_some() {
             c.admin_token = self.admin_token;
+        }
+        if let Some(path) = &self.admin_token_file {
+            c.admin_token = Some(token_from_file(path)?);
+        }
+        if c.admin_token.is_none() && !c.admin.ip().is_loopback() {
+            let path = std::env::temp_dir().join(format!(
+                "scaleout-lb-{}.admin-token",
+                std::process::id()
+            ));
+            c.admin_token = Some(token_from_file(&path)?);
+            println!(
+                "scaleout lb: the admin API listens beyond loopback ({}); its token is in {}",
+                c.admin,
+                path.display()
+            );
         }
         if self.no_health_checks {
             c.health.enabled = false;
@@ -184,6 +211,39 @@ impl LbArgs {
         c.access_log |= self.access_log;
         c.validate()?;
         Ok(c)
+    }
+}
+
+/// The token in `path`'s first line; a missing file is made, readable by
+/// its owner only, with a new random token.
+pub fn token_from_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let token = text.lines().next().unwrap_or("").trim().to_string();
+            if token.is_empty() {
+                anyhow::bail!("{}: the token file is empty", path.display());
+            }
+            Ok(token)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("making the directory {}", dir.display()))?;
+            }
+            let token = format!("{:032x}", rand::random::<u128>());
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("making the token file {}", path.display()))?;
+            writeln!(file, "{token}")
+                .with_context(|| format!("writing the token file {}", path.display()))?;
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading the token file {}", path.display())),
     }
 }
 

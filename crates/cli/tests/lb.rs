@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::backend::Backend;
-use common::{client, eventually, Lb, Stage1};
+use common::{client, eventually, Lb, Proc, Stage1};
 use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -1008,4 +1008,82 @@ async fn two_thousand_stalled_uploads_stay_within_the_memory_bound() {
     }
     assert_eq!(cut, UPLOADS);
     assert_eq!(lb_metric(&lb, "scaleout_lb_body_spool_bytes").await, 0.0);
+}
+
+/// An admin API bound beyond loopback never runs open: without a token
+/// the load balancer makes one (in a file only its owner reads) and says
+/// where it is.
+#[tokio::test]
+async fn an_admin_api_beyond_loopback_gets_a_token_made() {
+    let a = Backend::start("a").await;
+    let mut lb = Proc::spawn(&[
+        "lb",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "0.0.0.0:0",
+        "--backend",
+        &a.url(),
+    ]);
+    let said = lb.wait_for_line("its token is in");
+    let path = said.split_whitespace().last().unwrap().to_string();
+    let ready = lb.wait_for_line("scaleout lb:");
+    let port = ready.rsplit(':').next().unwrap().trim().to_string();
+    let admin = format!("http://127.0.0.1:{port}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+    let token = std::fs::read_to_string(&path).unwrap().trim().to_string();
+    let r = client().get(format!("{admin}/backends")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = client()
+        .get(format!("{admin}/backends"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Health and metrics stay open, for probes and scrapers.
+    let r = client().get(format!("{admin}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    drop(lb);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// `--rate-per-ip`: a client over its rate gets 429 with `Retry-After`
+/// (over HTTP/1 and HTTP/2), is counted, and nothing of it reaches a
+/// backend; within the rate it is served.
+#[tokio::test]
+async fn a_client_over_its_rate_gets_429() {
+    let a = Backend::start("a").await;
+    let lb = start_lb(&[&a], &["--rate-per-ip", "2", "--rate-burst", "5"]);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut statuses = Vec::new();
+    for c in [client(), h2] {
+        for _ in 0..5 {
+            let r = c.post(lb.url("/echo")).body("x").send().await.unwrap();
+            statuses.push(r.status().as_u16());
+            if r.status() == StatusCode::TOO_MANY_REQUESTS {
+                assert_eq!(r.headers()["retry-after"], "1");
+                assert!(r.json::<Value>().await.unwrap()["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("too many requests"));
+            }
+        }
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    // A burst of 5 plus at most a couple refilled at 2/s while this ran.
+    assert!((5..=8).contains(&ok), "{statuses:?}");
+    assert_eq!(ok + limited, 10, "{statuses:?}");
+    assert_eq!(a.posts(), ok as u64, "no refused request reached the backend");
+    assert_eq!(lb_metric(&lb, "scaleout_lb_rate_limited_total").await, limited as f64);
+    // The rate refills.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = client().get(lb.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
 }

@@ -214,6 +214,42 @@ async fn stage3_balances_two_web_servers_over_one_database() {
         vec!["web-1", "web-2"],
         "the load balancer spreads over both web servers"
     );
+
+    // The lb's admin API (it can add a backend that would take real
+    // users' requests) wants the token the lab made, readable by its
+    // owner only.
+    let line = stage
+        .proc
+        .stdout
+        .iter()
+        .find(|l| l.trim_start().starts_with("lb ") && l.contains("admin API"))
+        .expect("the lb's line names its admin API")
+        .clone();
+    let admin = line.split_whitespace().last().unwrap().to_string();
+    let token_file = dir.path().join("stage3").join("lb-admin-token");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the token file is the owner's alone: {mode:o}");
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    let add = json!({"url": "http://127.0.0.1:9", "name": "intruder"});
+    let r = client().post(format!("{admin}/backends")).json(&add).send().await.unwrap();
+    assert_eq!(r.status(), 401, "no token, no backend");
+    let r = client()
+        .post(format!("{admin}/backends"))
+        .bearer_auth("not-the-token")
+        .json(&add)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(format!("{admin}/backends"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!r.text().await.unwrap().contains("intruder"));
     stage.stop();
 }
 

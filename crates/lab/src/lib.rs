@@ -231,7 +231,7 @@ pub(crate) async fn start_topology(
             let listen = format!("{ip}:{lb_port}");
             let p = procs::Proc::start(
                 &format!("lb-{}", i + 1),
-                &lb_args(&listen, &port(), &web_urls),
+                &lb_args(&listen, &port(), &web_urls, dir),
                 "scaleout lb:",
             )
             .await?;
@@ -256,7 +256,7 @@ pub(crate) async fn start_topology(
         ];
         procs.push(procs::Proc::start("dns", &args, "scaleout dns:").await?);
     } else if plan.lb {
-        let args = lb_args(&site, &port(), &web_urls);
+        let args = lb_args(&site, &port(), &web_urls, dir);
         procs.push(procs::Proc::start("lb", &args, "scaleout lb:").await?);
     }
     Ok(())
@@ -308,13 +308,23 @@ async fn wait_for_cluster(seed: &str, nodes: u64) -> Result<(), Error> {
 /// How long a new database cluster may take to have all its members.
 const CLUSTER_PATIENCE: Duration = Duration::from_secs(30);
 
-fn lb_args(listen: &str, admin: &str, web_urls: &[String]) -> Vec<String> {
+/// Where a lab's load balancers keep their admin API token (made, mode
+/// 0600, by the first one that starts).
+pub fn lb_token_file(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("lb-admin-token")
+}
+
+fn lb_args(listen: &str, admin: &str, web_urls: &[String], dir: &std::path::Path) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "lb".into(),
         "--listen".into(),
         listen.into(),
         "--admin".into(),
         admin.into(),
+        // Anyone on the host reaches loopback: the admin API (which can
+        // add a backend and take real users' requests) wants a token.
+        "--admin-token-file".into(),
+        lb_token_file(dir).display().to_string(),
         "--health-path".into(),
         "/healthz".into(),
     ];
@@ -362,7 +372,10 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
             continue;
         }
         let role = match p.name.as_str() {
-            n if n.starts_with("lb") => "load balancer".to_string(),
+            n if n.starts_with("lb") => {
+                let admin = p.ready.split_whitespace().last().unwrap_or("?");
+                format!("load balancer, admin API {admin}")
+            }
             n if n.starts_with("web") => "web server (links app)".to_string(),
             n => {
                 let id: u64 = n.trim_start_matches("db-").parse().unwrap_or(0);
@@ -384,6 +397,12 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
         );
     }
     println!("  data in {}", dir.display());
+    if plan.lb {
+        println!(
+            "  the load balancers' admin API wants Authorization: Bearer $(cat {})",
+            lb_token_file(&dir).display()
+        );
+    }
     println!();
     if plan.dns {
         let dns_addr = procs

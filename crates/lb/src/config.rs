@@ -278,6 +278,10 @@ pub struct Limits {
     /// load balancer reading it, per stream and per connection.
     pub h2_stream_window: u32,
     pub h2_connection_window: u32,
+    /// Requests per second one client address may make (0: no limit)…
+    pub rate_per_ip: u32,
+    /// …in bursts of this many (0: one second's worth).
+    pub rate_burst: u32,
     /// Client connections open at once; beyond, new ones wait to be accepted.
     pub max_connections: usize,
     /// Idle upstream connections kept per backend.
@@ -297,6 +301,8 @@ impl Default for Limits {
             h2_max_streams: 100,
             h2_stream_window: 64 * 1024,
             h2_connection_window: 1024 * 1024,
+            rate_per_ip: 0,
+            rate_burst: 0,
             max_connections: 10_000,
             max_idle_per_backend: 512,
         }

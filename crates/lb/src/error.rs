@@ -74,6 +74,9 @@ pub enum ProxyError {
     /// The request body stopped arriving, or came slower than the minimum rate.
     #[error("the request body arrived too slowly")]
     BodyTimeout,
+    /// The client is over its request rate.
+    #[error("too many requests from this address; slow down")]
+    RateLimited,
     /// The spool for large request bodies is full.
     #[error("the load balancer has no room for this request body now; retry later")]
     SpoolFull,
@@ -89,7 +92,8 @@ impl ProxyError {
             ProxyError::NoBackend => Side::Internal,
             ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequest(_)
-            | ProxyError::BodyTimeout => Side::Downstream,
+            | ProxyError::BodyTimeout
+            | ProxyError::RateLimited => Side::Downstream,
             ProxyError::SpoolFull => Side::Internal,
         }
     }
@@ -105,6 +109,7 @@ impl ProxyError {
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTimeout
+            | ProxyError::RateLimited
             | ProxyError::SpoolFull => false,
         }
     }
@@ -119,12 +124,18 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::SpoolFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     pub fn into_response(self) -> Response<LbBody> {
-        json_error(self.status(), &self.to_string())
+        let mut resp = json_error(self.status(), &self.to_string());
+        if matches!(self, ProxyError::RateLimited) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 

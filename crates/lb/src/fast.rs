@@ -150,8 +150,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             .clone()
             .map_or_else(proxy::new_request_id_bytes, |r| req.head.slice(r));
 
-        // The body, whole.
-        let body = match read_body(&mut io, &mut rbuf, &req, &shared.bodies).await? {
+        // The client's rate, then the body, whole.
+        let body = match proxy::check_rate(&shared, &conn) {
+            Err(e) => Err(e),
+            Ok(()) => read_body(&mut io, &mut rbuf, &req, &shared.bodies).await?,
+        };
+        let body = match body {
             Ok(body) => body,
             Err(e) => {
                 let status = e.status();
@@ -875,6 +879,9 @@ async fn write_error<S: AsyncWrite + Unpin>(
     }
     if close {
         wbuf.extend_from_slice(b"connection: close\r\n");
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        wbuf.extend_from_slice(b"retry-after: 1\r\n");
     }
     wbuf.extend_from_slice(b"content-length: ");
     upstream::push_decimal(wbuf, body.len() as u64);

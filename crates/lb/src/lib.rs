@@ -132,6 +132,7 @@ impl BoundLb {
             clock: Clock::new(),
             scheme: if tls.is_some() { "https" } else { "http" },
             bodies: Arc::new(spool::Bodies::new(&config.limits, &config.timeouts)),
+            rate: proxy::RateLimit::new(config.limits.rate_per_ip, config.limits.rate_burst),
             config,
         });
         let worker = Arc::new(Worker {

@@ -95,6 +95,8 @@ pub struct LbStats {
     pub no_backend: AtomicU64,
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
+    /// Requests refused (429) for their client's rate.
+    pub rate_limited: AtomicU64,
     pub latency: Histogram,
 }
 
@@ -189,6 +191,11 @@ pub fn render(stats: &LbStats, backends: &[std::sync::Arc<Backend>], clock_ms: u
             "scaleout_lb_connections_total",
             "Client connections accepted.",
             &stats.connections_total,
+        ),
+        (
+            "scaleout_lb_rate_limited_total",
+            "Requests refused (429) because their client address was over its rate.",
+            &stats.rate_limited,
         ),
     ] {
         let _ = writeln!(

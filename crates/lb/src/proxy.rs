@@ -44,6 +44,46 @@ pub struct Shared {
     pub scheme: &'static str,
     /// Request bodies held, in memory and in the spool.
     pub bodies: Arc<crate::spool::Bodies>,
+    /// Requests per client address, when limited.
+    pub rate: Option<RateLimit>,
+}
+
+/// A per-client-address request rate (governor's GCRA, keyed).
+pub struct RateLimit {
+    limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+}
+
+impl RateLimit {
+    /// `None` when `per_second` is 0 (no limit).
+    pub fn new(per_second: u32, burst: u32) -> Option<Self> {
+        let rate = std::num::NonZeroU32::new(per_second)?;
+        let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
+        let quota = governor::Quota::per_second(rate).allow_burst(burst);
+        Some(RateLimit {
+            limiter: governor::DefaultKeyedRateLimiter::keyed(quota),
+        })
+    }
+
+    /// Whether `client` may make one more request now.
+    pub fn allows(&self, client: std::net::IpAddr) -> bool {
+        // Clients not seen for a while are forgotten, so the table stays
+        // bounded however many addresses come by.
+        if self.limiter.len() > 100_000 {
+            self.limiter.retain_recent();
+        }
+        self.limiter.check_key(&client).is_ok()
+    }
+}
+
+/// Refuses a request past its client's rate.
+pub(crate) fn check_rate(shared: &Shared, conn: &ConnInfo) -> Result<(), ProxyError> {
+    match &shared.rate {
+        Some(rate) if !rate.allows(conn.client.ip().to_canonical()) => {
+            shared.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            Err(ProxyError::RateLimited)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// One client connection's constant facts, computed once.
@@ -184,6 +224,9 @@ async fn serve(
         (resp, backend, attempts)
     };
 
+    if let Err(e) = check_rate(shared, conn) {
+        return finish(e.into_response(), None, 0);
+    }
     let body = match read_body(body, &parts.headers, &shared.bodies).await {
         Ok(b) => b,
         Err(e) => return finish(e.into_response(), None, 0),
