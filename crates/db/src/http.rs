@@ -509,6 +509,28 @@ fn looks_read_only(sql: &str) -> bool {
         .any(|k| first.eq_ignore_ascii_case(k))
 }
 
+/// The entry point for the fuzzer (`fuzz/`) and its regression tests: a
+/// data API request's query string (up to the first newline) and body
+/// (the rest), parsed as the API parses them. Panics mean a bug.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    pub fn request(data: &[u8]) {
+        let (query, body) = match data.iter().position(|b| *b == b'\n') {
+            Some(at) => (&data[..at], &data[at + 1..]),
+            None => (&data[..0], data),
+        };
+        let params: HashMap<String, String> = url::form_urlencoded::parse(query)
+            .into_owned()
+            .collect();
+        let _ = parse_params(&params);
+        if let Ok(statements) = parse_statements(body) {
+            assert!(!statements.is_empty(), "an accepted request has a statement");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -716,5 +738,24 @@ mod tests {
         assert!(looks_read_only("  select 1"));
         assert!(looks_read_only("WITH x AS (SELECT 1) SELECT * FROM x"));
         assert!(!looks_read_only("INSERT INTO t VALUES (1)"));
+    }
+
+    /// Every input the fuzzers saved (seeds and past crashes) in
+    /// `fuzz/regressions/TARGET/`, replayed.
+    fn replay_db(target: &str, run: fn(&[u8])) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/regressions")
+            .join(target);
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("the regressions directory") {
+            run(&std::fs::read(entry.unwrap().path()).unwrap());
+            n += 1;
+        }
+        assert!(n > 0, "no inputs in {}", dir.display());
+    }
+
+    #[test]
+    fn fuzz_regressions() {
+        replay_db("db_request", super::fuzzing::request);
     }
 }

@@ -192,6 +192,65 @@ impl Zone {
     }
 }
 
+/// The entry point for the fuzzer (`fuzz/`) and its regression tests: any
+/// query name, type, health and rotation against a fixed zone, with the
+/// properties every answer must keep. Panics mean a bug.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    pub fn answer(data: &[u8]) {
+        if data.len() < 4 {
+            return;
+        }
+        let origin = Name::from_str("scaleout.test.").expect("a valid origin");
+        let hosts = ["www=10.0.0.1,10.0.0.2,2001:db8::1", "@=10.0.0.9", "api=10.0.0.3"]
+            .iter()
+            .map(|h| parse_host(h, &origin).expect("a valid host"))
+            .collect();
+        let zone = Zone::new(origin, hosts, 30);
+        let qtype = RecordType::from(u16::from_be_bytes([data[0], data[1]]));
+        let health_bits = data[2];
+        let rotation = usize::from(data[3]);
+        // The rest as a name: text when it parses as one, else raw labels.
+        let rest = &data[4..];
+        let name = std::str::from_utf8(rest)
+            .ok()
+            .and_then(|t| Name::from_ascii(t).ok())
+            .or_else(|| Name::from_labels(rest.split(|b| *b == b'.')).ok());
+        let Some(name) = name else { return };
+        let qname = LowerName::from(&name);
+        let healthy = |a: IpAddr| {
+            let last = match a {
+                IpAddr::V4(v4) => v4.octets()[3],
+                IpAddr::V6(v6) => v6.octets()[15],
+            };
+            health_bits & (1 << (last % 8)) != 0
+        };
+        let answer = zone.answer(&qname, qtype, &healthy, rotation);
+        match answer.rcode {
+            ResponseCode::Refused => {
+                assert!(!answer.authoritative && answer.answers.is_empty());
+            }
+            ResponseCode::NXDomain => {
+                assert!(answer.answers.is_empty() && answer.authority.len() == 1);
+            }
+            ResponseCode::NoError => {
+                assert!(answer.authoritative);
+                for record in &answer.answers {
+                    assert_eq!(LowerName::from(record.name()), qname, "answers are about the question");
+                    let fits = match qtype {
+                        RecordType::ANY => true,
+                        t => record.record_type() == t,
+                    };
+                    assert!(fits, "{qtype} answered with {}", record.record_type());
+                }
+            }
+            other => panic!("unexpected rcode {other}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,5 +330,24 @@ mod tests {
         assert!(parse_host("www", &origin).is_err());
         assert!(parse_host("www=not-an-ip", &origin).is_err());
         assert_eq!(parse_host("@=10.0.0.1", &origin).unwrap().name, origin);
+    }
+
+    /// Every input the fuzzers saved (seeds and past crashes) in
+    /// `fuzz/regressions/TARGET/`, replayed.
+    fn replay_dns(target: &str, run: fn(&[u8])) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/regressions")
+            .join(target);
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("the regressions directory") {
+            run(&std::fs::read(entry.unwrap().path()).unwrap());
+            n += 1;
+        }
+        assert!(n > 0, "no inputs in {}", dir.display());
+    }
+
+    #[test]
+    fn fuzz_regressions() {
+        replay_dns("dns_answer", super::fuzzing::answer);
     }
 }
