@@ -80,6 +80,20 @@ pub struct DbArgs {
     /// Connections at once on each listener; more are closed at once.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// TLS on both ports and to every peer: this node's certificate chain
+    /// (PEM; reloaded when it changes)…
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// …its key…
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// …and the cluster's CA: the Raft port takes only peers with a
+    /// certificate it issued (mutual TLS), and peers' must chain to it.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Serve the API only to clients holding a certificate this CA issued.
+    #[arg(long, requires = "tls_cert")]
+    tls_api_client_ca: Option<PathBuf>,
 }
 
 async fn bind(what: &str, addr: &str) -> anyhow::Result<(TcpListener, String)> {
@@ -98,9 +112,12 @@ pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()
     if args.id == 0 {
         anyhow::bail!("--id must be 1 or more (0 means \"no node\" in the metrics)");
     }
+    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
     if let Some(url) = &args.join {
-        if !url.starts_with("http://") {
-            anyhow::bail!("--join {url}: give the API URL of a node, e.g. http://127.0.0.1:4001");
+        if !url.starts_with(&format!("{scheme}://")) {
+            anyhow::bail!(
+                "--join {url}: give the API URL of a node, e.g. {scheme}://127.0.0.1:4001 (a cluster is TLS throughout or not at all)"
+            );
         }
     }
     if args.election_timeout < Duration::from_millis(50) {
@@ -162,9 +179,17 @@ pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()
     config.query_timeout = args.query_timeout;
     config.max_result_bytes = args.max_result_bytes;
     config.write_budget = args.write_budget;
+    if let (Some(cert), Some(key), Some(ca)) = (args.tls_cert, args.tls_key, args.tls_ca) {
+        config.tls = Some(scaleout_db::peers::DbTls {
+            cert,
+            key,
+            ca,
+            api_client_ca: args.tls_api_client_ca,
+        });
+    }
     let running = node::start(config, api, raft, shutdown.clone()).await?;
     println!(
-        "scaleout db: node {} http://{} raft {} data {}",
+        "scaleout db: node {} {scheme}://{} raft {} data {}",
         args.id,
         advertise.api,
         advertise.raft,

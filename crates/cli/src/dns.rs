@@ -22,6 +22,9 @@ pub struct DnsArgs {
     /// Health URL with {ip} for each address, e.g. http://{ip}:8080/healthz.
     #[arg(long)]
     health_url: Option<String>,
+    /// The CA of the checked servers' certificates, for an https:// health URL.
+    #[arg(long)]
+    health_ca: Option<std::path::PathBuf>,
     /// Health check interval, e.g. 1s.
     #[arg(long, value_parser = humantime::parse_duration)]
     health_interval: Option<Duration>,
@@ -59,6 +62,9 @@ impl DnsArgs {
         }
         if self.health_url.is_some() {
             c.health.url = self.health_url;
+        }
+        if self.health_ca.is_some() {
+            c.health.ca = self.health_ca;
         }
         if let Some(v) = self.health_interval {
             c.health.interval = v;

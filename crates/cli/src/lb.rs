@@ -118,9 +118,21 @@ pub struct LbArgs {
     /// TLS certificate chain (PEM); with --tls-key, clients use https and h2 via ALPN.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM).
+    /// TLS private key (PEM). Both files are read again when they change.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve only clients holding a certificate this CA issued (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// The CA of the backends' certificates: needed for https:// backends.
+    #[arg(long)]
+    backend_ca: Option<PathBuf>,
+    /// The load balancer's certificate for backends that want one (mutual TLS)…
+    #[arg(long, requires_all = ["backend_key", "backend_ca"])]
+    backend_cert: Option<PathBuf>,
+    /// …and its key.
+    #[arg(long, requires = "backend_cert")]
+    backend_key: Option<PathBuf>,
     /// Log one line per request (target scaleout_lb::access).
     #[arg(long)]
     access_log: bool,
@@ -206,7 +218,18 @@ impl LbArgs {
             c.health.enabled = false;
         }
         if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
-            c.tls = Some(scaleout_lb::config::TlsConfig { cert, key });
+            c.tls = Some(scaleout_lb::config::TlsConfig {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            });
+        }
+        if let Some(ca) = self.backend_ca {
+            c.upstream_tls = Some(scaleout_lb::config::UpstreamTlsConfig {
+                ca,
+                cert: self.backend_cert,
+                key: self.backend_key,
+            });
         }
         c.access_log |= self.access_log;
         c.validate()?;

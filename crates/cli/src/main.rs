@@ -68,6 +68,10 @@ struct UpArgs {
     /// Address to bind. Loopback unless you mean to expose it.
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
+    /// Every hop over TLS (client → lb → web → db, db ↔ db), with a CA
+    /// made for the lab in <data>/stageN/tls.
+    #[arg(long)]
+    tls: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -123,6 +127,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 data_dir: args.data,
                 port_base: args.port_base,
                 host: args.host,
+                tls: args.tls,
             };
             scaleout_lab::up(config, shutdown)
                 .await

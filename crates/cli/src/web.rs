@@ -54,6 +54,24 @@ pub struct WebArgs {
     /// for each (default: loopback and the private ranges).
     #[arg(long = "trusted-proxy", value_name = "CIDR")]
     trusted_proxies: Vec<String>,
+    /// Serve HTTPS: this certificate chain (PEM; reloaded when it changes)…
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// …and its key.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Serve only clients (the load balancers) holding a certificate this CA issued.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
+    /// The CA of the database nodes' certificates, for https:// --db URLs.
+    #[arg(long)]
+    db_ca: Option<std::path::PathBuf>,
+    /// This server's certificate for databases that want one (mutual TLS)…
+    #[arg(long, requires = "db_client_key")]
+    db_client_cert: Option<std::path::PathBuf>,
+    /// …and its key.
+    #[arg(long, requires = "db_client_cert")]
+    db_client_key: Option<std::path::PathBuf>,
 }
 
 /// The admin token from `--admin-token-file` or `SCALEOUT_WEB_ADMIN_TOKEN`.
@@ -81,10 +99,18 @@ fn parse_net(text: &str) -> anyhow::Result<ipnet::IpNet> {
 
 pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     for url in &args.db {
-        if !url.starts_with("http://") {
+        if url.starts_with("https://") && args.db_ca.is_none() {
+            anyhow::bail!("--db {url}: https needs --db-ca, the CA of the database's certificates");
+        }
+        if !url.starts_with("http://") && !url.starts_with("https://") {
             anyhow::bail!("--db {url}: give database API URLs, e.g. http://127.0.0.1:4001");
         }
     }
+    let db_tls = args.db_ca.clone().map(|ca| scaleout_tls::ClientTls {
+        ca: Some(ca),
+        cert: args.db_client_cert.clone(),
+        key: args.db_client_key.clone(),
+    });
     let config = scaleout_web::WebConfig {
         name: args.name.clone(),
         public_url: args.public_url,
@@ -97,6 +123,14 @@ pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<(
         admin_token: admin_token(args.admin_token_file.as_deref())?,
         create_per_minute: args.create_rate,
         create_burst: args.create_burst,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(scaleout_tls::ServerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            }),
+            _ => None,
+        },
         trusted_proxies: if args.trusted_proxies.is_empty() {
             scaleout_web::abuse::default_trusted()
         } else {
@@ -119,12 +153,13 @@ pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<(
         .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
     let addr = listener.local_addr()?;
     let store = tokio::select! {
-        store = scaleout_web::RemoteStore::connect_as(args.db.clone(), credentials, args.db_wait) => store
+        store = scaleout_web::RemoteStore::connect_with(args.db.clone(), credentials, db_tls.as_ref(), args.db_wait) => store
             .with_context(|| format!("database {}", args.db.join(",")))?,
         () = shutdown.cancelled() => return Ok(()),
     };
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     println!(
-        "scaleout web: {} http://{addr} (database {})",
+        "scaleout web: {} {scheme}://{addr} (database {})",
         args.name,
         args.db.join(",")
     );

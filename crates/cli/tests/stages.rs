@@ -31,16 +31,22 @@ struct Stage {
 impl Stage {
     /// `scaleout up [--stage N]` on free ports (no `--stage`: the default).
     fn start(stage: Option<u8>, data: &std::path::Path) -> Stage {
+        Self::start_with(stage, data, &[])
+    }
+
+    /// `start`, with more flags for `scaleout up`.
+    fn start_with(stage: Option<u8>, data: &std::path::Path, extra: &[&str]) -> Stage {
         let stage = stage.map(|n| n.to_string());
         let mut args = vec!["up", "--port-base", "0", "--data", data.to_str().unwrap()];
         if let Some(n) = &stage {
             args.extend(["--stage", n.as_str()]);
         }
+        args.extend_from_slice(extra);
         let mut proc = Proc::spawn(&args);
-        let open = proc.wait_for_line("open http://");
+        let open = proc.wait_for_line("open http");
         let site = open
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .unwrap()
             .trim_end_matches('/')
             .to_string();
@@ -51,7 +57,7 @@ impl Stage {
             if words.first() == Some(&"dns") && words.get(2) == Some(&"pid") {
                 dns = Some((words[1].parse().unwrap(), words[3].parse().unwrap()));
             }
-            if words.len() >= 4 && words[1].starts_with("http://") && words[2] == "pid" {
+            if words.len() >= 4 && words[1].starts_with("http") && words[2] == "pid" {
                 members.insert(
                     words[0].to_string(),
                     (words[1].to_string(), words[3].parse().unwrap()),
@@ -538,5 +544,75 @@ async fn a_session_cookie_from_the_future_is_reset_and_hurts_no_one() {
         "nothing waited for the forged index: {:?}",
         started.elapsed()
     );
+    stage.stop();
+}
+
+/// `scaleout up --tls`: the seed's whole diagram over TLS. The site is
+/// served over HTTPS by both load balancers (which the DNS server, checking
+/// them over HTTPS, keeps in its answers), writes and reads cross every
+/// hop, and plain HTTP reaches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_tls_serves_the_site_over_tls_on_every_hop() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = Stage::start_with(Some(5), dir.path(), &["--tls"]);
+    assert!(stage.site.starts_with("https://"), "{}", stage.site);
+    for (name, (url, _)) in &stage.members {
+        assert!(url.starts_with("https://"), "{name} serves {url}");
+    }
+    let ca = dir.path().join("stage5").join("tls").join("ca.pem");
+    let tls = scaleout_tls::ClientTls {
+        ca: Some(ca),
+        cert: None,
+        key: None,
+    };
+    let port = stage.site.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
+    let through = |lb: &str| {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls.config().unwrap())
+            .resolve("www.scaleout.test", format!("{lb}:{port}").parse().unwrap())
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    let site = format!("https://www.scaleout.test:{port}");
+    let r = through("127.0.0.2")
+        .post(format!("{site}/api/links"))
+        .json(&json!({"url": "https://example.com/over-tls"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let code = r.json::<Value>().await.unwrap()["code"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(10), "the link is read back through lb-2", || {
+        let (client, url) = (through("127.0.0.3"), format!("{site}/{code}"));
+        async move {
+            client.get(url).send().await.is_ok_and(|r| {
+                r.status() == 302 && r.headers()["location"] == "https://example.com/over-tls"
+            })
+        }
+    })
+    .await;
+    // The DNS server checks both load balancers over HTTPS (two failed
+    // checks in a row, a second apart, would mark one down): both pass.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let metrics = stage
+        .proc
+        .stdout
+        .iter()
+        .find(|l| l.trim_start().starts_with("dns "))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap()
+        .to_string();
+    let text = common::get_text(&format!("{metrics}/metrics")).await;
+    for lb in ["127.0.0.2", "127.0.0.3"] {
+        let line = format!("scaleout_dns_address_up{{address=\"{lb}\"}} 1");
+        assert!(text.contains(&line), "{lb} is not up: {text}");
+    }
+    // Plain HTTP reaches nothing: not the site, not a database node.
+    let plain = format!("http://127.0.0.2:{port}/");
+    assert!(client().get(plain).send().await.map_or(true, |r| !r.status().is_success()));
+    let db = stage.url("db-1").replacen("https://", "http://", 1);
+    assert!(client().get(format!("{db}/status")).send().await.map_or(true, |r| !r.status().is_success()));
     stage.stop();
 }

@@ -247,15 +247,33 @@ impl Client {
         seeds: Vec<String>,
         credentials: Option<Credentials>,
     ) -> Result<Self, ClientError> {
+        Self::with_tls(seeds, credentials, None)
+    }
+
+    /// [`Client::with_credentials`], reaching `https://` nodes with `tls`:
+    /// the CA their certificates must chain to, and this client's own
+    /// certificate when the cluster wants one.
+    pub fn with_tls(
+        seeds: Vec<String>,
+        credentials: Option<Credentials>,
+        tls: Option<&scaleout_tls::ClientTls>,
+    ) -> Result<Self, ClientError> {
         if seeds.is_empty() {
             return Err(ClientError::Unavailable("no database URL given".into()));
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64)
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            let config = tls
+                .config()
+                .map_err(|e| ClientError::Unavailable(format!("TLS: {e}")))?;
+            builder = builder.use_preconfigured_tls(config);
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::Unavailable(e.to_string()))?;
         let seeds = seeds

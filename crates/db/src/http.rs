@@ -147,10 +147,7 @@ struct Api {
 }
 
 pub fn router(node: Arc<dyn Node>) -> Router {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap_or_default();
+    let client = crate::peers::client(reqwest::Client::builder().timeout(Duration::from_secs(30)));
     Router::new()
         .route("/db/execute", post(execute))
         .route("/db/query", get(query).post(query))

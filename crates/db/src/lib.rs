@@ -29,6 +29,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod node;
+pub mod peers;
 pub mod raft;
 pub mod request;
 pub mod state;

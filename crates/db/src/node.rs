@@ -77,6 +77,8 @@ pub struct DbConfig {
     pub cluster_secret: Option<crate::auth::ClusterSecret>,
     /// Request-head timeout and connection cap of both listeners.
     pub limits: scaleout_serve::Limits,
+    /// TLS on both ports and to every peer; `None`: plain HTTP.
+    pub tls: Option<crate::peers::DbTls>,
 }
 
 impl DbConfig {
@@ -97,6 +99,7 @@ impl DbConfig {
             join_credentials: None,
             cluster_secret: None,
             limits: scaleout_serve::Limits::default(),
+            tls: None,
         }
     }
 }
@@ -235,6 +238,19 @@ pub async fn start(
     }
     .validate()
     .map_err(|e| StartError::Config(e.to_string()))?;
+    crate::peers::init(config.tls.as_ref()).map_err(|e| StartError::Config(format!("TLS: {e}")))?;
+    let acceptors = match &config.tls {
+        None => (None, None),
+        Some(tls) => {
+            let alpn: &[&[u8]] = &[b"h2", b"http/1.1"];
+            let raft = tls.raft_server().acceptor(alpn);
+            let api = tls.api_server().acceptor(alpn);
+            match (raft, api) {
+                (Ok(r), Ok(a)) => (Some(r), Some(a)),
+                (Err(e), _) | (_, Err(e)) => return Err(StartError::Config(format!("TLS: {e}"))),
+            }
+        }
+    };
     let network = Network::new(config.cluster_secret.clone());
     let raft = Raft::new(config.id, Arc::new(raft_config), network, log, state)
         .await
@@ -248,10 +264,7 @@ pub async fn start(
         me: config.advertise.clone(),
         read_only: config.read_only,
         contact: contact.clone(),
-        client: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap_or_default(),
+        client: crate::peers::client(reqwest::Client::builder().timeout(crate::peers::TIMEOUT)),
         stats: Stats::default(),
         read_timeout: config.read_timeout,
         query_timeout: config.query_timeout,
@@ -271,11 +284,18 @@ pub async fn start(
 
     let mut servers = tokio::task::JoinSet::new();
     let rpc = network::router(raft.clone(), contact, config.cluster_secret.clone());
-    servers.spawn(serve(raft_listener, rpc, config.limits, shutdown.clone()));
+    servers.spawn(serve(
+        raft_listener,
+        rpc,
+        config.limits,
+        acceptors.0,
+        shutdown.clone(),
+    ));
     servers.spawn(serve(
         api,
         node.clone().router(),
         config.limits,
+        acceptors.1,
         shutdown.clone(),
     ));
 
@@ -316,10 +336,11 @@ async fn serve(
     listener: TcpListener,
     router: Router,
     limits: scaleout_serve::Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let refusals = Arc::default();
-    let served = scaleout_serve::serve(listener, router, limits, refusals, shutdown).await;
+    let served = scaleout_serve::serve(listener, router, limits, refusals, tls, shutdown).await;
     if let Err(e) = served {
         tracing::error!(error = %e, "server stopped");
     }
@@ -488,7 +509,7 @@ impl DbNode {
         let (_, leader) = self.leader()?;
         let mut request = self
             .client
-            .get(format!("http://{}/raft/log", leader.raft))
+            .get(format!("{}://{}/raft/log", crate::peers::scheme(), leader.raft))
             .timeout(self.lease);
         if let Some(secret) = &self.cluster_secret {
             request = request.header(header::AUTHORIZATION, secret.header());
@@ -987,7 +1008,11 @@ async fn join(
         return forwarded;
     }
     let member = Member {
-        api: request.api_addr.trim_start_matches("http://").to_string(),
+        api: request
+            .api_addr
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .to_string(),
         raft: request.addr,
     };
     // One node per address: another id on a member's address would give
@@ -1063,7 +1088,7 @@ impl DbNode {
             // word, and a secured node answers 401, which is an answer.
             let request = self
                 .client
-                .get(format!("http://{}/raft/log", member.raft))
+                .get(format!("{}://{}/raft/log", crate::peers::scheme(), member.raft))
                 .timeout(Duration::from_secs(1));
             if request.send().await.is_ok() {
                 return true;

@@ -53,7 +53,8 @@ pub fn url_for(template: &str, ip: IpAddr) -> Result<(String, String), String> {
     let url = template.replace("{ip}", &host);
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("health URL {template:?} must start with http://"))?;
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("health URL {template:?} must start with http:// or https://"))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -66,33 +67,64 @@ pub fn url_for(template: &str, ip: IpAddr) -> Result<(String, String), String> {
     Ok((authority.to_string(), path.to_string()))
 }
 
-async fn check(template: &str, ip: IpAddr, timeout: std::time::Duration) -> Result<(), String> {
+async fn check(
+    template: &str,
+    ip: IpAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
     let (authority, path) = url_for(template, ip)?;
     let attempt = async {
         let tcp = tokio::net::TcpStream::connect(&authority)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
+        let (send, conn) = match tls {
+            None => hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await,
+            Some(connector) => {
+                // The address checked is the name its certificate must carry.
+                let name = rustls::pki_types::ServerName::from(ip);
+                let stream = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                let (send, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                return finish(send, &authority, &path).await;
+            }
+        }
+        .map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = hyper::Request::get(path.as_str())
-            .header("host", authority.as_str())
-            .header("connection", "close")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("status {}", resp.status()))
-        }
+        finish(send, &authority, &path).await
     };
     tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// The check's request on an open connection: a 2xx passes.
+async fn finish(
+    mut send: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    authority: &str,
+    path: &str,
+) -> Result<(), String> {
+    let req = hyper::Request::get(path)
+        .header("host", authority)
+        .header("connection", "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("status {}", resp.status()))
+    }
 }
 
 /// Checks every address until shutdown.
@@ -104,6 +136,22 @@ pub async fn run(
 ) {
     let Some(template) = cfg.url.clone() else {
         return;
+    };
+    let tls = match &cfg.ca {
+        Some(ca) => match (scaleout_tls::ClientTls {
+            ca: Some(ca.clone()),
+            cert: None,
+            key: None,
+        })
+        .connector()
+        {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(error = %e, "health checks over TLS cannot start");
+                return;
+            }
+        },
+        None => None,
     };
     let mut states: HashMap<IpAddr, HealthState> =
         addrs.iter().map(|a| (*a, HealthState::new_up())).collect();
@@ -117,7 +165,8 @@ pub async fn run(
         let mut checks = tokio::task::JoinSet::new();
         for addr in &addrs {
             let (template, addr, timeout) = (template.clone(), *addr, cfg.timeout);
-            checks.spawn(async move { (addr, check(&template, addr, timeout).await) });
+            let tls = tls.clone();
+            checks.spawn(async move { (addr, check(&template, addr, tls.as_ref(), timeout).await) });
         }
         while let Some(Ok((addr, result))) = checks.join_next().await {
             let state = states.entry(addr).or_insert_with(HealthState::new_up);
@@ -146,7 +195,8 @@ mod tests {
         assert_eq!((a.as_str(), p.as_str()), ("127.0.0.2:8080", "/healthz"));
         let (a, _) = url_for("http://{ip}:80", "::1".parse().unwrap()).unwrap();
         assert_eq!(a, "[::1]:80");
-        assert!(url_for("https://{ip}/", "::1".parse().unwrap()).is_err());
+        assert!(url_for("https://{ip}/", "::1".parse().unwrap()).is_ok());
+        assert!(url_for("ftp://{ip}/", "::1".parse().unwrap()).is_err());
         assert!(url_for("http://lb:80/", "::1".parse().unwrap()).is_err());
     }
 }

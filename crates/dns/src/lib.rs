@@ -49,6 +49,8 @@ pub struct HealthConfig {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// The CA of the checked servers' certificates, for an `https://` URL.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 impl Default for HealthConfig {
@@ -59,6 +61,7 @@ impl Default for HealthConfig {
             timeout: Duration::from_millis(800),
             rise: 2,
             fall: 2,
+            ca: None,
         }
     }
 }
@@ -133,6 +136,11 @@ impl DnsConfig {
                     .map_err(|_| Error::Config("unreachable".into()))?,
             )
             .map_err(Error::Config)?;
+            if url.starts_with("https://") && h.ca.is_none() {
+                return Err(Error::Config(
+                    "an https:// health URL needs the CA of the servers' certificates".into(),
+                ));
+            }
             if h.rise == 0
                 || h.fall == 0
                 || h.interval < Duration::from_millis(10)

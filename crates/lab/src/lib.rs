@@ -18,6 +18,7 @@ pub mod chaos;
 pub mod linear;
 pub mod netns;
 pub mod procs;
+pub mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -59,6 +60,8 @@ pub struct UpConfig {
     pub port_base: u16,
     /// Address every node binds.
     pub host: IpAddr,
+    /// Every hop over TLS, with a CA made for the lab (`<data>/stageN/tls`).
+    pub tls: bool,
 }
 
 impl Default for UpConfig {
@@ -68,6 +71,7 @@ impl Default for UpConfig {
             data_dir: PathBuf::from("scaleout-data"),
             port_base: 8080,
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            tls: false,
         }
     }
 }
@@ -104,12 +108,14 @@ pub(crate) struct Plan {
     title: &'static str,
     /// Extra flags for every database node.
     db_args: Vec<String>,
+    /// Every hop over TLS, with certificates from the lab's CA.
+    tls: Option<Arc<tls::LabTls>>,
 }
 
 /// The zone and name stage 5 serves.
 pub const ZONE: &str = "scaleout.test";
 pub const SITE_NAME: &str = "www.scaleout.test";
-const LB_ADDRS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
+pub(crate) const LB_ADDRS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
 
 pub(crate) fn plan(stage: u8) -> Plan {
     match stage {
@@ -121,6 +127,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             dns: false,
             title: "the web tier and the data tier apart (one web server, one database node)",
             db_args: Vec::new(),
+            tls: None,
         },
         3 => Plan {
             voters: 1,
@@ -130,6 +137,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             dns: false,
             title: "a load balancer in front of two stateless web servers, one database node",
             db_args: Vec::new(),
+            tls: None,
         },
         4 => Plan {
             voters: 3,
@@ -139,6 +147,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             dns: false,
             title: "load balancer, two web servers, a replicated database (3 voters + 2 read replicas)",
             db_args: Vec::new(),
+            tls: None,
         },
         _ => Plan {
             voters: 3,
@@ -148,6 +157,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             dns: true,
             title: "the seed's final diagram: DNS, two load balancers, two web servers, a replicated database (3 voters + 2 read replicas)",
             db_args: Vec::new(),
+            tls: None,
         },
     }
 }
@@ -195,13 +205,24 @@ pub(crate) async fn start_topology(
             args.push("--read-only".into());
         }
         args.extend(plan.db_args.iter().cloned());
+        if let Some(tls) = &plan.tls {
+            let files = tls.issue(&name)?;
+            args.extend([
+                "--tls-cert".into(),
+                files.cert,
+                "--tls-key".into(),
+                files.key,
+                "--tls-ca".into(),
+                tls.ca(),
+            ]);
+        }
         let p =
             procs::Proc::start_in(namespace.as_deref(), &name, &args, "scaleout db: node").await?;
         db_urls.push(p.url().unwrap_or_default());
         procs.push(p);
     }
     if let Some(first) = db_urls.first() {
-        wait_for_cluster(first, plan.voters + plan.replicas).await?;
+        wait_for_cluster(first, plan.voters + plan.replicas, plan.tls.as_deref()).await?;
     }
     let mut web_urls = Vec::new();
     for i in 1..=plan.webs {
@@ -219,6 +240,23 @@ pub(crate) async fn start_topology(
             "--create-rate".into(),
             "0".into(),
         ];
+        let mut args = args;
+        if let Some(tls) = &plan.tls {
+            // HTTPS, only to the load balancers (when there are any: in
+            // stage 2 the browser is the web server's client).
+            let files = tls.issue(&name)?;
+            args.extend([
+                "--tls-cert".into(),
+                files.cert,
+                "--tls-key".into(),
+                files.key,
+                "--db-ca".into(),
+                tls.ca(),
+            ]);
+            if plan.lb {
+                args.extend(["--tls-client-ca".into(), tls.ca()]);
+            }
+        }
         let p = procs::Proc::start(&name, &args, "scaleout web:").await?;
         web_urls.push(p.url().unwrap_or_default());
         procs.push(p);
@@ -231,7 +269,7 @@ pub(crate) async fn start_topology(
             let listen = format!("{ip}:{lb_port}");
             let p = procs::Proc::start(
                 &format!("lb-{}", i + 1),
-                &lb_args(&listen, &port(), &web_urls, dir),
+                &lb_args(&listen, &port(), &web_urls, dir, plan.tls.as_deref(), &format!("lb-{}", i + 1))?,
                 "scaleout lb:",
             )
             .await?;
@@ -250,13 +288,20 @@ pub(crate) async fn start_topology(
             "--host".into(),
             hosts,
             "--health-url".into(),
-            format!("http://{{ip}}:{lb_port}/healthz"),
+            format!(
+                "{}://{{ip}}:{lb_port}/healthz",
+                if plan.tls.is_some() { "https" } else { "http" }
+            ),
             "--http".into(),
             port(),
         ];
+        let mut args = args;
+        if let Some(tls) = &plan.tls {
+            args.extend(["--health-ca".into(), tls.ca()]);
+        }
         procs.push(procs::Proc::start("dns", &args, "scaleout dns:").await?);
     } else if plan.lb {
-        let args = lb_args(&site, &port(), &web_urls, dir);
+        let args = lb_args(&site, &port(), &web_urls, dir, plan.tls.as_deref(), "lb")?;
         procs.push(procs::Proc::start("lb", &args, "scaleout lb:").await?);
     }
     Ok(())
@@ -266,11 +311,14 @@ pub(crate) async fn start_topology(
 /// joins in the background after it prints its line, and a web server
 /// that learned the cluster before the replicas joined would read from
 /// the voters until its next refresh.
-async fn wait_for_cluster(seed: &str, nodes: u64) -> Result<(), Error> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap_or_default();
+async fn wait_for_cluster(seed: &str, nodes: u64, tls: Option<&tls::LabTls>) -> Result<(), Error> {
+    let http = match tls {
+        Some(tls) => tls.client()?,
+        None => reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default(),
+    };
     let deadline = tokio::time::Instant::now() + CLUSTER_PATIENCE;
     loop {
         let seen;
@@ -314,7 +362,14 @@ pub fn lb_token_file(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join("lb-admin-token")
 }
 
-fn lb_args(listen: &str, admin: &str, web_urls: &[String], dir: &std::path::Path) -> Vec<String> {
+fn lb_args(
+    listen: &str,
+    admin: &str,
+    web_urls: &[String],
+    dir: &std::path::Path,
+    tls: Option<&tls::LabTls>,
+    name: &str,
+) -> Result<Vec<String>, Error> {
     let mut args: Vec<String> = vec![
         "lb".into(),
         "--listen".into(),
@@ -331,12 +386,29 @@ fn lb_args(listen: &str, admin: &str, web_urls: &[String], dir: &std::path::Path
     for (i, url) in web_urls.iter().enumerate() {
         args.extend(["--backend".to_string(), format!("{url},name=web-{}", i + 1)]);
     }
-    args
+    if let Some(tls) = tls {
+        // One certificate for both sides: served to browsers, shown to
+        // the web servers (which take only the lab's load balancers).
+        let files = tls.issue(name)?;
+        args.extend([
+            "--tls-cert".into(),
+            files.cert.clone(),
+            "--tls-key".into(),
+            files.key.clone(),
+            "--backend-ca".into(),
+            tls.ca(),
+            "--backend-cert".into(),
+            files.cert,
+            "--backend-key".into(),
+            files.key,
+        ]);
+    }
+    Ok(args)
 }
 
 /// Stages 2–5: every tier a child process on loopback.
 async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Error> {
-    let plan = plan(config.stage);
+    let mut plan = plan(config.stage);
     let host = config.host;
     let mut next_port = config.port_base;
     let mut port = || {
@@ -350,6 +422,9 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
     // The site's port (the web server in stage 2, the load balancer after).
     let site = port();
     let dir = config.data_dir.join(format!("stage{}", config.stage));
+    if config.tls {
+        plan.tls = Some(Arc::new(tls::LabTls::new(&dir.join("tls"), host)?));
+    }
     let mut procs: Vec<procs::Proc> = Vec::new();
     let result = start_topology(&plan, &site, &mut port, &dir, &mut procs, None).await;
     if let Err(e) = result {
@@ -403,7 +478,14 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
             lb_token_file(&dir).display()
         );
     }
+    if let Some(tls) = &plan.tls {
+        println!(
+            "  every hop is TLS; the lab's CA is {} (curl --cacert it)",
+            tls.ca()
+        );
+    }
     println!();
+    let scheme = if plan.tls.is_some() { "https" } else { "http" };
     if plan.dns {
         let dns_addr = procs
             .iter()
@@ -418,10 +500,10 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
             .unwrap_or_default();
         let port = lb1.rsplit(':').next().unwrap_or("?").to_string();
         let (dns_ip, dns_port) = dns_addr.rsplit_once(':').unwrap_or(("?", "?"));
-        println!("the site is http://{SITE_NAME}:{port}/ and its name is served by scaleout dns:");
+        println!("the site is {scheme}://{SITE_NAME}:{port}/ and its name is served by scaleout dns:");
         println!("  dig @{dns_ip} -p {dns_port} {SITE_NAME} +short");
         println!(
-            "  curl --resolve {SITE_NAME}:{port}:{} http://{SITE_NAME}:{port}/",
+            "  curl --resolve {SITE_NAME}:{port}:{} {scheme}://{SITE_NAME}:{port}/",
             LB_ADDRS[0]
         );
         println!("open {lb1}/ in a browser; Ctrl-C stops everything");
@@ -463,14 +545,35 @@ async fn stage1(config: UpConfig, shutdown: CancellationToken) -> Result<(), Err
     let addr = listener
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })?;
+    let lab_tls = if config.tls {
+        Some(tls::LabTls::new(
+            &config.data_dir.join("stage1").join("tls"),
+            config.host,
+        )?)
+    } else {
+        None
+    };
+    let server_tls = match &lab_tls {
+        Some(t) => {
+            let files = t.issue("web-1")?;
+            Some(scaleout_tls::ServerTls {
+                cert: files.cert.into(),
+                key: files.key.into(),
+                client_ca: None,
+            })
+        }
+        None => None,
+    };
+    let scheme = if config.tls { "https" } else { "http" };
     let web = scaleout_web::WebConfig {
         // Every client of a lab comes from this machine: one address.
         create_per_minute: 0,
+        tls: server_tls,
         ..Default::default()
     };
     println!("scaleout stage 1: a single server (web app + database + cache in one process)");
     println!(
-        "  {:<6} http://{addr}/  links app, cache TTL {:?}",
+        "  {:<6} {scheme}://{addr}/  links app, cache TTL {:?}",
         web.name, web.cache_ttl
     );
     println!(
@@ -478,8 +581,11 @@ async fn stage1(config: UpConfig, shutdown: CancellationToken) -> Result<(), Err
         "db-1",
         db_path.display()
     );
+    if let Some(t) = &lab_tls {
+        println!("  TLS; the lab's CA is {} (curl --cacert it)", t.ca());
+    }
     println!();
-    println!("open http://{addr}/ in a browser; Ctrl-C stops");
+    println!("open {scheme}://{addr}/ in a browser; Ctrl-C stops");
     scaleout_web::run(web, Arc::new(store), listener, shutdown).await?;
     Ok(())
 }

@@ -118,7 +118,7 @@ impl Proc {
     pub fn url(&self) -> Option<String> {
         self.ready
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .map(|w| w.trim_end_matches(['/', ';', ',']).to_string())
     }
 

@@ -198,6 +198,12 @@ async fn add(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
         Ok(a) => a,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
+    if addr.tls && shared.config.upstream_tls.is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "an https:// backend needs the load balancer started with --backend-ca",
+        );
+    }
     let resolved = match addr.resolve().await {
         Ok(a) => a,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),

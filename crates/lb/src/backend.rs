@@ -19,20 +19,26 @@ use crate::metrics::BackendStats;
 pub struct BackendAddr {
     pub host: String,
     pub port: u16,
+    /// `https://`: the load balancer speaks TLS to it.
+    pub tls: bool,
 }
 
 impl BackendAddr {
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let url = url::Url::parse(raw)
             .map_err(|e| ConfigError::new(format!("backend {raw:?} is not a URL: {e}")))?;
-        if url.scheme() != "http" {
-            return Err(ConfigError::new(format!(
-                "backend {raw:?}: only http:// backends are supported"
-            )));
-        }
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            _ => {
+                return Err(ConfigError::new(format!(
+                    "backend {raw:?}: give an http:// or https:// URL"
+                )))
+            }
+        };
         if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
             return Err(ConfigError::new(format!(
-                "backend {raw:?}: give only http://host:port, no path, query or user"
+                "backend {raw:?}: give only http(s)://host:port, no path, query or user"
             )));
         }
         let host = url
@@ -42,7 +48,7 @@ impl BackendAddr {
             .trim_end_matches(']')
             .to_string();
         let port = url.port_or_known_default().unwrap_or(80);
-        Ok(BackendAddr { host, port })
+        Ok(BackendAddr { host, port, tls })
     }
 
     /// `host:port`, bracketing IPv6.
@@ -98,6 +104,10 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// `host:port` as configured, sent as `Host` by health checks.
     pub authority: String,
+    /// The host as configured: the name its TLS certificate must carry.
+    pub host: String,
+    /// Reached over TLS (`https://`).
+    pub tls: bool,
     pub weight: AtomicU32,
     /// Active health check verdict (true until checks say otherwise).
     pub up: AtomicBool,
@@ -120,9 +130,14 @@ impl Backend {
         Ok(Backend {
             id,
             name: cfg.name.clone().unwrap_or_else(|| authority.clone()),
-            url: format!("http://{authority}"),
+            url: format!(
+                "{}://{authority}",
+                if parsed.tls { "https" } else { "http" }
+            ),
             addr,
             authority,
+            host: parsed.host,
+            tls: parsed.tls,
             weight: AtomicU32::new(cfg.weight),
             up: AtomicBool::new(true),
             draining: AtomicBool::new(false),
@@ -317,8 +332,11 @@ mod tests {
             "[::1]:80"
         );
         assert_eq!(BackendAddr::parse("http://10.0.0.1").unwrap().port, 80);
+        let tls = BackendAddr::parse("https://web-1.test").unwrap();
+        assert!(tls.tls && !a.tls);
+        assert_eq!(tls.port, 443);
         for bad in [
-            "https://x:1",
+            "ftp://x:1",
             "127.0.0.1:80",
             "http://x:1/path",
             "http://u@x:1",

@@ -312,10 +312,27 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
-    /// PEM certificate chain.
+    /// PEM certificate chain (reloaded when the file changes).
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// When set, clients must present a certificate this CA issued.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// TLS to `https://` backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// The CA the backends' certificates must chain to.
+    pub ca: PathBuf,
+    /// The load balancer's own certificate and key, for backends that
+    /// want one (mutual TLS).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 /// The whole load balancer.
@@ -342,6 +359,8 @@ pub struct LbConfig {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub tls: Option<TlsConfig>,
+    /// TLS to the backends (their URLs say `https://`).
+    pub upstream_tls: Option<UpstreamTlsConfig>,
     /// One structured log line per request (target `scaleout_lb::access`).
     pub access_log: bool,
 }
@@ -362,6 +381,7 @@ impl Default for LbConfig {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             tls: None,
+            upstream_tls: None,
             access_log: false,
         }
     }
@@ -378,7 +398,13 @@ impl LbConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError::new(msg));
         for b in &self.backends {
-            crate::backend::BackendAddr::parse(&b.url)?;
+            let addr = crate::backend::BackendAddr::parse(&b.url)?;
+            if addr.tls && self.upstream_tls.is_none() {
+                return fail(format!(
+                    "backend {}: https:// backends need upstream_tls (--backend-ca)",
+                    b.url
+                ));
+            }
         }
         let h = &self.health;
         if h.enabled {

@@ -681,7 +681,7 @@ async fn forward(
     loop {
         let checkout = worker
             .upstream
-            .checkout(backend.id, &backend.name, backend.addr)
+            .checkout(&backend)
             .await?;
         let mut conn = checkout.conn;
         times.waiting_for_upstream();

@@ -12,7 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, Pool};
@@ -64,7 +63,12 @@ impl HealthState {
 }
 
 /// Checks every backend of `pool` until `shutdown`.
-pub async fn run(pool: Arc<Pool>, cfg: HealthConfig, shutdown: CancellationToken) {
+pub async fn run(
+    pool: Arc<Pool>,
+    upstream: Arc<crate::upstream::UpstreamPool>,
+    cfg: HealthConfig,
+    shutdown: CancellationToken,
+) {
     let mut states: HashMap<u64, HealthState> = HashMap::new();
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -78,8 +82,9 @@ pub async fn run(pool: Arc<Pool>, cfg: HealthConfig, shutdown: CancellationToken
         for b in backends.iter() {
             let b = b.clone();
             let cfg = cfg.clone();
+            let upstream = upstream.clone();
             checks.spawn(async move {
-                let result = check(&b, &cfg).await;
+                let result = check(&b, &upstream, &cfg).await;
                 (b, result)
             });
         }
@@ -114,13 +119,14 @@ pub async fn run(pool: Arc<Pool>, cfg: HealthConfig, shutdown: CancellationToken
 }
 
 /// One check: connect, `GET path`, a 2xx or 3xx answer within the timeout.
-async fn check(b: &Backend, cfg: &HealthConfig) -> Result<(), String> {
+async fn check(
+    b: &Backend,
+    upstream: &crate::upstream::UpstreamPool,
+    cfg: &HealthConfig,
+) -> Result<(), String> {
     let attempt = async {
-        let tcp = TcpStream::connect(b.addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        let stream = upstream.connect(b).await.map_err(|e| e.to_string())?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(async move {

@@ -57,6 +57,7 @@ pub struct BoundLb {
     admin: tokio::net::TcpListener,
     resolved: Vec<SocketAddr>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    upstream_tls: Option<tokio_rustls::TlsConnector>,
     /// Where clients connect.
     pub addr: SocketAddr,
     /// Where the admin API listens.
@@ -74,6 +75,7 @@ pub async fn bind(config: LbConfig) -> Result<BoundLb, Error> {
         resolved.push(BackendAddr::parse(&b.url)?.resolve().await?);
     }
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    let upstream_tls = config.upstream_tls.as_ref().map(tls::connector).transpose()?;
     let listener = server::bind(config.listen)?;
     let addr = listener.local_addr()?;
     let admin = tokio::net::TcpListener::bind(config.admin)
@@ -90,6 +92,7 @@ pub async fn bind(config: LbConfig) -> Result<BoundLb, Error> {
         admin,
         resolved,
         tls,
+        upstream_tls,
         addr,
         admin_addr,
         workers,
@@ -114,6 +117,7 @@ impl BoundLb {
             admin,
             resolved,
             tls,
+            upstream_tls,
             addr,
             admin_addr,
             workers,
@@ -124,7 +128,7 @@ impl BoundLb {
         }
         let retry = config.retry.clone();
         let upstream =
-            UpstreamPool::new(config.limits.max_idle_per_backend, config.timeouts.connect);
+            UpstreamPool::new(config.limits.max_idle_per_backend, config.timeouts.connect, upstream_tls);
         let shared = Arc::new(Shared {
             selection: selection::for_algorithm(config.algorithm),
             pool: pool.clone(),
@@ -154,6 +158,7 @@ impl BoundLb {
         let health = shared.config.health.enabled.then(|| {
             tokio::spawn(health::run(
                 pool.clone(),
+                worker.upstream.clone(),
                 shared.config.health.clone(),
                 shutdown.clone(),
             ))

@@ -618,7 +618,7 @@ async fn forward(
     loop {
         let checkout = worker
             .upstream
-            .checkout(backend.id, &backend.name, backend.addr)
+            .checkout(&backend)
             .await?;
         let release = Release {
             pool: worker.upstream.clone(),
@@ -654,7 +654,7 @@ async fn forward_upgrade(
     let timeout = worker.shared.config.timeouts.upstream_response;
     let mut sender = worker
         .upstream
-        .connect_hyper(&backend.name, backend.addr)
+        .connect_hyper(backend)
         .await?;
     let resp = match tokio::time::timeout(timeout, sender.send_request(request)).await {
         Err(_) => {

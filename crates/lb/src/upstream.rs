@@ -27,6 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::spool::RequestBody;
+use crate::backend::Backend;
 use crate::error::ProxyError;
 
 /// Most response headers accepted from a backend.
@@ -38,8 +39,57 @@ const READ_CHUNK: usize = 16 * 1024;
 const PROBE_AFTER: Duration = Duration::from_millis(250);
 
 /// One keep-alive connection to a backend.
+/// A connection to a backend: plain, or TLS over it.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            UpstreamStream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            UpstreamStream::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl tokio::io::AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
 pub struct UpstreamConn {
-    stream: TcpStream,
+    stream: UpstreamStream,
     /// Bytes read but not yet consumed.
     pub buf: BytesMut,
     /// Request bytes being written (kept to reuse its allocation).
@@ -49,7 +99,7 @@ pub struct UpstreamConn {
 }
 
 impl UpstreamConn {
-    pub fn stream_mut(&mut self) -> &mut TcpStream {
+    pub fn stream_mut(&mut self) -> &mut UpstreamStream {
         &mut self.stream
     }
 
@@ -64,8 +114,14 @@ impl UpstreamConn {
         if self.idle_since.elapsed() < PROBE_AFTER {
             return false;
         }
+        // A TLS connection's bytes belong to its session (a ticket may
+        // arrive unasked): a closed one shows as a failed first exchange,
+        // which goes again on a fresh connection.
+        let UpstreamStream::Plain(tcp) = &self.stream else {
+            return false;
+        };
         let mut probe = [0u8; 1];
-        !matches!(self.stream.try_read(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        !matches!(tcp.try_read(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
@@ -73,6 +129,7 @@ pub struct UpstreamPool {
     idle: Mutex<HashMap<u64, Vec<UpstreamConn>>>,
     max_idle: usize,
     connect_timeout: Duration,
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// A checked-out connection.
@@ -83,11 +140,17 @@ pub struct Checkout {
 }
 
 impl UpstreamPool {
-    pub fn new(max_idle: usize, connect_timeout: Duration) -> Arc<Self> {
+    /// `tls`: how `https://` backends are reached.
+    pub fn new(
+        max_idle: usize,
+        connect_timeout: Duration,
+        tls: Option<tokio_rustls::TlsConnector>,
+    ) -> Arc<Self> {
         Arc::new(UpstreamPool {
             idle: Mutex::new(HashMap::new()),
             max_idle,
             connect_timeout,
+            tls,
         })
     }
 
@@ -96,20 +159,15 @@ impl UpstreamPool {
     }
 
     /// An idle connection to the backend that is still open, else a new one.
-    pub async fn checkout(
-        &self,
-        backend_id: u64,
-        backend_name: &str,
-        addr: SocketAddr,
-    ) -> Result<Checkout, ProxyError> {
+    pub async fn checkout(&self, backend: &Backend) -> Result<Checkout, ProxyError> {
         loop {
-            let popped = self.lock().get_mut(&backend_id).and_then(Vec::pop);
+            let popped = self.lock().get_mut(&backend.id).and_then(Vec::pop);
             let Some(conn) = popped else { break };
             if !conn.is_stale() {
                 return Ok(Checkout { conn, reused: true });
             }
         }
-        let stream = self.connect_tcp(backend_name, addr).await?;
+        let stream = self.connect(backend).await?;
         Ok(Checkout {
             conn: UpstreamConn {
                 stream,
@@ -143,19 +201,46 @@ impl UpstreamPool {
         }
     }
 
+    /// A new connection to `backend`: TCP, then TLS for `https://` ones
+    /// (the certificate must name the backend's host and chain to the
+    /// configured CA).
+    pub async fn connect(&self, backend: &Backend) -> Result<UpstreamStream, ProxyError> {
+        let tcp = self.connect_tcp(&backend.name, backend.addr).await?;
+        if !backend.tls {
+            return Ok(UpstreamStream::Plain(tcp));
+        }
+        let fail = |reason: String| ProxyError::Connect {
+            backend: backend.name.clone(),
+            reason,
+        };
+        let connector = self
+            .tls
+            .as_ref()
+            .ok_or_else(|| fail("an https:// backend needs --backend-ca".into()))?;
+        let name = rustls::pki_types::ServerName::try_from(backend.host.clone())
+            .map_err(|e| fail(format!("{:?} cannot be a TLS name: {e}", backend.host)))?;
+        match tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp)).await {
+            Ok(Ok(tls)) => Ok(UpstreamStream::Tls(Box::new(tls))),
+            Ok(Err(e)) => Err(fail(format!("TLS: {e}"))),
+            Err(_) => Err(fail(format!(
+                "no TLS handshake within {:?}",
+                self.connect_timeout
+            ))),
+        }
+    }
+
     /// A hyper client connection that stays usable after `101 Switching
     /// Protocols` (for upgrades), outside the pool.
     pub async fn connect_hyper(
         &self,
-        backend_name: &str,
-        addr: SocketAddr,
+        backend: &Backend,
     ) -> Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>, ProxyError>
     {
-        let tcp = self.connect_tcp(backend_name, addr).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        let stream = self.connect(backend).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ProxyError::Connect {
-                backend: backend_name.to_string(),
+                backend: backend.name.clone(),
                 reason: e.to_string(),
             })?;
         tokio::spawn(async move {
@@ -841,7 +926,9 @@ mod tests {
         addr: SocketAddr,
         method: &Method,
     ) -> (Response<UpstreamBody>, bool) {
-        let co = pool.checkout(1, "b", addr).await.unwrap();
+        let backend = Backend::new(1, &crate::config::BackendConfig::new(format!("http://{addr}")), addr)
+            .unwrap();
+        let co = pool.checkout(&backend).await.unwrap();
         let headers = HeaderMap::new();
         let head = Head {
             method,
@@ -874,7 +961,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
         ])
         .await;
-        let pool = UpstreamPool::new(8, Duration::from_secs(1));
+        let pool = UpstreamPool::new(8, Duration::from_secs(1), None);
         let (resp, reused) = get(&pool, addr, &Method::GET).await;
         assert!(!reused);
         assert_eq!(resp.headers()["x-a"], "1");
@@ -924,7 +1011,7 @@ mod tests {
                 .await
                 .unwrap();
         });
-        let pool = UpstreamPool::new(8, Duration::from_secs(1));
+        let pool = UpstreamPool::new(8, Duration::from_secs(1), None);
         let (resp, _) = get(&pool, addr, &Method::GET).await;
         assert_eq!(
             resp.into_body().collect().await.unwrap().to_bytes(),

@@ -166,12 +166,70 @@ pub struct Refusals {
     pub over_capacity: AtomicU64,
 }
 
-/// Serves `router` on `listener` until `shutdown`, within `limits`.
+/// A connection's stream: plain, or TLS over it.
+enum Io {
+    Plain(Watched),
+    Tls(Box<tokio_rustls::server::TlsStream<Watched>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Io::Plain($s) => {
+                let $s = std::pin::Pin::new($s);
+                $e
+            }
+            Io::Tls($s) => {
+                let $s = std::pin::Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`, within `limits`; over
+/// TLS when `tls` is given (the handshake, too, must finish within the
+/// head timeout).
 pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     limits: Limits,
     refusals: Arc<Refusals>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -226,12 +284,30 @@ pub async fn serve(
             activity: activity.clone(),
             started,
         };
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
         let first_byte = limits.header_timeout;
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let io = match tls {
+                None => Io::Plain(io),
+                Some(acceptor) => {
+                    match tokio::time::timeout(first_byte, acceptor.accept(io)).await {
+                        Ok(Ok(stream)) => Io::Tls(Box::new(stream)),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            let conn = watcher.watch(conn);
             let idle = async {
                 let mut limit = first_byte;
                 loop {

@@ -71,6 +71,9 @@ pub struct WebConfig {
     pub create_burst: u32,
     /// Peers whose `X-Forwarded-For` names the client (the load balancers).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Serve HTTPS with these files (and, with a client CA, only to
+    /// clients holding a certificate it issued: the load balancers).
+    pub tls: Option<scaleout_tls::ServerTls>,
 }
 
 impl Default for WebConfig {
@@ -86,6 +89,7 @@ impl Default for WebConfig {
             create_per_minute: 60,
             create_burst: 20,
             trusted_proxies: abuse::default_trusted(),
+            tls: None,
         }
     }
 }
@@ -138,11 +142,20 @@ pub async fn run(
     let addr = listener.local_addr()?;
     tracing::info!(server = %app.config.name, %addr, "web server listening");
     let limits = app.config.limits;
+    let tls = match &app.config.tls {
+        Some(files) => Some(
+            files
+                .acceptor(&[b"h2", b"http/1.1"])
+                .map_err(|e| Error::Config(format!("TLS: {e}")))?,
+        ),
+        None => None,
+    };
     scaleout_serve::serve(
         listener,
         app::router(app.clone()),
         limits,
         Arc::default(),
+        tls,
         shutdown,
     )
     .await?;

@@ -83,7 +83,17 @@ impl RemoteStore {
         credentials: Option<scaleout_client::Credentials>,
         patience: std::time::Duration,
     ) -> Result<Self, StoreError> {
-        let client = Client::with_credentials(seeds, credentials).map_err(store_error)?;
+        Self::connect_with(seeds, credentials, None, patience).await
+    }
+
+    /// [`RemoteStore::connect_as`], over TLS to `https://` nodes.
+    pub async fn connect_with(
+        seeds: Vec<String>,
+        credentials: Option<scaleout_client::Credentials>,
+        tls: Option<&scaleout_tls::ClientTls>,
+        patience: std::time::Duration,
+    ) -> Result<Self, StoreError> {
+        let client = Client::with_tls(seeds, credentials, tls).map_err(store_error)?;
         client.discover(patience).await.map_err(store_error)?;
         let created = client
             .execute(&json!([SCHEMA]), false)

@@ -47,7 +47,7 @@ impl DbNode {
         let words: Vec<&str> = line.split_whitespace().collect();
         let api = words
             .iter()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .expect("API URL")
             .to_string();
         let raft = words

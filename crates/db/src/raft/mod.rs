@@ -57,7 +57,7 @@ pub struct Member {
 
 impl Member {
     pub fn api_url(&self) -> String {
-        format!("http://{}", self.api)
+        format!("{}://{}", crate::peers::scheme(), self.api)
     }
 }
 

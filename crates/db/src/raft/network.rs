@@ -44,12 +44,12 @@ pub struct Network {
 impl Network {
     /// `secret`: what every RPC carries, when the cluster has one.
     pub fn new(secret: Option<ClusterSecret>) -> Self {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_default();
+        let client = crate::peers::client(
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_millis(500))
+                .pool_idle_timeout(Duration::from_secs(30))
+                .tcp_nodelay(true),
+        );
         Network { client, secret }
     }
 }
@@ -96,7 +96,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: self.client.clone(),
             secret: self.secret.clone(),
             target,
-            base: format!("http://{}/raft", node.raft),
+            base: format!("{}://{}/raft", crate::peers::scheme(), node.raft),
             in_flight: None,
         }
     }
