@@ -363,6 +363,7 @@ mod tests {
             router,
             limits,
             refusals.clone(),
+            None,
             shutdown.clone(),
         ));
         (addr, refusals, shutdown)
@@ -407,6 +408,7 @@ mod tests {
             router,
             Limits::default(),
             Arc::default(),
+            None,
             shutdown.clone(),
         ));
         for _ in 0..5 {
