@@ -641,7 +641,11 @@ async fn a_config_file_says_what_flags_say_and_bad_ones_are_refused() {
         ),
         (
             "listen = \"127.0.0.1:0\"\n[[backends]]\nurl = \"ftp://x:1\"\n",
-            "only http://",
+            "give an http:// or https:// URL",
+        ),
+        (
+            "listen = \"127.0.0.1:0\"\n[[backends]]\nurl = \"https://x:1\"\n",
+            "need upstream_tls",
         ),
     ] {
         let out = std::process::Command::new(common::BIN)

@@ -536,7 +536,7 @@ impl Guard {
     pub fn start_write(&self, budget: u64) {
         let mut s = lock(&self.state);
         s.budget = budget;
-        s.checks_left = (budget > 0).then(|| budget / STEPS_PER_CHECK);
+        s.checks_left = (budget > 0).then_some(budget / STEPS_PER_CHECK);
         s.deadline = None;
         s.tripped = None;
     }

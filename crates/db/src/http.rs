@@ -510,6 +510,7 @@ fn looks_read_only(sql: &str) -> bool {
 /// data API request's query string (up to the first newline) and body
 /// (the rest), parsed as the API parses them. Panics mean a bug.
 #[doc(hidden)]
+#[allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // a fuzzing entry point: a panic is the finding
 pub mod fuzzing {
     use super::*;
 

@@ -618,7 +618,7 @@ async fn forward(
     loop {
         let checkout = worker
             .upstream
-            .checkout(&backend)
+            .checkout(backend)
             .await?;
         let release = Release {
             pool: worker.upstream.clone(),
