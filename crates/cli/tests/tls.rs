@@ -204,7 +204,82 @@ async fn every_hop_speaks_tls_and_refuses_strangers() {
     let bare = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
     let r = common::client().get(format!("{bare}/")).send().await.unwrap();
     assert!(r.status().is_server_error(), "{}", r.status());
-    drop((lb, lb_no_cert, web));
+    // A load balancer showing a certificate from another CA is refused
+    // by the web server just the same.
+    let mut lb_rogue = Proc::spawn(&[
+        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--backend", &web_url, "--backend-ca", &ca, "--backend-cert", &rc, "--backend-key", &rk,
+        "--max-attempts", "1",
+    ]);
+    let line = lb_rogue.wait_for_line("scaleout lb:");
+    let rogue_site = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
+    let r = common::client().get(format!("{rogue_site}/")).send().await.unwrap();
+    assert!(r.status().is_server_error(), "{}", r.status());
+    // A load balancer that trusts another CA refuses the web server.
+    let mut lb_wrong_ca = Proc::spawn(&[
+        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--backend", &web_url, "--backend-ca", &rogue_ca, "--backend-cert", &lc, "--backend-key", &lk,
+        "--max-attempts", "1",
+    ]);
+    let line = lb_wrong_ca.wait_for_line("scaleout lb:");
+    let wrong_site = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
+    let r = common::client().get(format!("{wrong_site}/")).send().await.unwrap();
+    assert!(r.status().is_server_error(), "{}", r.status());
+
+    // web → db: a web server that trusts another CA never reaches the
+    // database, and says so.
+    let out = tokio::process::Command::new(common::BIN)
+        .args([
+            "web", "--listen", "127.0.0.1:0", "--db", &db1.api, "--db-ca", &rogue_ca,
+            "--db-wait", "2s",
+        ])
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out).await.unwrap().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("database"), "{err}");
+    // https without a CA is refused before anything starts.
+    let out = std::process::Command::new(common::BIN)
+        .args(["web", "--listen", "127.0.0.1:0", "--db", &db1.api])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--db-ca"));
+    drop((lb, lb_no_cert, lb_rogue, lb_wrong_ca, web));
+}
+
+/// client → lb with `--tls-client-ca`: only clients holding a certificate
+/// that CA issued are served.
+#[tokio::test]
+async fn a_load_balancer_can_take_only_clients_with_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "site");
+    let rogue = Pki::new(dir.path(), "rogue");
+    let (cert, key) = pki.issue("lb");
+    pki.issue("alice");
+    rogue.issue("mallory");
+    let backend = common::backend::Backend::start("a").await;
+    let ca = pki.ca();
+    let mut lb = Proc::spawn(&[
+        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--backend", &backend.url(), "--tls-cert", &cert, "--tls-key", &key,
+        "--tls-client-ca", &ca,
+    ]);
+    let line = lb.wait_for_line("scaleout lb:");
+    let site = line.split_whitespace().find(|w| w.starts_with("https://")).unwrap().to_string();
+    assert_eq!(pki.client(Some("alice")).get(format!("{site}/")).send().await.unwrap().status(), 200);
+    assert!(pki.client(None).get(format!("{site}/")).send().await.is_err(), "no certificate");
+    let mallory = ClientTls {
+        ca: Some(ca.clone().into()),
+        cert: Some(rogue.path("mallory.pem").into()),
+        key: Some(rogue.path("mallory-key.pem").into()),
+    };
+    let mallory = reqwest::Client::builder()
+        .use_preconfigured_tls(mallory.config().unwrap())
+        .build()
+        .unwrap();
+    assert!(mallory.get(format!("{site}/")).send().await.is_err(), "another CA's certificate");
+    assert_eq!(backend.hits(), 1, "only alice's request reached the backend");
+    drop(lb);
 }
 
 #[tokio::test]
