@@ -425,7 +425,19 @@ async fn stage4_splits_reads_from_writes_and_survives_losing_the_leader() {
     .await;
 
     // A replica added to the running cluster is found and takes reads.
-    let added = DbNode::start(6, dir.path(), &["--join", stage.url("db-2"), "--read-only"]);
+    // It shows the lab's cluster secret, as every node of the lab does.
+    let secret = dir.path().join("stage4").join("cluster-secret");
+    let added = DbNode::start(
+        6,
+        dir.path(),
+        &[
+            "--join",
+            stage.url("db-2"),
+            "--read-only",
+            "--cluster-secret-file",
+            secret.to_str().unwrap(),
+        ],
+    );
     eventually(
         Duration::from_secs(20),
         "the new replica serves reads",
@@ -609,6 +621,39 @@ async fn up_with_tls_serves_the_site_over_tls_on_every_hop() {
         let line = format!("scaleout_dns_address_up{{address=\"{lb}\"}} 1");
         assert!(text.contains(&line), "{lb} is not up: {text}");
     }
+    // The Raft ports take only the database nodes' certificates (their own
+    // CA): a web server's or load balancer's key, the most exposed, cannot
+    // speak Raft.
+    let tls_dir = dir.path().join("stage5").join("tls");
+    let as_who = |who: Option<&str>| {
+        let tls = scaleout_tls::ClientTls {
+            ca: Some(tls_dir.join("cluster-ca.pem")),
+            cert: who.map(|w| tls_dir.join(format!("{w}.pem"))),
+            key: who.map(|w| tls_dir.join(format!("{w}-key.pem"))),
+        };
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls.config().unwrap())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let nodes: Value = as_who(None)
+        .get(format!("{}/nodes", stage.url("db-1")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let raft = nodes["2"]["addr"].as_str().unwrap().to_string();
+    for who in ["web-1", "lb-1"] {
+        let sent = as_who(Some(who)).get(format!("https://{raft}/raft/log")).send().await;
+        assert!(sent.is_err(), "{who}'s certificate reached the Raft port: {sent:?}");
+    }
+    // A node's certificate gets past the handshake, and then still needs
+    // the lab's cluster secret.
+    let sent = as_who(Some("db-2")).get(format!("https://{raft}/raft/log")).send().await.unwrap();
+    assert_eq!(sent.status(), 401);
     // Plain HTTP reaches nothing: not the site, not a database node.
     let plain = format!("http://127.0.0.2:{port}/");
     assert!(client().get(plain).send().await.map_or(true, |r| !r.status().is_success()));

@@ -176,6 +176,7 @@ pub(crate) async fn start_topology(
     net: Option<&netns::Net>,
 ) -> Result<(), Error> {
     let site = site.to_string();
+    let secret = cluster_secret_file(dir)?;
     let mut db_urls = Vec::new();
     for id in 1..=plan.voters + plan.replicas {
         let name = format!("db-{id}");
@@ -205,15 +206,18 @@ pub(crate) async fn start_topology(
             args.push("--read-only".into());
         }
         args.extend(plan.db_args.iter().cloned());
+        // Raft RPCs and joins carry the lab's cluster secret: nobody else
+        // on the host takes part in Raft.
+        args.extend(["--cluster-secret-file".into(), secret.display().to_string()]);
         if let Some(tls) = &plan.tls {
-            let files = tls.issue(&name)?;
+            let files = tls.issue(&name, tls::Role::DbNode)?;
             args.extend([
                 "--tls-cert".into(),
                 files.cert,
                 "--tls-key".into(),
                 files.key,
                 "--tls-ca".into(),
-                tls.ca(),
+                tls.cluster_ca(),
             ]);
         }
         let p =
@@ -244,14 +248,14 @@ pub(crate) async fn start_topology(
         if let Some(tls) = &plan.tls {
             // HTTPS, only to the load balancers (when there are any: in
             // stage 2 the browser is the web server's client).
-            let files = tls.issue(&name)?;
+            let files = tls.issue(&name, tls::Role::WebServer)?;
             args.extend([
                 "--tls-cert".into(),
                 files.cert,
                 "--tls-key".into(),
                 files.key,
                 "--db-ca".into(),
-                tls.ca(),
+                tls.cluster_ca(),
             ]);
             if plan.lb {
                 args.extend(["--tls-client-ca".into(), tls.ca()]);
@@ -313,7 +317,7 @@ pub(crate) async fn start_topology(
 /// the voters until its next refresh.
 async fn wait_for_cluster(seed: &str, nodes: u64, tls: Option<&tls::LabTls>) -> Result<(), Error> {
     let http = match tls {
-        Some(tls) => tls.client()?,
+        Some(tls) => tls.db_client()?,
         None => reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()
@@ -356,6 +360,22 @@ async fn wait_for_cluster(seed: &str, nodes: u64, tls: Option<&tls::LabTls>) -> 
 /// How long a new database cluster may take to have all its members.
 const CLUSTER_PATIENCE: Duration = Duration::from_secs(30);
 
+/// The lab's cluster secret (`DIR/cluster-secret`, mode 0600), made
+/// when missing and kept, so a node added later can show it.
+pub fn cluster_secret_file(dir: &std::path::Path) -> Result<std::path::PathBuf, Error> {
+    let path = dir.join("cluster-secret");
+    if !path.exists() {
+        let fail = |e: std::io::Error| Error::Spawn {
+            name: "the cluster secret".into(),
+            reason: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(fail)?;
+        let secret = format!("{:032x}", rand::random::<u128>());
+        tls::write_private(&path, &secret).map_err(fail)?;
+    }
+    Ok(path)
+}
+
 /// Where a lab's load balancers keep their admin API token (made, mode
 /// 0600, by the first one that starts).
 pub fn lb_token_file(dir: &std::path::Path) -> std::path::PathBuf {
@@ -389,7 +409,7 @@ fn lb_args(
     if let Some(tls) = tls {
         // One certificate for both sides: served to browsers, shown to
         // the web servers (which take only the lab's load balancers).
-        let files = tls.issue(name)?;
+        let files = tls.issue(name, tls::Role::LoadBalancer)?;
         args.extend([
             "--tls-cert".into(),
             files.cert.clone(),
@@ -555,7 +575,7 @@ async fn stage1(config: UpConfig, shutdown: CancellationToken) -> Result<(), Err
     };
     let server_tls = match &lab_tls {
         Some(t) => {
-            let files = t.issue("web-1")?;
+            let files = t.issue("web-1", tls::Role::WebServer)?;
             Some(scaleout_tls::ServerTls {
                 cert: files.cert.into(),
                 key: files.key.into(),
