@@ -203,9 +203,12 @@ impl LbArgs {
             c.admin_token = Some(token_from_file(path)?);
         }
         if c.admin_token.is_none() && !c.admin.ip().is_loopback() {
+            // A name nobody can guess ahead (a pid can be), made with
+            // create_new: a planted file is never taken for ours.
             let path = std::env::temp_dir().join(format!(
-                "scaleout-lb-{}.admin-token",
-                std::process::id()
+                "scaleout-lb-{}-{:016x}.admin-token",
+                std::process::id(),
+                rand::random::<u64>()
             ));
             c.admin_token = Some(token_from_file(&path)?);
             println!(
@@ -244,6 +247,17 @@ pub fn token_from_file(path: &std::path::Path) -> anyhow::Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
     match std::fs::read_to_string(path) {
         Ok(text) => {
+            // A token anyone else could have written (or can read) is no
+            // secret: the file must be this user's, and only this user's.
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("reading the token file {}", path.display()))?;
+            if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+                anyhow::bail!(
+                    "{}: a token file must belong to this user and be readable by no one else (chmod 600)",
+                    path.display()
+                );
+            }
             let token = text.lines().next().unwrap_or("").trim().to_string();
             if token.is_empty() {
                 anyhow::bail!("{}: the token file is empty", path.display());

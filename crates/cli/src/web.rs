@@ -77,9 +77,8 @@ pub struct WebArgs {
 /// The admin token from `--admin-token-file` or `SCALEOUT_WEB_ADMIN_TOKEN`.
 fn admin_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
+        let token = crate::lb::token_from_file(path)
             .with_context(|| format!("--admin-token-file {}", path.display()))?;
-        let token = text.lines().next().unwrap_or("").trim().to_string();
         return Ok(Some(token));
     }
     Ok(std::env::var("SCALEOUT_WEB_ADMIN_TOKEN")

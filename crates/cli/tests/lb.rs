@@ -1163,3 +1163,37 @@ async fn many_h2_streams_stay_within_the_memory_bound() {
     assert_eq!(lb_metric(&lb, "scaleout_lb_body_memory_bytes").await, 0.0);
     assert_eq!(lb_metric(&lb, "scaleout_lb_body_spool_bytes").await, 0.0);
 }
+
+/// A token file someone else could have planted, or can read, is refused:
+/// the load balancer says what to fix instead of trusting it.
+#[test]
+fn a_token_file_others_can_read_or_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let planted = dir.path().join("token");
+    std::fs::write(&planted, "attackerknowntoken\n").unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "lb", "--listen", "127.0.0.1:0", "--backend", "http://127.0.0.1:9",
+            "--admin-token-file", planted.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+}
+
+/// The admin API has the bounds every server has: a connection that sends
+/// nothing is closed at the head timeout (idle sockets there once used up
+/// the descriptors the data plane needed).
+#[tokio::test]
+async fn a_silent_connection_to_the_admin_api_is_closed() {
+    let a = Backend::start("a").await;
+    let lb = start_lb(&[&a], &["--header-timeout", "1s"]);
+    let admin: std::net::SocketAddr = lb.admin.trim_start_matches("http://").parse().unwrap();
+    let mut silent = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(8), silent.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "still open: {closed:?}");
+}

@@ -50,6 +50,9 @@ use crate::backend::{BackendAddr, Clock, Pool};
 use crate::proxy::{Shared, Worker};
 use crate::upstream::UpstreamPool;
 
+/// Connections the admin API takes at once.
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 /// A load balancer whose sockets are bound and whose backends are resolved.
 pub struct BoundLb {
     config: LbConfig,
@@ -163,9 +166,23 @@ impl BoundLb {
                 shutdown.clone(),
             ))
         });
-        let admin_server = axum::serve(admin, admin::router(shared.clone()))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let admin_task = tokio::spawn(async move { admin_server.await });
+        // The admin API has the bounds of every other server: a head
+        // timeout and a connection cap of its own, so idle sockets there
+        // cannot use up the descriptors the data plane needs.
+        let admin_limits = scaleout_serve::Limits {
+            header_timeout: shared.config.timeouts.header_read,
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            drain: Duration::from_secs(5),
+        };
+        let admin_server = scaleout_serve::serve(
+            admin,
+            admin::router(shared.clone()),
+            admin_limits,
+            Arc::default(),
+            None,
+            shutdown.clone(),
+        );
+        let admin_task = tokio::spawn(admin_server);
 
         let served = server::serve(listener, worker, tls, shutdown.clone()).await;
         if let Some(h) = health {
