@@ -100,6 +100,9 @@ pub struct LbArgs {
     /// The slowest a request body may arrive, bytes per second.
     #[arg(long)]
     min_body_rate: Option<u64>,
+    /// Requests one client address may have in flight at once (0: no limit; default 256).
+    #[arg(long)]
+    max_in_flight_per_ip: Option<u32>,
     /// Requests per second one client address may make; 429 beyond (default: no limit).
     #[arg(long)]
     rate_per_ip: Option<u32>,
@@ -192,6 +195,7 @@ impl LbArgs {
             max_spool_bytes => limits.max_spool_bytes, body_timeout => timeouts.body,
             max_body_time => timeouts.max_body, min_body_rate => limits.min_body_rate,
             rate_per_ip => limits.rate_per_ip, rate_burst => limits.rate_burst,
+            max_in_flight_per_ip => limits.max_in_flight_per_ip,
         );
         if self.spool_dir.is_some() {
             c.limits.spool_dir = self.spool_dir;

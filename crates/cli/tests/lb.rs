@@ -1197,3 +1197,53 @@ async fn a_silent_connection_to_the_admin_api_is_closed() {
     let closed = tokio::time::timeout(Duration::from_secs(8), silent.read(&mut buf)).await;
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "still open: {closed:?}");
 }
+
+/// `--max-in-flight-per-ip`: each request holds a backend connection until
+/// its answer is taken, so one address may have only so many at once —
+/// over HTTP/1 connections or HTTP/2 streams — and an answer the client
+/// does not read keeps its place until it is dropped (an HTTP/2 stream
+/// whose window stays shut once pinned a backend connection per stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_may_have_only_so_many_requests_in_flight() {
+    let a = Backend::start("a").await;
+    let lb = start_lb(&[&a], &["--max-in-flight-per-ip", "3"]);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    for c in [client(), h2.clone()] {
+        let mut slow = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (c, url) = (c.clone(), lb.url("/slow/1500"));
+            slow.spawn(async move { c.get(url).send().await.unwrap().status().as_u16() });
+        }
+        let mut statuses = Vec::new();
+        while let Some(s) = slow.join_next().await {
+            statuses.push(s.unwrap());
+        }
+        statuses.sort();
+        assert_eq!(statuses, vec![200, 200, 200, 429, 429, 429, 429, 429]);
+    }
+    // A big answer nobody reads keeps its place; dropped, it gives it back.
+    let unread: Vec<_> = futures_unread(&h2, &lb.url("/big/20000000"), 3).await;
+    let r = h2.get(lb.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "three answers still unread");
+    drop(unread);
+    eventually(Duration::from_secs(10), "the places come back", || {
+        let (h2, url) = (h2.clone(), lb.url("/"));
+        async move { h2.get(url).send().await.unwrap().status() == StatusCode::OK }
+    })
+    .await;
+}
+
+/// `n` answers whose heads arrived and whose bodies are left unread.
+async fn futures_unread(c: &reqwest::Client, url: &str, n: usize) -> Vec<reqwest::Response> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let r = c.get(url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        out.push(r);
+    }
+    out
+}

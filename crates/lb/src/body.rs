@@ -15,6 +15,8 @@ use crate::upstream::UpstreamBody;
 pub enum LbBody {
     Full(Full<Bytes>),
     Upstream(UpstreamBody),
+    /// A backend's body, and the client's in-flight slot it holds.
+    Held(UpstreamBody, crate::proxy::IpSlot),
 }
 
 impl LbBody {
@@ -24,6 +26,14 @@ impl LbBody {
 
     pub fn empty() -> Self {
         LbBody::Full(Full::new(Bytes::new()))
+    }
+
+    /// The body, keeping `slot` until a backend's body is done.
+    pub fn holding(self, slot: Option<crate::proxy::IpSlot>) -> Self {
+        match (self, slot) {
+            (LbBody::Upstream(body), Some(slot)) => LbBody::Held(body, slot),
+            (other, _) => other,
+        }
     }
 }
 
@@ -42,21 +52,21 @@ impl Body for LbBody {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
-            LbBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            LbBody::Upstream(body) | LbBody::Held(body, _) => Pin::new(body).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             LbBody::Full(full) => full.is_end_stream(),
-            LbBody::Upstream(body) => body.is_end_stream(),
+            LbBody::Upstream(body) | LbBody::Held(body, _) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             LbBody::Full(full) => full.size_hint(),
-            LbBody::Upstream(body) => body.size_hint(),
+            LbBody::Upstream(body) | LbBody::Held(body, _) => body.size_hint(),
         }
     }
 }

@@ -278,6 +278,10 @@ pub struct Limits {
     /// load balancer reading it, per stream and per connection.
     pub h2_stream_window: u32,
     pub h2_connection_window: u32,
+    /// Requests one client address may have in flight at once, each of
+    /// which holds a backend connection until its answer is taken (0: no
+    /// limit). Beyond: 429. HTTP/2 lets one connection carry 100.
+    pub max_in_flight_per_ip: u32,
     /// Requests per second one client address may make (0: no limit)…
     pub rate_per_ip: u32,
     /// …in bursts of this many (0: one second's worth).
@@ -301,6 +305,7 @@ impl Default for Limits {
             h2_max_streams: 100,
             h2_stream_window: 64 * 1024,
             h2_connection_window: 1024 * 1024,
+            max_in_flight_per_ip: 256,
             rate_per_ip: 0,
             rate_burst: 0,
             max_connections: 10_000,

@@ -74,6 +74,9 @@ pub enum ProxyError {
     /// The request body stopped arriving, or came slower than the minimum rate.
     #[error("the request body arrived too slowly")]
     BodyTimeout,
+    /// The client has as many requests in flight as it may.
+    #[error("too many requests in flight from this address; finish some first")]
+    TooManyInFlight,
     /// The client is over its request rate.
     #[error("too many requests from this address; slow down")]
     RateLimited,
@@ -93,7 +96,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTimeout
-            | ProxyError::RateLimited => Side::Downstream,
+            | ProxyError::RateLimited
+            | ProxyError::TooManyInFlight => Side::Downstream,
             ProxyError::SpoolFull => Side::Internal,
         }
     }
@@ -110,6 +114,7 @@ impl ProxyError {
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTimeout
             | ProxyError::RateLimited
+            | ProxyError::TooManyInFlight
             | ProxyError::SpoolFull => false,
         }
     }
@@ -124,14 +129,14 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RateLimited | ProxyError::TooManyInFlight => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::SpoolFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     pub fn into_response(self) -> Response<LbBody> {
         let mut resp = json_error(self.status(), &self.to_string());
-        if matches!(self, ProxyError::RateLimited) {
+        if matches!(self, ProxyError::RateLimited | ProxyError::TooManyInFlight) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

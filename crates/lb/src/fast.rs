@@ -151,9 +151,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             .map_or_else(proxy::new_request_id_bytes, |r| req.head.slice(r));
 
         // The client's rate, then the body, whole.
-        let body = match proxy::check_rate(&shared, &conn) {
-            Err(e) => Err(e),
-            Ok(()) => read_body(&mut io, &mut rbuf, &req, &shared.bodies).await?,
+        let slot = proxy::check_rate(&shared, &conn).and_then(|()| proxy::take_slot(&shared, &conn));
+        let (body, _slot) = match slot {
+            Err(e) => (Err(e), None),
+            Ok(slot) => (read_body(&mut io, &mut rbuf, &req, &shared.bodies).await?, slot),
         };
         let body = match body {
             Ok(body) => body,

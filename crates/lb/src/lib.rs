@@ -140,6 +140,7 @@ impl BoundLb {
             scheme: if tls.is_some() { "https" } else { "http" },
             bodies: Arc::new(spool::Bodies::new(&config.limits, &config.timeouts)),
             rate: proxy::RateLimit::new(config.limits.rate_per_ip, config.limits.rate_burst),
+            in_flight: proxy::InFlightPerIp::new(config.limits.max_in_flight_per_ip),
             config,
         });
         let worker = Arc::new(Worker {

@@ -194,7 +194,7 @@ pub fn render(stats: &LbStats, backends: &[std::sync::Arc<Backend>], clock_ms: u
         ),
         (
             "scaleout_lb_rate_limited_total",
-            "Requests refused (429) because their client address was over its rate.",
+            "Requests refused (429) because their client address was over its rate or had too many in flight.",
             &stats.rate_limited,
         ),
     ] {

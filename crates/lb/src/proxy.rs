@@ -46,6 +46,85 @@ pub struct Shared {
     pub bodies: Arc<crate::spool::Bodies>,
     /// Requests per client address, when limited.
     pub rate: Option<RateLimit>,
+    /// Requests in flight per client address, when limited.
+    pub in_flight: Option<Arc<InFlightPerIp>>,
+}
+
+/// How many requests each client address has in flight: each holds a
+/// backend connection until its answer is taken, so a client that never
+/// reads (an HTTP/2 stream with a zero window) pins one per request.
+pub struct InFlightPerIp {
+    shards: Vec<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
+    max: u32,
+}
+
+/// One request's place in its address's count; given back on drop.
+pub struct IpSlot {
+    table: Arc<InFlightPerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl InFlightPerIp {
+    pub fn new(max: u32) -> Option<Arc<Self>> {
+        (max > 0).then(|| {
+            Arc::new(InFlightPerIp {
+                shards: (0..64).map(|_| Default::default()).collect(),
+                max,
+            })
+        })
+    }
+
+    fn shard(&self, ip: &std::net::IpAddr) -> &std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>> {
+        let h = match ip {
+            std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+            std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+        };
+        &self.shards[(h % self.shards.len() as u64) as usize]
+    }
+
+    /// A slot for `ip`, or `None` when it has `max` in flight already.
+    pub fn acquire(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let mut map = self.shard(&ip).lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .table
+            .shard(&self.ip)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A slot for this request's client, or the 429 that refuses it.
+pub(crate) fn take_slot(shared: &Shared, conn: &ConnInfo) -> Result<Option<IpSlot>, ProxyError> {
+    match &shared.in_flight {
+        None => Ok(None),
+        Some(table) => match table.acquire(conn.client.ip().to_canonical()) {
+            Some(slot) => Ok(Some(slot)),
+            None => {
+                shared.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                Err(ProxyError::TooManyInFlight)
+            }
+        },
+    }
 }
 
 /// A per-client-address request rate (governor's GCRA, keyed).
@@ -227,6 +306,10 @@ async fn serve(
     if let Err(e) = check_rate(shared, conn) {
         return finish(e.into_response(), None, 0);
     }
+    let slot = match take_slot(shared, conn) {
+        Ok(slot) => slot,
+        Err(e) => return finish(e.into_response(), None, 0),
+    };
     let body = match read_body(body, &parts.headers, &shared.bodies).await {
         Ok(b) => b,
         Err(e) => return finish(e.into_response(), None, 0),
@@ -260,6 +343,9 @@ async fn serve(
         .await
     };
     let resp = outcome.result.unwrap_or_else(ProxyError::into_response);
+    // The slot lives as long as the answer's body holds the backend's
+    // connection.
+    let resp = resp.map(|body| body.holding(slot));
     finish(resp, outcome.backend, outcome.attempts)
 }
 
