@@ -957,6 +957,9 @@ async fn two_thousand_stalled_uploads_stay_within_the_memory_bound() {
             "20s",
             "--max-body-time",
             "25s",
+            // Every upload comes from this one test address.
+            "--max-in-flight-per-ip",
+            "0",
         ],
     );
     let before = rss_bytes(lb.proc.pid());
@@ -1123,6 +1126,9 @@ async fn many_h2_streams_stay_within_the_memory_bound() {
             "16777216",
             "--max-body-bytes",
             "1048576",
+            // Every stream comes from this one test address.
+            "--max-in-flight-per-ip",
+            "0",
         ],
     );
     // Warm up (threads, pools), then take the baseline.

@@ -320,3 +320,55 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     assert!(pki.client(None).get(format!("{site}/")).send().await.is_err());
     assert!(lb.pid().as_raw() > 0);
 }
+
+/// The plaintext fast path's strictness holds for requests that come over
+/// TLS too (hyper's path): one Host, no transfer coding but a lone
+/// chunked, an HTTP/1.1 request with a Host. (A request with both a coding
+/// and a length is read as chunked there, hyper dropping the length as
+/// RFC 9112 §6.3 allows; the fast path refuses it.)
+#[tokio::test]
+async fn strict_parsing_holds_over_tls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "site");
+    let (cert, key) = pki.issue("lb");
+    let backend = common::backend::Backend::start("a").await;
+    let mut lb = Proc::spawn(&[
+        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--backend", &backend.url(), "--tls-cert", &cert, "--tls-key", &key,
+    ]);
+    let line = lb.wait_for_line("scaleout lb:");
+    let site = line.split_whitespace().find(|w| w.starts_with("https://")).unwrap().to_string();
+    let addr: std::net::SocketAddr = site.trim_start_matches("https://").parse().unwrap();
+    let connector = ClientTls { ca: Some(pki.ca().into()), cert: None, key: None }
+        .connector()
+        .unwrap();
+    let exchange = |raw: &'static [u8]| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            tls.write_all(raw).await.unwrap();
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    for (raw, status) in [
+        (&b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n"[..], "400"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n", "501"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n", "501"),
+        (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", "200"),
+    ] {
+        let answer = exchange(raw).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{:?}: {answer}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    assert_eq!(backend.hits(), 1, "only the well-formed request reached the backend");
+    drop(lb);
+}

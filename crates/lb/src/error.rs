@@ -74,6 +74,9 @@ pub enum ProxyError {
     /// The request body stopped arriving, or came slower than the minimum rate.
     #[error("the request body arrived too slowly")]
     BodyTimeout,
+    /// A transfer coding the load balancer does not decode (RFC 9112 §6.1).
+    #[error("transfer coding {0:?} is not supported: send chunked alone, or a Content-Length")]
+    UnsupportedCoding(String),
     /// The client has as many requests in flight as it may.
     #[error("too many requests in flight from this address; finish some first")]
     TooManyInFlight,
@@ -97,7 +100,8 @@ impl ProxyError {
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTimeout
             | ProxyError::RateLimited
-            | ProxyError::TooManyInFlight => Side::Downstream,
+            | ProxyError::TooManyInFlight
+            | ProxyError::UnsupportedCoding(_) => Side::Downstream,
             ProxyError::SpoolFull => Side::Internal,
         }
     }
@@ -115,6 +119,7 @@ impl ProxyError {
             | ProxyError::BodyTimeout
             | ProxyError::RateLimited
             | ProxyError::TooManyInFlight
+            | ProxyError::UnsupportedCoding(_)
             | ProxyError::SpoolFull => false,
         }
     }
@@ -129,6 +134,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::UnsupportedCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::RateLimited | ProxyError::TooManyInFlight => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::SpoolFull => StatusCode::SERVICE_UNAVAILABLE,
         }

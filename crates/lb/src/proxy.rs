@@ -154,6 +154,50 @@ impl RateLimit {
     }
 }
 
+/// The fast path's strictness, for requests that came through hyper
+/// (TLS, h2c): exactly one Host (HTTP/1.1), an `h2` host that agrees
+/// with `:authority`, no transfer coding but a lone `chunked` (hyper has
+/// already dropped a `Content-Length` sent with it, RFC 9112 §6.3). What a
+/// stricter peer would read differently is refused rather than forwarded.
+fn check_head(parts: &http::request::Parts) -> Result<(), ProxyError> {
+    let bad = |m: &str| Err(ProxyError::BadRequest(m.into()));
+    let hosts = parts.headers.get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return bad("more than one Host header");
+    }
+    match parts.version {
+        Version::HTTP_2 | Version::HTTP_3 => {
+            if let (Some(host), Some(authority)) =
+                (parts.headers.get(header::HOST), parts.uri.authority())
+            {
+                if host.as_bytes() != authority.as_str().as_bytes() {
+                    return bad("the host header differs from :authority");
+                }
+            }
+        }
+        _ => {
+            if parts.version == Version::HTTP_11 && hosts == 0 {
+                return bad("an HTTP/1.1 request needs a Host header");
+            }
+            let codings: Vec<&HeaderValue> =
+                parts.headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+            if !codings.is_empty() {
+                let lone_chunked = codings.len() == 1
+                    && codings[0].as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
+                if !lone_chunked {
+                    let said = codings
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    return Err(ProxyError::UnsupportedCoding(said));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a request past its client's rate.
 pub(crate) fn check_rate(shared: &Shared, conn: &ConnInfo) -> Result<(), ProxyError> {
     match &shared.rate {
@@ -303,7 +347,7 @@ async fn serve(
         (resp, backend, attempts)
     };
 
-    if let Err(e) = check_rate(shared, conn) {
+    if let Err(e) = check_head(&parts).and_then(|()| check_rate(shared, conn)) {
         return finish(e.into_response(), None, 0);
     }
     let slot = match take_slot(shared, conn) {
@@ -610,8 +654,9 @@ fn prepare_request(
 ) -> Result<(), ProxyError> {
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, upgrade);
-    // The Host the client asked for: HTTP/2 carries it in the URI.
-    if !headers.contains_key(header::HOST) {
+    // The Host the client asked for: HTTP/2 carries it in the URI, and an
+    // absolute-form target's authority wins over Host (RFC 9112 §3.2.2).
+    if !headers.contains_key(header::HOST) || parts.uri.authority().is_some() {
         if let Some(authority) = parts.uri.authority() {
             let host = HeaderValue::from_str(authority.as_str())
                 .map_err(|_| ProxyError::BadRequest("invalid authority".into()))?;

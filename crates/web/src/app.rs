@@ -602,10 +602,14 @@ async fn get_api(
 
 async fn delete_api(
     State(app): State<Arc<App>>,
+    peer: Peer,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, AppError> {
     let code = code_from(path)?;
+    // A delete is a replicated write even when its token is wrong: it
+    // counts against the same per-client rate as a creation.
+    check_create_rate(&app, &headers, &peer)?;
     let by = deleter(&app, &headers)?;
     let w = app.store.delete(&code, &by).await?;
     match w.value {
@@ -913,6 +917,17 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE,
             "another client is not held back"
         );
+        // A delete is a write too (a wrong token's as well): same rate.
+        let mut delete = axum::http::Request::delete("/api/links/abc1234")
+            .header("authorization", "Bearer wrong")
+            .header("x-forwarded-for", "192.0.2.1")
+            .body(Body::empty())
+            .unwrap();
+        delete
+            .extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 9))));
+        let refused = router(app.clone()).oneshot(delete).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     }
 
     #[test]

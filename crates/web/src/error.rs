@@ -42,7 +42,7 @@ pub enum AppError {
     #[error("{0}")]
     Unauthorized(String),
     /// This client is over its rate; it may try again after `retry_after` seconds.
-    #[error("too many links created from this address; try again in {retry_after} s")]
+    #[error("too many links created or deleted from this address; try again in {retry_after} s")]
     TooManyRequests { retry_after: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
