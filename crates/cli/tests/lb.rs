@@ -1253,3 +1253,22 @@ async fn futures_unread(c: &reqwest::Client, url: &str, n: usize) -> Vec<reqwest
     }
     out
 }
+
+/// A client that sends its whole (too large) body before it reads reads
+/// the 413, not a reset: the load balancer drains what is still coming
+/// for a moment before it closes (a lingering close).
+#[tokio::test]
+async fn a_refusal_is_read_by_a_client_that_sends_first() {
+    let a = Backend::start("a").await;
+    let lb = start_lb(&[&a], &["--max-body-bytes", "1000000"]);
+    let mut s = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let head = "PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n";
+    s.write_all(head.as_bytes()).await.unwrap();
+    let body = vec![b'z'; 3_000_000];
+    s.write_all(&body).await.expect("the whole body is taken (drained), not reset");
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+    let answer = String::from_utf8_lossy(&out);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}

@@ -140,6 +140,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             HeadRead::Closed => return Ok(()),
             HeadRead::Refuse(e) => {
                 let _ = write_error(&mut io, &mut wbuf, e.status, &e.message, None, true).await;
+                linger(&mut io).await;
                 return Ok(());
             }
             HeadRead::Request(req) => req,
@@ -178,6 +179,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     0,
                     &request_id,
                 );
+                linger(&mut io).await;
                 return Ok(());
             }
         };
@@ -528,6 +530,30 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// How long, and how much of, what a client still sends after a refusal
+/// is read and dropped before its connection closes.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024 * 1024;
+
+/// A lingering close (nginx's): closing a socket with unread bytes makes
+/// the kernel send a reset, which can overtake the refusal just written
+/// (a 413, a 429): the client would read a broken pipe instead. The write
+/// side is shut, and what the client still sends is drained for a moment.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
+    let _ = io.shutdown().await;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut drained = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while drained < LINGER_BYTES {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Reads more of a request body into `rbuf`, by the body's deadline.
