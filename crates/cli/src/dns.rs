@@ -40,6 +40,10 @@ pub struct DnsArgs {
     /// Address of /metrics and /healthz (default 127.0.0.1, a free port).
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// A file holding the bearer token /metrics wants (made, mode 0600,
+    /// when missing). Bound beyond loopback without one, a token is made.
+    #[arg(long)]
+    http_token_file: Option<PathBuf>,
     /// TOML file with any of the settings.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -80,6 +84,22 @@ impl DnsArgs {
         }
         if let Some(v) = self.http {
             c.http = v;
+        }
+        if let Some(path) = &self.http_token_file {
+            c.http_token = Some(crate::lb::token_from_file(path)?);
+        }
+        if c.http_token.is_none() && !c.http.ip().is_loopback() {
+            let path = std::env::temp_dir().join(format!(
+                "scaleout-dns-{}-{:016x}.http-token",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            c.http_token = Some(crate::lb::token_from_file(&path)?);
+            println!(
+                "scaleout dns: the HTTP port listens beyond loopback ({}); the /metrics token is in {}",
+                c.http,
+                path.display()
+            );
         }
         c.validate()?;
         Ok(c)

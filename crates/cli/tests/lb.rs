@@ -52,6 +52,8 @@ async fn round_robin_spreads_evenly_and_forwards_headers() {
         .header("connection", "x-secret")
         .header("x-secret", "hop")
         .header("x-forwarded-for", "192.0.2.9")
+        .header("x-forwarded-host", "evil.example")
+        .header("x-forwarded-proto", "https")
         .header("x-request-id", "req-123")
         .send()
         .await
@@ -62,7 +64,11 @@ async fn round_robin_spreads_evenly_and_forwards_headers() {
     assert_eq!(echo["head"]["uri"], "/echo?x=1");
     assert_eq!(h["x-forwarded-for"], "192.0.2.9, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
-    assert_eq!(h["x-forwarded-host"], lb.addr.to_string());
+    assert_eq!(
+        h["x-forwarded-host"],
+        lb.addr.to_string(),
+        "what the lb saw, not what the client claimed"
+    );
     assert_eq!(
         h["forwarded"],
         format!("for=127.0.0.1;proto=http;host=\"{}\"", lb.addr)

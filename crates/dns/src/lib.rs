@@ -80,6 +80,9 @@ pub struct DnsConfig {
     /// Seconds.
     pub ttl: u32,
     pub health: HealthConfig,
+    /// When set, `/metrics` wants `Authorization: Bearer <token>`
+    /// (`/healthz` stays open for probes).
+    pub http_token: Option<String>,
 }
 
 impl Default for DnsConfig {
@@ -91,6 +94,7 @@ impl Default for DnsConfig {
             hosts: Vec::new(),
             ttl: 5,
             health: HealthConfig::default(),
+            http_token: None,
         }
     }
 }

@@ -214,6 +214,7 @@ impl BoundDns {
             health.clone(),
             shutdown.clone(),
         ));
+        let token = config.http_token.clone();
         let app = axum::Router::new()
             .route(
                 "/healthz",
@@ -223,20 +224,37 @@ impl BoundDns {
                 "/metrics",
                 axum::routing::get({
                     let handler = handler.clone();
-                    move || {
+                    move |headers: axum::http::HeaderMap| {
                         let handler = handler.clone();
+                        let token = token.clone();
                         async move {
+                            use axum::response::IntoResponse;
+                            if !bearer_matches(&headers, token.as_deref()) {
+                                return (
+                                    axum::http::StatusCode::UNAUTHORIZED,
+                                    axum::Json(serde_json::json!({"error": "/metrics needs Authorization: Bearer <token>"})),
+                                )
+                                    .into_response();
+                            }
                             (
                                 [("content-type", "text/plain; version=0.0.4")],
                                 render(&handler),
                             )
+                                .into_response()
                         }
                     }
                 }),
             );
+        // Bounded like every other server: a head timeout and a
+        // connection cap of its own.
+        let limits = scaleout_serve::Limits {
+            header_timeout: std::time::Duration::from_secs(10),
+            max_connections: 256,
+            drain: std::time::Duration::from_secs(5),
+        };
         let web_server =
-            axum::serve(http, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let web = tokio::spawn(async move { web_server.await });
+            scaleout_serve::serve(http, app, limits, Arc::default(), None, shutdown.clone());
+        let web = tokio::spawn(web_server);
 
         shutdown.cancelled().await;
         let _ = server.shutdown_gracefully().await;
@@ -272,6 +290,23 @@ fn rcode_name(rcode: ResponseCode) -> String {
         5 => "REFUSED".into(),
         n => n.to_string(),
     }
+}
+
+/// Whether the request carries the token, when there is one (compared in
+/// constant time).
+fn bearer_matches(headers: &axum::http::HeaderMap, token: Option<&str>) -> bool {
+    let Some(token) = token else { return true };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 fn render(h: &Handler) -> String {

@@ -594,7 +594,6 @@ fn encode_upstream_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut prior_xff: Option<&[u8]> = None;
     let mut prior_forwarded: Option<&[u8]> = None;
-    let mut has_xfh = false;
     for i in 0..req.headers.len() {
         let (name, value) = (req.name(i), req.value(i));
         if is_hop_by_hop(name) || named_in(&req.connection_tokens, &req.head, name) {
@@ -603,8 +602,12 @@ fn encode_upstream_head(
             }
             continue;
         }
+        // The load balancer says what it saw: a client's own
+        // X-Forwarded-Proto or -Host (which would steer the links app's
+        // short URLs) is replaced, not passed on.
         if name.eq_ignore_ascii_case(b"content-length")
             || name.eq_ignore_ascii_case(b"x-forwarded-proto")
+            || name.eq_ignore_ascii_case(b"x-forwarded-host")
         {
             continue;
         }
@@ -616,7 +619,6 @@ fn encode_upstream_head(
             prior_forwarded = Some(value);
             continue;
         }
-        has_xfh |= name.eq_ignore_ascii_case(b"x-forwarded-host");
         push_header(out, name, value);
     }
     if req.upgrade {
@@ -635,7 +637,7 @@ fn encode_upstream_head(
     out.extend_from_slice(scheme.as_bytes());
     out.extend_from_slice(b"\r\n");
     let host = req.host.clone().map(|h| &req.head[h]);
-    if let (Some(host), false) = (host, has_xfh) {
+    if let Some(host) = host {
         push_header(out, b"x-forwarded-host", host);
     }
     out.extend_from_slice(b"forwarded: ");

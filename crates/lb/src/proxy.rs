@@ -680,10 +680,10 @@ fn prepare_request(
         }
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+    // What the load balancer saw, never what the client claims.
+    headers.remove(&X_FORWARDED_HOST);
     if let Some(host) = &host {
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        }
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
     let mut forwarded = String::with_capacity(64);
     if let Some(prior) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
