@@ -845,16 +845,21 @@ async fn lb_metric(lb: &Lb, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in the metrics"))
 }
 
-/// The resident memory of a process, in bytes.
-fn rss_bytes(pid: nix::unistd::Pid) -> u64 {
+/// A memory figure of a process from /proc (`VmRSS`, `VmHWM`), in bytes.
+fn proc_memory(pid: nix::unistd::Pid, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .expect("VmRSS");
+        .unwrap_or_else(|| panic!("no {field} for {pid}"));
     kb * 1024
+}
+
+/// The resident memory of a process, in bytes.
+fn rss_bytes(pid: nix::unistd::Pid) -> u64 {
+    proc_memory(pid, "VmRSS")
 }
 
 #[tokio::test]
@@ -1103,14 +1108,7 @@ async fn a_client_over_its_rate_gets_429() {
 
 /// The resident memory high-water mark of a process, in bytes.
 fn peak_rss_bytes(pid: nix::unistd::Pid) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmHWM");
-    kb * 1024
+    proc_memory(pid, "VmHWM")
 }
 
 /// The h2 attack from the trust-boundaries report: 5 connections × 200
