@@ -196,35 +196,20 @@ async fn every_hop_speaks_tls_and_refuses_strangers() {
     assert!(r.text().await.unwrap().contains("example.com/tls"));
     // A load balancer without a client certificate is refused by the web
     // server: its backend goes down, and the site answers 502/503.
-    let mut lb_no_cert = Proc::spawn(&[
-        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--backend", &web_url, "--backend-ca", &ca, "--max-attempts", "1",
-    ]);
-    let line = lb_no_cert.wait_for_line("scaleout lb:");
-    let bare = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
-    let r = common::client().get(format!("{bare}/")).send().await.unwrap();
-    assert!(r.status().is_server_error(), "{}", r.status());
+    refused_by_the_web_server(&web_url, &["--backend-ca", &ca]).await;
     // A load balancer showing a certificate from another CA is refused
     // by the web server just the same.
-    let mut lb_rogue = Proc::spawn(&[
-        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--backend", &web_url, "--backend-ca", &ca, "--backend-cert", &rc, "--backend-key", &rk,
-        "--max-attempts", "1",
-    ]);
-    let line = lb_rogue.wait_for_line("scaleout lb:");
-    let rogue_site = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
-    let r = common::client().get(format!("{rogue_site}/")).send().await.unwrap();
-    assert!(r.status().is_server_error(), "{}", r.status());
+    refused_by_the_web_server(
+        &web_url,
+        &["--backend-ca", &ca, "--backend-cert", &rc, "--backend-key", &rk],
+    )
+    .await;
     // A load balancer that trusts another CA refuses the web server.
-    let mut lb_wrong_ca = Proc::spawn(&[
-        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--backend", &web_url, "--backend-ca", &rogue_ca, "--backend-cert", &lc, "--backend-key", &lk,
-        "--max-attempts", "1",
-    ]);
-    let line = lb_wrong_ca.wait_for_line("scaleout lb:");
-    let wrong_site = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
-    let r = common::client().get(format!("{wrong_site}/")).send().await.unwrap();
-    assert!(r.status().is_server_error(), "{}", r.status());
+    refused_by_the_web_server(
+        &web_url,
+        &["--backend-ca", &rogue_ca, "--backend-cert", &lc, "--backend-key", &lk],
+    )
+    .await;
 
     // web → db: a web server that trusts another CA never reaches the
     // database, and says so.
@@ -244,7 +229,7 @@ async fn every_hop_speaks_tls_and_refuses_strangers() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--db-ca"));
-    drop((lb, lb_no_cert, lb_rogue, lb_wrong_ca, web));
+    drop((lb, web));
 }
 
 /// client → lb with `--tls-client-ca`: only clients holding a certificate
@@ -280,6 +265,22 @@ async fn a_load_balancer_can_take_only_clients_with_a_certificate() {
     assert!(mallory.get(format!("{site}/")).send().await.is_err(), "another CA's certificate");
     assert_eq!(backend.hits(), 1, "only alice's request reached the backend");
     drop(lb);
+}
+
+/// A plaintext load balancer in front of the TLS web server at `web_url`,
+/// with `tls` as its backend TLS flags: the handshake fails, so its site
+/// answers 5xx.
+async fn refused_by_the_web_server(web_url: &str, tls: &[&str]) {
+    let mut args = vec![
+        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--backend", web_url, "--max-attempts", "1",
+    ];
+    args.extend_from_slice(tls);
+    let mut lb = Proc::spawn(&args);
+    let line = lb.wait_for_line("scaleout lb:");
+    let site = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
+    let r = common::client().get(format!("{site}/")).send().await.unwrap();
+    assert!(r.status().is_server_error(), "{tls:?}: {}", r.status());
 }
 
 #[tokio::test]
