@@ -112,7 +112,11 @@ pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()
     if args.id == 0 {
         anyhow::bail!("--id must be 1 or more (0 means \"no node\" in the metrics)");
     }
-    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+    let scheme = if args.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     if let Some(url) = &args.join {
         if !url.starts_with(&format!("{scheme}://")) {
             anyhow::bail!(

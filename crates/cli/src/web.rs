@@ -90,9 +90,9 @@ fn parse_net(text: &str) -> anyhow::Result<ipnet::IpNet> {
     if let Ok(net) = text.parse::<ipnet::IpNet>() {
         return Ok(net);
     }
-    let ip: std::net::IpAddr = text
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--trusted-proxy {text:?}: give an address or a CIDR, e.g. 10.0.0.0/8"))?;
+    let ip: std::net::IpAddr = text.parse().map_err(|_| {
+        anyhow::anyhow!("--trusted-proxy {text:?}: give an address or a CIDR, e.g. 10.0.0.0/8")
+    })?;
     Ok(ipnet::IpNet::from(ip))
 }
 
@@ -156,7 +156,11 @@ pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<(
             .with_context(|| format!("database {}", args.db.join(",")))?,
         () = shutdown.cancelled() => return Ok(()),
     };
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     println!(
         "scaleout web: {} {scheme}://{addr} (database {})",
         args.name,

@@ -30,7 +30,9 @@ fn namespaces_work() -> bool {
     };
     let works = ip(&["netns", "add", &ns])
         && ip(&["link", "add", &bridge, "type", "bridge"])
-        && ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])
+        && ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])
         && ip(&["link", "set", &veth, "master", &bridge]);
     ip(&["netns", "del", &ns]);
     ip(&["link", "del", &bridge]);
@@ -39,7 +41,9 @@ fn namespaces_work() -> bool {
 
 /// The number in `text` just before `label`, e.g. `12 faults`.
 fn number_before(text: &str, label: &str) -> u64 {
-    let at = text.find(label).unwrap_or_else(|| panic!("{label}: {text}"));
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("{label}: {text}"));
     text[..at]
         .split_whitespace()
         .last()
@@ -82,7 +86,10 @@ fn a_short_fault_schedule_with_a_partition_loses_nothing_and_stays_linearizable(
         eprintln!("no network namespaces here: partitions skipped");
     }
     let faults = number_before(&summary, " faults");
-    assert!(faults >= kinds.len() as u64, "each kind at least once: {printed}");
+    assert!(
+        faults >= kinds.len() as u64,
+        "each kind at least once: {printed}"
+    );
     let fault_lines: Vec<&str> = p
         .stdout
         .iter()
@@ -103,9 +110,15 @@ fn a_short_fault_schedule_with_a_partition_loses_nothing_and_stays_linearizable(
 
     // Linearizable and strong counts were made and checked, and the
     // register workload ran and was searched for a linearization.
-    assert!(number_before(&summary, "linearizable counts") > 10, "{summary}");
+    assert!(
+        number_before(&summary, "linearizable counts") > 10,
+        "{summary}"
+    );
     assert!(number_before(&registers, "operations") > 100, "{registers}");
-    assert!(number_before(&registers, "checked for") > 100, "{registers}");
+    assert!(
+        number_before(&registers, "checked for") > 100,
+        "{registers}"
+    );
     let lines = std::fs::read_to_string(&history).unwrap();
     let ops = lines.lines().count();
     assert!(ops > 100, "a real history: {ops} operations");

@@ -307,7 +307,13 @@ fn dig_gets_the_answers() {
 #[tokio::test]
 async fn an_http_port_beyond_loopback_gets_a_token() {
     let mut dns = Proc::spawn(&[
-        "dns", "--listen", "127.0.0.1:0", "--http", "0.0.0.0:0", "--host", "www=127.0.0.2",
+        "dns",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "0.0.0.0:0",
+        "--host",
+        "www=127.0.0.2",
     ]);
     let said = dns.wait_for_line("the /metrics token is in");
     let path = said.split_whitespace().last().unwrap().to_string();
@@ -316,12 +322,40 @@ async fn an_http_port_beyond_loopback_gets_a_token() {
     let base = format!("http://127.0.0.1:{port}");
     let token = std::fs::read_to_string(&path).unwrap().trim().to_string();
     let c = common::client();
-    assert_eq!(c.get(format!("{base}/metrics")).send().await.unwrap().status(), 401);
-    let r = c.get(format!("{base}/metrics")).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(
+        c.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let r = c
+        .get(format!("{base}/metrics"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = c.get(format!("{base}/metrics")).bearer_auth(&token).send().await.unwrap();
+    let r = c
+        .get(format!("{base}/metrics"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.text().await.unwrap().contains("scaleout_dns_queries_total"));
-    assert_eq!(c.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("scaleout_dns_queries_total"));
+    assert_eq!(
+        c.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let _ = std::fs::remove_file(&path);
 }

@@ -888,13 +888,26 @@ async fn large_bodies_are_spooled_and_arrive_intact_and_slow_ones_get_408() {
         .build()
         .unwrap();
     for c in [client(), h2] {
-        let r = c.post(lb.url("/echo")).body(body.clone()).send().await.unwrap();
+        let r = c
+            .post(lb.url("/echo"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
         let echo: Value = r.json().await.unwrap();
         assert_eq!(echo["body_len"], 300_000);
-        assert_eq!(echo["body_fnv"], want, "the spooled body arrives byte for byte");
+        assert_eq!(
+            echo["body_fnv"], want,
+            "the spooled body arrives byte for byte"
+        );
     }
     // A small body stays in memory; chunked ones are spooled too.
-    let r = client().post(lb.url("/echo")).body("tiny").send().await.unwrap();
+    let r = client()
+        .post(lb.url("/echo"))
+        .body("tiny")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["body_len"], 4);
     let mut chunked =
         b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -938,10 +951,16 @@ async fn large_bodies_are_spooled_and_arrive_intact_and_slow_ones_get_408() {
         writer.abort();
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 408"), "drip={drip}: {answer}");
-        assert!(started.elapsed() < Duration::from_secs(8), "cut by the body deadline");
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "cut by the body deadline"
+        );
     }
     assert_eq!(a.hits(), hits_before, "no partial body reached the backend");
-    assert_eq!(lb_metric(&lb, "scaleout_lb_bodies_too_slow_total").await, 2.0);
+    assert_eq!(
+        lb_metric(&lb, "scaleout_lb_bodies_too_slow_total").await,
+        2.0
+    );
 }
 
 /// The attack from the trust-boundaries report: 2,000 connections each
@@ -991,18 +1010,26 @@ async fn two_thousand_stalled_uploads_stay_within_the_memory_bound() {
             String::from_utf8_lossy(&out).into_owned()
         });
     }
-    eventually(Duration::from_secs(60), "every upload sent its bytes", || {
-        let sent = sent.clone();
-        async move { sent.load(Ordering::Relaxed) == UPLOADS as u64 }
-    })
+    eventually(
+        Duration::from_secs(60),
+        "every upload sent its bytes",
+        || {
+            let sent = sent.clone();
+            async move { sent.load(Ordering::Relaxed) == UPLOADS as u64 }
+        },
+    )
     .await;
     // Bytes sent may still sit in socket buffers: wait until the load
     // balancer holds every one.
     let all = (UPLOADS * (MIB - 1024)) as f64;
-    eventually(Duration::from_secs(60), "every byte reached the spool", || {
-        let lb = &lb;
-        async move { lb_metric(lb, "scaleout_lb_body_spool_bytes").await >= all }
-    })
+    eventually(
+        Duration::from_secs(60),
+        "every byte reached the spool",
+        || {
+            let lb = &lb;
+            async move { lb_metric(lb, "scaleout_lb_body_spool_bytes").await >= all }
+        },
+    )
     .await;
     let spooled = lb_metric(&lb, "scaleout_lb_body_spool_bytes").await;
     let grown = rss_bytes(lb.proc.pid()).saturating_sub(before);
@@ -1017,7 +1044,12 @@ async fn two_thousand_stalled_uploads_stay_within_the_memory_bound() {
     );
     assert!(grown < bound, "rss grew {grown} bytes, bound {bound}");
     // Others are served meanwhile.
-    let r = client().post(lb.url("/echo")).body("hello").send().await.unwrap();
+    let r = client()
+        .post(lb.url("/echo"))
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     // The stalled ones are cut with 408 at the deadline, and the spool empties.
     let mut cut = 0;
@@ -1052,7 +1084,11 @@ async fn an_admin_api_beyond_loopback_gets_a_token_made() {
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "{mode:o}");
     let token = std::fs::read_to_string(&path).unwrap().trim().to_string();
-    let r = client().get(format!("{admin}/backends")).send().await.unwrap();
+    let r = client()
+        .get(format!("{admin}/backends"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let r = client()
         .get(format!("{admin}/backends"))
@@ -1062,7 +1098,11 @@ async fn an_admin_api_beyond_loopback_gets_a_token_made() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     // Health and metrics stay open, for probes and scrapers.
-    let r = client().get(format!("{admin}/healthz")).send().await.unwrap();
+    let r = client()
+        .get(format!("{admin}/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     drop(lb);
     let _ = std::fs::remove_file(&path);
@@ -1098,8 +1138,15 @@ async fn a_client_over_its_rate_gets_429() {
     // A burst of 5 plus at most a couple refilled at 2/s while this ran.
     assert!((5..=8).contains(&ok), "{statuses:?}");
     assert_eq!(ok + limited, 10, "{statuses:?}");
-    assert_eq!(a.posts(), ok as u64, "no refused request reached the backend");
-    assert_eq!(lb_metric(&lb, "scaleout_lb_rate_limited_total").await, limited as f64);
+    assert_eq!(
+        a.posts(),
+        ok as u64,
+        "no refused request reached the backend"
+    );
+    assert_eq!(
+        lb_metric(&lb, "scaleout_lb_rate_limited_total").await,
+        limited as f64
+    );
     // The rate refills.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let r = client().get(lb.url("/")).send().await.unwrap();
@@ -1165,7 +1212,10 @@ async fn many_h2_streams_stay_within_the_memory_bound() {
     }
     assert_eq!(whole, 1000, "every upload arrives whole");
     let grown = peak_rss_bytes(lb.proc.pid()).saturating_sub(before);
-    eprintln!("1,000 h2 uploads of 256 KiB on 5 connections: peak rss grew {} MiB", grown >> 20);
+    eprintln!(
+        "1,000 h2 uploads of 256 KiB on 5 connections: peak rss grew {} MiB",
+        grown >> 20
+    );
     // The memory budget (16 MiB), plus per connection its window (1 MiB)
     // and 100 streams' state, with room for the allocator.
     let bound = (16 + 5 * 4 + 32) << 20;
@@ -1185,8 +1235,13 @@ fn a_token_file_others_can_read_or_write_is_refused() {
     std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = std::process::Command::new(common::BIN)
         .args([
-            "lb", "--listen", "127.0.0.1:0", "--backend", "http://127.0.0.1:9",
-            "--admin-token-file", planted.to_str().unwrap(),
+            "lb",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "http://127.0.0.1:9",
+            "--admin-token-file",
+            planted.to_str().unwrap(),
         ])
         .output()
         .unwrap();
@@ -1205,7 +1260,10 @@ async fn a_silent_connection_to_the_admin_api_is_closed() {
     let mut silent = tokio::net::TcpStream::connect(admin).await.unwrap();
     let mut buf = [0u8; 64];
     let closed = tokio::time::timeout(Duration::from_secs(8), silent.read(&mut buf)).await;
-    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "still open: {closed:?}");
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "still open: {closed:?}"
+    );
 }
 
 /// `--max-in-flight-per-ip`: each request holds a backend connection until
@@ -1238,7 +1296,11 @@ async fn one_address_may_have_only_so_many_requests_in_flight() {
     // A big answer nobody reads keeps its place; dropped, it gives it back.
     let unread: Vec<_> = futures_unread(&h2, &lb.url("/big/20000000"), 3).await;
     let r = h2.get(lb.url("/")).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "three answers still unread");
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "three answers still unread"
+    );
     drop(unread);
     eventually(Duration::from_secs(10), "the places come back", || {
         let (h2, url) = (h2.clone(), lb.url("/"));
@@ -1269,7 +1331,9 @@ async fn a_refusal_is_read_by_a_client_that_sends_first() {
     let head = "PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n";
     s.write_all(head.as_bytes()).await.unwrap();
     let body = vec![b'z'; 3_000_000];
-    s.write_all(&body).await.expect("the whole body is taken (drained), not reset");
+    s.write_all(&body)
+        .await
+        .expect("the whole body is taken (drained), not reset");
     let mut out = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
     assert!(matches!(read, Ok(Ok(_))), "{read:?}");

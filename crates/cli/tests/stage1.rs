@@ -147,12 +147,21 @@ async fn json_api_creates_reads_lists_redirects_and_deletes() {
     )
     .await;
     assert_eq!(
-        c.get(s.url(&format!("/{code}"))).send().await.unwrap().status(),
+        c.get(s.url(&format!("/{code}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         StatusCode::FOUND,
         "still there"
     );
     // Delete evicts the cached entry at once on this server.
-    let d = c.delete(s.url(&location)).bearer_auth(&token).send().await.unwrap();
+    let d = c
+        .delete(s.url(&location))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(d.status(), StatusCode::NO_CONTENT);
     let r = c.get(s.url(&format!("/{code}"))).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
@@ -168,7 +177,11 @@ async fn json_api_creates_reads_lists_redirects_and_deletes() {
     )
     .await;
     assert_json_error(
-        c.delete(s.url(&location)).bearer_auth(&token).send().await.unwrap(),
+        c.delete(s.url(&location))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
         StatusCode::NOT_FOUND,
         code,
     )
@@ -194,7 +207,14 @@ async fn home_page_has_the_form_the_newest_links_and_names_the_servers() {
     let mut paged = Vec::new();
     let mut next = Some("/api/links?limit=10".to_string());
     while let Some(page) = next {
-        let body: Value = c.get(s.url(&page)).send().await.unwrap().json().await.unwrap();
+        let body: Value = c
+            .get(s.url(&page))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         paged.extend(
             body["links"]
                 .as_array()
@@ -310,7 +330,11 @@ async fn html_form_posts_redirect_back_and_bad_urls_show_the_error() {
         .send()
         .await
         .unwrap();
-    assert_eq!(d.status(), StatusCode::NO_CONTENT, "the shown token deletes the link");
+    assert_eq!(
+        d.status(),
+        StatusCode::NO_CONTENT,
+        "the shown token deletes the link"
+    );
 }
 
 #[tokio::test]
@@ -416,7 +440,8 @@ async fn bad_inputs_get_clear_errors_and_store_nothing() {
             "bad-code!",
         ),
         (
-            c.delete(s.url("/api/links/nosuch1")).bearer_auth("0123456789abcdef0123456789abcdef"),
+            c.delete(s.url("/api/links/nosuch1"))
+                .bearer_auth("0123456789abcdef0123456789abcdef"),
             StatusCode::NOT_FOUND,
             "nosuch1",
         ),

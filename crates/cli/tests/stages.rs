@@ -190,7 +190,11 @@ async fn stage2_runs_the_web_tier_and_the_database_apart() {
         }
     };
     assert_eq!(delete(code.clone(), None).await, 401);
-    assert_eq!(delete(code.clone(), Some(token.clone())).await, 403, "not this link's token");
+    assert_eq!(
+        delete(code.clone(), Some(token.clone())).await,
+        403,
+        "not this link's token"
+    );
     assert_eq!(delete(mine.clone(), Some(token.clone())).await, 204);
     assert_eq!(delete(mine, Some(token)).await, 404);
     assert_eq!(read_link(&stage.site, &code, None).await.status(), 200);
@@ -235,10 +239,22 @@ async fn stage3_balances_two_web_servers_over_one_database() {
     let token_file = dir.path().join("stage3").join("lb-admin-token");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
-    assert_eq!(mode & 0o077, 0, "the token file is the owner's alone: {mode:o}");
-    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the token file is the owner's alone: {mode:o}"
+    );
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
     let add = json!({"url": "http://127.0.0.1:9", "name": "intruder"});
-    let r = client().post(format!("{admin}/backends")).json(&add).send().await.unwrap();
+    let r = client()
+        .post(format!("{admin}/backends"))
+        .json(&add)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401, "no token, no backend");
     let r = client()
         .post(format!("{admin}/backends"))
@@ -577,7 +593,13 @@ async fn up_with_tls_serves_the_site_over_tls_on_every_hop() {
         cert: None,
         key: None,
     };
-    let port = stage.site.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
+    let port = stage
+        .site
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
     let through = |lb: &str| {
         reqwest::Client::builder()
             .use_preconfigured_tls(tls.config().unwrap())
@@ -595,15 +617,22 @@ async fn up_with_tls_serves_the_site_over_tls_on_every_hop() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let code = r.json::<Value>().await.unwrap()["code"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(10), "the link is read back through lb-2", || {
-        let (client, url) = (through("127.0.0.3"), format!("{site}/{code}"));
-        async move {
-            client.get(url).send().await.is_ok_and(|r| {
-                r.status() == 302 && r.headers()["location"] == "https://example.com/over-tls"
-            })
-        }
-    })
+    let code = r.json::<Value>().await.unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(
+        Duration::from_secs(10),
+        "the link is read back through lb-2",
+        || {
+            let (client, url) = (through("127.0.0.3"), format!("{site}/{code}"));
+            async move {
+                client.get(url).send().await.is_ok_and(|r| {
+                    r.status() == 302 && r.headers()["location"] == "https://example.com/over-tls"
+                })
+            }
+        },
+    )
     .await;
     // The DNS server checks both load balancers over HTTPS (two failed
     // checks in a row, a second apart, would mark one down): both pass.
@@ -647,17 +676,35 @@ async fn up_with_tls_serves_the_site_over_tls_on_every_hop() {
         .unwrap();
     let raft = nodes["2"]["addr"].as_str().unwrap().to_string();
     for who in ["web-1", "lb-1"] {
-        let sent = as_who(Some(who)).get(format!("https://{raft}/raft/log")).send().await;
-        assert!(sent.is_err(), "{who}'s certificate reached the Raft port: {sent:?}");
+        let sent = as_who(Some(who))
+            .get(format!("https://{raft}/raft/log"))
+            .send()
+            .await;
+        assert!(
+            sent.is_err(),
+            "{who}'s certificate reached the Raft port: {sent:?}"
+        );
     }
     // A node's certificate gets past the handshake, and then still needs
     // the lab's cluster secret.
-    let sent = as_who(Some("db-2")).get(format!("https://{raft}/raft/log")).send().await.unwrap();
+    let sent = as_who(Some("db-2"))
+        .get(format!("https://{raft}/raft/log"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(sent.status(), 401);
     // Plain HTTP reaches nothing: not the site, not a database node.
     let plain = format!("http://127.0.0.2:{port}/");
-    assert!(client().get(plain).send().await.map_or(true, |r| !r.status().is_success()));
+    assert!(client()
+        .get(plain)
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success()));
     let db = stage.url("db-1").replacen("https://", "http://", 1);
-    assert!(client().get(format!("{db}/status")).send().await.map_or(true, |r| !r.status().is_success()));
+    assert!(client()
+        .get(format!("{db}/status"))
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success()));
     stage.stop();
 }

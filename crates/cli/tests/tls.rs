@@ -115,10 +115,17 @@ async fn every_hop_speaks_tls_and_refuses_strangers() {
     assert!(raft_index.is_some());
     // Replicated to db-2 over the TLS Raft port.
     eventually(Duration::from_secs(10), "db-2 applied the write", || {
-        let (good, url) = (good.clone(), db2.url("/db/query?level=none&q=SELECT%20count(*)%20FROM%20t"));
+        let (good, url) = (
+            good.clone(),
+            db2.url("/db/query?level=none&q=SELECT%20count(*)%20FROM%20t"),
+        );
         async move {
-            let Ok(r) = good.get(url).send().await else { return false };
-            r.json::<Value>().await.is_ok_and(|v| v["results"][0]["values"] == json!([[1]]))
+            let Ok(r) = good.get(url).send().await else {
+                return false;
+            };
+            r.json::<Value>()
+                .await
+                .is_ok_and(|v| v["results"][0]["values"] == json!([[1]]))
         }
     })
     .await;
@@ -129,28 +136,45 @@ async fn every_hop_speaks_tls_and_refuses_strangers() {
         .get(db1.url("/status").replacen("https://", "http://", 1))
         .send()
         .await;
-    assert!(plain.map_or(true, |r| !r.status().is_success()), "no plain HTTP on a TLS port");
-    assert!(rogue.client(None).get(db1.url("/status")).send().await.is_err());
-    assert_eq!(good.get(db1.url("/status")).send().await.unwrap().status(), 200);
+    assert!(
+        plain.map_or(true, |r| !r.status().is_success()),
+        "no plain HTTP on a TLS port"
+    );
+    assert!(rogue
+        .client(None)
+        .get(db1.url("/status"))
+        .send()
+        .await
+        .is_err());
+    assert_eq!(
+        good.get(db1.url("/status")).send().await.unwrap().status(),
+        200
+    );
 
     // The Raft port: a forged RPC with no client certificate, or with one
     // from another CA, never gets past the handshake.
     let raft = format!("https://{}/raft/append", db1.raft);
     let forged = json!({"vote": {"leader_id": {"term": 999, "node_id": 9}, "committed": true}});
-    for (who, client) in [("no certificate", pki.client(None)), ("a rogue certificate", {
-        let tls = ClientTls {
-            ca: Some(ca.clone().into()),
-            cert: Some(rc.clone().into()),
-            key: Some(rk.clone().into()),
-        };
-        reqwest::Client::builder()
-            .use_preconfigured_tls(tls.config().unwrap())
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap()
-    })] {
+    for (who, client) in [
+        ("no certificate", pki.client(None)),
+        ("a rogue certificate", {
+            let tls = ClientTls {
+                ca: Some(ca.clone().into()),
+                cert: Some(rc.clone().into()),
+                key: Some(rk.clone().into()),
+            };
+            reqwest::Client::builder()
+                .use_preconfigured_tls(tls.config().unwrap())
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap()
+        }),
+    ] {
         let sent = client.post(&raft).json(&forged).send().await;
-        assert!(sent.is_err(), "{who}: the Raft port must refuse the handshake, got {sent:?}");
+        assert!(
+            sent.is_err(),
+            "{who}: the Raft port must refuse the handshake, got {sent:?}"
+        );
     }
 
     // A rogue node (certificate from another CA) cannot join.
@@ -159,31 +183,87 @@ async fn every_hop_speaks_tls_and_refuses_strangers() {
     args.extend(tls_args(&rc, &rk, &rogue_ca));
     let _intruder = DbNode::start(3, dir.path(), &args);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let nodes: Value = good.get(db1.url("/nodes")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(nodes.as_object().unwrap().len(), 2, "the intruder is not a member: {nodes}");
+    let nodes: Value = good
+        .get(db1.url("/nodes"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        nodes.as_object().unwrap().len(),
+        2,
+        "the intruder is not a member: {nodes}"
+    );
 
     // web → db over TLS, lb → web over mutual TLS, client → lb over TLS.
     let (wc, wk) = pki.issue("web-1");
     let (lc, lk) = pki.issue("lb");
     let mut web = Proc::spawn(&[
-        "web", "--listen", "127.0.0.1:0", "--db", &db1.api, "--db-ca", &ca,
-        "--tls-cert", &wc, "--tls-key", &wk, "--tls-client-ca", &ca, "--name", "web-1",
+        "web",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        &db1.api,
+        "--db-ca",
+        &ca,
+        "--tls-cert",
+        &wc,
+        "--tls-key",
+        &wk,
+        "--tls-client-ca",
+        &ca,
+        "--name",
+        "web-1",
     ]);
     let line = web.wait_for_line("scaleout web:");
-    let web_url = line.split_whitespace().find(|w| w.starts_with("https://")).unwrap().to_string();
+    let web_url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .unwrap()
+        .to_string();
     // The web server takes only the load balancer (a cluster certificate).
-    assert!(pki.client(None).get(format!("{web_url}/healthz")).send().await.is_err());
+    assert!(pki
+        .client(None)
+        .get(format!("{web_url}/healthz"))
+        .send()
+        .await
+        .is_err());
     assert_eq!(
-        pki.client(Some("lb")).get(format!("{web_url}/healthz")).send().await.unwrap().status(),
+        pki.client(Some("lb"))
+            .get(format!("{web_url}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         200
     );
     let mut lb = Proc::spawn(&[
-        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--backend", &web_url, "--backend-ca", &ca, "--backend-cert", &lc, "--backend-key", &lk,
-        "--tls-cert", &lc, "--tls-key", &lk,
+        "lb",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--backend",
+        &web_url,
+        "--backend-ca",
+        &ca,
+        "--backend-cert",
+        &lc,
+        "--backend-key",
+        &lk,
+        "--tls-cert",
+        &lc,
+        "--tls-key",
+        &lk,
     ]);
     let line = lb.wait_for_line("scaleout lb:");
-    let site = line.split_whitespace().find(|w| w.starts_with("https://")).unwrap().to_string();
+    let site = line
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .unwrap()
+        .to_string();
     let r = good
         .post(format!("{site}/api/links"))
         .json(&json!({"url": "https://example.com/tls"}))
@@ -201,13 +281,27 @@ async fn every_hop_speaks_tls_and_refuses_strangers() {
     // by the web server just the same.
     refused_by_the_web_server(
         &web_url,
-        &["--backend-ca", &ca, "--backend-cert", &rc, "--backend-key", &rk],
+        &[
+            "--backend-ca",
+            &ca,
+            "--backend-cert",
+            &rc,
+            "--backend-key",
+            &rk,
+        ],
     )
     .await;
     // A load balancer that trusts another CA refuses the web server.
     refused_by_the_web_server(
         &web_url,
-        &["--backend-ca", &rogue_ca, "--backend-cert", &lc, "--backend-key", &lk],
+        &[
+            "--backend-ca",
+            &rogue_ca,
+            "--backend-cert",
+            &lc,
+            "--backend-key",
+            &lk,
+        ],
     )
     .await;
 
@@ -215,11 +309,21 @@ async fn every_hop_speaks_tls_and_refuses_strangers() {
     // database, and says so.
     let out = tokio::process::Command::new(common::BIN)
         .args([
-            "web", "--listen", "127.0.0.1:0", "--db", &db1.api, "--db-ca", &rogue_ca,
-            "--db-wait", "2s",
+            "web",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db1.api,
+            "--db-ca",
+            &rogue_ca,
+            "--db-wait",
+            "2s",
         ])
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(20), out).await.unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("database"), "{err}");
@@ -245,14 +349,43 @@ async fn a_load_balancer_can_take_only_clients_with_a_certificate() {
     let backend = common::backend::Backend::start("a").await;
     let ca = pki.ca();
     let mut lb = Proc::spawn(&[
-        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--backend", &backend.url(), "--tls-cert", &cert, "--tls-key", &key,
-        "--tls-client-ca", &ca,
+        "lb",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--backend",
+        &backend.url(),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
     ]);
     let line = lb.wait_for_line("scaleout lb:");
-    let site = line.split_whitespace().find(|w| w.starts_with("https://")).unwrap().to_string();
-    assert_eq!(pki.client(Some("alice")).get(format!("{site}/")).send().await.unwrap().status(), 200);
-    assert!(pki.client(None).get(format!("{site}/")).send().await.is_err(), "no certificate");
+    let site = line
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        pki.client(Some("alice"))
+            .get(format!("{site}/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        pki.client(None)
+            .get(format!("{site}/"))
+            .send()
+            .await
+            .is_err(),
+        "no certificate"
+    );
     let mallory = ClientTls {
         ca: Some(ca.clone().into()),
         cert: Some(rogue.path("mallory.pem").into()),
@@ -262,8 +395,15 @@ async fn a_load_balancer_can_take_only_clients_with_a_certificate() {
         .use_preconfigured_tls(mallory.config().unwrap())
         .build()
         .unwrap();
-    assert!(mallory.get(format!("{site}/")).send().await.is_err(), "another CA's certificate");
-    assert_eq!(backend.hits(), 1, "only alice's request reached the backend");
+    assert!(
+        mallory.get(format!("{site}/")).send().await.is_err(),
+        "another CA's certificate"
+    );
+    assert_eq!(
+        backend.hits(),
+        1,
+        "only alice's request reached the backend"
+    );
     drop(lb);
 }
 
@@ -272,14 +412,29 @@ async fn a_load_balancer_can_take_only_clients_with_a_certificate() {
 /// answers 5xx.
 async fn refused_by_the_web_server(web_url: &str, tls: &[&str]) {
     let mut args = vec![
-        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--backend", web_url, "--max-attempts", "1",
+        "lb",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--backend",
+        web_url,
+        "--max-attempts",
+        "1",
     ];
     args.extend_from_slice(tls);
     let mut lb = Proc::spawn(&args);
     let line = lb.wait_for_line("scaleout lb:");
-    let site = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
-    let r = common::client().get(format!("{site}/")).send().await.unwrap();
+    let site = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
+    let r = common::client()
+        .get(format!("{site}/"))
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_server_error(), "{tls:?}: {}", r.status());
 }
 
@@ -290,15 +445,36 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     let (cert, key) = pki.issue("lb");
     let backend = common::backend::Backend::start("a").await;
     let mut lb = Proc::spawn(&[
-        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--backend", &backend.url(), "--tls-cert", &cert, "--tls-key", &key,
+        "lb",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--backend",
+        &backend.url(),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
     ]);
     let line = lb.wait_for_line("scaleout lb:");
-    let site = line.split_whitespace().find(|w| w.starts_with("https://")).unwrap().to_string();
+    let site = line
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .unwrap()
+        .to_string();
     let site = site.replacen("127.0.0.1", "localhost", 1);
     let port: u16 = site.rsplit(':').next().unwrap().parse().unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert_eq!(pki.client(None).get(format!("{site}/")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        pki.client(None)
+            .get(format!("{site}/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     // Renew with a certificate from a new CA: clients of the old CA now
     // refuse, clients of the new one are served, with the same process.
@@ -306,19 +482,40 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     let issued = renewed.ca.issue(&["localhost".into()]).unwrap();
     std::fs::write(&key, issued.key_pem).unwrap();
     std::fs::write(&cert, issued.cert_pem).unwrap();
-    eventually(Duration::from_secs(10), "the renewed certificate is served", || {
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(
-                ClientTls { ca: Some(renewed.ca().into()), cert: None, key: None }.config().unwrap(),
-            )
-            .resolve("localhost", addr)
-            .build()
-            .unwrap();
-        let url = format!("{site}/");
-        async move { client.get(url).send().await.is_ok_and(|r| r.status() == 200) }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the renewed certificate is served",
+        || {
+            let client = reqwest::Client::builder()
+                .use_preconfigured_tls(
+                    ClientTls {
+                        ca: Some(renewed.ca().into()),
+                        cert: None,
+                        key: None,
+                    }
+                    .config()
+                    .unwrap(),
+                )
+                .resolve("localhost", addr)
+                .build()
+                .unwrap();
+            let url = format!("{site}/");
+            async move {
+                client
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+            }
+        },
+    )
     .await;
-    assert!(pki.client(None).get(format!("{site}/")).send().await.is_err());
+    assert!(pki
+        .client(None)
+        .get(format!("{site}/"))
+        .send()
+        .await
+        .is_err());
     assert!(lb.pid().as_raw() > 0);
 }
 
@@ -335,15 +532,32 @@ async fn strict_parsing_holds_over_tls() {
     let (cert, key) = pki.issue("lb");
     let backend = common::backend::Backend::start("a").await;
     let mut lb = Proc::spawn(&[
-        "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--backend", &backend.url(), "--tls-cert", &cert, "--tls-key", &key,
+        "lb",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--backend",
+        &backend.url(),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
     ]);
     let line = lb.wait_for_line("scaleout lb:");
-    let site = line.split_whitespace().find(|w| w.starts_with("https://")).unwrap().to_string();
+    let site = line
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .unwrap()
+        .to_string();
     let addr: std::net::SocketAddr = site.trim_start_matches("https://").parse().unwrap();
-    let connector = ClientTls { ca: Some(pki.ca().into()), cert: None, key: None }
-        .connector()
-        .unwrap();
+    let connector = ClientTls {
+        ca: Some(pki.ca().into()),
+        cert: None,
+        key: None,
+    }
+    .connector()
+    .unwrap();
     let exchange = |raw: &'static [u8]| {
         let connector = connector.clone();
         async move {
@@ -370,6 +584,10 @@ async fn strict_parsing_holds_over_tls() {
             String::from_utf8_lossy(raw)
         );
     }
-    assert_eq!(backend.hits(), 1, "only the well-formed request reached the backend");
+    assert_eq!(
+        backend.hits(),
+        1,
+        "only the well-formed request reached the backend"
+    );
     drop(lb);
 }

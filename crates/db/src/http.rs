@@ -519,12 +519,14 @@ pub mod fuzzing {
             Some(at) => (&data[..at], &data[at + 1..]),
             None => (&data[..0], data),
         };
-        let params: HashMap<String, String> = url::form_urlencoded::parse(query)
-            .into_owned()
-            .collect();
+        let params: HashMap<String, String> =
+            url::form_urlencoded::parse(query).into_owned().collect();
         let _ = parse_params(&params);
         if let Ok(statements) = parse_statements(body) {
-            assert!(!statements.is_empty(), "an accepted request has a statement");
+            assert!(
+                !statements.is_empty(),
+                "an accepted request has a statement"
+            );
         }
     }
 }

@@ -509,7 +509,11 @@ impl DbNode {
         let (_, leader) = self.leader()?;
         let mut request = self
             .client
-            .get(format!("{}://{}/raft/log", crate::peers::scheme(), leader.raft))
+            .get(format!(
+                "{}://{}/raft/log",
+                crate::peers::scheme(),
+                leader.raft
+            ))
             .timeout(self.lease);
         if let Some(secret) = &self.cluster_secret {
             request = request.header(header::AUTHORIZATION, secret.header());
@@ -1088,7 +1092,11 @@ impl DbNode {
             // word, and a secured node answers 401, which is an answer.
             let request = self
                 .client
-                .get(format!("{}://{}/raft/log", crate::peers::scheme(), member.raft))
+                .get(format!(
+                    "{}://{}/raft/log",
+                    crate::peers::scheme(),
+                    member.raft
+                ))
                 .timeout(Duration::from_secs(1));
             if request.send().await.is_ok() {
                 return true;

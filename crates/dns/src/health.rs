@@ -87,10 +87,9 @@ async fn check(
                     .connect(name, tcp)
                     .await
                     .map_err(|e| format!("TLS: {e}"))?;
-                let (send, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
@@ -166,7 +165,8 @@ pub async fn run(
         for addr in &addrs {
             let (template, addr, timeout) = (template.clone(), *addr, cfg.timeout);
             let tls = tls.clone();
-            checks.spawn(async move { (addr, check(&template, addr, tls.as_ref(), timeout).await) });
+            checks
+                .spawn(async move { (addr, check(&template, addr, tls.as_ref(), timeout).await) });
         }
         while let Some(Ok((addr, result))) = checks.join_next().await {
             let state = states.entry(addr).or_insert_with(HealthState::new_up);

@@ -205,10 +205,14 @@ pub mod fuzzing {
             return;
         }
         let origin = Name::from_str("scaleout.test.").expect("a valid origin");
-        let hosts = ["www=10.0.0.1,10.0.0.2,2001:db8::1", "@=10.0.0.9", "api=10.0.0.3"]
-            .iter()
-            .map(|h| parse_host(h, &origin).expect("a valid host"))
-            .collect();
+        let hosts = [
+            "www=10.0.0.1,10.0.0.2,2001:db8::1",
+            "@=10.0.0.9",
+            "api=10.0.0.3",
+        ]
+        .iter()
+        .map(|h| parse_host(h, &origin).expect("a valid host"))
+        .collect();
         let zone = Zone::new(origin, hosts, 30);
         let qtype = RecordType::from(u16::from_be_bytes([data[0], data[1]]));
         let health_bits = data[2];
@@ -239,7 +243,11 @@ pub mod fuzzing {
             ResponseCode::NoError => {
                 assert!(answer.authoritative);
                 for record in &answer.answers {
-                    assert_eq!(LowerName::from(record.name()), qname, "answers are about the question");
+                    assert_eq!(
+                        LowerName::from(record.name()),
+                        qname,
+                        "answers are about the question"
+                    );
                     let fits = match qtype {
                         RecordType::ANY => true,
                         t => record.record_type() == t,

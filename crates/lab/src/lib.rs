@@ -273,7 +273,14 @@ pub(crate) async fn start_topology(
             let listen = format!("{ip}:{lb_port}");
             let p = procs::Proc::start(
                 &format!("lb-{}", i + 1),
-                &lb_args(&listen, &port(), &web_urls, dir, plan.tls.as_deref(), &format!("lb-{}", i + 1))?,
+                &lb_args(
+                    &listen,
+                    &port(),
+                    &web_urls,
+                    dir,
+                    plan.tls.as_deref(),
+                    &format!("lb-{}", i + 1),
+                )?,
                 "scaleout lb:",
             )
             .await?;
@@ -520,7 +527,9 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
             .unwrap_or_default();
         let port = lb1.rsplit(':').next().unwrap_or("?").to_string();
         let (dns_ip, dns_port) = dns_addr.rsplit_once(':').unwrap_or(("?", "?"));
-        println!("the site is {scheme}://{SITE_NAME}:{port}/ and its name is served by scaleout dns:");
+        println!(
+            "the site is {scheme}://{SITE_NAME}:{port}/ and its name is served by scaleout dns:"
+        );
         println!("  dig @{dns_ip} -p {dns_port} {SITE_NAME} +short");
         println!(
             "  curl --resolve {SITE_NAME}:{port}:{} {scheme}://{SITE_NAME}:{port}/",

@@ -152,10 +152,14 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             .map_or_else(proxy::new_request_id_bytes, |r| req.head.slice(r));
 
         // The client's rate, then the body, whole.
-        let slot = proxy::check_rate(&shared, &conn).and_then(|()| proxy::take_slot(&shared, &conn));
+        let slot =
+            proxy::check_rate(&shared, &conn).and_then(|()| proxy::take_slot(&shared, &conn));
         let (body, _slot) = match slot {
             Err(e) => (Err(e), None),
-            Ok(slot) => (read_body(&mut io, &mut rbuf, &req, &shared.bodies).await?, slot),
+            Ok(slot) => (
+                read_body(&mut io, &mut rbuf, &req, &shared.bodies).await?,
+                slot,
+            ),
         };
         let body = match body {
             Ok(body) => body,
@@ -708,10 +712,7 @@ async fn forward(
     let _in_flight = InFlight(&backend);
     let mut fresh_tried = false;
     loop {
-        let checkout = worker
-            .upstream
-            .checkout(&backend)
-            .await?;
+        let checkout = worker.upstream.checkout(&backend).await?;
         let mut conn = checkout.conn;
         times.waiting_for_upstream();
         let answered = upstream::send_and_read_head(
@@ -945,7 +946,10 @@ pub mod fuzzing {
             }
         };
         let Ok(Some(req)) = req else { return };
-        assert!(req.head.len() <= data.len(), "a head is never longer than its bytes");
+        assert!(
+            req.head.len() <= data.len(),
+            "a head is never longer than its bytes"
+        );
         for i in 0..req.headers.len() {
             // Every header range lies inside the head.
             let _ = (req.name(i), req.value(i));

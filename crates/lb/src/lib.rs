@@ -78,7 +78,11 @@ pub async fn bind(config: LbConfig) -> Result<BoundLb, Error> {
         resolved.push(BackendAddr::parse(&b.url)?.resolve().await?);
     }
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
-    let upstream_tls = config.upstream_tls.as_ref().map(tls::connector).transpose()?;
+    let upstream_tls = config
+        .upstream_tls
+        .as_ref()
+        .map(tls::connector)
+        .transpose()?;
     let listener = server::bind(config.listen)?;
     let addr = listener.local_addr()?;
     let admin = tokio::net::TcpListener::bind(config.admin)
@@ -130,8 +134,11 @@ impl BoundLb {
             pool.add(cfg, at)?;
         }
         let retry = config.retry.clone();
-        let upstream =
-            UpstreamPool::new(config.limits.max_idle_per_backend, config.timeouts.connect, upstream_tls);
+        let upstream = UpstreamPool::new(
+            config.limits.max_idle_per_backend,
+            config.timeouts.connect,
+            upstream_tls,
+        );
         let shared = Arc::new(Shared {
             selection: selection::for_algorithm(config.algorithm),
             pool: pool.clone(),

@@ -74,7 +74,10 @@ impl InFlightPerIp {
         })
     }
 
-    fn shard(&self, ip: &std::net::IpAddr) -> &std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>> {
+    fn shard(
+        &self,
+        ip: &std::net::IpAddr,
+    ) -> &std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>> {
         let h = match ip {
             std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
             std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
@@ -179,11 +182,17 @@ fn check_head(parts: &http::request::Parts) -> Result<(), ProxyError> {
             if parts.version == Version::HTTP_11 && hosts == 0 {
                 return bad("an HTTP/1.1 request needs a Host header");
             }
-            let codings: Vec<&HeaderValue> =
-                parts.headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+            let codings: Vec<&HeaderValue> = parts
+                .headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .collect();
             if !codings.is_empty() {
                 let lone_chunked = codings.len() == 1
-                    && codings[0].as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
+                    && codings[0]
+                        .as_bytes()
+                        .trim_ascii()
+                        .eq_ignore_ascii_case(b"chunked");
                 if !lone_chunked {
                     let said = codings
                         .iter()
@@ -747,10 +756,7 @@ async fn forward(
     // was processed; such a request goes once more on a fresh connection.
     let mut fresh_tried = false;
     loop {
-        let checkout = worker
-            .upstream
-            .checkout(backend)
-            .await?;
+        let checkout = worker.upstream.checkout(backend).await?;
         let release = Release {
             pool: worker.upstream.clone(),
             backend_id: backend.id,
@@ -783,10 +789,7 @@ async fn forward_upgrade(
     client_upgrade: &std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>,
 ) -> Result<Response<LbBody>, ProxyError> {
     let timeout = worker.shared.config.timeouts.upstream_response;
-    let mut sender = worker
-        .upstream
-        .connect_hyper(backend)
-        .await?;
+    let mut sender = worker.upstream.connect_hyper(backend).await?;
     let resp = match tokio::time::timeout(timeout, sender.send_request(request)).await {
         Err(_) => {
             return Err(ProxyError::Timeout {

@@ -55,10 +55,7 @@ impl Bodies {
             buffer: limits.body_buffer_bytes,
             max_memory: limits.max_body_memory,
             max_spool: limits.max_spool_bytes,
-            dir: limits
-                .spool_dir
-                .clone()
-                .unwrap_or_else(std::env::temp_dir),
+            dir: limits.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
             timeout: timeouts.body,
             min_rate: limits.min_body_rate.max(1),
             max_time: timeouts.max_body,

@@ -26,9 +26,9 @@ use http_body::{Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::spool::RequestBody;
 use crate::backend::Backend;
 use crate::error::ProxyError;
+use crate::spool::RequestBody;
 
 /// Most response headers accepted from a backend.
 const MAX_HEADERS: usize = 128;
@@ -422,7 +422,8 @@ async fn write_request(
     head: &[u8],
     body: &RequestBody,
 ) -> std::io::Result<()> {
-    body.write_after(&mut conn.stream, head, &mut conn.wbuf).await
+    body.write_after(&mut conn.stream, head, &mut conn.wbuf)
+        .await
 }
 
 enum ReadHeadError {
@@ -926,8 +927,12 @@ mod tests {
         addr: SocketAddr,
         method: &Method,
     ) -> (Response<UpstreamBody>, bool) {
-        let backend = Backend::new(1, &crate::config::BackendConfig::new(format!("http://{addr}")), addr)
-            .unwrap();
+        let backend = Backend::new(
+            1,
+            &crate::config::BackendConfig::new(format!("http://{addr}")),
+            addr,
+        )
+        .unwrap();
         let co = pool.checkout(&backend).await.unwrap();
         let headers = HeaderMap::new();
         let head = Head {

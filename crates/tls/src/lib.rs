@@ -52,8 +52,12 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| fail(format!("reading the private key from {}: {e}", path.display())))
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        fail(format!(
+            "reading the private key from {}: {e}",
+            path.display()
+        ))
+    })
 }
 
 fn roots(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
@@ -101,12 +105,10 @@ impl ServerTls {
         let builder = match &self.client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
-                let verifier = WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(roots(ca)?),
-                    provider(),
-                )
-                .build()
-                .map_err(|e| fail(format!("client CA {}: {e}", ca.display())))?;
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                        .build()
+                        .map_err(|e| fail(format!("client CA {}: {e}", ca.display())))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
@@ -232,8 +234,8 @@ pub struct Issued {
 impl LocalCa {
     pub fn new(name: &str) -> Result<Self, TlsError> {
         let key = rcgen::KeyPair::generate().map_err(|e| fail(e.to_string()))?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
-            .map_err(|e| fail(e.to_string()))?;
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| fail(e.to_string()))?;
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params
             .distinguished_name
@@ -315,7 +317,11 @@ mod tests {
             cert: dir.path().join("nope.pem"),
             ..server
         };
-        assert!(missing.config(&[]).unwrap_err().to_string().contains("nope.pem"));
+        assert!(missing
+            .config(&[])
+            .unwrap_err()
+            .to_string()
+            .contains("nope.pem"));
         let half = ClientTls {
             key: None,
             ..client

@@ -31,10 +31,17 @@ pub fn client_ip(headers: &HeaderMap, peer: SocketAddr, trusted: &[ipnet::IpNet]
 /// The proxies trusted by default: loopback and the private ranges, where
 /// the load balancer sits in every layout scaleout runs.
 pub fn default_trusted() -> Vec<ipnet::IpNet> {
-    ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
-        .iter()
-        .filter_map(|n| n.parse().ok())
-        .collect()
+    [
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "fc00::/7",
+    ]
+    .iter()
+    .filter_map(|n| n.parse().ok())
+    .collect()
 }
 
 /// Links one client may create: `per_minute`, in bursts of `burst`.
@@ -78,7 +85,10 @@ mod tests {
     #[test]
     fn forwarded_for_counts_only_from_a_trusted_proxy() {
         let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 203.0.113.9"));
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.9"),
+        );
         let trusted = default_trusted();
         let via_lb: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let direct: SocketAddr = "198.51.100.7:5000".parse().unwrap();

@@ -16,13 +16,13 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
+use crate::abuse::{self, CreateLimit};
 use crate::cache::LinkCache;
 use crate::error::{AppError, StoreError};
 use crate::html::{self, HomePage};
 use crate::links;
 use crate::metrics::{RequestLabels, RouteLabels, WebMetrics};
 use crate::store::{Deleted, Deleter, Link, ReadOpts, Store, Written};
-use crate::abuse::{self, CreateLimit};
 use crate::WebConfig;
 
 pub static X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
@@ -647,7 +647,10 @@ fn deleter(app: &App, headers: &HeaderMap) -> Result<Deleter, AppError> {
             )
         })?;
     if let Some(admin) = &app.config.admin_token {
-        if bool::from(subtle::ConstantTimeEq::ct_eq(token.as_bytes(), admin.as_bytes())) {
+        if bool::from(subtle::ConstantTimeEq::ct_eq(
+            token.as_bytes(),
+            admin.as_bytes(),
+        )) {
             return Ok(Deleter::Admin);
         }
     }
@@ -907,7 +910,10 @@ mod tests {
         };
         for _ in 0..3 {
             // Past the limit check: the (down) database answers.
-            assert_eq!(create("192.0.2.1").await.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                create("192.0.2.1").await.status(),
+                StatusCode::SERVICE_UNAVAILABLE
+            );
         }
         let refused = create("192.0.2.1").await;
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);

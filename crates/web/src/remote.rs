@@ -113,7 +113,10 @@ impl RemoteStore {
             .is_some_and(|rows| !rows.is_empty());
         if !has {
             let altered = client
-                .execute(&json!(["ALTER TABLE links ADD COLUMN delete_hash TEXT"]), false)
+                .execute(
+                    &json!(["ALTER TABLE links ADD COLUMN delete_hash TEXT"]),
+                    false,
+                )
                 .await
                 .map_err(store_error)?;
             if let Err(e) = first(&altered.results, &altered.node) {

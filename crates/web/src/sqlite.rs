@@ -340,7 +340,11 @@ mod tests {
             async move { store.delete(code, &by).await.unwrap().value }
         };
         assert_eq!(delete("aaa", owner("tb")).await, Deleted::WrongToken);
-        assert_eq!(delete("ccc", owner("")).await, Deleted::WrongToken, "no token, no owner");
+        assert_eq!(
+            delete("ccc", owner("")).await,
+            Deleted::WrongToken,
+            "no token, no owner"
+        );
         assert_eq!(delete("aaa", owner("ta")).await, Deleted::Done);
         assert_eq!(delete("aaa", owner("ta")).await, Deleted::NoSuchLink);
         assert_eq!(delete("ccc", Deleter::Admin).await, Deleted::Done);
@@ -374,7 +378,10 @@ mod tests {
             Deleted::WrongToken,
             "a link from before tokens: only an admin deletes it"
         );
-        assert_eq!(store.delete("new", &owner("tn")).await.unwrap().value, Deleted::Done);
+        assert_eq!(
+            store.delete("new", &owner("tn")).await.unwrap().value,
+            Deleted::Done
+        );
     }
 
     #[test]
