@@ -17,7 +17,25 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use scaleout_wire::data::{ErrorBody, ErrorCode, Nodes, Results, StatementResult};
+use serde_json::Value;
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// Runs `work` with `id` as its request id: every request the client
+/// sends while `work` runs carries it as `X-Request-Id`, so the database
+/// nodes' log lines name the same request as the web server's and the
+/// load balancer's.
+pub async fn with_request_id<F: std::future::Future>(id: String, work: F) -> F::Output {
+    REQUEST_ID.scope(id, work).await
+}
+
+/// The request id of the work in progress, if it has one.
+fn request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
 
 /// How long a failover may take before a request gives up.
 const FAILOVER_PATIENCE: Duration = Duration::from_secs(8);
@@ -49,19 +67,6 @@ pub enum ClientError {
     /// forged). Nothing waits for it.
     #[error("database {node}: {reason}")]
     AheadOfLog { node: String, reason: String },
-}
-
-/// The `code` the data API gives a read whose `min_index` is beyond the
-/// cluster's log (`scaleout_db::http::AHEAD_OF_LOG`).
-pub const AHEAD_OF_LOG: &str = "min_index_ahead_of_log";
-
-/// An error answer of the data API: rqlite's `error`, and scaleout's
-/// `code` where one applies.
-#[derive(Debug, serde::Deserialize)]
-struct ErrorAnswer {
-    error: String,
-    #[serde(default)]
-    code: Option<String>,
 }
 
 /// One database node as the client sees it.
@@ -131,7 +136,7 @@ impl Topology {
 /// What a write returned.
 #[derive(Debug, Clone)]
 pub struct Executed {
-    pub results: Vec<Value>,
+    pub results: Vec<StatementResult>,
     /// The log index that committed the write (read-your-writes).
     pub raft_index: u64,
     pub node: String,
@@ -140,7 +145,7 @@ pub struct Executed {
 /// What a read returned.
 #[derive(Debug, Clone)]
 pub struct Queried {
-    pub results: Vec<Value>,
+    pub results: Vec<StatementResult>,
     /// The index of the state the read saw: pass it as `min_index` later
     /// to never see older data (monotonic reads across replicas).
     pub raft_index: u64,
@@ -218,7 +223,11 @@ struct Inner {
 }
 
 impl Inner {
-    fn sign(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    /// Adds what every request carries: the credentials, the request id.
+    fn sign(&self, mut request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        if let Some(id) = request_id() {
+            request = request.header(scaleout_wire::request_id::HEADER, id);
+        }
         match &self.credentials {
             Some(c) => request.basic_auth(&c.user, Some(&c.password)),
             None => request,
@@ -349,13 +358,15 @@ impl Client {
                 let sent = self.post(&node, path, statements).await;
                 match sent {
                     Ok(r) if r.status().is_success() => {
-                        let body: Value = r.json().await.map_err(|e| ClientError::Unknown {
+                        // Executed, but an answer without its log index
+                        // would lose read-your-writes: reported as unknown.
+                        let body: Results = r.json().await.map_err(|e| ClientError::Unknown {
                             node: node.name(),
                             reason: format!("unreadable answer: {e}"),
                         })?;
                         return Ok(Executed {
-                            results: body["results"].as_array().cloned().unwrap_or_default(),
-                            raft_index: body["raft_index"].as_u64().unwrap_or(0),
+                            results: body.results,
+                            raft_index: body.raft_index,
                             node: node.name(),
                         });
                     }
@@ -433,14 +444,11 @@ impl Client {
                 match sent {
                     Err(_) => last = format!("{}: no answer within {READ_PATIENCE:?}", node.name()),
                     Ok(Ok((status, body))) if status.is_success() => {
-                        match serde_json::from_slice::<Value>(&body) {
+                        match serde_json::from_slice::<Results>(&body) {
                             Ok(body) => {
                                 return Ok(Queried {
-                                    results: body["results"]
-                                        .as_array()
-                                        .cloned()
-                                        .unwrap_or_default(),
-                                    raft_index: body["raft_index"].as_u64().unwrap_or(0),
+                                    results: body.results,
+                                    raft_index: body.raft_index,
                                     node: node.name(),
                                 })
                             }
@@ -449,8 +457,10 @@ impl Client {
                     }
                     Ok(Ok((status, body))) if status.is_client_error() => {
                         let reason = format!("{status}: {}", String::from_utf8_lossy(&body));
-                        let answer = serde_json::from_slice::<ErrorAnswer>(&body).ok();
-                        if answer.as_ref().and_then(|a| a.code.as_deref()) == Some(AHEAD_OF_LOG) {
+                        let answer = serde_json::from_slice::<ErrorBody>(&body).ok();
+                        if answer.as_ref().and_then(|a| a.code)
+                            == Some(ErrorCode::MinIndexAheadOfLog)
+                        {
                             return Err(ClientError::AheadOfLog {
                                 node: node.name(),
                                 reason: answer.map_or(reason, |a| a.error),
@@ -492,11 +502,11 @@ async fn refresh(inner: &Inner) -> Result<(), ClientError> {
             .get(format!("{base}/nodes?nonvoters&ver=2&timeout=300ms"))
             .timeout(Duration::from_secs(2));
         let answer = inner.sign(request).send().await;
-        let body: Value = match answer {
+        let listed: Nodes = match answer {
             Ok(r) if r.status().is_success() => match r.json().await {
                 Ok(v) => v,
                 Err(e) => {
-                    last = e.to_string();
+                    last = format!("{base}: unreadable /nodes: {e}");
                     continue;
                 }
             },
@@ -509,23 +519,18 @@ async fn refresh(inner: &Inner) -> Result<(), ClientError> {
                 continue;
             }
         };
-        let nodes: Vec<NodeInfo> = body["nodes"]
-            .as_array()
-            .map(|list| {
-                list.iter()
-                    .filter(|n| n["reachable"] == json!(true))
-                    .filter_map(|n| {
-                        Some(NodeInfo {
-                            id: n["id"].as_str()?.to_string(),
-                            api: n["api_addr"].as_str()?.to_string(),
-                            voter: n["voter"].as_bool().unwrap_or(false),
-                            leader: n["leader"].as_bool().unwrap_or(false),
-                            lag: n["lag"].as_u64(),
-                        })
-                    })
-                    .collect()
+        let nodes: Vec<NodeInfo> = listed
+            .nodes
+            .into_iter()
+            .filter(|n| n.reachable)
+            .map(|n| NodeInfo {
+                id: n.id,
+                api: n.api_addr,
+                voter: n.voter,
+                leader: n.leader,
+                lag: n.lag,
             })
-            .unwrap_or_default();
+            .collect();
         if nodes.is_empty() {
             last = format!("{base}: no reachable nodes listed");
             continue;

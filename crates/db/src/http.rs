@@ -16,10 +16,11 @@ use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::auth::{Caller, Denied, Perm};
 use crate::engine::ExecOptions;
+pub use crate::error::{denied_response, error, NodeError};
 use crate::request::{parse_statements, RequestError, Statement};
 
 /// Largest request body accepted.
@@ -69,61 +70,23 @@ pub struct ReadOptions {
     pub exec: ExecOptions,
 }
 
-/// What a node answered.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Answer {
-    pub results: Vec<Value>,
-    /// A write: the log index that committed it. A read: the index of the
-    /// state it saw (every write up to it is visible), which a client can
-    /// pass back as `min_index` to never see older data on another node.
-    pub raft_index: u64,
-}
+/// What a node answered: the wire's results (the engine's JSON values
+/// per statement) and the log index they are at.
+pub type Answer = scaleout_wire::data::Results<Value>;
 
-/// Why a node could not serve.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NodeError {
-    #[error("not the leader{}", .leader.as_deref().map(|l| format!("; the leader is {l}")).unwrap_or_default())]
-    NotLeader { leader: Option<String> },
-    #[error("no leader: the cluster cannot take writes now")]
-    NoLeader,
-    #[error("index {0} not applied here in time")]
-    NotCaughtUp(u64),
-    /// A read asked for a log index the cluster has not reached (a
-    /// session cookie from another cluster, or forged): refused at once.
-    #[error("min_index {asked} is beyond the cluster's log (it has committed {committed}); drop it or use an index a write returned")]
-    AheadOfLog { asked: u64, committed: u64 },
-    #[error("data on this node is staler than the freshness asked for")]
-    Stale,
-    /// The leader lost its quorum while the write waited to commit: it may
-    /// still be committed by the next leader, or never.
-    #[error("the leader lost its quorum while the write was pending; its outcome is unknown")]
-    OutcomeUnknown,
-    /// Every read connection stayed busy for the read's whole time.
-    #[error("{0}")]
-    Busy(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl NodeError {
-    fn status(&self) -> StatusCode {
-        match self {
-            NodeError::NotLeader { .. }
-            | NodeError::NoLeader
-            | NodeError::NotCaughtUp(_)
-            | NodeError::Stale
-            | NodeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            NodeError::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
-            NodeError::AheadOfLog { .. } => StatusCode::BAD_REQUEST,
-            NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+/// An answer without `time` (the HTTP layer adds it for `?timings`).
+pub fn answer(results: Vec<Value>, raft_index: u64) -> Answer {
+    Answer {
+        results,
+        raft_index,
+        time: None,
     }
 }
 
 /// What the HTTP layer needs from a database node (the consumer owns the
 /// trait: the Raft node implements it; tests use a plain SQLite file).
 #[async_trait::async_trait]
-pub trait Node: Send + Sync + 'static {
+pub trait DataNode: Send + Sync + 'static {
     async fn execute(
         &self,
         statements: Vec<Statement>,
@@ -142,11 +105,11 @@ pub const FORWARDED: &str = "x-scaleout-forwarded";
 
 #[derive(Clone)]
 struct Api {
-    node: Arc<dyn Node>,
+    node: Arc<dyn DataNode>,
     client: reqwest::Client,
 }
 
-pub fn router(node: Arc<dyn Node>) -> Router {
+pub fn router(node: Arc<dyn DataNode>) -> Router {
     let client = crate::peers::client(reqwest::Client::builder().timeout(Duration::from_secs(30)));
     Router::new()
         .route("/db/execute", post(execute))
@@ -158,26 +121,6 @@ pub fn router(node: Arc<dyn Node>) -> Router {
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(Api { node, client })
-}
-
-/// A request the node's users may not make: `401` (with the challenge
-/// that makes clients send Basic credentials) or `403`.
-pub fn denied_response(denied: &Denied) -> Response {
-    match denied {
-        Denied::Unauthenticated(why) => {
-            let mut resp = error(StatusCode::UNAUTHORIZED, why);
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Basic realm=\"scaleout\""),
-            );
-            resp
-        }
-        Denied::Forbidden(why) => error(StatusCode::FORBIDDEN, why),
-    }
-}
-
-pub fn error(status: StatusCode, msg: &str) -> Response {
-    (status, axum::Json(json!({ "error": msg }))).into_response()
 }
 
 /// rqlite's flags are present-or-absent (`?transaction`), or `=true/false`.
@@ -243,14 +186,14 @@ fn parse_params(params: &HashMap<String, String>) -> Result<Parsed, RequestError
     })
 }
 
-fn respond(mut body: Value, parsed: &Parsed, started: Instant) -> Response {
+fn respond(mut answer: Answer, parsed: &Parsed, started: Instant) -> Response {
     if parsed.timings {
-        body["time"] = json!(started.elapsed().as_secs_f64());
+        answer.time = Some(started.elapsed().as_secs_f64());
     }
     let text = if parsed.pretty {
-        serde_json::to_string_pretty(&body)
+        serde_json::to_string_pretty(&answer)
     } else {
-        serde_json::to_string(&body)
+        serde_json::to_string(&answer)
     };
     match text {
         Ok(t) => ([(header::CONTENT_TYPE, "application/json")], t).into_response(),
@@ -341,8 +284,7 @@ async fn serve(api: Api, endpoint: Endpoint, request: Request) -> Response {
         api.node.query(statements, parsed.read).await
     } else {
         api.node.execute(statements, parsed.read.exec).await
-    }
-    .map(|a| json!({ "results": a.results, "raft_index": a.raft_index }));
+    };
     match answer {
         Ok(body) => respond(body, &parsed, started),
         Err(NodeError::NotLeader {
@@ -357,18 +299,9 @@ async fn serve(api: Api, endpoint: Endpoint, request: Request) -> Response {
             };
             to_leader.send(&api.client, flag(&params, "redirect")).await
         }
-        Err(e @ NodeError::AheadOfLog { .. }) => (
-            e.status(),
-            axum::Json(json!({ "error": e.to_string(), "code": AHEAD_OF_LOG })),
-        )
-            .into_response(),
-        Err(e) => error(e.status(), &e.to_string()),
+        Err(e) => e.into_response(),
     }
 }
-
-/// The `code` of an answer to a read whose `min_index` is beyond the
-/// cluster's log (beside rqlite's `error`, which clients show).
-pub const AHEAD_OF_LOG: &str = "min_index_ahead_of_log";
 
 /// A request a follower cannot serve, on its way to the leader.
 pub struct Forward<'a> {
@@ -390,7 +323,11 @@ impl Forward<'_> {
             return (
                 StatusCode::MOVED_PERMANENTLY,
                 [(header::LOCATION, target)],
-                axum::Json(json!({ "error": "not the leader", "leader": self.leader })),
+                axum::Json(scaleout_wire::data::ErrorBody {
+                    error: "not the leader".into(),
+                    code: Some(scaleout_wire::data::ErrorCode::NotLeader),
+                    leader: Some(self.leader.to_string()),
+                }),
             )
                 .into_response();
         }
@@ -407,6 +344,7 @@ impl Forward<'_> {
         for name in [
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
+            header::HeaderName::from_static(scaleout_wire::request_id::HEADER),
             header::HeaderName::from_static(crate::raft::network::CLUSTER_SECRET_HEADER),
         ] {
             if let Some(v) = self.headers.get(&name) {
@@ -534,6 +472,7 @@ pub mod fuzzing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::sync::Mutex;
     use tower::ServiceExt;
 
@@ -544,7 +483,7 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl Node for LocalNode {
+    impl DataNode for LocalNode {
         async fn execute(
             &self,
             statements: Vec<Statement>,
@@ -568,10 +507,7 @@ mod tests {
                 .apply(at, &statements, &opts, &crate::engine::WriteEnv::default())
                 .map_err(|e| NodeError::Internal(e.to_string()))?
                 .unwrap_or_default();
-            Ok(Answer {
-                results,
-                raft_index: *index,
-            })
+            Ok(answer(results, *index))
         }
         async fn query(
             &self,
@@ -589,10 +525,7 @@ mod tests {
                 .sm
                 .lock()
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
-            Ok(Answer {
-                results: sm.query(&statements, &opts.exec),
-                raft_index: applied,
-            })
+            Ok(answer(sm.query(&statements, &opts.exec), applied))
         }
     }
 

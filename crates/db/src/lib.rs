@@ -24,6 +24,7 @@ pub mod bounded;
 pub mod determinism;
 pub mod dump;
 pub mod engine;
+pub mod error;
 pub mod guard;
 pub mod http;
 pub mod log;

@@ -428,7 +428,7 @@ fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Request>, Client
             }
             req.host = Some(v.clone());
         } else if name.eq_ignore_ascii_case(b"x-request-id") {
-            if !value.is_empty() && value.len() <= 200 {
+            if scaleout_wire::request_id::acceptable(value) {
                 req.request_id = Some(v.clone());
             }
         } else if name.eq_ignore_ascii_case(b"idempotency-key") {

@@ -343,7 +343,7 @@ async fn serve(
     let (mut parts, body) = req.into_parts();
 
     let request_id = match parts.headers.get(&X_REQUEST_ID) {
-        Some(id) if !id.is_empty() && id.len() <= 200 => id.clone(),
+        Some(id) if scaleout_wire::request_id::acceptable(id.as_bytes()) => id.clone(),
         _ => {
             let id = new_request_id();
             parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
@@ -537,23 +537,13 @@ fn take_retry(worker: &Worker) -> bool {
 
 /// A new request id, as bytes.
 pub(crate) fn new_request_id_bytes() -> Bytes {
-    Bytes::copy_from_slice(&request_id_text())
+    Bytes::copy_from_slice(&scaleout_wire::request_id::new())
 }
 
 pub(crate) fn new_request_id() -> HeaderValue {
     // 32 hex digits are always a valid header value.
-    HeaderValue::from_bytes(&request_id_text()).unwrap_or(HeaderValue::from_static("-"))
-}
-
-/// 128 random bits as 32 lowercase hex digits.
-fn request_id_text() -> [u8; 32] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let id: u128 = rand::random();
-    let mut text = [0u8; 32];
-    for (i, digit) in text.iter_mut().enumerate() {
-        *digit = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    text
+    HeaderValue::from_bytes(&scaleout_wire::request_id::new())
+        .unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// The request body, whole (in memory or the spool, see [`crate::spool`]),

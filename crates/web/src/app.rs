@@ -129,7 +129,7 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
     let request_id = req
         .headers()
         .get(&X_REQUEST_ID)
-        .filter(|v| (1..=128).contains(&v.len()))
+        .filter(|v| scaleout_wire::request_id::acceptable(v.as_bytes()))
         .cloned()
         .unwrap_or_else(new_request_id);
     let span = tracing::info_span!(
@@ -138,7 +138,11 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
         route,
         request_id = request_id.to_str().unwrap_or("-"),
     );
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    // The database requests this one makes carry its id.
+    let id = request_id.to_str().unwrap_or("-").to_string();
+    let mut resp = scaleout_client::with_request_id(id, next.run(req))
+        .instrument(span.clone())
+        .await;
     let headers = resp.headers_mut();
     headers.insert(X_SERVED_BY.clone(), app.served_by.clone());
     headers.insert(X_REQUEST_ID.clone(), request_id);
@@ -166,9 +170,9 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
 }
 
 fn new_request_id() -> HeaderValue {
-    let id: u128 = rand::random();
     // 32 lowercase hex digits are always a valid header value.
-    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"))
+    HeaderValue::from_bytes(&scaleout_wire::request_id::new())
+        .unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// The link as the JSON API shows it.

@@ -16,6 +16,11 @@ pub enum StoreError {
     /// attempt may succeed.
     #[error("database {node} unavailable: {reason}")]
     Unavailable { node: String, reason: String },
+    /// A write was sent and the database did not say whether it happened
+    /// (the leader lost its quorum with the write pending, the connection
+    /// broke after sending): it may or may not be stored.
+    #[error("database {node} did not confirm the write ({reason}); it may or may not have been stored: look before trying again")]
+    OutcomeUnknown { node: String, reason: String },
     /// Anything else the database reported: a bug or corrupted state.
     #[error("database {node} failed: {reason}")]
     Internal { node: String, reason: String },
@@ -60,6 +65,10 @@ impl AppError {
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Store(StoreError::Unavailable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            // Its own status: not "try again" (503), which could store a
+            // second link, nor a plain failure (500), which says nothing
+            // was stored.
+            AppError::Store(StoreError::OutcomeUnknown { .. }) => StatusCode::GATEWAY_TIMEOUT,
             AppError::Store(StoreError::Conflict { .. } | StoreError::Internal { .. }) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -94,11 +103,13 @@ impl IntoResponse for AppError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "request failed");
         }
-        let mut resp = (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response();
+        let body = match &self {
+            AppError::Store(StoreError::OutcomeUnknown { .. }) => {
+                serde_json::json!({ "error": self.to_string(), "outcome": "unknown" })
+            }
+            _ => serde_json::json!({ "error": self.to_string() }),
+        };
+        let mut resp = (status, Json(body)).into_response();
         self.add_headers(resp.headers_mut());
         resp
     }

@@ -6,6 +6,7 @@
 
 use async_trait::async_trait;
 use scaleout_client::{Client, ClientError};
+use scaleout_wire::data::{Row, ShapeError, StatementResult};
 use serde_json::{json, Value};
 
 use crate::store::{Deleted, Deleter, Link, Page, ReadOpts, Served, Store, StoreError, Written};
@@ -29,7 +30,7 @@ fn store_error(e: ClientError) -> StoreError {
             node: "cluster".into(),
             reason,
         },
-        ClientError::Unknown { node, reason } => StoreError::Unavailable { node, reason },
+        ClientError::Unknown { node, reason } => StoreError::OutcomeUnknown { node, reason },
         ClientError::Refused { node, reason } | ClientError::AheadOfLog { node, reason } => {
             StoreError::Internal { node, reason }
         }
@@ -37,33 +38,50 @@ fn store_error(e: ClientError) -> StoreError {
 }
 
 /// The first result of an answer, or the error it carries.
-fn first(results: &[Value], node: &str) -> Result<Value, StoreError> {
-    let r = results.first().cloned().unwrap_or(Value::Null);
-    match r.get("error").and_then(Value::as_str) {
+fn first(results: &[StatementResult], node: &str) -> Result<StatementResult, StoreError> {
+    let r = results.first().cloned().unwrap_or_default();
+    match &r.error {
         Some(e) => Err(StoreError::Internal {
             node: node.into(),
-            reason: e.into(),
+            reason: e.clone(),
         }),
         None => Ok(r),
     }
 }
 
-fn links_of(result: &Value) -> Vec<Link> {
-    result["values"]
-        .as_array()
-        .map(|rows| {
-            rows.iter()
-                .filter_map(|row| {
-                    Some(Link {
-                        code: row[0].as_str()?.to_string(),
-                        url: row[1].as_str()?.to_string(),
-                        created_at: row[2].as_str()?.to_string(),
-                        delete_hash: None,
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+/// A read's rows, or why they do not have the shape the store asked for.
+fn table<'a>(result: &'a StatementResult, node: &str) -> Result<Vec<Row<'a>>, StoreError> {
+    result.table().map_err(|e| shape(e, node))
+}
+
+fn shape(e: ShapeError, node: &str) -> StoreError {
+    StoreError::Internal {
+        node: node.into(),
+        reason: format!("unexpected result: {e}"),
+    }
+}
+
+/// Whether the links table has its `delete_hash` column (as seen by a
+/// node that has applied `index`).
+async fn has_delete_hash(client: &Client, index: u64) -> Result<bool, StoreError> {
+    let columns = client
+        .query(
+            &json!(["SELECT name FROM pragma_table_info('links') WHERE name = 'delete_hash'"]),
+            Some(index),
+        )
+        .await
+        .map_err(store_error)?;
+    let result = first(&columns.results, &columns.node)?;
+    Ok(!table(&result, &columns.node)?.is_empty())
+}
+
+fn link_of(row: &Row<'_>) -> Result<Link, ShapeError> {
+    Ok(Link {
+        code: row.text("code")?.to_string(),
+        url: row.text("url")?.to_string(),
+        created_at: row.text("created_at")?.to_string(),
+        delete_hash: None,
+    })
 }
 
 impl RemoteStore {
@@ -101,17 +119,7 @@ impl RemoteStore {
             .map_err(store_error)?;
         first(&created.results, &created.node)?;
         // A table from before delete tokens gets their column.
-        let columns = client
-            .query(
-                &json!(["SELECT name FROM pragma_table_info('links') WHERE name = 'delete_hash'"]),
-                Some(created.raft_index),
-            )
-            .await
-            .map_err(store_error)?;
-        let has = first(&columns.results, &columns.node)?["values"]
-            .as_array()
-            .is_some_and(|rows| !rows.is_empty());
-        if !has {
+        if !has_delete_hash(&client, created.raft_index).await? {
             let altered = client
                 .execute(
                     &json!(["ALTER TABLE links ADD COLUMN delete_hash TEXT"]),
@@ -120,8 +128,9 @@ impl RemoteStore {
                 .await
                 .map_err(store_error)?;
             if let Err(e) = first(&altered.results, &altered.node) {
-                // Another web server added it first.
-                if !e.to_string().contains("duplicate column") {
+                // Fine if another web server added it first: asked of a
+                // node that has seen this attempt.
+                if !has_delete_hash(&client, altered.raft_index).await? {
                     return Err(e);
                 }
             }
@@ -134,7 +143,7 @@ impl RemoteStore {
         &self,
         statement: Value,
         opts: ReadOpts,
-        value: impl FnOnce(&Value) -> T,
+        value: impl FnOnce(&StatementResult) -> Result<T, ShapeError>,
     ) -> Result<Served<T>, StoreError> {
         let statements = json!([statement]);
         let (answer, session_reset) = match self.client.query(&statements, opts.min_index).await {
@@ -154,7 +163,7 @@ impl RemoteStore {
         };
         let result = first(&answer.results, &answer.node)?;
         Ok(Served {
-            value: value(&result),
+            value: value(&result).map_err(|e| shape(e, &answer.node))?,
             node: answer.node,
             index: Some(answer.raft_index),
             session_reset,
@@ -165,8 +174,11 @@ impl RemoteStore {
 #[async_trait]
 impl Store for RemoteStore {
     async fn insert(&self, link: &Link) -> Result<Written<()>, StoreError> {
+        // A taken code inserts nothing (no error text to interpret): the
+        // answer's rows_affected says which happened.
         let statement = json!([[
-            "INSERT INTO links (code, url, created_at, delete_hash) VALUES (?, ?, ?, ?)",
+            "INSERT INTO links (code, url, created_at, delete_hash) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (code) DO NOTHING",
             link.code,
             link.url,
             link.created_at,
@@ -177,18 +189,19 @@ impl Store for RemoteStore {
             .execute(&statement, false)
             .await
             .map_err(store_error)?;
-        match first(&done.results, &done.node) {
-            Ok(_) => Ok(Written {
+        match first(&done.results, &done.node)?.rows_affected {
+            Some(1) => Ok(Written {
                 value: (),
                 node: done.node,
                 index: Some(done.raft_index),
             }),
-            Err(StoreError::Internal { reason, .. }) if reason.contains("UNIQUE") => {
-                Err(StoreError::Conflict {
-                    code: link.code.clone(),
-                })
-            }
-            Err(e) => Err(e),
+            Some(0) => Err(StoreError::Conflict {
+                code: link.code.clone(),
+            }),
+            other => Err(StoreError::Internal {
+                node: done.node,
+                reason: format!("an insert of one row affected {other:?}"),
+            }),
         }
     }
 
@@ -199,7 +212,10 @@ impl Store for RemoteStore {
                 code
             ]),
             opts,
-            |result| links_of(result).into_iter().next(),
+            |result| {
+                let rows = result.table()?;
+                rows.first().map(link_of).transpose()
+            },
         )
         .await
     }
@@ -218,17 +234,12 @@ impl Store for RemoteStore {
             ]),
             opts,
             |result| {
-                let ids = result["values"].as_array().map(|rows| {
-                    rows.iter()
-                        .filter_map(|row| row[3].as_i64())
-                        .collect::<Vec<_>>()
-                });
-                let rows = ids
-                    .unwrap_or_default()
-                    .into_iter()
-                    .zip(links_of(result))
-                    .collect();
-                crate::store::page_of(rows, limit)
+                let rows = result
+                    .table()?
+                    .iter()
+                    .map(|row| Ok((row.int("id")?, link_of(row)?)))
+                    .collect::<Result<Vec<_>, ShapeError>>()?;
+                Ok(crate::store::page_of(rows, limit))
             },
         )
         .await
@@ -249,7 +260,7 @@ impl Store for RemoteStore {
             .await
             .map_err(store_error)?;
         let result = first(&done.results, &done.node)?;
-        let value = if result["rows_affected"].as_u64().unwrap_or(0) > 0 {
+        let value = if result.rows_affected.unwrap_or(0) > 0 {
             Deleted::Done
         } else {
             // Nothing deleted: no such link, or not this token's. Asked of
@@ -271,7 +282,7 @@ impl Store for RemoteStore {
 
     async fn ping(&self) -> Result<String, StoreError> {
         let served = self
-            .read(json!("SELECT 1"), ReadOpts::default(), |_| ())
+            .read(json!("SELECT 1"), ReadOpts::default(), |_| Ok(()))
             .await?;
         Ok(served.node)
     }

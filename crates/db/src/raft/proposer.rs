@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::{Command, Raft, TypeConfig, WriteError};
 
 type Written = openraft::raft::ClientWriteResponse<TypeConfig>;
-use crate::http::NodeError;
+use crate::error::NodeError;
 
 /// Batches proposed at once. Each entry has a fixed cost (two fsyncs in a
 /// row, a replication round trip, task hops) far above a write's, so fewer,

@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use scaleout_wire::data::{Results, StatementResult};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Rng;
@@ -90,12 +91,17 @@ pub async fn client(
             };
             let done = db.execute(&statement, false).await;
             let (outcome, applied, index, detail) = match done {
-                Ok(e) if e.results.first().is_some_and(|r| r["error"].is_null()) => {
-                    let applied = e.results[0]["rows_affected"].as_u64() == Some(1);
+                Ok(e) if e.results.first().is_some_and(|r| r.error.is_none()) => {
+                    let applied = e.results[0].rows_affected == Some(1);
                     session = session.max(e.raft_index);
                     ("ok", applied, Some(e.raft_index), e.node)
                 }
-                Ok(e) => ("fail", false, None, Value::Array(e.results).to_string()),
+                Ok(e) => (
+                    "fail",
+                    false,
+                    None,
+                    serde_json::to_string(&e.results).unwrap_or_default(),
+                ),
                 Err(scaleout_client::ClientError::Unknown { node, reason }) => {
                     ("unknown", false, None, format!("{node}: {reason}"))
                 }
@@ -119,15 +125,18 @@ pub async fn client(
                 .send()
                 .await;
             let body = match answer {
-                Ok(r) if r.status() == 200 => r.json::<Value>().await.ok(),
+                Ok(r) if r.status() == 200 => r.json::<Results>().await.ok(),
                 _ => None,
             };
-            match body.as_ref().and_then(|b| row_of(&b["results"][0])) {
+            match body
+                .as_ref()
+                .and_then(|b| b.results.first().and_then(row_of))
+            {
                 Some((value, ver)) => {
                     if let Some(v) = value {
                         last_read.insert(key, v);
                     }
-                    let index = body.as_ref().and_then(|b| b["raft_index"].as_u64());
+                    let index = body.as_ref().map(|b| b.raft_index);
                     (
                         level,
                         RegisterOp::Read { value },
@@ -143,7 +152,8 @@ pub async fn client(
                     "fail",
                     None,
                     None,
-                    body.map(|b| b.to_string()).unwrap_or_default(),
+                    body.map(|b| serde_json::to_string(&b.results).unwrap_or_default())
+                        .unwrap_or_default(),
                 ),
             }
         } else {
@@ -203,12 +213,11 @@ pub async fn client(
 }
 
 /// A register read's row: its value and version (`None, None`: no row).
-fn row_of(result: &Value) -> Option<(Option<i64>, Option<i64>)> {
-    if !result["error"].is_null() {
+fn row_of(result: &StatementResult) -> Option<(Option<i64>, Option<i64>)> {
+    if result.error.is_some() {
         return None;
     }
-    let values = result["values"].as_array();
-    match values.and_then(|v| v.first()) {
+    match result.values.as_ref().and_then(|v| v.first()) {
         None => Some((None, None)),
         Some(row) => Some((Some(row[0].as_i64()?), row[1].as_i64())),
     }

@@ -1,0 +1,223 @@
+//! Start-up: the data directory's lock, storage, Raft and both
+//! listeners; a fresh node bootstraps a cluster or asks one to take it in.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{redirect_of, DbConfig, DbNode, Running, StartError};
+use crate::metrics::Stats;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{self, Contact, Network};
+use crate::raft::proposer::Proposer;
+use crate::raft::state_store::{Readers, StateStore};
+use crate::raft::Raft;
+
+/// Takes the data directory's lock (`LOCK`, an exclusive `flock` held
+/// for the process's life): a second node on the same directory would
+/// write the same files.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
+    let fail = |e: &dyn std::fmt::Display| StartError::Storage(dir.to_path_buf(), e.to_string());
+    std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(|e| fail(&e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Storage(
+            dir.to_path_buf(),
+            "another scaleout db process is using this data directory (it holds LOCK); stop it or give another --data".into(),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(fail(&e)),
+    }
+}
+
+fn fresh_data_dir(dir: &Path) -> bool {
+    !dir.join("raft").join("log").exists() && !dir.join("raft").join("vote").exists()
+}
+
+/// Opens the node's storage, starts Raft and serves both listeners; with
+/// an empty data directory, bootstraps a one-node cluster or (with
+/// `join`) asks an existing one to take this node in.
+pub async fn start(
+    config: DbConfig,
+    api: TcpListener,
+    raft_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
+    let storage =
+        |e: &dyn std::fmt::Display| StartError::Storage(config.data.clone(), e.to_string());
+    let lock = lock_data_dir(&config.data)?;
+    let fresh = fresh_data_dir(&config.data);
+    // Set on shutdown: whatever statement runs stops within a thousand
+    // SQLite steps, so SIGTERM is never held by a runaway query.
+    let stopping = Arc::new(AtomicBool::new(false));
+    {
+        let (stopping, shutdown) = (stopping.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stopping.store(true, Ordering::Relaxed);
+        });
+    }
+    let log = LogStore::open(&config.data.join("raft")).map_err(|e| storage(&e))?;
+    let state = StateStore::open(&config.data, stopping.clone()).map_err(|e| storage(&e))?;
+    let db_path = state.db_path();
+    let readers = Arc::new(Readers::open(&db_path, 4, stopping).map_err(|e| storage(&e))?);
+
+    let raft_config =
+        super::tuning::raft_config(config.election_timeout, config.snapshot_threshold)
+            .map_err(|e| StartError::Config(e.to_string()))?;
+    crate::peers::init(config.tls.as_ref()).map_err(|e| StartError::Config(format!("TLS: {e}")))?;
+    let acceptors = match &config.tls {
+        None => (None, None),
+        Some(tls) => {
+            let alpn: &[&[u8]] = &[b"h2", b"http/1.1"];
+            let raft = tls.raft_server().acceptor(alpn);
+            let api = tls.api_server().acceptor(alpn);
+            match (raft, api) {
+                (Ok(r), Ok(a)) => (Some(r), Some(a)),
+                (Err(e), _) | (_, Err(e)) => return Err(StartError::Config(format!("TLS: {e}"))),
+            }
+        }
+    };
+    let network = Network::new(config.cluster_secret.clone());
+    let raft = Raft::new(config.id, Arc::new(raft_config), network, log, state)
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+
+    let contact = Arc::new(Contact::default());
+    let node = Arc::new(DbNode {
+        id: config.id,
+        raft: raft.clone(),
+        readers,
+        me: config.advertise.clone(),
+        read_only: config.read_only,
+        contact: contact.clone(),
+        client: crate::peers::client(reqwest::Client::builder().timeout(crate::peers::TIMEOUT)),
+        stats: Stats::default(),
+        read_timeout: config.read_timeout,
+        query_timeout: config.query_timeout,
+        max_result_bytes: config.max_result_bytes,
+        write_budget: config.write_budget,
+        _lock: lock,
+        users: config.users.clone(),
+        join_credentials: config.join_credentials.clone(),
+        cluster_secret: config.cluster_secret.clone(),
+        leader_end: std::sync::Mutex::new(None),
+        lease: config.election_timeout * 2,
+        started: Instant::now(),
+        db_path,
+        proposer: Proposer::start(raft.clone(), redirect_of, config.election_timeout * 2),
+        membership_change: tokio::sync::Mutex::new(()),
+    });
+
+    let mut servers = tokio::task::JoinSet::new();
+    let rpc = network::router(raft.clone(), contact, config.cluster_secret.clone());
+    servers.spawn(serve(
+        raft_listener,
+        rpc,
+        config.limits,
+        acceptors.0,
+        shutdown.clone(),
+    ));
+    servers.spawn(serve(
+        api,
+        node.clone().router(),
+        config.limits,
+        acceptors.1,
+        shutdown.clone(),
+    ));
+
+    if fresh {
+        match &config.join {
+            None => {
+                let members = BTreeMap::from([(config.id, config.advertise.clone())]);
+                raft.initialize(members)
+                    .await
+                    .map_err(|e| StartError::Raft(e.to_string()))?;
+                tracing::info!(id = config.id, "bootstrapped a one-node cluster");
+            }
+            Some(url) => {
+                let node = node.clone();
+                let url = url.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { node.join(&url, shutdown).await });
+            }
+        }
+    } else {
+        tracing::info!(id = config.id, "restarted with its data and membership");
+    }
+    Ok(Running { node, servers })
+}
+
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: scaleout_serve::Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    let refusals = Arc::default();
+    let served = scaleout_serve::serve(listener, router, limits, refusals, tls, shutdown).await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "server stopped");
+    }
+}
+
+impl DbNode {
+    /// Asks the cluster at `url` to take this node in, until it does.
+    async fn join(&self, url: &str, shutdown: CancellationToken) {
+        let body = scaleout_wire::data::JoinRequest {
+            id: self.id.into(),
+            api_addr: self.me.api.clone(),
+            addr: self.me.raft.clone(),
+            voter: !self.read_only,
+        };
+        let target = format!("{}/join", url.trim_end_matches('/'));
+        loop {
+            let mut request = self.client.post(&target).json(&body);
+            if let Some((user, password)) = &self.join_credentials {
+                request = request.basic_auth(user, Some(password));
+            }
+            if let Some(secret) = &self.cluster_secret {
+                request = request.header(network::CLUSTER_SECRET_HEADER, secret.header());
+            }
+            let sent = request.send().await;
+            match sent {
+                Ok(r) if r.status().is_success() => {
+                    tracing::info!(%url, voter = !self.read_only, "joined the cluster");
+                    return;
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    let text = r.text().await.unwrap_or_default();
+                    tracing::warn!(%url, %status, answer = %text, "join refused; retrying");
+                }
+                Err(e) => tracing::warn!(%url, error = %e, "join failed; retrying"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+}
+
+/// The listening address a `host:port` names (the first it resolves to).
+pub async fn resolve(addr: &str) -> Result<SocketAddr, StartError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| StartError::Config(format!("{addr}: {e}")))?
+        .next()
+        .ok_or_else(|| StartError::Config(format!("{addr}: resolves to no address")))
+}
