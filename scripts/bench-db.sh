@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Starts 3 voters and 1 read replica of `scaleout db` (release build) in a
-# temporary directory, runs ../shared/bench/db-vs-postgres.sh against the
+# temporary directory, runs scripts/db-vs-postgres.sh against the
 # leader and the replica, and stops the nodes (by PID) on exit.
 # usage: scripts/bench-db.sh [path/to/db-vs-postgres.sh]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BENCH=${1:-../shared/bench/db-vs-postgres.sh}
+BENCH=${1:-scripts/db-vs-postgres.sh}
 cargo build --release -q
 B=target/release/scaleout
 work=$(mktemp -d /tmp/scaleout-bench-db.XXXX)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Interleaved A/B runs of load balancers against HAProxy, on the same two
-# nginx backends and wrk settings as ../shared/bench/lb-vs-peers.sh. Each
-# round runs every target once, in an order rotated each round, so a slow
-# spell of this shared machine falls on all of them rather than on one.
+# Interleaved A/B runs of load balancers against two anchors, HAProxy
+# (2 threads, round robin, http-reuse always) and nginx (2 workers,
+# upstream keepalive), on two nginx backends answering a 2-byte body,
+# driven by wrk (1 thread). Each round runs every target once, in an order
+# rotated each round, so a slow spell of this shared machine falls on all
+# of them rather than on one. After the rounds: each target's median
+# requests/s and p99, and their ratios to HAProxy's medians.
 # Besides requests/s and latency percentiles it prints the CPU time the
 # target's process used per request (from /proc/PID/stat), which varies
 # less between rounds than requests/s does.
@@ -18,7 +21,7 @@ set -euo pipefail
 DURATION=${DURATION:-8}
 CONNS=${CONNS:-64}
 ROUNDS=${ROUNDS:-5}
-B1=18081 B2=18082 HAP=18084 FIRST_PORT=18090
+B1=18081 B2=18082 NGX=18083 HAP=18084 FIRST_PORT=18090
 if [[ $# -eq 0 ]]; then
   echo "usage: $0 NAME=COMMAND [NAME=COMMAND ...] (see the comment at the top)" >&2
   exit 2
@@ -28,8 +31,8 @@ for spec in "$@"; do
     echo "$0: '$spec' is not NAME=COMMAND" >&2
     exit 2
   fi
-  if [[ ${spec%%=*} == haproxy ]]; then
-    echo "$0: the name 'haproxy' is taken by the anchor; pick another" >&2
+  if [[ ${spec%%=*} == haproxy || ${spec%%=*} == nginx ]]; then
+    echo "$0: the names 'haproxy' and 'nginx' are taken by the anchors; pick another" >&2
     exit 2
   fi
 done
@@ -73,7 +76,18 @@ EOF
 haproxy -f "$work/hap.cfg" -db >/dev/null 2>&1 & pids+=($!)
 declare -A pid_of
 pid_of[haproxy]=$!
-targets=("haproxy:$HAP")
+
+cat >"$work/ngx.conf" <<EOF
+daemon off; worker_processes 2; pid $work/n.pid; error_log $work/n.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream app { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 128; }
+  server { listen 127.0.0.1:$NGX;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+EOF
+nginx -c "$work/ngx.conf" -p "$work" & pids+=($!)
+pid_of[nginx]=$!
+targets=("haproxy:$HAP" "nginx:$NGX")
 port=$FIRST_PORT
 for spec in "$@"; do
   name=${spec%%=*} cmd=${spec#*=}
@@ -91,10 +105,18 @@ wait_port() {
 }
 for t in "${targets[@]}"; do wait_port "${t#*:}"; done
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# A process's CPU ticks and its children's (nginx's workers).
+cpu_ticks() {
+  local t=0 p
+  for p in "$1" $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; printf "%.3f", v}'; }
 percentile() { awk -v p="$1" '$1==p {print $2}' | to_ms; }
 ticks_per_s=$(getconf CLK_TCK)
+declare -A rps_of p99_of
 n=${#targets[@]}
 for r in $(seq 1 "$ROUNDS"); do
   for i in $(seq 0 $((n - 1))); do
@@ -110,5 +132,15 @@ for r in $(seq 1 "$ROUNDS"); do
     printf "round %d %-10s rps=%8.0f p50_ms=%s p90_ms=%s p99_ms=%s cpu_us_per_req=%s %s\n" \
       "$r" "$name" "$rps" "$(percentile 50% <<<"$out")" "$(percentile 90% <<<"$out")" \
       "$(percentile 99% <<<"$out")" "$us" "$errs"
+    rps_of[$name]+="$rps "
+    p99_of[$name]+="$(percentile 99% <<<"$out") "
   done
+done
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+h_rps=$(median <<<"${rps_of[haproxy]}") h_p99=$(median <<<"${p99_of[haproxy]}")
+for t in "${targets[@]}"; do
+  name=${t%%:*}
+  m_rps=$(median <<<"${rps_of[$name]}") m_p99=$(median <<<"${p99_of[$name]}")
+  awk -v n="$name" -v r="$m_rps" -v p="$m_p99" -v hr="$h_rps" -v hp="$h_p99" 'BEGIN {
+    printf "median %-10s rps=%8.0f p99_ms=%s rps_vs_haproxy=%.2f p99_vs_haproxy=%.2f\n", n, r, p, r / hr, p / hp }'
 done

@@ -199,6 +199,15 @@ pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()
         advertise.raft,
         args.data.display()
     );
+    scaleout_wire::ready::Ready {
+        role: "db".into(),
+        url: format!("{scheme}://{}", advertise.api),
+        name: None,
+        id: Some(args.id),
+        raft: Some(advertise.raft.to_string()),
+        admin: None,
+    }
+    .announce();
     running.run(shutdown).await;
     Ok(())
 }

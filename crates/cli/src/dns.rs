@@ -114,6 +114,15 @@ pub async fn run(args: DnsArgs, shutdown: CancellationToken) -> anyhow::Result<(
         "scaleout dns: {} (udp+tcp) for zone {zone}; metrics http://{}",
         dns.addr, dns.http_addr
     );
+    scaleout_wire::ready::Ready {
+        role: "dns".into(),
+        url: dns.addr.to_string(),
+        name: None,
+        id: None,
+        raft: None,
+        admin: Some(format!("http://{}", dns.http_addr)),
+    }
+    .announce();
     dns.run(shutdown).await?;
     Ok(())
 }

@@ -299,6 +299,15 @@ pub async fn run(config: LbConfig, shutdown: CancellationToken) -> anyhow::Resul
         "scaleout lb: {scheme}://{} ({} workers); admin http://{}",
         lb.addr, lb.workers, lb.admin_addr
     );
+    scaleout_wire::ready::Ready {
+        role: "lb".into(),
+        url: format!("{scheme}://{}", lb.addr),
+        name: None,
+        id: None,
+        raft: None,
+        admin: Some(format!("http://{}", lb.admin_addr)),
+    }
+    .announce();
     lb.run(shutdown).await?;
     Ok(())
 }

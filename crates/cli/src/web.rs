@@ -166,6 +166,15 @@ pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<(
         args.name,
         args.db.join(",")
     );
+    scaleout_wire::ready::Ready {
+        role: "web".into(),
+        url: format!("{scheme}://{addr}"),
+        name: Some(args.name.clone()),
+        id: None,
+        raft: None,
+        admin: None,
+    }
+    .announce();
     scaleout_web::run(config, Arc::new(store), listener, shutdown).await?;
     Ok(())
 }

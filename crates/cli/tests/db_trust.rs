@@ -330,12 +330,7 @@ async fn a_web_server_signs_in_with_credentials_from_a_file() {
         "--db-credentials",
         &cred,
     ]);
-    let line = web.wait_for_line("scaleout web:");
-    let site = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .to_string();
+    let site = web.wait_ready().url;
     let r = client()
         .post(format!("{site}/api/links"))
         .json(&json!({"url": "https://example.com/signed-in"}))

@@ -28,9 +28,10 @@ fn start_dns(args: &[&str]) -> Dns {
     let mut all = vec!["dns", "--listen", "127.0.0.1:0", "--zone", "scaleout.test"];
     all.extend_from_slice(args);
     let mut proc = Proc::spawn(&all);
-    let line = proc.wait_for_line("scaleout dns:");
-    let addr = line.split_whitespace().nth(2).unwrap().parse().unwrap();
-    let metrics = line.split_whitespace().last().unwrap().to_string();
+    let ready = proc.wait_ready();
+    assert_eq!(ready.role, "dns");
+    let addr = ready.url.parse().unwrap();
+    let metrics = ready.admin.expect("the dns ready line names its HTTP port");
     Dns {
         _proc: proc,
         addr,

@@ -88,6 +88,32 @@ async fn round_robin_spreads_evenly_and_forwards_headers() {
         "a generated id goes upstream and back"
     );
     assert_eq!(made.len(), 32);
+
+    // An unacceptable id is replaced upstream too, and a second one is
+    // dropped: the backend sees exactly the id the client is told.
+    for (ids, kept) in [
+        (&["two words"][..], None),
+        (&["x"; 1][..], Some("x")),
+        (&["first-id", "second-id"][..], Some("first-id")),
+        (&["bad id", "good-id"][..], None),
+    ] {
+        let mut req = c.get(lb.url("/echo"));
+        for id in ids {
+            req = req.header("x-request-id", *id);
+        }
+        let r = req.send().await.unwrap();
+        let told = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let echo: Value = r.json().await.unwrap();
+        assert_eq!(
+            echo["head"]["headers"]["x-request-id"],
+            told.as_str(),
+            "{ids:?}"
+        );
+        match kept {
+            Some(id) => assert_eq!(told, id, "{ids:?}"),
+            None => assert!(!ids.contains(&told.as_str()) && told.len() == 32, "{ids:?}"),
+        }
+    }
 }
 
 /// Continuous GETs from several clients; counts failures.

@@ -36,13 +36,27 @@ impl Stage {
 
     /// `start`, with more flags for `scaleout up`.
     fn start_with(stage: Option<u8>, data: &std::path::Path, extra: &[&str]) -> Stage {
+        Self::start_logging(stage, data, extra, None)
+    }
+
+    /// `start_with`, its logs (and its children's) at `log` kept for the
+    /// test (`self.proc.logs()`).
+    fn start_logging(
+        stage: Option<u8>,
+        data: &std::path::Path,
+        extra: &[&str],
+        log: Option<&str>,
+    ) -> Stage {
         let stage = stage.map(|n| n.to_string());
         let mut args = vec!["up", "--port-base", "0", "--data", data.to_str().unwrap()];
         if let Some(n) = &stage {
             args.extend(["--stage", n.as_str()]);
         }
         args.extend_from_slice(extra);
-        let mut proc = Proc::spawn(&args);
+        let mut proc = match log {
+            Some(filter) => Proc::spawn_logging(&args, filter),
+            None => Proc::spawn(&args),
+        };
         let open = proc.wait_for_line("open http");
         let site = open
             .split_whitespace()
@@ -706,5 +720,67 @@ async fn up_with_tls_serves_the_site_over_tls_on_every_hop() {
         .send()
         .await
         .map_or(true, |r| !r.status().is_success()));
+    stage.stop();
+}
+
+/// One request id from the browser's request to the database's log: the
+/// load balancer keeps a client's acceptable id (1–128 visible ASCII
+/// characters) and replaces any other, the web server passes it on to
+/// every database call it makes for that request, and the database node
+/// logs its requests under it. Each hop answers with the id it used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_runs_from_the_load_balancer_to_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = Stage::start_logging(
+        Some(3),
+        dir.path(),
+        &[],
+        Some("warn,openraft=off,scaleout_db=debug"),
+    );
+    let db_logged = |id: &str| {
+        let needle = format!("request_id={id}");
+        stage.proc.logs().iter().any(|l| l.contains(&needle))
+    };
+    // A client's own id, through a page that reads the database.
+    let mine = "trace-7f3a.the-client's-own_id";
+    let r = client()
+        .get(format!("{}/api/links", stage.site))
+        .header("x-request-id", mine)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], mine);
+    eventually(
+        Duration::from_secs(10),
+        "the database logs the client's id",
+        || async { db_logged(mine) },
+    )
+    .await;
+    // An id over the length limit is replaced, and the replacement is
+    // what reaches the database; so is one with a space in it.
+    for unacceptable in ["x".repeat(129), "two words".to_string()] {
+        let r = client()
+            .post(format!("{}/api/links", stage.site))
+            .header("x-request-id", &unacceptable)
+            .json(&json!({ "url": "https://example.com/traced-too" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let given = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert_ne!(given, unacceptable);
+        assert!(
+            scaleout_wire::request_id::acceptable(given.as_bytes()),
+            "{given:?}"
+        );
+        eventually(
+            Duration::from_secs(10),
+            "the database logs the new id",
+            || async { db_logged(&given) },
+        )
+        .await;
+        assert!(!db_logged(&unacceptable));
+    }
     stage.stop();
 }

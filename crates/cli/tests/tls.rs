@@ -217,12 +217,13 @@ async fn every_hop_speaks_tls_and_refuses_strangers() {
         "--name",
         "web-1",
     ]);
-    let line = web.wait_for_line("scaleout web:");
-    let web_url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("https://"))
-        .unwrap()
-        .to_string();
+    let ready = web.wait_ready();
+    assert_eq!(
+        (ready.role.as_str(), ready.name.as_deref()),
+        ("web", Some("web-1"))
+    );
+    let web_url = ready.url;
+    assert!(web_url.starts_with("https://"), "{web_url}");
     // The web server takes only the load balancer (a cluster certificate).
     assert!(pki
         .client(None)

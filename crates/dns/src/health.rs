@@ -1,15 +1,12 @@
 //! Health checks of every answered address: `GET` of the health URL with
-//! `{ip}` replaced, a 2xx within the timeout passes; `rise`/`fall` checks
-//! in a row change the verdict (the load balancer's state machine).
+//! `{ip}` replaced; what passes (2xx or 3xx within the timeout) and the
+//! `rise`/`fall` verdict are `scaleout-health`'s, the load balancer's too.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
-use scaleout_lb::health::{HealthState, Transition};
+use scaleout_health::{Thresholds, Transition, Verdict};
 use tokio_util::sync::CancellationToken;
 
 use crate::HealthConfig;
@@ -73,13 +70,14 @@ async fn check(
     tls: Option<&tokio_rustls::TlsConnector>,
     timeout: std::time::Duration,
 ) -> Result<(), String> {
+    const AGENT: &str = "scaleout-dns health check";
     let (authority, path) = url_for(template, ip)?;
-    let attempt = async {
+    scaleout_health::within(timeout, async {
         let tcp = tokio::net::TcpStream::connect(&authority)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let (send, conn) = match tls {
-            None => hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await,
+        match tls {
+            None => scaleout_health::probe(tcp, &authority, &path, AGENT).await,
             Some(connector) => {
                 // The address checked is the name its certificate must carry.
                 let name = rustls::pki_types::ServerName::from(ip);
@@ -87,43 +85,11 @@ async fn check(
                     .connect(name, tcp)
                     .await
                     .map_err(|e| format!("TLS: {e}"))?;
-                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                return finish(send, &authority, &path).await;
+                scaleout_health::probe(stream, &authority, &path, AGENT).await
             }
         }
-        .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        finish(send, &authority, &path).await
-    };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or_else(|_| Err("timed out".into()))
-}
-
-/// The check's request on an open connection: a 2xx passes.
-async fn finish(
-    mut send: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
-    authority: &str,
-    path: &str,
-) -> Result<(), String> {
-    let req = hyper::Request::get(path)
-        .header("host", authority)
-        .header("connection", "close")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    if resp.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("status {}", resp.status()))
-    }
+    })
+    .await
 }
 
 /// Checks every address until shutdown.
@@ -152,8 +118,12 @@ pub async fn run(
         },
         None => None,
     };
-    let mut states: HashMap<IpAddr, HealthState> =
-        addrs.iter().map(|a| (*a, HealthState::new_up())).collect();
+    let thresholds = Thresholds {
+        rise: cfg.rise,
+        fall: cfg.fall,
+    };
+    let mut states: HashMap<IpAddr, Verdict> =
+        addrs.iter().map(|a| (*a, Verdict::new_up())).collect();
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -169,8 +139,8 @@ pub async fn run(
                 .spawn(async move { (addr, check(&template, addr, tls.as_ref(), timeout).await) });
         }
         while let Some(Ok((addr, result))) = checks.join_next().await {
-            let state = states.entry(addr).or_insert_with(HealthState::new_up);
-            match state.observe(result.is_ok(), cfg.rise, cfg.fall) {
+            let state = states.entry(addr).or_insert_with(Verdict::new_up);
+            match state.observe(result.is_ok(), thresholds) {
                 Some(Transition::WentDown) => {
                     tracing::warn!(%addr, reason = %result.err().unwrap_or_default(), "address is DOWN: left out of answers");
                     health.set(addr, false);

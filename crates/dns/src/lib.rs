@@ -4,8 +4,8 @@
 //! passes (DNS-level failover, as Route 53 health-checked records do).
 //!
 //! - [`zone`]: the answers, free of I/O (see its policy notes).
-//! - [`health`]: HTTP checks of each address, rise/fall thresholds (the load
-//!   balancer's `HealthState`).
+//! - [`health`]: HTTP checks of each address, rise/fall thresholds (the
+//!   `scaleout-health` crate's, the load balancer's too).
 //! - [`server`]: hickory-server over UDP and TCP (wire format, EDNS,
 //!   truncation and TCP fallback are hickory's), metrics, `/healthz`.
 //!

@@ -220,9 +220,8 @@ pub(crate) async fn start_topology(
                 tls.cluster_ca(),
             ]);
         }
-        let p =
-            procs::Proc::start_in(namespace.as_deref(), &name, &args, "scaleout db: node").await?;
-        db_urls.push(p.url().unwrap_or_default());
+        let p = procs::Proc::start_in(namespace.as_deref(), &name, &args).await?;
+        db_urls.push(p.url().to_string());
         procs.push(p);
     }
     if let Some(first) = db_urls.first() {
@@ -261,8 +260,8 @@ pub(crate) async fn start_topology(
                 args.extend(["--tls-client-ca".into(), tls.ca()]);
             }
         }
-        let p = procs::Proc::start(&name, &args, "scaleout web:").await?;
-        web_urls.push(p.url().unwrap_or_default());
+        let p = procs::Proc::start(&name, &args).await?;
+        web_urls.push(p.url().to_string());
         procs.push(p);
     }
     if plan.dns {
@@ -281,12 +280,9 @@ pub(crate) async fn start_topology(
                     plan.tls.as_deref(),
                     &format!("lb-{}", i + 1),
                 )?,
-                "scaleout lb:",
             )
             .await?;
-            if let Some(url) = p.url() {
-                lb_port = url.rsplit(':').next().unwrap_or("0").to_string();
-            }
+            lb_port = p.url().rsplit(':').next().unwrap_or("0").to_string();
             procs.push(p);
         }
         let hosts = format!("www={}", LB_ADDRS.join(","));
@@ -310,10 +306,10 @@ pub(crate) async fn start_topology(
         if let Some(tls) = &plan.tls {
             args.extend(["--health-ca".into(), tls.ca()]);
         }
-        procs.push(procs::Proc::start("dns", &args, "scaleout dns:").await?);
+        procs.push(procs::Proc::start("dns", &args).await?);
     } else if plan.lb {
         let args = lb_args(&site, &port(), &web_urls, dir, plan.tls.as_deref(), "lb")?;
-        procs.push(procs::Proc::start("lb", &args, "scaleout lb:").await?);
+        procs.push(procs::Proc::start("lb", &args).await?);
     }
     Ok(())
 }
@@ -463,19 +459,18 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
     println!("scaleout stage {}: {}", config.stage, plan.title);
     for p in &procs {
         if p.name == "dns" {
-            let addr = p.ready.split_whitespace().nth(2).unwrap_or("?");
             println!(
                 "  {:<6} {:<24} pid {:<7} DNS for {ZONE} (udp+tcp), metrics {}",
                 p.name,
-                addr,
+                p.url(),
                 p.pid().unwrap_or(0),
-                p.url().unwrap_or_default()
+                p.ready.admin.as_deref().unwrap_or("?")
             );
             continue;
         }
         let role = match p.name.as_str() {
             n if n.starts_with("lb") => {
-                let admin = p.ready.split_whitespace().last().unwrap_or("?");
+                let admin = p.ready.admin.as_deref().unwrap_or("?");
                 format!("load balancer, admin API {admin}")
             }
             n if n.starts_with("web") => "web server (links app)".to_string(),
@@ -493,7 +488,7 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
         println!(
             "  {:<6} {:<24} pid {:<7} {}",
             p.name,
-            p.url().unwrap_or_default(),
+            p.url(),
             p.pid().unwrap_or(0),
             role
         );
@@ -517,13 +512,13 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
         let dns_addr = procs
             .iter()
             .find(|p| p.name == "dns")
-            .and_then(|p| p.ready.split_whitespace().nth(2))
+            .map(|p| p.url())
             .unwrap_or("?:?")
             .to_string();
         let lb1 = procs
             .iter()
             .find(|p| p.name == "lb-1")
-            .and_then(procs::Proc::url)
+            .map(|p| p.url().to_string())
             .unwrap_or_default();
         let port = lb1.rsplit(':').next().unwrap_or("?").to_string();
         let (dns_ip, dns_port) = dns_addr.rsplit_once(':').unwrap_or(("?", "?"));
@@ -537,7 +532,7 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
         );
         println!("open {lb1}/ in a browser; Ctrl-C stops everything");
     } else {
-        let site_url = procs.last().and_then(procs::Proc::url).unwrap_or_default();
+        let site_url = procs.last().map(procs::Proc::url).unwrap_or_default();
         println!("open {site_url}/ in a browser; Ctrl-C stops everything");
     }
     // Supervise: report children that die (kill one to watch failover).

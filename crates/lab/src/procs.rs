@@ -1,5 +1,6 @@
 //! The lab's child processes: each tier is the `scaleout` binary itself,
-//! started with a role's subcommand, found ready by the line it prints, and
+//! started with a role's subcommand, found ready by the JSON ready line it
+//! prints when asked (`SCALEOUT_READY=json`, see `scaleout_wire::ready`), and
 //! stopped with SIGTERM (then SIGKILL if it lingers) — children never
 //! outlive the lab.
 
@@ -11,6 +12,8 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use scaleout_wire::ready::{self, Ready};
+
 use crate::Error;
 
 /// How long a child may take to print its ready line.
@@ -19,31 +22,24 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Proc {
     pub name: String,
-    /// The line the child printed when ready.
-    pub ready: String,
+    /// What the child said when ready: its role and addresses.
+    pub ready: Ready,
     /// How it was started (a restart uses the same).
     pub args: Vec<String>,
-    marker: String,
     /// The network namespace it runs in, if not the lab's.
     netns: Option<String>,
     child: Child,
 }
 
 impl Proc {
-    /// Starts `scaleout ARGS...` and waits for a stdout line containing
-    /// `ready_marker`.
-    pub async fn start(name: &str, args: &[String], ready_marker: &str) -> Result<Proc, Error> {
-        Proc::start_in(None, name, args, ready_marker).await
+    /// Starts `scaleout ARGS...` and waits for its ready line.
+    pub async fn start(name: &str, args: &[String]) -> Result<Proc, Error> {
+        Proc::start_in(None, name, args).await
     }
 
     /// `start`, inside network namespace `netns` when given (through
     /// `ip netns exec`, which becomes the child: same PID, same signals).
-    pub async fn start_in(
-        netns: Option<&str>,
-        name: &str,
-        args: &[String],
-        ready_marker: &str,
-    ) -> Result<Proc, Error> {
+    pub async fn start_in(netns: Option<&str>, name: &str, args: &[String]) -> Result<Proc, Error> {
         let exe = std::env::current_exe().map_err(|e| Error::Spawn {
             name: name.into(),
             reason: format!("cannot find the scaleout binary: {e}"),
@@ -61,6 +57,7 @@ impl Proc {
             // The child stops by itself if this process dies (see the
             // binary's shutdown_on_signal).
             .env("SCALEOUT_SUPERVISED", "1")
+            .env(ready::ENV, "json")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -77,14 +74,21 @@ impl Proc {
         let mut lines = BufReader::new(stdout).lines();
         let wait = async {
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains(ready_marker) {
-                    return Some(line);
+                if let Some(ready) = Ready::parse(&line) {
+                    return Some(ready);
                 }
             }
             None
         };
         let ready = match tokio::time::timeout(START_TIMEOUT, wait).await {
-            Ok(Some(line)) => line,
+            Ok(Some(Ok(ready))) => ready,
+            Ok(Some(Err(reason))) => {
+                let _ = child.kill().await;
+                return Err(Error::Spawn {
+                    name: name.into(),
+                    reason,
+                });
+            }
             Ok(None) => {
                 let status = child
                     .wait()
@@ -108,18 +112,14 @@ impl Proc {
             name: name.into(),
             ready,
             args: args.to_vec(),
-            marker: ready_marker.into(),
             netns: netns.map(String::from),
             child,
         })
     }
 
-    /// The first `http://...` word of the ready line.
-    pub fn url(&self) -> Option<String> {
-        self.ready
-            .split_whitespace()
-            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
-            .map(|w| w.trim_end_matches(['/', ';', ',']).to_string())
+    /// Where it serves: a URL for web, lb and db, `host:port` for dns.
+    pub fn url(&self) -> &str {
+        &self.ready.url
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -142,8 +142,7 @@ impl Proc {
     /// or stopped by a fault).
     pub async fn restart(&mut self) -> Result<(), Error> {
         let _ = self.child.kill().await;
-        let again =
-            Proc::start_in(self.netns.as_deref(), &self.name, &self.args, &self.marker).await?;
+        let again = Proc::start_in(self.netns.as_deref(), &self.name, &self.args).await?;
         *self = again;
         Ok(())
     }

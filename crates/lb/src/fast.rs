@@ -363,6 +363,7 @@ fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Request>, Client
     };
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
+    let mut seen_request_id = false;
     let mut has_upgrade_header = false;
     let mut connection_upgrade = false;
     for i in 0..req.headers.len() {
@@ -428,9 +429,11 @@ fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Request>, Client
             }
             req.host = Some(v.clone());
         } else if name.eq_ignore_ascii_case(b"x-request-id") {
-            if scaleout_wire::request_id::acceptable(value) {
+            // The first one decides, as on the hyper path.
+            if !seen_request_id && scaleout_wire::request_id::acceptable(value) {
                 req.request_id = Some(v.clone());
             }
+            seen_request_id = true;
         } else if name.eq_ignore_ascii_case(b"idempotency-key") {
             req.idempotency_key = true;
         }
@@ -609,7 +612,10 @@ fn encode_upstream_head(
         // The load balancer says what it saw: a client's own
         // X-Forwarded-Proto or -Host (which would steer the links app's
         // short URLs) is replaced, not passed on.
+        // The request id is the one chosen (a client's acceptable
+        // one, else a new one), written once below.
         if name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"x-request-id")
             || name.eq_ignore_ascii_case(b"x-forwarded-proto")
             || name.eq_ignore_ascii_case(b"x-forwarded-host")
         {
@@ -628,9 +634,7 @@ fn encode_upstream_head(
     if req.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
-    if req.request_id.is_none() {
-        push_header(out, b"x-request-id", request_id);
-    }
+    push_header(out, b"x-request-id", request_id);
     out.extend_from_slice(b"x-forwarded-for: ");
     if let Some(prior) = prior_xff {
         out.extend_from_slice(prior);

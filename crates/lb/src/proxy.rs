@@ -301,7 +301,7 @@ pub(crate) fn record_request(
             backend = backend.unwrap_or("-"),
             attempts,
             micros = elapsed.as_micros() as u64,
-            request_id = std::str::from_utf8(request_id).unwrap_or("-"),
+            request_id = %std::str::from_utf8(request_id).unwrap_or("-"),
         );
     }
 }

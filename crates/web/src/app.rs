@@ -136,7 +136,7 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
         "request",
         %method,
         route,
-        request_id = request_id.to_str().unwrap_or("-"),
+        request_id = %request_id.to_str().unwrap_or("-"),
     );
     // The database requests this one makes carry its id.
     let id = request_id.to_str().unwrap_or("-").to_string();

@@ -63,14 +63,9 @@ impl Ready {
     /// another version, say), which a supervisor must not take for ready.
     pub fn parse(line: &str) -> Option<Result<Ready, String>> {
         let line = line.trim();
-        if !line.starts_with("{\"scaleout_ready\"") {
-            return None;
-        }
-        Some(
-            serde_json::from_str::<Line>(line)
-                .map(|l| l.scaleout_ready)
-                .map_err(|e| format!("unreadable ready line {line:?}: {e}")),
-        )
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        let ready = value.as_object()?.get("scaleout_ready")?;
+        Some(Ready::deserialize(ready).map_err(|e| format!("unreadable ready line {line:?}: {e}")))
     }
 }
 

@@ -162,9 +162,15 @@ async fn handle(
         return Ok(reply(StatusCode::OK, &name, body));
     }
     if path == "/echo" {
-        let mut headers = BTreeMap::new();
+        // A header sent more than once shows as its values joined by
+        // ", ", so a test sees a duplicate the proxy let through.
+        let mut headers = BTreeMap::<String, String>::new();
         for (k, v) in req.headers() {
-            headers.insert(k.as_str().to_string(), v.to_str().unwrap_or("").to_string());
+            let v = v.to_str().unwrap_or("");
+            headers
+                .entry(k.as_str().to_string())
+                .and_modify(|prior| *prior = format!("{prior}, {v}"))
+                .or_insert_with(|| v.to_string());
         }
         let head = serde_json::json!({
             "method": req.method().as_str(),

@@ -43,19 +43,12 @@ impl DbNode {
         ];
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn(&args);
-        let line = proc.wait_for_line("scaleout db: node");
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let api = words
-            .iter()
-            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
-            .expect("API URL")
-            .to_string();
-        let raft = words
-            .iter()
-            .position(|w| *w == "raft")
-            .and_then(|i| words.get(i + 1))
-            .expect("raft address")
-            .to_string();
+        let ready = proc.wait_ready();
+        assert_eq!((ready.role.as_str(), ready.id), ("db", Some(id)));
+        let api = ready.url;
+        let raft = ready
+            .raft
+            .expect("a db node's ready line names its Raft address");
         DbNode {
             proc,
             id,

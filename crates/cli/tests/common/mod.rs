@@ -27,18 +27,44 @@ pub struct Proc {
     /// Lines the process printed on stdout so far (collected by `wait_for_line`).
     pub stdout: Vec<String>,
     lines: mpsc::Receiver<String>,
+    /// Its stderr lines, when spawned with `spawn_logging`.
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
+        Self::spawn_with(args, None)
+    }
+
+    /// `spawn`, logging at `filter` (a SCALEOUT_LOG value) into `logs()`
+    /// instead of the test's stderr; its children log there too.
+    pub fn spawn_logging(args: &[&str], filter: &str) -> Proc {
+        Self::spawn_with(args, Some(filter))
+    }
+
+    fn spawn_with(args: &[&str], log: Option<&str>) -> Proc {
         let mut child = Command::new(BIN)
             .args(args)
-            .env("SCALEOUT_LOG", "warn,openraft=off")
+            .env("SCALEOUT_LOG", log.unwrap_or("warn,openraft=off"))
+            .env(scaleout_wire::ready::ENV, "json")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if log.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("spawn scaleout");
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -52,12 +78,27 @@ impl Proc {
             child,
             stdout: Vec::new(),
             lines,
+            logs,
         }
+    }
+
+    /// What it logged so far (`spawn_logging`).
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
     }
 
     /// Waits for a stdout line containing `needle` and returns it.
     pub fn wait_for_line(&mut self, needle: &str) -> String {
         self.wait_for_line_within(needle, START_TIMEOUT)
+    }
+
+    /// Waits for the machine-readable ready line and returns what it says.
+    pub fn wait_ready(&mut self) -> scaleout_wire::ready::Ready {
+        let line = self.wait_for_line("scaleout_ready");
+        match scaleout_wire::ready::Ready::parse(&line) {
+            Some(Ok(ready)) => ready,
+            other => panic!("not a ready line: {line:?} ({other:?})"),
+        }
     }
 
     /// `wait_for_line` with its own patience.
@@ -198,10 +239,12 @@ impl Lb {
         let mut all = vec!["lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
         all.extend_from_slice(args);
         let mut proc = Proc::spawn(&all);
-        let line = proc.wait_for_line("scaleout lb:");
-        let mut urls = line.split_whitespace().filter(|w| w.starts_with("http"));
-        let base = urls.next().expect("listen URL").to_string();
-        let admin = urls.next().expect("admin URL").to_string();
+        let ready = proc.wait_ready();
+        assert_eq!(ready.role, "lb");
+        let base = ready.url;
+        let admin = ready
+            .admin
+            .expect("the lb's ready line names its admin API");
         let addr = base.rsplit('/').next().unwrap().parse().unwrap();
         Lb {
             proc,

@@ -77,7 +77,7 @@ async fn traced(req: axum::extract::Request, next: axum::middleware::Next) -> Re
         "request",
         method = %req.method(),
         path = req.uri().path(),
-        request_id = id.to_str().unwrap_or("-"),
+        request_id = %id.to_str().unwrap_or("-"),
     );
     let started = Instant::now();
     let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;

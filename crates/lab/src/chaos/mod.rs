@@ -356,7 +356,7 @@ async fn exercise(
     let dbs: Vec<String> = procs
         .iter()
         .filter(|p| p.name.starts_with("db-"))
-        .filter_map(Proc::url)
+        .map(|p| p.url().to_string())
         .collect();
     let mut clients = Vec::new();
     for c in 0..config.clients {
@@ -542,7 +542,7 @@ fn write_tagged<T: serde::Serialize>(file: &mut std::fs::File, kind: &str, ops: 
 /// The database leader's process name, if one leads.
 async fn leader_name(procs: &[Proc]) -> Option<String> {
     for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
-        let Some(url) = p.url() else { continue };
+        let url = p.url();
         let Ok(r) = http()
             .get(format!("{url}/leader"))
             .timeout(Duration::from_secs(1))
@@ -766,7 +766,7 @@ async fn final_data(procs: &[Proc]) -> Result<FinalData, String> {
     let dbs: Vec<(String, String)> = procs
         .iter()
         .filter(|p| p.name.starts_with("db-"))
-        .filter_map(|p| Some((p.name.clone(), p.url()?)))
+        .map(|p| (p.name.clone(), p.url().to_string()))
         .collect();
     // The index every node must reach: a write made now, through the leader.
     let mut target = None;
@@ -832,7 +832,7 @@ async fn hostile_ledgers(
 ) -> Result<BTreeMap<String, BTreeSet<(u64, u64)>>, String> {
     let mut out = BTreeMap::new();
     for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
-        let Some(url) = p.url() else { continue };
+        let url = p.url();
         let q = format!(
             "{url}/db/query?level=none&min_index={target}&q=SELECT%20client%2C%20seq%20FROM%20hostile_ledger"
         );
@@ -872,7 +872,7 @@ pub async fn check(ops: &[Op], hostile_ops: &[hostile::Op], procs: &[Proc]) -> V
     // with the final write, and nothing writes any more).
     let mut sums = BTreeMap::new();
     for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
-        let Some(url) = p.url() else { continue };
+        let url = p.url();
         let dump = match http()
             .get(format!("{url}/db/backup?fmt=sql&noleader"))
             .send()
