@@ -350,8 +350,7 @@ fn full_is_the_clients(
             .parent()
             .and_then(|dir| nix::sys::statvfs::statvfs(dir).ok())
             .is_some_and(|fs| {
-                (fs.blocks_available() as u64).saturating_mul(fs.fragment_size() as u64)
-                    > FULL_MARGIN
+                fs.blocks_available().saturating_mul(fs.fragment_size()) > FULL_MARGIN
             }),
     };
     autoincrement && room

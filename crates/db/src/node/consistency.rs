@@ -61,9 +61,11 @@ pub fn before_read(
         Level::None => match freshness.filter(|_| !view.is_leader) {
             None => Before::Serve,
             Some(limit) => {
-                if view.contact_age.is_none_or(|age| age > limit) {
-                    Before::Stale
-                } else if freshness_strict && view.applied < view.last_log {
+                // Out of touch with the leader for too long, or (strict)
+                // behind its own log.
+                if view.contact_age.is_none_or(|age| age > limit)
+                    || (freshness_strict && view.applied < view.last_log)
+                {
                     Before::Stale
                 } else {
                     Before::Serve

@@ -8,6 +8,10 @@ use openraft::SnapshotPolicy;
 
 /// openraft's configuration for a node with this election timeout and
 /// snapshot threshold.
+#[expect(
+    clippy::result_large_err,
+    reason = "openraft's own error type, made once at start-up"
+)]
 pub fn raft_config(
     election_timeout: Duration,
     snapshot_threshold: u64,

@@ -592,7 +592,6 @@ mod tests {
                 "{bad}: {out}"
             );
         }
-        drop(load);
         let q = sm.query(
             &crate::request::parse_statements(
                 br#"["SELECT count(*) FROM b", "SELECT name FROM sqlite_schema ORDER BY name"]"#,

@@ -31,11 +31,16 @@ pub const SCHEMA: [&str; 6] = [
     "CREATE TABLE IF NOT EXISTS kid (id INTEGER PRIMARY KEY, d REFERENCES dad (id) DEFERRABLE INITIALLY DEFERRED)",
 ];
 
-/// splitmix64: the same seed, the same statements.
+/// splitmix64, the lab's one generator: the same seed, the same
+/// statements, the same fault schedule.
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -44,7 +49,7 @@ impl Rng {
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 
     pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {

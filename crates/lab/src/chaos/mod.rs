@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::netns::Net;
 use crate::procs::Proc;
 use crate::{plan, start_topology, Error};
+use hostile::Rng;
 
 pub mod hostile;
 mod registers;
@@ -87,24 +88,6 @@ pub const FAULT_KINDS: [&str; 7] = [
 /// Faults that need the database nodes in network namespaces.
 fn is_partition(kind: &str) -> bool {
     kind.starts_with("partition")
-}
-
-/// xorshift64*: small, seedable, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// One operation as the history records it.
