@@ -170,12 +170,7 @@ async fn answers_a_soa_nxdomain_refused_over_udp_and_tcp_and_survives_garbage() 
         vec![ip("127.0.0.4")]
     );
 
-    let metrics = reqwest::get(format!("{}/metrics", dns.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::scrape_openmetrics(&format!("{}/metrics", dns.metrics), None).await;
     assert!(
         metrics.contains("scaleout_dns_queries_total{type=\"A\",rcode=\"NXDOMAIN\"} 1"),
         "{metrics}"
@@ -345,11 +340,13 @@ async fn an_http_port_beyond_loopback_gets_a_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // No query yet: the family is described (OpenMetrics names a
+    // counter's family without `_total`), with no samples.
     assert!(r
         .text()
         .await
         .unwrap()
-        .contains("scaleout_dns_queries_total"));
+        .contains("# TYPE scaleout_dns_queries counter\n"));
     assert_eq!(
         c.get(format!("{base}/healthz"))
             .send()

@@ -784,3 +784,40 @@ async fn a_request_id_runs_from_the_load_balancer_to_the_database() {
     }
     stage.stop();
 }
+
+/// Every role's `/metrics` is one library's OpenMetrics exposition, with
+/// the names the README documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_exposes_well_formed_openmetrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = Stage::start(Some(3), dir.path());
+    // Something to count first.
+    let r = create(&stage.site, "https://example.com/metered", None).await;
+    assert_eq!(r.status(), 201);
+    let admin = stage
+        .proc
+        .stdout
+        .iter()
+        .find_map(|l| l.split("admin API ").nth(1))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let token = std::fs::read_to_string(dir.path().join("stage3/lb-admin-token")).unwrap();
+    let lb = common::scrape_openmetrics(&format!("{admin}/metrics"), Some(token.trim())).await;
+    assert!(
+        lb.contains("scaleout_lb_responses_total{code=\"2xx\"}"),
+        "{lb}"
+    );
+    assert!(lb.contains("# TYPE scaleout_lb_backend_request_duration_seconds histogram"));
+    let web = common::scrape_openmetrics(&format!("{}/metrics", stage.url("web-1")), None).await;
+    assert!(web.contains("scaleout_web_http_requests_total{"), "{web}");
+    let db = common::scrape_openmetrics(&format!("{}/metrics", stage.url("db-1")), None).await;
+    assert!(
+        db.contains("scaleout_db_requests_total{kind=\"write\"}"),
+        "{db}"
+    );
+    assert!(db.contains("scaleout_db_role{role=\"leader\"} 1"), "{db}");
+    stage.stop();
+}

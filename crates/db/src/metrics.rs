@@ -4,7 +4,7 @@
 //! lag per follower on the leader) read from openraft's metrics when
 //! scraped.
 
-use std::fmt::Write;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -12,6 +12,7 @@ use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
 use openraft::{RaftMetrics, ServerState};
+use scaleout_metrics::{Histogram, Label, Labels, Writer};
 
 use crate::raft::proposer::Counts;
 use crate::raft::Member;
@@ -21,45 +22,20 @@ const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-#[derive(Default)]
-struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, seconds: f64) {
-        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
-        }
-        let total = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {total}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
-    }
-}
-
-#[derive(Default)]
 struct Kind {
     requests: AtomicU64,
     errors: AtomicU64,
     latency: Histogram,
+}
+
+impl Default for Kind {
+    fn default() -> Self {
+        Kind {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency: Histogram::new(&BUCKETS),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -85,61 +61,63 @@ impl Stats {
         if !response.status().is_success() {
             kind.errors.fetch_add(1, Ordering::Relaxed);
         }
-        kind.latency.observe(started.elapsed().as_secs_f64());
+        kind.latency.observe(started.elapsed());
         response
     }
 
-    pub fn render(&self, m: &RaftMetrics<u64, Member>, proposed: &Counts) -> String {
-        let mut out = String::new();
-        out.push_str("# HELP scaleout_db_proposed_entries_total Log entries this node proposed as leader (one per group commit).\n# TYPE scaleout_db_proposed_entries_total counter\n");
-        let _ = writeln!(
-            out,
-            "scaleout_db_proposed_entries_total {}",
-            proposed.entries.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP scaleout_db_proposed_writes_total Client writes those entries carried.\n# TYPE scaleout_db_proposed_writes_total counter\n");
-        let _ = writeln!(
-            out,
-            "scaleout_db_proposed_writes_total {}",
-            proposed.writes.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP scaleout_db_requests_total API requests by kind.\n# TYPE scaleout_db_requests_total counter\n");
-        for (name, kind) in self.kinds() {
-            let _ = writeln!(
-                out,
-                "scaleout_db_requests_total{{kind=\"{name}\"}} {}",
-                kind.requests.load(Ordering::Relaxed)
-            );
-        }
-        out.push_str("# HELP scaleout_db_request_errors_total API requests answered with an error status.\n# TYPE scaleout_db_request_errors_total counter\n");
-        for (name, kind) in self.kinds() {
-            let _ = writeln!(
-                out,
-                "scaleout_db_request_errors_total{{kind=\"{name}\"}} {}",
-                kind.errors.load(Ordering::Relaxed)
-            );
-        }
-        out.push_str("# HELP scaleout_db_request_seconds API request latency by kind.\n# TYPE scaleout_db_request_seconds histogram\n");
-        for (name, kind) in self.kinds() {
-            kind.latency.render(
-                &mut out,
-                "scaleout_db_request_seconds",
-                &format!("kind=\"{name}\""),
-            );
-        }
-        out.push_str("# HELP scaleout_db_role This node's Raft role (1 for the current one).\n# TYPE scaleout_db_role gauge\n");
-        for (role, state) in [
-            ("leader", ServerState::Leader),
-            ("follower", ServerState::Follower),
-            ("candidate", ServerState::Candidate),
-            ("learner", ServerState::Learner),
-        ] {
-            let _ = writeln!(
-                out,
-                "scaleout_db_role{{role=\"{role}\"}} {}",
-                u8::from(m.state == state)
-            );
-        }
+    /// The node's figures: its API's, as counted, and Raft's, as
+    /// openraft last reported them.
+    pub fn write(
+        &self,
+        w: &mut Writer<'_>,
+        m: &RaftMetrics<u64, Member>,
+        proposed: &Counts,
+    ) -> fmt::Result {
+        w.counter(
+            "scaleout_db_proposed_entries_total",
+            "Log entries this node proposed as leader (one per group commit).",
+            proposed.entries.load(Ordering::Relaxed),
+        )?;
+        w.counter(
+            "scaleout_db_proposed_writes_total",
+            "Client writes those entries carried.",
+            proposed.writes.load(Ordering::Relaxed),
+        )?;
+        let by_kind = |get: fn(&Kind) -> &AtomicU64| {
+            self.kinds().map(|(name, kind)| {
+                (
+                    Labels([Label("kind", name)]),
+                    get(kind).load(Ordering::Relaxed),
+                )
+            })
+        };
+        w.counters(
+            "scaleout_db_requests_total",
+            "API requests by kind.",
+            by_kind(|k| &k.requests),
+        )?;
+        w.counters(
+            "scaleout_db_request_errors_total",
+            "API requests answered with an error status.",
+            by_kind(|k| &k.errors),
+        )?;
+        w.histograms(
+            "scaleout_db_request_seconds",
+            "API request latency by kind.",
+            self.kinds()
+                .map(|(name, kind)| (Labels([Label("kind", name)]), &kind.latency)),
+        )?;
+        w.gauges(
+            "scaleout_db_role",
+            "This node's Raft role (1 for the current one).",
+            [
+                ("leader", ServerState::Leader),
+                ("follower", ServerState::Follower),
+                ("candidate", ServerState::Candidate),
+                ("learner", ServerState::Learner),
+            ]
+            .map(|(role, state)| (Labels([Label("role", role)]), u64::from(m.state == state))),
+        )?;
         let gauges = [
             ("scaleout_db_term", "The current Raft term.", m.current_term),
             (
@@ -164,23 +142,27 @@ impl Stats {
             ),
         ];
         for (name, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
+            w.gauge(name, help, value)?;
         }
         if let Some(replication) = &m.replication {
-            out.push_str("# HELP scaleout_db_replication_lag_entries Entries the leader has that a follower has not confirmed.\n# TYPE scaleout_db_replication_lag_entries gauge\n");
             let last = m.last_log_index.unwrap_or(0);
-            for (id, matched) in replication {
-                let lag = last.saturating_sub(matched.map_or(0, |l| l.index));
-                let _ = writeln!(
-                    out,
-                    "scaleout_db_replication_lag_entries{{node=\"{id}\"}} {lag}"
-                );
-            }
+            let ids: Vec<(String, u64)> = replication
+                .iter()
+                .map(|(id, matched)| {
+                    (
+                        id.to_string(),
+                        last.saturating_sub(matched.map_or(0, |l| l.index)),
+                    )
+                })
+                .collect();
+            w.gauges(
+                "scaleout_db_replication_lag_entries",
+                "Entries the leader has that a follower has not confirmed.",
+                ids.iter()
+                    .map(|(id, lag)| (Labels([Label("node", id)]), *lag)),
+            )?;
         }
-        out
+        Ok(())
     }
 
     fn kinds(&self) -> [(&'static str, &Kind); 3] {

@@ -3,7 +3,6 @@
 //! listener for `/metrics` and `/healthz`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -237,8 +236,8 @@ impl BoundDns {
                                     .into_response();
                             }
                             (
-                                [("content-type", "text/plain; version=0.0.4")],
-                                render(&handler),
+                                [("content-type", scaleout_metrics::CONTENT_TYPE)],
+                                render(handler),
                             )
                                 .into_response()
                         }
@@ -309,24 +308,35 @@ fn bearer_matches(headers: &axum::http::HeaderMap, token: Option<&str>) -> bool 
             == 0
 }
 
-fn render(h: &Handler) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "# HELP scaleout_dns_queries_total Queries answered, by type and rcode.\n# TYPE scaleout_dns_queries_total counter");
-    if let Ok(counts) = h.counts.lock() {
-        for ((qtype, rcode), n) in counts.iter() {
-            let _ = writeln!(
-                out,
-                "scaleout_dns_queries_total{{type=\"{qtype}\",rcode=\"{rcode}\"}} {n}"
-            );
-        }
-    }
-    let _ = writeln!(out, "# HELP scaleout_dns_address_up 1 when the address passes its health check (and is answered).\n# TYPE scaleout_dns_address_up gauge");
-    for addr in h.zone.all_addrs() {
-        let _ = writeln!(
-            out,
-            "scaleout_dns_address_up{{address=\"{addr}\"}} {}",
-            u8::from(h.health.is_up(addr))
-        );
-    }
-    out
+/// `/metrics`: queries by type and rcode, and each address's health.
+fn render(h: Arc<Handler>) -> String {
+    use scaleout_metrics::{Label, Labels, Scrape, Writer};
+    let registry = Scrape(move |w: &mut Writer<'_>| {
+        let counts: Vec<((String, String), u64)> = match h.counts.lock() {
+            Ok(c) => c.iter().map(|(k, n)| (k.clone(), *n)).collect(),
+            Err(_) => Vec::new(),
+        };
+        w.counters(
+            "scaleout_dns_queries_total",
+            "Queries answered, by type and rcode.",
+            counts.iter().map(|((qtype, rcode), n)| {
+                (Labels([Label("type", qtype), Label("rcode", rcode)]), *n)
+            }),
+        )?;
+        let addrs: Vec<(String, u64)> = h
+            .zone
+            .all_addrs()
+            .into_iter()
+            .map(|a| (a.to_string(), u64::from(h.health.is_up(a))))
+            .collect();
+        w.gauges(
+            "scaleout_dns_address_up",
+            "1 when the address passes its health check (and is answered).",
+            addrs
+                .iter()
+                .map(|(a, up)| (Labels([Label("address", a)]), *up)),
+        )
+    })
+    .registry();
+    scaleout_metrics::render(&registry)
 }

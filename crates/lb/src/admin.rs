@@ -116,14 +116,14 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Json<Value> {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let mut body = crate::metrics::render(&shared.stats, &shared.pool.list(), now_ms(&shared));
-    crate::metrics::render_bodies(&mut body, &shared.bodies);
+    let registry = scaleout_metrics::Scrape(move |w: &mut scaleout_metrics::Writer<'_>| {
+        let backends = shared.pool.list();
+        crate::metrics::write(w, &shared.stats, &backends, &shared.bodies, now_ms(&shared))
+    })
+    .registry();
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
+        [(header::CONTENT_TYPE, scaleout_metrics::CONTENT_TYPE)],
+        scaleout_metrics::render(&registry),
     )
 }
 

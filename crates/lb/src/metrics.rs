@@ -1,56 +1,16 @@
 //! Metrics as plain atomics updated on the hot path (no label lookups, no
-//! locks, no allocation per request), rendered as Prometheus text when
-//! scraped.
+//! locks, no allocation per request), written when scraped through
+//! `scaleout-metrics` (prometheus-client's encoder, as every role).
 
-use std::fmt::Write;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use scaleout_metrics::Histogram;
+use scaleout_metrics::{Label, Labels, Writer};
 
 use crate::backend::Backend;
-
-/// Upper bounds of the latency histogram buckets, in microseconds.
-const BUCKETS_US: [u64; 16] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
-    1_000_000, 2_500_000, 5_000_000, 10_000_000,
-];
-
-#[derive(Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS_US.len()],
-    count: AtomicU64,
-    sum_us: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let us = d.as_micros() as u64;
-        if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (i, le) in BUCKETS_US.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}",
-                *le as f64 / 1e6
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {}",
-            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
-    }
-}
 
 /// Per backend: responses by status class, failures, latency.
 #[derive(Default)]
@@ -107,70 +67,24 @@ impl LbStats {
     }
 }
 
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// Request bodies held: gauges of memory and spool, counters of bodies
-/// spooled, refused for lack of room and cut for arriving too slowly.
-pub fn render_bodies(out: &mut String, bodies: &crate::spool::Bodies) {
-    for (name, help, v) in [
-        (
-            "scaleout_lb_body_memory_bytes",
-            "Request body bytes held in memory now.",
-            bodies.memory_used() as u64,
-        ),
-        (
-            "scaleout_lb_body_spool_bytes",
-            "Request body bytes in the spool now.",
-            bodies.spool_used(),
-        ),
-    ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-    }
-    for (name, help, v) in [
-        (
-            "scaleout_lb_bodies_spooled_total",
-            "Request bodies written to the spool.",
-            &bodies.spooled,
-        ),
-        (
-            "scaleout_lb_bodies_spool_full_total",
-            "Request bodies refused (503) because the spool was full.",
-            &bodies.spool_full,
-        ),
-        (
-            "scaleout_lb_bodies_too_slow_total",
-            "Request bodies cut (408) for arriving below the minimum rate.",
-            &bodies.too_slow,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            v.load(Ordering::Relaxed)
-        );
-    }
-}
-
-/// The Prometheus text exposition of the whole load balancer.
-pub fn render(stats: &LbStats, backends: &[std::sync::Arc<Backend>], clock_ms: u64) -> String {
-    let mut out = String::with_capacity(4096 + backends.len() * 2048);
-    let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-    let _ = writeln!(
-        out,
-        "# HELP scaleout_lb_responses_total Answers to clients, by status class."
-    );
-    let _ = writeln!(out, "# TYPE scaleout_lb_responses_total counter");
-    for (i, c) in classes.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "scaleout_lb_responses_total{{code=\"{c}\"}} {}",
-            stats.responses[i].load(Ordering::Relaxed)
-        );
-    }
+/// The whole load balancer's figures, as read now.
+pub fn write(
+    w: &mut Writer<'_>,
+    stats: &LbStats,
+    backends: &[Arc<Backend>],
+    bodies: &crate::spool::Bodies,
+    clock_ms: u64,
+) -> fmt::Result {
+    w.counters(
+        "scaleout_lb_responses_total",
+        "Answers to clients, by status class.",
+        CLASSES
+            .iter()
+            .zip(&stats.responses)
+            .map(|(c, n)| (Labels([Label("code", c)]), n.load(Ordering::Relaxed))),
+    )?;
     for (name, help, v) in [
         (
             "scaleout_lb_retries_total",
@@ -197,155 +111,127 @@ pub fn render(stats: &LbStats, backends: &[std::sync::Arc<Backend>], clock_ms: u
             "Requests refused (429) because their client address was over its rate or had too many in flight.",
             &stats.rate_limited,
         ),
+        (
+            "scaleout_lb_bodies_spooled_total",
+            "Request bodies written to the spool.",
+            &bodies.spooled,
+        ),
+        (
+            "scaleout_lb_bodies_spool_full_total",
+            "Request bodies refused (503) because the spool was full.",
+            &bodies.spool_full,
+        ),
+        (
+            "scaleout_lb_bodies_too_slow_total",
+            "Request bodies cut (408) for arriving below the minimum rate.",
+            &bodies.too_slow,
+        ),
     ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            v.load(Ordering::Relaxed)
-        );
+        w.counter(name, help, v.load(Ordering::Relaxed))?;
     }
-    let _ = writeln!(
-        out,
-        "# HELP scaleout_lb_connections_open Client connections open now.\n# TYPE scaleout_lb_connections_open gauge\nscaleout_lb_connections_open {}",
-        stats.connections_open.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP scaleout_lb_request_duration_seconds Time to answer a client, retries included."
-    );
-    let _ = writeln!(out, "# TYPE scaleout_lb_request_duration_seconds histogram");
-    stats.latency.render(
-        &mut out,
+    w.gauge(
+        "scaleout_lb_connections_open",
+        "Client connections open now.",
+        stats.connections_open.load(Ordering::Relaxed),
+    )?;
+    w.gauge(
+        "scaleout_lb_body_memory_bytes",
+        "Request body bytes held in memory now.",
+        bodies.memory_used() as u64,
+    )?;
+    w.gauge(
+        "scaleout_lb_body_spool_bytes",
+        "Request body bytes in the spool now.",
+        bodies.spool_used(),
+    )?;
+    w.histograms(
         "scaleout_lb_request_duration_seconds",
-        "lb=\"all\"",
-    );
+        "Time to answer a client, retries included.",
+        [(Labels([Label("lb", "all")]), &stats.latency)],
+    )?;
 
-    let _ = writeln!(out, "# HELP scaleout_lb_backend_responses_total Backend responses, by backend and status class.");
-    let _ = writeln!(out, "# TYPE scaleout_lb_backend_responses_total counter");
-    for b in backends {
-        let n = escape_label(&b.name);
-        for (i, c) in classes.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "scaleout_lb_backend_responses_total{{backend=\"{n}\",code=\"{c}\"}} {}",
-                b.stats.responses[i].load(Ordering::Relaxed)
-            );
-        }
-    }
-    type Gauge = (
-        &'static str,
-        &'static str,
-        &'static str,
-        fn(&Backend, u64) -> u64,
-    );
-    let per_backend: [Gauge; 7] = [
-        (
-            "scaleout_lb_backend_failures_total",
-            "counter",
-            "Attempts that got no response (connect error, reset, timeout).",
-            |b, _| b.stats.failures.load(Ordering::Relaxed),
-        ),
-        (
-            "scaleout_lb_backend_ejections_total",
-            "counter",
-            "Passive outlier ejections.",
-            |b, _| b.stats.ejections.load(Ordering::Relaxed),
-        ),
-        (
-            "scaleout_lb_backend_ejections_refused_total",
-            "counter",
-            "Ejections held back because the pool's ejected share was at its cap.",
-            |b, _| b.stats.ejections_refused.load(Ordering::Relaxed),
-        ),
-        (
-            "scaleout_lb_backend_health_checks_failed_total",
-            "counter",
-            "Active health checks that failed.",
-            |b, _| b.stats.checks_failed.load(Ordering::Relaxed),
-        ),
-        (
-            "scaleout_lb_backend_up",
-            "gauge",
-            "1 when active health checks pass.",
-            |b, _| u64::from(b.up.load(Ordering::Relaxed)),
-        ),
-        (
-            "scaleout_lb_backend_available",
-            "gauge",
-            "1 when the backend takes new requests (up, not ejected, not draining, weight > 0).",
-            |b, now| u64::from(b.available(now)),
-        ),
-        (
-            "scaleout_lb_backend_in_flight",
-            "gauge",
-            "Requests in flight.",
-            |b, _| b.in_flight(),
-        ),
-    ];
-    for (name, kind, help, get) in per_backend {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for b in backends {
-            let _ = writeln!(
-                out,
-                "{name}{{backend=\"{}\"}} {}",
-                escape_label(&b.name),
-                get(b, clock_ms)
-            );
-        }
-    }
-    let _ = writeln!(out, "# HELP scaleout_lb_backend_weight Configured weight.\n# TYPE scaleout_lb_backend_weight gauge");
-    for b in backends {
-        let _ = writeln!(
-            out,
-            "scaleout_lb_backend_weight{{backend=\"{}\"}} {}",
-            escape_label(&b.name),
-            b.weight()
-        );
-    }
-    let _ = writeln!(out, "# HELP scaleout_lb_backend_ewma_seconds PeakEWMA latency estimate.\n# TYPE scaleout_lb_backend_ewma_seconds gauge");
+    w.counters(
+        "scaleout_lb_backend_responses_total",
+        "Backend responses, by backend and status class.",
+        backends.iter().flat_map(|b| {
+            CLASSES.iter().zip(&b.stats.responses).map(|(c, n)| {
+                (
+                    Labels([Label("backend", &b.name), Label("code", c)]),
+                    n.load(Ordering::Relaxed),
+                )
+            })
+        }),
+    )?;
+    let each = |get: fn(&Backend) -> &AtomicU64| {
+        backends.iter().map(move |b| {
+            (
+                Labels([Label("backend", &b.name)]),
+                get(b).load(Ordering::Relaxed),
+            )
+        })
+    };
+    w.counters(
+        "scaleout_lb_backend_failures_total",
+        "Attempts that got no response (connect error, reset, timeout).",
+        each(|b| &b.stats.failures),
+    )?;
+    w.counters(
+        "scaleout_lb_backend_ejections_total",
+        "Passive outlier ejections.",
+        each(|b| &b.stats.ejections),
+    )?;
+    w.counters(
+        "scaleout_lb_backend_ejections_refused_total",
+        "Ejections held back because the pool's ejected share was at its cap.",
+        each(|b| &b.stats.ejections_refused),
+    )?;
+    w.counters(
+        "scaleout_lb_backend_health_checks_failed_total",
+        "Active health checks that failed.",
+        each(|b| &b.stats.checks_failed),
+    )?;
+    let gauge = |get: &dyn Fn(&Backend) -> u64| -> Vec<_> {
+        backends
+            .iter()
+            .map(|b| (Labels([Label("backend", &b.name)]), get(b)))
+            .collect()
+    };
+    w.gauges(
+        "scaleout_lb_backend_up",
+        "1 when active health checks pass.",
+        gauge(&|b| u64::from(b.up.load(Ordering::Relaxed))),
+    )?;
+    w.gauges(
+        "scaleout_lb_backend_available",
+        "1 when the backend takes new requests (up, not ejected, not draining, weight > 0).",
+        gauge(&|b| u64::from(b.available(clock_ms))),
+    )?;
+    w.gauges(
+        "scaleout_lb_backend_in_flight",
+        "Requests in flight.",
+        gauge(&|b| b.in_flight()),
+    )?;
+    w.gauges(
+        "scaleout_lb_backend_weight",
+        "Configured weight.",
+        gauge(&|b| u64::from(b.weight())),
+    )?;
     let now = Instant::now();
-    for b in backends {
-        let _ = writeln!(
-            out,
-            "scaleout_lb_backend_ewma_seconds{{backend=\"{}\"}} {}",
-            escape_label(&b.name),
-            b.ewma_estimate(now).as_secs_f64()
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP scaleout_lb_backend_request_duration_seconds Time to a backend's response head."
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE scaleout_lb_backend_request_duration_seconds histogram"
-    );
-    for b in backends {
-        b.stats.latency.render(
-            &mut out,
-            "scaleout_lb_backend_request_duration_seconds",
-            &format!("backend=\"{}\"", escape_label(&b.name)),
-        );
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_renders_cumulative_buckets() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(50));
-        h.observe(Duration::from_micros(300));
-        h.observe(Duration::from_secs(60));
-        let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.0001\"} 1\n"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.0005\"} 2\n"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 2\n"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"));
-        assert!(out.contains("x_count{a=\"b\"} 3\n"));
-    }
+    w.gauges(
+        "scaleout_lb_backend_ewma_seconds",
+        "PeakEWMA latency estimate.",
+        backends.iter().map(|b| {
+            (
+                Labels([Label("backend", &b.name)]),
+                b.ewma_estimate(now).as_secs_f64(),
+            )
+        }),
+    )?;
+    w.histograms(
+        "scaleout_lb_backend_request_duration_seconds",
+        "Time to a backend's response head.",
+        backends
+            .iter()
+            .map(|b| (Labels([Label("backend", &b.name)]), &b.stats.latency)),
+    )
 }

@@ -752,10 +752,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, 
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, scaleout_metrics::CONTENT_TYPE)],
         app.metrics.render(),
     )
 }

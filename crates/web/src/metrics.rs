@@ -77,13 +77,8 @@ impl WebMetrics {
         }
     }
 
-    /// The Prometheus/OpenMetrics text exposition of every metric.
+    /// The OpenMetrics text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Encoding into a String cannot fail: fmt::Write for String is infallible.
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %e, "encoding metrics failed");
-        }
-        out
+        scaleout_metrics::render(&self.registry)
     }
 }

@@ -309,3 +309,60 @@ pub async fn eventually_status(within: Duration, what: &str, url: &str, status: 
     })
     .await;
 }
+
+/// Scrapes `url` and checks it is a well-formed OpenMetrics text
+/// exposition, as every role's `/metrics` must be: the OpenMetrics
+/// content type, one `# TYPE` per family and before its samples, every
+/// sample named after a declared family with a suffix its type allows
+/// (`_total` for a counter; `_bucket`, `_sum`, `_count` for a histogram;
+/// none for a gauge), a number for each value, `# EOF` last. Returns the
+/// text.
+#[allow(dead_code)]
+pub async fn scrape_openmetrics(url: &str, token: Option<&str>) -> String {
+    let mut req = client().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    let kind = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(
+        kind.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{url}: {kind}"
+    );
+    let text = r.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{url}: no # EOF at the end");
+    let mut families: std::collections::BTreeMap<String, String> = Default::default();
+    let mut samples = 0;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            let before = families.insert(name.to_string(), kind.to_string());
+            assert!(before.is_none(), "{url}: {name} declared twice");
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "{url}: stray comment {line:?}");
+        let name_end = line.find(['{', ' ']).unwrap();
+        let name = &line[..name_end];
+        let value = match line.rfind('}') {
+            Some(close) => line[close + 1..].trim(),
+            None => line[name_end..].trim(),
+        };
+        assert!(value.parse::<f64>().is_ok(), "{url}: value of {line:?}");
+        let declared = families.iter().any(|(family, kind)| {
+            let suffixes: &[&str] = match kind.as_str() {
+                "counter" => &["_total", "_created"],
+                "histogram" => &["_bucket", "_sum", "_count", "_created"],
+                _ => &[""],
+            };
+            suffixes.iter().any(|s| name == format!("{family}{s}"))
+        });
+        assert!(declared, "{url}: sample {name} has no family before it");
+        samples += 1;
+    }
+    assert!(samples > 0, "{url}: no samples");
+    text
+}

@@ -303,9 +303,16 @@ async fn leader(State(node): This) -> Response {
 }
 
 async fn metrics(State(node): This) -> Response {
-    let m = node.raft.metrics().borrow().clone();
-    let text = node.stats.render(&m, &node.proposer.counts);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    let registry = scaleout_metrics::Scrape(move |w: &mut scaleout_metrics::Writer<'_>| {
+        let m = node.raft.metrics().borrow().clone();
+        node.stats.write(w, &m, &node.proposer.counts)
+    })
+    .registry();
+    (
+        [(header::CONTENT_TYPE, scaleout_metrics::CONTENT_TYPE)],
+        scaleout_metrics::render(&registry),
+    )
+        .into_response()
 }
 
 /// Requests only the leader may serve: a follower forwards them.
