@@ -1,5 +1,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    scaleout_lb::fast::fuzzing::chunked_round_trip(data);
+    scaleout_lb::codec::fuzzing::chunked_round_trip(data);
 });

@@ -19,9 +19,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::backend::{Backend, BackendAddr};
+use crate::addr::BackendAddr;
+use crate::backend::Backend;
 use crate::config::BackendConfig;
-use crate::proxy::Shared;
+use crate::worker::Shared;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     let guarded = Router::new()

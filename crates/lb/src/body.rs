@@ -10,13 +10,17 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 
+use http::{HeaderValue, Response};
+
+use crate::error::ErrorAnswer;
+use crate::limits::IpSlot;
 use crate::upstream::UpstreamBody;
 
 pub enum LbBody {
     Full(Full<Bytes>),
     Upstream(UpstreamBody),
     /// A backend's body, and the client's in-flight slot it holds.
-    Held(UpstreamBody, crate::proxy::IpSlot),
+    Held(UpstreamBody, IpSlot),
 }
 
 impl LbBody {
@@ -28,8 +32,19 @@ impl LbBody {
         LbBody::Full(Full::new(Bytes::new()))
     }
 
+    /// The load balancer's own answer, as the hyper path sends it.
+    pub fn answer(answer: &ErrorAnswer) -> Response<Self> {
+        let mut resp = Response::new(LbBody::full(answer.body()));
+        *resp.status_mut() = answer.status;
+        for (name, value) in answer.headers() {
+            resp.headers_mut()
+                .insert(name, HeaderValue::from_static(value));
+        }
+        resp
+    }
+
     /// The body, keeping `slot` until a backend's body is done.
-    pub fn holding(self, slot: Option<crate::proxy::IpSlot>) -> Self {
+    pub fn holding(self, slot: Option<IpSlot>) -> Self {
         match (self, slot) {
             (LbBody::Upstream(body), Some(slot)) => LbBody::Held(body, slot),
             (other, _) => other,

@@ -403,7 +403,7 @@ impl LbConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError::new(msg));
         for b in &self.backends {
-            let addr = crate::backend::BackendAddr::parse(&b.url)?;
+            let addr = crate::addr::BackendAddr::parse(&b.url)?;
             if addr.tls && self.upstream_tls.is_none() {
                 return fail(format!(
                     "backend {}: https:// backends need upstream_tls (--backend-ca)",

@@ -1,12 +1,11 @@
 //! The load balancer's errors: fatal ones ([`Error`], [`ConfigError`]) apart
 //! from per-request ones ([`ProxyError`]), which say where they came from and
-//! whether a retry on another backend is safe. `ProxyError::into_response`
-//! is the one place they become HTTP answers.
+//! whether a retry on another backend is safe. [`ErrorAnswer`] is the one
+//! place an error becomes an answer (status, JSON body, headers); the two
+//! request paths only write it out, as bytes or as an `http::Response`.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
-
-use crate::body::LbBody;
+use http::StatusCode;
 
 /// A configuration the load balancer cannot run with.
 #[derive(Debug, thiserror::Error)]
@@ -139,27 +138,40 @@ impl ProxyError {
             ProxyError::SpoolFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
+}
 
-    pub fn into_response(self) -> Response<LbBody> {
-        let mut resp = json_error(self.status(), &self.to_string());
-        if matches!(self, ProxyError::RateLimited | ProxyError::TooManyInFlight) {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+/// An answer the load balancer makes itself: a status, and a JSON body
+/// that says what went wrong (`{"error": "..."}`); `Retry-After: 1` with a
+/// 429, when waiting is what helps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorAnswer {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ErrorAnswer {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ErrorAnswer {
+            status,
+            message: message.into(),
         }
-        resp
+    }
+
+    pub fn body(&self) -> Bytes {
+        Bytes::from(serde_json::json!({ "error": self.message }).to_string())
+    }
+
+    /// The headers besides the body's length.
+    pub fn headers(&self) -> impl Iterator<Item = (&'static str, &'static str)> {
+        let retry = (self.status == StatusCode::TOO_MANY_REQUESTS).then_some(("retry-after", "1"));
+        std::iter::once(("content-type", "application/json")).chain(retry)
     }
 }
 
-/// A JSON error answer from the load balancer itself.
-pub fn json_error(status: StatusCode, message: &str) -> Response<LbBody> {
-    let body = serde_json::json!({ "error": message }).to_string();
-    let mut resp = Response::new(LbBody::full(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
+impl From<&ProxyError> for ErrorAnswer {
+    fn from(e: &ProxyError) -> Self {
+        ErrorAnswer::new(e.status(), e.to_string())
+    }
 }
 
 #[cfg(test)]
@@ -191,6 +203,26 @@ mod tests {
         assert_eq!(
             ProxyError::NoBackend.status(),
             StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn answers_are_json_and_say_when_to_come_back() {
+        let limited = ErrorAnswer::from(&ProxyError::RateLimited);
+        assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+        let body: serde_json::Value = serde_json::from_slice(&limited.body()).unwrap();
+        assert_eq!(body["error"], ProxyError::RateLimited.to_string());
+        let headers: Vec<_> = limited.headers().collect();
+        assert_eq!(
+            headers,
+            [("content-type", "application/json"), ("retry-after", "1")]
+        );
+        let quote = ErrorAnswer::new(StatusCode::BAD_REQUEST, "a \"quoted\"\n name");
+        let body: serde_json::Value = serde_json::from_slice(&quote.body()).unwrap();
+        assert_eq!(body["error"], "a \"quoted\"\n name");
+        assert_eq!(
+            ErrorAnswer::from(&ProxyError::NoBackend).headers().count(),
+            1
         );
     }
 }

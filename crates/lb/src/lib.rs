@@ -2,37 +2,53 @@
 //! spreads traffic over the web servers, stops sending to a failed one and
 //! starts sending to a new one at once (claims C6–C8).
 //!
-//! - [`config`]: typed config (flags and TOML say the same things).
-//! - [`backend`]: backends (atomics shared by workers) and the pool.
+//! The modules, each using only those listed before it (a test keeps it so):
+//!
+//! - [`error`], [`addr`], [`config`]: errors, backend addresses, typed
+//!   config (flags and TOML say the same things).
+//! - [`stats`], [`ewma`], [`backend`]: figures as atomics; backends
+//!   (shared by every connection) and the pool; passive outlier ejection.
 //! - [`selection`]: round-robin, smooth weighted, least-conn, P2C-PeakEWMA,
 //!   rendezvous hashing, behind the [`selection::BackendSelection`] trait.
-//! - [`health`]: active checks with rise/fall; passive outlier ejection lives
-//!   on [`backend::Backend`].
-//! - [`fast`]: the HTTP/1.1 hot path (heads rewritten as bytes); [`proxy`]:
-//!   the hyper path (h2c, TLS), and the retry loop both share;
-//!   [`upstream`]: the lean HTTP/1.1 client and its connection pool.
-//! - [`server`]: the accept loop, h1/h2 dispatch, TLS, timeouts,
-//!   drain; [`admin`]: the admin API; [`metrics`]: Prometheus text.
+//! - [`limits`], [`spool`], [`conn`]: per-client limits, bounded request
+//!   bodies, a connection's facts and timeouts.
+//! - [`codec`]: HTTP/1.1 as bytes (heads, framing, chunked), no I/O.
+//! - [`rules`]: the proxy rules both paths apply — hop-by-hop headers,
+//!   forwarding headers, the request id, replay safety, the hash key.
+//! - [`upstream`]: the lean HTTP/1.1 client and its connection pool;
+//!   [`body`]: the hyper path's response body; [`health`]: active checks.
+//! - [`worker`]: admission, the retry loop and the access log, shared by
+//!   [`fast`] (plaintext HTTP/1.1 as bytes, where most requests go) and
+//!   [`proxy`] (TLS and h2c through hyper).
+//! - [`server`]: the accept loop, h1/h2 dispatch, TLS, drain; [`admin`]:
+//!   the admin API; [`metrics`]: `/metrics`.
 //!
 //! Entry points: [`bind`] (validate, resolve, bind every socket), then
 //! [`BoundLb::run`] until the shutdown token is cancelled, which stops
 //! accepting and drains in-flight requests.
 
+pub mod addr;
 pub mod admin;
 pub mod backend;
 pub mod body;
+pub mod codec;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod ewma;
 pub mod fast;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod rules;
 pub mod selection;
 pub mod server;
 pub mod spool;
+pub mod stats;
 pub mod tls;
 pub mod upstream;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,9 +62,10 @@ use std::time::Duration;
 
 use tower::retry::budget::TpsBudget;
 
-use crate::backend::{BackendAddr, Clock, Pool};
-use crate::proxy::{Shared, Worker};
+use crate::addr::BackendAddr;
+use crate::backend::{Clock, Pool};
 use crate::upstream::UpstreamPool;
+use crate::worker::{Shared, Worker};
 
 /// Connections the admin API takes at once.
 pub const ADMIN_MAX_CONNECTIONS: usize = 256;
@@ -146,8 +163,11 @@ impl BoundLb {
             clock: Clock::new(),
             scheme: if tls.is_some() { "https" } else { "http" },
             bodies: Arc::new(spool::Bodies::new(&config.limits, &config.timeouts)),
-            rate: proxy::RateLimit::new(config.limits.rate_per_ip, config.limits.rate_burst),
-            in_flight: proxy::InFlightPerIp::new(config.limits.max_in_flight_per_ip),
+            rate: crate::limits::RateLimit::new(
+                config.limits.rate_per_ip,
+                config.limits.rate_burst,
+            ),
+            in_flight: crate::limits::InFlightPerIp::new(config.limits.max_in_flight_per_ip),
             config,
         });
         let worker = Arc::new(Worker {
@@ -200,5 +220,81 @@ impl BoundLb {
         served?;
         tracing::info!("load balancer stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod layering {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The modules this crate's code (not its tests or docs) names.
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                for inner in std::fs::read_dir(&path).unwrap() {
+                    files.push(inner.unwrap().path());
+                }
+            } else {
+                files.push(path);
+            }
+        }
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for file in files {
+            let rel = file.strip_prefix(&src).unwrap();
+            let module = rel.iter().next().unwrap().to_str().unwrap();
+            let module = module.trim_end_matches(".rs").to_string();
+            let text = std::fs::read_to_string(&file).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap();
+            let deps = graph.entry(module.clone()).or_default();
+            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for (at, _) in line.match_indices("crate::") {
+                    let name: String = line[at + 7..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                        .collect();
+                    if !name.is_empty() && name != module {
+                        deps.insert(name);
+                    }
+                }
+            }
+        }
+        graph
+    }
+
+    #[test]
+    fn no_module_imports_one_that_imports_it_back() {
+        let graph = imports();
+        assert!(
+            graph.len() > 15 && graph["fast"].contains("rules"),
+            "{graph:?}"
+        );
+        // Depth-first: a module met again on the current path closes a circle.
+        fn visit(
+            graph: &BTreeMap<String, BTreeSet<String>>,
+            path: &mut Vec<String>,
+            circles: &mut BTreeSet<Vec<String>>,
+        ) {
+            let here = path.last().unwrap().clone();
+            for next in graph.get(&here).into_iter().flatten() {
+                if next == "lib" {
+                    continue;
+                }
+                if let Some(at) = path.iter().position(|m| m == next) {
+                    circles.insert(path[at..].to_vec());
+                } else {
+                    path.push(next.clone());
+                    visit(graph, path, circles);
+                    path.pop();
+                }
+            }
+        }
+        let mut circles = BTreeSet::new();
+        for module in graph.keys().filter(|m| *m != "lib") {
+            visit(&graph, &mut vec![module.clone()], &mut circles);
+        }
+        assert!(circles.is_empty(), "import circles: {circles:?}");
     }
 }

@@ -6,22 +6,23 @@
 //! CPU no longer stalls every connection it owns.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LbConfig;
+use crate::conn::{watchdog, ConnInfo, ConnTimes, Tracked, COARSE_TICK};
 use crate::error::Error;
-use crate::proxy::{handle, ConnInfo, Worker};
+use crate::proxy::handle;
+use crate::worker::Worker;
 
 /// Binds the client listener (with a long backlog).
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
@@ -132,8 +133,6 @@ async fn drain(serving: Serving, deadline: Duration) -> Result<(), Error> {
     Ok(())
 }
 
-const COARSE_TICK: Duration = Duration::from_millis(100);
-
 impl Serving {
     fn spawn(&self, tcp: tokio::net::TcpStream, client: SocketAddr, permit: OwnedSemaphorePermit) {
         let _ = tcp.set_nodelay(true);
@@ -154,12 +153,12 @@ impl Serving {
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
             let times = Arc::new(ConnTimes::new(coarse_now));
-            let io = Tracked { inner: tcp, times: times.clone() };
+            let io = Tracked::new(tcp, times.clone());
             let served = async {
                 match tls {
                     None => {
                         // HTTP/2 with prior knowledge goes to hyper; HTTP/1 takes the fast path.
-                        match tokio::time::timeout(header_read, starts_with_h2_preface(&io.inner)).await {
+                        match tokio::time::timeout(header_read, starts_with_h2_preface(io.inner())).await {
                             Ok(Ok(true)) => {
                                 let service = service_fn(move |req| handle(worker.clone(), conn.clone(), req));
                                 let c = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -251,164 +250,5 @@ async fn starts_with_h2_preface(tcp: &tokio::net::TcpStream) -> std::io::Result<
         }
         // A prefix of the preface: wait for more bytes.
         tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// A client connection's clocks, read by its watchdog: when bytes last
-/// moved, and since when the fast path has been waiting for a request head.
-/// All in coarse `Clock` millis, so the I/O path never asks the OS for the
-/// time and a request costs no timer of its own.
-pub struct ConnTimes {
-    now: Arc<AtomicU64>,
-    activity: AtomicU64,
-    /// 0 while not waiting for a head.
-    head_since: AtomicU64,
-    /// 0 while not waiting for a backend's response head.
-    upstream_since: AtomicU64,
-    /// Woken by the watchdog when the backend took too long.
-    upstream_late: tokio::sync::Notify,
-}
-
-impl ConnTimes {
-    fn new(now: Arc<AtomicU64>) -> Self {
-        let at = now.load(Ordering::Relaxed);
-        ConnTimes {
-            now,
-            activity: AtomicU64::new(at),
-            head_since: AtomicU64::new(0),
-            upstream_since: AtomicU64::new(0),
-            upstream_late: tokio::sync::Notify::new(),
-        }
-    }
-
-    fn touch(&self) {
-        self.activity
-            .store(self.now.load(Ordering::Relaxed), Ordering::Relaxed);
-    }
-
-    /// The header timeout starts (between requests, it is also the
-    /// keep-alive timeout, as in hyper).
-    pub fn waiting_for_head(&self) {
-        self.head_since
-            .store(self.now.load(Ordering::Relaxed).max(1), Ordering::Relaxed);
-    }
-
-    pub fn head_received(&self) {
-        self.head_since.store(0, Ordering::Relaxed);
-    }
-
-    /// The upstream response timeout starts.
-    pub fn waiting_for_upstream(&self) {
-        self.upstream_since
-            .store(self.now.load(Ordering::Relaxed).max(1), Ordering::Relaxed);
-    }
-
-    pub fn upstream_answered(&self) {
-        self.upstream_since.store(0, Ordering::Relaxed);
-    }
-
-    /// Resolves when the watchdog finds the backend late.
-    pub async fn upstream_expired(&self) {
-        self.upstream_late.notified().await;
-    }
-}
-
-/// Resolves when the connection has been quiet for `idle`, or has waited
-/// `header` for a request head; wakes the fast path when a backend has
-/// taken `upstream` to answer. Checks at least every quarter of the
-/// shortest timeout, so each fires within that much of its setting.
-async fn watchdog(
-    times: &ConnTimes,
-    idle: Duration,
-    header: Duration,
-    upstream: Duration,
-) -> &'static str {
-    let ms = |d: Duration| d.as_millis() as u64;
-    let (idle_ms, header_ms, upstream_ms) = (ms(idle), ms(header), ms(upstream));
-    let check_every = (idle_ms.min(header_ms).min(upstream_ms) / 4).max(ms(COARSE_TICK));
-    let mut wait = check_every;
-    loop {
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        let now = times.now.load(Ordering::Relaxed);
-        let quiet = now.saturating_sub(times.activity.load(Ordering::Relaxed));
-        let since_upstream = times.upstream_since.load(Ordering::Relaxed);
-        if quiet >= idle_ms && since_upstream == 0 {
-            return "idle";
-        }
-        let since_head = times.head_since.load(Ordering::Relaxed);
-        if since_head != 0 && now.saturating_sub(since_head) >= header_ms {
-            return "no request head within the header timeout";
-        }
-        if since_upstream != 0 && now.saturating_sub(since_upstream) >= upstream_ms {
-            // The fast path answers 504 (or retries); checked again next tick
-            // in case it was not listening yet.
-            times.upstream_late.notify_waiters();
-        }
-        wait = check_every;
-    }
-}
-
-/// A stream that notes when bytes last moved (for the idle timeout).
-struct Tracked<T> {
-    inner: T,
-    times: Arc<ConnTimes>,
-}
-
-impl<T> Tracked<T> {
-    fn touch(&self) {
-        self.times.touch();
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.touch();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -19,21 +19,19 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Response, StatusCode, Version};
+use bytes::{Bytes, BytesMut};
+use http::header::HeaderMap;
+use http::{Method, Response};
 use http_body::{Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::backend::Backend;
+use crate::codec::response::{self, ResponseHead};
+use crate::codec::{invalid, request, take_body, Chunk, Framing};
 use crate::error::ProxyError;
 use crate::spool::RequestBody;
 
-/// Most response headers accepted from a backend.
-const MAX_HEADERS: usize = 128;
-/// Largest response head accepted from a backend.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 /// An idle connection older than this is checked for a close before reuse.
 const PROBE_AFTER: Duration = Duration::from_millis(250);
@@ -328,7 +326,13 @@ pub async fn exchange(
     release: Release,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let mut encoded = Vec::with_capacity(512);
-    encode_request(&mut encoded, head, body);
+    request::encode(
+        &mut encoded,
+        head.method,
+        head.path,
+        head.headers,
+        body.len(),
+    );
     let deadline = tokio::time::sleep(timeout);
     let raw = send_and_read_head(
         &mut conn,
@@ -359,7 +363,7 @@ pub async fn send_and_read_head(
     body: &RequestBody,
     head_request: bool,
     deadline: impl std::future::Future<Output = ()>,
-) -> Result<RawHead, SendError> {
+) -> Result<ResponseHead, SendError> {
     if let Err(e) = write_request(conn, request_head, body).await {
         return Err(SendError::NotSent(e));
     }
@@ -372,49 +376,6 @@ pub async fn send_and_read_head(
         },
         () = deadline => Err(SendError::TimedOut),
     }
-}
-
-fn encode_request(out: &mut Vec<u8>, head: &Head<'_>, body: &RequestBody) {
-    out.clear();
-    out.extend_from_slice(head.method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(head.path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in head.headers {
-        if name == http::header::CONTENT_LENGTH {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    push_content_length(out, head.method, body.len());
-    out.extend_from_slice(b"\r\n");
-}
-
-/// The body is kept whole, so its length is known; methods that
-/// usually carry a body get an explicit 0.
-pub fn push_content_length(out: &mut Vec<u8>, method: &Method, len: u64) {
-    if len > 0 || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
-        out.extend_from_slice(b"content-length: ");
-        push_decimal(out, len);
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 async fn write_request(
@@ -432,164 +393,6 @@ enum ReadHeadError {
     Io(std::io::Error),
 }
 
-/// How a message body is delimited (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    Length(u64),
-    Chunked(Chunk),
-    /// Until the sender closes the connection.
-    Close,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Chunk {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk, this many bytes left.
-    Data(u64),
-    /// Expecting the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: trailer lines until an empty one.
-    Trailers,
-    Done,
-}
-
-pub fn invalid(msg: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_string())
-}
-
-/// One step of chunked decoding over `buf`: the next piece of data, or
-/// `None` when more bytes are needed (or the body is `Done`). Framing
-/// bytes are consumed; trailers are dropped.
-pub fn chunked_step(state: &mut Chunk, buf: &mut BytesMut) -> std::io::Result<Option<Bytes>> {
-    loop {
-        match *state {
-            Chunk::Done => return Ok(None),
-            Chunk::Size => {
-                let Some(eol) = find_crlf(buf) else {
-                    if buf.len() > 4096 {
-                        return Err(invalid("chunk size line too long"));
-                    }
-                    return Ok(None);
-                };
-                let size = chunk_size(&buf[..eol])?;
-                buf.advance(eol + 2);
-                *state = if size == 0 {
-                    Chunk::Trailers
-                } else {
-                    Chunk::Data(size)
-                };
-            }
-            Chunk::Data(n) => {
-                if buf.is_empty() {
-                    return Ok(None);
-                }
-                let take = n.min(buf.len() as u64) as usize;
-                *state = if n == take as u64 {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(n - take as u64)
-                };
-                return Ok(Some(buf.split_to(take).freeze()));
-            }
-            Chunk::DataEnd => {
-                if buf.len() < 2 {
-                    return Ok(None);
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Err(invalid("missing CRLF after chunk data"));
-                }
-                buf.advance(2);
-                *state = Chunk::Size;
-            }
-            Chunk::Trailers => {
-                let Some(eol) = find_crlf(buf) else {
-                    if buf.len() > 16 * 1024 {
-                        return Err(invalid("trailers too long"));
-                    }
-                    return Ok(None);
-                };
-                buf.advance(eol + 2);
-                if eol == 0 {
-                    *state = Chunk::Done;
-                }
-            }
-        }
-    }
-}
-
-/// Walks chunked framing without decoding it: how many leading bytes of
-/// `buf` belong to the body (to pass them on as they are). Stops early at a
-/// line that has not fully arrived.
-pub fn chunked_scan(state: &mut Chunk, buf: &[u8]) -> std::io::Result<usize> {
-    let mut at = 0;
-    loop {
-        let rest = &buf[at..];
-        match *state {
-            Chunk::Done => return Ok(at),
-            Chunk::Size | Chunk::Trailers => {
-                let Some(eol) = find_crlf(rest) else {
-                    if rest.len() > 16 * 1024 {
-                        return Err(invalid("chunk line too long"));
-                    }
-                    return Ok(at);
-                };
-                if *state == Chunk::Size {
-                    let size = chunk_size(&rest[..eol])?;
-                    *state = if size == 0 {
-                        Chunk::Trailers
-                    } else {
-                        Chunk::Data(size)
-                    };
-                } else if eol == 0 {
-                    *state = Chunk::Done;
-                }
-                at += eol + 2;
-            }
-            Chunk::Data(n) => {
-                if rest.is_empty() {
-                    return Ok(at);
-                }
-                let take = n.min(rest.len() as u64);
-                *state = if n == take {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(n - take)
-                };
-                at += take as usize;
-            }
-            Chunk::DataEnd => {
-                if rest.len() < 2 {
-                    return Ok(at);
-                }
-                if &rest[..2] != b"\r\n" {
-                    return Err(invalid("missing CRLF after chunk data"));
-                }
-                *state = Chunk::Size;
-                at += 2;
-            }
-        }
-    }
-}
-
-/// The size on a chunk-size line (hex, extensions after `;` ignored).
-fn chunk_size(line: &[u8]) -> std::io::Result<u64> {
-    let hex = line
-        .split(|b| *b == b';')
-        .next()
-        .unwrap_or(b"")
-        .trim_ascii();
-    std::str::from_utf8(hex)
-        .ok()
-        .filter(|h| !h.is_empty() && h.len() <= 15)
-        .and_then(|h| u64::from_str_radix(h, 16).ok())
-        .ok_or_else(|| invalid("bad chunk size"))
-}
-
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
-}
-
 pub async fn fill(conn: &mut UpstreamConn) -> std::io::Result<usize> {
     conn.buf.reserve(READ_CHUNK);
     std::future::poll_fn(|cx| {
@@ -598,108 +401,17 @@ pub async fn fill(conn: &mut UpstreamConn) -> std::io::Result<usize> {
     .await
 }
 
-/// A response head as the backend sent it: parsed, not copied. Header
-/// names and values are spans of `head`.
-pub struct RawHead {
-    pub status: StatusCode,
-    pub version: Version,
-    pub head: Bytes,
-    pub reason: std::ops::Range<usize>,
-    pub headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
-    pub framing: Framing,
-    /// The backend will keep the connection open after this response.
-    pub keep_alive: bool,
-}
-
-impl RawHead {
-    pub fn header(&self, i: usize) -> (&[u8], &[u8]) {
-        let (n, v) = &self.headers[i];
-        (&self.head[n.clone()], &self.head[v.clone()])
-    }
-
-    /// As `http` types, for the hyper side.
-    pub fn into_parts(self) -> std::io::Result<http::response::Parts> {
-        let mut headers = HeaderMap::with_capacity(self.headers.len());
-        for (n, v) in &self.headers {
-            let name = HeaderName::from_bytes(&self.head[n.clone()])
-                .map_err(|_| invalid("bad header name"))?;
-            let value = HeaderValue::from_maybe_shared(self.head.slice(v.clone()))
-                .map_err(|_| invalid("bad header value"))?;
-            headers.append(name, value);
-        }
-        if matches!(self.framing, Framing::Chunked(_)) {
-            headers.remove(http::header::CONTENT_LENGTH);
-        }
-        let mut parts = Response::new(()).into_parts().0;
-        parts.status = self.status;
-        parts.version = self.version;
-        parts.headers = headers;
-        Ok(parts)
-    }
-}
-
-/// Offset of `part` inside `whole` (both from the same buffer).
-pub fn span(whole: &[u8], part: &[u8]) -> std::ops::Range<usize> {
-    let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
-    start..start + part.len()
-}
-
-async fn read_head(conn: &mut UpstreamConn, head_request: bool) -> Result<RawHead, ReadHeadError> {
+async fn read_head(
+    conn: &mut UpstreamConn,
+    head_request: bool,
+) -> Result<ResponseHead, ReadHeadError> {
     let mut got_any = false;
     loop {
         if !conn.buf.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(&conn.buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let code = resp.code.unwrap_or(0);
-                    if (100..200).contains(&code) && code != 101 {
-                        // Interim response (100 Continue, 103): skip it.
-                        conn.buf.advance(len);
-                        continue;
-                    }
-                    let whole: &[u8] = &conn.buf;
-                    let spans: Vec<_> = resp
-                        .headers
-                        .iter()
-                        .map(|h| (span(whole, h.name.as_bytes()), span(whole, h.value)))
-                        .collect();
-                    let reason = match resp.reason {
-                        Some(r) => span(whole, r.as_bytes()),
-                        None => 0..0,
-                    };
-                    let version = if resp.version == Some(0) {
-                        Version::HTTP_10
-                    } else {
-                        Version::HTTP_11
-                    };
-                    let head = conn.buf.split_to(len).freeze();
-                    let mut raw = RawHead {
-                        status: StatusCode::from_u16(code)
-                            .map_err(|_| ReadHeadError::Io(invalid("bad status code")))?,
-                        version,
-                        head,
-                        reason,
-                        headers: spans,
-                        framing: Framing::Close,
-                        keep_alive: false,
-                    };
-                    let (framing, keep_alive) =
-                        response_framing(&raw, head_request).map_err(ReadHeadError::Io)?;
-                    raw.framing = framing;
-                    raw.keep_alive = keep_alive;
-                    return Ok(raw);
-                }
-                Ok(httparse::Status::Partial) => {
-                    if conn.buf.len() > MAX_HEAD_BYTES {
-                        return Err(ReadHeadError::Io(invalid("response head too large")));
-                    }
-                }
-                Err(e) => {
-                    return Err(ReadHeadError::Io(invalid(&format!(
-                        "malformed response head: {e}"
-                    ))))
-                }
+            match response::parse(&mut conn.buf, head_request) {
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(e) => return Err(ReadHeadError::Io(e)),
             }
         }
         match fill(conn).await {
@@ -716,54 +428,6 @@ async fn read_head(conn: &mut UpstreamConn, head_request: bool) -> Result<RawHea
             Err(e) => return Err(ReadHeadError::Io(e)),
         }
     }
-}
-
-/// The body framing and connection persistence a response head says.
-fn response_framing(raw: &RawHead, head_request: bool) -> std::io::Result<(Framing, bool)> {
-    let mut content_length: Option<u64> = None;
-    let mut chunked = false;
-    let mut keep_alive = raw.version == Version::HTTP_11;
-    for i in 0..raw.headers.len() {
-        let (name, value) = raw.header(i);
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| invalid("bad content-length"))?;
-            if content_length.is_some_and(|m| m != n) {
-                return Err(invalid("conflicting content-length"));
-            }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            chunked = value
-                .split(|b| *b == b',')
-                .next_back()
-                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive = true;
-                }
-            }
-        }
-    }
-    let status = raw.status;
-    let no_body = head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    Ok(if no_body {
-        (Framing::Length(0), keep_alive)
-    } else if chunked {
-        (Framing::Chunked(Chunk::Size), keep_alive)
-    } else if let Some(n) = content_length {
-        (Framing::Length(n), keep_alive)
-    } else {
-        (Framing::Close, false)
-    })
 }
 
 /// Where a connection goes when its response body has ended.
@@ -808,35 +472,6 @@ impl UpstreamBody {
         };
         let (data, _) = take_body(&mut self.framing, &mut conn.buf, true)?;
         Ok((!data.is_empty()).then_some(data))
-    }
-}
-
-/// The next piece of body in `buf` as the client gets it, and whether the
-/// body is complete. `dechunk`: chunked framing is decoded (for hyper, or an
-/// HTTP/1.0 client) rather than passed through as it is.
-pub fn take_body(
-    framing: &mut Framing,
-    buf: &mut BytesMut,
-    dechunk: bool,
-) -> std::io::Result<(Bytes, bool)> {
-    match framing {
-        Framing::Length(n) => {
-            let take = (*n).min(buf.len() as u64) as usize;
-            *n -= take as u64;
-            Ok((buf.split_to(take).freeze(), *n == 0))
-        }
-        Framing::Chunked(state) if dechunk => {
-            let mut out = BytesMut::new();
-            while let Some(data) = chunked_step(state, buf)? {
-                out.extend_from_slice(&data);
-            }
-            Ok((out.freeze(), *state == Chunk::Done))
-        }
-        Framing::Chunked(state) => {
-            let n = chunked_scan(state, buf)?;
-            Ok((buf.split_to(n).freeze(), *state == Chunk::Done))
-        }
-        Framing::Close => Ok((buf.split().freeze(), false)),
     }
 }
 
@@ -904,6 +539,7 @@ impl http_body::Body for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::StatusCode;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1026,35 +662,5 @@ mod tests {
             pool.lock().get(&1).is_none_or(Vec::is_empty),
             "not reusable"
         );
-    }
-
-    #[test]
-    fn requests_are_encoded_with_an_exact_length() {
-        let mut headers = HeaderMap::new();
-        headers.insert("host", HeaderValue::from_static("h"));
-        headers.insert("content-length", HeaderValue::from_static("999"));
-        let mut out = Vec::new();
-        let bodies = Arc::new(crate::spool::Bodies::new(
-            &crate::config::Limits::default(),
-            &crate::config::Timeouts::default(),
-        ));
-        let abc = crate::spool::BodyWriter::whole(&bodies, Bytes::from_static(b"abc")).unwrap();
-        encode_request(
-            &mut out,
-            &Head {
-                method: &Method::POST,
-                path: "/p?q",
-                headers: &headers,
-            },
-            &abc,
-        );
-        assert_eq!(
-            out,
-            b"POST /p?q HTTP/1.1\r\nhost: h\r\ncontent-length: 3\r\n\r\n"
-        );
-        let mut n = Vec::new();
-        push_decimal(&mut n, 1234567);
-        push_decimal(&mut n, 0);
-        assert_eq!(n, b"12345670");
     }
 }
