@@ -239,6 +239,46 @@ async fn stage3_balances_two_web_servers_over_one_database() {
         "the load balancer spreads over both web servers"
     );
 
+    // A browser that deletes a link through one web server is not sent to
+    // it by the other's cache: an entry older than its cookie is skipped.
+    let r = create(&stage.site, "https://example.com/gone", None).await;
+    assert_eq!(r.status(), 201);
+    let made: Value = r.json().await.unwrap();
+    let (gone, token) = (
+        made["code"].as_str().unwrap().to_string(),
+        made["delete_token"].as_str().unwrap().to_string(),
+    );
+    for web in ["web-1", "web-2"] {
+        for expected in ["miss", "hit"] {
+            let r = client()
+                .get(format!("{}/{gone}", stage.url(web)))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 302, "{web}");
+            assert_eq!(r.headers()["x-cache"], expected, "{web}");
+        }
+    }
+    let r = client()
+        .delete(format!("{}/api/links/{gone}", stage.url("web-1")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let cookie = cookie_of(&r);
+    let r = client()
+        .get(format!("{}/{gone}", stage.url("web-2")))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "web-2's cache undid this browser's own delete"
+    );
+
     // The lb's admin API (it can add a backend that would take real
     // users' requests) wants the token the lab made, readable by its
     // owner only.

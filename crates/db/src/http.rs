@@ -109,8 +109,8 @@ struct Api {
     client: reqwest::Client,
 }
 
-pub fn router(node: Arc<dyn DataNode>) -> Router {
-    let client = crate::peers::client(reqwest::Client::builder().timeout(Duration::from_secs(30)));
+/// `client` forwards what a follower cannot answer to the leader.
+pub fn router(node: Arc<dyn DataNode>, client: reqwest::Client) -> Router {
     Router::new()
         .route("/db/execute", post(execute))
         .route("/db/query", get(query).post(query))
@@ -533,7 +533,7 @@ mod tests {
         router(Arc::new(LocalNode {
             sm: Mutex::new(crate::state::StateMachine::open_in_memory().unwrap()),
             index: Mutex::new(0),
-        }))
+        }), reqwest::Client::new())
     }
 
     async fn call(app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, Value) {

@@ -73,16 +73,15 @@ pub fn scheme() -> &'static str {
     }
 }
 
-/// An HTTP client for peers, with the cluster's TLS when it has one.
-pub fn client(builder: reqwest::ClientBuilder) -> reqwest::Client {
+/// An HTTP client for peers, with the cluster's TLS when it has one. A
+/// builder that fails is an error: falling back to a default client would
+/// drop the timeout and the TLS the caller asked for.
+pub fn client(builder: reqwest::ClientBuilder) -> Result<reqwest::Client, reqwest::Error> {
     let builder = match TLS.get() {
         Some(config) => builder.use_preconfigured_tls(config.clone()),
         None => builder,
     };
-    builder.build().unwrap_or_else(|e| {
-        tracing::error!(error = %e, "building an HTTP client failed; using the default");
-        reqwest::Client::new()
-    })
+    builder.build()
 }
 
 /// The default timeout of calls between nodes.

@@ -324,7 +324,10 @@ async fn wait_for_cluster(seed: &str, nodes: u64, tls: Option<&tls::LabTls>) -> 
         None => reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()
-            .unwrap_or_default(),
+            .map_err(|e| Error::Spawn {
+                name: "lab".into(),
+                reason: format!("building an HTTP client: {e}"),
+            })?,
     };
     let deadline = tokio::time::Instant::now() + CLUSTER_PATIENCE;
     loop {

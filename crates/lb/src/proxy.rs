@@ -372,11 +372,16 @@ async fn forward_upgrade(
     let (mut parts, body) = resp.into_parts();
     if parts.status != StatusCode::SWITCHING_PROTOCOLS {
         strip_hop_by_hop(&mut parts.headers, false);
+        // A body cut off mid-way is the backend's failure, not an empty
+        // answer: the client gets a 502 rather than a truncated 200.
         let body = body
             .collect()
             .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
+            .map_err(|e| ProxyError::Exchange {
+                backend: backend.name.clone(),
+                reason: format!("reading the answer's body: {e}"),
+            })?
+            .to_bytes();
         return Ok(Response::from_parts(parts, LbBody::full(body)));
     }
     strip_hop_by_hop(&mut parts.headers, true);

@@ -692,16 +692,17 @@ async fn redirect(
         Ok(code) => code,
         Err(e) => return html_error(&app, e),
     };
-    if let Some(url) = app.cache.get(&code).await {
+    let opts = seen(&headers);
+    if let Some(url) = app.cache.get(&code, opts.min_index).await {
         app.metrics.cache_hits.inc();
         return found(&url, "hit");
     }
     app.metrics.cache_misses.inc();
-    match app.store.get(&code, seen(&headers)).await {
+    match app.store.get(&code, opts).await {
         Ok(served) => {
             let resp = match served.value {
                 Some(link) => {
-                    app.cache.put(&code, &link.url).await;
+                    app.cache.put(&code, &link.url, served.index).await;
                     found(&link.url, "miss")
                 }
                 None => html_error(

@@ -44,7 +44,8 @@ impl DbNode {
             .with_state(self.clone());
         let stats = self.clone();
         let users = self.users.clone();
-        let mut api = http::router(self).merge(cluster);
+        let client = self.client.clone();
+        let mut api = http::router(self, client).merge(cluster);
         if let Some(users) = users {
             api = api.layer(axum::middleware::from_fn(move |req, next| {
                 let users = users.clone();

@@ -90,7 +90,8 @@ pub async fn start(
             }
         }
     };
-    let network = Network::new(config.cluster_secret.clone());
+    let http_client = |e: reqwest::Error| StartError::Config(format!("HTTP client: {e}"));
+    let network = Network::new(config.cluster_secret.clone()).map_err(http_client)?;
     let raft = Raft::new(config.id, Arc::new(raft_config), network, log, state)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -103,7 +104,8 @@ pub async fn start(
         me: config.advertise.clone(),
         read_only: config.read_only,
         contact: contact.clone(),
-        client: crate::peers::client(reqwest::Client::builder().timeout(crate::peers::TIMEOUT)),
+        client: crate::peers::client(reqwest::Client::builder().timeout(crate::peers::TIMEOUT))
+            .map_err(http_client)?,
         stats: Stats::default(),
         read_timeout: config.read_timeout,
         query_timeout: config.query_timeout,

@@ -43,14 +43,14 @@ pub struct Network {
 
 impl Network {
     /// `secret`: what every RPC carries, when the cluster has one.
-    pub fn new(secret: Option<ClusterSecret>) -> Self {
+    pub fn new(secret: Option<ClusterSecret>) -> Result<Self, reqwest::Error> {
         let client = crate::peers::client(
             reqwest::Client::builder()
                 .connect_timeout(Duration::from_millis(500))
                 .pool_idle_timeout(Duration::from_secs(30))
                 .tcp_nodelay(true),
-        );
-        Network { client, secret }
+        )?;
+        Ok(Network { client, secret })
     }
 }
 

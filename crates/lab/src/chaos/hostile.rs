@@ -282,7 +282,10 @@ pub async fn client(
     stop: CancellationToken,
     started: Instant,
 ) {
-    let http = super::http();
+    let Ok(http) = super::http() else {
+        tracing::error!(client = id, "no HTTP client: this hostile worker sends nothing");
+        return;
+    };
     let mut rng = Rng(seed);
     let mut seq = 0u64;
     let now = || started.elapsed().as_millis() as u64;

@@ -317,12 +317,15 @@ async fn stop_all(procs: Vec<Proc>) {
     }
 }
 
-pub(crate) fn http() -> reqwest::Client {
+/// The chaos run's HTTP client: every call bounded by 10 s, no redirects
+/// followed. A builder that fails is an error, never a default client
+/// without the timeout.
+pub(crate) fn http() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .unwrap_or_default()
+        .map_err(|e| format!("building the chaos run's HTTP client: {e}"))
 }
 
 async fn exercise(
@@ -332,6 +335,11 @@ async fn exercise(
     mut net: Option<&mut Net>,
     shutdown: CancellationToken,
 ) -> Result<Report, Error> {
+    // The workers build their own; one that fails would fail here first.
+    http().map_err(|reason| Error::Spawn {
+        name: "chaos".into(),
+        reason,
+    })?;
     let started = Instant::now();
     let lb = format!("http://{site}");
     let history: History = Arc::default();
@@ -527,6 +535,7 @@ async fn leader_name(procs: &[Proc]) -> Option<String> {
     for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
         let url = p.url();
         let Ok(r) = http()
+            .ok()?
             .get(format!("{url}/leader"))
             .timeout(Duration::from_secs(1))
             .send()
@@ -639,7 +648,10 @@ async fn client(
     stop: CancellationToken,
     started: Instant,
 ) {
-    let http = http();
+    let Ok(http) = http() else {
+        tracing::error!(client = id, "no HTTP client: this worker sends nothing");
+        return;
+    };
     let mut rng = Rng::new(seed);
     let mut cookie: Option<String> = None;
     let mut mine: Vec<String> = Vec::new();
@@ -751,11 +763,12 @@ async fn final_data(procs: &[Proc]) -> Result<FinalData, String> {
         .filter(|p| p.name.starts_with("db-"))
         .map(|p| (p.name.clone(), p.url().to_string()))
         .collect();
+    let http = http()?;
     // The index every node must reach: a write made now, through the leader.
     let mut target = None;
     for _ in 0..100 {
         for (_, url) in &dbs {
-            let sent = http()
+            let sent = http
                 .post(format!("{url}/db/execute"))
                 .json(&json!(["CREATE TABLE IF NOT EXISTS _chaos_probe (x)"]))
                 .send()
@@ -784,7 +797,7 @@ async fn final_data(procs: &[Proc]) -> Result<FinalData, String> {
         );
         let mut rows = None;
         for _ in 0..10 {
-            if let Ok(r) = http().get(&q).send().await {
+            if let Ok(r) = http.get(&q).send().await {
                 if r.status() == 200 {
                     rows = r.json::<Value>().await.ok();
                     break;
@@ -813,14 +826,18 @@ async fn hostile_ledgers(
     procs: &[Proc],
     target: u64,
 ) -> Result<BTreeMap<String, BTreeSet<(u64, u64)>>, String> {
+    let http = http()?;
     let mut out = BTreeMap::new();
     for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
         let url = p.url();
         let q = format!(
             "{url}/db/query?level=none&min_index={target}&q=SELECT%20client%2C%20seq%20FROM%20hostile_ledger"
         );
-        let answer = match http().get(&q).send().await {
-            Ok(r) if r.status() == 200 => r.json::<Value>().await.unwrap_or_default(),
+        let answer = match http.get(&q).send().await {
+            Ok(r) if r.status() == 200 => r
+                .json::<Value>()
+                .await
+                .map_err(|e| format!("{}: the hostile ledger: {e}", p.name))?,
             Ok(r) => return Err(format!("{}: the hostile ledger: {}", p.name, r.status())),
             Err(e) => return Err(format!("{}: the hostile ledger: {e}", p.name)),
         };
@@ -853,16 +870,27 @@ pub async fn check(ops: &[Op], hostile_ops: &[hostile::Op], procs: &[Proc]) -> V
     }
     // Every table, row by row: each node's SQL dump (all have caught up
     // with the final write, and nothing writes any more).
+    let http = match http() {
+        Ok(http) => http,
+        Err(e) => {
+            violations.push(e);
+            return violations;
+        }
+    };
     let mut sums = BTreeMap::new();
     for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
         let url = p.url();
-        let dump = match http()
+        let sent = http
             .get(format!("{url}/db/backup?fmt=sql&noleader"))
             .send()
-            .await
-        {
-            Ok(r) if r.status() == 200 => r.text().await.unwrap_or_default(),
-            _ => {
+            .await;
+        let text = match sent {
+            Ok(r) if r.status() == 200 => r.text().await.ok(),
+            _ => None,
+        };
+        let dump = match text {
+            Some(dump) => dump,
+            None => {
                 violations.push(format!("{}: no SQL dump for the table checksums", p.name));
                 continue;
             }

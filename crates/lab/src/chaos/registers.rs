@@ -68,7 +68,10 @@ pub async fn client(
     let Ok(db) = scaleout_client::Client::new(dbs.clone()) else {
         return;
     };
-    let http = super::http();
+    let Ok(http) = super::http() else {
+        tracing::error!(client = id, "no HTTP client: this register worker sends nothing");
+        return;
+    };
     let mut rng = Rng::new(seed);
     let mut last_read: BTreeMap<i64, i64> = BTreeMap::new();
     let mut session = 0u64;
