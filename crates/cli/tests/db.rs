@@ -624,6 +624,24 @@ async fn an_unchanged_rqlite_client_works_through_a_follower() {
         )
         .await;
     assert_eq!(body["results"][0]["values"], json!([[3.0]]));
+    // A request that arrives already forwarded at a node that does not
+    // lead is refused, never forwarded again (no loops between nodes that
+    // disagree about the leader), and changes nothing.
+    let r = client()
+        .post(nodes[1].url("/db/execute"))
+        .header("x-scaleout-forwarded", "1")
+        .json(&json!([["UPDATE people SET score = 99 WHERE name = 'ada'"]]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "{}", r.text().await.unwrap());
+    let (_, body) = nodes[0]
+        .query(
+            "SELECT score FROM people WHERE name = 'ada'",
+            "level=strong",
+        )
+        .await;
+    assert_eq!(body["results"][0]["values"], json!([[3.0]]));
 }
 
 /// A leader that cannot hear from a quorum stops presenting itself as the

@@ -592,4 +592,103 @@ mod tests {
         assert_eq!(ids(&t), vec!["4", "5"], "caught up, it serves again");
         assert_eq!(t.leader().map(|n| n.id.as_str()), Some("1"));
     }
+
+    /// A leader on a real socket that lists itself in `/nodes` and
+    /// answers every write with `status` (or, with `None`, closes the
+    /// connection once the request is in). Returns its URL and the count
+    /// of writes it received.
+    async fn leader_that_answers(
+        status: Option<u16>,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let writes = std::sync::Arc::new(AtomicUsize::new(0));
+        let (me, count) = (url.clone(), writes.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let (me, count) = (me.clone(), count.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // The whole request: head, then Content-Length bytes.
+                    let (head_end, length) = loop {
+                        let Ok(n) = conn.read(&mut chunk).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (end + 4, length);
+                        }
+                    };
+                    while buf.len() < head_end + length {
+                        let Ok(n) = conn.read(&mut chunk).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let (code, body) = if head.starts_with("GET /nodes") {
+                        let nodes = format!(
+                            r#"{{"nodes":[{{"id":"1","api_addr":"{me}","addr":"x:1","voter":true,"reachable":true,"leader":true,"time":0.0}}]}}"#
+                        );
+                        (200, nodes)
+                    } else {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        match status {
+                            Some(code) => (code, r#"{"error":"boom"}"#.to_string()),
+                            None => return, // dropped: no answer at all
+                        }
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (url, writes)
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_outcome_is_unknown_is_reported_never_replayed() {
+        use std::sync::atomic::Ordering;
+        // 500, 504 and a connection closed with the write in: each may
+        // have happened, so each is Unknown after exactly one attempt.
+        for status in [Some(500), Some(504), None] {
+            let (url, writes) = leader_that_answers(status).await;
+            let client = Client::new(vec![url]).unwrap();
+            client.discover(Duration::from_secs(5)).await.unwrap();
+            let answer = client
+                .execute(&serde_json::json!(["INSERT INTO t VALUES (1)"]), false)
+                .await;
+            assert!(
+                matches!(answer, Err(ClientError::Unknown { .. })),
+                "{status:?}: {answer:?}"
+            );
+            assert_eq!(writes.load(Ordering::SeqCst), 1, "{status:?}: replayed");
+        }
+        // 503 (not the leader): certainly not done, so it is tried again.
+        let (url, writes) = leader_that_answers(Some(503)).await;
+        let client = Client::new(vec![url]).unwrap();
+        client.discover(Duration::from_secs(5)).await.unwrap();
+        let answer = client
+            .execute(&serde_json::json!(["INSERT INTO t VALUES (1)"]), false)
+            .await;
+        assert!(matches!(answer, Err(ClientError::Unavailable(_))), "{answer:?}");
+        assert!(writes.load(Ordering::SeqCst) > 1, "a sure refusal is retried");
+    }
 }
