@@ -630,7 +630,9 @@ async fn an_unchanged_rqlite_client_works_through_a_follower() {
     let r = client()
         .post(nodes[1].url("/db/execute"))
         .header("x-scaleout-forwarded", "1")
-        .json(&json!([["UPDATE people SET score = 99 WHERE name = 'ada'"]]))
+        .json(&json!([[
+            "UPDATE people SET score = 99 WHERE name = 'ada'"
+        ]]))
         .send()
         .await
         .unwrap();

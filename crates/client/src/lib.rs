@@ -617,7 +617,9 @@ mod tests {
                     let mut chunk = [0u8; 4096];
                     // The whole request: head, then Content-Length bytes.
                     let (head_end, length) = loop {
-                        let Ok(n) = conn.read(&mut chunk).await else { return };
+                        let Ok(n) = conn.read(&mut chunk).await else {
+                            return;
+                        };
                         if n == 0 {
                             return;
                         }
@@ -633,7 +635,9 @@ mod tests {
                         }
                     };
                     while buf.len() < head_end + length {
-                        let Ok(n) = conn.read(&mut chunk).await else { return };
+                        let Ok(n) = conn.read(&mut chunk).await else {
+                            return;
+                        };
                         if n == 0 {
                             return;
                         }
@@ -688,7 +692,13 @@ mod tests {
         let answer = client
             .execute(&serde_json::json!(["INSERT INTO t VALUES (1)"]), false)
             .await;
-        assert!(matches!(answer, Err(ClientError::Unavailable(_))), "{answer:?}");
-        assert!(writes.load(Ordering::SeqCst) > 1, "a sure refusal is retried");
+        assert!(
+            matches!(answer, Err(ClientError::Unavailable(_))),
+            "{answer:?}"
+        );
+        assert!(
+            writes.load(Ordering::SeqCst) > 1,
+            "a sure refusal is retried"
+        );
     }
 }

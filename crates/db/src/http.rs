@@ -530,10 +530,13 @@ mod tests {
     }
 
     fn app() -> Router {
-        router(Arc::new(LocalNode {
-            sm: Mutex::new(crate::state::StateMachine::open_in_memory().unwrap()),
-            index: Mutex::new(0),
-        }), reqwest::Client::new())
+        router(
+            Arc::new(LocalNode {
+                sm: Mutex::new(crate::state::StateMachine::open_in_memory().unwrap()),
+                index: Mutex::new(0),
+            }),
+            reqwest::Client::new(),
+        )
     }
 
     async fn call(app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, Value) {

@@ -80,7 +80,10 @@ mod tests {
         let cache = LinkCache::new(100, Duration::from_secs(60));
         cache.put("abc", "https://a/", Some(10)).await;
         assert_eq!(cache.get("abc", None).await.as_deref(), Some("https://a/"));
-        assert_eq!(cache.get("abc", Some(10)).await.as_deref(), Some("https://a/"));
+        assert_eq!(
+            cache.get("abc", Some(10)).await.as_deref(),
+            Some("https://a/")
+        );
         assert_eq!(
             cache.get("abc", Some(11)).await,
             None,

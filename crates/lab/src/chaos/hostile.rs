@@ -283,7 +283,10 @@ pub async fn client(
     started: Instant,
 ) {
     let Ok(http) = super::http() else {
-        tracing::error!(client = id, "no HTTP client: this hostile worker sends nothing");
+        tracing::error!(
+            client = id,
+            "no HTTP client: this hostile worker sends nothing"
+        );
         return;
     };
     let mut rng = Rng(seed);

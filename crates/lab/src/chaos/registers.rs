@@ -69,7 +69,10 @@ pub async fn client(
         return;
     };
     let Ok(http) = super::http() else {
-        tracing::error!(client = id, "no HTTP client: this register worker sends nothing");
+        tracing::error!(
+            client = id,
+            "no HTTP client: this register worker sends nothing"
+        );
         return;
     };
     let mut rng = Rng::new(seed);
