@@ -667,18 +667,30 @@ mod tests {
         (url, writes)
     }
 
+    /// One write through a client of [`leader_that_answers`]`(status)`:
+    /// its answer, and the count of writes the leader received.
+    async fn one_write_to(
+        status: Option<u16>,
+    ) -> (
+        Result<Executed, ClientError>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let (url, writes) = leader_that_answers(status).await;
+        let client = Client::new(vec![url]).unwrap();
+        client.discover(Duration::from_secs(5)).await.unwrap();
+        let answer = client
+            .execute(&serde_json::json!(["INSERT INTO t VALUES (1)"]), false)
+            .await;
+        (answer, writes)
+    }
+
     #[tokio::test]
     async fn a_write_whose_outcome_is_unknown_is_reported_never_replayed() {
         use std::sync::atomic::Ordering;
         // 500, 504 and a connection closed with the write in: each may
         // have happened, so each is Unknown after exactly one attempt.
         for status in [Some(500), Some(504), None] {
-            let (url, writes) = leader_that_answers(status).await;
-            let client = Client::new(vec![url]).unwrap();
-            client.discover(Duration::from_secs(5)).await.unwrap();
-            let answer = client
-                .execute(&serde_json::json!(["INSERT INTO t VALUES (1)"]), false)
-                .await;
+            let (answer, writes) = one_write_to(status).await;
             assert!(
                 matches!(answer, Err(ClientError::Unknown { .. })),
                 "{status:?}: {answer:?}"
@@ -686,12 +698,7 @@ mod tests {
             assert_eq!(writes.load(Ordering::SeqCst), 1, "{status:?}: replayed");
         }
         // 503 (not the leader): certainly not done, so it is tried again.
-        let (url, writes) = leader_that_answers(Some(503)).await;
-        let client = Client::new(vec![url]).unwrap();
-        client.discover(Duration::from_secs(5)).await.unwrap();
-        let answer = client
-            .execute(&serde_json::json!(["INSERT INTO t VALUES (1)"]), false)
-            .await;
+        let (answer, writes) = one_write_to(Some(503)).await;
         assert!(
             matches!(answer, Err(ClientError::Unavailable(_))),
             "{answer:?}"
