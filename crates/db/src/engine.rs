@@ -12,11 +12,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rusqlite::fallible_iterator::FallibleIterator;
-use rusqlite::hooks::TransactionOperation;
+use rusqlite::hooks::{Action, TransactionOperation};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ToSql};
 use serde_json::{json, Map, Value};
@@ -109,10 +109,9 @@ pub struct Guarded {
     pub conn: Connection,
     pub guard: Guard,
     fixed: Option<FixedFunctions>,
-    /// Per table, the name that reaches its rowid (`rowid`, `oid` or
-    /// `_rowid_`, whichever no column took), or `None` when every one did;
-    /// forgotten whenever a statement changes the schema.
-    rowid_names: std::cell::RefCell<std::collections::HashMap<String, Option<&'static str>>>,
+    /// The table in which a row took the last rowid since the statement
+    /// began, as SQLite's update hook reports it (writer only).
+    last_rowid: Arc<Mutex<Option<String>>>,
 }
 
 impl Guarded {
@@ -123,11 +122,27 @@ impl Guarded {
         // Where `last_insert_rowid()` and `changes()` are reset before
         // each write (a temporary table: nothing reaches the file).
         conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS _scaleout_reset (x)")?;
+        // Every row SQLite writes passes the update hook with its rowid,
+        // whatever wrote it: a statement, a trigger, a virtual table's own
+        // statements. The hook sees a row take the last rowid even when
+        // the same statement removes it again, which no look at the table
+        // afterwards could.
+        let last_rowid = Arc::new(Mutex::new(None));
+        let seen = Arc::clone(&last_rowid);
+        conn.update_hook(Some(
+            move |action: Action, _db: &str, table: &str, rowid: i64| {
+                if rowid == LAST_ROWID
+                    && matches!(action, Action::SQLITE_INSERT | Action::SQLITE_UPDATE)
+                {
+                    *lock(&seen) = Some(table.to_string());
+                }
+            },
+        ));
         Ok(Guarded {
             conn,
             guard,
             fixed: Some(fixed),
-            rowid_names: Default::default(),
+            last_rowid,
         })
     }
 
@@ -138,7 +153,7 @@ impl Guarded {
             conn,
             guard,
             fixed: None,
-            rowid_names: Default::default(),
+            last_rowid: Arc::default(),
         })
     }
 
@@ -255,74 +270,6 @@ impl From<Fault> for Stop {
 /// replica could reproduce): no row may hold it.
 const LAST_ROWID: i64 = i64::MAX;
 
-/// What the rowid-name cache holds for a virtual table.
-const VIRTUAL: &str = "";
-
-/// The name that reaches `table`'s rowid: one of SQLite's three aliases
-/// that no column of the table took. `Err` when every one did (the rowid
-/// is then out of reach, and so is the check).
-fn rowid_name(db: &Guarded, table: &str) -> Result<Option<&'static str>, ()> {
-    if let Some(known) = db.rowid_names.borrow().get(table) {
-        return match known {
-            Some(VIRTUAL) => Ok(None),
-            Some(name) => Ok(Some(name)),
-            None => Err(()),
-        };
-    }
-    db.guard.set_mode(Mode::Internal);
-    // A virtual table keeps its rows in its own tables (FTS5's content
-    // table, checked as it is written): no b-tree rowid here to check.
-    let virtual_table = db
-        .conn
-        .prepare_cached("SELECT 1 FROM pragma_table_list WHERE schema = 'main' AND name = ?1 AND type = 'virtual'")
-        .and_then(|mut s| s.exists([table]))
-        .unwrap_or(false);
-    if virtual_table {
-        db.rowid_names
-            .borrow_mut()
-            .insert(table.to_string(), Some(VIRTUAL));
-        return Ok(None);
-    }
-    let columns: Result<Vec<String>, _> = db
-        .conn
-        .prepare_cached("SELECT name FROM pragma_table_xinfo(?1, 'main')")
-        .and_then(|mut s| {
-            s.query_map([table], |r| r.get::<_, String>(0))?
-                .collect::<rusqlite::Result<_>>()
-        });
-    // Not a table here (a view, say): nothing to check.
-    let Ok(columns) = columns else {
-        return Ok(None);
-    };
-    if columns.is_empty() {
-        return Ok(None);
-    }
-    let free = ["rowid", "oid", "_rowid_"]
-        .into_iter()
-        .find(|alias| !columns.iter().any(|c| c.eq_ignore_ascii_case(alias)));
-    db.rowid_names.borrow_mut().insert(table.to_string(), free);
-    free.map(Some).ok_or(())
-}
-
-/// Whether the statement left `table` holding the last rowid (or a
-/// table whose rowid cannot be checked at all).
-fn holds_last_rowid(db: &Guarded, table: &str) -> bool {
-    let name = match rowid_name(db, table) {
-        Ok(Some(name)) => name,
-        Ok(None) => return false,
-        Err(()) => return true,
-    };
-    db.guard.set_mode(Mode::Internal);
-    let quoted = table.replace('"', "\"\"");
-    db.conn
-        .prepare_cached(&format!(
-            "SELECT {name} FROM main.\"{quoted}\" ORDER BY {name} DESC LIMIT 1"
-        ))
-        .and_then(|mut s| s.query_row([], |r| r.get::<_, Option<i64>>(0)))
-        // WITHOUT ROWID tables have none.
-        .is_ok_and(|max| max == Some(LAST_ROWID))
-}
-
 /// `SQLITE_FULL` is the node's (its disk) unless the statement wrote an
 /// `AUTOINCREMENT` table, whose counter SQLite reports full at the last
 /// rowid — the same on every node — and the disk has room to spare.
@@ -379,9 +326,7 @@ fn execute_one(db: &Guarded, s: &Statement) -> Result<Value, Failed> {
         Prepared::Request(msg) => Failed::Client(msg),
     })?;
     let writes = db.guard.take_writes();
-    if db.guard.take_schema_changed() {
-        db.rowid_names.borrow_mut().clear();
-    }
+    db.watch_rowids();
     let mut rows = stmt.raw_query();
     loop {
         match rows.next() {
@@ -389,38 +334,61 @@ fn execute_one(db: &Guarded, s: &Statement) -> Result<Value, Failed> {
             Ok(None) => break,
             Err(e) => {
                 drop(rows);
-                return Err(failed(e, &writes));
+                let failure = failed(e, &writes);
+                return Err(match failure {
+                    Failed::Client(_) => db.took_last_rowid().unwrap_or(failure),
+                    other => other,
+                });
             }
         }
     }
     drop(rows);
     drop(stmt);
-    left_replayable(db, &writes)?;
+    if let Some(ended) = db.took_last_rowid() {
+        return Err(ended);
+    }
+    left_replayable(db)?;
     Ok(json!({ "last_insert_id": conn.last_insert_rowid(), "rows_affected": conn.changes() }))
 }
 
 /// After a write statement that succeeded: whether it left what every
-/// node can reproduce. It may have ended the transaction it ran in, or
-/// left a table at the last rowid; either way the entry runs again
-/// without it.
-fn left_replayable(
-    db: &Guarded,
-    writes: &std::collections::BTreeSet<String>,
-) -> Result<(), Failed> {
+/// node can reproduce. It may have ended the transaction it ran in; then
+/// the entry runs again without it.
+fn left_replayable(db: &Guarded) -> Result<(), Failed> {
     if db.conn.is_autocommit() {
         return Err(Failed::Ended(
             "the statement ended the transaction it ran in".into(),
         ));
     }
-    match writes.iter().find(|t| holds_last_rowid(db, t)) {
-        Some(table) => Err(Failed::Ended(last_rowid_error(table))),
-        None => Ok(()),
+    Ok(())
+}
+
+impl Guarded {
+    /// Forgets the last rowid seen: a statement starts.
+    fn watch_rowids(&self) {
+        lock(&self.last_rowid).take();
     }
+
+    /// Whether a row took the last rowid during the statement, however
+    /// the statement ended: one that fails with FAIL semantics
+    /// (`RAISE(FAIL)`, `OR FAIL`) keeps what it wrote before failing.
+    /// After the last rowid SQLite draws new rowids from its own random
+    /// generator, which no other node could reproduce, so the entry runs
+    /// again without the statement.
+    fn took_last_rowid(&self) -> Option<Failed> {
+        lock(&self.last_rowid)
+            .take()
+            .map(|table| Failed::Ended(last_rowid_error(&table)))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn last_rowid_error(table: &str) -> String {
     format!(
-        "rowid {LAST_ROWID} in {table:?} is not allowed: after it SQLite picks rowids at random, which replicas could not reproduce (and a table whose columns take all of rowid, oid and _rowid_ hides its rowid from this check, so it cannot be written)"
+        "rowid {LAST_ROWID} in {table:?} is not allowed: after it SQLite picks rowids at random, which replicas could not reproduce"
     )
 }
 
@@ -551,7 +519,6 @@ fn load_statements(
     db.guard.set_mode(Mode::Internal);
     conn.execute_batch("PRAGMA defer_foreign_keys = ON")
         .map_err(failed)?;
-    db.rowid_names.borrow_mut().clear();
     if replace {
         drop_everything(conn).map_err(failed)?;
     }
@@ -576,13 +543,15 @@ fn load_statements(
             // BEGIN, COMMIT, END: the load is one transaction already.
             Some(_) => continue,
         }
-        let writes = db.guard.take_writes();
-        if db.guard.take_schema_changed() {
-            db.rowid_names.borrow_mut().clear();
-        }
-        stmt.raw_execute().map_err(failed)?;
+        db.guard.take_writes();
+        db.watch_rowids();
+        let executed = stmt.raw_execute();
         drop(stmt);
-        left_replayable(db, &writes)?;
+        if let Some(ended) = db.took_last_rowid() {
+            return Err(ended);
+        }
+        executed.map_err(failed)?;
+        left_replayable(db)?;
         count += 1;
     }
     Ok(count)
@@ -1058,6 +1027,47 @@ mod tests {
         );
     }
 
+    /// Every rowid of `table`, in order.
+    fn rowids(db: &Db, table: &str) -> Value {
+        db.query(&format!(r#"["SELECT rowid FROM {table} ORDER BY rowid"]"#))[0]["values"].clone()
+    }
+
+    /// A statement that fails with FAIL semantics keeps what it did before
+    /// failing (SQLite's documented `RAISE(FAIL)` and `OR FAIL`): the last
+    /// rowid it stored must not outlive it, or every later insert gets a
+    /// rowid drawn from this node's own randomness (found by
+    /// `scaleout chaos`: replicas and voters ended with different rows).
+    #[test]
+    fn a_failed_statement_cannot_leave_the_last_rowid_behind() {
+        let mut db = Db::new("CREATE TABLE t (a)");
+        db.exec(r#"["CREATE TRIGGER f AFTER INSERT ON t WHEN new.a = 1 BEGIN SELECT RAISE(FAIL, 'boom'); END"]"#, false);
+        let r = db.batch(&[
+            (r#"["INSERT INTO t (rowid, a) VALUES (9223372036854775807, 1)", "INSERT INTO t (a) VALUES (2)"]"#, false),
+            (r#"["INSERT OR FAIL INTO t (rowid, a) SELECT 9223372036854775807, 5 UNION ALL SELECT 9223372036854775807, 6"]"#, false),
+            (r#"["INSERT INTO t (a) VALUES (3)"]"#, false),
+        ]);
+        assert!(error_of(&r[0][0]).contains("9223372036854775807"), "{r:?}");
+        assert!(error_of(&r[1][0]).contains("9223372036854775807"), "{r:?}");
+        assert_eq!(rowids(&db, "t"), json!([[1], [2]]), "{r:?}");
+    }
+
+    /// One statement can store the last rowid, make SQLite draw a random
+    /// rowid for another row, and delete the last rowid again, all before
+    /// it ends: no check after the statement would see it.
+    #[test]
+    fn the_last_rowid_is_refused_even_when_the_statement_removes_it_again() {
+        let mut db = Db::new("CREATE TABLE t (a)");
+        db.exec(r#"["CREATE TABLE log (a)", "CREATE TRIGGER g AFTER INSERT ON log BEGIN INSERT INTO t (rowid, a) VALUES (9223372036854775807, 0); INSERT INTO t (a) VALUES (new.a); DELETE FROM t WHERE rowid = 9223372036854775807; END"]"#, false);
+        let r = db.batch(&[
+            (r#"["INSERT INTO t (a) VALUES (1)"]"#, false),
+            (r#"["INSERT INTO log VALUES (7)"]"#, false),
+            (r#"["INSERT INTO t (a) VALUES (2)"]"#, false),
+        ]);
+        assert!(error_of(&r[1][0]).contains("9223372036854775807"), "{r:?}");
+        assert_eq!(rowids(&db, "t"), json!([[1], [2]]), "{r:?}");
+        assert_eq!(db.count("log"), 0);
+    }
+
     #[test]
     fn a_deferred_foreign_key_fails_its_own_request_only() {
         let mut db = Db::new("CREATE TABLE parent (id INTEGER PRIMARY KEY)");
@@ -1225,8 +1235,10 @@ mod tests {
     }
 
     /// F3: a column named `_rowid_` hid the rowid from the last-rowid
-    /// check; a table whose columns take all three names cannot be
-    /// written at all.
+    /// check when it looked at the table by name; SQLite's update hook
+    /// reports the true rowid, so a table whose columns take all three
+    /// names is written like any other. FTS5 writes its rows through its
+    /// own statements, which pass the same hook.
     #[test]
     fn a_column_named_like_the_rowid_does_not_hide_it() {
         let mut db = Db::new("CREATE TABLE r1 (_rowid_ TEXT, v)");
@@ -1237,8 +1249,16 @@ mod tests {
             r#"["CREATE TABLE r3 (rowid, oid, _rowid_)", "INSERT INTO r3 VALUES (1, 2, 3)"]"#,
             false,
         );
-        assert!(r[0].get("error").is_none());
-        assert!(error_of(&r[1]).contains("hides its rowid"), "{r:?}");
+        assert!(r[0].get("error").is_none(), "{r:?}");
+        assert!(r[1].get("error").is_none(), "{r:?}");
+        let r = db.exec(
+            r#"["CREATE VIRTUAL TABLE ft USING fts5(x)", "INSERT INTO ft (rowid, x) VALUES (9223372036854775807, 'a')", "INSERT INTO ft (x) VALUES ('b')"]"#,
+            false,
+        );
+        assert!(r[0].get("error").is_none(), "{r:?}");
+        assert!(error_of(&r[1]).contains("9223372036854775807"), "{r:?}");
+        assert!(r[2].get("error").is_none(), "{r:?}");
+        assert_eq!(rowids(&db, "ft"), json!([[1]]), "{r:?}");
     }
 
     /// F6: the result cap counts JSON escapes and, with `associative`,

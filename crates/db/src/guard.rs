@@ -390,8 +390,6 @@ struct State {
     writes: BTreeSet<String>,
     transaction_control: Option<TransactionOperation>,
     no_op: bool,
-    /// The statement creates, alters or drops a table.
-    schema_changed: bool,
     /// The statement drops a table or an index (whose statistics SQLite
     /// then deletes).
     dropping: bool,
@@ -424,7 +422,6 @@ impl Guard {
             writes: BTreeSet::new(),
             transaction_control: None,
             no_op: false,
-            schema_changed: false,
             dropping: false,
             checks_left: None,
             budget: 0,
@@ -434,16 +431,6 @@ impl Guard {
         let hooked = state.clone();
         conn.authorizer(Some(move |ctx: AuthContext<'_>| {
             let mut s = lock(&hooked);
-            if matches!(
-                ctx.action,
-                AuthAction::CreateTable { .. }
-                    | AuthAction::DropTable { .. }
-                    | AuthAction::AlterTable { .. }
-                    | AuthAction::CreateVtable { .. }
-                    | AuthAction::DropVtable { .. }
-            ) {
-                s.schema_changed = true;
-            }
             if matches!(
                 ctx.action,
                 AuthAction::DropTable { .. }
@@ -568,11 +555,6 @@ impl Guard {
 
     pub fn transaction_control(&self) -> Option<TransactionOperation> {
         lock(&self.state).transaction_control
-    }
-
-    /// Whether a statement prepared since the last call changes tables.
-    pub fn take_schema_changed(&self) -> bool {
-        std::mem::take(&mut lock(&self.state).schema_changed)
     }
 
     /// The statement just prepared in a load does nothing there.
