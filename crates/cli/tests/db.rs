@@ -111,7 +111,10 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
         let ready = client().get(node.url("/readyz")).send().await.unwrap();
         assert_eq!(ready.status(), 200);
     }
-    assert_eq!(replica.role().await.as_deref(), Some("learner"));
+    // rqlite's names: a read replica is a Follower that does not vote.
+    let status = replica.status().await;
+    assert_eq!(status["store"]["raft"]["state"], "Follower", "{status}");
+    assert_eq!(status["store"]["raft"]["voter"], false, "{status}");
 
     // Non-deterministic SQL gives the same state on every node.
     let (status, w) = nodes[0]
@@ -320,7 +323,7 @@ async fn killing_the_leader_during_writes_loses_no_acknowledged_write() {
                 let key = format!("w{w}-{n}");
                 let api = &apis[(n as usize + w) % apis.len()];
                 let sent = http
-                    .post(format!("{api}/db/execute"))
+                    .post(format!("{api}/db/execute?raft_index"))
                     .json(&json!([["INSERT INTO w VALUES (?)", key]]))
                     .send()
                     .await;
@@ -392,7 +395,7 @@ async fn killing_the_leader_during_writes_loses_no_acknowledged_write() {
     let restarted = nodes[leader].restart(dir.path(), &[]);
     let rows = have(restarted.values_at("SELECT k FROM w", last).await);
     assert!(want.is_subset(&rows), "the restarted node caught up");
-    assert_ne!(restarted.role().await.as_deref(), Some("learner"));
+    assert_eq!(restarted.status().await["store"]["raft"]["voter"], true);
     nodes[leader] = restarted;
 }
 
@@ -480,7 +483,7 @@ async fn backups_load_back_as_a_file_or_as_sql() {
         .execute(json!(["DROP TABLE b", "CREATE TABLE other (z)"]))
         .await;
     let r = client()
-        .post(nodes[1].url("/db/load"))
+        .post(nodes[1].url("/db/load?raft_index"))
         .header("content-type", "application/octet-stream")
         .body(file.to_vec())
         .send()

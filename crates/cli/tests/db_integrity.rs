@@ -54,9 +54,9 @@ async fn write(node: &DbNode, body: Value, transaction: bool) -> (u16, Value) {
 /// One write request to the node whose API is `api`.
 async fn write_to(api: &str, body: Value, transaction: bool) -> (u16, Value) {
     let path = if transaction {
-        "/db/execute?transaction"
+        "/db/execute?transaction&raft_index"
     } else {
-        "/db/execute"
+        "/db/execute?raft_index"
     };
     post_json(&format!("{api}{path}"), &body).await
 }

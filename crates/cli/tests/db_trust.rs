@@ -247,12 +247,13 @@ async fn joins_need_their_permission_and_forwarded_requests_keep_the_caller() {
     // Through a follower: the caller's identity goes with the request.
     let (s, b, _) = call(
         "POST",
-        &voter.url("/db/execute"),
+        &voter.url("/db/execute?raft_index"),
         Some(("ops", "ops-secret")),
         Some(json!(["CREATE TABLE t (x)"])),
     )
     .await;
     assert_eq!(s, 200, "{b}");
+    let index = b["raft_index"].as_u64().unwrap();
     let (s, b, _) = call(
         "POST",
         &voter.url("/db/execute"),
@@ -261,7 +262,6 @@ async fn joins_need_their_permission_and_forwarded_requests_keep_the_caller() {
     )
     .await;
     assert_eq!(s, 403, "{b}");
-    let index = b["raft_index"].as_u64().unwrap_or(0);
     let (s, b, _) = call(
         "GET",
         &replica.url(&format!(
@@ -310,7 +310,7 @@ async fn a_raft_rpc_without_the_cluster_secret_is_refused() {
         status["store"]["raft"]["term"], 1,
         "the forged term changed nothing: {status}"
     );
-    assert_eq!(status["store"]["raft"]["state"], "leader");
+    assert_eq!(status["store"]["raft"]["state"], "Leader");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

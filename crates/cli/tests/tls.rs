@@ -105,7 +105,7 @@ async fn every_hop_speaks_tls_and_refuses_strangers() {
     })
     .await;
     let r = good
-        .post(db1.url("/db/execute"))
+        .post(db1.url("/db/execute?raft_index"))
         .json(&json!(["CREATE TABLE t (x)", "INSERT INTO t VALUES (1)"]))
         .send()
         .await

@@ -346,9 +346,9 @@ impl Client {
         transaction: bool,
     ) -> Result<Executed, ClientError> {
         let path = if transaction {
-            "/db/execute?transaction&redirect"
+            "/db/execute?transaction&redirect&raft_index"
         } else {
-            "/db/execute?redirect"
+            "/db/execute?redirect&raft_index"
         };
         let deadline = Instant::now() + FAILOVER_PATIENCE;
         let mut last = String::from("no leader known");
@@ -424,8 +424,8 @@ impl Client {
         min_index: Option<u64>,
     ) -> Result<Queried, ClientError> {
         let path = match min_index {
-            Some(i) => format!("/db/query?level=none&min_index={i}"),
-            None => "/db/query?level=none".to_string(),
+            Some(i) => format!("/db/query?level=none&raft_index&min_index={i}"),
+            None => "/db/query?level=none&raft_index".to_string(),
         };
         let deadline = Instant::now() + FAILOVER_PATIENCE;
         let mut last = String::from("no node known");

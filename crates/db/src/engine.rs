@@ -24,12 +24,16 @@ use serde_json::{json, Map, Value};
 use crate::determinism::{FixedFunctions, Moment};
 use crate::guard::{Fault, Guard, Mode};
 use crate::request::{Param, Params, Statement};
+use crate::values::{self, Decl};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExecOptions {
     pub transaction: bool,
     pub timings: bool,
     pub associative: bool,
+    /// `/db/request`: the reads among the writes answer with their rows.
+    #[serde(default)]
+    pub rows: bool,
 }
 
 impl ToSql for Param {
@@ -306,7 +310,17 @@ fn full_is_the_clients(
 /// Free space below which `SQLITE_FULL` is taken for a full disk.
 const FULL_MARGIN: u64 = 256 * 1024 * 1024;
 
-fn execute_one(db: &Guarded, s: &Statement) -> Result<Value, Failed> {
+/// Bytes of rows the reads of one write request may answer with (every
+/// node builds the answer as it applies the entry).
+const ROWS_IN_WRITE: usize = 16 * 1024 * 1024;
+
+/// Runs one statement of a write. With `rows` (`/db/request`), a
+/// statement SQLite reports as read-only is answered with its rows.
+fn execute_one(
+    db: &Guarded,
+    s: &Statement,
+    rows: Option<(bool, &mut usize)>,
+) -> Result<Value, Failed> {
     let conn = &db.conn;
     let failed = |e: rusqlite::Error, writes: &std::collections::BTreeSet<String>| {
         let verdict = if full_is_the_clients(db, &e, writes) {
@@ -327,6 +341,13 @@ fn execute_one(db: &Guarded, s: &Statement) -> Result<Value, Failed> {
     })?;
     let writes = db.guard.take_writes();
     db.watch_rowids();
+    if let Some((associative, left)) = rows.filter(|_| stmt.readonly()) {
+        return rows_of(&mut stmt, associative, left, ROWS_IN_WRITE).map_err(|e| match e {
+            RowsError::Sqlite(e) => failed(e, &writes),
+            RowsError::TooBig(msg) => Failed::Client(msg),
+        });
+    }
+    let changes_before = conn.total_changes();
     let mut rows = stmt.raw_query();
     loop {
         match rows.next() {
@@ -348,7 +369,26 @@ fn execute_one(db: &Guarded, s: &Statement) -> Result<Value, Failed> {
         return Err(ended);
     }
     left_replayable(db)?;
-    Ok(json!({ "last_insert_id": conn.last_insert_rowid(), "rows_affected": conn.changes() }))
+    Ok(counters(conn, conn.total_changes() - changes_before))
+}
+
+/// A write's result in rqlite's shape: `last_insert_id` and
+/// `rows_affected`, each left out when zero (as rqlite does), and both
+/// left out for a statement that changed no row (DDL reports nothing,
+/// where SQLite's `changes()` still holds an earlier statement's count).
+fn counters(conn: &Connection, changed: u64) -> Value {
+    let mut result = Map::new();
+    if changed > 0 {
+        let id = conn.last_insert_rowid();
+        if id != 0 {
+            result.insert("last_insert_id".into(), json!(id));
+        }
+        let n = conn.changes();
+        if n != 0 {
+            result.insert("rows_affected".into(), json!(n));
+        }
+    }
+    Value::Object(result)
 }
 
 /// After a write statement that succeeded: whether it left what every
@@ -410,6 +450,7 @@ pub fn execute(
     let internal = |sql: &str| db.internal(sql).map_err(|e| Fault(e.to_string()));
     let mut results = Vec::with_capacity(statements.len());
     let own_savepoint = opts.transaction || rerun.check_deferred;
+    let mut rows_left = ROWS_IN_WRITE;
     if own_savepoint {
         internal("SAVEPOINT scaleout_request")?;
     }
@@ -417,7 +458,11 @@ pub fn execute(
         let started = Instant::now();
         let outcome = match rerun.skipped.get(&(request, k)) {
             Some(error) => Err(Failed::Client(error.clone())),
-            None => execute_one(db, s),
+            None => execute_one(
+                db,
+                s,
+                opts.rows.then_some((opts.associative, &mut rows_left)),
+            ),
         };
         match outcome {
             Ok(r) => results.push(with_time(r, started, opts.timings)),
@@ -470,6 +515,7 @@ pub fn load(
     db.start_write(env)?;
     let internal = |sql: &str| db.internal(sql).map_err(|e| Fault(e.to_string()));
     internal("SAVEPOINT scaleout_load")?;
+    let changes_before = db.conn.total_changes();
     // The load's keys were deferred: check them all now (switching the
     // deferral off would forget what it counted).
     let outcome = load_statements(db, sql, replace, env).and_then(|count| {
@@ -483,8 +529,21 @@ pub fn load(
     });
     match outcome {
         Ok(count) => {
+            // rqlite answers a load with an execute's result: here the
+            // rows the whole load changed (with the rows a replacing load
+            // removed) and the last rowid it made.
+            let changed = db.conn.total_changes() - changes_before;
+            let mut result = Map::new();
+            let id = db.conn.last_insert_rowid();
+            if changed > 0 && id != 0 {
+                result.insert("last_insert_id".into(), json!(id));
+            }
+            if changed > 0 {
+                result.insert("rows_affected".into(), json!(changed));
+            }
+            tracing::debug!(statements = count, rows = changed, "loaded");
             internal("RELEASE scaleout_load; PRAGMA defer_foreign_keys = OFF")?;
-            Ok(json!({ "statements": count }))
+            Ok(Value::Object(result))
         }
         Err(Failed::Client(e)) => {
             internal(
@@ -583,16 +642,6 @@ fn drop_everything(conn: &Connection) -> rusqlite::Result<()> {
 /// Tables of the node's own, out of clients' reach.
 pub const RESERVED_PREFIX: &str = "_scaleout_";
 
-fn json_value(v: ValueRef<'_>) -> Value {
-    match v {
-        ValueRef::Null => Value::Null,
-        ValueRef::Integer(i) => json!(i),
-        ValueRef::Real(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
-        ValueRef::Text(t) => Value::String(String::from_utf8_lossy(t).into_owned()),
-        ValueRef::Blob(b) => Value::String(base64(b)),
-    }
-}
-
 /// What bounds one read request.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadLimits {
@@ -640,12 +689,36 @@ fn query_one(
     if !stmt.readonly() {
         return Err("attempt to change database via query operation".into());
     }
+    rows_of(&mut stmt, associative, left, max_bytes).map_err(|e| match e {
+        RowsError::Sqlite(e) => failed(e),
+        RowsError::TooBig(msg) => msg,
+    })
+}
+
+/// Why a statement's rows could not be read.
+enum RowsError {
+    Sqlite(rusqlite::Error),
+    /// Past the answer's size limit (the same on every node).
+    TooBig(String),
+}
+
+/// Steps a prepared statement to its end and answers its rows in
+/// rqlite's shape; `left` is what the answer may still hold, in bytes.
+fn rows_of(
+    stmt: &mut rusqlite::Statement<'_>,
+    associative: bool,
+    left: &mut usize,
+    max_bytes: usize,
+) -> Result<Value, RowsError> {
     let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
-    let types: Vec<String> = stmt
+    let mut types: Vec<String> = stmt
         .columns()
         .iter()
         .map(|c| c.decl_type().unwrap_or("").to_ascii_lowercase())
         .collect();
+    let decls: Vec<Decl> = types.iter().map(|t| Decl::of(t)).collect();
+    // Columns that declare no type take the first row's (as rqlite does).
+    let mut untyped = types.iter().any(String::is_empty);
     // With `associative`, every row repeats the column names.
     let per_row: usize = if associative {
         columns
@@ -656,7 +729,9 @@ fn query_one(
         0
     };
     let too_big = || {
-        format!("the results are larger than {max_bytes} bytes: page through them with LIMIT and OFFSET")
+        RowsError::TooBig(format!(
+            "the results are larger than {max_bytes} bytes: page through them with LIMIT and OFFSET"
+        ))
     };
     *left = left
         .checked_sub(
@@ -666,17 +741,21 @@ fn query_one(
                 .sum(),
         )
         .ok_or_else(too_big)?;
-    let mut values = Vec::new();
+    let mut table = Vec::new();
     let mut rows = stmt.raw_query();
-    while let Some(row) = rows.next().map_err(failed)? {
+    while let Some(row) = rows.next().map_err(RowsError::Sqlite)? {
         *left = left.checked_sub(per_row).ok_or_else(too_big)?;
         let mut out = Vec::with_capacity(columns.len());
-        for i in 0..columns.len() {
-            let v = row.get_ref(i).map_err(|e| e.to_string())?;
+        for (i, decl) in decls.iter().enumerate() {
+            let v = row.get_ref(i).map_err(RowsError::Sqlite)?;
             *left = left.checked_sub(size_of(v)).ok_or_else(too_big)?;
-            out.push(json_value(v));
+            if untyped && types[i].is_empty() {
+                types[i] = values::type_of(v).to_string();
+            }
+            out.push(values::to_json(v, *decl));
         }
-        values.push(out);
+        untyped = false;
+        table.push(out);
     }
     if associative {
         let types: Map<String, Value> = columns
@@ -684,17 +763,30 @@ fn query_one(
             .cloned()
             .zip(types.into_iter().map(Value::String))
             .collect();
-        let rows: Vec<Value> = values
+        let rows: Vec<Value> = table
             .into_iter()
             .map(|row| Value::Object(columns.iter().cloned().zip(row).collect()))
             .collect();
         return Ok(json!({ "types": types, "rows": rows }));
     }
     let mut result = json!({ "columns": columns, "types": types });
-    if !values.is_empty() {
-        result["values"] = json!(values);
+    if !table.is_empty() {
+        result["values"] = json!(table);
     }
     Ok(result)
+}
+
+/// Whether every statement is a read by SQLite's own account (prepared
+/// under the read rules, never run): what `/db/request` serves without
+/// the log. A statement SQLite cannot prepare here counts as a write, so
+/// that the log's apply answers it.
+pub fn all_read_only(db: &Guarded, statements: &[Statement]) -> bool {
+    db.guard.set_mode(Mode::Read);
+    let read_only = statements
+        .iter()
+        .all(|s| prepare(&db.conn, s).is_ok_and(|stmt| stmt.readonly()));
+    db.guard.set_mode(Mode::Internal);
+    read_only
 }
 
 /// Runs read statements on a read connection; one result per statement.
@@ -721,28 +813,6 @@ pub fn query(
     db.guard.set_mode(Mode::Internal);
     db.guard.unbounded();
     results
-}
-
-/// RFC 4648 base64, how BLOBs travel in JSON.
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -916,7 +986,7 @@ mod tests {
         );
         assert_eq!(q[0]["values"], json!([["AP8Q", 1.5, null]]));
         assert!(q[0]["time"].as_f64().unwrap() >= 0.0);
-        assert_eq!(base64(b"hello"), "aGVsbG8=");
+        assert_eq!(crate::values::base64(b"hello"), "aGVsbG8=");
         let empty = db.query(r#"["SELECT * FROM foo"]"#);
         assert!(
             empty[0].get("values").is_none(),
@@ -1340,7 +1410,11 @@ mod tests {
                 load(g, 0, dump, true, &WriteEnv::default(), rerun)
             })
             .unwrap();
-        assert_eq!(out, json!({ "statements": 4 }), "children before parents");
+        assert_eq!(
+            out,
+            json!({ "last_insert_id": 2, "rows_affected": 4 }),
+            "children before parents; the two rows it replaced count"
+        );
         assert_eq!(
             db.query(r#"["SELECT p FROM child"]"#)[0]["values"],
             json!([[2]])

@@ -97,6 +97,10 @@ pub trait DataNode: Send + Sync + 'static {
         statements: Vec<Statement>,
         opts: ReadOptions,
     ) -> Result<Answer, NodeError>;
+    /// Whether every statement only reads, by SQLite's own account (for
+    /// `/db/request`: reads are served here, anything else goes through
+    /// the log whole).
+    async fn read_only(&self, statements: Vec<Statement>) -> Result<bool, NodeError>;
 }
 
 /// Marks a request one node forwarded to the leader: it is not forwarded
@@ -123,11 +127,12 @@ pub fn router(node: Arc<dyn DataNode>, client: reqwest::Client) -> Router {
         .with_state(Api { node, client })
 }
 
-/// rqlite's flags are present-or-absent (`?transaction`), or `=true/false`.
+/// rqlite's flags are read by their presence, whatever their value:
+/// `?transaction`, `?transaction=yes` and even `?transaction=false` all
+/// ask for one, as rqlite reads them (a client written against rqlite
+/// must get the same all-or-nothing it asked for).
 fn flag(params: &HashMap<String, String>, name: &str) -> bool {
-    params
-        .get(name)
-        .is_some_and(|v| v.is_empty() || v == "true" || v == "1")
+    params.contains_key(name)
 }
 
 /// A flag of a request's query string (for handlers that take no `Query`).
@@ -136,9 +141,61 @@ pub fn uri_flag(uri: &Uri, name: &str) -> bool {
 }
 
 struct Parsed {
-    pretty: bool,
-    timings: bool,
+    render: Render,
     read: ReadOptions,
+}
+
+/// How an answer is written, from the request's flags (rqlite's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Render {
+    /// Indented, 4 spaces as rqlite's.
+    pub pretty: bool,
+    /// With the seconds the request took.
+    pub timings: bool,
+    /// With the log index (`?raft_index`): rqlite adds it only when
+    /// asked; scaleout's own clients always ask.
+    pub raft_index: bool,
+}
+
+impl Render {
+    pub fn of(uri: &Uri) -> Render {
+        Render {
+            pretty: uri_flag(uri, "pretty"),
+            timings: uri_flag(uri, "timings"),
+            raft_index: uri_flag(uri, "raft_index"),
+        }
+    }
+
+    /// The answer as JSON text.
+    pub fn answer(&self, answer: &Answer, started: Instant) -> serde_json::Result<Vec<u8>> {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            results: &'a [Value],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            raft_index: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            time: Option<f64>,
+        }
+        let out = Out {
+            results: &answer.results,
+            raft_index: self.raft_index.then_some(answer.raft_index),
+            time: self.timings.then(|| started.elapsed().as_secs_f64()),
+        };
+        self.json(&out)
+    }
+
+    /// Any value as JSON text, indented when asked.
+    pub fn json(&self, value: &impl serde::Serialize) -> serde_json::Result<Vec<u8>> {
+        if !self.pretty {
+            return serde_json::to_vec(value);
+        }
+        let mut out = Vec::new();
+        let indent = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+        value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out, indent,
+        ))?;
+        Ok(out)
+    }
 }
 
 fn parse_params(params: &HashMap<String, String>) -> Result<Parsed, RequestError> {
@@ -171,10 +228,14 @@ fn parse_params(params: &HashMap<String, String>) -> Result<Parsed, RequestError
         transaction: flag(params, "transaction"),
         timings: flag(params, "timings"),
         associative: flag(params, "associative"),
+        rows: false,
     };
     Ok(Parsed {
-        pretty: flag(params, "pretty"),
-        timings: exec.timings,
+        render: Render {
+            pretty: flag(params, "pretty"),
+            timings: exec.timings,
+            raft_index: flag(params, "raft_index"),
+        },
         read: ReadOptions {
             level,
             freshness,
@@ -186,16 +247,8 @@ fn parse_params(params: &HashMap<String, String>) -> Result<Parsed, RequestError
     })
 }
 
-fn respond(mut answer: Answer, parsed: &Parsed, started: Instant) -> Response {
-    if parsed.timings {
-        answer.time = Some(started.elapsed().as_secs_f64());
-    }
-    let text = if parsed.pretty {
-        serde_json::to_string_pretty(&answer)
-    } else {
-        serde_json::to_string(&answer)
-    };
-    match text {
+fn respond(answer: Answer, parsed: &Parsed, started: Instant) -> Response {
+    match parsed.render.answer(&answer, started) {
         Ok(t) => ([(header::CONTENT_TYPE, "application/json")], t).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
@@ -262,15 +315,20 @@ async fn serve(api: Api, endpoint: Endpoint, request: Request) -> Response {
         let statements = statements_of(&params, &body, matches!(endpoint, Endpoint::Query))?;
         Ok((parsed, statements))
     });
-    let (parsed, statements) = match request {
+    let (mut parsed, statements) = match request {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
     };
     let read = match endpoint {
         Endpoint::Execute => false,
         Endpoint::Query => true,
-        Endpoint::Unified => statements.iter().all(|s| looks_read_only(&s.sql)),
+        Endpoint::Unified => match api.node.read_only(statements.clone()).await {
+            Ok(read) => read,
+            Err(e) => return e.into_response(),
+        },
     };
+    // A mixed request's reads are answered with their rows.
+    parsed.read.exec.rows = matches!(endpoint, Endpoint::Unified);
     if !read && !caller.may(Perm::Execute) {
         let denied = match &caller.user {
             None => {
@@ -432,18 +490,6 @@ async fn unified(State(api): State<Api>, request: Request) -> Response {
     serve(api, Endpoint::Unified, request).await
 }
 
-/// A cheap first look; the engine still refuses a write sent as a read.
-fn looks_read_only(sql: &str) -> bool {
-    let first = sql
-        .trim_start()
-        .split(|c: char| c.is_whitespace() || c == '(')
-        .next()
-        .unwrap_or("");
-    ["select", "explain", "with", "values", "pragma"]
-        .iter()
-        .any(|k| first.eq_ignore_ascii_case(k))
-}
-
 /// The entry point for the fuzzer (`fuzz/`) and its regression tests: a
 /// data API request's query string (up to the first newline) and body
 /// (the rest), parsed as the API parses them. Panics mean a bug.
@@ -527,6 +573,13 @@ mod tests {
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
             Ok(answer(sm.query(&statements, &opts.exec), applied))
         }
+        async fn read_only(&self, statements: Vec<Statement>) -> Result<bool, NodeError> {
+            let sm = self
+                .sm
+                .lock()
+                .map_err(|e| NodeError::Internal(e.to_string()))?;
+            Ok(sm.all_read_only(&statements))
+        }
     }
 
     fn app() -> Router {
@@ -567,10 +620,7 @@ mod tests {
         )
         .await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(
-            v["results"],
-            json!([{"last_insert_id": 0, "rows_affected": 0}])
-        );
+        assert_eq!(v["results"], json!([{}]), "DDL reports no counters");
         let (_, v) = call(
             &app,
             "POST",
@@ -669,11 +719,44 @@ mod tests {
         assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
     }
 
-    #[test]
-    fn read_only_guess() {
-        assert!(looks_read_only("  select 1"));
-        assert!(looks_read_only("WITH x AS (SELECT 1) SELECT * FROM x"));
-        assert!(!looks_read_only("INSERT INTO t VALUES (1)"));
+    /// `/db/request` asks SQLite which statements read: a mixed list goes
+    /// through the log whole and its reads answer with their rows; a
+    /// write that begins like a read (`WITH … INSERT`) is a write.
+    #[tokio::test]
+    async fn the_unified_endpoint_answers_reads_with_rows_even_beside_writes() {
+        let app = app();
+        call(&app, "POST", "/db/execute", r#"["CREATE TABLE t (x)"]"#).await;
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/db/request",
+            r#"["SELECT count(*) AS n FROM t", "INSERT INTO t VALUES (7)", "SELECT x FROM t", "WITH w AS (SELECT 8) INSERT INTO t SELECT * FROM w", "  select   max(x) AS m FROM t"]"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let r = &v["results"];
+        assert_eq!(r[0]["values"], json!([[0]]), "{v}");
+        assert_eq!(r[0]["types"], json!(["integer"]), "{v}");
+        assert_eq!(
+            r[1],
+            json!({"last_insert_id": 1, "rows_affected": 1}),
+            "{v}"
+        );
+        assert_eq!(r[2]["values"], json!([[7]]), "{v}");
+        assert_eq!(
+            r[3],
+            json!({"last_insert_id": 2, "rows_affected": 1}),
+            "{v}"
+        );
+        assert_eq!(r[4]["values"], json!([[8]]), "{v}");
+        let (_, v) = call(
+            &app,
+            "POST",
+            "/db/request?associative",
+            r#"["WITH w AS (SELECT 9) INSERT INTO t SELECT * FROM w", "SELECT x FROM t ORDER BY x DESC LIMIT 1"]"#,
+        )
+        .await;
+        assert_eq!(v["results"][1]["rows"], json!([{"x": 9}]), "{v}");
     }
 
     /// Every input the fuzzers saved (seeds and past crashes) in

@@ -34,6 +34,7 @@ pub mod peers;
 pub mod raft;
 pub mod request;
 pub mod state;
+pub mod values;
 
 pub use engine::{ExecOptions, WriteEnv};
 pub use request::{parse_statements, Param, Params, RequestError, Statement};

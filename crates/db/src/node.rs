@@ -28,7 +28,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::determinism::Moment;
-use crate::engine::{ExecOptions, ReadLimits, WriteEnv};
+use crate::engine::{self, ExecOptions, ReadLimits, WriteEnv};
 use crate::error::NodeError;
 use crate::http::{self, Answer, ReadOptions};
 use crate::metrics::Stats;
@@ -437,5 +437,17 @@ impl http::DataNode for DbNode {
                 ReadError::Internal(msg) => NodeError::Internal(msg),
             })?;
         Ok(http::answer(results, raft_index))
+    }
+
+    async fn read_only(&self, statements: Vec<Statement>) -> Result<bool, NodeError> {
+        self.readers
+            .with(Instant::now() + self.read_timeout, move |db| {
+                engine::all_read_only(db, &statements)
+            })
+            .await
+            .map_err(|e| match e {
+                ReadError::Busy(_) => NodeError::Busy(e.to_string()),
+                ReadError::Internal(msg) => NodeError::Internal(msg),
+            })
     }
 }

@@ -240,6 +240,11 @@ impl StateMachine {
         )
     }
 
+    /// Whether the statements only read, by SQLite's account.
+    pub fn all_read_only(&self, statements: &[Statement]) -> bool {
+        engine::all_read_only(&self.db, statements)
+    }
+
     /// Reads (never through the log), under the read rules.
     pub fn query(&self, statements: &[Statement], opts: &ExecOptions) -> Vec<Value> {
         let limits = ReadLimits {

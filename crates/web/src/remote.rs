@@ -39,7 +39,13 @@ fn store_error(e: ClientError) -> StoreError {
 
 /// The first result of an answer, or the error it carries.
 fn first(results: &[StatementResult], node: &str) -> Result<StatementResult, StoreError> {
-    let r = results.first().cloned().unwrap_or_default();
+    let r = results
+        .first()
+        .cloned()
+        .ok_or_else(|| StoreError::Internal {
+            node: node.into(),
+            reason: "an answer without a result for its statement".into(),
+        })?;
     match &r.error {
         Some(e) => Err(StoreError::Internal {
             node: node.into(),
@@ -47,6 +53,11 @@ fn first(results: &[StatementResult], node: &str) -> Result<StatementResult, Sto
         }),
         None => Ok(r),
     }
+}
+
+/// The rows a write changed (rqlite leaves a zero out).
+fn rows_changed(result: &StatementResult, node: &str) -> Result<u64, StoreError> {
+    result.rows_changed().map_err(|e| shape(e, node))
 }
 
 /// A read's rows, or why they do not have the shape the store asked for.
@@ -189,13 +200,13 @@ impl Store for RemoteStore {
             .execute(&statement, false)
             .await
             .map_err(store_error)?;
-        match first(&done.results, &done.node)?.rows_affected {
-            Some(1) => Ok(Written {
+        match rows_changed(&first(&done.results, &done.node)?, &done.node)? {
+            1 => Ok(Written {
                 value: (),
                 node: done.node,
                 index: Some(done.raft_index),
             }),
-            Some(0) => Err(StoreError::Conflict {
+            0 => Err(StoreError::Conflict {
                 code: link.code.clone(),
             }),
             other => Err(StoreError::Internal {
@@ -260,7 +271,7 @@ impl Store for RemoteStore {
             .await
             .map_err(store_error)?;
         let result = first(&done.results, &done.node)?;
-        let value = if result.rows_affected.unwrap_or(0) > 0 {
+        let value = if rows_changed(&result, &done.node)? > 0 {
             Deleted::Done
         } else {
             // Nothing deleted: no such link, or not this token's. Asked of

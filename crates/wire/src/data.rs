@@ -14,8 +14,10 @@ pub struct Results<R = StatementResult> {
     pub results: Vec<R>,
     /// A write: the log index that committed it. A read: the index of the
     /// state it saw, which a client passes back as `min_index` to never
-    /// see older data on another node. Required: without it a client
-    /// would silently lose read-your-writes.
+    /// see older data on another node. A node adds it only when the
+    /// request asks (`?raft_index`, as rqlite); scaleout's clients always
+    /// ask, and to them it is required: without it a client would
+    /// silently lose read-your-writes.
     pub raft_index: u64,
     /// Seconds the request took (`?timings`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,9 +46,6 @@ pub struct StatementResult {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<f64>,
-    /// `/db/load`: how many statements the load ran.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub statements: Option<u64>,
 }
 
 /// A result that does not have the shape its reader needs.
@@ -62,6 +61,22 @@ impl std::fmt::Display for ShapeError {
 impl std::error::Error for ShapeError {}
 
 impl StatementResult {
+    /// The rows a write changed. rqlite leaves `rows_affected` (and
+    /// `last_insert_id`) out when it is zero, so a write's result without
+    /// it changed nothing; a result with an error, or a read's (with
+    /// `columns`), is a [`ShapeError`], never a zero.
+    pub fn rows_changed(&self) -> Result<u64, ShapeError> {
+        if let Some(e) = &self.error {
+            return Err(ShapeError(e.clone()));
+        }
+        if self.columns.is_some() || self.rows.is_some() {
+            return Err(ShapeError(
+                "a read's result where a write's was expected".into(),
+            ));
+        }
+        Ok(self.rows_affected.unwrap_or(0))
+    }
+
     /// The rows of a read, each readable by column name. A result with
     /// an error, or without `columns` and `values` (a write's), is a
     /// [`ShapeError`]; an empty table is an empty list.
@@ -217,12 +232,42 @@ pub struct LeaderOf {
     pub addr: String,
 }
 
-/// `/status`.
+/// `/status`: rqlite's sections and the fields its clients read
+/// (`store.ready`, `store.raft.state` as `Leader`/`Follower`/`Candidate`,
+/// the indexes), and scaleout's own beside them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub node: NodeSelf,
     pub store: StoreStatus,
     pub build: Build,
+    pub http: HttpStatus,
+    pub runtime: Runtime,
+}
+
+/// `/status`'s `http`: where the data API listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpStatus {
+    pub bind_addr: String,
+    /// `enabled` when users and permissions are in force, else `disabled`.
+    pub auth: String,
+    pub tls: bool,
+}
+
+/// `/status`'s `runtime`: the process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Runtime {
+    pub os: String,
+    pub arch: String,
+    pub num_cpu: usize,
+    pub version: String,
+}
+
+/// `/status`'s `store.sqlite3`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sqlite3Status {
+    pub version: String,
+    pub path: String,
+    pub db_size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -237,11 +282,21 @@ pub struct NodeSelf {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoreStatus {
     pub node_id: String,
+    /// Whether this node serves: it applies the log and hears a leader
+    /// (what `/readyz` says).
+    pub ready: bool,
+    pub open: bool,
     /// `null` while this node knows no leader.
     pub leader: Option<StoreLeader>,
     /// Bytes of the SQLite file.
     pub db_size: u64,
+    /// The last entry applied to the state machine, and the last whose
+    /// changes are in the SQLite file (the same here: both in one
+    /// transaction).
+    pub fsm_index: u64,
+    pub db_applied_index: u64,
     pub raft: RaftStatus,
+    pub sqlite3: Sqlite3Status,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,12 +308,17 @@ pub struct StoreLeader {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaftStatus {
-    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    /// rqlite's: `Leader`, `Follower` (a read replica too), `Candidate`
+    /// or `Shutdown`.
     pub state: String,
     pub term: u64,
     pub last_log_index: u64,
+    /// The highest entry this node knows committed: on the leader, the
+    /// one a quorum of voters holds; elsewhere, the last it applied.
+    pub commit_index: u64,
     pub applied_index: u64,
     pub snapshot_index: u64,
+    pub last_snapshot_index: u64,
     pub purged_index: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,

@@ -85,14 +85,18 @@ impl DbNode {
             .unwrap_or(0)
     }
 
-    /// POST /db/execute; the whole answer.
+    /// POST /db/execute?raft_index; the whole answer.
     pub async fn execute(&self, body: Value) -> (u16, Value) {
-        post_json(&self.url("/db/execute"), &body).await
+        post_json(&self.url("/db/execute?raft_index"), &body).await
     }
 
-    /// GET /db/query?q=...&<params>; the first result.
+    /// GET /db/query?raft_index&q=...&<params>; the first result.
     pub async fn query(&self, sql: &str, params: &str) -> (u16, Value) {
-        let url = format!("{}/db/query?q={}&{params}", self.api, urlencode(sql));
+        let url = format!(
+            "{}/db/query?raft_index&q={}&{params}",
+            self.api,
+            urlencode(sql)
+        );
         let r = client().get(url).send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
@@ -198,7 +202,7 @@ pub async fn leader_of(nodes: &[DbNode]) -> usize {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         for (i, n) in nodes.iter().enumerate() {
-            if n.role().await.as_deref() == Some("leader") {
+            if n.role().await.as_deref() == Some("Leader") {
                 return i;
             }
         }

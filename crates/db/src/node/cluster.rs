@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use scaleout_wire::data::{
-    node_id, Build, JoinRequest, LeaderAnswer, LeaderOf, NodeSelf, NodeStatus, Nodes, NodesV1,
-    RaftStatus, Status, StoreLeader, StoreStatus,
+    node_id, Build, HttpStatus, JoinRequest, LeaderAnswer, LeaderOf, NodeSelf, NodeStatus, Nodes,
+    NodesV1, RaftStatus, Runtime, Sqlite3Status, Status, StoreLeader, StoreStatus,
 };
 
 use super::DbNode;
@@ -133,14 +133,47 @@ async fn sign_in(
 /// The node, as the handlers take it.
 type This = State<Arc<DbNode>>;
 
+/// rqlite's names (Hashicorp Raft's): a read replica is a `Follower`.
 fn role(state: ServerState) -> &'static str {
     match state {
-        ServerState::Leader => "leader",
-        ServerState::Follower => "follower",
-        ServerState::Candidate => "candidate",
-        ServerState::Learner => "learner",
-        ServerState::Shutdown => "shutdown",
+        ServerState::Leader => "Leader",
+        ServerState::Follower | ServerState::Learner => "Follower",
+        ServerState::Candidate => "Candidate",
+        ServerState::Shutdown => "Shutdown",
     }
+}
+
+/// On the leader, the highest index a quorum of voters holds (the
+/// leader's own log counts as its match); elsewhere, the last applied.
+fn commit_index(m: &openraft::RaftMetrics<u64, Member>, voters: &BTreeSet<u64>) -> u64 {
+    let applied = m.last_applied.map_or(0, |l| l.index);
+    let Some(replication) = m
+        .replication
+        .as_ref()
+        .filter(|_| m.state == ServerState::Leader)
+    else {
+        return applied;
+    };
+    let mut matched: Vec<u64> = voters
+        .iter()
+        .map(|id| {
+            if *id == m.id {
+                m.last_log_index.unwrap_or(0)
+            } else {
+                replication
+                    .get(id)
+                    .copied()
+                    .flatten()
+                    .map_or(0, |l| l.index)
+            }
+        })
+        .collect();
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    matched
+        .get(voters.len() / 2)
+        .copied()
+        .unwrap_or(0)
+        .max(applied)
 }
 
 async fn status(State(node): This) -> Response {
@@ -150,6 +183,9 @@ async fn status(State(node): This) -> Response {
     let learners: Vec<u64> = membership.learner_ids().collect();
     let leader = node.leader();
     let db_size = std::fs::metadata(&node.db_path).map_or(0, |m| m.len());
+    let applied = m.last_applied.map_or(0, |l| l.index);
+    let commit = commit_index(&m, &voters);
+    let ready = node.applying().is_ok() && leader.is_some() && node.hears_leader();
     axum::Json(Status {
         node: NodeSelf {
             id: node.id.to_string(),
@@ -165,13 +201,24 @@ async fn status(State(node): This) -> Response {
                 api_addr: n.api_url(),
                 addr: n.raft,
             }),
+            ready,
+            open: true,
             db_size,
+            fsm_index: applied,
+            db_applied_index: applied,
+            sqlite3: Sqlite3Status {
+                version: rusqlite::version().to_string(),
+                path: node.db_path.display().to_string(),
+                db_size,
+            },
             raft: RaftStatus {
                 state: role(m.state).into(),
                 term: m.current_term,
                 last_log_index: m.last_log_index.unwrap_or(0),
-                applied_index: m.last_applied.map_or(0, |l| l.index),
+                commit_index: commit,
+                applied_index: applied,
                 snapshot_index: m.snapshot.map_or(0, |l| l.index),
+                last_snapshot_index: m.snapshot.map_or(0, |l| l.index),
                 purged_index: m.purged.map_or(0, |l| l.index),
                 voter: voters.contains(&node.id),
                 voters: voters.into_iter().collect(),
@@ -183,6 +230,22 @@ async fn status(State(node): This) -> Response {
         build: Build {
             version: env!("CARGO_PKG_VERSION").into(),
             engine: "scaleout".into(),
+        },
+        http: HttpStatus {
+            bind_addr: node.me.api.clone(),
+            auth: if node.users.is_some() {
+                "enabled"
+            } else {
+                "disabled"
+            }
+            .into(),
+            tls: crate::peers::scheme() == "https",
+        },
+        runtime: Runtime {
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            num_cpu: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            version: concat!("scaleout ", env!("CARGO_PKG_VERSION")).into(),
         },
     })
     .into_response()
@@ -598,6 +661,7 @@ async fn load(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let started = std::time::Instant::now();
     if body.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -644,7 +708,15 @@ async fn load(
             } else {
                 StatusCode::OK
             };
-            (status, axum::Json(http::answer(results, raft_index))).into_response()
+            match http::Render::of(&uri).answer(&http::answer(results, raft_index), started) {
+                Ok(text) => (
+                    status,
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    text,
+                )
+                    .into_response(),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
         }
         Err(e) => e.into_response(),
     }

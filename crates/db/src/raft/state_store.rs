@@ -570,7 +570,7 @@ mod tests {
         let out = load(dump, true);
         assert_eq!(
             out,
-            serde_json::json!({ "statements": 3 }),
+            serde_json::json!({ "last_insert_id": 1, "rows_affected": 1 }),
             "PRAGMA foreign_keys skipped"
         );
         let out = load("PRAGMA writable_schema=1;", false);

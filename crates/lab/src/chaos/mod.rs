@@ -669,7 +669,7 @@ async fn client(
                 format!("SELECT count(*) FROM links WHERE url LIKE 'https://chaos.test/{id}/%'");
             let (at_least, at_most) = (mine.len() as u64, n);
             let answer = http
-                .post(format!("{node}/db/query?level={level}"))
+                .post(format!("{node}/db/query?level={level}&raft_index"))
                 .json(&json!([sql]))
                 .send()
                 .await;
@@ -769,7 +769,7 @@ async fn final_data(procs: &[Proc]) -> Result<FinalData, String> {
     for _ in 0..100 {
         for (_, url) in &dbs {
             let sent = http
-                .post(format!("{url}/db/execute"))
+                .post(format!("{url}/db/execute?raft_index"))
                 .json(&json!(["CREATE TABLE IF NOT EXISTS _chaos_probe (x)"]))
                 .send()
                 .await;

@@ -98,7 +98,7 @@ pub async fn client(
             let done = db.execute(&statement, false).await;
             let (outcome, applied, index, detail) = match done {
                 Ok(e) if e.results.first().is_some_and(|r| r.error.is_none()) => {
-                    let applied = e.results[0].rows_affected == Some(1);
+                    let applied = e.results[0].rows_changed() == Ok(1);
                     session = session.max(e.raft_index);
                     ("ok", applied, Some(e.raft_index), e.node)
                 }
@@ -126,7 +126,7 @@ pub async fn client(
             let level = if dice == 7 { "strong" } else { "linearizable" };
             let node = &dbs[rng.below(dbs.len() as u64) as usize];
             let answer = http
-                .post(format!("{node}/db/query?level={level}"))
+                .post(format!("{node}/db/query?level={level}&raft_index"))
                 .json(&json!([[READ, key]]))
                 .send()
                 .await;

@@ -1,0 +1,251 @@
+//! rqlite's documented behaviour, one test per difference a client of
+//! rqlite would trip over, against a real `scaleout db` node (the
+//! differences were found by running rqlite's own clients: issue 15).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::client;
+use common::db::{leader_of, urlencode, voters, DbNode};
+use serde_json::{json, Value};
+
+async fn one_node() -> (tempfile::TempDir, DbNode) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = voters(dir.path(), 1, &[]).await;
+    leader_of(&nodes).await;
+    (dir, nodes.remove(0))
+}
+
+/// POST `body` to `path`; the status and the raw text.
+async fn post_text(node: &DbNode, path: &str, body: &str) -> (u16, String) {
+    let r = client()
+        .post(node.url(path))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn post(node: &DbNode, path: &str, body: Value) -> Value {
+    let (status, text) = post_text(node, path, &body.to_string()).await;
+    assert_eq!(status, 200, "{path}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+async fn get(node: &DbNode, path: &str) -> Value {
+    let r = client().get(node.url(path)).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    r.json().await.unwrap()
+}
+
+/// rqlite reads its flags by presence: `?transaction=yes` is a
+/// transaction (read by value, it was none, and the first INSERT of a
+/// failing pair stayed: a data hazard), and so on for the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flags_are_read_by_their_presence_whatever_their_value() {
+    let (_dir, node) = one_node().await;
+    post(&node, "/db/execute", json!(["CREATE TABLE t (x UNIQUE)"])).await;
+    for value in ["yes", "false", "0", ""] {
+        let answer = post(
+            &node,
+            &format!("/db/execute?transaction={value}"),
+            json!(["INSERT INTO t VALUES (1)", "INSERT INTO t VALUES (1)"]),
+        )
+        .await;
+        assert!(answer["results"][1]["error"].is_string(), "{answer}");
+    }
+    let count = get(&node, "/db/query?q=SELECT%20count(*)%20FROM%20t").await;
+    assert_eq!(
+        count["results"][0]["values"],
+        json!([[0]]),
+        "all or nothing"
+    );
+
+    let (_, pretty) = post_text(&node, "/db/query?pretty=no", r#"["SELECT 1 AS one"]"#).await;
+    assert!(
+        pretty.contains("\n    \"results\": ["),
+        "indented 4 spaces: {pretty}"
+    );
+    let assoc = post(&node, "/db/query?associative=1", json!(["SELECT 1 AS one"])).await;
+    assert_eq!(assoc["results"][0]["rows"], json!([{"one": 1}]), "{assoc}");
+    let timed = post(&node, "/db/query?timings=on", json!(["SELECT 1"])).await;
+    assert!(timed["time"].is_f64(), "{timed}");
+}
+
+/// `raft_index` is in an answer only when the request asks for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raft_index_comes_only_when_asked() {
+    let (_dir, node) = one_node().await;
+    let plain = post(&node, "/db/execute", json!(["CREATE TABLE t (x)"])).await;
+    assert!(plain.get("raft_index").is_none(), "{plain}");
+    let asked = post(
+        &node,
+        "/db/execute?raft_index",
+        json!(["INSERT INTO t VALUES (1)"]),
+    )
+    .await;
+    let index = asked["raft_index"].as_u64().expect("asked for");
+    let read = get(&node, "/db/query?q=SELECT%201").await;
+    assert!(read.get("raft_index").is_none(), "{read}");
+    let read = get(&node, "/db/query?raft_index&q=SELECT%201").await;
+    assert!(read["raft_index"].as_u64().unwrap() >= index, "{read}");
+    let mixed = post(&node, "/db/request", json!(["SELECT 1"])).await;
+    assert!(mixed.get("raft_index").is_none(), "{mixed}");
+}
+
+/// Results carry what the statement did, nothing left over: DDL answers
+/// `{}`, zeros are left out as rqlite leaves them out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_reports_no_counters_and_zeros_are_left_out() {
+    let (_dir, node) = one_node().await;
+    post(&node, "/db/execute", json!(["CREATE TABLE t (x)"])).await;
+    let six: Vec<String> = (1..=6)
+        .map(|i| format!("INSERT INTO t VALUES ({i})"))
+        .collect();
+    post(&node, "/db/execute", json!(six)).await;
+    let update = post(&node, "/db/execute", json!(["UPDATE t SET x = x + 1"])).await;
+    assert_eq!(update["results"][0]["rows_affected"], 6, "{update}");
+    let ddl = post(
+        &node,
+        "/db/execute",
+        json!(["CREATE TABLE u (y)", "UPDATE t SET x = 0 WHERE 0"]),
+    )
+    .await;
+    assert_eq!(ddl["results"], json!([{}, {}]), "{ddl}");
+    let insert = post(&node, "/db/execute", json!(["INSERT INTO u VALUES (1)"])).await;
+    assert_eq!(
+        insert["results"],
+        json!([{"last_insert_id": 1, "rows_affected": 1}])
+    );
+}
+
+/// Columns without a declared type take the first row's value's type;
+/// `DATE`, `DATETIME` and `TIMESTAMP` columns come back in RFC 3339,
+/// `BOOLEAN` ones as booleans (what rqlite's Go driver does, and what
+/// pyrqlite's converters expect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_come_from_values_and_times_are_rfc3339() {
+    let (_dir, node) = one_node().await;
+    let q = urlencode("SELECT COUNT(*), 1.5, 'a', x'00', NULL");
+    let r = get(&node, &format!("/db/query?q={q}")).await;
+    assert_eq!(
+        r["results"][0]["types"],
+        json!(["integer", "real", "text", "blob", ""]),
+        "{r}"
+    );
+    post(
+        &node,
+        "/db/execute",
+        json!([
+            "CREATE TABLE e (d DATE, dt DATETIME, ts TIMESTAMP, b BOOLEAN, t TEXT)",
+            "INSERT INTO e VALUES ('2004-02-14', '2004-02-14 07:15:00', 1076742900, 1, '2004-02-14 07:15:00')",
+            "INSERT INTO e VALUES (NULL, 'not a time', '2004-02-14T07:15:00.5+01:00', 0, NULL)"
+        ]),
+    )
+    .await;
+    let r = get(&node, "/db/query?q=SELECT%20*%20FROM%20e").await;
+    assert_eq!(
+        r["results"][0]["types"],
+        json!(["date", "datetime", "timestamp", "boolean", "text"])
+    );
+    assert_eq!(
+        r["results"][0]["values"],
+        json!([
+            [
+                "2004-02-14T00:00:00Z",
+                "2004-02-14T07:15:00Z",
+                "2004-02-14T07:15:00Z",
+                true,
+                "2004-02-14 07:15:00"
+            ],
+            [
+                null,
+                "0001-01-01T00:00:00Z",
+                "2004-02-14T07:15:00.5+01:00",
+                false,
+                null
+            ]
+        ]),
+        "{r}"
+    );
+}
+
+/// `/db/request` with reads among writes: the reads keep their rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_request_answers_its_reads_with_rows() {
+    let (_dir, node) = one_node().await;
+    post(&node, "/db/execute", json!(["CREATE TABLE t (x)"])).await;
+    let r = post(
+        &node,
+        "/db/request",
+        json!([
+            "SELECT count(*) FROM t",
+            "INSERT INTO t VALUES (5)",
+            "SELECT x FROM t"
+        ]),
+    )
+    .await;
+    assert_eq!(r["results"][0]["values"], json!([[0]]), "{r}");
+    assert_eq!(r["results"][1]["rows_affected"], 1, "{r}");
+    assert_eq!(r["results"][2]["values"], json!([[5]]), "{r}");
+}
+
+/// `/db/load` with SQL text answers like an execute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_of_sql_answers_like_an_execute() {
+    let (_dir, node) = one_node().await;
+    let (status, text) = post_text(
+        &node,
+        "/db/load",
+        "CREATE TABLE t (x); INSERT INTO t VALUES (1); INSERT INTO t VALUES (2);",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        answer["results"],
+        json!([{"last_insert_id": 2, "rows_affected": 2}]),
+        "{answer}"
+    );
+}
+
+/// `/status` has what rqlite's clients read: `store.ready` (rqlite-js
+/// waits on it), the Raft state in rqlite's words, the indexes, and the
+/// `http`, `runtime` and `sqlite3` sections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_has_the_fields_rqlite_clients_read() {
+    let (_dir, node) = one_node().await;
+    let w = post(
+        &node,
+        "/db/execute?raft_index",
+        json!(["CREATE TABLE t (x)"]),
+    )
+    .await;
+    let index = w["raft_index"].as_u64().unwrap();
+    let s = node.status().await;
+    let store = &s["store"];
+    assert_eq!(store["ready"], true, "{s}");
+    assert_eq!(store["raft"]["state"], "Leader", "{s}");
+    for field in ["commit_index", "applied_index", "last_log_index"] {
+        assert!(
+            store["raft"][field].as_u64().unwrap() >= index,
+            "{field}: {s}"
+        );
+    }
+    assert!(store["raft"]["last_snapshot_index"].is_u64(), "{s}");
+    assert!(store["fsm_index"].as_u64().unwrap() >= index, "{s}");
+    assert!(store["db_applied_index"].as_u64().unwrap() >= index, "{s}");
+    assert!(
+        store["sqlite3"]["version"]
+            .as_str()
+            .unwrap()
+            .starts_with('3'),
+        "{s}"
+    );
+    assert_eq!(s["http"]["auth"], "disabled", "{s}");
+    assert!(s["http"]["bind_addr"].is_string(), "{s}");
+    assert!(s["runtime"]["num_cpu"].as_u64().unwrap() >= 1, "{s}");
+}
