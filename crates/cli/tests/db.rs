@@ -563,37 +563,9 @@ async fn a_node_restarted_with_its_data_keeps_data_and_membership() {
     assert!(w["raft_index"].as_u64().unwrap() > at);
 }
 
-/// pyrqlite from PyPI, unchanged, installed next to the build if missing.
-fn pyrqlite_path() -> std::path::PathBuf {
-    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyrqlite");
-    let importable = std::process::Command::new("python3")
-        .args(["-c", "import pyrqlite"])
-        .env("PYTHONPATH", &target)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("python3 is needed for the rqlite client test (.ci/run installs it)");
-    if !importable.success() {
-        let installed = std::process::Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(["--root-user-action=ignore", "--target"])
-            .arg(&target)
-            .arg("pyrqlite")
-            .status()
-            .expect("pip");
-        assert!(installed.success(), "pip install pyrqlite failed");
-    }
-    target
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unchanged_rqlite_client_works_through_a_follower() {
-    let path = pyrqlite_path();
+    let path = common::db::python_packages("pyrqlite", &["pyrqlite"], "import pyrqlite");
     let dir = tempfile::tempdir().unwrap();
     let nodes = voters(dir.path(), 2, &[]).await;
     let follower = nodes[1].api.trim_start_matches("http://").to_string();

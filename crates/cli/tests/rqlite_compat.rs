@@ -249,3 +249,42 @@ async fn status_has_the_fields_rqlite_clients_read() {
     assert!(s["http"]["bind_addr"].is_string(), "{s}");
     assert!(s["runtime"]["num_cpu"].as_u64().unwrap() >= 1, "{s}");
 }
+
+/// A second rqlite client beside pyrqlite: SQLAlchemy's ORM through the
+/// rqlite dialect (`sqlalchemy-rqlite` and its `pyrqlite`, unchanged from
+/// PyPI), through a follower. It failed on connecting while reads of
+/// settings such as `PRAGMA read_uncommitted` were refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlalchemy_through_the_rqlite_dialect_works_through_a_follower() {
+    let path = common::db::python_packages(
+        "sqlalchemy-rqlite",
+        &["sqlalchemy-rqlite"],
+        "import sqlalchemy_rqlite, sqlalchemy.orm",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = voters(dir.path(), 2, &[]).await;
+    leader_of(&nodes).await;
+    let follower = nodes[1].api.trim_start_matches("http://").to_string();
+    let (host, port) = follower.rsplit_once(':').unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/sqlalchemy_check.py"
+    );
+    let (host, port) = (host.to_string(), port.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .args([&host, &port])
+            .env("PYTHONPATH", &path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim() == "OK",
+        "sqlalchemy: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

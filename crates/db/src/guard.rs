@@ -112,8 +112,34 @@ const INTROSPECTION_PRAGMAS: [&str; 14] = [
     "pragma_list",
 ];
 /// Settings a read may look at (without a value: setting one would
-/// change a pooled connection for whoever uses it next).
-const READ_PRAGMAS: [&str; 14] = [
+/// change a pooled connection for whoever uses it next). ORMs read some
+/// of them on connecting (SQLAlchemy's SQLite dialect asks for
+/// `read_uncommitted`).
+const READ_PRAGMAS: [&str; 38] = [
+    "read_uncommitted",
+    "cache_size",
+    "synchronous",
+    "temp_store",
+    "locking_mode",
+    "busy_timeout",
+    "query_only",
+    "automatic_index",
+    "cache_spill",
+    "cell_size_check",
+    "legacy_alter_table",
+    "reverse_unordered_selects",
+    "secure_delete",
+    "trusted_schema",
+    "mmap_size",
+    "max_page_count",
+    "wal_autocheckpoint",
+    "ignore_check_constraints",
+    "analysis_limit",
+    "threads",
+    "checkpoint_fullfsync",
+    "fullfsync",
+    "soft_heap_limit",
+    "hard_heap_limit",
     "compile_options",
     "user_version",
     "application_id",

@@ -210,3 +210,33 @@ pub async fn leader_of(nodes: &[DbNode]) -> usize {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Python packages from PyPI, unchanged, installed next to the build
+/// (in `CARGO_TARGET_TMPDIR/<dir>`) unless `probe` already imports there;
+/// returns the directory for `PYTHONPATH`.
+pub fn python_packages(dir: &str, packages: &[&str], probe: &str) -> PathBuf {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir);
+    let importable = std::process::Command::new("python3")
+        .args(["-c", probe])
+        .env("PYTHONPATH", &target)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("python3 is needed for the rqlite client tests (.ci/run installs it)");
+    if !importable.success() {
+        let installed = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(["--root-user-action=ignore", "--target"])
+            .arg(&target)
+            .args(packages)
+            .status()
+            .expect("pip");
+        assert!(installed.success(), "pip install {packages:?} failed");
+    }
+    target
+}
