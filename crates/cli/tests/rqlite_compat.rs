@@ -288,3 +288,91 @@ async fn sqlalchemy_through_the_rqlite_dialect_works_through_a_follower() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `/nodes` says why a node is unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_say_why_a_node_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = voters(dir.path(), 3, &[]).await;
+    leader_of(&nodes).await;
+    let mut gone = nodes.remove(2);
+    gone.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    gone.proc.wait_exit(std::time::Duration::from_secs(5));
+    let listed = get(&nodes[0], "/nodes?ver=2&timeout=500ms").await;
+    let all = listed["nodes"].as_array().unwrap();
+    for n in all {
+        if n["id"] == "3" {
+            assert_eq!(n["reachable"], false, "{listed}");
+            let why = n["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no error: {listed}"));
+            assert!(why.contains("health check"), "{why}");
+        } else {
+            assert_eq!(n["reachable"], true, "{listed}");
+            assert!(n.get("error").is_none(), "{listed}");
+        }
+    }
+    assert_eq!(all.len(), 3, "{listed}");
+}
+
+/// `?queue`: answered at once with a sequence number, written soon after;
+/// `?queue&wait` answers once the write is in. Sequence numbers grow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writes_answer_a_sequence_number_and_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = voters(dir.path(), 2, &[]).await;
+    leader_of(&nodes).await;
+    post(&nodes[0], "/db/execute", json!(["CREATE TABLE q (x)"])).await;
+    let mut last = 0;
+    for i in 0..20 {
+        // Through the follower too: it forwards to the leader.
+        let node = &nodes[i % 2];
+        let a = post(
+            node,
+            "/db/execute?queue",
+            json!([["INSERT INTO q VALUES (?)", i]]),
+        )
+        .await;
+        assert_eq!(a["results"], json!([]), "{a}");
+        let seq = a["sequence_number"].as_u64().expect("a sequence number");
+        assert!(seq > last, "{seq} after {last}");
+        last = seq;
+    }
+    let a = post(
+        &nodes[0],
+        "/db/execute?queue&wait",
+        json!(["INSERT INTO q VALUES (99)"]),
+    )
+    .await;
+    assert!(a["sequence_number"].as_u64().unwrap() > last, "{a}");
+    let count = get(
+        &nodes[0],
+        "/db/query?level=strong&q=SELECT%20count(*)%20FROM%20q",
+    )
+    .await;
+    assert_eq!(count["results"][0]["values"], json!([[21]]), "{count}");
+}
+
+/// `/debug/vars`: the command line and the node's counters as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_vars_are_json() {
+    let (_dir, node) = one_node().await;
+    post(&node, "/db/execute", json!(["CREATE TABLE t (x)"])).await;
+    let vars = get(&node, "/debug/vars").await;
+    assert!(
+        vars["cmdline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "db"),
+        "{vars}"
+    );
+    assert!(
+        vars["http"]["write"]["requests"].as_u64().unwrap() >= 1,
+        "{vars}"
+    );
+    assert!(
+        vars["store"]["applied_index"].as_u64().unwrap() >= 1,
+        "{vars}"
+    );
+}

@@ -296,7 +296,7 @@ pub fn needs(method: &axum::http::Method, path: &str) -> Option<Perm> {
         "/join" => Perm::JoinReadOnly,
         "/remove" => Perm::Remove,
         "/leader" if method == axum::http::Method::POST => Perm::LeaderOps,
-        "/status" | "/nodes" | "/leader" | "/metrics" => Perm::Status,
+        "/status" | "/nodes" | "/leader" | "/metrics" | "/debug/vars" => Perm::Status,
         _ => return None,
     })
 }

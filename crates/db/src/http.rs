@@ -16,7 +16,7 @@ use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::auth::{Caller, Denied, Perm};
 use crate::engine::ExecOptions;
@@ -97,6 +97,14 @@ pub trait DataNode: Send + Sync + 'static {
         statements: Vec<Statement>,
         opts: ReadOptions,
     ) -> Result<Answer, NodeError>;
+    /// `?queue`: takes the write for the log and answers its sequence
+    /// number at once (with `wait`, once it has committed).
+    async fn queue(
+        &self,
+        statements: Vec<Statement>,
+        opts: ExecOptions,
+        wait: bool,
+    ) -> Result<u64, NodeError>;
     /// Whether every statement only reads, by SQLite's own account (for
     /// `/db/request`: reads are served here, anything else goes through
     /// the log whole).
@@ -339,12 +347,31 @@ async fn serve(api: Api, endpoint: Endpoint, request: Request) -> Response {
         return denied_response(&denied);
     }
     let answer = if read {
-        api.node.query(statements, parsed.read).await
+        api.node
+            .query(statements, parsed.read)
+            .await
+            .map(Reply::Answer)
+    } else if flag(&params, "queue") {
+        let wait = flag(&params, "wait");
+        api.node
+            .queue(statements, parsed.read.exec, wait)
+            .await
+            .map(Reply::Queued)
     } else {
-        api.node.execute(statements, parsed.read.exec).await
+        api.node
+            .execute(statements, parsed.read.exec)
+            .await
+            .map(Reply::Answer)
     };
     match answer {
-        Ok(body) => respond(body, &parsed, started),
+        Ok(Reply::Answer(body)) => respond(body, &parsed, started),
+        Ok(Reply::Queued(sequence_number)) => {
+            let queued = json!({ "results": [], "sequence_number": sequence_number });
+            match parsed.render.json(&queued) {
+                Ok(t) => ([(header::CONTENT_TYPE, "application/json")], t).into_response(),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
         Err(NodeError::NotLeader {
             leader: Some(leader),
         }) => {
@@ -359,6 +386,13 @@ async fn serve(api: Api, endpoint: Endpoint, request: Request) -> Response {
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// What a node made of a data request.
+enum Reply {
+    Answer(Answer),
+    /// A `?queue` write, taken: its sequence number.
+    Queued(u64),
 }
 
 /// A request a follower cannot serve, on its way to the leader.
@@ -573,6 +607,18 @@ mod tests {
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
             Ok(answer(sm.query(&statements, &opts.exec), applied))
         }
+        async fn queue(
+            &self,
+            statements: Vec<Statement>,
+            opts: ExecOptions,
+            _wait: bool,
+        ) -> Result<u64, NodeError> {
+            self.execute(statements, opts).await?;
+            Ok(*self
+                .index
+                .lock()
+                .map_err(|e| NodeError::Internal(e.to_string()))?)
+        }
         async fn read_only(&self, statements: Vec<Statement>) -> Result<bool, NodeError> {
             let sm = self
                 .sm
@@ -624,7 +670,7 @@ mod tests {
         let (_, v) = call(
             &app,
             "POST",
-            "/db/execute?timings",
+            "/db/execute?timings&raft_index",
             r#"[["INSERT INTO foo(name) VALUES(?)", "fiona"]]"#,
         )
         .await;

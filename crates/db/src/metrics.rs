@@ -65,6 +65,21 @@ impl Stats {
         response
     }
 
+    /// The API's counts as JSON, for `/debug/vars` (rqlite's expvar).
+    pub fn vars(&self) -> serde_json::Value {
+        let kind = |k: &Kind| {
+            serde_json::json!({
+                "requests": k.requests.load(Ordering::Relaxed),
+                "errors": k.errors.load(Ordering::Relaxed),
+            })
+        };
+        serde_json::json!({
+            "write": kind(&self.write),
+            "read": kind(&self.read),
+            "other": kind(&self.other),
+        })
+    }
+
     /// The node's figures: its API's, as counted, and Raft's, as
     /// openraft last reported them.
     pub fn write(

@@ -144,7 +144,14 @@ pub struct DbNode {
     proposer: Proposer,
     /// One membership change at a time (openraft refuses overlapping ones).
     membership_change: tokio::sync::Mutex<()>,
+    /// `?queue` writes: answered at once with a sequence number, proposed
+    /// in the background, at most [`QUEUE_DEPTH`] at a time.
+    queued: Arc<tokio::sync::Semaphore>,
+    queue_seq: std::sync::atomic::AtomicU64,
 }
+
+/// Queued writes a node holds before it refuses more (`503`).
+pub const QUEUE_DEPTH: usize = 4096;
 
 /// A running node: its listeners are bound and serving.
 pub struct Running {
@@ -437,6 +444,48 @@ impl http::DataNode for DbNode {
                 ReadError::Internal(msg) => NodeError::Internal(msg),
             })?;
         Ok(http::answer(results, raft_index))
+    }
+
+    async fn queue(
+        &self,
+        statements: Vec<Statement>,
+        opts: ExecOptions,
+        wait: bool,
+    ) -> Result<u64, NodeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let slot = self.queued.clone().try_acquire_owned().map_err(|_| {
+            NodeError::Busy(format!(
+                "{QUEUE_DEPTH} queued writes are waiting; retry, or write without ?queue"
+            ))
+        })?;
+        let sequence = self
+            .queue_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let size = statements.iter().map(|s| s.sql.len() + 16).sum();
+        let command = Command::Execute {
+            statements,
+            opts,
+            env: self.write_env(),
+        };
+        // In line before the answer: a later `?queue&wait` write commits
+        // after every write queued before it.
+        let committed = self.proposer.submit(command, size)?;
+        let write = async move {
+            let done = committed.await;
+            drop(slot);
+            if let Err(e) = &done {
+                tracing::warn!(sequence_number = sequence, error = %e, "a queued write failed");
+            }
+            done
+        };
+        if wait {
+            write.await?;
+        } else {
+            tokio::spawn(write);
+        }
+        Ok(sequence)
     }
 
     async fn read_only(&self, statements: Vec<Statement>) -> Result<bool, NodeError> {

@@ -208,6 +208,9 @@ pub struct NodeStatus {
     pub time: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<u64>,
+    /// Why the node is not reachable (rqlite's `error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `/nodes?ver=2`.

@@ -36,6 +36,7 @@ impl DbNode {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/leader", get(leader))
             .route("/metrics", get(metrics))
+            .route("/debug/vars", get(debug_vars))
             .route("/join", post(join))
             .route("/remove", delete(remove))
             .route("/db/backup", get(backup))
@@ -295,17 +296,26 @@ async fn nodes(State(node): This, Query(params): Query<NodesParams>) -> Response
         let lag = lag_of(id);
         checks.spawn(async move {
             let started = Instant::now();
-            let reachable = client
+            let answer = client
                 .get(format!("{}/healthz", member.api_url()))
                 .timeout(patience)
                 .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            (id, member, voter, reachable, started.elapsed(), lag)
+                .await;
+            // Why a node is not reachable, as rqlite says it.
+            let error = match answer {
+                Ok(r) if r.status().is_success() => None,
+                Ok(r) => Some(format!("its health check answered {}", r.status())),
+                Err(e) if e.is_timeout() => Some(format!(
+                    "no answer to its health check within {}",
+                    humantime::format_duration(patience)
+                )),
+                Err(e) => Some(format!("its health check failed: {}", error_chain(&e))),
+            };
+            (id, member, voter, error, started.elapsed(), lag)
         });
     }
     let mut listed = Vec::new();
-    while let Some(Ok((id, member, voter, reachable, took, lag))) = checks.join_next().await {
+    while let Some(Ok((id, member, voter, error, took, lag))) = checks.join_next().await {
         listed.push((
             id,
             NodeStatus {
@@ -313,10 +323,11 @@ async fn nodes(State(node): This, Query(params): Query<NodesParams>) -> Response
                 api_addr: member.api_url(),
                 addr: member.raft,
                 voter,
-                reachable,
+                reachable: error.is_none(),
                 leader: leader == Some(id),
                 time: took.as_secs_f64(),
                 lag,
+                error,
             },
         ));
     }
@@ -364,6 +375,27 @@ async fn leader(State(node): This) -> Response {
         .into_response(),
         None => NodeError::NoLeader.into_response(),
     }
+}
+
+/// rqlite's `/debug/vars` (Go's expvar): the command line and the
+/// node's counters as JSON (the same figures as `/metrics`).
+async fn debug_vars(State(node): This) -> Response {
+    let m = node.raft.metrics().borrow().clone();
+    let counts = &node.proposer.counts;
+    axum::Json(json!({
+        "cmdline": std::env::args().collect::<Vec<_>>(),
+        "uptime_seconds": node.started.elapsed().as_secs_f64(),
+        "http": node.stats.vars(),
+        "store": {
+            "term": m.current_term,
+            "last_log_index": m.last_log_index.unwrap_or(0),
+            "applied_index": m.last_applied.map_or(0, |l| l.index),
+            "snapshot_index": m.snapshot.map_or(0, |l| l.index),
+            "proposed_entries": counts.entries.load(std::sync::atomic::Ordering::Relaxed),
+            "proposed_writes": counts.writes.load(std::sync::atomic::Ordering::Relaxed),
+        },
+    }))
+    .into_response()
 }
 
 async fn metrics(State(node): This) -> Response {
@@ -720,4 +752,17 @@ async fn load(
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// An error with its causes (reqwest's own text leaves out why a
+/// connection failed).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }

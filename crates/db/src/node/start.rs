@@ -120,6 +120,13 @@ pub async fn start(
         started: Instant::now(),
         db_path,
         proposer: Proposer::start(raft.clone(), redirect_of, config.election_timeout * 2),
+        queued: Arc::new(tokio::sync::Semaphore::new(super::QUEUE_DEPTH)),
+        // Unique across restarts, as rqlite's (which start from the clock).
+        queue_seq: std::sync::atomic::AtomicU64::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
+        ),
         membership_change: tokio::sync::Mutex::new(()),
     });
 

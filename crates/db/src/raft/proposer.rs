@@ -81,12 +81,25 @@ impl Proposer {
         command: Command,
         size: usize,
     ) -> Result<(u64, Vec<Value>), NodeError> {
+        self.submit(command, size)?.await
+    }
+
+    /// Puts `command` in line now (commands are proposed in the order
+    /// they are submitted); the future resolves as [`Self::propose`] does.
+    pub fn submit(
+        &self,
+        command: Command,
+        size: usize,
+    ) -> Result<impl std::future::Future<Output = Result<(u64, Vec<Value>), NodeError>>, NodeError>
+    {
         let (tx, rx) = oneshot::channel();
         self.queue
             .send((command, size, tx))
             .map_err(|_| NodeError::Internal("the node is shutting down".into()))?;
-        rx.await
-            .map_err(|_| NodeError::Internal("the node is shutting down".into()))?
+        Ok(async move {
+            rx.await
+                .map_err(|_| NodeError::Internal("the node is shutting down".into()))?
+        })
     }
 }
 
