@@ -376,3 +376,92 @@ async fn debug_vars_are_json() {
         "{vars}"
     );
 }
+
+/// A node restarted on its data with `--join` to a cluster that is not
+/// its own exits with an error saying so (as rqlite does), instead of
+/// running on beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_joining_another_cluster_exits_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ours = voters(dir.path(), 2, &[]).await;
+    leader_of(&ours).await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let theirs = DbNode::start(7, other_dir.path(), &[]);
+    leader_of(std::slice::from_ref(&theirs)).await;
+    let mut second = ours.remove(1);
+    second.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    second.proc.wait_exit(std::time::Duration::from_secs(10));
+    let data = second.data.to_str().unwrap().to_string();
+    let mut restarted = common::Proc::spawn_logging(
+        &[
+            "db",
+            "--id",
+            "2",
+            "--http",
+            "127.0.0.1:0",
+            "--raft",
+            "127.0.0.1:0",
+            "--data",
+            &data,
+            "--join",
+            &theirs.api,
+        ],
+        "error",
+    );
+    let status = restarted.wait_exit(std::time::Duration::from_secs(30));
+    assert!(!status.success(), "it ran on");
+    let said = restarted.logs().join("\n");
+    assert!(said.contains("does not have node 2"), "{said}");
+    // The other cluster is untouched.
+    let listed = get(&theirs, "/nodes?nonvoters&ver=2").await;
+    assert_eq!(listed["nodes"].as_array().unwrap().len(), 1, "{listed}");
+}
+
+/// A node restarted with its data on new addresses and `--join` is
+/// registered again: the leader sends to where it is now, and it catches
+/// up and votes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_new_addresses_registers_them_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = voters(dir.path(), 3, &[]).await;
+    leader_of(&nodes).await;
+    post(&nodes[0], "/db/execute", json!(["CREATE TABLE t (x)"])).await;
+    let mut third = nodes.remove(2);
+    third.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    third.proc.wait_exit(std::time::Duration::from_secs(10));
+    let w = post(
+        &nodes[0],
+        "/db/execute?raft_index",
+        json!(["INSERT INTO t VALUES (1)"]),
+    )
+    .await;
+    let index = w["raft_index"].as_u64().unwrap();
+    // Back on other ports (0: the OS picks new ones).
+    let moved = DbNode::start(3, dir.path(), &["--join", &nodes[0].api]);
+    assert_ne!(moved.raft, third.raft);
+    let rows = moved.values_at("SELECT x FROM t", index).await;
+    assert_eq!(rows, json!([[1]]));
+    let listed = get(&nodes[0], "/nodes?ver=2").await;
+    let me = listed["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "3")
+        .cloned()
+        .unwrap();
+    assert_eq!(me["addr"], moved.raft, "{listed}");
+    assert_eq!(me["reachable"], true, "{listed}");
+    // It votes: with the old third gone, a quorum needs it.
+    let mut first = nodes.remove(0);
+    first.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    first.proc.wait_exit(std::time::Duration::from_secs(5));
+    let survivors = [nodes.remove(0), moved];
+    let leader = leader_of(&survivors).await;
+    let w = post(
+        &survivors[leader],
+        "/db/execute",
+        json!(["INSERT INTO t VALUES (2)"]),
+    )
+    .await;
+    assert!(w["results"][0].get("error").is_none(), "{w}");
+}

@@ -530,6 +530,18 @@ async fn join(
     if known.as_ref() == Some(&member) && is_voter == request.voter {
         return axum::Json(json!({ "joined": id, "already": true })).into_response();
     }
+    // A member back at new addresses (restarted elsewhere): its entry is
+    // replaced, so the leader sends to where it is now.
+    if known.as_ref().is_some_and(|k| *k != member) {
+        let change = ChangeMembers::SetNodes(BTreeMap::from([(id, member.clone())]));
+        if let Err(e) = node.raft.change_membership(change, false).await {
+            return error(StatusCode::SERVICE_UNAVAILABLE, &format!("join: {e}"));
+        }
+        tracing::info!(id, %member, "a member's addresses changed");
+        if is_voter == request.voter {
+            return axum::Json(json!({ "joined": id, "moved": true })).into_response();
+        }
+    }
     match tokio::time::timeout(
         JOIN_CATCH_UP,
         node.raft.add_learner(id, member.clone(), true),

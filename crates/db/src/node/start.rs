@@ -165,6 +165,44 @@ pub async fn start(
         }
     } else {
         tracing::info!(id = config.id, "restarted with its data and membership");
+        if let Some(url) = &config.join {
+            match node.membership_at(url).await {
+                // The cluster there is not this node's: its data belongs
+                // elsewhere. rqlite exits here too.
+                Some(nodes) if !nodes.iter().any(|n| n.id == config.id.to_string()) => {
+                    shutdown.cancel();
+                    let members: Vec<String> = nodes
+                        .iter()
+                        .map(|n| format!("{} ({})", n.id, n.addr))
+                        .collect();
+                    return Err(StartError::Config(format!(
+                        "--join {url}: that cluster (members {}) does not have node {}, whose data is in {}; start this node without --join to rejoin its own cluster, or with an empty --data to join that one",
+                        members.join(", "),
+                        config.id,
+                        config.data.display()
+                    )));
+                }
+                // Known there, at other addresses (it moved): registered
+                // again with the ones it has now.
+                Some(nodes) => {
+                    let moved = nodes.iter().any(|n| {
+                        n.id == config.id.to_string()
+                            && (n.addr != node.me.raft
+                                || n.api_addr.split("://").last() != Some(node.me.api.as_str()))
+                    });
+                    if moved {
+                        tracing::info!(id = config.id, %url, "its addresses changed; registering them again");
+                        let node = node.clone();
+                        let url = url.clone();
+                        let shutdown = shutdown.clone();
+                        tokio::spawn(async move { node.join(&url, shutdown).await });
+                    }
+                }
+                None => {
+                    tracing::warn!(%url, "--join: no answer from the cluster; going on with the membership in the data directory")
+                }
+            }
+        }
     }
     Ok(Running { node, servers })
 }
@@ -184,6 +222,31 @@ async fn serve(
 }
 
 impl DbNode {
+    /// The members (voters and replicas) of the cluster at `url`, as its
+    /// `/nodes` lists them; `None` when it does not answer within a few
+    /// seconds.
+    async fn membership_at(&self, url: &str) -> Option<Vec<scaleout_wire::data::NodeStatus>> {
+        let target = format!(
+            "{}/nodes?nonvoters&ver=2&timeout=500ms",
+            url.trim_end_matches('/')
+        );
+        for _ in 0..5 {
+            let mut request = self.client.get(&target).timeout(Duration::from_secs(2));
+            if let Some((user, password)) = &self.join_credentials {
+                request = request.basic_auth(user, Some(password));
+            }
+            if let Ok(r) = request.send().await {
+                if r.status().is_success() {
+                    if let Ok(nodes) = r.json::<scaleout_wire::data::Nodes>().await {
+                        return Some(nodes.nodes);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        None
+    }
+
     /// Asks the cluster at `url` to take this node in, until it does.
     async fn join(&self, url: &str, shutdown: CancellationToken) {
         let body = scaleout_wire::data::JoinRequest {
