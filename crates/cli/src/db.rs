@@ -12,9 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
 pub struct DbArgs {
-    /// This node's id: a whole number, unique in the cluster.
+    /// This node's id, unique in the cluster: as in rqlite, any name
+    /// (`1`, `0`, `db-a`); a whole number from 1 is also its Raft id,
+    /// any other name is hashed to one (ARCHITECTURE.md).
     #[arg(long)]
-    id: u64,
+    id: String,
     /// The HTTP API address (rqlite's API), host:port; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:4001")]
     http: String,
@@ -109,9 +111,12 @@ async fn bind(what: &str, addr: &str) -> anyhow::Result<(TcpListener, String)> {
 }
 
 pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    if args.id == 0 {
-        anyhow::bail!("--id must be 1 or more (0 means \"no node\" in the metrics)");
-    }
+    let Some(raft_id) = scaleout_wire::data::raft_id(&args.id) else {
+        anyhow::bail!(
+            "--id {:?}: give a name of 1 to 128 characters without control characters",
+            args.id
+        );
+    };
     let scheme = if args.tls_cert.is_some() {
         "https"
     } else {
@@ -132,8 +137,9 @@ pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()
     let advertise = Member {
         api: args.http_adv.unwrap_or(api_addr),
         raft: args.raft_adv.unwrap_or(raft_addr),
+        name: scaleout_wire::data::named(raft_id, &args.id).then(|| args.id.clone()),
     };
-    let mut config = DbConfig::new(args.id, advertise.clone(), args.data.clone());
+    let mut config = DbConfig::new(raft_id, advertise.clone(), args.data.clone());
     config.join = args.join;
     config.read_only = args.read_only;
     config.election_timeout = args.election_timeout;
@@ -202,8 +208,8 @@ pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()
     scaleout_wire::ready::Ready {
         role: "db".into(),
         url: format!("{scheme}://{}", advertise.api),
-        name: None,
-        id: Some(args.id),
+        name: Some(args.id.clone()),
+        id: Some(raft_id),
         raft: Some(advertise.raft.to_string()),
         admin: None,
     }

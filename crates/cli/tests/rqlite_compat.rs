@@ -465,3 +465,73 @@ async fn a_restart_on_new_addresses_registers_them_again() {
     .await;
     assert!(w["results"][0].get("error").is_none(), "{w}");
 }
+
+/// Node ids are names, as rqlite's: `0` and `db-b` work, and `/status`,
+/// `/nodes`, `/leader` and `/remove` use them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ids_are_names_as_in_rqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let (d0, db) = (data("n0"), data("nb"));
+    let args = |id: &'static str, data: &str, join: Option<&str>| {
+        let mut a: Vec<String> = [
+            "db",
+            "--id",
+            id,
+            "--http",
+            "127.0.0.1:0",
+            "--raft",
+            "127.0.0.1:0",
+            "--data",
+            data,
+            "--election-timeout",
+            "500ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(j) = join {
+            a.extend(["--join".to_string(), j.to_string()]);
+        }
+        a
+    };
+    let start = |a: Vec<String>| {
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        let mut p = common::Proc::spawn(&refs);
+        let ready = p.wait_ready();
+        (p, ready.url, ready.name)
+    };
+    let (_p0, url0, name0) = start(args("0", &d0, None));
+    assert_eq!(name0.as_deref(), Some("0"));
+    let (_pb, _urlb, _) = start(args("db-b", &db, Some(&url0)));
+    let listed = common::eventually_json(&format!("{url0}/nodes?ver=2"), |v| {
+        v["nodes"].as_array().is_some_and(|n| n.len() == 2)
+    })
+    .await;
+    let mut ids: Vec<&str> = listed["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["0", "db-b"], "{listed}");
+    let status: Value = common::get_json(&format!("{url0}/status")).await;
+    assert_eq!(status["node"]["id"], "0", "{status}");
+    assert_eq!(status["store"]["leader"]["node_id"], "0", "{status}");
+    let leader: Value = common::get_json(&format!("{url0}/leader")).await;
+    assert_eq!(leader["leader"]["id"], "0", "{leader}");
+    let removed = client()
+        .delete(format!("{url0}/remove"))
+        .json(&json!({"id": "db-b"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        removed.status().is_success(),
+        "{}",
+        removed.text().await.unwrap()
+    );
+    let listed: Value = common::get_json(&format!("{url0}/nodes?ver=2&nonvoters")).await;
+    assert_eq!(listed["nodes"].as_array().unwrap().len(), 1, "{listed}");
+}

@@ -356,25 +356,89 @@ fn yes() -> bool {
 }
 
 impl JoinRequest {
-    /// The id as a number.
+    /// The node's Raft id ([`raft_id`] of its name).
     pub fn id(&self) -> Option<u64> {
         node_id(&self.id)
     }
+
+    /// The node's name as given (a number's decimal text).
+    pub fn name(&self) -> Option<String> {
+        match &self.id {
+            Value::Number(n) => Some(n.to_string()),
+            Value::String(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
 }
 
-/// A node id given as a number or as its decimal string.
+/// A node's Raft id from its name, given as a number or a string.
 pub fn node_id(v: &Value) -> Option<u64> {
     match v {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => raft_id(&n.to_string()),
+        Value::String(s) => raft_id(s),
         _ => None,
     }
+}
+
+/// The Raft id of the node rqlite-style clients call `name` (rqlite's ids
+/// are strings). A whole number from 1 below 2⁶³ is itself, so numbered
+/// clusters keep their ids; any other name (`0`, `db-a`, an address) is
+/// a stable 64-bit FNV-1a hash of it with the top bit set, which never
+/// meets a number. `None` for an empty name, one over 128 bytes, or one
+/// with control characters.
+pub fn raft_id(name: &str) -> Option<u64> {
+    const TOP: u64 = 1 << 63;
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return None;
+    }
+    match name.parse::<u64>() {
+        Ok(n) if (1..TOP).contains(&n) && n.to_string() == name => Some(n),
+        _ => {
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in name.bytes() {
+                hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            Some(hash | TOP)
+        }
+    }
+}
+
+/// Whether a node of Raft id `id` is known by a name of its own (the
+/// name is not simply the number).
+pub fn named(id: u64, name: &str) -> bool {
+    id.to_string() != name
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn node_names_map_to_raft_ids() {
+        assert_eq!(raft_id("1"), Some(1));
+        assert_eq!(raft_id("42"), Some(42));
+        for name in [
+            "0",
+            "db-a",
+            "127.0.0.1:4002",
+            "01",
+            "+1",
+            "9223372036854775808",
+        ] {
+            let id = raft_id(name).unwrap();
+            assert!(id >= 1 << 63, "{name}");
+            assert_eq!(raft_id(name), Some(id), "stable");
+            assert!(named(id, name));
+        }
+        assert_ne!(raft_id("0"), raft_id("00"));
+        assert_eq!(raft_id(""), None);
+        assert_eq!(raft_id("a\nb"), None);
+        assert_eq!(raft_id(&"x".repeat(129)), None);
+        assert_eq!(node_id(&serde_json::json!(0)), raft_id("0"));
+        assert_eq!(node_id(&serde_json::json!("7")), Some(7));
+        assert!(!named(7, "7"));
+    }
 
     #[test]
     fn a_missing_raft_index_is_an_error_not_a_zero() {

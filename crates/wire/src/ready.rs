@@ -18,10 +18,11 @@ pub struct Ready {
     /// Where it serves: `http(s)://host:port` for web, lb and a db
     /// node's API; `host:port` (UDP and TCP) for dns.
     pub url: String,
-    /// A web server's name (`X-Served-By`).
+    /// A web server's name (`X-Served-By`); a database node's id as
+    /// given (`--id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// A database node's id.
+    /// A database node's Raft id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u64>,
     /// A database node's Raft address.

@@ -366,3 +366,23 @@ pub async fn scrape_openmetrics(url: &str, token: Option<&str>) -> String {
     assert!(samples > 0, "{url}: no samples");
     text
 }
+
+/// GETs `url` until its JSON satisfies `check` (20 s at most); that JSON.
+pub async fn eventually_json(
+    url: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client().get(url).send().await {
+            if let Ok(v) = r.json::<serde_json::Value>().await {
+                if check(&v) {
+                    return v;
+                }
+                assert!(std::time::Instant::now() < deadline, "{url}: {v}");
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{url}: no answer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -189,16 +189,16 @@ async fn status(State(node): This) -> Response {
     let ready = node.applying().is_ok() && leader.is_some() && node.hears_leader();
     axum::Json(Status {
         node: NodeSelf {
-            id: node.id.to_string(),
+            id: node.me.name_of(node.id),
             api_addr: node.me.api_url(),
             raft_addr: node.me.raft.clone(),
             read_only: node.read_only,
             uptime_seconds: node.started.elapsed().as_secs_f64(),
         },
         store: StoreStatus {
-            node_id: node.id.to_string(),
+            node_id: node.me.name_of(node.id),
             leader: leader.map(|(id, n)| StoreLeader {
-                node_id: id.to_string(),
+                node_id: n.name_of(id),
                 api_addr: n.api_url(),
                 addr: n.raft,
             }),
@@ -319,7 +319,7 @@ async fn nodes(State(node): This, Query(params): Query<NodesParams>) -> Response
         listed.push((
             id,
             NodeStatus {
-                id: id.to_string(),
+                id: member.name_of(id),
                 api_addr: member.api_url(),
                 addr: member.raft,
                 voter,
@@ -367,7 +367,7 @@ async fn leader(State(node): This) -> Response {
     match node.leader() {
         Some((id, member)) => axum::Json(LeaderAnswer {
             leader: LeaderOf {
-                id: id.to_string(),
+                id: member.name_of(id),
                 api_addr: member.api_url(),
                 addr: member.raft,
             },
@@ -460,7 +460,10 @@ async fn join(
         }
     };
     let Some(id) = request.id() else {
-        return error(StatusCode::BAD_REQUEST, "join: id must be a whole number");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "join: id must be a name of 1 to 128 characters (or a number)",
+        );
     };
     if let Some(axum::Extension(caller)) = &caller {
         if request.voter && !caller.may(crate::auth::Perm::Join) {
@@ -493,6 +496,9 @@ async fn join(
             .trim_start_matches("https://")
             .trim_start_matches("http://")
             .to_string(),
+        name: request
+            .name()
+            .filter(|name| scaleout_wire::data::named(id, name)),
         raft: request.addr,
     };
     // One node per address: another id on a member's address would give

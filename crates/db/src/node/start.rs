@@ -169,7 +169,7 @@ pub async fn start(
             match node.membership_at(url).await {
                 // The cluster there is not this node's: its data belongs
                 // elsewhere. rqlite exits here too.
-                Some(nodes) if !nodes.iter().any(|n| n.id == config.id.to_string()) => {
+                Some(nodes) if !nodes.iter().any(|n| n.id == node.me.name_of(config.id)) => {
                     shutdown.cancel();
                     let members: Vec<String> = nodes
                         .iter()
@@ -178,7 +178,7 @@ pub async fn start(
                     return Err(StartError::Config(format!(
                         "--join {url}: that cluster (members {}) does not have node {}, whose data is in {}; start this node without --join to rejoin its own cluster, or with an empty --data to join that one",
                         members.join(", "),
-                        config.id,
+                        node.me.name_of(config.id),
                         config.data.display()
                     )));
                 }
@@ -186,7 +186,7 @@ pub async fn start(
                 // again with the ones it has now.
                 Some(nodes) => {
                     let moved = nodes.iter().any(|n| {
-                        n.id == config.id.to_string()
+                        n.id == node.me.name_of(config.id)
                             && (n.addr != node.me.raft
                                 || n.api_addr.split("://").last() != Some(node.me.api.as_str()))
                     });
@@ -250,7 +250,7 @@ impl DbNode {
     /// Asks the cluster at `url` to take this node in, until it does.
     async fn join(&self, url: &str, shutdown: CancellationToken) {
         let body = scaleout_wire::data::JoinRequest {
-            id: self.id.into(),
+            id: self.me.name_of(self.id).into(),
             api_addr: self.me.api.clone(),
             addr: self.me.raft.clone(),
             voter: !self.read_only,

@@ -53,9 +53,18 @@ pub struct Member {
     pub api: String,
     /// The Raft RPC listener (`host:port`).
     pub raft: String,
+    /// The node's own name, where it is not its number (rqlite's ids are
+    /// strings: `0`, `db-a`): what `/nodes` and `/status` show.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Member {
+    /// What a node of Raft id `id` is called.
+    pub fn name_of(&self, id: u64) -> String {
+        self.name.clone().unwrap_or_else(|| id.to_string())
+    }
+
     pub fn api_url(&self) -> String {
         format!("{}://{}", crate::peers::scheme(), self.api)
     }
