@@ -564,7 +564,10 @@ async fn a_large_write_is_replicated_and_the_others_go_on() {
                 .await;
                 if status == 200 && errors(&answer).is_empty() {
                     ok += 1;
-                } else {
+                } else if status != 504 || answer["code"] != "outcome_unknown" {
+                    // A leader starved of CPU (two cores, tests beside)
+                    // may step aside with writes pending: an honest
+                    // answer, not a failure of the large write's.
                     other.push(format!("{status} {answer}"));
                 }
             }
@@ -574,12 +577,35 @@ async fn a_large_write_is_replicated_and_the_others_go_on() {
     let statements: Vec<Value> = (0..10000)
         .map(|i| json!(["INSERT INTO big VALUES (?)", format!("{i:0>40}")]))
         .collect();
-    let (status, answer) = write(&nodes[leader], Value::Array(statements), false).await;
+    let mut tries = 0;
+    let index = loop {
+        tries += 1;
+        let (status, answer) =
+            write_to(&urls[leader], Value::Array(statements.clone()), false).await;
+        if status == 200 {
+            assert!(errors(&answer).is_empty(), "{answer}");
+            break answer["raft_index"].as_u64().unwrap();
+        }
+        // Outcome unknown (the leader stepped aside with it pending, as a
+        // CPU-starved leader may): it is all there or none of it, never
+        // part; sent again only if none.
+        assert_eq!(answer["code"], "outcome_unknown", "{status} {answer}");
+        let leader = common::db::leader_of(&nodes).await;
+        let (_, seen) = nodes[leader]
+            .query("SELECT count(*) FROM big", "level=strong")
+            .await;
+        let count = seen["results"][0]["values"][0][0].as_u64().unwrap();
+        assert!(
+            count == 0 || count == 10000,
+            "part of a write: {count} rows"
+        );
+        if count == 10000 {
+            break seen["raft_index"].as_u64().unwrap();
+        }
+        assert!(tries < 3, "the large write never went in: {answer}");
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(status, 200, "{answer}");
-    assert!(errors(&answer).is_empty());
-    let index = answer["raft_index"].as_u64().unwrap();
     while let Some(done) = writers.join_next().await {
         let (ok, other) = done.unwrap();
         assert!(ok > 0, "a writer got nothing done: {other:?}");

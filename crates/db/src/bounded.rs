@@ -24,14 +24,28 @@ use rusqlite::Connection;
 
 use crate::guard::MAX_VALUE_BYTES;
 
-/// Replaces `instr`, `replace`, `trim`, `ltrim` and `rtrim` on `conn`.
-pub fn install(conn: &Connection) -> rusqlite::Result<()> {
+/// What a call's work is charged to: the bytes it reads; an error stops
+/// it (a read past its deadline).
+pub type Charge = Arc<dyn Fn(usize) -> Result<(), String> + Send + Sync>;
+
+/// Bytes one VM step stands for when a call's work is charged to the
+/// write budget: a search reads about this many bytes in the time SQLite
+/// takes for one step. Each call costs its inputs' bytes, the same on
+/// every node, so one step that reads 16 MiB can no longer run a
+/// thousand times within a budget meant for a second.
+pub const BYTES_PER_STEP: usize = 8;
+
+/// Replaces `instr`, `replace`, `trim`, `ltrim` and `rtrim` on `conn`;
+/// each call pays `charge` for the bytes it reads.
+pub fn install(conn: &Connection, charge: Charge) -> rusqlite::Result<()> {
     let builtin = Arc::new(Mutex::new(Connection::open_in_memory()?));
     let flags = FunctionFlags::SQLITE_UTF8
         | FunctionFlags::SQLITE_DETERMINISTIC
         | FunctionFlags::SQLITE_INNOCUOUS;
     let original = builtin.clone();
+    let pay = charge.clone();
     conn.create_scalar_function("instr", 2, flags, move |ctx: &Context<'_>| {
+        pay_for(&pay, ctx)?;
         match (text_or_blob(ctx.get_raw(0)), text_or_blob(ctx.get_raw(1))) {
             (Some(h), Some(n)) => Ok(Value::Integer(instr(h, n))),
             _ if is_null(ctx, 0) || is_null(ctx, 1) => Ok(Value::Null),
@@ -39,7 +53,9 @@ pub fn install(conn: &Connection) -> rusqlite::Result<()> {
         }
     })?;
     let original = builtin.clone();
+    let pay = charge.clone();
     conn.create_scalar_function("replace", 3, flags, move |ctx: &Context<'_>| {
+        pay_for(&pay, ctx)?;
         let all = (0..3)
             .map(|i| text_of(ctx.get_raw(i)))
             .collect::<Option<Vec<&str>>>();
@@ -55,7 +71,9 @@ pub fn install(conn: &Connection) -> rusqlite::Result<()> {
         ("rtrim", false, true),
     ] {
         let original = builtin.clone();
+        let pay = charge.clone();
         conn.create_scalar_function(name, 2, flags, move |ctx: &Context<'_>| {
+            pay_for(&pay, ctx)?;
             match (text_of(ctx.get_raw(0)), text_of(ctx.get_raw(1))) {
                 (Some(x), Some(set)) => {
                     trim(x, set, left, right).map(|s| Value::Text(s.to_string()))
@@ -66,6 +84,17 @@ pub fn install(conn: &Connection) -> rusqlite::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Charges a call for the bytes of its arguments.
+fn pay_for(charge: &Charge, ctx: &Context<'_>) -> rusqlite::Result<()> {
+    let bytes = (0..ctx.len())
+        .map(|i| match ctx.get_raw(i) {
+            ValueRef::Text(b) | ValueRef::Blob(b) => b.len(),
+            _ => 8,
+        })
+        .sum();
+    charge(bytes).map_err(|e| rusqlite::Error::UserFunctionError(e.into()))
 }
 
 fn is_null(ctx: &Context<'_>, i: usize) -> bool {
@@ -197,7 +226,7 @@ mod tests {
     #[test]
     fn the_same_results_as_sqlites_own() {
         let ours = Connection::open_in_memory().unwrap();
-        install(&ours).unwrap();
+        install(&ours, Arc::new(|_| Ok(()))).unwrap();
         let theirs = Connection::open_in_memory().unwrap();
         let cases = [
             "instr('hello world', 'o')",
@@ -239,7 +268,7 @@ mod tests {
     #[test]
     fn long_arguments_take_linear_time() {
         let c = Connection::open_in_memory().unwrap();
-        install(&c).unwrap();
+        install(&c, Arc::new(|_| Ok(()))).unwrap();
         let started = std::time::Instant::now();
         let n: i64 = c
             .query_row(

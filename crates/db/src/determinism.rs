@@ -129,8 +129,24 @@ fn text_of(v: &Value) -> Option<&[u8]> {
     }
 }
 
-fn is_now(v: &Value) -> bool {
-    text_of(v).is_some_and(|t| t.eq_ignore_ascii_case(b"now"))
+/// A time value that makes SQLite read the clock: `'now'`, and
+/// `'subsec'`/`'subsecond'` (now, to the millisecond), compared as
+/// SQLite compares them (whole, any case).
+fn reads_the_clock(v: &Value) -> Option<Clock> {
+    let t = text_of(v)?;
+    if t.eq_ignore_ascii_case(b"now") {
+        Some(Clock::Now)
+    } else if t.eq_ignore_ascii_case(b"subsec") || t.eq_ignore_ascii_case(b"subsecond") {
+        Some(Clock::Subsec)
+    } else {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    Now,
+    Subsec,
 }
 
 fn depends_on_time_zone(v: &Value) -> bool {
@@ -199,9 +215,13 @@ impl FixedFunctions {
             out.truncate(n as usize);
             Ok(out)
         })?;
-        let constant = FunctionFlags::SQLITE_UTF8
-            | FunctionFlags::SQLITE_DETERMINISTIC
-            | FunctionFlags::SQLITE_INNOCUOUS;
+        // Not SQLITE_DETERMINISTIC: SQLite's own date functions may stand in
+        // an index, a generated column or a CHECK, and fail there at run
+        // time when they read the clock; these cannot tell where they run,
+        // so SQLite keeps them out of those places altogether (an index on
+        // `julianday('now')` would hold keys no later entry could find
+        // again: every node would stop on a corrupt index).
+        let constant = volatile;
         for (name, time_at) in TIME_FUNCTIONS {
             let (draws, builtin) = (fixed.draws.clone(), builtin.clone());
             conn.create_scalar_function(name, -1, constant, move |ctx: &Context<'_>| {
@@ -213,10 +233,19 @@ impl FixedFunctions {
                         "{name}() with 'localtime' or 'utc' is not allowed in a write: it depends on the node's time zone; store UTC and convert when reading"
                     )));
                 }
+                let mut subsec = false;
                 for (i, arg) in args.iter_mut().enumerate() {
-                    if time_at.is_none_or(|t| t == i) && is_now(arg) {
-                        *arg = Value::Text(now.clone());
+                    if time_at.is_none_or(|t| t == i) {
+                        if let Some(clock) = reads_the_clock(arg) {
+                            subsec |= clock == Clock::Subsec;
+                            *arg = Value::Text(now.clone());
+                        }
                     }
+                }
+                // 'subsec' as the time value also asks for milliseconds in
+                // the answer, as the modifier of that name does.
+                if subsec && time_at.is_some() {
+                    args.push(Value::Text("subsec".into()));
                 }
                 // No time value at all means now: date(), strftime('%s').
                 if time_at == Some(args.len()) {

@@ -121,7 +121,7 @@ pub struct Guarded {
 impl Guarded {
     /// The connection that applies the log.
     pub fn writer(conn: Connection, shutdown: Arc<AtomicBool>) -> rusqlite::Result<Self> {
-        let guard = Guard::install(&conn, shutdown)?;
+        let guard = Guard::install(&conn, shutdown, crate::guard::Every::Budget)?;
         let fixed = FixedFunctions::install(&conn)?;
         // Where `last_insert_rowid()` and `changes()` are reset before
         // each write (a temporary table: nothing reaches the file).
@@ -152,7 +152,7 @@ impl Guarded {
 
     /// A connection that serves reads.
     pub fn reader(conn: Connection, shutdown: Arc<AtomicBool>) -> rusqlite::Result<Self> {
-        let guard = Guard::install(&conn, shutdown)?;
+        let guard = Guard::install(&conn, shutdown, crate::guard::Every::Deadline)?;
         Ok(Guarded {
             conn,
             guard,
@@ -221,6 +221,41 @@ pub struct Rerun {
     /// now checks its own, and one that leaves a violation is rolled back
     /// alone.
     pub check_deferred: bool,
+    /// Requests not run at all, answered with this error for each of
+    /// their statements: they ended the transaction too often.
+    pub dropped: BTreeMap<usize, String>,
+    /// How many times the entry has run.
+    pub runs: usize,
+}
+
+/// Statements of one request that may end the transaction (each costs a
+/// run of the whole entry) before the request is dropped whole.
+pub const REQUEST_ENDS: usize = 8;
+/// Runs of one entry after which any request that ends the transaction
+/// is dropped whole: with one run per statement, a request of many
+/// statements that each end it would cost runs in proportion to the
+/// square of its length.
+pub const ENTRY_RUNS: usize = 32;
+
+impl Rerun {
+    /// What the next run does about the statement that ended this one.
+    pub fn after(&mut self, ended: Ended) {
+        let (request, _) = ended.position;
+        let ends = self.skipped.keys().filter(|(r, _)| *r == request).count();
+        self.runs += 1;
+        if ends + 1 >= REQUEST_ENDS || self.runs >= ENTRY_RUNS {
+            self.dropped.insert(
+                request,
+                format!(
+                    "the request was not applied: its statements ended the transaction {} times, the last with: {}",
+                    ends + 1,
+                    ended.error
+                ),
+            );
+        } else {
+            self.skipped.insert(ended.position, ended.error);
+        }
+    }
 }
 
 /// With [`Rerun::check_deferred`]: whether the request left a foreign key
@@ -446,6 +481,12 @@ pub fn execute(
     env: &WriteEnv,
     rerun: &Rerun,
 ) -> Result<Vec<Value>, Stop> {
+    if let Some(error) = rerun.dropped.get(&request) {
+        return Ok(statements
+            .iter()
+            .map(|_| json!({ "error": error }))
+            .collect());
+    }
     db.start_write(env)?;
     let internal = |sql: &str| db.internal(sql).map_err(|e| Fault(e.to_string()));
     let mut results = Vec::with_capacity(statements.len());
@@ -509,7 +550,11 @@ pub fn load(
     env: &WriteEnv,
     rerun: &Rerun,
 ) -> Result<Value, Stop> {
-    if let Some(error) = rerun.skipped.get(&(request, 0)) {
+    if let Some(error) = rerun
+        .skipped
+        .get(&(request, 0))
+        .or_else(|| rerun.dropped.get(&request))
+    {
         return Ok(json!({ "error": error }));
     }
     db.start_write(env)?;
@@ -1055,6 +1100,41 @@ mod tests {
         assert_eq!(db.count("t"), 2);
     }
 
+    /// A step that reads a large value costs its bytes: a few steps over
+    /// megabytes no longer slip under a budget of millions (attacker
+    /// finding B7).
+    #[test]
+    fn a_write_pays_for_the_bytes_its_searches_read() {
+        let mut db = Db::new("CREATE TABLE z (v)");
+        db.budget = 1_000_000;
+        let r = db.exec(
+            r#"["WITH RECURSIVE s(i, x) AS (SELECT 1, hex(zeroblob(50000)) UNION ALL SELECT i + 1, x FROM s WHERE i < 1000) INSERT INTO z SELECT count(*) FROM s WHERE length(replace(x, '0', '1')) > 0", "INSERT INTO z VALUES (7)"]"#,
+            false,
+        );
+        assert!(error_of(&r[0]).contains("budget"), "{r:?}");
+        assert!(r[1].get("error").is_none(), "{r:?}");
+        assert_eq!(db.count("z"), 1);
+    }
+
+    /// A read's deadline holds when each step is long: the few steps of a
+    /// search over large values never reached a check every thousand
+    /// (attacker finding B9).
+    #[test]
+    fn a_read_of_few_long_steps_stops_at_its_deadline() {
+        let reader =
+            Guarded::reader(Connection::open_in_memory().unwrap(), Arc::default()).unwrap();
+        let slow = parse_statements(
+            br#"["WITH RECURSIVE s(i, x) AS (SELECT 1, hex(zeroblob(500000)) UNION ALL SELECT i + 1, x FROM s WHERE i < 400) SELECT count(*) FROM s WHERE length(replace(x, '0', '1')) > 0"]"#,
+        )
+        .unwrap();
+        let limits = ReadLimits {
+            deadline: Instant::now() + std::time::Duration::from_millis(100),
+            max_bytes: 1024,
+        };
+        let r = query(&reader, &slow, &ExecOptions::default(), limits);
+        assert!(error_of(&r[0]).contains("time limit"), "{r:?}");
+    }
+
     #[test]
     fn a_read_stops_at_its_deadline_and_its_size_limit() {
         let db = Db::new("");
@@ -1124,6 +1204,93 @@ mod tests {
     /// One statement can store the last rowid, make SQLite draw a random
     /// rowid for another row, and delete the last rowid again, all before
     /// it ends: no check after the statement would see it.
+    /// The clock may not stand in an index or a generated column: an
+    /// index on `julianday('now')` held keys no later entry could find,
+    /// and every node stopped on a corrupt index (attacker finding B1). A
+    /// CHECK may read it: it is evaluated as a row is written, with the
+    /// entry's moment, the same on every node, and nothing keeps it.
+    #[test]
+    fn the_clock_stays_out_of_indexes_and_generated_columns() {
+        let mut db = Db::new("CREATE TABLE g (a)");
+        let r = db.exec(
+            r#"["CREATE INDEX gi ON g (julianday('now'))", "CREATE TABLE g2 (a, b AS (julianday('now')))", "CREATE INDEX gc ON g (current_timestamp)", "CREATE INDEX gp ON g (a) WHERE a < unixepoch('subsec')"]"#,
+            false,
+        );
+        for (i, result) in r.iter().enumerate() {
+            assert!(error_of(result).contains("non-deterministic"), "{i}: {r:?}");
+        }
+        let r = db.exec(
+            r#"["INSERT INTO g VALUES (1)", "DELETE FROM g WHERE a = 1", "CREATE TABLE g3 (a CHECK (a < unixepoch('subsec')))", "INSERT INTO g3 VALUES (1)"]"#,
+            false,
+        );
+        assert!(r.iter().all(|x| x.get("error").is_none()), "{r:?}");
+    }
+
+    /// `'subsec'` as the time value reads the clock too (attacker finding
+    /// B2): it gets the entry's moment, with milliseconds.
+    #[test]
+    fn subsec_reads_the_moment_not_the_clock() {
+        let mut db = Db::new("CREATE TABLE t (v, w, x, y)");
+        db.exec(
+            r#"["INSERT INTO t VALUES (unixepoch('subsec'), datetime('SUBSECOND'), strftime('%f', 'subsec'), timediff('subsec', '1970-01-01'))"]"#,
+            false,
+        );
+        let rows = db.query(r#"["SELECT v, w, x, y FROM t"]"#);
+        // The moment of the entry: 1_700_000_000_000 ms (see Db::batch).
+        assert_eq!(
+            rows[0]["values"],
+            json!([[
+                1_700_000_000.0,
+                "2023-11-14 22:13:20.000",
+                "20.000",
+                "+0053-10-13 22:13:20.000"
+            ]]),
+            "{rows:?}"
+        );
+    }
+
+    /// Each statement that ends the transaction costs a run of the whole
+    /// entry; a request of many such statements is dropped whole after a
+    /// few, instead of costing runs in proportion to the square of its
+    /// length (attacker finding B8). Its neighbours in the entry commit.
+    #[test]
+    fn a_request_that_keeps_ending_the_transaction_is_dropped_whole() {
+        let mut db = Db::new("CREATE TABLE cu (k UNIQUE)");
+        db.exec(r#"["INSERT INTO cu VALUES (1)"]"#, false);
+        let many: Vec<&str> = (0..400)
+            .map(|_| "INSERT OR ROLLBACK INTO cu (k) VALUES (1)")
+            .collect();
+        let many = serde_json::to_string(&many).unwrap();
+        let r = db.batch(&[
+            (r#"["INSERT INTO cu VALUES (2)"]"#, false),
+            (&many, false),
+            (r#"["INSERT INTO cu VALUES (3)"]"#, false),
+        ]);
+        assert!(r[0][0].get("error").is_none(), "{:?}", r[0]);
+        assert_eq!(r[1].len(), 400);
+        assert!(
+            r[1].iter().all(|x| error_of(x).contains("not applied")),
+            "{:?}",
+            &r[1][..2]
+        );
+        assert!(r[2][0].get("error").is_none(), "{:?}", r[2]);
+        assert_eq!(db.count("cu"), 3);
+    }
+
+    /// What a connection has registered differs between a node that
+    /// restarted and one that did not (attacker finding B6).
+    #[test]
+    fn a_write_cannot_read_what_the_connection_registered() {
+        let mut db = Db::new("CREATE TABLE t (v)");
+        let r = db.exec(
+            r#"["INSERT INTO t SELECT count(*) FROM pragma_module_list", "INSERT INTO t SELECT count(*) FROM pragma_function_list", "INSERT INTO t SELECT count(*) FROM pragma_table_list"]"#,
+            false,
+        );
+        assert!(error_of(&r[0]).contains("module_list"), "{r:?}");
+        assert!(error_of(&r[1]).contains("function_list"), "{r:?}");
+        assert!(r[2].get("error").is_none(), "{r:?}");
+    }
+
     #[test]
     fn the_last_rowid_is_refused_even_when_the_statement_removes_it_again() {
         let mut db = Db::new("CREATE TABLE t (a)");

@@ -40,6 +40,21 @@ pub const MAX_VALUE_BYTES: i32 = 16 * 1024 * 1024;
 /// The longest LIKE or GLOB pattern (SQLite's default is 50,000): a match
 /// costs up to the value's length times the pattern's, in one VM step.
 pub const MAX_PATTERN_BYTES: i32 = 100;
+/// VM steps between two looks at a read's deadline: a read has no
+/// budget to keep in step with other nodes, and some steps are long (a
+/// function over a 16 MiB value), so it looks often.
+pub const READ_STEPS_PER_CHECK: u64 = 64;
+
+/// How often a connection's progress handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Every {
+    /// Every [`STEPS_PER_CHECK`] steps: the write budget's granularity,
+    /// the same on every node.
+    Budget,
+    /// Every [`READ_STEPS_PER_CHECK`] steps: reads.
+    Deadline,
+}
+
 /// Default VM steps one write request may take (about a second on this
 /// machine's cores): a runaway write fails the same way on every node.
 pub const DEFAULT_WRITE_BUDGET: u64 = 100_000_000;
@@ -95,7 +110,7 @@ const WRITE_PRAGMAS: [&str; 2] = ["user_version", "application_id"];
 const WRITE_READ_PRAGMAS: [&str; 2] = ["data_version", "page_size"];
 /// Pragmas that only describe the schema or check it: allowed everywhere
 /// (`compile_options` in reads only: it describes the build).
-const INTROSPECTION_PRAGMAS: [&str; 14] = [
+const INTROSPECTION_PRAGMAS: [&str; 12] = [
     "table_info",
     "table_xinfo",
     "table_list",
@@ -107,15 +122,18 @@ const INTROSPECTION_PRAGMAS: [&str; 14] = [
     "integrity_check",
     "quick_check",
     "collation_list",
-    "function_list",
-    "module_list",
     "pragma_list",
 ];
 /// Settings a read may look at (without a value: setting one would
 /// change a pooled connection for whoever uses it next). ORMs read some
 /// of them on connecting (SQLAlchemy's SQLite dialect asks for
 /// `read_uncommitted`).
-const READ_PRAGMAS: [&str; 38] = [
+const READ_PRAGMAS: [&str; 40] = [
+    // What one connection has registered: the apply connection registers
+    // the `pragma_*` tables as they are first used, so the lists differ
+    // between a node that restarted and one that did not (reads only).
+    "function_list",
+    "module_list",
     "read_uncommitted",
     "cache_size",
     "synchronous",
@@ -399,6 +417,26 @@ pub fn policy_in(
     }
 }
 
+/// Actions after which a connection's query planner may hold statistics
+/// a freshly opened one would not (ANALYZE, even rolled back, leaves its
+/// figures loaded; a dropped or renamed index or table leaves rows in
+/// `sqlite_stat1` that only a fresh connection reads).
+fn changes_the_planner(action: &AuthAction<'_>) -> bool {
+    use AuthAction as A;
+    matches!(
+        action,
+        A::Analyze { .. }
+            | A::CreateIndex { .. }
+            | A::DropIndex { .. }
+            | A::CreateTable { .. }
+            | A::DropTable { .. }
+            | A::AlterTable { .. }
+            | A::Reindex { .. }
+            | A::CreateVtable { .. }
+            | A::DropVtable { .. }
+    )
+}
+
 pub fn node_function_error(name: &str) -> String {
     format!(
         "{name}() is not allowed here: its value depends on the node (its connection or build), so replicas would differ"
@@ -419,6 +457,10 @@ struct State {
     /// The statement drops a table or an index (whose statistics SQLite
     /// then deletes).
     dropping: bool,
+    /// A client's statement changed the schema or ran ANALYZE since the
+    /// last look: the query planner's statistics in this connection's
+    /// memory may no longer be what a fresh connection would read.
+    planner_touched: bool,
     /// Progress-handler calls left for this request (writes).
     checks_left: Option<u64>,
     budget: u64,
@@ -441,7 +483,11 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 impl Guard {
     /// Installs the authorizer, the progress handler and the limits on
     /// `conn`. `shutdown` set stops whatever runs on it.
-    pub fn install(conn: &Connection, shutdown: Arc<AtomicBool>) -> rusqlite::Result<Guard> {
+    pub fn install(
+        conn: &Connection,
+        shutdown: Arc<AtomicBool>,
+        every: Every,
+    ) -> rusqlite::Result<Guard> {
         let state = Arc::new(Mutex::new(State {
             mode: Mode::Internal,
             refusal: None,
@@ -449,6 +495,7 @@ impl Guard {
             transaction_control: None,
             no_op: false,
             dropping: false,
+            planner_touched: false,
             checks_left: None,
             budget: 0,
             deadline: None,
@@ -464,6 +511,9 @@ impl Guard {
                     | AuthAction::DropVtable { .. }
             ) {
                 s.dropping = true;
+            }
+            if matches!(s.mode, Mode::Write | Mode::Load) && changes_the_planner(&ctx.action) {
+                s.planner_touched = true;
             }
             match policy_in(s.mode, &ctx.action, ctx.database_name, s.dropping) {
                 Ok(Noted::Nothing) => Authorization::Allow,
@@ -497,7 +547,10 @@ impl Guard {
         let hooked = state.clone();
         let stop = shutdown.clone();
         conn.progress_handler(
-            STEPS_PER_CHECK as i32,
+            match every {
+                Every::Budget => STEPS_PER_CHECK as i32,
+                Every::Deadline => READ_STEPS_PER_CHECK as i32,
+            },
             Some(move || {
                 let mut s = lock(&hooked);
                 if stop.load(Ordering::Relaxed) {
@@ -528,7 +581,24 @@ impl Guard {
         // No SQL may write the file's structures directly (writable
         // schema, shadow tables of FTS and R*Tree).
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
-        crate::bounded::install(conn)?;
+        let charged = state.clone();
+        let charge: crate::bounded::Charge = Arc::new(move |bytes: usize| {
+            let mut s = lock(&charged);
+            if matches!(s.mode, Mode::Write | Mode::Load) {
+                let checks = (bytes / crate::bounded::BYTES_PER_STEP) as u64 / STEPS_PER_CHECK;
+                if let Some(left) = s.checks_left.as_mut() {
+                    // Spent: the next check (within a thousand steps, the
+                    // same on every node) stops the statement.
+                    *left = left.saturating_sub(checks);
+                }
+            }
+            if s.deadline.is_some_and(|d| Instant::now() >= d) {
+                s.tripped = Some(Tripped::Deadline);
+                return Err("the read ran past its time limit".into());
+            }
+            Ok(())
+        });
+        crate::bounded::install(conn, charge)?;
         Ok(Guard { state, shutdown })
     }
 
@@ -573,6 +643,12 @@ impl Guard {
     /// Why the last statement was refused while being prepared, if it was.
     pub fn refusal(&self) -> Option<String> {
         lock(&self.state).refusal.clone()
+    }
+
+    /// Whether a client's statement prepared since the last call changed
+    /// the schema or ran ANALYZE.
+    pub fn take_planner_touched(&self) -> bool {
+        std::mem::take(&mut lock(&self.state).planner_touched)
     }
 
     pub fn take_writes(&self) -> BTreeSet<String> {

@@ -68,6 +68,9 @@ pub fn applied_state(conn: &Connection) -> rusqlite::Result<AppliedState> {
 
 pub struct StateMachine {
     db: Guarded,
+    /// Where the file is, to open it afresh (`None`: in memory).
+    path: Option<std::path::PathBuf>,
+    shutdown: Arc<AtomicBool>,
 }
 
 /// Why an entry could not be applied: the node's fault (its disk, its
@@ -90,7 +93,9 @@ impl StateMachine {
         )?;
         conn.execute_batch(META)?;
         Ok(StateMachine {
-            db: Guarded::writer(conn, shutdown)?,
+            db: Guarded::writer(conn, shutdown.clone())?,
+            path: Some(path.to_path_buf()),
+            shutdown,
         })
     }
 
@@ -99,7 +104,28 @@ impl StateMachine {
         conn.execute_batch(META)?;
         Ok(StateMachine {
             db: Guarded::writer(conn, Arc::default())?,
+            path: None,
+            shutdown: Arc::default(),
         })
+    }
+
+    /// Opens the file again on a new connection: one whose query planner
+    /// knows only what the file says, as a node that restarts or installs
+    /// a snapshot knows it.
+    ///
+    /// Invariant: at every entry boundary the apply connection plans as a
+    /// freshly opened one would. SQLite keeps ANALYZE's figures in memory
+    /// even when the ANALYZE is rolled back, and reads leftover
+    /// `sqlite_stat1` rows of a dropped or renamed index only when a
+    /// connection loads the schema; a plan decides the order rows are
+    /// visited (and so rowids, and random values per row) and the steps a
+    /// statement takes (and so its budget's verdict). After any entry that
+    /// changed the schema or ran ANALYZE, the connection is replaced.
+    fn reopen(&mut self) -> rusqlite::Result<()> {
+        if let Some(path) = self.path.clone() {
+            *self = StateMachine::open(&path, self.shutdown.clone())?;
+        }
+        Ok(())
     }
 
     /// The last entry whose effects are in the file.
@@ -166,7 +192,12 @@ impl StateMachine {
                         .record(at, membership)
                         .and_then(|()| self.db.conn.execute_batch("COMMIT"));
                     match recorded {
-                        Ok(()) => return Ok(out),
+                        Ok(()) => {
+                            if self.db.guard.take_planner_touched() {
+                                self.reopen()?;
+                            }
+                            return Ok(out);
+                        }
                         Err(e)
                             if !rerun.check_deferred
                                 && e.sqlite_error_code()
@@ -190,7 +221,7 @@ impl StateMachine {
                         error = %ended.error,
                         "a statement ended the apply transaction; running the entry again without it"
                     );
-                    rerun.skipped.insert(ended.position, ended.error);
+                    rerun.after(ended);
                 }
                 Err(Stop::Fault(fault)) => {
                     self.roll_back();
@@ -237,7 +268,8 @@ impl StateMachine {
             rusqlite::MAIN_DB,
             from,
             None::<fn(rusqlite::backup::Progress)>,
-        )
+        )?;
+        self.reopen()
     }
 
     /// Whether the statements only read, by SQLite's account.
@@ -281,6 +313,96 @@ mod tests {
 
     fn stmts(body: &str) -> Vec<Statement> {
         parse_statements(body.as_bytes()).unwrap()
+    }
+
+    /// Two nodes on files: `running` applies every entry on one
+    /// connection; `restarted` is opened again just before the last entry.
+    /// Both must answer it alike and end with the same rows.
+    fn a_restart_changes_nothing(setup: &[(&str, bool)], last: &str, check: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let open =
+            |name: &str| StateMachine::open(&dir.path().join(name), Default::default()).unwrap();
+        let (mut running, mut restarted) = (open("a.sqlite"), open("b.sqlite"));
+        let apply = |sm: &mut StateMachine, index: u64, body: &str, transaction: bool| {
+            let opts = ExecOptions {
+                transaction,
+                ..Default::default()
+            };
+            let at = Applied {
+                term: 1,
+                leader: 1,
+                index,
+            };
+            sm.apply(at, &stmts(body), &opts, &WriteEnv::default())
+                .unwrap()
+                .unwrap()
+        };
+        for (i, (body, transaction)) in setup.iter().enumerate() {
+            let a = apply(&mut running, i as u64 + 1, body, *transaction);
+            let b = apply(&mut restarted, i as u64 + 1, body, *transaction);
+            assert_eq!(a, b, "{body}");
+        }
+        drop(restarted);
+        let mut restarted = open("b.sqlite");
+        let index = setup.len() as u64 + 1;
+        let a = apply(&mut running, index, last, false);
+        let b = apply(&mut restarted, index, last, false);
+        assert_eq!(a, b, "the answers of {last}");
+        let (a, b) = (
+            running.query(&stmts(check), &ExecOptions::default()),
+            restarted.query(&stmts(check), &ExecOptions::default()),
+        );
+        assert_eq!(a, b, "the rows after {last}");
+    }
+
+    /// SQLite keeps a rolled-back ANALYZE's figures in the connection's
+    /// memory: the running node planned with statistics no file held, and
+    /// visited rows in another order than a restarted one (attacker
+    /// finding B3).
+    #[test]
+    fn a_rolled_back_analyze_plans_as_a_fresh_connection_would() {
+        a_restart_changes_nothing(
+            &[
+                (
+                    r#"["CREATE TABLE s1 (id INTEGER PRIMARY KEY, a, b, x, y)", "CREATE INDEX i1 ON s1 (a, x)", "CREATE INDEX i2 ON s1 (b, y)", "CREATE TABLE out (id INTEGER PRIMARY KEY, v)"]"#,
+                    false,
+                ),
+                (
+                    r#"["WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < 1999) INSERT INTO s1 SELECT i, CASE WHEN i % 100 = 0 THEN 1 ELSE i END, 1, (i * 7) % 2000, 2000 - i FROM s"]"#,
+                    false,
+                ),
+                (r#"["ANALYZE"]"#, false),
+                (
+                    r#"["UPDATE s1 SET a = 1, b = CASE WHEN id % 100 = 0 THEN 1 ELSE id END"]"#,
+                    false,
+                ),
+                (r#"["ANALYZE", "INSERT INTO nosuch VALUES (1)"]"#, true),
+            ],
+            r#"["INSERT INTO out (v) SELECT id FROM s1 WHERE a = 1 AND b = 1"]"#,
+            r#"["SELECT id, v FROM out ORDER BY id"]"#,
+        );
+    }
+
+    /// Rows of `sqlite_stat1` a dropped index leaves are read by a fresh
+    /// connection only (attacker finding B4).
+    #[test]
+    fn statistics_left_by_a_dropped_index_are_read_alike() {
+        a_restart_changes_nothing(
+            &[
+                (
+                    r#"["CREATE TABLE t (a, c)", "CREATE INDEX ta ON t (a)", "CREATE TABLE w (b, d)", "CREATE TABLE o (id INTEGER PRIMARY KEY, a, d)"]"#,
+                    false,
+                ),
+                (
+                    r#"["WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 10) INSERT INTO t SELECT i, i FROM s", "WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < 1999) INSERT INTO w SELECT (i * 7) % 2000, i FROM s"]"#,
+                    false,
+                ),
+                (r#"["ANALYZE"]"#, false),
+                (r#"["DROP INDEX ta"]"#, false),
+            ],
+            r#"["INSERT INTO o (a, d) SELECT t.a, w.d FROM t, w WHERE w.b = t.c"]"#,
+            r#"["SELECT id, a, d FROM o ORDER BY id"]"#,
+        );
     }
 
     #[test]
