@@ -4,6 +4,7 @@
 mod chaos;
 mod db;
 mod dns;
+mod lab;
 mod lb;
 mod web;
 
@@ -52,6 +53,8 @@ enum Command {
     Web(Box<web::WebArgs>),
     /// Run a database node: SQLite replicated with Raft behind rqlite's HTTP API (leader, voter or read replica).
     Db(Box<db::DbArgs>),
+    /// Control a running lab (`scaleout up`): status, kill, stop, pause, resume, restart.
+    Lab(lab::LabArgs),
 }
 
 #[derive(clap::Args)]
@@ -72,6 +75,10 @@ struct UpArgs {
     /// made for the lab in <data>/stageN/tls.
     #[arg(long)]
     tls: bool,
+    /// Where the lab's dashboard and its API listen (stages 2-5); port 0
+    /// picks a free one, printed at start.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    dashboard: std::net::SocketAddr,
 }
 
 fn main() -> std::process::ExitCode {
@@ -128,6 +135,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 port_base: args.port_base,
                 host: args.host,
                 tls: args.tls,
+                dashboard: args.dashboard,
             };
             scaleout_lab::up(config, shutdown)
                 .await
@@ -137,6 +145,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Db(args) => db::run(*args, shutdown).await.context("scaleout db"),
         Command::Web(args) => web::run(*args, shutdown).await.context("scaleout web"),
         Command::Chaos(args) => chaos::run(*args, shutdown).await,
+        Command::Lab(args) => lab::run(args).await,
         // Settled (and run) by start(), which sizes the runtime first.
         Command::Lb(_) => anyhow::bail!("scaleout lb is started by start()"),
     }

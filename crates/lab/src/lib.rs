@@ -15,6 +15,7 @@
 //!   answering `www.scaleout.test` with the healthy ones.
 
 pub mod chaos;
+pub mod control;
 pub mod linear;
 pub mod netns;
 pub mod procs;
@@ -62,6 +63,9 @@ pub struct UpConfig {
     pub host: IpAddr,
     /// Every hop over TLS, with a CA made for the lab (`<data>/stageN/tls`).
     pub tls: bool,
+    /// Where the dashboard and its API listen (stages 2-5); port 0 picks
+    /// one. Loopback unless told otherwise.
+    pub dashboard: SocketAddr,
 }
 
 impl Default for UpConfig {
@@ -72,6 +76,7 @@ impl Default for UpConfig {
             port_base: 8080,
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             tls: false,
+            dashboard: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
         }
     }
 }
@@ -538,26 +543,57 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
         let site_url = procs.last().map(procs::Proc::url).unwrap_or_default();
         println!("open {site_url}/ in a browser; Ctrl-C stops everything");
     }
-    // Supervise: report children that die (kill one to watch failover).
-    let mut reported = vec![false; procs.len()];
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-        }
-        for (p, seen) in procs.iter_mut().zip(reported.iter_mut()) {
-            if !*seen {
-                if let Some(status) = p.exited() {
-                    *seen = true;
-                    println!("{} exited ({status}); the rest keep running", p.name);
-                }
+    let site_url = match procs.iter().find(|p| p.name.starts_with("lb")) {
+        Some(lb) => lb.url().to_string(),
+        None => procs
+            .last()
+            .map(procs::Proc::url)
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let listener = match TcpListener::bind(config.dashboard).await {
+        Ok(l) => l,
+        Err(source) => {
+            for p in procs.into_iter().rev() {
+                p.stop().await;
             }
+            return Err(Error::Bind {
+                addr: config.dashboard,
+                source,
+            });
         }
+    };
+    let dashboard = listener.local_addr().map_err(|source| Error::Bind {
+        addr: config.dashboard,
+        source,
+    })?;
+    let lab = control::Lab::new(config.stage, plan.title, &site_url, procs).map_err(|e| {
+        Error::Spawn {
+            name: "lab".into(),
+            reason: format!("building an HTTP client: {e}"),
+        }
+    })?;
+    let url = format!("http://{dashboard}/");
+    // `scaleout lab` finds the running lab of this data directory here.
+    if let Err(e) = std::fs::write(lab_url_file(&config.data_dir), &url) {
+        tracing::warn!(error = %e, "could not note the dashboard's URL for `scaleout lab`");
     }
-    for p in procs.into_iter().rev() {
-        p.stop().await;
-    }
+    println!("dashboard: {url}");
+    // Supervise: the watcher records what happens (kill one to watch
+    // failover), the dashboard shows it and takes controls.
+    let watcher = tokio::spawn(lab.clone().watch(shutdown.clone()));
+    let server = tokio::spawn(control::serve(lab.clone(), listener, shutdown.clone()));
+    shutdown.cancelled().await;
+    let _ = watcher.await;
+    let _ = server.await;
+    lab.stop_all().await;
+    let _ = std::fs::remove_file(lab_url_file(&config.data_dir));
     Ok(())
+}
+
+/// Where a running lab notes its dashboard's URL (`DATA/lab-url`).
+pub fn lab_url_file(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("lab-url")
 }
 
 /// The seed's first stage: "the web app, the database and a cache can all

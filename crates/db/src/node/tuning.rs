@@ -17,24 +17,28 @@ pub fn raft_config(
     snapshot_threshold: u64,
 ) -> Result<openraft::Config, openraft::ConfigError> {
     // openraft 0.9 makes a follower that knew a leader wait out a lease of
-    // `election_timeout_max` and then a random timeout between min and max
-    // before it stands: 3-4 T after the last heartbeat. Tried: min = T/2,
-    // max = 3T/4 (1.25-1.5 T); failover then took 0.8-1.1 s when it went
-    // well, but 5-7 s or more in 4 of 10 leader kills under the chaos load
-    // on 2 cores (elections that kept failing), against a steady 1.8-4.2 s
-    // with these values.
+    // `election_timeout_max` and then its own election timeout (drawn once
+    // per process between min and max) before it stands. With min = T/2
+    // and max = T that is 1.5-2 T after the last heartbeat: 750-1000 ms at
+    // the default T = 500 ms. Measured with `scaleout chaos --faults
+    // kill-leader` (debug build, 8 kills): creates back after 0.98-2.3 s,
+    // median 1.1 s, against 1.8-3.7 s (median 2.7 s) with min = T and
+    // max = 2 T (3-4 T). Tried before that: min = T/2, max = 3T/4, which
+    // took 5-7 s in 4 of 10 kills (elections that kept failing: the two
+    // followers' timeouts fell too close together).
     let election = election_timeout.as_millis() as u64;
     openraft::Config {
         cluster_name: "scaleout".into(),
         // openraft 0.9 gives every AppendEntries (a heartbeat or a payload
         // of entries) the heartbeat interval to complete, and sends the
         // same payload again when it does not: a payload that cannot cross
-        // in time is never replicated. Two fifths of the election timeout
-        // leaves a follower two heartbeats before it may stand, and a
-        // payload 200 ms (by default) to be sent, parsed and fsynced.
-        heartbeat_interval: (election * 2 / 5).max(20),
-        election_timeout_min: election,
-        election_timeout_max: election * 2,
+        // in time is never replicated. A fifth of the election timeout leaves
+        // a follower several heartbeats before it may stand, and a
+        // payload 100 ms (by default) to be sent, parsed and fsynced (a
+        // payload that takes longer goes on: `raft/network.rs`).
+        heartbeat_interval: (election / 5).max(20),
+        election_timeout_min: election / 2,
+        election_timeout_max: election,
         install_snapshot_timeout: 10_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_threshold),
         max_in_snapshot_log_to_keep: (snapshot_threshold / 2).min(1000),

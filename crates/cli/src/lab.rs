@@ -1,0 +1,144 @@
+//! `scaleout lab`: the running lab's controls from a terminal, through the
+//! dashboard's API (the same the buttons use).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+#[derive(clap::Args)]
+pub struct LabArgs {
+    #[command(subcommand)]
+    command: LabCommand,
+    /// The lab's dashboard URL; by default the lab running on `--data`.
+    #[arg(long, global = true)]
+    lab: Option<String>,
+    /// The data directory of the lab to control (`scaleout up --data`).
+    #[arg(long, global = true, default_value = "scaleout-data")]
+    data: PathBuf,
+}
+
+#[derive(clap::Subcommand)]
+enum LabCommand {
+    /// Every process: role, pid, state, and for database nodes leader,
+    /// voter or replica; then the timeline's last events.
+    Status {
+        /// The state as JSON (`GET /api/state`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// SIGKILL a process (the seed's "server 1 fails").
+    Kill { name: String },
+    /// SIGTERM a process: it drains and exits.
+    Stop { name: String },
+    /// SIGSTOP a process (it hangs: no answers, no exit).
+    Pause { name: String },
+    /// SIGCONT a paused process.
+    Resume { name: String },
+    /// Start a process again with the same arguments.
+    Restart { name: String },
+}
+
+pub async fn run(args: LabArgs) -> anyhow::Result<()> {
+    let url = match args.lab {
+        Some(url) => url,
+        None => {
+            let file = scaleout_lab::lab_url_file(&args.data);
+            std::fs::read_to_string(&file)
+                .with_context(|| {
+                    format!(
+                        "no lab is running on {} (no {}): start one with `scaleout up`, or give --lab URL",
+                        args.data.display(),
+                        file.display()
+                    )
+                })?
+                .trim()
+                .to_string()
+        }
+    };
+    let url = url.trim_end_matches('/').to_string();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(90))
+        .build()
+        .context("building an HTTP client")?;
+    let (name, control) = match args.command {
+        LabCommand::Status { json } => return status(&http, &url, json).await,
+        LabCommand::Kill { name } => (name, "kill"),
+        LabCommand::Stop { name } => (name, "stop"),
+        LabCommand::Pause { name } => (name, "pause"),
+        LabCommand::Resume { name } => (name, "resume"),
+        LabCommand::Restart { name } => (name, "restart"),
+    };
+    let answer = http
+        .post(format!("{url}/api/procs/{name}/{control}"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .with_context(|| format!("the lab at {url} did not answer"))?;
+    let ok = answer.status().is_success();
+    let body: serde_json::Value = answer.json().await.unwrap_or_default();
+    if !ok {
+        bail!("{}", body["error"].as_str().unwrap_or("the lab refused"));
+    }
+    println!("{control}: {name}");
+    Ok(())
+}
+
+async fn status(http: &reqwest::Client, url: &str, json: bool) -> anyhow::Result<()> {
+    let state: serde_json::Value = http
+        .get(format!("{url}/api/state"))
+        .send()
+        .await
+        .with_context(|| format!("the lab at {url} did not answer"))?
+        .json()
+        .await
+        .context("the lab's state")?;
+    if json {
+        println!("{state}");
+        return Ok(());
+    }
+    println!(
+        "stage {}: {} (site {})",
+        state["stage"],
+        state["title"].as_str().unwrap_or(""),
+        state["site"].as_str().unwrap_or("")
+    );
+    for p in state["procs"].as_array().into_iter().flatten() {
+        let db = match &p["db"] {
+            serde_json::Value::Object(d) => format!(
+                "{} applied {}",
+                d.get("kind").and_then(|k| k.as_str()).unwrap_or("?"),
+                d.get("applied_index")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "  {:<6} {:<4} {:<8} pid {:<7} {:<26} {db}",
+            p["name"].as_str().unwrap_or("?"),
+            p["role"].as_str().unwrap_or("?"),
+            p["state"].as_str().unwrap_or("?"),
+            p["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
+            p["url"].as_str().unwrap_or("")
+        );
+    }
+    let events: serde_json::Value = http
+        .get(format!("{url}/api/timeline"))
+        .send()
+        .await?
+        .json()
+        .await
+        .unwrap_or_default();
+    let events = events.as_array().cloned().unwrap_or_default();
+    for e in events.iter().rev().take(10).rev() {
+        println!(
+            "  {} {} {} {}",
+            e["at_ms"],
+            e["name"].as_str().unwrap_or(""),
+            e["kind"].as_str().unwrap_or(""),
+            e["detail"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}

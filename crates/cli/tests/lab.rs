@@ -1,0 +1,222 @@
+//! The lab's control room as a user drives it: `scaleout up` prints its
+//! dashboard's URL; the API shows every process and who leads; killing
+//! the leader through `scaleout lab` shows on the timeline as the leader
+//! lost and another elected; the killed node comes back with `restart`;
+//! pause and resume; bad controls get a clear error; cross-site requests
+//! are refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{client, Proc, BIN};
+use serde_json::Value;
+
+/// Runs `scaleout lab ARGS` against the lab at `url`; its status and output.
+fn lab(url: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(BIN)
+        .arg("lab")
+        .args(args)
+        .args(["--lab", url])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+async fn state(url: &str) -> Value {
+    client()
+        .get(format!("{url}/api/state"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits (30 s at most) until the state satisfies `check`.
+async fn until(url: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = state(url).await;
+        if check(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn proc_of<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["procs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {s}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_stage_and_its_controls_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Proc::spawn(&[
+        "up",
+        "--stage",
+        "4",
+        "--port-base",
+        "0",
+        "--data",
+        dir.path().to_str().unwrap(),
+    ]);
+    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
+    let url = line
+        .trim()
+        .trim_start_matches("dashboard: ")
+        .trim_end_matches('/')
+        .to_string();
+
+    // The page is served from the binary, with no other request needed.
+    let page = client().get(format!("{url}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("EventSource(\"/api/events\")"),
+        "the page follows the events"
+    );
+
+    // Every process, and one leader among three voters and two replicas.
+    let s = until(&url, "a leader", |s| s["leader"].is_string()).await;
+    let procs = s["procs"].as_array().unwrap();
+    assert_eq!(procs.len(), 8, "{s}");
+    let kinds = |s: &Value, kind: &str| {
+        s["procs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["db"]["kind"] == kind)
+            .count()
+    };
+    let s = until(&url, "3 voters and 2 replicas seen", |s| {
+        kinds(s, "leader") == 1 && kinds(s, "voter") == 2 && kinds(s, "replica") == 2
+    })
+    .await;
+    let leader = s["leader"].as_str().unwrap().to_string();
+    assert!(
+        procs
+            .iter()
+            .all(|p| p["state"] == "up" && p["pid"].is_u64()),
+        "{s}"
+    );
+
+    // The same from a terminal, found through the data directory.
+    let status = std::process::Command::new(BIN)
+        .args(["lab", "status", "--data", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{printed}");
+    assert!(
+        printed.contains(&leader) && printed.contains("leader"),
+        "{printed}"
+    );
+
+    // Kill the leader: it exits, another is elected, the timeline says so.
+    let (ok, said) = lab(&url, &["kill", &leader]);
+    assert!(ok, "{said}");
+    let s = until(&url, "a new leader", |s| {
+        s["leader"].as_str().is_some_and(|l| l != leader)
+            && proc_of(s, &leader)["state"] == "exited"
+    })
+    .await;
+    let new_leader = s["leader"].as_str().unwrap().to_string();
+    let timeline: Vec<Value> = client()
+        .get(format!("{url}/api/timeline"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let at = |kind: &str, name: &str| {
+        timeline
+            .iter()
+            .find(|e| e["kind"] == kind && e["name"] == name)
+            .and_then(|e| e["at_ms"].as_u64())
+            .unwrap_or_else(|| panic!("no {kind} of {name} in {timeline:?}"))
+    };
+    let killed = at("exited", &leader);
+    let elected = at("leader_elected", &new_leader);
+    assert!(elected >= killed, "elected after the kill: {timeline:?}");
+
+    // Back with restart, as a voter that follows.
+    let (ok, said) = lab(&url, &["restart", &leader]);
+    assert!(ok, "{said}");
+    until(&url, "the old leader back as a voter", |s| {
+        let p = proc_of(s, &leader);
+        p["state"] == "up" && p["db"]["kind"] == "voter"
+    })
+    .await;
+
+    // Pause and resume a web server.
+    let (ok, said) = lab(&url, &["pause", "web-1"]);
+    assert!(ok, "{said}");
+    until(&url, "web-1 paused", |s| {
+        proc_of(s, "web-1")["state"] == "paused"
+    })
+    .await;
+    let (ok, said) = lab(&url, &["resume", "web-1"]);
+    assert!(ok, "{said}");
+    until(&url, "web-1 up", |s| proc_of(s, "web-1")["state"] == "up").await;
+
+    // Bad controls: a clear error, nothing done.
+    let (ok, said) = lab(&url, &["kill", "db-99"]);
+    assert!(!ok && said.contains("no process named"), "{said}");
+    let r = client()
+        .post(format!("{url}/api/procs/web-1/explode"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("the controls are"));
+    // A cross-site form post (no JSON content type) is refused.
+    let r = client()
+        .post(format!("{url}/api/procs/web-1/kill"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("x=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(state(&url).await["procs"][5]["state"], "up");
+
+    // The events stream starts with the state.
+    let mut events = client()
+        .get(format!("{url}/api/events"))
+        .send()
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), events.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let first = String::from_utf8_lossy(&first);
+    assert!(first.starts_with("event: state"), "{first}");
+    drop(events);
+
+    up.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(up.wait_exit(Duration::from_secs(60)).success());
+    assert!(
+        !scaleout_lab::lab_url_file(dir.path()).exists(),
+        "the lab forgets its URL when it stops"
+    );
+}

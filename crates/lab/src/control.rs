@@ -1,0 +1,551 @@
+//! The lab's control room: what `scaleout up` serves beside the topology
+//! it runs (issue 16, first part).
+//!
+//! - A watcher polls every process every half second: has it exited, is
+//!   it paused; each database node's `/status` (leader, follower, voter
+//!   or read replica, applied index). What changed becomes an [`Event`]
+//!   on the timeline (a process exited, was paused, resumed, restarted;
+//!   the leader was lost; a leader was elected), each with its time.
+//! - An HTTP API on `--dashboard` (loopback by default):
+//!   `GET /api/state` (every process: name, role, pid, URL, state, and
+//!   for database nodes their Raft role and applied index),
+//!   `GET /api/events` (server-sent events: `state` snapshots and
+//!   timeline `event`s as they happen), and
+//!   `POST /api/procs/{name}/{kill|stop|pause|resume|restart}`.
+//! - The dashboard page itself (`GET /`), embedded in the binary: the
+//!   seed's diagram drawn from the state, the timeline, and the buttons.
+//!
+//! Controls are POSTs with a JSON body and must name this listener in
+//! `Host`: a web page elsewhere cannot make a browser send them (a
+//! cross-site form cannot set the content type without a preflight this
+//! server never answers; a rebound DNS name fails the `Host` check).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::procs::Proc;
+
+/// How often the watcher looks.
+const EVERY: Duration = Duration::from_millis(500);
+/// Events the timeline keeps.
+const TIMELINE: usize = 500;
+
+/// What a process is doing, as the lab saw it last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Running {
+    Up,
+    Paused,
+    Exited,
+}
+
+/// One process, as `/api/state` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProcState {
+    pub name: String,
+    /// `db`, `web`, `lb` or `dns`.
+    pub role: String,
+    pub pid: Option<u32>,
+    pub url: String,
+    pub state: Running,
+    /// How it exited, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit: Option<String>,
+    /// A database node's view of itself, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db: Option<DbView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DbView {
+    /// `leader`, `voter` or `replica` (a voter that does not lead).
+    pub kind: String,
+    pub applied_index: u64,
+    pub term: u64,
+}
+
+/// The whole lab.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabState {
+    pub stage: u8,
+    pub title: String,
+    /// Where the site is.
+    pub site: String,
+    pub procs: Vec<ProcState>,
+    /// The database node that leads, when one does.
+    pub leader: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// One line of the timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    pub at_ms: u64,
+    /// `exited`, `paused`, `resumed`, `restarted`, `leader_lost`,
+    /// `leader_elected`, `control`.
+    pub kind: String,
+    pub name: String,
+    pub detail: String,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A process and what the lab knows of it.
+struct Member {
+    proc: Proc,
+    paused: bool,
+    exit: Option<String>,
+}
+
+/// The lab's processes, its state and timeline, shared by the watcher
+/// and the API.
+pub struct Lab {
+    members: Mutex<Vec<Member>>,
+    stage: u8,
+    title: String,
+    site: String,
+    state: watch::Sender<LabState>,
+    events: broadcast::Sender<Event>,
+    timeline: std::sync::Mutex<VecDeque<Event>>,
+    http: reqwest::Client,
+}
+
+/// A control a caller may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// SIGKILL.
+    Kill,
+    /// SIGTERM: the process drains and exits.
+    Stop,
+    /// SIGSTOP.
+    Pause,
+    /// SIGCONT.
+    Resume,
+    /// Started again with the same arguments (after it exited, or after a
+    /// SIGKILL first).
+    Restart,
+}
+
+impl std::str::FromStr for Control {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "kill" => Control::Kill,
+            "stop" => Control::Stop,
+            "pause" => Control::Pause,
+            "resume" => Control::Resume,
+            "restart" => Control::Restart,
+            other => {
+                return Err(format!(
+                    "{other:?}: the controls are kill, stop, pause, resume and restart"
+                ))
+            }
+        })
+    }
+}
+
+/// Why a control could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no process named {0:?} in this lab")]
+    NoSuchProcess(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{name} did not start again: {reason}")]
+    Restart { name: String, reason: String },
+}
+
+impl Lab {
+    pub fn new(
+        stage: u8,
+        title: &str,
+        site: &str,
+        procs: Vec<Proc>,
+    ) -> Result<Arc<Lab>, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(400))
+            .build()?;
+        let members: Vec<Member> = procs
+            .into_iter()
+            .map(|proc| Member {
+                proc,
+                paused: false,
+                exit: None,
+            })
+            .collect();
+        let first = LabState {
+            stage,
+            title: title.into(),
+            site: site.into(),
+            procs: Vec::new(),
+            leader: None,
+            at_ms: now_ms(),
+        };
+        let (state, _) = watch::channel(first);
+        let (events, _) = broadcast::channel(256);
+        Ok(Arc::new(Lab {
+            members: Mutex::new(members),
+            stage,
+            title: title.into(),
+            site: site.into(),
+            state,
+            events,
+            timeline: std::sync::Mutex::new(VecDeque::new()),
+            http,
+        }))
+    }
+
+    fn record(&self, kind: &str, name: &str, detail: String) {
+        let event = Event {
+            at_ms: now_ms(),
+            kind: kind.into(),
+            name: name.into(),
+            detail,
+        };
+        {
+            let mut t = self
+                .timeline
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if t.len() == TIMELINE {
+                t.pop_front();
+            }
+            t.push_back(event.clone());
+        }
+        // Nobody listening is fine.
+        let _ = self.events.send(event);
+    }
+
+    /// The timeline so far.
+    pub fn timeline(&self) -> Vec<Event> {
+        self.timeline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub fn state(&self) -> LabState {
+        self.state.borrow().clone()
+    }
+
+    /// One look at every process; records what changed.
+    async fn look(&self) {
+        let mut seen = Vec::new();
+        {
+            let mut members = self.members.lock().await;
+            for m in members.iter_mut() {
+                if m.exit.is_none() {
+                    if let Some(status) = m.proc.exited() {
+                        m.exit = Some(status.to_string());
+                        self.record("exited", &m.proc.name, status.to_string());
+                    }
+                }
+                let running = match (&m.exit, m.paused) {
+                    (Some(_), _) => Running::Exited,
+                    (None, true) => Running::Paused,
+                    (None, false) => Running::Up,
+                };
+                seen.push(ProcState {
+                    name: m.proc.name.clone(),
+                    role: m.proc.ready.role.clone(),
+                    pid: m.proc.pid(),
+                    url: m.proc.url().to_string(),
+                    state: running,
+                    exit: m.exit.clone(),
+                    db: None,
+                });
+            }
+        }
+        // Database nodes, asked at once (a paused or dead one times out).
+        let asks = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.role == "db" && p.state == Running::Up)
+            .map(|(i, p)| {
+                let http = self.http.clone();
+                let url = format!("{}/status", p.url);
+                async move {
+                    let status: Option<scaleout_wire::data::Status> =
+                        match http.get(url).send().await {
+                            Ok(r) => r.json().await.ok(),
+                            Err(_) => None,
+                        };
+                    (i, status)
+                }
+            })
+            .collect::<Vec<_>>();
+        for (i, status) in futures_util::future::join_all(asks).await {
+            if let Some(s) = status {
+                let raft = &s.store.raft;
+                let kind = if raft.state == "Leader" {
+                    "leader"
+                } else if raft.voter {
+                    "voter"
+                } else {
+                    "replica"
+                };
+                seen[i].db = Some(DbView {
+                    kind: kind.into(),
+                    applied_index: raft.applied_index,
+                    term: raft.term,
+                });
+            }
+        }
+        let leader = seen
+            .iter()
+            .find(|p| p.db.as_ref().is_some_and(|d| d.kind == "leader"))
+            .map(|p| p.name.clone());
+        let before = self.state.borrow().leader.clone();
+        let had_dbs = seen.iter().any(|p| p.role == "db");
+        if had_dbs && leader != before {
+            match (&before, &leader) {
+                (Some(old), None) => {
+                    self.record("leader_lost", old, "no database node leads".into())
+                }
+                (_, Some(new)) => {
+                    let term = seen
+                        .iter()
+                        .find(|p| &p.name == new)
+                        .and_then(|p| p.db.as_ref())
+                        .map_or(0, |d| d.term);
+                    self.record("leader_elected", new, format!("term {term}"));
+                }
+                (None, None) => {}
+            }
+        }
+        self.state.send_replace(LabState {
+            stage: self.stage,
+            title: self.title.clone(),
+            site: self.site.clone(),
+            procs: seen,
+            leader,
+            at_ms: now_ms(),
+        });
+    }
+
+    /// Watches until `shutdown`.
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            self.look().await;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(EVERY) => {}
+            }
+        }
+    }
+
+    /// Does `control` to process `name`.
+    pub async fn control(&self, name: &str, control: Control) -> Result<(), ControlError> {
+        let mut members = self.members.lock().await;
+        let m = members
+            .iter_mut()
+            .find(|m| m.proc.name == name)
+            .ok_or_else(|| ControlError::NoSuchProcess(name.into()))?;
+        let exited = m.exit.is_some();
+        match control {
+            Control::Kill | Control::Stop | Control::Pause | Control::Resume if exited => {
+                return Err(ControlError::Refused(format!(
+                    "{name} has exited; restart it"
+                )))
+            }
+            Control::Kill => m.proc.signal(Signal::SIGKILL),
+            Control::Stop => m.proc.signal(Signal::SIGTERM),
+            Control::Pause => {
+                m.proc.signal(Signal::SIGSTOP);
+                m.paused = true;
+            }
+            Control::Resume => {
+                m.proc.signal(Signal::SIGCONT);
+                m.paused = false;
+            }
+            Control::Restart => {
+                if m.paused {
+                    m.proc.signal(Signal::SIGCONT);
+                }
+                m.proc.restart().await.map_err(|e| ControlError::Restart {
+                    name: name.into(),
+                    reason: e.to_string(),
+                })?;
+                m.paused = false;
+                m.exit = None;
+            }
+        }
+        let (kind, detail) = match control {
+            Control::Kill => ("control", "SIGKILL sent".to_string()),
+            Control::Stop => ("control", "SIGTERM sent".to_string()),
+            Control::Pause => ("paused", "SIGSTOP sent".to_string()),
+            Control::Resume => ("resumed", "SIGCONT sent".to_string()),
+            Control::Restart => (
+                "restarted",
+                format!("pid {}", m.proc.pid().map_or("?".into(), |p| p.to_string())),
+            ),
+        };
+        self.record(kind, name, detail);
+        Ok(())
+    }
+
+    /// Stops every process, last started first.
+    pub async fn stop_all(&self) {
+        let members = std::mem::take(&mut *self.members.lock().await);
+        for m in members.into_iter().rev() {
+            if m.paused {
+                m.proc.signal(Signal::SIGCONT);
+            }
+            m.proc.stop().await;
+        }
+    }
+}
+
+/// The dashboard and its API on `listener` until `shutdown`.
+pub async fn serve(lab: Arc<Lab>, listener: TcpListener, shutdown: CancellationToken) {
+    let host = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/api/state", get(api_state))
+        .route("/api/timeline", get(api_timeline))
+        .route("/api/events", get(api_events))
+        .route("/api/procs/{name}/{control}", post(api_control))
+        .with_state(Api { lab, host });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "the dashboard stopped");
+    }
+}
+
+#[derive(Clone)]
+struct Api {
+    lab: Arc<Lab>,
+    /// This listener's `host:port`, the only `Host` controls may name.
+    host: String,
+}
+
+const PAGE: &str = include_str!("dashboard.html");
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn api_state(State(api): State<Api>) -> Json<LabState> {
+    Json(api.lab.state())
+}
+
+async fn api_timeline(State(api): State<Api>) -> Json<Vec<Event>> {
+    Json(api.lab.timeline())
+}
+
+fn refuse(status: StatusCode, error: String) -> Response {
+    (status, Json(serde_json::json!({ "error": error }))).into_response()
+}
+
+async fn api_control(
+    State(api): State<Api>,
+    Path((name, control)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let host_ok = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|h| h == api.host);
+    if !json || !host_ok {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "controls take Content-Type: application/json and Host: {} (no cross-site requests)",
+                api.host
+            ),
+        );
+    }
+    let control: Control = match control.parse() {
+        Ok(c) => c,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
+    };
+    match api.lab.control(&name, control).await {
+        Ok(()) => {
+            Json(serde_json::json!({ "done": control_name(control), "name": name })).into_response()
+        }
+        Err(e @ ControlError::NoSuchProcess(_)) => refuse(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ ControlError::Refused(_)) => refuse(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ ControlError::Restart { .. }) => {
+            refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    }
+}
+
+fn control_name(c: Control) -> &'static str {
+    match c {
+        Control::Kill => "kill",
+        Control::Stop => "stop",
+        Control::Pause => "pause",
+        Control::Resume => "resume",
+        Control::Restart => "restart",
+    }
+}
+
+/// Server-sent events: the state now and whenever it changes (`state`),
+/// and each timeline event as it happens (`event`).
+async fn api_events(State(api): State<Api>) -> impl IntoResponse {
+    let states = api.lab.state.subscribe();
+    let events = api.lab.events.subscribe();
+    let stream = futures_util::stream::unfold(
+        (states, events, true),
+        |(mut states, mut events, first)| async move {
+            if first {
+                let now = states.borrow_and_update().clone();
+                return Some((sse("state", &now), (states, events, false)));
+            }
+            tokio::select! {
+                changed = states.changed() => {
+                    changed.ok()?;
+                    let now = states.borrow_and_update().clone();
+                    Some((sse("state", &now), (states, events, false)))
+                }
+                event = events.recv() => match event {
+                    Ok(e) => Some((sse("event", &e), (states, events, false))),
+                    // A slow reader missed some: the timeline has them.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let now = states.borrow_and_update().clone();
+                        Some((sse("state", &now), (states, events, false)))
+                    }
+                    Err(broadcast::error::RecvError::Closed) => None,
+                },
+            }
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn sse<T: Serialize>(name: &str, value: &T) -> Result<SseEvent, std::convert::Infallible> {
+    Ok(SseEvent::default().event(name).data(
+        serde_json::to_string(value)
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string()),
+    ))
+}
