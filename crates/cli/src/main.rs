@@ -1,6 +1,7 @@
 //! `scaleout`: the one binary. Parses flags, sets up logging and the
 //! runtime, and calls the role's library entry point.
 
+mod bench;
 mod chaos;
 mod db;
 mod dns;
@@ -55,6 +56,8 @@ enum Command {
     Db(Box<db::DbArgs>),
     /// Control a running lab (`scaleout up`): status, kill, stop, pause, resume, restart.
     Lab(lab::LabArgs),
+    /// Load an HTTP server: fixed concurrency or a fixed rate, latencies in HDR histograms.
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[derive(clap::Args)]
@@ -146,6 +149,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Web(args) => web::run(*args, shutdown).await.context("scaleout web"),
         Command::Chaos(args) => chaos::run(*args, shutdown).await,
         Command::Lab(args) => lab::run(args).await,
+        Command::Bench(args) => bench::run(*args, shutdown).await,
         // Settled (and run) by start(), which sizes the runtime first.
         Command::Lb(_) => anyhow::bail!("scaleout lb is started by start()"),
     }

@@ -498,6 +498,9 @@ async fn differential_fuzz_of_hostile_sql_against_a_cluster() {
                 );
             }
             Ledger::Unknown => {}
+            Ledger::Unreadable => {
+                panic!("seed {seed}: ({c}, {s}) was answered 200 without readable results")
+            }
         }
     }
     eprintln!(
@@ -534,6 +537,19 @@ async fn a_replica_that_hears_no_leader_is_not_ready() {
     .await;
 }
 
+/// What a write may honestly be answered while two cores apply a large
+/// entry on three debug-built nodes: with the CPU that busy, a follower
+/// can miss heartbeats for longer than an election takes to start, and
+/// the cluster elects a leader again. Writes then get "no leader" (not
+/// done: try again) or "outcome unknown" (a leader stepped aside with
+/// them pending), never a wrong answer.
+fn honest(status: u16, answer: &Value) -> bool {
+    matches!(
+        (status, answer["code"].as_str()),
+        (503, Some("no_leader" | "not_leader")) | (504, Some("outcome_unknown"))
+    )
+}
+
 /// One request of 10,000 statements beside concurrent writers: it is
 /// applied, and the others' writes go on (a payload that could not cross
 /// within openraft's heartbeat interval was sent again forever).
@@ -564,10 +580,7 @@ async fn a_large_write_is_replicated_and_the_others_go_on() {
                 .await;
                 if status == 200 && errors(&answer).is_empty() {
                     ok += 1;
-                } else if status != 504 || answer["code"] != "outcome_unknown" {
-                    // A leader starved of CPU (two cores, tests beside)
-                    // may step aside with writes pending: an honest
-                    // answer, not a failure of the large write's.
+                } else if !honest(status, &answer) {
                     other.push(format!("{status} {answer}"));
                 }
             }
@@ -586,15 +599,23 @@ async fn a_large_write_is_replicated_and_the_others_go_on() {
             assert!(errors(&answer).is_empty(), "{answer}");
             break answer["raft_index"].as_u64().unwrap();
         }
-        // Outcome unknown (the leader stepped aside with it pending, as a
-        // CPU-starved leader may): it is all there or none of it, never
-        // part; sent again only if none.
-        assert_eq!(answer["code"], "outcome_unknown", "{status} {answer}");
-        let leader = common::db::leader_of(&nodes).await;
-        let (_, seen) = nodes[leader]
-            .query("SELECT count(*) FROM big", "level=strong")
-            .await;
-        let count = seen["results"][0]["values"][0][0].as_u64().unwrap();
+        // No leader for a moment, or the outcome unknown (a leader
+        // stepped aside with it pending): it is all there or none of it,
+        // never part; sent again only if none.
+        assert!(honest(status, &answer), "{status} {answer}");
+        // Asked through the log (strong), once a leader answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (count, seen) = loop {
+            let leader = common::db::leader_of(&nodes).await;
+            let (_, seen) = nodes[leader]
+                .query("SELECT count(*) FROM big", "level=strong")
+                .await;
+            if let Some(count) = seen["results"][0]["values"][0][0].as_u64() {
+                break (count, seen);
+            }
+            assert!(Instant::now() < deadline, "no strong read: {seen}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         assert!(
             count == 0 || count == 10000,
             "part of a write: {count} rows"

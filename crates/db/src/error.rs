@@ -29,6 +29,10 @@ pub enum NodeError {
     /// still be committed by the next leader, or never.
     #[error("the leader lost its quorum while the write was pending; its outcome is unknown")]
     OutcomeUnknown,
+    /// A request forwarded to the leader was lost after it was sent: the
+    /// leader may have done it.
+    #[error("{0}; its outcome is unknown")]
+    ForwardUnknown(String),
     /// Every read connection stayed busy for the read's whole time.
     #[error("{0}")]
     Busy(String),
@@ -44,7 +48,7 @@ impl NodeError {
             | NodeError::NotCaughtUp(_)
             | NodeError::Stale
             | NodeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            NodeError::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
+            NodeError::OutcomeUnknown | NodeError::ForwardUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
             NodeError::AheadOfLog { .. } => StatusCode::BAD_REQUEST,
             NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -60,7 +64,7 @@ impl NodeError {
             NodeError::NotCaughtUp(_) => ErrorCode::NotCaughtUp,
             NodeError::AheadOfLog { .. } => ErrorCode::MinIndexAheadOfLog,
             NodeError::Stale => ErrorCode::Stale,
-            NodeError::OutcomeUnknown => ErrorCode::OutcomeUnknown,
+            NodeError::OutcomeUnknown | NodeError::ForwardUnknown(_) => ErrorCode::OutcomeUnknown,
             NodeError::Busy(_) => ErrorCode::Busy,
             NodeError::Internal(_) => ErrorCode::Internal,
         }

@@ -455,16 +455,28 @@ impl Forward<'_> {
                         }
                         response
                     }
-                    Err(e) => error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("the leader did not finish its answer: {e}"),
-                    ),
+                    // The leader had started answering: whatever the
+                    // request was, it may have been done.
+                    Err(e) => NodeError::ForwardUnknown(format!(
+                        "the leader {} did not finish its answer: {e}",
+                        self.leader
+                    ))
+                    .into_response(),
                 }
             }
-            Err(e) => error(
+            // Not connected: the leader never saw it, so a retry is safe.
+            Err(e) if e.is_connect() => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("the leader {} could not be reached: {e}", self.leader),
             ),
+            // Sent (or partly sent) and then lost: the leader may have
+            // done it. A 503 here would invite a client to send a write
+            // again that may already be in (rqlite's clients retry 503s).
+            Err(e) => NodeError::ForwardUnknown(format!(
+                "the request to the leader {} failed after it was sent: {e}",
+                self.leader
+            ))
+            .into_response(),
         }
     }
 }
@@ -763,6 +775,54 @@ mod tests {
             .contains("no such table"));
         let (s, _) = call(&app, "DELETE", "/db/execute", "").await;
         assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    /// A request forwarded to the leader and lost after it was sent may
+    /// have been done there: 504 outcome unknown, never the 503 that
+    /// invites a client to send it again; one that never reached the
+    /// leader is a 503 (reviewer finding).
+    #[tokio::test]
+    async fn a_forward_lost_after_sending_is_outcome_unknown() {
+        // A "leader" that reads the request and hangs up without a word.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                drop(socket);
+            }
+        });
+        // A port nobody listens on.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let uri: Uri = "/db/execute".parse().unwrap();
+        let headers = HeaderMap::new();
+        let send = |leader: String| {
+            let (uri, headers) = (uri.clone(), headers.clone());
+            async move {
+                let forward = Forward {
+                    leader: &leader,
+                    method: Method::POST,
+                    uri: &uri,
+                    headers: &headers,
+                    body: Bytes::from_static(b"[\"INSERT INTO t VALUES (1)\"]"),
+                };
+                forward.send(&reqwest::Client::new(), false).await
+            }
+        };
+        let lost = send(format!("http://{gone}")).await;
+        assert_eq!(lost.status(), StatusCode::GATEWAY_TIMEOUT);
+        let body = axum::body::to_bytes(lost.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], "outcome_unknown", "{body}");
+        let refused = send(format!("http://{closed}")).await;
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
     /// `/db/request` asks SQLite which statements read: a mixed list goes

@@ -14,6 +14,7 @@
 //!   balancers on 127.0.0.2 and 127.0.0.3 (same port) and `scaleout dns`
 //!   answering `www.scaleout.test` with the healthy ones.
 
+pub mod bench;
 pub mod chaos;
 pub mod control;
 pub mod linear;
@@ -342,13 +343,10 @@ async fn wait_for_cluster(seed: &str, nodes: u64, tls: Option<&tls::LabTls>) -> 
             .send()
             .await;
         match answer {
-            Ok(r) => match r.json::<serde_json::Value>().await {
+            Ok(r) => match r.json::<scaleout_wire::data::Nodes>().await {
                 Ok(body) => {
-                    let listed = body["nodes"].as_array().cloned().unwrap_or_default();
-                    let reachable = listed
-                        .iter()
-                        .filter(|n| n["reachable"] == serde_json::json!(true))
-                        .count();
+                    let listed = body.nodes;
+                    let reachable = listed.iter().filter(|n| n.reachable).count();
                     if listed.len() as u64 == nodes && reachable as u64 == nodes {
                         return Ok(());
                     }

@@ -248,20 +248,69 @@ mod layering {
             let module = module.trim_end_matches(".rs").to_string();
             let text = std::fs::read_to_string(&file).unwrap();
             let code = text.split("#[cfg(test)]").next().unwrap();
+            let code: String = code
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join(" ");
             let deps = graph.entry(module.clone()).or_default();
-            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
-                for (at, _) in line.match_indices("crate::") {
-                    let name: String = line[at + 7..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                        .collect();
-                    if !name.is_empty() && name != module {
-                        deps.insert(name);
-                    }
+            for name in named_after(&code, "crate::") {
+                if name != module {
+                    deps.insert(name);
                 }
             }
         }
         graph
+    }
+
+    /// The first path segment of every path after `prefix`, groups
+    /// included: `crate::a::x`, `crate::{b, c::{d}}` name a, b and c.
+    fn named_after(code: &str, prefix: &str) -> Vec<String> {
+        let ident = |s: &str| -> String {
+            s.trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect()
+        };
+        let mut names = Vec::new();
+        for (at, _) in code.match_indices(prefix) {
+            let rest = &code[at + prefix.len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                // The group's top-level items, up to its closing brace.
+                let (mut depth, mut item) = (0, String::new());
+                for c in group.chars() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            names.push(ident(&item));
+                            item.clear();
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    if depth == 0 || c != '{' {
+                        item.push(c);
+                    }
+                }
+                names.push(ident(&item));
+            } else {
+                names.push(ident(rest));
+            }
+        }
+        names.retain(|n| !n.is_empty());
+        names
+    }
+
+    #[test]
+    fn grouped_imports_are_seen() {
+        assert_eq!(named_after("use crate::fast::X;", "crate::"), ["fast"]);
+        assert_eq!(
+            named_after("use crate::{fast, rules::{A, B}, conn::C};", "crate::"),
+            ["fast", "rules", "conn"]
+        );
+        assert_eq!(named_after("use crate::{ fast };", "crate::"), ["fast"]);
     }
 
     #[test]

@@ -238,19 +238,24 @@ pub enum Ledger {
     Refused,
     /// No answer (a fault), or no ledger row in the request.
     Unknown,
+    /// A 200 answer without results a client could read: itself a
+    /// failure of the data API, never taken as "unknown".
+    Unreadable,
 }
 
 /// Reads the ledger row's fate from a data-API answer.
 pub fn ledger_outcome(req: &Request, status: u16, answer: &Value) -> Ledger {
-    let Some(at) = req.ledger_at else {
-        return Ledger::Unknown;
-    };
     if status != 200 {
         return Ledger::Unknown;
     }
-    let Some(results) = answer["results"].as_array() else {
+    let Ok(answer) = serde_json::from_value::<scaleout_wire::data::Results<Value>>(answer.clone())
+    else {
+        return Ledger::Unreadable;
+    };
+    let Some(at) = req.ledger_at else {
         return Ledger::Unknown;
     };
+    let results = &answer.results;
     let any_error = results.iter().any(|r| !r["error"].is_null());
     match results.get(at) {
         Some(r) if r["error"].is_null() && !(req.transaction && any_error) => Ledger::Acknowledged,
@@ -300,9 +305,9 @@ pub async fn client(
         let req = request(&mut rng, id as u64, seq, &attach, runaway);
         let node = &dbs[rng.below(dbs.len() as u64) as usize];
         let path = if req.transaction {
-            "/db/execute?transaction"
+            "/db/execute?transaction&raft_index"
         } else {
-            "/db/execute"
+            "/db/execute?raft_index"
         };
         let invoke_ms = now();
         let sent = http
@@ -311,9 +316,11 @@ pub async fn client(
             .send()
             .await;
         let (status, answer) = match sent {
+            // An answer that is not JSON is kept as null: a 200 with it
+            // is a violation (`Ledger::Unreadable`), not an unknown.
             Ok(r) => {
                 let status = r.status().as_u16();
-                (status, r.json::<Value>().await.unwrap_or_default())
+                (status, r.json::<Value>().await.unwrap_or(Value::Null))
             }
             Err(_) => (0, Value::Null),
         };
@@ -351,6 +358,12 @@ pub fn check(ops: &[Op], ledgers: &BTreeMap<String, BTreeSet<(u64, u64)>>) -> Ve
                 _ => {}
             }
         }
+    }
+    for op in ops.iter().filter(|o| o.ledger == Ledger::Unreadable) {
+        violations.push(format!(
+            "hostile client {}'s request {} was answered 200 without results a client could read (at {} ms)",
+            op.client, op.seq, op.complete_ms
+        ));
     }
     violations
 }
@@ -392,12 +405,17 @@ mod tests {
             ledger_at: Some(1),
             transaction: true,
         };
-        let ok = json!({"results": [{"rows_affected": 1}, {"rows_affected": 1}]});
+        let ok = json!({"results": [{"rows_affected": 1}, {"rows_affected": 1}], "raft_index": 3});
         assert_eq!(ledger_outcome(&req, 200, &ok), Ledger::Acknowledged);
-        let rolled_back =
-            json!({"results": [{"rows_affected": 1}, {"rows_affected": 1}, {"error": "x"}]});
+        let rolled_back = json!({"results": [{"rows_affected": 1}, {"rows_affected": 1}, {"error": "x"}], "raft_index": 3});
         assert_eq!(ledger_outcome(&req, 200, &rolled_back), Ledger::Refused);
         assert_eq!(ledger_outcome(&req, 504, &ok), Ledger::Unknown);
+        // A 200 a client could not read is a failure of its own, whether
+        // or not the request held a ledger row.
+        assert_eq!(ledger_outcome(&req, 200, &json!({})), Ledger::Unreadable);
+        assert_eq!(ledger_outcome(&req, 200, &Value::Null), Ledger::Unreadable);
+        let v = check(&[op(9, Ledger::Unreadable)], &BTreeMap::new());
+        assert!(v.len() == 1 && v[0].contains("without results"), "{v:?}");
         let alone = Request {
             transaction: false,
             ..req

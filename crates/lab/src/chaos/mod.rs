@@ -782,10 +782,10 @@ async fn final_data(procs: &[Proc]) -> Result<FinalData, String> {
             if let Ok(r) = sent {
                 if r.status() == 200 {
                     target = r
-                        .json::<Value>()
+                        .json::<scaleout_wire::data::Results<Value>>()
                         .await
                         .ok()
-                        .and_then(|v| v["raft_index"].as_u64());
+                        .map(|v| v.raft_index);
                     break;
                 }
             }
