@@ -220,3 +220,55 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
         "the lab forgets its URL when it stops"
     );
 }
+
+/// The dashboard in a real browser: Debian's chromium, headless, driven
+/// by selenium (from PyPI, installed next to the build). It presses "kill"
+/// on the leader the page draws and sees another leader, the exit and the
+/// election on the timeline; restarts the old leader with its button; and
+/// fits a phone's width. Screenshots go to `target/tmp/dashboard/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_works_in_a_real_browser() {
+    for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: install Debian's chromium and chromium-driver (.ci/run does)"
+        );
+    }
+    let path = common::db::python_packages("selenium", &["selenium"], "import selenium");
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Proc::spawn(&[
+        "up",
+        "--stage",
+        "4",
+        "--port-base",
+        "0",
+        "--data",
+        dir.path().to_str().unwrap(),
+    ]);
+    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
+    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/dashboard_check.py"
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .arg(&url)
+            .arg(&shots)
+            .env("PYTHONPATH", &path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("OK"),
+        "the browser: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    up.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(up.wait_exit(Duration::from_secs(60)).success());
+}
