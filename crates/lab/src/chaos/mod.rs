@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use scaleout_wire::data::Results;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -549,12 +550,10 @@ async fn leader_name(procs: &[Proc]) -> Option<String> {
         else {
             continue;
         };
-        let Ok(v) = r.json::<Value>().await else {
+        let Ok(v) = r.json::<scaleout_wire::data::LeaderAnswer>().await else {
             continue;
         };
-        if let Some(id) = v["leader"]["id"].as_str() {
-            return Some(format!("db-{id}"));
-        }
+        return Some(format!("db-{}", v.leader.id));
     }
     None
 }
@@ -681,8 +680,11 @@ async fn client(
                 .await;
             match answer {
                 Ok(r) if r.status() == 200 => {
-                    let body: Value = r.json().await.unwrap_or_default();
-                    match body["results"][0]["values"][0][0].as_u64() {
+                    let body = r.text().await.unwrap_or_default();
+                    let seen = serde_json::from_str::<Results>(&body)
+                        .ok()
+                        .and_then(|b| first_value(&b).and_then(Value::as_u64));
+                    match seen {
                         Some(seen) => {
                             count = Some(Count {
                                 seen,
@@ -691,7 +693,7 @@ async fn client(
                             });
                             ("count", level.to_string(), "ok", node.clone())
                         }
-                        None => ("count", level.to_string(), "unknown", body.to_string()),
+                        None => ("count", level.to_string(), "unknown", body),
                     }
                 }
                 Ok(r) => (
@@ -799,28 +801,34 @@ async fn final_data(procs: &[Proc]) -> Result<FinalData, String> {
     let mut out = BTreeMap::new();
     for (name, url) in &dbs {
         let q = format!(
-            "{url}/db/query?level=none&min_index={target}&q=SELECT%20url%2C%20count(*)%20FROM%20links%20GROUP%20BY%20url"
+            "{url}/db/query?level=none&raft_index&min_index={target}&q=SELECT%20url%2C%20count(*)%20AS%20n%20FROM%20links%20GROUP%20BY%20url"
         );
         let mut rows = None;
         for _ in 0..10 {
             if let Ok(r) = http.get(&q).send().await {
                 if r.status() == 200 {
-                    rows = r.json::<Value>().await.ok();
+                    rows = Some(
+                        r.json::<Results>()
+                            .await
+                            .map_err(|e| format!("{name}: links: {e}"))?,
+                    );
                     break;
                 }
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let rows = rows.ok_or_else(|| format!("{name} never caught up to index {target}"))?;
+        let table = rows
+            .results
+            .first()
+            .ok_or_else(|| format!("{name}: links: no result"))?
+            .table()
+            .map_err(|e| format!("{name}: links: {e}"))?;
         let mut counts = BTreeMap::new();
-        for row in rows["results"][0]["values"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-        {
-            if let (Some(url), Some(n)) = (row[0].as_str(), row[1].as_u64()) {
-                counts.insert(url.to_string(), n);
-            }
+        for row in table {
+            let url = row.text("url").map_err(|e| format!("{name}: links: {e}"))?;
+            let n = row.int("n").map_err(|e| format!("{name}: links: {e}"))?;
+            counts.insert(url.to_string(), n as u64);
         }
         out.insert(name.clone(), counts);
     }
@@ -837,28 +845,33 @@ async fn hostile_ledgers(
     for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
         let url = p.url();
         let q = format!(
-            "{url}/db/query?level=none&min_index={target}&q=SELECT%20client%2C%20seq%20FROM%20hostile_ledger"
+            "{url}/db/query?level=none&raft_index&min_index={target}&q=SELECT%20client%2C%20seq%20FROM%20hostile_ledger"
         );
+        let fail = |e: &dyn std::fmt::Display| format!("{}: the hostile ledger: {e}", p.name);
         let answer = match http.get(&q).send().await {
-            Ok(r) if r.status() == 200 => r
-                .json::<Value>()
-                .await
-                .map_err(|e| format!("{}: the hostile ledger: {e}", p.name))?,
-            Ok(r) => return Err(format!("{}: the hostile ledger: {}", p.name, r.status())),
-            Err(e) => return Err(format!("{}: the hostile ledger: {e}", p.name)),
+            Ok(r) if r.status() == 200 => r.json::<Results>().await.map_err(|e| fail(&e))?,
+            Ok(r) => return Err(fail(&r.status())),
+            Err(e) => return Err(fail(&e)),
         };
-        if let Some(e) = answer["results"][0]["error"].as_str() {
-            return Err(format!("{}: the hostile ledger: {e}", p.name));
-        }
-        let rows: BTreeSet<(u64, u64)> = answer["results"][0]["values"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|r| Some((r[0].as_u64()?, r[1].as_u64()?)))
-            .collect();
+        let table = answer
+            .results
+            .first()
+            .ok_or_else(|| fail(&"no result"))?
+            .table()
+            .map_err(|e| fail(&e))?;
+        let rows = table
+            .iter()
+            .map(|r| Ok((r.int("client")? as u64, r.int("seq")? as u64)))
+            .collect::<Result<BTreeSet<(u64, u64)>, scaleout_wire::data::ShapeError>>()
+            .map_err(|e| fail(&e))?;
         out.insert(p.name.clone(), rows);
     }
     Ok(out)
+}
+
+/// The first value of the first row of the first result.
+fn first_value(results: &Results) -> Option<&Value> {
+    results.results.first()?.values.as_ref()?.first()?.first()
 }
 
 /// The checker: the history against every node's final data.
