@@ -115,6 +115,47 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
         "{s}"
     );
 
+    // Traffic through the load balancer shows on both web servers, each
+    // counted from its own /metrics, spread about evenly (the seed's C6).
+    let site = s["site"].as_str().unwrap().to_string();
+    let before = |s: &Value, name: &str| proc_of(s, name)["requests"].as_u64().unwrap_or(0);
+    let (w1, w2) = (before(&s, "web-1"), before(&s, "web-2"));
+    let load = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args([
+                "bench",
+                &format!("{site}/healthz"),
+                "-c",
+                "4",
+                "-n",
+                "400",
+                "-d",
+                "20s",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    let s = until(&url, "the load counted on both web servers", |s| {
+        before(s, "web-1") >= w1 + 150 && before(s, "web-2") >= w2 + 150
+    })
+    .await;
+    let (d1, d2) = (before(&s, "web-1") - w1, before(&s, "web-2") - w2);
+    assert!(
+        d1 + d2 <= 400 + 100,
+        "{d1} + {d2}: more than was sent (health checks aside)"
+    );
+    assert!(
+        proc_of(&s, "lb")["requests"].as_u64().unwrap() >= 400,
+        "{s}"
+    );
+
     // The same from a terminal, found through the data directory.
     let status = std::process::Command::new(BIN)
         .args(["lab", "status", "--data", dir.path().to_str().unwrap()])

@@ -42,6 +42,8 @@ use crate::procs::Proc;
 const EVERY: Duration = Duration::from_millis(500);
 /// Events the timeline keeps.
 const TIMELINE: usize = 500;
+/// Connections the dashboard serves at once.
+const MAX_CONNECTIONS: usize = 64;
 
 /// What a process is doing, as the lab saw it last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,6 +69,50 @@ pub struct ProcState {
     /// A database node's view of itself, when it answered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub db: Option<DbView>,
+    /// Requests it has served (queries for DNS), from its `/metrics`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+    /// Requests per second over the last looks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rps: Option<f64>,
+}
+
+/// The counter of served requests each role's `/metrics` has.
+fn request_counter(role: &str) -> Option<&'static str> {
+    Some(match role {
+        "db" => "scaleout_db_requests_total",
+        "web" => "scaleout_web_http_requests_total",
+        "lb" => "scaleout_lb_responses_total",
+        "dns" => "scaleout_dns_queries_total",
+        _ => return None,
+    })
+}
+
+/// The sum of a counter over all its label sets, in Prometheus' text
+/// format (`name{labels} value` or `name value`); `None` when absent.
+pub fn counter_sum(text: &str, name: &str) -> Option<u64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let rest = match rest.chars().next() {
+            Some('{') => match rest.find('}') {
+                Some(end) => &rest[end + 1..],
+                None => continue,
+            },
+            Some(' ') => rest,
+            _ => continue,
+        };
+        let value = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok());
+        if let Some(v) = value {
+            *found.get_or_insert(0) += v as u64;
+        }
+    }
+    found
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -126,6 +172,11 @@ pub struct Lab {
     events: broadcast::Sender<Event>,
     timeline: std::sync::Mutex<VecDeque<Event>>,
     http: reqwest::Client,
+    /// Admin listeners (URLs, or `host:port`) of the load balancers and
+    /// DNS, where their `/metrics` are.
+    admin: std::collections::HashMap<String, String>,
+    /// Per process: its last request count, when, and its smoothed rate.
+    rates: std::sync::Mutex<std::collections::HashMap<String, (u64, std::time::Instant, f64)>>,
 }
 
 /// A control a caller may ask for.
@@ -183,6 +234,10 @@ impl Lab {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(400))
             .build()?;
+        let admin = procs
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.ready.admin.clone()?)))
+            .collect();
         let members: Vec<Member> = procs
             .into_iter()
             .map(|proc| Member {
@@ -210,6 +265,8 @@ impl Lab {
             events,
             timeline: std::sync::Mutex::new(VecDeque::new()),
             http,
+            admin,
+            rates: Default::default(),
         }))
     }
 
@@ -273,6 +330,8 @@ impl Lab {
                     state: running,
                     exit: m.exit.clone(),
                     db: None,
+                    requests: None,
+                    rps: None,
                 });
             }
         }
@@ -309,6 +368,61 @@ impl Lab {
                     applied_index: raft.applied_index,
                     term: raft.term,
                 });
+            }
+        }
+        // Every process's request counter, asked at once.
+        let counts = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.state == Running::Up)
+            .filter_map(|(i, p)| {
+                let counter = request_counter(&p.role)?;
+                let base = match p.role.as_str() {
+                    "lb" | "dns" => {
+                        let admin = self.admin.get(&p.name)?;
+                        if admin.starts_with("http") {
+                            admin.trim_end_matches('/').to_string()
+                        } else {
+                            format!("http://{admin}")
+                        }
+                    }
+                    _ => p.url.clone(),
+                };
+                let http = self.http.clone();
+                Some(async move {
+                    let text = match http.get(format!("{base}/metrics")).send().await {
+                        Ok(r) if r.status().is_success() => r.text().await.ok(),
+                        _ => None,
+                    };
+                    (i, text.and_then(|t| counter_sum(&t, counter)))
+                })
+            })
+            .collect::<Vec<_>>();
+        let counts = futures_util::future::join_all(counts).await;
+        let now = std::time::Instant::now();
+        {
+            let mut rates = self
+                .rates
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (i, count) in counts {
+                let Some(count) = count else { continue };
+                let p = &mut seen[i];
+                p.requests = Some(count);
+                let entry = rates.entry(p.name.clone()).or_insert((count, now, 0.0));
+                let dt = now.duration_since(entry.1).as_secs_f64();
+                if dt > 0.0 {
+                    // A restart starts the counter again from 0.
+                    let rate = count.saturating_sub(entry.0) as f64 / dt;
+                    // Smoothed over about two seconds of looks.
+                    entry.2 = if entry.2 == 0.0 {
+                        rate
+                    } else {
+                        0.6 * entry.2 + 0.4 * rate
+                    };
+                }
+                *entry = (count, now, entry.2);
+                p.rps = Some((entry.2 * 10.0).round() / 10.0);
             }
         }
         let leader = seen
@@ -429,9 +543,15 @@ pub async fn serve(lab: Arc<Lab>, listener: TcpListener, shutdown: CancellationT
         .route("/api/events", get(api_events))
         .route("/api/procs/{name}/{control}", post(api_control))
         .with_state(Api { lab, host });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    // Bounded like every server here: a head timeout, a connection cap
+    // (each open page holds one for its events), and a short drain, since
+    // an events stream never ends by itself.
+    let limits = scaleout_serve::Limits {
+        header_timeout: Duration::from_secs(10),
+        max_connections: MAX_CONNECTIONS,
+        drain: Duration::from_secs(1),
+    };
+    let served = scaleout_serve::serve(listener, app, limits, Arc::default(), None, shutdown).await;
     if let Err(e) = served {
         tracing::error!(error = %e, "the dashboard stopped");
     }
@@ -548,4 +668,22 @@ fn sse<T: Serialize>(name: &str, value: &T) -> Result<SseEvent, std::convert::In
         serde_json::to_string(value)
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string()),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_summed_over_their_labels() {
+        let text = "# HELP scaleout_db_requests_total x\n# TYPE scaleout_db_requests_total counter\nscaleout_db_requests_total{kind=\"write\"} 3\nscaleout_db_requests_total{kind=\"read\"} 4.0\nscaleout_db_requests_total_other 99\nscaleout_db_request_errors_total{kind=\"read\"} 1\n";
+        assert_eq!(counter_sum(text, "scaleout_db_requests_total"), Some(7));
+        assert_eq!(
+            counter_sum(text, "scaleout_db_request_errors_total"),
+            Some(1)
+        );
+        assert_eq!(counter_sum("plain 5\n", "plain"), Some(5));
+        assert_eq!(counter_sum(text, "absent"), None);
+        assert_eq!(counter_sum("x{a=\"}\n", "x"), None);
+    }
 }
