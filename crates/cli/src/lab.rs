@@ -55,9 +55,24 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
                 .to_string()
         }
     };
-    let url = url.trim_end_matches('/').to_string();
+    // `http://HOST:PORT/?token=T`: the lab's address and its token.
+    let (base, token) = match url.split_once("?token=") {
+        Some((base, token)) => (base, token.trim()),
+        None => bail!(
+            "{url}: the lab's URL holds its token (`?token=...`), as `scaleout up` printed it"
+        ),
+    };
+    let url = base.trim_end_matches('/').to_string();
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}")
+            .parse()
+            .context("the lab's token is not a header value")?,
+    );
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(90))
+        .default_headers(auth)
         .build()
         .context("building an HTTP client")?;
     let (name, control) = match args.command {
@@ -68,6 +83,13 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
         LabCommand::Resume { name } => (name, "resume"),
         LabCommand::Restart { name } => (name, "restart"),
     };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("{name:?}: a process name is letters, digits and dashes (`scaleout lab status` lists them)");
+    }
     let answer = http
         .post(format!("{url}/api/procs/{name}/{control}"))
         .header("content-type", "application/json")

@@ -30,9 +30,23 @@ fn lab(url: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-async fn state(url: &str) -> Value {
+/// The lab's address and token, from the URL `scaleout up` printed
+/// (`http://HOST:PORT/?token=T`).
+fn split(url: &str) -> (&str, &str) {
+    url.split_once("/?token=")
+        .expect("the dashboard's URL holds its token")
+}
+
+/// A request to the lab at `url`, with its token.
+fn call(url: &str, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    let (base, token) = split(url);
     client()
-        .get(format!("{url}/api/state"))
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(token)
+}
+
+async fn state(url: &str) -> Value {
+    call(url, reqwest::Method::GET, "/api/state")
         .send()
         .await
         .unwrap()
@@ -76,15 +90,55 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
         dir.path().to_str().unwrap(),
     ]);
     let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
-    let url = line
-        .trim()
-        .trim_start_matches("dashboard: ")
-        .trim_end_matches('/')
-        .to_string();
+    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    let (base, token) = split(&url);
+    assert_eq!(token.len(), 32, "{url}");
+
+    // Loopback is every local user's: nothing without the lab's token.
+    for path in ["/", "/api/state", "/api/events"] {
+        let r = client().get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    let r = client()
+        .post(format!("{base}/api/procs/web-1/kill"))
+        .header("content-type", "application/json")
+        .bearer_auth("0".repeat(32))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Another name for this address (a rebound DNS name) is refused.
+    let r = call(&url, reqwest::Method::GET, "/api/state")
+        .header("host", "evil.example:80")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // The printed URL gives a browser a cookie and leaves the address
+    // bar; the page may not be framed.
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_redirects.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let cookie = cookie.split(';').next().unwrap().to_string();
 
     // The page is served from the binary, with no other request needed.
-    let page = client().get(format!("{url}/")).send().await.unwrap();
+    let page = client()
+        .get(format!("{base}/"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
     let html = page.text().await.unwrap();
     assert!(
         html.contains("EventSource(\"/api/events\")"),
@@ -175,8 +229,7 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     })
     .await;
     let new_leader = s["leader"].as_str().unwrap().to_string();
-    let timeline: Vec<Value> = client()
-        .get(format!("{url}/api/timeline"))
+    let timeline: Vec<Value> = call(&url, reqwest::Method::GET, "/api/timeline")
         .send()
         .await
         .unwrap()
@@ -217,8 +270,7 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     // Bad controls: a clear error, nothing done.
     let (ok, said) = lab(&url, &["kill", "db-99"]);
     assert!(!ok && said.contains("no process named"), "{said}");
-    let r = client()
-        .post(format!("{url}/api/procs/web-1/explode"))
+    let r = call(&url, reqwest::Method::POST, "/api/procs/web-1/explode")
         .header("content-type", "application/json")
         .body("{}")
         .send()
@@ -227,8 +279,7 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("the controls are"));
     // A cross-site form post (no JSON content type) is refused.
-    let r = client()
-        .post(format!("{url}/api/procs/web-1/kill"))
+    let r = call(&url, reqwest::Method::POST, "/api/procs/web-1/kill")
         .header("content-type", "application/x-www-form-urlencoded")
         .body("x=1")
         .send()
@@ -238,8 +289,7 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     assert_eq!(state(&url).await["procs"][5]["state"], "up");
 
     // The events stream starts with the state.
-    let mut events = client()
-        .get(format!("{url}/api/events"))
+    let mut events = call(&url, reqwest::Method::GET, "/api/events")
         .send()
         .await
         .unwrap();

@@ -154,7 +154,9 @@ pub async fn run(
     // `interval`, the workers' schedules staggered across one interval.
     let interval = config
         .rate
-        .map(|r| Duration::from_secs_f64(config.connections as f64 / r));
+        .map(|r| Duration::try_from_secs_f64(config.connections as f64 / r))
+        .transpose()
+        .map_err(|_| "--rate is too low for that many connections".to_string())?;
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..config.connections {
         let (client, config, budget, progress, stop) = (

@@ -109,7 +109,8 @@ pub fn counter_sum(text: &str, name: &str) -> Option<u64> {
             .next()
             .and_then(|v| v.parse::<f64>().ok());
         if let Some(v) = value {
-            *found.get_or_insert(0) += v as u64;
+            let sum = found.get_or_insert(0u64);
+            *sum = sum.saturating_add(v as u64);
         }
     }
     found
@@ -159,6 +160,8 @@ struct Member {
     proc: Proc,
     paused: bool,
     exit: Option<String>,
+    /// A restart is under way (the lock is not held while it starts).
+    restarting: bool,
 }
 
 /// The lab's processes, its state and timeline, shared by the watcher
@@ -244,6 +247,7 @@ impl Lab {
                 proc,
                 paused: false,
                 exit: None,
+                restarting: false,
             })
             .collect();
         let first = LabState {
@@ -470,11 +474,24 @@ impl Lab {
 
     /// Does `control` to process `name`.
     pub async fn control(&self, name: &str, control: Control) -> Result<(), ControlError> {
+        if control == Control::Restart {
+            return self.restart(name).await;
+        }
         let mut members = self.members.lock().await;
         let m = members
             .iter_mut()
             .find(|m| m.proc.name == name)
             .ok_or_else(|| ControlError::NoSuchProcess(name.into()))?;
+        if m.restarting {
+            return Err(ControlError::Refused(format!("{name} is restarting")));
+        }
+        // An exit the watcher has not seen yet counts now.
+        if m.exit.is_none() {
+            if let Some(status) = m.proc.exited() {
+                m.exit = Some(status.to_string());
+                self.record("exited", name, status.to_string());
+            }
+        }
         let exited = m.exit.is_some();
         match control {
             Control::Kill | Control::Stop | Control::Pause | Control::Resume if exited => {
@@ -492,30 +509,68 @@ impl Lab {
                 m.proc.signal(Signal::SIGCONT);
                 m.paused = false;
             }
-            Control::Restart => {
-                if m.paused {
-                    m.proc.signal(Signal::SIGCONT);
-                }
-                m.proc.restart().await.map_err(|e| ControlError::Restart {
-                    name: name.into(),
-                    reason: e.to_string(),
-                })?;
-                m.paused = false;
-                m.exit = None;
-            }
+            // Done by `Lab::restart`, which `control` hands it to first.
+            Control::Restart => return self.restart_error(name),
         }
         let (kind, detail) = match control {
             Control::Kill => ("control", "SIGKILL sent".to_string()),
             Control::Stop => ("control", "SIGTERM sent".to_string()),
             Control::Pause => ("paused", "SIGSTOP sent".to_string()),
             Control::Resume => ("resumed", "SIGCONT sent".to_string()),
-            Control::Restart => (
-                "restarted",
-                format!("pid {}", m.proc.pid().map_or("?".into(), |p| p.to_string())),
-            ),
+            Control::Restart => ("restarted", String::new()),
         };
         self.record(kind, name, detail);
         Ok(())
+    }
+
+    /// Restarts are not done under the processes' lock.
+    fn restart_error(&self, name: &str) -> Result<(), ControlError> {
+        Err(ControlError::Refused(format!(
+            "{name}: a restart goes through Lab::restart"
+        )))
+    }
+
+    /// Kills `name` if it runs and starts it again with the same
+    /// arguments. The processes' lock is not held while the new one
+    /// starts (up to a minute): the watcher and other controls go on.
+    async fn restart(&self, name: &str) -> Result<(), ControlError> {
+        let (netns, proc_name, args) = {
+            let mut members = self.members.lock().await;
+            let m = members
+                .iter_mut()
+                .find(|m| m.proc.name == name)
+                .ok_or_else(|| ControlError::NoSuchProcess(name.into()))?;
+            if m.restarting {
+                return Err(ControlError::Refused(format!("{name} is restarting")));
+            }
+            m.restarting = true;
+            if m.paused {
+                m.proc.signal(Signal::SIGCONT);
+            }
+            m.proc.kill_now().await;
+            m.proc.spec()
+        };
+        let started = Proc::start_in(netns.as_deref(), &proc_name, &args).await;
+        let mut members = self.members.lock().await;
+        let m = members
+            .iter_mut()
+            .find(|m| m.proc.name == name)
+            .ok_or_else(|| ControlError::NoSuchProcess(name.into()))?;
+        m.restarting = false;
+        match started {
+            Ok(fresh) => {
+                m.proc = fresh;
+                m.paused = false;
+                m.exit = None;
+                let pid = m.proc.pid().map_or("?".into(), |p| p.to_string());
+                self.record("restarted", name, format!("pid {pid}"));
+                Ok(())
+            }
+            Err(e) => Err(ControlError::Restart {
+                name: name.into(),
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// Stops every process, last started first.
@@ -531,18 +586,41 @@ impl Lab {
 }
 
 /// The dashboard and its API on `listener` until `shutdown`.
-pub async fn serve(lab: Arc<Lab>, listener: TcpListener, shutdown: CancellationToken) {
+pub async fn serve(
+    lab: Arc<Lab>,
+    listener: TcpListener,
+    token: String,
+    shutdown: CancellationToken,
+) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     let host = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    let hosts = vec![
+        host.clone(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+    ];
+    let api = Api {
+        lab,
+        host,
+        hosts: Arc::new(hosts),
+        token: Arc::new(token),
+        shutdown: shutdown.clone(),
+    };
     let app = Router::new()
         .route("/", get(page))
         .route("/api/state", get(api_state))
         .route("/api/timeline", get(api_timeline))
         .route("/api/events", get(api_events))
         .route("/api/procs/{name}/{control}", post(api_control))
-        .with_state(Api { lab, host });
+        .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such page".into()) })
+        .method_not_allowed_fallback(|| async {
+            refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
+        })
+        .layer(axum::middleware::from_fn_with_state(api.clone(), admit))
+        .with_state(api);
     // Bounded like every server here: a head timeout, a connection cap
     // (each open page holds one for its events), and a short drain, since
     // an events stream never ends by itself.
@@ -560,11 +638,126 @@ pub async fn serve(lab: Arc<Lab>, listener: TcpListener, shutdown: CancellationT
 #[derive(Clone)]
 struct Api {
     lab: Arc<Lab>,
-    /// This listener's `host:port`, the only `Host` controls may name.
+    /// This listener's `host:port`.
     host: String,
+    /// The `Host` values a request may carry: this listener's own names
+    /// (a rebound DNS name is refused).
+    hosts: Arc<Vec<String>>,
+    /// The lab's token: in the URL `scaleout up` prints (and in
+    /// `DATA/lab-url`, mode 0600), then in a cookie.
+    token: Arc<String>,
+    shutdown: CancellationToken,
 }
 
 const PAGE: &str = include_str!("dashboard.html");
+
+/// The cookie a browser keeps the lab's token in.
+const COOKIE: &str = "scaleout_lab";
+
+/// Every request: its `Host` must be this listener's; it must carry the
+/// lab's token (`Authorization: Bearer`, or the cookie `GET /?token=`
+/// sets and redirects from); every answer forbids framing. Loopback is
+/// open to every user of the machine, so the token is what keeps the
+/// controls to the person who started the lab.
+async fn admit(
+    State(api): State<Api>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host_ok = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|h| api.hosts.iter().any(|ok| ok.eq_ignore_ascii_case(h)));
+    let mut answer = if !host_ok {
+        refuse(
+            StatusCode::FORBIDDEN,
+            format!("ask for this lab as http://{}/", api.host),
+        )
+    } else if let Some(given) = req
+        .uri()
+        .query()
+        .and_then(|q| url_token(q))
+        .filter(|_| req.uri().path() == "/")
+    {
+        if given == api.token.as_str() {
+            // The token leaves the address bar for a cookie no other site
+            // sends (SameSite=Strict) and no script reads.
+            let cookie = format!("{COOKIE}={given}; Path=/; HttpOnly; SameSite=Strict");
+            (
+                StatusCode::SEE_OTHER,
+                [
+                    (header::SET_COOKIE, cookie),
+                    (header::LOCATION, "/".to_string()),
+                ],
+            )
+                .into_response()
+        } else {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "that is not this lab's token".into(),
+            )
+        }
+    } else if carries_token(req.headers(), &api.token) {
+        next.run(req).await
+    } else {
+        refuse(
+            StatusCode::UNAUTHORIZED,
+            "open the dashboard URL `scaleout up` printed (it holds the lab's token), or send Authorization: Bearer TOKEN (from DATA/lab-url)".into(),
+        )
+    };
+    let headers = answer.headers_mut();
+    headers.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    answer
+}
+
+/// `token=...` in a query string.
+fn url_token(query: &str) -> Option<&str> {
+    query.split('&').find_map(|kv| kv.strip_prefix("token="))
+}
+
+/// Whether the request carries `token`, as a bearer token or the cookie
+/// (compared in constant time).
+fn carries_token(headers: &HeaderMap, token: &str) -> bool {
+    let same = |given: &str| {
+        given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| same(t.trim()));
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| {
+            kv.trim()
+                .strip_prefix(&format!("{COOKIE}="))
+                .map(str::to_string)
+        })
+        .any(|t| same(&t));
+    bearer || cookie
+}
 
 async fn page() -> Html<&'static str> {
     Html(PAGE)
@@ -591,17 +784,10 @@ async fn api_control(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let host_ok = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|h| h == api.host);
-    if !json || !host_ok {
+    if !json {
         return refuse(
             StatusCode::FORBIDDEN,
-            format!(
-                "controls take Content-Type: application/json and Host: {} (no cross-site requests)",
-                api.host
-            ),
+            "controls take Content-Type: application/json (no cross-site forms)".into(),
         );
     }
     let control: Control = match control.parse() {
@@ -635,28 +821,34 @@ fn control_name(c: Control) -> &'static str {
 async fn api_events(State(api): State<Api>) -> impl IntoResponse {
     let states = api.lab.state.subscribe();
     let events = api.lab.events.subscribe();
+    let shutdown = api.shutdown.clone();
     let stream = futures_util::stream::unfold(
         (states, events, true),
-        |(mut states, mut events, first)| async move {
-            if first {
-                let now = states.borrow_and_update().clone();
-                return Some((sse("state", &now), (states, events, false)));
-            }
-            tokio::select! {
-                changed = states.changed() => {
-                    changed.ok()?;
+        move |(mut states, mut events, first)| {
+            let shutdown = shutdown.clone();
+            async move {
+                if first {
                     let now = states.borrow_and_update().clone();
-                    Some((sse("state", &now), (states, events, false)))
+                    return Some((sse("state", &now), (states, events, false)));
                 }
-                event = events.recv() => match event {
-                    Ok(e) => Some((sse("event", &e), (states, events, false))),
-                    // A slow reader missed some: the timeline has them.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                tokio::select! {
+                    // The lab stops: so does every stream.
+                    () = shutdown.cancelled() => None,
+                    changed = states.changed() => {
+                        changed.ok()?;
                         let now = states.borrow_and_update().clone();
                         Some((sse("state", &now), (states, events, false)))
                     }
-                    Err(broadcast::error::RecvError::Closed) => None,
-                },
+                    event = events.recv() => match event {
+                        Ok(e) => Some((sse("event", &e), (states, events, false))),
+                        // A slow reader missed some: the timeline has them.
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            let now = states.borrow_and_update().clone();
+                            Some((sse("state", &now), (states, events, false)))
+                        }
+                        Err(broadcast::error::RecvError::Closed) => None,
+                    },
+                }
             }
         },
     );

@@ -571,16 +571,28 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
             reason: format!("building an HTTP client: {e}"),
         }
     })?;
-    let url = format!("http://{dashboard}/");
+    // Loopback is open to every user of the machine: the controls want
+    // the lab's token, which only the URL printed here and the file below
+    // (this user's alone) hold.
+    let token = format!("{:032x}", rand::random::<u128>());
+    let url = format!("http://{dashboard}/?token={token}");
+    if !dashboard.ip().is_loopback() {
+        println!("warning: the dashboard listens on {dashboard}, beyond this machine; its token is all that guards the controls");
+    }
     // `scaleout lab` finds the running lab of this data directory here.
-    if let Err(e) = std::fs::write(lab_url_file(&config.data_dir), &url) {
+    if let Err(e) = write_lab_url(&config.data_dir, &url) {
         tracing::warn!(error = %e, "could not note the dashboard's URL for `scaleout lab`");
     }
     println!("dashboard: {url}");
     // Supervise: the watcher records what happens (kill one to watch
     // failover), the dashboard shows it and takes controls.
     let watcher = tokio::spawn(lab.clone().watch(shutdown.clone()));
-    let server = tokio::spawn(control::serve(lab.clone(), listener, shutdown.clone()));
+    let server = tokio::spawn(control::serve(
+        lab.clone(),
+        listener,
+        token,
+        shutdown.clone(),
+    ));
     shutdown.cancelled().await;
     let _ = watcher.await;
     let _ = server.await;
@@ -589,9 +601,29 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
     Ok(())
 }
 
-/// Where a running lab notes its dashboard's URL (`DATA/lab-url`).
+/// Where a running lab notes its dashboard's URL, token included
+/// (`DATA/lab-url`, mode 0600).
 pub fn lab_url_file(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("lab-url")
+}
+
+/// Writes the lab's URL as a new file of this user's alone: a file (or a
+/// symbolic link) someone left there is removed, never written through.
+fn write_lab_url(data_dir: &std::path::Path, url: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = lab_url_file(data_dir);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(url.as_bytes())
 }
 
 /// The seed's first stage: "the web app, the database and a cache can all

@@ -138,6 +138,16 @@ impl Proc {
         }
     }
 
+    /// How to start it again: its network namespace, name and arguments.
+    pub fn spec(&self) -> (Option<String>, String, Vec<String>) {
+        (self.netns.clone(), self.name.clone(), self.args.clone())
+    }
+
+    /// SIGKILL, and its exit collected.
+    pub async fn kill_now(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// Starts it again with the same arguments once it has exited (killed
     /// or stopped by a fault).
     pub async fn restart(&mut self) -> Result<(), Error> {
