@@ -36,6 +36,9 @@ enum LabCommand {
     Resume { name: String },
     /// Start a process again with the same arguments.
     Restart { name: String },
+    /// Scale out: `web` (a web server the load balancers take at once) or
+    /// `replica` (a read replica that joins, catches up and takes reads).
+    Add { what: String },
 }
 
 pub async fn run(args: LabArgs) -> anyhow::Result<()> {
@@ -77,6 +80,7 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
         .context("building an HTTP client")?;
     let (name, control) = match args.command {
         LabCommand::Status { json } => return status(&http, &url, json).await,
+        LabCommand::Add { what } => return add(&http, &url, &what).await,
         LabCommand::Kill { name } => (name, "kill"),
         LabCommand::Stop { name } => (name, "stop"),
         LabCommand::Pause { name } => (name, "pause"),
@@ -103,6 +107,26 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
         bail!("{}", body["error"].as_str().unwrap_or("the lab refused"));
     }
     println!("{control}: {name}");
+    Ok(())
+}
+
+async fn add(http: &reqwest::Client, url: &str, what: &str) -> anyhow::Result<()> {
+    if !matches!(what, "web" | "replica") {
+        bail!("{what:?}: add web or replica");
+    }
+    let answer = http
+        .post(format!("{url}/api/add/{what}"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .with_context(|| format!("the lab at {url} did not answer"))?;
+    let ok = answer.status().is_success();
+    let body: serde_json::Value = answer.json().await.unwrap_or_default();
+    if !ok {
+        bail!("{}", body["error"].as_str().unwrap_or("the lab refused"));
+    }
+    println!("added {}", body["added"].as_str().unwrap_or("?"));
     Ok(())
 }
 

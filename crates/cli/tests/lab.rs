@@ -250,9 +250,15 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     // Back with restart, as a voter that follows.
     let (ok, said) = lab(&url, &["restart", &leader]);
     assert!(ok, "{said}");
-    until(&url, "the old leader back as a voter", |s| {
+    // At its old address (the lab pins what port 0 gave it), so it
+    // catches up with the others, in the new leader's term.
+    until(&url, "the old leader back as a caught-up voter", |s| {
         let p = proc_of(s, &leader);
-        p["state"] == "up" && p["db"]["kind"] == "voter"
+        let now = proc_of(s, &new_leader);
+        p["state"] == "up"
+            && p["db"]["kind"] == "voter"
+            && p["db"]["term"] == now["db"]["term"]
+            && p["db"]["applied_index"].as_u64() >= now["db"]["applied_index"].as_u64()
     })
     .await;
 
@@ -266,6 +272,62 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     let (ok, said) = lab(&url, &["resume", "web-1"]);
     assert!(ok, "{said}");
     until(&url, "web-1 up", |s| proc_of(s, "web-1")["state"] == "up").await;
+
+    // Scale out (the seed's C8): a web server added takes traffic through
+    // the load balancer at once; a read replica joins and catches up.
+    let (ok, said) = lab(&url, &["add", "web"]);
+    assert!(ok && said.contains("added web-3"), "{said}");
+    let s = until(&url, "web-3 up", |s| {
+        s["procs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "web-3" && p["state"] == "up")
+    })
+    .await;
+    let w3 = proc_of(&s, "web-3")["requests"].as_u64().unwrap_or(0);
+    let site = s["site"].as_str().unwrap().to_string();
+    let load = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args([
+                "bench",
+                &format!("{site}/healthz"),
+                "-c",
+                "3",
+                "-n",
+                "300",
+                "-d",
+                "20s",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(load.status.success());
+    until(&url, "web-3 takes a share", |s| {
+        proc_of(s, "web-3")["requests"].as_u64().unwrap_or(0) >= w3 + 60
+    })
+    .await;
+    let (ok, said) = lab(&url, &["add", "replica"]);
+    assert!(ok && said.contains("added db-6"), "{said}");
+    until(&url, "db-6 a caught-up replica", |s| {
+        let leader_applied = s["procs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["db"]["kind"] == "leader")
+            .and_then(|p| p["db"]["applied_index"].as_u64())
+            .unwrap_or(u64::MAX);
+        s["procs"].as_array().unwrap().iter().any(|p| {
+            p["name"] == "db-6"
+                && p["db"]["kind"] == "replica"
+                && p["db"]["applied_index"].as_u64() >= Some(leader_applied)
+        })
+    })
+    .await;
+    let (ok, said) = lab(&url, &["add", "lb"]);
+    assert!(!ok && said.contains("add web or replica"), "{said}");
 
     // Bad controls: a clear error, nothing done.
     let (ok, said) = lab(&url, &["kill", "db-99"]);
@@ -286,7 +348,7 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    assert_eq!(state(&url).await["procs"][5]["state"], "up");
+    assert_eq!(proc_of(&state(&url).await, "web-1")["state"], "up");
 
     // The events stream starts with the state.
     let mut events = call(&url, reqwest::Method::GET, "/api/events")

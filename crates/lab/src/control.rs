@@ -180,6 +180,52 @@ pub struct Lab {
     admin: std::collections::HashMap<String, String>,
     /// Per process: its last request count, when, and its smoothed rate.
     rates: std::sync::Mutex<std::collections::HashMap<String, (u64, std::time::Instant, f64)>>,
+    /// The stage's directory (new database nodes keep their data there,
+    /// the load balancers' admin token is there).
+    dir: std::path::PathBuf,
+    /// One scale-out at a time.
+    adding: Mutex<()>,
+}
+
+/// What `add` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Add {
+    /// A web server, registered with every load balancer at once.
+    Web,
+    /// A read replica (a non-voting database node) that joins, catches
+    /// up and takes reads.
+    Replica,
+}
+
+impl std::str::FromStr for Add {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "web" => Ok(Add::Web),
+            "replica" => Ok(Add::Replica),
+            other => Err(format!("{other:?}: add web or replica")),
+        }
+    }
+}
+
+/// `args` with the value after `flag` replaced (or `flag value` added).
+fn with_arg(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    match args.iter().position(|a| a == flag) {
+        Some(at) if at + 1 < args.len() => args[at + 1] = value.to_string(),
+        _ => args.extend([flag.to_string(), value.to_string()]),
+    }
+    args
+}
+
+fn arg_of<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let at = args.iter().position(|a| a == flag)?;
+    args.get(at + 1).map(String::as_str)
+}
+
+/// `host:0` on the host of `addr` (`host:port`).
+fn any_port(addr: &str) -> String {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    format!("{host}:0")
 }
 
 /// A control a caller may ask for.
@@ -233,6 +279,7 @@ impl Lab {
         title: &str,
         site: &str,
         procs: Vec<Proc>,
+        dir: &std::path::Path,
     ) -> Result<Arc<Lab>, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(400))
@@ -271,6 +318,8 @@ impl Lab {
             http,
             admin,
             rates: Default::default(),
+            dir: dir.to_path_buf(),
+            adding: Mutex::new(()),
         }))
     }
 
@@ -523,6 +572,128 @@ impl Lab {
         Ok(())
     }
 
+    /// Scale out: starts a new web server (registered with every load
+    /// balancer) or read replica, like the ones running; its name.
+    pub async fn add(&self, what: Add) -> Result<String, ControlError> {
+        let _one = self.adding.lock().await;
+        let refuse = |why: String| ControlError::Refused(why);
+        let (template, names, first_db, lbs) = {
+            let members = self.members.lock().await;
+            let role = match what {
+                Add::Web => "web",
+                Add::Replica => "db",
+            };
+            let template = members
+                .iter()
+                .rev()
+                .find(|m| m.proc.ready.role == role)
+                .map(|m| m.proc.spec())
+                .ok_or_else(|| refuse(format!("this stage has no {role} to copy")))?;
+            let names: Vec<String> = members.iter().map(|m| m.proc.name.clone()).collect();
+            // Joined through the leader when one is known.
+            let leader = self.state.borrow().leader.clone();
+            let first_db = members
+                .iter()
+                .filter(|m| m.proc.ready.role == "db" && m.exit.is_none())
+                .max_by_key(|m| Some(&m.proc.name) == leader.as_ref())
+                .map(|m| m.proc.url().to_string());
+            let lbs: Vec<String> = members
+                .iter()
+                .filter(|m| m.proc.ready.role == "lb")
+                .filter_map(|m| m.proc.ready.admin.clone())
+                .collect();
+            (template, names, first_db, lbs)
+        };
+        let (netns, _, args) = template;
+        let next = |prefix: &str| {
+            (1..)
+                .map(|n| format!("{prefix}-{n}"))
+                .find(|n| !names.contains(n))
+                .unwrap_or_default()
+        };
+        let (name, args) = match what {
+            Add::Web => {
+                if netns.is_some() {
+                    return Err(refuse("web servers run in the lab's namespace only".into()));
+                }
+                let name = next("web");
+                let listen = any_port(arg_of(&args, "--listen").unwrap_or("127.0.0.1:0"));
+                let args = with_arg(with_arg(args, "--listen", &listen), "--name", &name);
+                (name, args)
+            }
+            Add::Replica => {
+                if netns.is_some() {
+                    return Err(refuse(
+                        "database nodes in namespaces get their addresses from the lab's plan; add replicas to a lab without partitions".into(),
+                    ));
+                }
+                let name = next("db");
+                let id = name.trim_start_matches("db-").to_string();
+                let join =
+                    first_db.ok_or_else(|| refuse("no database node runs to join".into()))?;
+                let mut args = with_arg(args, "--id", &id);
+                args = with_arg(
+                    args.clone(),
+                    "--http",
+                    &any_port(arg_of(&args, "--http").unwrap_or("127.0.0.1:0")),
+                );
+                args = with_arg(
+                    args.clone(),
+                    "--raft",
+                    &any_port(arg_of(&args, "--raft").unwrap_or("127.0.0.1:0")),
+                );
+                args = with_arg(args, "--data", &self.dir.join(&name).display().to_string());
+                args = with_arg(args, "--join", &join);
+                if !args.iter().any(|a| a == "--read-only") {
+                    args.push("--read-only".into());
+                }
+                (name, args)
+            }
+        };
+        let fresh = Proc::start(&name, &args)
+            .await
+            .map_err(|e| ControlError::Restart {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?;
+        let url = fresh.url().to_string();
+        self.members.lock().await.push(Member {
+            proc: fresh,
+            paused: false,
+            exit: None,
+            restarting: false,
+        });
+        if what == Add::Web {
+            let token =
+                std::fs::read_to_string(crate::lb_token_file(&self.dir)).unwrap_or_default();
+            for admin in lbs {
+                let added = self
+                    .http
+                    .post(format!("{}/backends", admin.trim_end_matches('/')))
+                    .bearer_auth(token.trim())
+                    .json(&serde_json::json!({ "url": url, "name": name }))
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                match added {
+                    Ok(r) if r.status().is_success() => {}
+                    Ok(r) => {
+                        let status = r.status();
+                        let text = r.text().await.unwrap_or_default();
+                        self.record(
+                            "control",
+                            &name,
+                            format!("{admin} did not take it: {status} {text}"),
+                        );
+                    }
+                    Err(e) => self.record("control", &name, format!("{admin} did not answer: {e}")),
+                }
+            }
+        }
+        self.record("added", &name, url);
+        Ok(name)
+    }
+
     /// Restarts are not done under the processes' lock.
     fn restart_error(&self, name: &str) -> Result<(), ControlError> {
         Err(ControlError::Refused(format!(
@@ -615,6 +786,7 @@ pub async fn serve(
         .route("/api/timeline", get(api_timeline))
         .route("/api/events", get(api_events))
         .route("/api/procs/{name}/{control}", post(api_control))
+        .route("/api/add/{what}", post(api_add))
         .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such page".into()) })
         .method_not_allowed_fallback(|| async {
             refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
@@ -803,6 +975,32 @@ async fn api_control(
         Err(e @ ControlError::Restart { .. }) => {
             refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
+    }
+}
+
+async fn api_add(State(api): State<Api>, Path(what): Path<String>, headers: HeaderMap) -> Response {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "controls take Content-Type: application/json (no cross-site forms)".into(),
+        );
+    }
+    let what: Add = match what.parse() {
+        Ok(w) => w,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
+    };
+    match api.lab.add(what).await {
+        Ok(name) => (
+            StatusCode::CREATED,
+            Json(serde_json::json!({ "added": name })),
+        )
+            .into_response(),
+        Err(e @ ControlError::Refused(_)) => refuse(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

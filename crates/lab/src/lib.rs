@@ -565,7 +565,7 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
         addr: config.dashboard,
         source,
     })?;
-    let lab = control::Lab::new(config.stage, plan.title, &site_url, procs).map_err(|e| {
+    let lab = control::Lab::new(config.stage, plan.title, &site_url, procs, &dir).map_err(|e| {
         Error::Spawn {
             name: "lab".into(),
             reason: format!("building an HTTP client: {e}"),

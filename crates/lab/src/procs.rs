@@ -138,9 +138,37 @@ impl Proc {
         }
     }
 
-    /// How to start it again: its network namespace, name and arguments.
+    /// How to start it again: its network namespace, name and arguments,
+    /// with every address it was told to pick (`host:0`) pinned to the
+    /// one it got, so it comes back where the others know it (a database
+    /// node at its members' Raft address, a web server at its load
+    /// balancer's backend).
     pub fn spec(&self) -> (Option<String>, String, Vec<String>) {
-        (self.netns.clone(), self.name.clone(), self.args.clone())
+        let strip = |url: &str| {
+            url.split("://")
+                .last()
+                .unwrap_or(url)
+                .trim_end_matches('/')
+                .to_string()
+        };
+        let got = |flag: &str| -> Option<String> {
+            match (self.ready.role.as_str(), flag) {
+                ("db", "--http") | ("web" | "lb", "--listen") => Some(strip(&self.ready.url)),
+                ("db", "--raft") => self.ready.raft.clone(),
+                ("lb", "--admin") | ("dns", "--http") => self.ready.admin.as_deref().map(strip),
+                ("dns", "--listen") => Some(self.ready.url.clone()),
+                _ => None,
+            }
+        };
+        let mut args = self.args.clone();
+        for at in 1..args.len() {
+            if args[at].ends_with(":0") {
+                if let Some(addr) = got(&args[at - 1]) {
+                    args[at] = addr;
+                }
+            }
+        }
+        (self.netns.clone(), self.name.clone(), args)
     }
 
     /// SIGKILL, and its exit collected.

@@ -81,6 +81,15 @@ try:
     until("the timeline shows the restart", lambda: timeline("restarted", old))
     driver.save_screenshot(os.path.join(out, "3-restarted.png"))
 
+    driver.find_element(By.CSS_SELECTOR, 'button[data-add="web"]').click()
+    until(
+        "the added web server on the page",
+        lambda: node("web-3").get_attribute("data-state") == "up",
+        within=60,
+    )
+    until("the timeline shows it added", lambda: timeline("added", "web-3"))
+    driver.save_screenshot(os.path.join(out, "3b-web-added.png"))
+
     driver.set_window_size(390, 844)
     time.sleep(0.5)
     width = driver.execute_script("return document.documentElement.scrollWidth")
