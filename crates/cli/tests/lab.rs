@@ -329,6 +329,25 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     let (ok, said) = lab(&url, &["add", "lb"]);
     assert!(!ok && said.contains("add web or replica"), "{said}");
 
+    // The dashboard's own load: started once, counted, stopped once.
+    let post = |path: &str| {
+        call(&url, reqwest::Method::POST, path)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+    };
+    assert_eq!(post("/api/load/start").await.unwrap().status(), 200);
+    assert_eq!(post("/api/load/start").await.unwrap().status(), 409);
+    until(&url, "the load answered", |s| {
+        s["load"]["running"] == true && s["load"]["ok"].as_u64() >= Some(20)
+    })
+    .await;
+    assert_eq!(post("/api/load/stop").await.unwrap().status(), 200);
+    assert_eq!(post("/api/load/stop").await.unwrap().status(), 409);
+    assert_eq!(post("/api/load/faster").await.unwrap().status(), 400);
+    let s = until(&url, "the load stopped", |s| s["load"]["running"] == false).await;
+    assert_eq!(s["load"]["errors"], 0, "no fault meanwhile: {s}");
+
     // Bad controls: a clear error, nothing done.
     let (ok, said) = lab(&url, &["kill", "db-99"]);
     assert!(!ok && said.contains("no process named"), "{said}");

@@ -124,6 +124,36 @@ pub struct DbView {
     pub term: u64,
 }
 
+/// The load the dashboard runs against the site: what it has seen.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LoadView {
+    pub running: bool,
+    /// Answers in 2xx or 3xx, and the rest (with requests that got no
+    /// answer), since the load started.
+    pub ok: u64,
+    pub errors: u64,
+    /// Requests per second over the last look.
+    pub rps: f64,
+    /// When the first and the last error happened (ms since the epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_ms: Option<u64>,
+}
+
+/// The load's counters, shared by its workers.
+#[derive(Default)]
+struct LoadCounts {
+    ok: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+    first_error_ms: std::sync::atomic::AtomicU64,
+    last_error_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Workers of the dashboard's load, and one write in this many requests.
+const LOAD_WORKERS: usize = 4;
+const LOAD_WRITE_EVERY: u64 = 4;
+
 /// The whole lab.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LabState {
@@ -134,6 +164,9 @@ pub struct LabState {
     pub procs: Vec<ProcState>,
     /// The database node that leads, when one does.
     pub leader: Option<String>,
+    /// The load the dashboard runs, if it ever started one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadView>,
     /// Milliseconds since the Unix epoch.
     pub at_ms: u64,
 }
@@ -185,6 +218,10 @@ pub struct Lab {
     dir: std::path::PathBuf,
     /// One scale-out at a time.
     adding: Mutex<()>,
+    /// The load the dashboard runs: its counters and its stop.
+    load: std::sync::Mutex<Option<(Arc<LoadCounts>, CancellationToken)>>,
+    /// The load's count at the last look, for its rate.
+    load_seen: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
 }
 
 /// What `add` starts.
@@ -303,6 +340,7 @@ impl Lab {
             site: site.into(),
             procs: Vec::new(),
             leader: None,
+            load: None,
             at_ms: now_ms(),
         };
         let (state, _) = watch::channel(first);
@@ -320,6 +358,8 @@ impl Lab {
             rates: Default::default(),
             dir: dir.to_path_buf(),
             adding: Mutex::new(()),
+            load: std::sync::Mutex::new(None),
+            load_seen: std::sync::Mutex::new((0, None)),
         }))
     }
 
@@ -500,12 +540,14 @@ impl Lab {
                 (None, None) => {}
             }
         }
+        let load = self.load_view();
         self.state.send_replace(LabState {
             stage: self.stage,
             title: self.title.clone(),
             site: self.site.clone(),
             procs: seen,
             leader,
+            load,
             at_ms: now_ms(),
         });
     }
@@ -694,6 +736,122 @@ impl Lab {
         Ok(name)
     }
 
+    /// Starts the dashboard's load on the site: workers that each create
+    /// a link now and then and otherwise read the home page (which reads
+    /// from the replicas), until `stop_load`.
+    pub fn start_load(&self) -> Result<(), ControlError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut load = self
+            .load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if load.as_ref().is_some_and(|(_, stop)| !stop.is_cancelled()) {
+            return Err(ControlError::Refused("the load is running already".into()));
+        }
+        let counts = Arc::new(LoadCounts::default());
+        let stop = CancellationToken::new();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .map_err(|e| ControlError::Refused(format!("an HTTP client: {e}")))?;
+        for w in 0..LOAD_WORKERS {
+            let (http, counts, stop, site) = (
+                http.clone(),
+                counts.clone(),
+                stop.clone(),
+                self.site.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.is_cancelled() {
+                    n += 1;
+                    let request = if n.is_multiple_of(LOAD_WRITE_EVERY) {
+                        http.post(format!("{site}/api/links")).json(
+                            &serde_json::json!({ "url": format!("https://lab.test/{w}/{n}") }),
+                        )
+                    } else {
+                        http.get(format!("{site}/"))
+                    };
+                    let ok = tokio::select! {
+                        () = stop.cancelled() => break,
+                        sent = request.send() => match sent {
+                            Ok(r) => r.status().is_success() || r.status().is_redirection(),
+                            Err(_) => false,
+                        },
+                    };
+                    if ok {
+                        counts.ok.fetch_add(1, Relaxed);
+                    } else {
+                        counts.errors.fetch_add(1, Relaxed);
+                        let at = now_ms();
+                        let _ = counts
+                            .first_error_ms
+                            .compare_exchange(0, at, Relaxed, Relaxed);
+                        counts.last_error_ms.store(at, Relaxed);
+                    }
+                }
+            });
+        }
+        *load = Some((counts, stop));
+        self.record(
+            "control",
+            "load",
+            format!(
+                "{LOAD_WORKERS} clients on {}: reads, and a create in every {LOAD_WRITE_EVERY}",
+                self.site
+            ),
+        );
+        Ok(())
+    }
+
+    /// Stops the dashboard's load (its figures stay on the page).
+    pub fn stop_load(&self) -> Result<(), ControlError> {
+        let load = self
+            .load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match load.as_ref() {
+            Some((_, stop)) if !stop.is_cancelled() => {
+                stop.cancel();
+                self.record("control", "load", "stopped".into());
+                Ok(())
+            }
+            _ => Err(ControlError::Refused("no load is running".into())),
+        }
+    }
+
+    fn load_view(&self) -> Option<LoadView> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let load = self
+            .load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (counts, stop) = load.as_ref()?;
+        let ok = counts.ok.load(Relaxed);
+        let errors = counts.errors.load(Relaxed);
+        let mut seen = self
+            .load_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        let rps = match seen.1 {
+            Some(at) if now > at => {
+                (ok + errors).saturating_sub(seen.0) as f64 / (now - at).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        *seen = (ok + errors, Some(now));
+        let ms = |v: u64| (v > 0).then_some(v);
+        Some(LoadView {
+            running: !stop.is_cancelled(),
+            ok,
+            errors,
+            rps: (rps * 10.0).round() / 10.0,
+            first_error_ms: ms(counts.first_error_ms.load(Relaxed)),
+            last_error_ms: ms(counts.last_error_ms.load(Relaxed)),
+        })
+    }
+
     /// Restarts are not done under the processes' lock.
     fn restart_error(&self, name: &str) -> Result<(), ControlError> {
         Err(ControlError::Refused(format!(
@@ -744,8 +902,9 @@ impl Lab {
         }
     }
 
-    /// Stops every process, last started first.
+    /// Stops every process, last started first (and the load first).
     pub async fn stop_all(&self) {
+        let _ = self.stop_load();
         let members = std::mem::take(&mut *self.members.lock().await);
         for m in members.into_iter().rev() {
             if m.paused {
@@ -787,6 +946,7 @@ pub async fn serve(
         .route("/api/events", get(api_events))
         .route("/api/procs/{name}/{control}", post(api_control))
         .route("/api/add/{what}", post(api_add))
+        .route("/api/load/{what}", post(api_load))
         .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such page".into()) })
         .method_not_allowed_fallback(|| async {
             refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
@@ -1001,6 +1161,37 @@ async fn api_add(State(api): State<Api>, Path(what): Path<String>, headers: Head
             .into_response(),
         Err(e @ ControlError::Refused(_)) => refuse(StatusCode::CONFLICT, e.to_string()),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn api_load(
+    State(api): State<Api>,
+    Path(what): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "controls take Content-Type: application/json (no cross-site forms)".into(),
+        );
+    }
+    let done = match what.as_str() {
+        "start" => api.lab.start_load(),
+        "stop" => api.lab.stop_load(),
+        other => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("{other:?}: load start or stop"),
+            )
+        }
+    };
+    match done {
+        Ok(()) => Json(serde_json::json!({ "load": what })).into_response(),
+        Err(e) => refuse(StatusCode::CONFLICT, e.to_string()),
     }
 }
 

@@ -1,12 +1,15 @@
 """The lab's dashboard in a real browser (Debian's chromium, headless,
 through chromedriver and selenium): usage: dashboard_check.py URL OUTDIR.
 
-Opens the page, finds the leader the page draws, presses its "kill"
-button, and waits until the page shows another leader, the old one
-exited, and the timeline's "exited" and "leader elected" lines; restarts
-the old leader with its button and waits until the page shows it back as
-a voter. Saves screenshots (desktop and phone-sized) in OUTDIR. Prints
-OK, or fails."""
+Opens the page, starts the load with its button, finds the leader the
+page draws, presses its "kill" button, and waits until the page shows
+another leader, the old one exited, and the timeline's "exited" and
+"leader elected" lines; checks from the page that the load goes on and
+that its errors, if any, all fell within the failover (from the kill to
+a few seconds after the new leader showed); restarts the old leader with
+its button and waits until the page shows it back as a voter; adds a web
+server with its button. Saves screenshots (desktop and phone-sized) in
+OUTDIR. Prints OK, or fails."""
 import os
 import sys
 import time
@@ -63,13 +66,28 @@ try:
     tiers = [t.get_attribute("data-role") for t in driver.find_elements(By.CSS_SELECTOR, ".tier")]
     assert tiers == ["lb", "web", "db"], tiers
     assert len(driver.find_elements(By.CSS_SELECTOR, '.tier[data-role="db"] .node')) == 5
+    driver.find_element(By.ID, "start-load").click()
+    load = lambda key: int(driver.find_element(By.ID, "load").get_attribute("data-" + key.replace("firstError", "first-error").replace("lastError", "last-error")) or 0)
+    until("the load answered", lambda: load("ok") >= 30)
     driver.save_screenshot(os.path.join(out, "1-running.png"))
 
+    killed_ms = time.time() * 1000
     node(old).find_element(By.CSS_SELECTOR, 'button[data-control="kill"]').click()
     new = until("another leader on the page", lambda: (leader() if leader() not in (None, old) else None))
+    elected_ms = time.time() * 1000
+    answered = load("ok")
+    until("the load goes on after the failover", lambda: load("ok") >= answered + 40)
     until("the old leader shown exited", lambda: node(old).get_attribute("data-state") == "exited")
     until("the timeline shows the exit", lambda: timeline("exited", old))
     until("the timeline shows the election", lambda: timeline("leader_elected", new))
+    driver.find_element(By.ID, "stop-load").click()
+    until("the load stopped", lambda: driver.find_element(By.ID, "load").get_attribute("data-running") == "false")
+    errors = load("errors")
+    if errors:
+        first, last = load("firstError"), load("lastError")
+        assert first >= killed_ms - 1000 and last <= elected_ms + 5000, (
+            f"{errors} errors from {first} to {last}, outside the failover ({killed_ms} to {elected_ms})"
+        )
     driver.save_screenshot(os.path.join(out, "2-leader-killed.png"))
 
     node(old).find_element(By.CSS_SELECTOR, 'button[data-control="restart"]').click()
