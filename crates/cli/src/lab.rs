@@ -94,18 +94,7 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
     {
         bail!("{name:?}: a process name is letters, digits and dashes (`scaleout lab status` lists them)");
     }
-    let answer = http
-        .post(format!("{url}/api/procs/{name}/{control}"))
-        .header("content-type", "application/json")
-        .body("{}")
-        .send()
-        .await
-        .with_context(|| format!("the lab at {url} did not answer"))?;
-    let ok = answer.status().is_success();
-    let body: serde_json::Value = answer.json().await.unwrap_or_default();
-    if !ok {
-        bail!("{}", body["error"].as_str().unwrap_or("the lab refused"));
-    }
+    post(&http, &url, &format!("/api/procs/{name}/{control}")).await?;
     println!("{control}: {name}");
     Ok(())
 }
@@ -114,20 +103,29 @@ async fn add(http: &reqwest::Client, url: &str, what: &str) -> anyhow::Result<()
     if !matches!(what, "web" | "replica") {
         bail!("{what:?}: add web or replica");
     }
+    let body = post(http, url, &format!("/api/add/{what}")).await?;
+    println!("added {}", body["added"].as_str().unwrap_or("?"));
+    Ok(())
+}
+
+/// A control: a POST with a JSON body; the lab's answer, or its error.
+async fn post(http: &reqwest::Client, url: &str, path: &str) -> anyhow::Result<serde_json::Value> {
     let answer = http
-        .post(format!("{url}/api/add/{what}"))
+        .post(format!("{url}{path}"))
         .header("content-type", "application/json")
         .body("{}")
         .send()
         .await
         .with_context(|| format!("the lab at {url} did not answer"))?;
     let ok = answer.status().is_success();
-    let body: serde_json::Value = answer.json().await.unwrap_or_default();
+    let body: serde_json::Value = answer
+        .json()
+        .await
+        .with_context(|| format!("the lab at {url} answered something else than JSON"))?;
     if !ok {
         bail!("{}", body["error"].as_str().unwrap_or("the lab refused"));
     }
-    println!("added {}", body["added"].as_str().unwrap_or("?"));
-    Ok(())
+    Ok(body)
 }
 
 async fn status(http: &reqwest::Client, url: &str, json: bool) -> anyhow::Result<()> {

@@ -570,27 +570,9 @@ async fn an_unchanged_rqlite_client_works_through_a_follower() {
     let nodes = voters(dir.path(), 2, &[]).await;
     let follower = nodes[1].api.trim_start_matches("http://").to_string();
     let (host, port) = follower.rsplit_once(':').unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/pyrqlite_check.py"
-    );
-    let (host, port) = (host.to_string(), port.to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
-            .args([&host, &port])
-            .env("PYTHONPATH", &path)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.trim() == "OK",
-        "pyrqlite: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = [host.to_string(), port.to_string()];
+    let (ok, said) = common::db::python_client("pyrqlite_check.py", &args, path).await;
+    assert!(ok, "pyrqlite: {said}");
     // The client's writes are on the leader too.
     let (_, body) = nodes[0]
         .query(

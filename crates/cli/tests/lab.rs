@@ -68,6 +68,22 @@ async fn until(url: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
+/// `scaleout up --stage 4` on free ports, and its dashboard's URL.
+fn stage4(dir: &std::path::Path) -> (Proc, String) {
+    let mut up = Proc::spawn(&[
+        "up",
+        "--stage",
+        "4",
+        "--port-base",
+        "0",
+        "--data",
+        dir.to_str().unwrap(),
+    ]);
+    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
+    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    (up, url)
+}
+
 fn proc_of<'a>(s: &'a Value, name: &str) -> &'a Value {
     s["procs"]
         .as_array()
@@ -80,17 +96,7 @@ fn proc_of<'a>(s: &'a Value, name: &str) -> &'a Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Proc::spawn(&[
-        "up",
-        "--stage",
-        "4",
-        "--port-base",
-        "0",
-        "--data",
-        dir.path().to_str().unwrap(),
-    ]);
-    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
-    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    let (mut up, url) = stage4(dir.path());
     let (base, token) = split(&url);
     assert_eq!(token.len(), 32, "{url}");
 
@@ -406,39 +412,11 @@ async fn the_dashboard_works_in_a_real_browser() {
     }
     let path = common::db::python_packages("selenium", &["selenium"], "import selenium");
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Proc::spawn(&[
-        "up",
-        "--stage",
-        "4",
-        "--port-base",
-        "0",
-        "--data",
-        dir.path().to_str().unwrap(),
-    ]);
-    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
-    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    let (mut up, url) = stage4(dir.path());
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/dashboard_check.py"
-    );
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
-            .arg(&url)
-            .arg(&shots)
-            .env("PYTHONPATH", &path)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.starts_with("OK"),
-        "the browser: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = [url, shots.display().to_string()];
+    let (ok, said) = common::db::python_client("dashboard_check.py", &args, path).await;
+    assert!(ok, "the browser: {said}");
     up.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(up.wait_exit(Duration::from_secs(60)).success());
 }

@@ -266,27 +266,9 @@ async fn sqlalchemy_through_the_rqlite_dialect_works_through_a_follower() {
     leader_of(&nodes).await;
     let follower = nodes[1].api.trim_start_matches("http://").to_string();
     let (host, port) = follower.rsplit_once(':').unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/sqlalchemy_check.py"
-    );
-    let (host, port) = (host.to_string(), port.to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
-            .args([&host, &port])
-            .env("PYTHONPATH", &path)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.trim() == "OK",
-        "sqlalchemy: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = [host.to_string(), port.to_string()];
+    let (ok, said) = common::db::python_client("sqlalchemy_check.py", &args, path).await;
+    assert!(ok, "sqlalchemy: {said}");
 }
 
 /// `/nodes` says why a node is unreachable.

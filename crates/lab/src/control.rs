@@ -1112,15 +1112,8 @@ async fn api_control(
     Path((name, control)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !json {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "controls take Content-Type: application/json (no cross-site forms)".into(),
-        );
+    if let Some(refused) = unless_json(&headers) {
+        return refused;
     }
     let control: Control = match control.parse() {
         Ok(c) => c,
@@ -1139,15 +1132,8 @@ async fn api_control(
 }
 
 async fn api_add(State(api): State<Api>, Path(what): Path<String>, headers: HeaderMap) -> Response {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !json {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "controls take Content-Type: application/json (no cross-site forms)".into(),
-        );
+    if let Some(refused) = unless_json(&headers) {
+        return refused;
     }
     let what: Add = match what.parse() {
         Ok(w) => w,
@@ -1169,15 +1155,8 @@ async fn api_load(
     Path(what): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !json {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "controls take Content-Type: application/json (no cross-site forms)".into(),
-        );
+    if let Some(refused) = unless_json(&headers) {
+        return refused;
     }
     let done = match what.as_str() {
         "start" => api.lab.start_load(),
@@ -1193,6 +1172,22 @@ async fn api_load(
         Ok(()) => Json(serde_json::json!({ "load": what })).into_response(),
         Err(e) => refuse(StatusCode::CONFLICT, e.to_string()),
     }
+}
+
+/// Controls are POSTs with a JSON body: a cross-site form cannot send
+/// that content type without a preflight this server never answers.
+/// The refusal of a control without one.
+fn unless_json(headers: &HeaderMap) -> Option<Response> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    (!json).then(|| {
+        refuse(
+            StatusCode::FORBIDDEN,
+            "controls take Content-Type: application/json (no cross-site forms)".into(),
+        )
+    })
 }
 
 fn control_name(c: Control) -> &'static str {

@@ -240,3 +240,29 @@ pub fn python_packages(dir: &str, packages: &[&str], probe: &str) -> PathBuf {
     }
     target
 }
+
+/// Runs `tests/clients/SCRIPT ARGS...` with python3 and `pythonpath`
+/// (off the async threads); whether it succeeded with stdout starting
+/// `OK`, and what it printed.
+pub async fn python_client(script: &str, args: &[String], pythonpath: PathBuf) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(script);
+    let args = args.to_vec();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .args(args)
+            .env("PYTHONPATH", pythonpath)
+            .output()
+            .expect("python3 runs")
+    })
+    .await
+    .expect("the client's task");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ok = out.status.success() && stdout.trim_start().starts_with("OK");
+    (
+        ok,
+        format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
