@@ -83,6 +83,11 @@ async fn no_server_means_errors_and_bad_flags_a_message() {
         (vec!["http://127.0.0.1:9/", "--rate", "0"], "--rate"),
         (vec!["http://127.0.0.1:9/", "-H", "nocolon"], "Name: value"),
         (vec!["http://127.0.0.1:9/", "-m", "GE T"], "--method"),
+        (vec!["http://127.0.0.1:9/", "--timeout", "1h"], "--timeout"),
+        (
+            vec!["http://127.0.0.1:9/", "-c", "10000", "--rate", "1e-300"],
+            "--rate",
+        ),
     ] {
         let (ok, out, err) = bench(&args);
         assert!(!ok, "{args:?}: {out}");

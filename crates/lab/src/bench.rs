@@ -54,8 +54,8 @@ impl BenchConfig {
                 return Err("--rate must be more than 0 and at most 1000000".into());
             }
         }
-        if self.timeout.is_zero() {
-            return Err("--timeout must be more than 0".into());
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(600) {
+            return Err("--timeout must be more than 0 and at most 10m".into());
         }
         Ok(())
     }
@@ -200,11 +200,19 @@ pub async fn run(
                     request = request.body(body.clone());
                 }
                 match request.send().await {
-                    Ok(answer) => {
+                    Ok(mut answer) => {
                         let status = answer.status().as_u16();
-                        // The whole answer counts.
-                        match answer.bytes().await {
-                            Ok(_) => *tally.statuses.entry(status).or_default() += 1,
+                        // The whole answer counts, read and dropped a
+                        // chunk at a time (a large body is never held).
+                        let read = loop {
+                            match answer.chunk().await {
+                                Ok(Some(_)) => {}
+                                Ok(None) => break Ok(()),
+                                Err(e) => break Err(e),
+                            }
+                        };
+                        match read {
+                            Ok(()) => *tally.statuses.entry(status).or_default() += 1,
                             Err(e) => *tally.errors.entry(why(&e)).or_default() += 1,
                         }
                     }
