@@ -375,6 +375,37 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     assert_eq!(r.status(), 403);
     assert_eq!(proc_of(&state(&url).await, "web-1")["state"], "up");
 
+    // The seed's C13 as a scenario with a report: the leader killed
+    // under the lab's load; detected, another elected, writes back, and
+    // every acknowledged create still there.
+    let r = post("/api/scenario/kill-leader").await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        post("/api/scenario/kill-leader").await.unwrap().status(),
+        409
+    );
+    assert_eq!(post("/api/scenario/nothing").await.unwrap().status(), 400);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let report = loop {
+        let s = state(&url).await;
+        if s["scenario"]["done"] == true {
+            break s["scenario"].clone();
+        }
+        assert!(Instant::now() < deadline, "the scenario never ended: {s}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    eprintln!("kill-leader scenario: {report}");
+    assert!(report["error"].is_null(), "{report}");
+    assert_ne!(report["new_leader"], report["killed"], "{report}");
+    assert!(
+        report["acknowledged_writes"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(report["lost_writes"], 0, "{report}");
+    for field in ["detected_ms", "elected_ms", "writes_resumed_ms"] {
+        assert!(report[field].as_u64().is_some(), "{field}: {report}");
+    }
+
     // The events stream starts with the state.
     let mut events = call(&url, reqwest::Method::GET, "/api/events")
         .send()

@@ -148,6 +148,38 @@ struct LoadCounts {
     errors: std::sync::atomic::AtomicU64,
     first_error_ms: std::sync::atomic::AtomicU64,
     last_error_ms: std::sync::atomic::AtomicU64,
+    /// When a create was last acknowledged.
+    last_write_ok_ms: std::sync::atomic::AtomicU64,
+    /// Where each acknowledged create can be read back (its `Location`),
+    /// the first [`KEPT_WRITES`] of them.
+    created: std::sync::Mutex<Vec<String>>,
+}
+
+/// Acknowledged creates a load remembers, to look for after a scenario.
+const KEPT_WRITES: usize = 20_000;
+
+/// What the "kill the leader" scenario measured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ScenarioReport {
+    pub name: String,
+    pub done: bool,
+    /// Why it could not run, if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub killed: Option<String>,
+    pub new_leader: Option<String>,
+    /// Milliseconds from the kill until the lab saw no leader (or
+    /// another), until another was elected, and until a create was
+    /// acknowledged again.
+    pub detected_ms: Option<u64>,
+    pub elected_ms: Option<u64>,
+    pub writes_resumed_ms: Option<u64>,
+    /// Errors the load saw from the kill on.
+    pub errors: u64,
+    /// Creates the load saw acknowledged, and how many of them could not
+    /// be read back afterwards through the site (lost).
+    pub acknowledged_writes: u64,
+    pub lost_writes: u64,
 }
 
 /// Workers of the dashboard's load, and one write in this many requests.
@@ -167,6 +199,9 @@ pub struct LabState {
     /// The load the dashboard runs, if it ever started one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadView>,
+    /// The last scenario run, as far as it has got.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<ScenarioReport>,
     /// Milliseconds since the Unix epoch.
     pub at_ms: u64,
 }
@@ -222,6 +257,8 @@ pub struct Lab {
     load: std::sync::Mutex<Option<(Arc<LoadCounts>, CancellationToken)>>,
     /// The load's count at the last look, for its rate.
     load_seen: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
+    /// The last scenario's report.
+    scenario: std::sync::Mutex<Option<ScenarioReport>>,
 }
 
 /// What `add` starts.
@@ -341,6 +378,7 @@ impl Lab {
             procs: Vec::new(),
             leader: None,
             load: None,
+            scenario: None,
             at_ms: now_ms(),
         };
         let (state, _) = watch::channel(first);
@@ -360,6 +398,7 @@ impl Lab {
             adding: Mutex::new(()),
             load: std::sync::Mutex::new(None),
             load_seen: std::sync::Mutex::new((0, None)),
+            scenario: std::sync::Mutex::new(None),
         }))
     }
 
@@ -548,6 +587,7 @@ impl Lab {
             procs: seen,
             leader,
             load,
+            scenario: self.scenario_report(),
             at_ms: now_ms(),
         });
     }
@@ -772,10 +812,23 @@ impl Lab {
                     } else {
                         http.get(format!("{site}/"))
                     };
+                    let write = n.is_multiple_of(LOAD_WRITE_EVERY);
                     let ok = tokio::select! {
                         () = stop.cancelled() => break,
                         sent = request.send() => match sent {
-                            Ok(r) => r.status().is_success() || r.status().is_redirection(),
+                            Ok(r) => {
+                                let ok = r.status().is_success() || r.status().is_redirection();
+                                if ok && write {
+                                    counts.last_write_ok_ms.store(now_ms(), Relaxed);
+                                    if let Some(at) = r.headers().get("location").and_then(|v| v.to_str().ok()) {
+                                        let mut created = counts.created.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                                        if created.len() < KEPT_WRITES {
+                                            created.push(at.to_string());
+                                        }
+                                    }
+                                }
+                                ok
+                            }
                             Err(_) => false,
                         },
                     };
@@ -802,6 +855,127 @@ impl Lab {
             ),
         );
         Ok(())
+    }
+
+    fn scenario_report(&self) -> Option<ScenarioReport> {
+        self.scenario
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_scenario(&self, report: &ScenarioReport) {
+        *self
+            .scenario
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report.clone());
+    }
+
+    /// The seed's C13 under load: the leader killed while the dashboard's
+    /// load runs; how long until the lab saw it, until another leader was
+    /// elected, until creates were acknowledged again; the errors the load
+    /// saw; and every create acknowledged during the run looked for
+    /// afterwards through the site (none may be lost).
+    pub async fn kill_leader_scenario(self: Arc<Self>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut report = ScenarioReport {
+            name: "kill-leader".into(),
+            ..Default::default()
+        };
+        let started_load = self.start_load().is_ok();
+        let counts = self
+            .load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|(c, _)| c.clone());
+        let finish = |lab: &Lab, mut report: ScenarioReport, error: Option<String>| {
+            report.error = error;
+            report.done = true;
+            lab.set_scenario(&report);
+            lab.record(
+                "scenario",
+                "kill-leader",
+                match &report.error {
+                    Some(e) => format!("could not run: {e}"),
+                    None => format!(
+                        "elected after {} ms, writes back after {} ms, {} errors, {} of {} acknowledged writes lost",
+                        report.elected_ms.unwrap_or(0),
+                        report.writes_resumed_ms.unwrap_or(0),
+                        report.errors,
+                        report.lost_writes,
+                        report.acknowledged_writes
+                    ),
+                },
+            );
+            if started_load {
+                let _ = lab.stop_load();
+            }
+        };
+        let Some(counts) = counts else {
+            return finish(&self, report, Some("no load".into()));
+        };
+        // A baseline under load first.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let Some(old) = self.state().leader else {
+            return finish(&self, report, Some("no leader to kill".into()));
+        };
+        let errors_before = counts.errors.load(Relaxed);
+        let t0 = now_ms();
+        if let Err(e) = self.control(&old, Control::Kill).await {
+            return finish(&self, report, Some(e.to_string()));
+        }
+        report.killed = Some(old.clone());
+        let mut states = self.state.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while report.writes_resumed_ms.is_none() && tokio::time::Instant::now() < deadline {
+            let leader = states.borrow_and_update().leader.clone();
+            if report.detected_ms.is_none() && leader.as_ref() != Some(&old) {
+                report.detected_ms = Some(now_ms().saturating_sub(t0));
+            }
+            if let Some(new) = leader.filter(|l| *l != old) {
+                if report.elected_ms.is_none() {
+                    report.elected_ms = Some(now_ms().saturating_sub(t0));
+                    report.new_leader = Some(new);
+                }
+                let last_write = counts.last_write_ok_ms.load(Relaxed);
+                if last_write > t0 + report.elected_ms.unwrap_or(0) {
+                    report.writes_resumed_ms = Some(last_write - t0);
+                }
+            }
+            self.set_scenario(&report);
+            let _ = tokio::time::timeout(Duration::from_millis(100), states.changed()).await;
+        }
+        // The load goes on a little after, then stops (if it was ours).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        report.errors = counts.errors.load(Relaxed) - errors_before;
+        if started_load {
+            let _ = self.stop_load();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let created = counts
+            .created
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        report.acknowledged_writes = created.len() as u64;
+        for at in &created {
+            let found = self
+                .http
+                .get(format!("{}{at}", self.site))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if !found {
+                report.lost_writes += 1;
+            }
+        }
+        let error = report
+            .writes_resumed_ms
+            .is_none()
+            .then(|| "writes did not resume within 30 s".to_string());
+        finish(&self, report, error);
     }
 
     /// Stops the dashboard's load (its figures stay on the page).
@@ -947,6 +1121,7 @@ pub async fn serve(
         .route("/api/procs/{name}/{control}", post(api_control))
         .route("/api/add/{what}", post(api_add))
         .route("/api/load/{what}", post(api_load))
+        .route("/api/scenario/{name}", post(api_scenario))
         .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such page".into()) })
         .method_not_allowed_fallback(|| async {
             refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
@@ -1176,6 +1351,43 @@ async fn api_load(
 
 /// Controls are POSTs with a JSON body: a cross-site form cannot send
 /// that content type without a preflight this server never answers.
+async fn api_scenario(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = unless_json(&headers) {
+        return refused;
+    }
+    if name != "kill-leader" {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!("{name:?}: the scenarios are: kill-leader"),
+        );
+    }
+    {
+        // One at a time: looked at and taken under one lock.
+        let mut current = api
+            .lab
+            .scenario
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.as_ref().is_some_and(|r| !r.done) {
+            return refuse(StatusCode::CONFLICT, "a scenario is running".into());
+        }
+        *current = Some(ScenarioReport {
+            name: name.clone(),
+            ..Default::default()
+        });
+    }
+    tokio::spawn(api.lab.clone().kill_leader_scenario());
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "scenario": name })),
+    )
+        .into_response()
+}
+
 /// The refusal of a control without one.
 fn unless_json(headers: &HeaderMap) -> Option<Response> {
     let json = headers
