@@ -84,6 +84,31 @@ fn stage4(dir: &std::path::Path) -> (Proc, String) {
     (up, url)
 }
 
+/// `scaleout bench` sends `requests` to `site`'s `/healthz` over
+/// `connections` connections, and must succeed.
+async fn load_through(site: &str, connections: u32, requests: u32) {
+    let args = [
+        "bench".to_string(),
+        format!("{site}/healthz"),
+        "-c".into(),
+        connections.to_string(),
+        "-n".into(),
+        requests.to_string(),
+        "-d".into(),
+        "20s".into(),
+    ];
+    let load = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN).args(args).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+}
+
 fn proc_of<'a>(s: &'a Value, name: &str) -> &'a Value {
     s["procs"]
         .as_array()
@@ -180,28 +205,7 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     let site = s["site"].as_str().unwrap().to_string();
     let before = |s: &Value, name: &str| proc_of(s, name)["requests"].as_u64().unwrap_or(0);
     let (w1, w2) = (before(&s, "web-1"), before(&s, "web-2"));
-    let load = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(BIN)
-            .args([
-                "bench",
-                &format!("{site}/healthz"),
-                "-c",
-                "4",
-                "-n",
-                "400",
-                "-d",
-                "20s",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        load.status.success(),
-        "{}",
-        String::from_utf8_lossy(&load.stderr)
-    );
+    load_through(&site, 4, 400).await;
     // The state is the watcher's last look (twice a second): wait for
     // one taken after the load.
     let s = until(&url, "the load counted on both web servers", |s| {
@@ -293,24 +297,7 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     .await;
     let w3 = proc_of(&s, "web-3")["requests"].as_u64().unwrap_or(0);
     let site = s["site"].as_str().unwrap().to_string();
-    let load = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(BIN)
-            .args([
-                "bench",
-                &format!("{site}/healthz"),
-                "-c",
-                "3",
-                "-n",
-                "300",
-                "-d",
-                "20s",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(load.status.success());
+    load_through(&site, 3, 300).await;
     until(&url, "web-3 takes a share", |s| {
         proc_of(s, "web-3")["requests"].as_u64().unwrap_or(0) >= w3 + 60
     })

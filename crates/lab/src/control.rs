@@ -1349,8 +1349,8 @@ async fn api_load(
     }
 }
 
-/// Controls are POSTs with a JSON body: a cross-site form cannot send
-/// that content type without a preflight this server never answers.
+/// Runs a scenario (one at a time) in the background; its report grows
+/// in the state.
 async fn api_scenario(
     State(api): State<Api>,
     Path(name): Path<String>,
@@ -1388,7 +1388,9 @@ async fn api_scenario(
         .into_response()
 }
 
-/// The refusal of a control without one.
+/// Controls are POSTs with a JSON body: a cross-site form cannot send
+/// that content type without a preflight this server never answers. The
+/// refusal of a control without one.
 fn unless_json(headers: &HeaderMap) -> Option<Response> {
     let json = headers
         .get(header::CONTENT_TYPE)
