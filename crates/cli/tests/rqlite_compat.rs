@@ -517,3 +517,119 @@ async fn node_ids_are_names_as_in_rqlite() {
     let listed: Value = common::get_json(&format!("{url0}/nodes?ver=2&nonvoters")).await;
     assert_eq!(listed["nodes"].as_array().unwrap().len(), 1, "{listed}");
 }
+
+/// rqlite's `POST /leader`: `{"id": N}` hands the leadership to that
+/// voter (sent to a follower, it is forwarded), `?wait` answers once it
+/// leads; writes sent meanwhile are held and then served by the new
+/// leader, none lost. Without an id, another voter takes over. The
+/// leader itself, an unknown node, a read replica or a malformed body
+/// are refused with a JSON error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_is_handed_to_the_voter_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = voters(dir.path(), 3, &[]).await;
+    let replica = DbNode::start(4, dir.path(), &["--join", &nodes[0].api, "--read-only"]);
+    common::eventually_json(&nodes[0].url("/nodes?nonvoters&ver=2"), |v| {
+        v["nodes"].as_array().is_some_and(|n| n.len() == 4)
+    })
+    .await;
+    let old = leader_of(&nodes).await;
+    let target = (old + 1) % 3;
+    let asked = (old + 2) % 3;
+    let target_id = (target + 1).to_string();
+    post(
+        &nodes[old],
+        "/db/execute",
+        json!(["CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"]),
+    )
+    .await;
+
+    // Writes go on through the node asked, while it hands over.
+    let writer_url = nodes[asked].url("/db/execute");
+    let writes = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..40 {
+            let r = client()
+                .post(&writer_url)
+                .json(&json!([["INSERT INTO t (v) VALUES (?)", format!("w{i}")]]))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap();
+            if status == 200 && body["results"][0].get("error").is_none() {
+                acked.push(format!("w{i}"));
+            } else {
+                assert!(matches!(status, 503 | 504), "{status} {body}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        acked
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (status, text) = post_text(
+        &nodes[asked],
+        "/leader?wait",
+        &json!({ "id": target_id }).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["leader"]["id"], target_id.as_str(), "{answer}");
+    for n in nodes.iter().chain([&replica]) {
+        common::eventually_json(&n.url("/leader"), |v| {
+            v["leader"]["id"] == target_id.as_str()
+        })
+        .await;
+    }
+    assert_eq!(nodes[target].role().await.as_deref(), Some("Leader"));
+    let acked = writes.await.unwrap();
+    assert!(acked.len() >= 30, "most writes went through: {acked:?}");
+    let stored = post(
+        &nodes[target],
+        "/db/query?level=strong",
+        json!(["SELECT v FROM t"]),
+    )
+    .await;
+    let stored: Vec<&str> = stored["results"][0]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row[0].as_str().unwrap())
+        .collect();
+    for v in &acked {
+        assert!(
+            stored.contains(&v.as_str()),
+            "{v} acknowledged but lost: {stored:?}"
+        );
+    }
+
+    // Refusals, each with a JSON error.
+    for (body, want) in [
+        (json!({ "id": target_id }).to_string(), 400),
+        (json!({ "id": "99" }).to_string(), 404),
+        (json!({ "id": "4" }).to_string(), 400),
+        ("{\"id\": [1]}".to_string(), 400),
+        ("not json".to_string(), 400),
+    ] {
+        let (status, text) = post_text(&nodes[old], "/leader?wait", &body).await;
+        assert_eq!(status, want, "{body}: {text}");
+        let error: Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            error["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{text}"
+        );
+    }
+    assert_eq!(nodes[target].role().await.as_deref(), Some("Leader"));
+
+    // No id, no wait: answered at once, and another voter soon leads.
+    let (status, text) = post_text(&nodes[target], "/leader", "").await;
+    assert_eq!(status, 200, "{text}");
+    let moved = common::eventually_json(&nodes[target].url("/leader"), |v| {
+        v["leader"]["id"]
+            .as_str()
+            .is_some_and(|id| id != target_id && id != "4")
+    })
+    .await;
+    assert_ne!(moved["leader"]["id"], target_id.as_str(), "{moved}");
+}

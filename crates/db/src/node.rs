@@ -13,6 +13,7 @@
 mod cluster;
 pub mod consistency;
 mod start;
+mod transfer;
 mod tuning;
 
 pub use start::{resolve, start};

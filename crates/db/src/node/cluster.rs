@@ -34,7 +34,7 @@ impl DbNode {
             .route("/nodes", get(nodes))
             .route("/readyz", get(readyz))
             .route("/healthz", get(|| async { "ok\n" }))
-            .route("/leader", get(leader))
+            .route("/leader", get(leader).post(step_down))
             .route("/metrics", get(metrics))
             .route("/debug/vars", get(debug_vars))
             .route("/join", post(join))
@@ -374,6 +374,58 @@ async fn leader(State(node): This) -> Response {
         })
         .into_response(),
         None => NodeError::NoLeader.into_response(),
+    }
+}
+
+/// rqlite's `POST /leader`: the leader hands its role to the voter
+/// `{"id": N}` names, or to the voter furthest along without one. With
+/// `?wait` the answer comes once the new leader leads (the new leader,
+/// as `GET /leader` shows it); without, once the transfer has started.
+/// A follower forwards it to the leader.
+async fn step_down(
+    State(node): This,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let to = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let asked = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .filter(Value::is_object);
+        match asked.as_ref().map(|v| v.get("id").map(node_id)) {
+            Some(None) => None,
+            Some(Some(Some(id))) => Some(id),
+            Some(Some(None)) | None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "leader: send {\"id\": \"N\"} (a node's id) or no body",
+                )
+            }
+        }
+    };
+    if let Some(forwarded) = on_leader(&node, method, &uri, &headers, body).await {
+        return forwarded;
+    }
+    let transfer = match node.plan_transfer(to) {
+        Ok(t) => t,
+        Err(refused) => return error(refused.status, &format!("leader: {}", refused.why)),
+    };
+    let target = transfer.target();
+    if !http::uri_flag(&uri, "wait") {
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(refused) = node.transfer(transfer).await {
+                tracing::warn!(target, why = %refused.why, "leadership transfer did not land");
+            }
+        });
+        return axum::Json(json!({})).into_response();
+    }
+    match node.transfer(transfer).await {
+        Ok(()) => leader(State(node)).await,
+        Err(refused) => error(refused.status, &format!("leader: {}", refused.why)),
     }
 }
 

@@ -291,6 +291,7 @@ pub fn router(raft: Raft, contact: Arc<Contact>, secret: Option<ClusterSecret>) 
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
+        .route("/raft/elect", post(elect))
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
         .with_state(Rpc { raft, contact });
     let Some(secret) = secret else {
@@ -356,6 +357,34 @@ async fn vote(
     Json(req): Json<VoteRequest<u64>>,
 ) -> Json<Result<VoteResponse<u64>, RaftError<u64>>> {
     Json(rpc.raft.vote(req).await)
+}
+
+/// The leader handing leadership over asks this node to stand now (it
+/// has stopped its heartbeats and waited out their lease first).
+async fn elect(State(rpc): State<Rpc>) -> Json<Result<(), String>> {
+    tracing::info!("asked by the leader to stand for election");
+    Json(rpc.raft.trigger().elect().await.map_err(|e| e.to_string()))
+}
+
+/// Asks the node at `member` to stand for election now (`/raft/elect`).
+pub async fn ask_to_stand(
+    client: &reqwest::Client,
+    secret: Option<&ClusterSecret>,
+    member: &Member,
+) -> Result<(), String> {
+    let url = format!("{}://{}/raft/elect", crate::peers::scheme(), member.raft);
+    let mut request = client.post(url).timeout(Duration::from_secs(2));
+    if let Some(secret) = secret {
+        request = request.header(reqwest::header::AUTHORIZATION, secret.header());
+    }
+    let answer = request.send().await.map_err(|e| e.to_string())?;
+    if !answer.status().is_success() {
+        return Err(format!("it answered {}", answer.status()));
+    }
+    answer
+        .json::<Result<(), String>>()
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 async fn snapshot(

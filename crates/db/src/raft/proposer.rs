@@ -27,7 +27,7 @@ use std::time::Duration;
 use openraft::ServerState;
 
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{Command, Raft, TypeConfig, WriteError};
 
@@ -49,6 +49,9 @@ type Reply = oneshot::Sender<Result<(u64, Vec<Value>), NodeError>>;
 #[derive(Clone)]
 pub struct Proposer {
     queue: mpsc::UnboundedSender<(Command, usize, Reply)>,
+    /// The batches that may be in flight at once; holding all of them
+    /// holds every write back (see [`Self::hold`]).
+    slots: Arc<Semaphore>,
     pub counts: Arc<Counts>,
 }
 
@@ -70,8 +73,30 @@ impl Proposer {
         let (queue, rx) = mpsc::unbounded_channel();
         let counts = Arc::new(Counts::default());
         let lease = Lease { raft, lease };
-        tokio::spawn(batch_loop(lease, rx, Arc::new(reject), counts.clone()));
-        Proposer { queue, counts }
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        tokio::spawn(batch_loop(
+            lease,
+            rx,
+            Arc::new(reject),
+            counts.clone(),
+            slots.clone(),
+        ));
+        Proposer {
+            queue,
+            slots,
+            counts,
+        }
+    }
+
+    /// Waits until no batch is in flight and keeps it so while the permit
+    /// is held: writes queue up behind it (a leadership transfer needs the
+    /// log to stand still). `None` once the node is shutting down.
+    pub async fn hold(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots
+            .clone()
+            .acquire_many_owned(IN_FLIGHT as u32)
+            .await
+            .ok()
     }
 
     /// Proposes `command` (of about `size` bytes); resolves once it is
@@ -144,8 +169,8 @@ async fn batch_loop(
     mut rx: mpsc::UnboundedReceiver<(Command, usize, Reply)>,
     reject: Reject,
     counts: Arc<Counts>,
+    slots: Arc<Semaphore>,
 ) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
