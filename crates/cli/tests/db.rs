@@ -361,6 +361,32 @@ async fn killing_the_leader_during_writes_loses_no_acknowledged_write() {
     }
     let resumed = killed_at.elapsed();
     eprintln!("writes resumed {resumed:?} after the leader was killed");
+    // The new leader stood as soon as the dead one's lease ran out (its
+    // log the longest of those that answered), not on openraft's later
+    // timer.
+    let mut stood = Vec::new();
+    for (i, node) in nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
+        let metrics = client()
+            .get(node.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let early: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("scaleout_db_early_elections_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no early-election counter: {metrics}"));
+        stood.push((i, early, node.role().await));
+    }
+    assert!(
+        stood
+            .iter()
+            .any(|(_, early, role)| *early >= 1 && role.as_deref() == Some("Leader")),
+        "the new leader did not stand early: {stood:?}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {

@@ -43,6 +43,9 @@ pub struct Stats {
     write: Kind,
     read: Kind,
     other: Kind,
+    /// Elections this node stood in as soon as the leader's lease ran out
+    /// (`node/stand.rs`).
+    pub stood_early: AtomicU64,
 }
 
 impl Stats {
@@ -97,6 +100,11 @@ impl Stats {
             "scaleout_db_proposed_writes_total",
             "Client writes those entries carried.",
             proposed.writes.load(Ordering::Relaxed),
+        )?;
+        w.counter(
+            "scaleout_db_early_elections_total",
+            "Elections this node stood in as soon as the leader's lease ran out, its log the longest of the voters that answered.",
+            self.stood_early.load(Ordering::Relaxed),
         )?;
         let by_kind = |get: fn(&Kind) -> &AtomicU64| {
             self.kinds().map(|(name, kind)| {

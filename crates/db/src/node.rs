@@ -12,6 +12,7 @@
 
 mod cluster;
 pub mod consistency;
+mod stand;
 mod start;
 mod transfer;
 mod tuning;

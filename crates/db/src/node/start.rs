@@ -147,6 +147,12 @@ pub async fn start(
         shutdown.clone(),
     ));
 
+    {
+        let node = node.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { node.stand_when_silent(shutdown).await });
+    }
+
     if fresh {
         match &config.join {
             None => {
