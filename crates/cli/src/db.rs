@@ -38,9 +38,10 @@ pub struct DbArgs {
     /// The Raft address others should use, if not --raft.
     #[arg(long)]
     raft_adv: Option<String>,
-    /// Time without a leader before a follower stands for election (it
-    /// waits between this and twice this). The default resumes writes
-    /// within about 2 s of losing the leader.
+    /// The leader's lease: time without a heartbeat before the follower
+    /// with the longest log stands for election (openraft's own timer,
+    /// the fallback, waits 1.5-2 times this). The default resumes writes
+    /// about 0.6 s after the leader is lost.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
     election_timeout: Duration,
     /// Applied entries between snapshots (the log before a snapshot is dropped).

@@ -116,10 +116,10 @@ pub async fn start(
         join_credentials: config.join_credentials.clone(),
         cluster_secret: config.cluster_secret.clone(),
         leader_end: std::sync::Mutex::new(None),
-        lease: config.election_timeout * 2,
+        lease: config.election_timeout * 3 / 2,
         started: Instant::now(),
         db_path,
-        proposer: Proposer::start(raft.clone(), redirect_of, config.election_timeout * 2),
+        proposer: Proposer::start(raft.clone(), redirect_of, config.election_timeout * 3 / 2),
         queued: Arc::new(tokio::sync::Semaphore::new(super::QUEUE_DEPTH)),
         // Unique across restarts, as rqlite's (which start from the clock).
         queue_seq: std::sync::atomic::AtomicU64::new(
