@@ -39,6 +39,14 @@ enum LabCommand {
     /// Scale out: `web` (a web server the load balancers take at once) or
     /// `replica` (a read replica that joins, catches up and takes reads).
     Add { what: String },
+    /// Run a scenario under the lab's load and print its report when it
+    /// ends: kill-leader, kill-web, kill-replica, add-web, add-replica.
+    Scenario {
+        name: String,
+        /// The report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn run(args: LabArgs) -> anyhow::Result<()> {
@@ -81,6 +89,7 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
     let (name, control) = match args.command {
         LabCommand::Status { json } => return status(&http, &url, json).await,
         LabCommand::Add { what } => return add(&http, &url, &what).await,
+        LabCommand::Scenario { name, json } => return scenario(&http, &url, &name, json).await,
         LabCommand::Kill { name } => (name, "kill"),
         LabCommand::Stop { name } => (name, "stop"),
         LabCommand::Pause { name } => (name, "pause"),
@@ -106,6 +115,51 @@ async fn add(http: &reqwest::Client, url: &str, what: &str) -> anyhow::Result<()
     let body = post(http, url, &format!("/api/add/{what}")).await?;
     println!("added {}", body["added"].as_str().unwrap_or("?"));
     Ok(())
+}
+
+/// Starts a scenario and follows it until its report is done.
+async fn scenario(http: &reqwest::Client, url: &str, name: &str, json: bool) -> anyhow::Result<()> {
+    let names: Vec<&str> = scaleout_lab::control::Scenario::ALL
+        .iter()
+        .map(|s| s.name())
+        .collect();
+    if !names.contains(&name) {
+        bail!("{name:?}: the scenarios are {}", names.join(", "));
+    }
+    post(http, url, &format!("/api/scenario/{name}")).await?;
+    if !json {
+        eprintln!("{name}: running under load (about 10-40 s)");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let state: serde_json::Value = http
+            .get(format!("{url}/api/state"))
+            .send()
+            .await
+            .with_context(|| format!("the lab at {url} did not answer"))?
+            .json()
+            .await
+            .context("the lab's state")?;
+        let report = &state["scenario"];
+        if report["name"] == name && report["done"] == true {
+            if json {
+                println!("{report}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(report)?);
+            }
+            if let Some(e) = report["error"].as_str() {
+                bail!("{name}: {e}");
+            }
+            if report["lost_writes"].as_u64().unwrap_or(0) > 0 {
+                bail!("{name}: acknowledged writes were lost");
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{name}: no report after 3 minutes");
+        }
+    }
 }
 
 /// A control: a POST with a JSON body; the lab's answer, or its error.

@@ -393,6 +393,35 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
         assert!(report[field].as_u64().is_some(), "{field}: {report}");
     }
 
+    // The other scenarios, from the CLI, each ending in a report: a web
+    // server and a replica killed under load (seen, traffic moved,
+    // nothing lost), a web server added (it serves).
+    let (ok, said) = lab(&url, &["scenario", "kill-everything"]);
+    assert!(!ok && said.contains("the scenarios are"), "{said}");
+    for (name, field) in [
+        ("kill-web", "killed"),
+        ("kill-replica", "killed"),
+        ("add-web", "added"),
+    ] {
+        let (ok, said) = lab(&url, &["scenario", name, "--json"]);
+        assert!(ok, "{name}: {said}");
+        let report: Value = serde_json::from_str(said.trim()).unwrap();
+        eprintln!("{name} scenario: {report}");
+        assert_eq!(report["name"], name, "{report}");
+        assert!(report[field].as_str().is_some(), "{report}");
+        assert!(report["detected_ms"].as_u64().is_some(), "{report}");
+        assert!(report["traffic_moved_ms"].as_u64().is_some(), "{report}");
+        assert!(
+            report["acknowledged_writes"].as_u64().unwrap() > 0,
+            "{report}"
+        );
+        assert_eq!(report["lost_writes"], 0, "{report}");
+        let target = report[field].as_str().unwrap();
+        let s = state(&url).await;
+        let want = if field == "killed" { "exited" } else { "up" };
+        assert_eq!(proc_of(&s, target)["state"], want, "{s}");
+    }
+
     // The events stream starts with the state.
     let mut events = call(&url, reqwest::Method::GET, "/api/events")
         .send()

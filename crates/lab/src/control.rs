@@ -158,7 +158,7 @@ struct LoadCounts {
 /// Acknowledged creates a load remembers, to look for after a scenario.
 const KEPT_WRITES: usize = 20_000;
 
-/// What the "kill the leader" scenario measured.
+/// What a scenario measured.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ScenarioReport {
     pub name: String,
@@ -166,7 +166,11 @@ pub struct ScenarioReport {
     /// Why it could not run, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The process killed, or the one added.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub killed: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub added: Option<String>,
     pub new_leader: Option<String>,
     /// Milliseconds from the kill until the lab saw no leader (or
     /// another), until another was elected, and until a create was
@@ -174,12 +178,46 @@ pub struct ScenarioReport {
     pub detected_ms: Option<u64>,
     pub elected_ms: Option<u64>,
     pub writes_resumed_ms: Option<u64>,
+    /// Milliseconds from the fault until traffic had moved: for a kill,
+    /// until the load's last error (0: it saw none, the load balancer or
+    /// the database client moved it at once); for an addition, until the
+    /// new process served its first request.
+    pub traffic_moved_ms: Option<u64>,
     /// Errors the load saw from the kill on.
     pub errors: u64,
     /// Creates the load saw acknowledged, and how many of them could not
     /// be read back afterwards through the site (lost).
     pub acknowledged_writes: u64,
     pub lost_writes: u64,
+}
+
+impl ScenarioReport {
+    /// One line for the timeline.
+    pub fn summary(&self) -> String {
+        if let Some(e) = &self.error {
+            return format!("could not run: {e}");
+        }
+        let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
+        let mut line = match (&self.killed, &self.added) {
+            (Some(k), _) => format!("killed {k}, seen after {}", ms(self.detected_ms)),
+            (_, Some(a)) => format!("added {a}, up after {}", ms(self.detected_ms)),
+            _ => String::new(),
+        };
+        if self.elected_ms.is_some() {
+            line += &format!(
+                ", elected after {}, writes back after {}",
+                ms(self.elected_ms),
+                ms(self.writes_resumed_ms)
+            );
+        }
+        if self.traffic_moved_ms.is_some() {
+            line += &format!(", traffic moved after {}", ms(self.traffic_moved_ms));
+        }
+        line + &format!(
+            ", {} errors, {} of {} acknowledged writes lost",
+            self.errors, self.lost_writes, self.acknowledged_writes
+        )
+    }
 }
 
 /// Workers of the dashboard's load, and one write in this many requests.
@@ -279,6 +317,55 @@ impl std::str::FromStr for Add {
             "replica" => Ok(Add::Replica),
             other => Err(format!("{other:?}: add web or replica")),
         }
+    }
+}
+
+/// The scenarios: each a claim of the seed, shown under the lab's load
+/// and ended with a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// C13: the leader dies; another is elected, writes resume.
+    KillLeader,
+    /// C7: a web server dies; the load balancers send its share elsewhere.
+    KillWeb,
+    /// C12: a read replica dies; reads go to the others.
+    KillReplica,
+    /// C4: a web server is added and takes its share of the traffic.
+    AddWeb,
+    /// C11: a read replica is added, catches up and takes reads.
+    AddReplica,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 5] = [
+        Scenario::KillLeader,
+        Scenario::KillWeb,
+        Scenario::KillReplica,
+        Scenario::AddWeb,
+        Scenario::AddReplica,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::KillLeader => "kill-leader",
+            Scenario::KillWeb => "kill-web",
+            Scenario::KillReplica => "kill-replica",
+            Scenario::AddWeb => "add-web",
+            Scenario::AddReplica => "add-replica",
+        }
+    }
+}
+
+impl std::str::FromStr for Scenario {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Scenario::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Scenario::ALL.iter().map(|c| c.name()).collect();
+                format!("{s:?}: the scenarios are: {}", names.join(", "))
+            })
     }
 }
 
@@ -871,15 +958,17 @@ impl Lab {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report.clone());
     }
 
-    /// The seed's C13 under load: the leader killed while the dashboard's
-    /// load runs; how long until the lab saw it, until another leader was
-    /// elected, until creates were acknowledged again; the errors the load
-    /// saw; and every create acknowledged during the run looked for
-    /// afterwards through the site (none may be lost).
-    pub async fn kill_leader_scenario(self: Arc<Self>) {
+    /// A scenario under the dashboard's load (started for it if none
+    /// runs): a baseline, then the fault or the addition; how long until
+    /// the lab saw it, until traffic had moved (and, for the leader, until
+    /// another was elected and creates were acknowledged again); the
+    /// errors the load saw; and every create acknowledged during the run
+    /// looked for afterwards through the site (none may be lost).
+    pub async fn run_scenario(self: Arc<Self>, scenario: Scenario) {
         use std::sync::atomic::Ordering::Relaxed;
+        let name = scenario.name();
         let mut report = ScenarioReport {
-            name: "kill-leader".into(),
+            name: name.into(),
             ..Default::default()
         };
         let started_load = self.start_load().is_ok();
@@ -893,21 +982,7 @@ impl Lab {
             report.error = error;
             report.done = true;
             lab.set_scenario(&report);
-            lab.record(
-                "scenario",
-                "kill-leader",
-                match &report.error {
-                    Some(e) => format!("could not run: {e}"),
-                    None => format!(
-                        "elected after {} ms, writes back after {} ms, {} errors, {} of {} acknowledged writes lost",
-                        report.elected_ms.unwrap_or(0),
-                        report.writes_resumed_ms.unwrap_or(0),
-                        report.errors,
-                        report.lost_writes,
-                        report.acknowledged_writes
-                    ),
-                },
-            );
+            lab.record("scenario", name, report.summary());
             if started_load {
                 let _ = lab.stop_load();
             }
@@ -917,38 +992,120 @@ impl Lab {
         };
         // A baseline under load first.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let Some(old) = self.state().leader else {
-            return finish(&self, report, Some("no leader to kill".into()));
+        let before = self.state();
+        let old_leader = before.leader.clone();
+        let victim = |role: &str, kind: Option<&str>| {
+            before
+                .procs
+                .iter()
+                .filter(|p| p.role == role && p.state == Running::Up)
+                .find(|p| kind.is_none_or(|k| p.db.as_ref().is_some_and(|d| d.kind == k)))
+                .map(|p| p.name.clone())
+        };
+        let target = match scenario {
+            Scenario::KillLeader => old_leader.clone(),
+            Scenario::KillWeb => victim("web", None),
+            Scenario::KillReplica => victim("db", Some("replica")),
+            Scenario::AddWeb | Scenario::AddReplica => None,
         };
         let errors_before = counts.errors.load(Relaxed);
         let t0 = now_ms();
-        if let Err(e) = self.control(&old, Control::Kill).await {
-            return finish(&self, report, Some(e.to_string()));
-        }
-        report.killed = Some(old.clone());
+        let target = match (scenario, target) {
+            (Scenario::AddWeb | Scenario::AddReplica, _) => {
+                let what = if scenario == Scenario::AddWeb {
+                    Add::Web
+                } else {
+                    Add::Replica
+                };
+                match self.add(what).await {
+                    Ok(added) => {
+                        report.added = Some(added.clone());
+                        added
+                    }
+                    Err(e) => return finish(&self, report, Some(e.to_string())),
+                }
+            }
+            (_, None) => {
+                return finish(
+                    &self,
+                    report,
+                    Some("this stage has nothing of that kind to kill".into()),
+                )
+            }
+            (_, Some(target)) => {
+                if let Err(e) = self.control(&target, Control::Kill).await {
+                    return finish(&self, report, Some(e.to_string()));
+                }
+                report.killed = Some(target.clone());
+                target
+            }
+        };
         let mut states = self.state.subscribe();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while report.writes_resumed_ms.is_none() && tokio::time::Instant::now() < deadline {
-            let leader = states.borrow_and_update().leader.clone();
-            if report.detected_ms.is_none() && leader.as_ref() != Some(&old) {
-                report.detected_ms = Some(now_ms().saturating_sub(t0));
-            }
-            if let Some(new) = leader.filter(|l| *l != old) {
-                if report.elected_ms.is_none() {
-                    report.elected_ms = Some(now_ms().saturating_sub(t0));
-                    report.new_leader = Some(new);
+        let since = |at: u64| at.saturating_sub(t0);
+        loop {
+            let state = states.borrow_and_update().clone();
+            let proc = state.procs.iter().find(|p| p.name == target);
+            match scenario {
+                Scenario::KillLeader => {
+                    if report.detected_ms.is_none() && state.leader != old_leader {
+                        report.detected_ms = Some(since(now_ms()));
+                    }
+                    if let Some(new) = state
+                        .leader
+                        .clone()
+                        .filter(|l| Some(l) != old_leader.as_ref())
+                    {
+                        if report.elected_ms.is_none() {
+                            report.elected_ms = Some(since(now_ms()));
+                            report.new_leader = Some(new);
+                        }
+                        let last_write = counts.last_write_ok_ms.load(Relaxed);
+                        if last_write > t0 + report.elected_ms.unwrap_or(0) {
+                            report.writes_resumed_ms = Some(last_write - t0);
+                        }
+                    }
                 }
-                let last_write = counts.last_write_ok_ms.load(Relaxed);
-                if last_write > t0 + report.elected_ms.unwrap_or(0) {
-                    report.writes_resumed_ms = Some(last_write - t0);
+                Scenario::KillWeb | Scenario::KillReplica => {
+                    if report.detected_ms.is_none() && proc.is_none_or(|p| p.state != Running::Up) {
+                        report.detected_ms = Some(since(now_ms()));
+                    }
+                }
+                Scenario::AddWeb | Scenario::AddReplica => {
+                    if report.detected_ms.is_none() && proc.is_some_and(|p| p.state == Running::Up)
+                    {
+                        report.detected_ms = Some(since(now_ms()));
+                    }
+                    // A replica counts the requests it serves; the joining
+                    // node's own requests do not show there.
+                    if report.traffic_moved_ms.is_none()
+                        && proc.and_then(|p| p.requests).is_some_and(|n| n > 0)
+                    {
+                        report.traffic_moved_ms = Some(since(now_ms()));
+                    }
                 }
             }
+            let ended = match scenario {
+                Scenario::KillLeader => report.writes_resumed_ms.is_some(),
+                // Errors, if any, have had time to stop.
+                Scenario::KillWeb | Scenario::KillReplica => report
+                    .detected_ms
+                    .is_some_and(|d| since(now_ms()) > d + 4_000),
+                Scenario::AddWeb | Scenario::AddReplica => report.traffic_moved_ms.is_some(),
+            };
             self.set_scenario(&report);
+            if ended || tokio::time::Instant::now() >= deadline {
+                break;
+            }
             let _ = tokio::time::timeout(Duration::from_millis(100), states.changed()).await;
         }
         // The load goes on a little after, then stops (if it was ours).
         tokio::time::sleep(Duration::from_secs(2)).await;
         report.errors = counts.errors.load(Relaxed) - errors_before;
+        if matches!(scenario, Scenario::KillWeb | Scenario::KillReplica) {
+            let last_error = counts.last_error_ms.load(Relaxed);
+            report.traffic_moved_ms = Some(if last_error > t0 { last_error - t0 } else { 0 });
+        }
         if started_load {
             let _ = self.stop_load();
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -971,10 +1128,20 @@ impl Lab {
                 report.lost_writes += 1;
             }
         }
-        let error = report
-            .writes_resumed_ms
-            .is_none()
-            .then(|| "writes did not resume within 30 s".to_string());
+        let error = match scenario {
+            Scenario::KillLeader => report
+                .writes_resumed_ms
+                .is_none()
+                .then(|| "writes did not resume within 30 s".to_string()),
+            Scenario::KillWeb | Scenario::KillReplica => report
+                .detected_ms
+                .is_none()
+                .then(|| format!("the lab did not see {target} go within 30 s")),
+            Scenario::AddWeb | Scenario::AddReplica => report
+                .traffic_moved_ms
+                .is_none()
+                .then(|| format!("{target} served no request within 30 s")),
+        };
         finish(&self, report, error);
     }
 
@@ -1359,12 +1526,10 @@ async fn api_scenario(
     if let Some(refused) = unless_json(&headers) {
         return refused;
     }
-    if name != "kill-leader" {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            format!("{name:?}: the scenarios are: kill-leader"),
-        );
-    }
+    let scenario: Scenario = match name.parse() {
+        Ok(s) => s,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
+    };
     {
         // One at a time: looked at and taken under one lock.
         let mut current = api
@@ -1380,7 +1545,7 @@ async fn api_scenario(
             ..Default::default()
         });
     }
-    tokio::spawn(api.lab.clone().kill_leader_scenario());
+    tokio::spawn(api.lab.clone().run_scenario(scenario));
     (
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "scenario": name })),
