@@ -1104,7 +1104,7 @@ impl Lab {
         report.errors = counts.errors.load(Relaxed) - errors_before;
         if matches!(scenario, Scenario::KillWeb | Scenario::KillReplica) {
             let last_error = counts.last_error_ms.load(Relaxed);
-            report.traffic_moved_ms = Some(if last_error > t0 { last_error - t0 } else { 0 });
+            report.traffic_moved_ms = Some(last_error.saturating_sub(t0));
         }
         if started_load {
             let _ = self.stop_load();
