@@ -75,6 +75,16 @@ pub struct ProcState {
     /// Requests per second over the last looks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rps: Option<f64>,
+    /// Requests it answered with an error (5xx; a database node's
+    /// error answers), since it started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<u64>,
+    /// Its latency over the last look, in milliseconds (from its
+    /// histogram's buckets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
 }
 
 /// The counter of served requests each role's `/metrics` has.
@@ -88,32 +98,14 @@ fn request_counter(role: &str) -> Option<&'static str> {
     })
 }
 
-/// The sum of a counter over all its label sets, in Prometheus' text
-/// format (`name{labels} value` or `name value`); `None` when absent.
-pub fn counter_sum(text: &str, name: &str) -> Option<u64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let rest = match rest.chars().next() {
-            Some('{') => match rest.find('}') {
-                Some(end) => &rest[end + 1..],
-                None => continue,
-            },
-            Some(' ') => rest,
-            _ => continue,
-        };
-        let value = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok());
-        if let Some(v) = value {
-            let sum = found.get_or_insert(0u64);
-            *sum = sum.saturating_add(v as u64);
-        }
-    }
-    found
+use crate::figures;
+pub use crate::figures::counter_sum;
+
+/// What one look read off a process's `/metrics`.
+struct Figures {
+    requests: Option<u64>,
+    errors: Option<u64>,
+    latency: Option<figures::Buckets>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -122,6 +114,8 @@ pub struct DbView {
     pub kind: String,
     pub applied_index: u64,
     pub term: u64,
+    /// Entries behind the node that has applied the most.
+    pub lag: u64,
 }
 
 /// The load the dashboard runs against the site: what it has seen.
@@ -286,6 +280,8 @@ pub struct Lab {
     admin: std::collections::HashMap<String, String>,
     /// Per process: its last request count, when, and its smoothed rate.
     rates: std::sync::Mutex<std::collections::HashMap<String, (u64, std::time::Instant, f64)>>,
+    /// Each process's latency buckets at the last look.
+    latencies: std::sync::Mutex<std::collections::HashMap<String, figures::Buckets>>,
     /// The stage's directory (new database nodes keep their data there,
     /// the load balancers' admin token is there).
     dir: std::path::PathBuf,
@@ -481,6 +477,7 @@ impl Lab {
             http,
             admin,
             rates: Default::default(),
+            latencies: Default::default(),
             dir: dir.to_path_buf(),
             adding: Mutex::new(()),
             load: std::sync::Mutex::new(None),
@@ -551,6 +548,9 @@ impl Lab {
                     db: None,
                     requests: None,
                     rps: None,
+                    errors: None,
+                    p50_ms: None,
+                    p99_ms: None,
                 });
             }
         }
@@ -586,8 +586,17 @@ impl Lab {
                     kind: kind.into(),
                     applied_index: raft.applied_index,
                     term: raft.term,
+                    lag: 0,
                 });
             }
+        }
+        let most_applied = seen
+            .iter()
+            .filter_map(|p| p.db.as_ref().map(|d| d.applied_index))
+            .max()
+            .unwrap_or(0);
+        for db in seen.iter_mut().filter_map(|p| p.db.as_mut()) {
+            db.lag = most_applied - db.applied_index;
         }
         // Every process's request counter, asked at once.
         let counts = seen
@@ -608,12 +617,19 @@ impl Lab {
                     _ => p.url.clone(),
                 };
                 let http = self.http.clone();
+                let role = p.role.clone();
                 Some(async move {
                     let text = match http.get(format!("{base}/metrics")).send().await {
                         Ok(r) if r.status().is_success() => r.text().await.ok(),
                         _ => None,
                     };
-                    (i, text.and_then(|t| counter_sum(&t, counter)))
+                    let figures = text.map(|t| Figures {
+                        requests: counter_sum(&t, counter),
+                        errors: figures::errors(&role, &t),
+                        latency: figures::latency_histogram(&role)
+                            .map(|h| figures::Buckets::read(&t, h)),
+                    });
+                    (i, figures)
                 })
             })
             .collect::<Vec<_>>();
@@ -624,9 +640,26 @@ impl Lab {
                 .rates
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (i, count) in counts {
-                let Some(count) = count else { continue };
+            let mut latencies = self
+                .latencies
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (i, figures) in counts {
+                let Some(figures) = figures else { continue };
                 let p = &mut seen[i];
+                p.errors = figures.errors;
+                if let Some(now) = figures.latency {
+                    if let Some(before) = latencies.get(&p.name) {
+                        let delta = now.since(before);
+                        let round = |v: f64| (v * 100.0).round() / 100.0;
+                        p.p50_ms = delta.quantile_ms(0.5).map(round);
+                        p.p99_ms = delta.quantile_ms(0.99).map(round);
+                    }
+                    latencies.insert(p.name.clone(), now);
+                }
+                let Some(count) = figures.requests else {
+                    continue;
+                };
                 p.requests = Some(count);
                 let entry = rates.entry(p.name.clone()).or_insert((count, now, 0.0));
                 let dt = now.duration_since(entry.1).as_secs_f64();
