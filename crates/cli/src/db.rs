@@ -38,10 +38,10 @@ pub struct DbArgs {
     /// The Raft address others should use, if not --raft.
     #[arg(long)]
     raft_adv: Option<String>,
-    /// The leader's lease: time without a heartbeat before the follower
-    /// with the longest log stands for election (openraft's own timer,
-    /// the fallback, waits 1.5-2 times this). The default resumes writes
-    /// about 0.6 s after the leader is lost.
+    /// The leader's lease: time without a heartbeat before a voter asks
+    /// the others whether the leader is gone, and the one with the
+    /// longest log stands for election. The default resumes writes about
+    /// 0.6 s after the leader is lost.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
     election_timeout: Duration,
     /// Applied entries between snapshots (the log before a snapshot is dropped).

@@ -111,9 +111,12 @@ pub trait DataNode: Send + Sync + 'static {
     async fn read_only(&self, statements: Vec<Statement>) -> Result<bool, NodeError>;
 }
 
-/// Marks a request one node forwarded to the leader: it is not forwarded
-/// again (leadership moved meanwhile: the client gets 503 and retries).
+/// Marks a request a node forwarded to the leader, with the forwards so
+/// far: a second is allowed (the leadership moved while it was on its
+/// way, as in a handover), a third is refused (`503`: the client retries).
 pub const FORWARDED: &str = "x-scaleout-forwarded";
+/// Forwards one request may take (its header counts them).
+const MAX_HOPS: u8 = 2;
 
 #[derive(Clone)]
 struct Api {
@@ -423,15 +426,25 @@ impl Forward<'_> {
             )
                 .into_response();
         }
-        if self.headers.contains_key(FORWARDED) {
+        // Hops so far: a second is allowed (the leader handed over while
+        // the request was on its way), a third is a loop.
+        let hops: u8 = match self.headers.get(FORWARDED) {
+            None => 0,
+            Some(v) => v
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(MAX_HOPS),
+        };
+        if hops >= MAX_HOPS {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "leadership changed while the request was forwarded; retry",
+                "leadership changed twice while the request was forwarded; retry",
             );
         }
         let mut request = client
             .request(self.method, &target)
-            .header(FORWARDED, "1")
+            .header(FORWARDED, (hops + 1).to_string())
             .body(self.body);
         for name in [
             header::CONTENT_TYPE,

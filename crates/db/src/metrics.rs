@@ -43,9 +43,8 @@ pub struct Stats {
     write: Kind,
     read: Kind,
     other: Kind,
-    /// Elections this node stood in as soon as the leader's lease ran out
-    /// (`node/stand.rs`).
-    pub stood_early: AtomicU64,
+    /// Elections this node called (`node/stand.rs`).
+    pub stood: AtomicU64,
 }
 
 impl Stats {
@@ -102,9 +101,9 @@ impl Stats {
             proposed.writes.load(Ordering::Relaxed),
         )?;
         w.counter(
-            "scaleout_db_early_elections_total",
-            "Elections this node stood in as soon as the leader's lease ran out, its log the longest of the voters that answered.",
-            self.stood_early.load(Ordering::Relaxed),
+            "scaleout_db_elections_called_total",
+            "Elections this node called: no leader answered for the lease, and its log was the longest of the voters that answered (or they had their turn).",
+            self.stood.load(Ordering::Relaxed),
         )?;
         let by_kind = |get: fn(&Kind) -> &AtomicU64| {
             self.kinds().map(|(name, kind)| {

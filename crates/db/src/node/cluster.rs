@@ -377,6 +377,15 @@ async fn leader(State(node): This) -> Response {
     }
 }
 
+/// A request's `id`, its key matched without regard to case as rqlite's
+/// (Go's) JSON decoder matches it: `{"ID": "2"}` names node 2.
+fn id_field(v: &Value) -> Option<&Value> {
+    v.as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("id"))
+        .map(|(_, v)| v)
+}
+
 /// rqlite's `POST /leader`: the leader hands its role to the voter
 /// `{"id": N}` names, or to the voter furthest along without one. With
 /// `?wait` the answer comes once the new leader leads (the new leader,
@@ -395,7 +404,7 @@ async fn step_down(
         let asked = serde_json::from_slice::<Value>(&body)
             .ok()
             .filter(Value::is_object);
-        match asked.as_ref().map(|v| v.get("id").map(node_id)) {
+        match asked.as_ref().map(|v| id_field(v).map(node_id)) {
             Some(None) => None,
             Some(Some(Some(id))) => Some(id),
             Some(Some(None)) | None => {
@@ -664,7 +673,7 @@ async fn remove(
 ) -> Response {
     let id = serde_json::from_slice::<Value>(&body)
         .ok()
-        .and_then(|v| node_id(&v["id"]));
+        .and_then(|v| id_field(&v).and_then(node_id));
     let Some(id) = id else {
         return error(StatusCode::BAD_REQUEST, "remove: send {\"id\": N}");
     };

@@ -1,5 +1,4 @@
-//! Standing for election as soon as the leader's lease runs out, by the
-//! follower best placed to win.
+//! Calling elections: when, and which node goes first.
 //!
 //! openraft 0.9 lets a follower stand only once the lease of the last
 //! heartbeat (`election_timeout_max`) and then its own election timeout
@@ -7,20 +6,28 @@
 //! timeouts of silence. Worse, when the first to stand has the shorter
 //! log it is refused, its term collides with the other's attempt, and
 //! the election takes two more rounds: about 2 s at the default timeout.
+//! And it has no pre-vote: a voter that was paused for a second stands
+//! the moment it runs again and deposes a healthy leader.
 //!
-//! Each voter follower here watches the silence itself. When it has
-//! lasted the lease (plus half a heartbeat, so the others' leases have
-//! run out too), it asks the other voters where their logs end
-//! (`/raft/log`): the one with the longest log (the lowest id among
-//! equals) of those that answer stands at once; the others wait for it,
-//! openraft's own timers staying the fallback. A leader that answers is
-//! alive and its log is the longest, so a slow leader is left alone.
+//! So openraft's own election timer is off, and each voter decides here.
+//! When it has heard nothing from a leader for the lease plus half a
+//! heartbeat (so the other voters' leases have run out too), it asks the
+//! other voters where their logs end (`/raft/log`):
+//!
+//! - if the leader it knew answers, the leader is alive: no election (a
+//!   pre-vote of sorts; its heartbeats are late, not gone);
+//! - else the one with the longest log (the lowest id among equals) of
+//!   those that answer stands at once; the others give it another lease
+//!   before they stand too;
+//! - a node that stood and is not leading after a randomized half to one
+//!   election timeout stands again (openraft no longer retries).
+//!
 //! Nothing here touches Raft's safety: it only decides when to call the
-//! same election openraft would call later.
+//! elections openraft runs.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::header;
 use openraft::ServerState;
@@ -30,63 +37,94 @@ use super::DbNode;
 use crate::raft::network::LogEnd;
 use crate::raft::Member;
 
+/// Voters by id.
+type Voters = Vec<(u64, Member)>;
+
 impl DbNode {
-    /// Watches the leader's silence until `shutdown`.
+    /// Calls this node's elections until `shutdown`.
     pub(super) async fn stand_when_silent(&self, shutdown: CancellationToken) {
+        self.raft.runtime_config().elect(false);
         let config = self.raft.config().clone();
         let lease = Duration::from_millis(config.election_timeout_max);
+        let retry = Duration::from_millis(config.election_timeout_min);
         let heartbeat = Duration::from_millis(config.heartbeat_interval);
         let tick = (heartbeat / 4).max(Duration::from_millis(5));
-        // The silence this node last stood in (the age of the last contact
-        // is measured from it): stand at most once per silence.
-        let mut stood_after: Option<Duration> = None;
+        let mut stood: Option<(Instant, Duration)> = None;
+        // The silence also starts again when this node stops leading and
+        // when the term moves (it voted for a candidate, or heard of a new
+        // leader): a candidate gets its chance to win, a new leader its
+        // chance to be heard.
+        let mut quiet_since = Instant::now();
+        let mut term = self.raft.metrics().borrow().current_term;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(tick) => {}
             }
-            let Some(age) = self.contact.age() else {
+            let now_term = self.raft.metrics().borrow().current_term;
+            if now_term != term {
+                (term, quiet_since) = (now_term, Instant::now());
+            }
+            let Some((others, leader)) = self.voter_not_leading() else {
+                quiet_since = Instant::now();
                 continue;
             };
-            let silence_began = self.started.elapsed().saturating_sub(age);
-            if age <= lease + heartbeat / 2
-                || stood_after.is_some_and(|at| at.abs_diff(silence_began) < tick)
-            {
+            if stood.is_some_and(|(at, wait)| at.elapsed() < wait) {
                 continue;
             }
-            let Some(others) = self.silent_voter_follower() else {
+            let silence = self
+                .contact
+                .age()
+                .unwrap_or_else(|| self.started.elapsed())
+                .min(quiet_since.elapsed());
+            if !others.is_empty() && silence <= lease + heartbeat / 2 {
                 continue;
-            };
+            }
             let mine = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
-            let ends = futures_util::future::join_all(
+            let ends: Vec<(u64, u64)> = futures_util::future::join_all(
                 others
                     .iter()
                     .map(|(id, m)| self.log_end_of(*id, m, heartbeat)),
             )
-            .await;
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
             // Heard from a leader while asking: no silence after all.
-            if !first_to_stand(self.id, mine, ends.iter().flatten())
-                || self.contact.age().is_none_or(|a| a < age)
+            if self
+                .contact
+                .age()
+                .is_some_and(|a| a < silence.saturating_sub(tick))
             {
                 continue;
             }
-            stood_after = Some(silence_began);
-            self.stats.stood_early.fetch_add(1, Ordering::Relaxed);
+            if !should_stand(
+                self.id,
+                mine,
+                leader,
+                &ends,
+                silence > 2 * lease + heartbeat,
+            ) {
+                continue;
+            }
+            self.stats.stood.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
-                silent_ms = age.as_millis() as u64,
+                silent_ms = silence.as_millis() as u64,
                 last_log_index = mine,
-                "the leader is silent past its lease; standing for election"
+                "no leader answers; standing for election"
             );
             if let Err(e) = self.raft.trigger().elect().await {
                 tracing::warn!(error = %e, "could not stand for election");
             }
+            stood = Some((Instant::now(), retry + jitter(self.id, retry)));
         }
     }
 
-    /// The other voters, if this node is a voter following a leader.
-    fn silent_voter_follower(&self) -> Option<Vec<(u64, Member)>> {
+    /// The other voters and the leader this node knows, if it is a
+    /// voter that does not lead.
+    fn voter_not_leading(&self) -> Option<(Voters, Option<u64>)> {
         let m = self.raft.metrics().borrow().clone();
-        if m.state != ServerState::Follower {
+        if m.state == ServerState::Leader {
             return None;
         }
         let membership = m.membership_config.membership();
@@ -94,13 +132,12 @@ impl DbNode {
         if !voters.contains(&self.id) {
             return None;
         }
-        Some(
-            voters
-                .into_iter()
-                .filter(|id| *id != self.id)
-                .filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone())))
-                .collect(),
-        )
+        let others = voters
+            .into_iter()
+            .filter(|id| *id != self.id)
+            .filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone())))
+            .collect();
+        Some((others, m.current_leader.filter(|l| *l != self.id)))
     }
 
     /// Where `member`'s log ends, if it answers within `within`.
@@ -121,30 +158,70 @@ impl DbNode {
     }
 }
 
-/// Whether this node (`me`, its log ending at `mine`) goes first among
-/// the voters that answered (`(id, log end)`): the longest log, the
-/// lowest id among equals.
-fn first_to_stand<'a>(
+/// Whether this node (`me`, its log ending at `mine`, following
+/// `leader` if it knows one) stands, given the voters that answered
+/// (`(id, log end)`): never while its leader answers; else if its log is
+/// the longest (the lowest id among equals), or once the better placed
+/// have had their turn (`late`).
+fn should_stand(
     me: u64,
     mine: u64,
-    others: impl IntoIterator<Item = &'a (u64, u64)>,
+    leader: Option<u64>,
+    answered: &[(u64, u64)],
+    late: bool,
 ) -> bool {
-    others
-        .into_iter()
+    if leader.is_some_and(|l| answered.iter().any(|(id, _)| *id == l)) {
+        return false;
+    }
+    late || answered
+        .iter()
         .all(|&(id, end)| end < mine || (end == mine && me < id))
+}
+
+/// A share of `span` that differs between nodes and between calls, so
+/// that two nodes that stood together do not stand together again.
+fn jitter(id: u64, span: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    let mixed =
+        (nanos ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    span.mul_f64((mixed >> 11) as f64 / (1u64 << 53) as f64)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::first_to_stand;
+    use super::{jitter, should_stand};
+    use std::time::Duration;
 
     #[test]
-    fn the_longest_log_goes_first_and_the_lowest_id_among_equals() {
-        assert!(first_to_stand(2, 10, &[(1, 9), (3, 10)]));
-        assert!(!first_to_stand(2, 10, &[(1, 10), (3, 9)]));
-        assert!(!first_to_stand(2, 10, &[(3, 11)]));
-        assert!(first_to_stand(7, 0, &[]), "alone among those that answered");
-        // An answering leader has the longest log: no one stands.
-        assert!(!first_to_stand(1, 10, &[(3, 12), (2, 10)]));
+    fn the_longest_log_stands_first_and_the_lowest_id_among_equals() {
+        assert!(should_stand(2, 10, None, &[(1, 9), (3, 10)], false));
+        assert!(!should_stand(2, 10, None, &[(1, 10), (3, 9)], false));
+        assert!(!should_stand(2, 10, None, &[(3, 11)], false));
+        assert!(
+            should_stand(7, 0, None, &[], false),
+            "alone among those that answered"
+        );
+        // Once the better placed have had their turn, anyone stands.
+        assert!(should_stand(2, 10, None, &[(3, 11)], true));
+    }
+
+    #[test]
+    fn no_one_stands_while_the_leader_answers() {
+        // Its log as long as ours and its id lower, or shorter: it is alive.
+        assert!(!should_stand(2, 10, Some(1), &[(1, 10), (3, 9)], false));
+        assert!(!should_stand(1, 10, Some(3), &[(3, 10)], false));
+        assert!(!should_stand(1, 10, Some(3), &[(3, 10)], true));
+        // It does not answer: the others decide.
+        assert!(should_stand(1, 10, Some(3), &[(2, 10)], false));
+    }
+
+    #[test]
+    fn jitter_stays_within_its_span() {
+        let span = Duration::from_millis(250);
+        for id in 1..50 {
+            assert!(jitter(id, span) <= span);
+        }
     }
 }

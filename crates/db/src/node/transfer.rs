@@ -9,9 +9,10 @@
 //!    still;
 //! 2. waits until the target has matched the whole log;
 //! 3. stops its heartbeats and waits out their lease;
-//! 4. asks the target to stand (`/raft/elect`). The target's log is as
-//!    long as anyone's and its election comes first (the others wait
-//!    out the lease and then their own election timeout), so it wins.
+//! 4. asks the target to stand (`/raft/elect`, in this term: a request
+//!    that reaches it late, after a pause, is refused). The target's log
+//!    is as long as anyone's, and no one else stands while the leader
+//!    answers them (`node/stand.rs`), so it wins.
 //!
 //! Writes are held for about one election timeout; those held are then
 //! refused by the old leader and forwarded to the new one. Heartbeats
@@ -151,8 +152,15 @@ impl DbNode {
         // The last heartbeat went out at most one interval ago; its lease
         // runs `election` from when the follower took it.
         tokio::time::sleep(election + heartbeat).await;
-        if let Err(e) =
-            network::ask_to_stand(&self.client, self.cluster_secret.as_ref(), &member).await
+        let term = self.raft.metrics().borrow().current_term;
+        if let Err(e) = network::ask_to_stand(
+            &self.client,
+            self.cluster_secret.as_ref(),
+            &member,
+            term,
+            election,
+        )
+        .await
         {
             return Err(refused(
                 StatusCode::SERVICE_UNAVAILABLE,

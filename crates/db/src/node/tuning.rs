@@ -25,9 +25,10 @@ pub fn raft_config(
     // median 1.1 s, against 1.8-3.7 s (median 2.7 s) with min = T and
     // max = 2 T (3-4 T). Tried before that: min = T/2, max = 3T/4, which
     // took 5-7 s in 4 of 10 kills (elections that kept failing: the two
-    // followers' timeouts fell too close together). These timers are now
-    // the fallback: the follower with the longest log stands at T plus
-    // half a heartbeat (`node/stand.rs`).
+    // followers' timeouts fell too close together). openraft's election
+    // timer is now off (`node/stand.rs` calls the elections); these values
+    // still set the lease a voter's vote holds (`election_timeout_max`).
+    // The follower with the longest log stands at T plus half a heartbeat.
     let election = election_timeout.as_millis() as u64;
     openraft::Config {
         cluster_name: "scaleout".into(),

@@ -359,21 +359,42 @@ async fn vote(
     Json(rpc.raft.vote(req).await)
 }
 
+/// A leader's request that this node stand for election, in its term.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ElectRequest {
+    pub term: u64,
+}
+
 /// The leader handing leadership over asks this node to stand now (it
-/// has stopped its heartbeats and waited out their lease first).
-async fn elect(State(rpc): State<Rpc>) -> Json<Result<(), String>> {
-    tracing::info!("asked by the leader to stand for election");
+/// has stopped its heartbeats and waited out their lease first). A
+/// request from another term (one that waited while this node was
+/// paused) is refused: the transfer it belonged to is over.
+async fn elect(State(rpc): State<Rpc>, Json(req): Json<ElectRequest>) -> Json<Result<(), String>> {
+    let term = rpc.raft.metrics().borrow().current_term;
+    if term != req.term {
+        return Json(Err(format!(
+            "asked to stand in term {}, but this node is in term {term}",
+            req.term
+        )));
+    }
+    tracing::info!(term, "asked by the leader to stand for election");
     Json(rpc.raft.trigger().elect().await.map_err(|e| e.to_string()))
 }
 
-/// Asks the node at `member` to stand for election now (`/raft/elect`).
+/// Asks the node at `member` to stand for election now (`/raft/elect`),
+/// if it is still in `term`; `within` bounds the wait for its answer.
 pub async fn ask_to_stand(
     client: &reqwest::Client,
     secret: Option<&ClusterSecret>,
     member: &Member,
+    term: u64,
+    within: Duration,
 ) -> Result<(), String> {
     let url = format!("{}://{}/raft/elect", crate::peers::scheme(), member.raft);
-    let mut request = client.post(url).timeout(Duration::from_secs(2));
+    let mut request = client
+        .post(url)
+        .json(&ElectRequest { term })
+        .timeout(within);
     if let Some(secret) = secret {
         request = request.header(reqwest::header::AUTHORIZATION, secret.header());
     }
