@@ -57,6 +57,42 @@ enum Prepared {
 
 fn prepare<'c>(conn: &'c Connection, s: &Statement) -> Result<rusqlite::Statement<'c>, Prepared> {
     let mut stmt = conn.prepare(&s.sql).map_err(Prepared::Sqlite)?;
+    bind(&mut stmt, s)?;
+    Ok(stmt)
+}
+
+/// [`prepare`] through the connection's statement cache: for read
+/// connections, whose statements are all prepared under the read rules
+/// (a statement the authorizer refuses is never cached; one SQLite
+/// prepares again after a schema change meets the authorizer again, in
+/// the same mode). Parsing and planning a point query cost about as much
+/// as running it.
+fn prepare_cached<'c>(
+    conn: &'c Connection,
+    s: &Statement,
+) -> Result<rusqlite::CachedStatement<'c>, Prepared> {
+    let mut stmt = conn.prepare_cached(&s.sql).map_err(Prepared::Sqlite)?;
+    bind(&mut stmt, s)?;
+    Ok(stmt)
+}
+
+/// The node's own `PRAGMA schema_version`, as it sits in a read
+/// connection's statement cache: tagged with a number drawn once per
+/// process, so no client's text can be the same and take it from the
+/// cache without meeting the read rules.
+fn schema_version_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(std::process::id().into());
+        format!("PRAGMA schema_version /* scaleout {:016x} */", h.finish())
+    })
+}
+
+/// Binds a request's parameters (all of them: a cached statement's
+/// bindings were cleared when it went back to the cache).
+fn bind(stmt: &mut rusqlite::Statement<'_>, s: &Statement) -> Result<(), Prepared> {
     match &s.params {
         Params::None => {}
         Params::Positional(values) => {
@@ -85,7 +121,7 @@ fn prepare<'c>(conn: &'c Connection, s: &Statement) -> Result<rusqlite::Statemen
             }
         }
     }
-    Ok(stmt)
+    Ok(())
 }
 
 fn with_time(mut result: Value, started: Instant, timings: bool) -> Value {
@@ -116,6 +152,8 @@ pub struct Guarded {
     /// The table in which a row took the last rowid since the statement
     /// began, as SQLite's update hook reports it (writer only).
     last_rowid: Arc<Mutex<Option<String>>>,
+    /// The schema version the statement cache was filled under.
+    cached_schema: std::sync::atomic::AtomicI64,
 }
 
 impl Guarded {
@@ -147,6 +185,7 @@ impl Guarded {
             guard,
             fixed: Some(fixed),
             last_rowid,
+            cached_schema: std::sync::atomic::AtomicI64::new(i64::MIN),
         })
     }
 
@@ -158,7 +197,26 @@ impl Guarded {
             guard,
             fixed: None,
             last_rowid: Arc::default(),
+            cached_schema: std::sync::atomic::AtomicI64::new(i64::MIN),
         })
+    }
+
+    /// Empties the statement cache when the schema has changed since it
+    /// was filled. SQLite prepares a stale statement again only when it
+    /// is stepped, and a read takes the columns before: `SELECT *` would
+    /// name the old columns. Run inside the read's transaction, so the
+    /// version is the one the read sees.
+    fn fresh_statement_cache(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.guard.set_mode(Mode::Internal);
+        let version = self
+            .conn
+            .prepare_cached(schema_version_sql())
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+            .unwrap_or(i64::MAX);
+        if self.cached_schema.swap(version, Relaxed) != version {
+            self.conn.flush_prepared_statement_cache();
+        }
     }
 
     /// Runs the node's own SQL (no rules, no budget).
@@ -727,17 +785,29 @@ fn query_one(
         Err(fault) => fault.0,
     };
     db.guard.set_mode(Mode::Read);
-    let mut stmt = prepare(&db.conn, s).map_err(|e| match e {
+    let prepared = |e| match e {
         Prepared::Sqlite(e) => failed(e),
         Prepared::Request(msg) => msg,
-    })?;
-    if !stmt.readonly() {
-        return Err("attempt to change database via query operation".into());
+    };
+    let rows = |stmt: &mut rusqlite::Statement<'_>, left: &mut usize| {
+        if !stmt.readonly() {
+            return Err("attempt to change database via query operation".to_string());
+        }
+        rows_of(stmt, associative, left, max_bytes).map_err(|e| match e {
+            RowsError::Sqlite(e) => failed(e),
+            RowsError::TooBig(msg) => msg,
+        })
+    };
+    // Statements with parameters are the ones clients send again and
+    // again with other values: they are kept prepared. Text with the
+    // values written in is rarely the same twice, and would only churn
+    // the cache.
+    if matches!(s.params, Params::None) {
+        rows(&mut prepare(&db.conn, s).map_err(prepared)?, left)
+    } else {
+        let mut cached = prepare_cached(&db.conn, s).map_err(prepared)?;
+        rows(&mut cached, left)
     }
-    rows_of(&mut stmt, associative, left, max_bytes).map_err(|e| match e {
-        RowsError::Sqlite(e) => failed(e),
-        RowsError::TooBig(msg) => msg,
-    })
 }
 
 /// Why a statement's rows could not be read.
@@ -853,6 +923,9 @@ pub fn query_until(
     opts: &ExecOptions,
     limits: ReadLimits,
 ) -> (Vec<Value>, bool) {
+    if statements.iter().any(|s| !matches!(s.params, Params::None)) {
+        db.fresh_statement_cache();
+    }
     db.guard.start_read(limits.deadline);
     let mut left = limits.max_bytes;
     let mut stopped = false;

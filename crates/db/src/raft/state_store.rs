@@ -422,6 +422,7 @@ impl Readers {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 conn.execute_batch("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")?;
+                conn.set_prepared_statement_cache_capacity(READ_STATEMENTS_CACHED);
                 Guarded::reader(conn, shutdown.clone())
             })
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -522,6 +523,9 @@ impl Readers {
     }
 }
 
+/// Statements each read connection keeps prepared (by their text).
+const READ_STATEMENTS_CACHED: usize = 64;
+
 /// How long a read may run on an async thread before it is moved to a
 /// blocking one.
 const INLINE: std::time::Duration = std::time::Duration::from_millis(1);
@@ -607,6 +611,68 @@ mod tests {
             .unwrap();
         let error = results[0]["error"].as_str().unwrap_or_default();
         assert!(error.contains("time limit"), "{results:?}");
+    }
+
+    /// Reads with parameters go through each read connection's statement
+    /// cache: the same
+    /// text sees a changed schema (SQLite prepares it again, the read
+    /// rules again), named parameters left out are not taken from the
+    /// last run, and what the read rules refuse stays refused.
+    #[tokio::test]
+    async fn cached_reads_see_schema_changes_and_keep_the_read_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = StateStore::open(dir.path(), Default::default()).unwrap();
+        let readers = Arc::new(Readers::open(&store.db_path(), 1, Default::default()).unwrap());
+        let read = |sql: &'static str| {
+            let readers = readers.clone();
+            async move {
+                let limits = ReadLimits {
+                    deadline: Instant::now() + std::time::Duration::from_secs(10),
+                    max_bytes: 1 << 20,
+                };
+                let (r, _) = readers
+                    .query(
+                        parse_statements(sql.as_bytes()).unwrap(),
+                        ExecOptions::default(),
+                        limits,
+                    )
+                    .await
+                    .unwrap();
+                r[0].clone()
+            }
+        };
+        store
+            .apply(vec![entry(
+                1,
+                r#"["CREATE TABLE t (x)", "INSERT INTO t VALUES (1)"]"#,
+            )])
+            .await
+            .unwrap();
+        // With a parameter: the statements kept prepared.
+        let all = r#"[["SELECT * FROM t WHERE 1 = ?", 1]]"#;
+        assert_eq!(read(all).await["values"], serde_json::json!([[1]]));
+        assert_eq!(read(all).await["values"], serde_json::json!([[1]]));
+        store
+            .apply(vec![entry(
+                2,
+                r#"["DROP TABLE t", "CREATE TABLE t (a, b)", "INSERT INTO t VALUES (7, 8)"]"#,
+            )])
+            .await
+            .unwrap();
+        let now = read(all).await;
+        assert_eq!(now["columns"], serde_json::json!(["a", "b"]), "{now}");
+        assert_eq!(now["values"], serde_json::json!([[7, 8]]), "{now}");
+        let named = r#"[["SELECT :p", {"p": 5}]]"#;
+        assert_eq!(read(named).await["values"], serde_json::json!([[5]]));
+        let unbound = read(r#"[["SELECT :p", {}]]"#).await;
+        assert_eq!(unbound["values"], serde_json::json!([[null]]), "{unbound}");
+        for _ in 0..2 {
+            let refused = read(r#"[["DELETE FROM t WHERE a = ?", 7]]"#).await;
+            assert!(refused["error"].is_string(), "{refused}");
+            let attach = read(r#"["ATTACH DATABASE ':memory:' AS m"]"#).await;
+            assert!(attach["error"].is_string(), "{attach}");
+        }
+        assert_eq!(read(all).await["values"], serde_json::json!([[7, 8]]));
     }
 
     #[tokio::test]
