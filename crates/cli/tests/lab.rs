@@ -335,6 +335,23 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
         s["load"]["running"] == true && s["load"]["ok"].as_u64() >= Some(20)
     })
     .await;
+    // Each process's latency over the last look and its errors, from its
+    // own metrics; each database node's lag behind the most applied.
+    let s = until(&url, "web-1 shows its latency", |s| {
+        proc_of(s, "web-1")["p99_ms"].as_f64().is_some()
+    })
+    .await;
+    let web = proc_of(&s, "web-1");
+    assert!(
+        web["p50_ms"].as_f64().unwrap() <= web["p99_ms"].as_f64().unwrap(),
+        "{web}"
+    );
+    assert_eq!(web["errors"], 0, "{web}");
+    for p in s["procs"].as_array().unwrap() {
+        if p["role"] == "db" && p["state"] == "up" {
+            assert!(p["db"]["lag"].as_u64().is_some(), "{p}");
+        }
+    }
     assert_eq!(post("/api/load/stop").await.unwrap().status(), 200);
     assert_eq!(post("/api/load/stop").await.unwrap().status(), 409);
     assert_eq!(post("/api/load/faster").await.unwrap().status(), 400);

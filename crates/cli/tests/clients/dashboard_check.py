@@ -69,6 +69,13 @@ try:
     driver.find_element(By.ID, "start-load").click()
     load = lambda key: int(driver.find_element(By.ID, "load").get_attribute("data-" + key.replace("firstError", "first-error").replace("lastError", "last-error")) or 0)
     until("the load answered", lambda: load("ok") >= 30)
+    # Each web server shows its latency and errors, with a chart of its
+    # last minutes; each database node its lag.
+    until("web-1's p99 on the page", lambda: node("web-1").get_attribute("data-p99"))
+    figures = node("web-1").find_element(By.CSS_SELECTOR, ".figures").text
+    assert "p99" in figures and "errors" in figures, figures
+    until("web-1's chart drawn", lambda: len(node("web-1").find_element(By.CSS_SELECTOR, "polyline.rps").get_attribute("points").split()) >= 3)
+    assert node(old).get_attribute("data-lag") is not None
     driver.save_screenshot(os.path.join(out, "1-running.png"))
 
     killed_ms = time.time() * 1000
