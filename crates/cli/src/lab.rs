@@ -39,6 +39,9 @@ enum LabCommand {
     /// Scale out: `web` (a web server the load balancers take at once) or
     /// `replica` (a read replica that joins, catches up and takes reads).
     Add { what: String },
+    /// Scale in: drain a web server on every load balancer and stop it,
+    /// or take a read replica out of the cluster and stop it.
+    Remove { name: String },
     /// Run a scenario under the lab's load and print its report when it
     /// ends: kill-leader, kill-web, kill-replica, add-web, add-replica.
     Scenario {
@@ -90,6 +93,7 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
         LabCommand::Status { json } => return status(&http, &url, json).await,
         LabCommand::Add { what } => return add(&http, &url, &what).await,
         LabCommand::Scenario { name, json } => return scenario(&http, &url, &name, json).await,
+        LabCommand::Remove { name } => (name, "remove"),
         LabCommand::Kill { name } => (name, "kill"),
         LabCommand::Stop { name } => (name, "stop"),
         LabCommand::Pause { name } => (name, "pause"),
@@ -103,7 +107,12 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
     {
         bail!("{name:?}: a process name is letters, digits and dashes (`scaleout lab status` lists them)");
     }
-    post(&http, &url, &format!("/api/procs/{name}/{control}")).await?;
+    let path = if control == "remove" {
+        format!("/api/remove/{name}")
+    } else {
+        format!("/api/procs/{name}/{control}")
+    };
+    post(&http, &url, &path).await?;
     println!("{control}: {name}");
     Ok(())
 }

@@ -439,6 +439,88 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
         assert_eq!(proc_of(&s, target)["state"], want, "{s}");
     }
 
+    // Scale in: a web server drained and removed, a replica taken out of
+    // the cluster; voters and load balancers are not removed here.
+    let s = state(&url).await;
+    let web = s["procs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "web" && p["state"] == "up")
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .next_back()
+        .unwrap();
+    let replica = s["procs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["db"]["kind"] == "replica" && p["state"] == "up")
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .unwrap();
+    let voter = s["procs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["db"]["kind"] == "voter")
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .unwrap();
+    for gone in [&web, &replica] {
+        let (ok, said) = lab(&url, &["remove", gone]);
+        assert!(ok, "remove {gone}: {said}");
+        let s = until(&url, "it left the lab", |s| {
+            s["procs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["name"] != gone.as_str())
+        })
+        .await;
+        let timeline = call(&url, reqwest::Method::GET, "/api/timeline")
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+        assert!(
+            timeline
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "removed" && e["name"] == gone.as_str()),
+            "{timeline}"
+        );
+        let _ = s;
+    }
+    let listed: Value = client()
+        .get(format!(
+            "{}/nodes?nonvoters&ver=2",
+            proc_of(&state(&url).await, &voter)["url"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let replica_id = replica.trim_start_matches("db-");
+    assert!(
+        listed["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["id"] != replica_id),
+        "the replica left the cluster: {listed}"
+    );
+    for refused in [voter.as_str(), "lb"] {
+        let (ok, said) = lab(&url, &["remove", refused]);
+        assert!(
+            !ok && said.contains("only web servers and read replicas"),
+            "{said}"
+        );
+    }
+    load_through(&site, 4, 200).await;
+
     // The events stream starts with the state.
     let mut events = call(&url, reqwest::Method::GET, "/api/events")
         .send()

@@ -774,6 +774,123 @@ impl Lab {
         Ok(())
     }
 
+    /// Scale in: a web server is drained on every load balancer (no new
+    /// requests; those under way finish, up to 10 s), taken out of them,
+    /// and stopped with SIGTERM; a read replica is taken out of the
+    /// cluster through the leader, then stopped. It leaves the lab (and
+    /// the page). Voters, load balancers and DNS are not removed here.
+    pub async fn remove(&self, name: &str) -> Result<(), ControlError> {
+        let _one = self.adding.lock().await;
+        let refuse = |why: String| ControlError::Refused(why);
+        let state = self.state();
+        let proc = state
+            .procs
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| ControlError::NoSuchProcess(name.into()))?
+            .clone();
+        let admins: Vec<String> = {
+            let members = self.members.lock().await;
+            members
+                .iter()
+                .filter(|m| m.proc.ready.role == "lb")
+                .filter_map(|m| m.proc.ready.admin.clone())
+                .map(|a| a.trim_end_matches('/').to_string())
+                .collect()
+        };
+        match (
+            proc.role.as_str(),
+            proc.db.as_ref().map(|d| d.kind.as_str()),
+        ) {
+            ("web", _) => {
+                let others = state
+                    .procs
+                    .iter()
+                    .filter(|p| p.role == "web" && p.name != name && p.state == Running::Up)
+                    .count();
+                if others == 0 {
+                    return Err(refuse(format!(
+                        "{name} is the last web server running: the site would go down"
+                    )));
+                }
+                let token =
+                    std::fs::read_to_string(crate::lb_token_file(&self.dir)).unwrap_or_default();
+                let token = token.trim();
+                for admin in &admins {
+                    let backend = format!("{admin}/backends/{name}");
+                    let drained = self
+                        .http
+                        .post(format!("{backend}/drain"))
+                        .bearer_auth(token)
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await;
+                    if !drained.is_ok_and(|r| r.status().is_success()) {
+                        return Err(refuse(format!("{admin} did not drain {name}")));
+                    }
+                    self.record("draining", name, format!("on {admin}"));
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    while tokio::time::Instant::now() < deadline {
+                        let view: Option<serde_json::Value> =
+                            match self.http.get(&backend).bearer_auth(token).send().await {
+                                Ok(r) => r.json().await.ok(),
+                                Err(_) => None,
+                            };
+                        if view.is_some_and(|v| v["in_flight"].as_u64() == Some(0)) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    let _ = self
+                        .http
+                        .delete(&backend)
+                        .bearer_auth(token)
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await;
+                }
+            }
+            ("db", Some("replica")) => {
+                let leader = state
+                    .leader
+                    .as_ref()
+                    .and_then(|l| state.procs.iter().find(|p| &p.name == l))
+                    .ok_or_else(|| refuse("no leader to take the replica out".into()))?;
+                let id = name.trim_start_matches("db-");
+                let removed = self
+                    .http
+                    .delete(format!("{}/remove", leader.url))
+                    .json(&serde_json::json!({ "id": id }))
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                match removed {
+                    Ok(r) if r.status().is_success() => {}
+                    Ok(r) => {
+                        let status = r.status();
+                        let text = r.text().await.unwrap_or_default();
+                        return Err(refuse(format!("the leader refused: {status} {text}")));
+                    }
+                    Err(e) => return Err(refuse(format!("the leader did not answer: {e}"))),
+                }
+            }
+            (role, kind) => {
+                return Err(refuse(format!(
+                    "{name} is a {}: only web servers and read replicas are removed here",
+                    kind.unwrap_or(role)
+                )))
+            }
+        }
+        let mut members = self.members.lock().await;
+        if let Some(i) = members.iter().position(|m| m.proc.name == name) {
+            let m = members.remove(i);
+            drop(members);
+            m.proc.stop().await;
+        }
+        self.record("removed", name, "drained and stopped".into());
+        Ok(())
+    }
+
     /// Scale out: starts a new web server (registered with every load
     /// balancer) or read replica, like the ones running; its name.
     pub async fn add(&self, what: Add) -> Result<String, ControlError> {
@@ -1322,6 +1439,7 @@ pub async fn serve(
         .route("/api/add/{what}", post(api_add))
         .route("/api/load/{what}", post(api_load))
         .route("/api/scenario/{name}", post(api_scenario))
+        .route("/api/remove/{name}", post(api_remove))
         .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such page".into()) })
         .method_not_allowed_fallback(|| async {
             refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
@@ -1545,6 +1663,25 @@ async fn api_load(
     };
     match done {
         Ok(()) => Json(serde_json::json!({ "load": what })).into_response(),
+        Err(e) => refuse(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+/// Scale in: drains and removes a web server or read replica.
+async fn api_remove(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = unless_json(&headers) {
+        return refused;
+    }
+    match api.lab.remove(&name).await {
+        Ok(()) => Json(serde_json::json!({ "removed": name })).into_response(),
+        Err(ControlError::NoSuchProcess(n)) => refuse(
+            StatusCode::NOT_FOUND,
+            format!("no process named {n:?} in this lab"),
+        ),
         Err(e) => refuse(StatusCode::CONFLICT, e.to_string()),
     }
 }
