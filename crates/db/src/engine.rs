@@ -933,6 +933,12 @@ pub fn query_until(
         .iter()
         .map(|s| {
             let started = Instant::now();
+            // Between statements too: each may take few, long steps, which
+            // the progress handler's count never reaches (found by review).
+            if started >= limits.deadline {
+                stopped = true;
+                return json!({ "error": "the query ran past its time limit and was stopped" });
+            }
             let result = match query_one(db, s, opts.associative, &mut left, limits.max_bytes) {
                 Ok(r) => with_time(r, started, opts.timings),
                 Err(e) => json!({ "error": e }),
