@@ -142,14 +142,7 @@ async fn scenario(http: &reqwest::Client, url: &str, name: &str, json: bool) -> 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let state: serde_json::Value = http
-            .get(format!("{url}/api/state"))
-            .send()
-            .await
-            .with_context(|| format!("the lab at {url} did not answer"))?
-            .json()
-            .await
-            .context("the lab's state")?;
+        let state = lab_state(http, url).await?;
         let report = &state["scenario"];
         if report["name"] == name && report["done"] == true {
             if json {
@@ -191,15 +184,19 @@ async fn post(http: &reqwest::Client, url: &str, path: &str) -> anyhow::Result<s
     Ok(body)
 }
 
-async fn status(http: &reqwest::Client, url: &str, json: bool) -> anyhow::Result<()> {
-    let state: serde_json::Value = http
-        .get(format!("{url}/api/state"))
+/// `GET /api/state`.
+async fn lab_state(http: &reqwest::Client, url: &str) -> anyhow::Result<serde_json::Value> {
+    http.get(format!("{url}/api/state"))
         .send()
         .await
         .with_context(|| format!("the lab at {url} did not answer"))?
         .json()
         .await
-        .context("the lab's state")?;
+        .context("the lab's state")
+}
+
+async fn status(http: &reqwest::Client, url: &str, json: bool) -> anyhow::Result<()> {
+    let state = lab_state(http, url).await?;
     if json {
         println!("{state}");
         return Ok(());
