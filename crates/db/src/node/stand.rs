@@ -20,7 +20,12 @@
 //!   those that answer stands at once; the others give it another lease
 //!   before they stand too;
 //! - a node that stood and is not leading after a randomized half to one
-//!   election timeout stands again (openraft no longer retries).
+//!   election timeout stands again (openraft no longer retries);
+//! - after four leases of silence anyone stands, even if the leader
+//!   answers: alive but not leading (a hung disk, RPCs to this node
+//!   failing) is no reason to wait longer;
+//! - a node whose own loop ran far too late (it was paused or starved)
+//!   first gives the leader a chance to be heard: the silence was its own.
 //!
 //! Nothing here touches Raft's safety: it only decides when to call the
 //! elections openraft runs.
@@ -56,11 +61,19 @@ impl DbNode {
         // chance to be heard.
         let mut quiet_since = Instant::now();
         let mut term = self.raft.metrics().borrow().current_term;
+        let mut last_tick = Instant::now();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(tick) => {}
             }
+            // A tick that came far too late: this process was paused or
+            // starved, and what looks like the leader's silence is its
+            // own. The leader gets its chance to be heard first.
+            if last_tick.elapsed() > lease / 2 {
+                quiet_since = Instant::now();
+            }
+            last_tick = Instant::now();
             let now_term = self.raft.metrics().borrow().current_term;
             if now_term != term {
                 (term, quiet_since) = (now_term, Instant::now());
@@ -90,21 +103,27 @@ impl DbNode {
             .into_iter()
             .flatten()
             .collect();
-            // Heard from a leader while asking: no silence after all.
+            // Heard from a leader, or of a new term, while asking: no
+            // silence after all.
             if self
                 .contact
                 .age()
                 .is_some_and(|a| a < silence.saturating_sub(tick))
+                || self.raft.metrics().borrow().current_term != term
             {
                 continue;
             }
-            if !should_stand(
-                self.id,
-                mine,
-                leader,
-                &ends,
-                silence > 2 * lease + heartbeat,
-            ) {
+            let turn = if silence > 4 * lease {
+                // A leader that answers but has sent nothing for this long
+                // is alive and not leading (its disk hangs, or only its
+                // RPCs to this node fail): no longer a reason to wait.
+                Turn::Anyone
+            } else if silence > 2 * lease + heartbeat {
+                Turn::UnlessLeaderAnswers
+            } else {
+                Turn::LongestLog
+            };
+            if !should_stand(self.id, mine, leader, &ends, turn) {
                 continue;
             }
             self.stats.stood.fetch_add(1, Ordering::Relaxed);
@@ -158,24 +177,39 @@ impl DbNode {
     }
 }
 
+/// Who may stand, as the silence grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// The voter with the longest log (the lowest id among equals) of
+    /// those that answer, unless the leader answers.
+    LongestLog,
+    /// Any voter, unless the leader answers.
+    UnlessLeaderAnswers,
+    /// Any voter.
+    Anyone,
+}
+
 /// Whether this node (`me`, its log ending at `mine`, following
 /// `leader` if it knows one) stands, given the voters that answered
-/// (`(id, log end)`): never while its leader answers; else if its log is
-/// the longest (the lowest id among equals), or once the better placed
-/// have had their turn (`late`).
+/// (`(id, log end)`) and whose turn it is.
 fn should_stand(
     me: u64,
     mine: u64,
     leader: Option<u64>,
     answered: &[(u64, u64)],
-    late: bool,
+    turn: Turn,
 ) -> bool {
-    if leader.is_some_and(|l| answered.iter().any(|(id, _)| *id == l)) {
-        return false;
+    let leader_answers = leader.is_some_and(|l| answered.iter().any(|(id, _)| *id == l));
+    match turn {
+        Turn::Anyone => true,
+        Turn::UnlessLeaderAnswers => !leader_answers,
+        Turn::LongestLog => {
+            !leader_answers
+                && answered
+                    .iter()
+                    .all(|&(id, end)| end < mine || (end == mine && me < id))
+        }
     }
-    late || answered
-        .iter()
-        .all(|&(id, end)| end < mine || (end == mine && me < id))
 }
 
 /// A share of `span` that differs between nodes and between calls, so
@@ -191,30 +225,51 @@ fn jitter(id: u64, span: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{jitter, should_stand};
+    use super::{jitter, should_stand, Turn};
     use std::time::Duration;
 
     #[test]
     fn the_longest_log_stands_first_and_the_lowest_id_among_equals() {
-        assert!(should_stand(2, 10, None, &[(1, 9), (3, 10)], false));
-        assert!(!should_stand(2, 10, None, &[(1, 10), (3, 9)], false));
-        assert!(!should_stand(2, 10, None, &[(3, 11)], false));
+        let first = Turn::LongestLog;
+        assert!(should_stand(2, 10, None, &[(1, 9), (3, 10)], first));
+        assert!(!should_stand(2, 10, None, &[(1, 10), (3, 9)], first));
+        assert!(!should_stand(2, 10, None, &[(3, 11)], first));
         assert!(
-            should_stand(7, 0, None, &[], false),
+            should_stand(7, 0, None, &[], first),
             "alone among those that answered"
         );
         // Once the better placed have had their turn, anyone stands.
-        assert!(should_stand(2, 10, None, &[(3, 11)], true));
+        assert!(should_stand(
+            2,
+            10,
+            None,
+            &[(3, 11)],
+            Turn::UnlessLeaderAnswers
+        ));
     }
 
     #[test]
-    fn no_one_stands_while_the_leader_answers() {
+    fn no_one_stands_while_the_leader_answers_until_it_has_been_silent_too_long() {
         // Its log as long as ours and its id lower, or shorter: it is alive.
-        assert!(!should_stand(2, 10, Some(1), &[(1, 10), (3, 9)], false));
-        assert!(!should_stand(1, 10, Some(3), &[(3, 10)], false));
-        assert!(!should_stand(1, 10, Some(3), &[(3, 10)], true));
+        assert!(!should_stand(
+            2,
+            10,
+            Some(1),
+            &[(1, 10), (3, 9)],
+            Turn::LongestLog
+        ));
+        assert!(!should_stand(1, 10, Some(3), &[(3, 10)], Turn::LongestLog));
+        assert!(!should_stand(
+            1,
+            10,
+            Some(3),
+            &[(3, 10)],
+            Turn::UnlessLeaderAnswers
+        ));
         // It does not answer: the others decide.
-        assert!(should_stand(1, 10, Some(3), &[(2, 10)], false));
+        assert!(should_stand(1, 10, Some(3), &[(2, 10)], Turn::LongestLog));
+        // It answers but has sent nothing for far too long.
+        assert!(should_stand(1, 10, Some(3), &[(3, 10)], Turn::Anyone));
     }
 
     #[test]
