@@ -774,6 +774,14 @@ impl Lab {
         Ok(())
     }
 
+    /// The token the load balancers' admin APIs take.
+    fn lb_token(&self) -> String {
+        std::fs::read_to_string(crate::lb_token_file(&self.dir))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
     /// Scale in: a web server is drained on every load balancer (no new
     /// requests; those under way finish, up to 10 s), taken out of them,
     /// and stopped with SIGTERM; a read replica is taken out of the
@@ -789,15 +797,7 @@ impl Lab {
             .find(|p| p.name == name)
             .ok_or_else(|| ControlError::NoSuchProcess(name.into()))?
             .clone();
-        let admins: Vec<String> = {
-            let members = self.members.lock().await;
-            members
-                .iter()
-                .filter(|m| m.proc.ready.role == "lb")
-                .filter_map(|m| m.proc.ready.admin.clone())
-                .map(|a| a.trim_end_matches('/').to_string())
-                .collect()
-        };
+        let admins = lb_admins(&self.members.lock().await);
         match (
             proc.role.as_str(),
             proc.db.as_ref().map(|d| d.kind.as_str()),
@@ -813,9 +813,8 @@ impl Lab {
                         "{name} is the last web server running: the site would go down"
                     )));
                 }
-                let token =
-                    std::fs::read_to_string(crate::lb_token_file(&self.dir)).unwrap_or_default();
-                let token = token.trim();
+                let token = self.lb_token();
+                let token = token.as_str();
                 for admin in &admins {
                     let backend = format!("{admin}/backends/{name}");
                     let drained = self
@@ -916,12 +915,7 @@ impl Lab {
                 .filter(|m| m.proc.ready.role == "db" && m.exit.is_none())
                 .max_by_key(|m| Some(&m.proc.name) == leader.as_ref())
                 .map(|m| m.proc.url().to_string());
-            let lbs: Vec<String> = members
-                .iter()
-                .filter(|m| m.proc.ready.role == "lb")
-                .filter_map(|m| m.proc.ready.admin.clone())
-                .collect();
-            (template, names, first_db, lbs)
+            (template, names, first_db, lb_admins(&members))
         };
         let (netns, _, args) = template;
         let next = |prefix: &str| {
@@ -983,13 +977,12 @@ impl Lab {
             restarting: false,
         });
         if what == Add::Web {
-            let token =
-                std::fs::read_to_string(crate::lb_token_file(&self.dir)).unwrap_or_default();
+            let token = self.lb_token();
             for admin in lbs {
                 let added = self
                     .http
-                    .post(format!("{}/backends", admin.trim_end_matches('/')))
-                    .bearer_auth(token.trim())
+                    .post(format!("{admin}/backends"))
+                    .bearer_auth(&token)
                     .json(&serde_json::json!({ "url": url, "name": name }))
                     .timeout(Duration::from_secs(5))
                     .send()
@@ -1665,6 +1658,16 @@ async fn api_load(
         Ok(()) => Json(serde_json::json!({ "load": what })).into_response(),
         Err(e) => refuse(StatusCode::CONFLICT, e.to_string()),
     }
+}
+
+/// The load balancers' admin API base URLs (no trailing `/`).
+fn lb_admins(members: &[Member]) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| m.proc.ready.role == "lb")
+        .filter_map(|m| m.proc.ready.admin.as_deref())
+        .map(|a| a.trim_end_matches('/').to_string())
+        .collect()
 }
 
 /// Scale in: drains and removes a web server or read replica.
