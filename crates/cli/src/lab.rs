@@ -36,14 +36,17 @@ enum LabCommand {
     Resume { name: String },
     /// Start a process again with the same arguments.
     Restart { name: String },
-    /// Scale out: `web` (a web server the load balancers take at once) or
-    /// `replica` (a read replica that joins, catches up and takes reads).
+    /// Scale out: `web` (a web server the load balancers take at once),
+    /// `replica` (a read replica that joins, catches up and takes reads)
+    /// or `lb` (a load balancer that enters the DNS answer; stage 5).
     Add { what: String },
     /// Scale in: drain a web server on every load balancer and stop it,
-    /// or take a read replica out of the cluster and stop it.
+    /// take a read replica out of the cluster and stop it, or take a load
+    /// balancer out of the DNS answer and stop it after the answer's TTL.
     Remove { name: String },
     /// Run a scenario under the lab's load and print its report when it
-    /// ends: kill-leader, kill-web, kill-replica, add-web, add-replica.
+    /// ends: kill-leader, kill-web, kill-replica, kill-lb, add-web,
+    /// add-replica.
     Scenario {
         name: String,
         /// The report as JSON.
@@ -118,8 +121,8 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
 }
 
 async fn add(http: &reqwest::Client, url: &str, what: &str) -> anyhow::Result<()> {
-    if !matches!(what, "web" | "replica") {
-        bail!("{what:?}: add web or replica");
+    if !matches!(what, "web" | "replica" | "lb") {
+        bail!("{what:?}: add web, replica or lb");
     }
     let body = post(http, url, &format!("/api/add/{what}")).await?;
     println!("added {}", body["added"].as_str().unwrap_or("?"));

@@ -357,3 +357,161 @@ async fn an_http_port_beyond_loopback_gets_a_token() {
     );
     let _ = std::fs::remove_file(&path);
 }
+
+/// The records API: an address added with the token enters the answers
+/// (and the health checks), one taken out leaves them; a name keeps its
+/// last address; no token, a wrong one, bad names and bad bodies get a
+/// JSON error; a server started without a token takes no edits at all.
+#[tokio::test]
+async fn addresses_are_added_and_removed_through_the_records_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let dns = start_dns(&[
+        "--host",
+        "www=127.0.0.2",
+        "--http-token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let c = common::client();
+    let hosts = format!("{}/hosts", dns.metrics);
+    let add = |name: &str, body: serde_json::Value, token: Option<&str>| {
+        let mut r = c.post(format!("{hosts}/{name}")).json(&body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let r = add("www", serde_json::json!({"addr": "127.0.0.4"}), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = add(
+        "www",
+        serde_json::json!({"addr": "127.0.0.4"}),
+        Some("wrong"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        lookup_a(dns.addr, "www.scaleout.test.").await,
+        vec![ip("127.0.0.2")]
+    );
+
+    let r = add(
+        "www",
+        serde_json::json!({"addr": "127.0.0.4"}),
+        Some(&token),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = add(
+        "WWW",
+        serde_json::json!({"addr": "127.0.0.4"}),
+        Some(&token),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200, "there already, whatever the case");
+    let mut answer = lookup_a(dns.addr, "www.scaleout.test.").await;
+    answer.sort();
+    assert_eq!(answer, vec![ip("127.0.0.2"), ip("127.0.0.4")]);
+    // A new name, written in full.
+    let r = add(
+        "api.scaleout.test.",
+        serde_json::json!({"addr": "127.0.0.9"}),
+        Some(&token),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        lookup_a(dns.addr, "api.scaleout.test.").await,
+        vec![ip("127.0.0.9")]
+    );
+    let listed: serde_json::Value = c
+        .get(&hosts)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["hosts"].as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(c.get(&hosts).send().await.unwrap().status(), 401);
+
+    // Bad input: each a JSON error saying what is wrong.
+    for (name, body) in [
+        ("www", serde_json::json!({"addr": "not-an-ip"})),
+        ("www", serde_json::json!({"address": "127.0.0.5"})),
+        ("www.example.com.", serde_json::json!({"addr": "127.0.0.5"})),
+        ("bad..name", serde_json::json!({"addr": "127.0.0.5"})),
+    ] {
+        let r = add(name, body.clone(), Some(&token)).await.unwrap();
+        assert_eq!(r.status(), 400, "{name} {body}");
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert!(e["error"].is_string(), "{e}");
+    }
+    let r = c
+        .post(format!("{hosts}/www"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 10_000])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_client_error(),
+        "an oversized body: {}",
+        r.status()
+    );
+
+    // Removal.
+    let del = |path: &str, token: Option<&str>| {
+        let mut r = c.delete(format!("{hosts}/{path}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(del("www/127.0.0.4", None).await.unwrap().status(), 401);
+    assert_eq!(
+        del("www/127.0.0.4", Some(&token)).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        lookup_a(dns.addr, "www.scaleout.test.").await,
+        vec![ip("127.0.0.2")]
+    );
+    assert_eq!(
+        del("www/127.0.0.4", Some(&token)).await.unwrap().status(),
+        404
+    );
+    assert_eq!(del("www/nope", Some(&token)).await.unwrap().status(), 400);
+    let r = del("www/127.0.0.2", Some(&token)).await.unwrap();
+    assert_eq!(r.status(), 409, "the last address stays");
+    assert_eq!(
+        lookup_a(dns.addr, "www.scaleout.test.").await,
+        vec![ip("127.0.0.2")]
+    );
+
+    // Without a token the server takes no edits.
+    let open = start_dns(&["--host", "www=127.0.0.2"]);
+    let r = c
+        .post(format!("{}/hosts/www", open.metrics))
+        .json(&serde_json::json!({"addr": "127.0.0.4"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        lookup_a(open.addr, "www.scaleout.test.").await,
+        vec![ip("127.0.0.2")]
+    );
+}

@@ -548,6 +548,158 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
 /// on the leader the page draws and sees another leader, the exit and the
 /// election on the timeline; restarts the old leader with its button; and
 /// fits a phone's width. Screenshots go to `target/tmp/dashboard/`.
+/// Process `name` in the state, or null while the state lacks it.
+fn proc_or_null(s: &Value, name: &str) -> Value {
+    s["procs"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Events of `kind` about `name` on the lab's timeline.
+async fn events(url: &str, kind: &str, name: &str) -> Vec<Value> {
+    let timeline: Vec<Value> = call(url, reqwest::Method::GET, "/api/timeline")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    timeline
+        .into_iter()
+        .filter(|e| e["kind"] == kind && e["name"] == name)
+        .collect()
+}
+
+/// Stage 5, where visitors find the site through DNS: the lab's load asks
+/// the lab's DNS for the name; a load balancer killed under it leaves the
+/// answer and the load goes on through the other, losing no write; one
+/// restarted comes back into the answer; one added enters it and takes
+/// traffic, one removed leaves it; a web server killed shows as ejected
+/// by both load balancers. Each change is on the timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_5_moves_visitors_between_load_balancers_through_dns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Proc::spawn(&[
+        "up",
+        "--stage",
+        "5",
+        "--port-base",
+        "0",
+        "--data",
+        dir.path().to_str().unwrap(),
+    ]);
+    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
+    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    let s = until(&url, "both load balancers in the DNS answer", |s| {
+        proc_or_null(s, "lb-1")["in_dns"] == true && proc_or_null(s, "lb-2")["in_dns"] == true
+    })
+    .await;
+    assert!(
+        s["site_name"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://www.scaleout.test:"),
+        "{s}"
+    );
+
+    let (ok, said) = lab(&url, &["scenario", "kill-lb", "--json"]);
+    assert!(ok, "{said}");
+    let report: Value = serde_json::from_str(said.lines().last().unwrap()).unwrap();
+    eprintln!("kill-lb: {report}");
+    let killed = report["killed"].as_str().unwrap().to_string();
+    assert!(killed.starts_with("lb-"), "{report}");
+    assert!(report["detected_ms"].is_u64(), "DNS left it out: {report}");
+    assert_eq!(report["lost_writes"], 0, "{report}");
+    assert!(
+        report["acknowledged_writes"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    // The load went on after the kill: through the other load balancer.
+    let errors = report["errors"].as_u64().unwrap();
+    let served = report["served"].as_u64().unwrap();
+    assert!(served > 20 * (errors + 1), "{report}");
+    let s = state(&url).await;
+    assert_eq!(proc_or_null(&s, &killed)["in_dns"], false, "{s}");
+    let left = events(&url, "dns", &killed).await;
+    assert!(
+        left.iter()
+            .any(|e| e["detail"].as_str().unwrap().starts_with("left out")),
+        "{left:?}"
+    );
+
+    // Restarted, it passes its checks and is answered again.
+    let (ok, said) = lab(&url, &["restart", &killed]);
+    assert!(ok, "{said}");
+    until(&url, "the restarted load balancer back in DNS", |s| {
+        proc_or_null(s, &killed)["in_dns"] == true
+    })
+    .await;
+    assert!(events(&url, "dns", &killed)
+        .await
+        .iter()
+        .any(|e| e["detail"].as_str().unwrap().starts_with("back in")));
+
+    // Scale out the front: a third load balancer enters the answer and
+    // takes a share of the load (which resolves the name as it goes).
+    let (ok, said) = lab(&url, &["add", "lb"]);
+    assert!(ok && said.contains("added lb-3"), "{said}");
+    until(&url, "lb-3 in the DNS answer", |s| {
+        proc_or_null(s, "lb-3")["in_dns"] == true
+    })
+    .await;
+    let r = call(&url, reqwest::Method::POST, "/api/load/start")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    until(&url, "lb-3 takes requests", |s| {
+        proc_or_null(s, "lb-3")["requests"].as_u64().unwrap_or(0) > 10
+    })
+    .await;
+
+    // A web server killed: both load balancers stop sending to it.
+    let (ok, said) = lab(&url, &["kill", "web-1"]);
+    assert!(ok, "{said}");
+    until(&url, "web-1 ejected by the load balancers", |s| {
+        let by = proc_or_null(s, "web-1")["ejected_by"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        ["lb-1", "lb-2", "lb-3"]
+            .iter()
+            .all(|lb| by.iter().any(|b| b == lb))
+    })
+    .await;
+    assert!(!events(&url, "ejected", "web-1").await.is_empty());
+
+    // Scale in the front: lb-3 leaves the answer, then stops.
+    let (ok, said) = lab(&url, &["remove", "lb-3"]);
+    assert!(ok, "{said}");
+    until(&url, "lb-3 gone", |s| {
+        s["procs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["name"] != "lb-3")
+    })
+    .await;
+    // The last one in the answer stays.
+    let (ok, said) = lab(&url, &["kill", "lb-1"]);
+    assert!(ok, "{said}");
+    until(&url, "lb-1 out of DNS", |s| {
+        proc_or_null(s, "lb-1")["in_dns"] == false
+    })
+    .await;
+    let (ok, said) = lab(&url, &["remove", "lb-2"]);
+    assert!(!ok && said.contains("last load balancer"), "{said}");
+    up.signal(nix::sys::signal::Signal::SIGINT);
+    assert!(up.wait_exit(Duration::from_secs(60)).success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_works_in_a_real_browser() {
     for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {

@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use scaleout_health::{Thresholds, Transition, Verdict};
 use tokio_util::sync::CancellationToken;
 
+use crate::zone::Zone;
 use crate::HealthConfig;
 
 /// The verdict for each address; addresses never checked are healthy.
@@ -32,6 +33,14 @@ impl Health {
             .unwrap_or_default();
         all.sort();
         all
+    }
+
+    /// Forgets the addresses no longer in the zone (one added again is
+    /// checked afresh).
+    fn keep_only(&self, addrs: &[IpAddr]) {
+        if let Ok(mut m) = self.up.write() {
+            m.retain(|a, _| addrs.contains(a));
+        }
     }
 
     fn set(&self, addr: IpAddr, up: bool) {
@@ -94,7 +103,7 @@ async fn check(
 
 /// Checks every address until shutdown.
 pub async fn run(
-    addrs: Vec<IpAddr>,
+    zone: Arc<RwLock<Zone>>,
     cfg: HealthConfig,
     health: Arc<Health>,
     shutdown: CancellationToken,
@@ -122,8 +131,7 @@ pub async fn run(
         rise: cfg.rise,
         fall: cfg.fall,
     };
-    let mut states: HashMap<IpAddr, Verdict> =
-        addrs.iter().map(|a| (*a, Verdict::new_up())).collect();
+    let mut states: HashMap<IpAddr, Verdict> = HashMap::new();
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -131,6 +139,10 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // The zone's addresses now: the records API may have changed them.
+        let addrs = zone.read().map(|z| z.all_addrs()).unwrap_or_default();
+        states.retain(|a, _| addrs.contains(a));
+        health.keep_only(&addrs);
         let mut checks = tokio::task::JoinSet::new();
         for addr in &addrs {
             let (template, addr, timeout) = (template.clone(), *addr, cfg.timeout);

@@ -12,6 +12,7 @@
 //! Entry points: [`bind`], then [`BoundDns::run`] until shutdown.
 
 pub mod health;
+pub mod records;
 pub mod server;
 pub mod zone;
 

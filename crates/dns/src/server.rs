@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use hickory_proto::op::{Header, MessageType, OpCode, ResponseCode};
@@ -22,7 +22,8 @@ use crate::{DnsConfig, Error};
 const TCP_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Handler {
-    zone: Zone,
+    /// Shared with the health checker and the records API, which edits it.
+    zone: Arc<RwLock<Zone>>,
     health: Arc<Health>,
     rotation: AtomicUsize,
     /// Queries answered, by (type, rcode).
@@ -82,7 +83,17 @@ impl RequestHandler for Handler {
         let health = &self.health;
         let answer = self
             .zone
-            .answer(info.query.name(), qtype, &|a| health.is_up(a), rotation);
+            .read()
+            .ok()
+            .map(|zone| zone.answer(info.query.name(), qtype, &|a| health.is_up(a), rotation));
+        let answer = match answer {
+            Some(answer) => answer,
+            None => {
+                self.count("-", ResponseCode::ServFail);
+                let h = refuse(ResponseCode::ServFail);
+                return send(&mut response, builder.build_no_records(h), h).await;
+            }
+        };
         header.set_authoritative(answer.authoritative);
         header.set_response_code(answer.rcode);
         header.set_recursion_available(false);
@@ -196,6 +207,8 @@ impl BoundDns {
             http_addr,
         } = self;
         let health = Arc::new(Health::default());
+        tracing::info!(%addr, %http_addr, zone = %zone.origin, hosts = zone.hosts.len(), "dns server listening");
+        let zone = Arc::new(RwLock::new(zone));
         let handler = Arc::new(Handler {
             zone: zone.clone(),
             health: health.clone(),
@@ -205,16 +218,14 @@ impl BoundDns {
         let mut server = ServerFuture::new(SharedHandler(handler.clone()));
         server.register_socket(udp);
         server.register_listener(tcp, TCP_TIMEOUT);
-        tracing::info!(%addr, %http_addr, zone = %zone.origin, hosts = zone.hosts.len(), "dns server listening");
 
         let checker = tokio::spawn(crate::health::run(
-            zone.all_addrs(),
+            zone.clone(),
             config.health.clone(),
             health.clone(),
             shutdown.clone(),
         ));
-        let token = config.http_token.clone();
-        let app = axum::Router::new()
+        let app = crate::records::router(zone, health, config.http_token.clone())
             .route(
                 "/healthz",
                 axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
@@ -223,6 +234,7 @@ impl BoundDns {
                 "/metrics",
                 axum::routing::get({
                     let handler = handler.clone();
+                    let token = config.http_token.clone();
                     move |headers: axum::http::HeaderMap| {
                         let handler = handler.clone();
                         let token = token.clone();
@@ -293,7 +305,7 @@ fn rcode_name(rcode: ResponseCode) -> String {
 
 /// Whether the request carries the token, when there is one (compared in
 /// constant time).
-fn bearer_matches(headers: &axum::http::HeaderMap, token: Option<&str>) -> bool {
+pub(crate) fn bearer_matches(headers: &axum::http::HeaderMap, token: Option<&str>) -> bool {
     let Some(token) = token else { return true };
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -325,7 +337,9 @@ fn render(h: Arc<Handler>) -> String {
         )?;
         let addrs: Vec<(String, u64)> = h
             .zone
-            .all_addrs()
+            .read()
+            .map(|z| z.all_addrs())
+            .unwrap_or_default()
             .into_iter()
             .map(|a| (a.to_string(), u64::from(h.health.is_up(a))))
             .collect();

@@ -43,6 +43,15 @@ pub struct Answer {
     pub authority: Vec<Record>,
 }
 
+/// Why an address could not be taken out of a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The name does not have that address.
+    Absent,
+    /// It is the name's last address.
+    Last,
+}
+
 /// Parses `www=127.0.0.2,127.0.0.3` (a name relative to the zone, or `@`).
 pub fn parse_host(spec: &str, origin: &Name) -> Result<Host, String> {
     let (label, list) = spec
@@ -103,6 +112,81 @@ impl Zone {
             soa,
             ns,
         }
+    }
+
+    /// Most names and addresses per name the zone takes through edits.
+    pub const MAX_HOSTS: usize = 256;
+    pub const MAX_ADDRS: usize = 64;
+
+    /// The host `label` names (relative to the origin, `@` for the apex,
+    /// or a name inside the zone ending in a dot), or why it is not one
+    /// of this zone's names.
+    pub fn name_of(&self, label: &str) -> Result<Name, String> {
+        let name = if label == "@" {
+            self.origin.clone()
+        } else {
+            let name = Name::from_str(label).map_err(|e| format!("bad name {label:?}: {e}"))?;
+            if name.is_fqdn() {
+                name
+            } else {
+                name.append_domain(&self.origin)
+                    .map_err(|e| format!("bad name {label:?}: {e}"))?
+            }
+        };
+        let mut name = name.to_lowercase();
+        name.set_fqdn(true);
+        if !self.origin_lower.zone_of(&LowerName::from(&name)) {
+            return Err(format!("{name} is not in the zone {}", self.origin));
+        }
+        Ok(name)
+    }
+
+    /// Adds `addr` to `name` (made when new); false when it was there.
+    pub fn add(&mut self, name: &Name, addr: IpAddr) -> Result<bool, String> {
+        let hosts = self.hosts.len();
+        match self.hosts.iter_mut().find(|h| h.name == *name) {
+            Some(h) if h.addrs.contains(&addr) => Ok(false),
+            Some(h) if h.addrs.len() >= Self::MAX_ADDRS => Err(format!(
+                "{name} has {} addresses, the most it may have",
+                Self::MAX_ADDRS
+            )),
+            Some(h) => {
+                h.addrs.push(addr);
+                Ok(true)
+            }
+            None if hosts >= Self::MAX_HOSTS => Err(format!(
+                "the zone has {} names, the most it may have",
+                Self::MAX_HOSTS
+            )),
+            None => {
+                self.hosts.push(Host {
+                    name: name.clone(),
+                    addrs: vec![addr],
+                });
+                Ok(true)
+            }
+        }
+    }
+
+    /// Takes `addr` out of `name`'s answers. A name keeps at least one
+    /// address: without one its answers would turn into NXDOMAIN, which
+    /// resolvers cache.
+    pub fn remove(&mut self, name: &Name, addr: IpAddr) -> Result<(), Removal> {
+        let host = self
+            .hosts
+            .iter_mut()
+            .find(|h| h.name == *name)
+            .ok_or(Removal::Absent)?;
+        let at = host
+            .addrs
+            .iter()
+            .position(|a| *a == addr)
+            .ok_or(Removal::Absent)?;
+        if host.addrs.len() == 1 {
+            return Err(Removal::Last);
+        }
+        host.addrs.remove(at);
+        Ok(())
     }
 
     /// Every address of every host (what the health checker watches).
@@ -279,6 +363,44 @@ mod tests {
 
     fn ips(a: &Answer) -> Vec<String> {
         a.answers.iter().map(|r| r.data().to_string()).collect()
+    }
+
+    #[test]
+    fn edits_add_and_remove_addresses_but_keep_one_per_name() {
+        let mut z = zone();
+        let www = z.name_of("www").unwrap();
+        assert_eq!(www, z.name_of("WWW.scaleout.test.").unwrap());
+        assert!(z.name_of("www.example.com.").is_err());
+        assert!(z.name_of("bad..name").is_err());
+        let four: IpAddr = "127.0.0.4".parse().unwrap();
+        assert_eq!(z.add(&www, four), Ok(true));
+        assert_eq!(z.add(&www, four), Ok(false), "an address is there once");
+        let all = |_| true;
+        let a = z.answer(&q("www.scaleout.test."), RecordType::A, &all, 0);
+        assert!(ips(&a).contains(&"127.0.0.4".to_string()), "{:?}", ips(&a));
+        assert!(z.all_addrs().contains(&four), "the checker watches it");
+        z.remove(&www, four).unwrap();
+        let a = z.answer(&q("www.scaleout.test."), RecordType::A, &all, 0);
+        assert!(!ips(&a).contains(&"127.0.0.4".to_string()));
+        assert_eq!(z.remove(&www, four), Err(Removal::Absent));
+        let api = z.name_of("api").unwrap();
+        assert_eq!(z.remove(&api, four), Err(Removal::Last), "its only address");
+        // A new name, then the caps.
+        let new = z.name_of("new").unwrap();
+        assert_eq!(z.add(&new, four), Ok(true));
+        let a = z.answer(&q("new.scaleout.test."), RecordType::A, &all, 0);
+        assert_eq!(ips(&a), vec!["127.0.0.4"]);
+        for i in 0..Zone::MAX_ADDRS {
+            let _ = z.add(
+                &new,
+                IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8]),
+            );
+        }
+        assert!(z.add(&new, "10.9.9.9".parse().unwrap()).is_err());
+        for i in 0..Zone::MAX_HOSTS {
+            let _ = z.add(&z.name_of(&format!("h{i}")).unwrap(), four);
+        }
+        assert!(z.add(&z.name_of("one-more").unwrap(), four).is_err());
     }
 
     #[test]

@@ -85,6 +85,14 @@ pub struct ProcState {
     pub p50_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_ms: Option<f64>,
+    /// A web server: the load balancers that send it nothing (they
+    /// ejected it, its health checks fail, it drains, or they do not
+    /// know it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ejected_by: Vec<String>,
+    /// A load balancer: whether DNS answers with its address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_dns: Option<bool>,
 }
 
 /// The counter of served requests each role's `/metrics` has.
@@ -106,6 +114,26 @@ struct Figures {
     requests: Option<u64>,
     errors: Option<u64>,
     latency: Option<figures::Buckets>,
+    /// A load balancer: each backend and whether it takes requests. DNS:
+    /// each address and whether it is answered.
+    routes: Vec<(String, f64)>,
+}
+
+/// What the last looks saw of where traffic may go, to tell changes.
+#[derive(Default)]
+struct Routing {
+    /// (load balancer, web server) → the load balancer sends it requests.
+    backends: std::collections::HashMap<(String, String), bool>,
+    /// Load balancer → DNS answers with its address.
+    answered: std::collections::HashMap<String, bool>,
+}
+
+/// Stage 5's site by its name, resolved through the lab's DNS as a
+/// visitor's machine would.
+struct ByName {
+    /// `http://www.scaleout.test:PORT`.
+    url: String,
+    resolver: Arc<crate::resolve::ViaDns>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -177,8 +205,9 @@ pub struct ScenarioReport {
     /// the database client moved it at once); for an addition, until the
     /// new process served its first request.
     pub traffic_moved_ms: Option<u64>,
-    /// Errors the load saw from the kill on.
+    /// Errors the load saw from the kill on, and the answers it got.
     pub errors: u64,
+    pub served: u64,
     /// Creates the load saw acknowledged, and how many of them could not
     /// be read back afterwards through the site (lost).
     pub acknowledged_writes: u64,
@@ -208,11 +237,14 @@ impl ScenarioReport {
             line += &format!(", traffic moved after {}", ms(self.traffic_moved_ms));
         }
         line + &format!(
-            ", {} errors, {} of {} acknowledged writes lost",
-            self.errors, self.lost_writes, self.acknowledged_writes
+            ", {} errors, {} answered, {} of {} acknowledged writes lost",
+            self.errors, self.served, self.lost_writes, self.acknowledged_writes
         )
     }
 }
+
+/// The TTL of the lab's DNS answers (`scaleout dns`'s default).
+const DNS_TTL: Duration = Duration::from_secs(5);
 
 /// Workers of the dashboard's load, and one write in this many requests.
 const LOAD_WORKERS: usize = 4;
@@ -225,6 +257,10 @@ pub struct LabState {
     pub title: String,
     /// Where the site is.
     pub site: String,
+    /// The site by its name (stage 5), which the lab's load resolves
+    /// through the lab's DNS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site_name: Option<String>,
     pub procs: Vec<ProcState>,
     /// The database node that leads, when one does.
     pub leader: Option<String>,
@@ -293,6 +329,8 @@ pub struct Lab {
     load_seen: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
     /// The last scenario's report.
     scenario: std::sync::Mutex<Option<ScenarioReport>>,
+    by_name: Option<ByName>,
+    routing: std::sync::Mutex<Routing>,
 }
 
 /// What `add` starts.
@@ -303,6 +341,9 @@ pub enum Add {
     /// A read replica (a non-voting database node) that joins, catches
     /// up and takes reads.
     Replica,
+    /// A load balancer on the next loopback address, sending to the web
+    /// servers running, entered into the DNS answer (stage 5).
+    Lb,
 }
 
 impl std::str::FromStr for Add {
@@ -311,7 +352,8 @@ impl std::str::FromStr for Add {
         match s {
             "web" => Ok(Add::Web),
             "replica" => Ok(Add::Replica),
-            other => Err(format!("{other:?}: add web or replica")),
+            "lb" => Ok(Add::Lb),
+            other => Err(format!("{other:?}: add web, replica or lb")),
         }
     }
 }
@@ -330,13 +372,17 @@ pub enum Scenario {
     AddWeb,
     /// C11: a read replica is added, catches up and takes reads.
     AddReplica,
+    /// C2, C3: a load balancer dies; DNS leaves it out of the site's
+    /// answer and visitors reach the other one (stage 5).
+    KillLb,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::KillLeader,
         Scenario::KillWeb,
         Scenario::KillReplica,
+        Scenario::KillLb,
         Scenario::AddWeb,
         Scenario::AddReplica,
     ];
@@ -348,6 +394,7 @@ impl Scenario {
             Scenario::KillReplica => "kill-replica",
             Scenario::AddWeb => "add-web",
             Scenario::AddReplica => "add-replica",
+            Scenario::KillLb => "kill-lb",
         }
     }
 }
@@ -445,6 +492,19 @@ impl Lab {
             .iter()
             .filter_map(|p| Some((p.name.clone(), p.ready.admin.clone()?)))
             .collect();
+        // With a DNS server the site has a name; the load asks for it.
+        let by_name = procs
+            .iter()
+            .find(|p| p.ready.role == "dns")
+            .and_then(|dns| dns.url().parse::<std::net::SocketAddr>().ok())
+            .map(|dns| {
+                let (scheme, rest) = site.split_once("://").unwrap_or(("http", site));
+                let port = rest.rsplit(':').next().unwrap_or("80");
+                ByName {
+                    url: format!("{scheme}://{}:{port}", crate::SITE_NAME),
+                    resolver: Arc::new(crate::resolve::ViaDns::new(dns)),
+                }
+            });
         let members: Vec<Member> = procs
             .into_iter()
             .map(|proc| Member {
@@ -458,11 +518,16 @@ impl Lab {
             stage,
             title: title.into(),
             site: site.into(),
+            site_name: None,
             procs: Vec::new(),
             leader: None,
             load: None,
             scenario: None,
             at_ms: now_ms(),
+        };
+        let first = LabState {
+            site_name: by_name.as_ref().map(|b| b.url.clone()),
+            ..first
         };
         let (state, _) = watch::channel(first);
         let (events, _) = broadcast::channel(256);
@@ -483,6 +548,8 @@ impl Lab {
             load: std::sync::Mutex::new(None),
             load_seen: std::sync::Mutex::new((0, None)),
             scenario: std::sync::Mutex::new(None),
+            by_name,
+            routing: Default::default(),
         }))
     }
 
@@ -524,9 +591,14 @@ impl Lab {
     /// One look at every process; records what changed.
     async fn look(&self) {
         let mut seen = Vec::new();
+        // Where each load balancer's and DNS's `/metrics` are.
+        let mut admins = std::collections::HashMap::new();
         {
             let mut members = self.members.lock().await;
             for m in members.iter_mut() {
+                if let Some(admin) = &m.proc.ready.admin {
+                    admins.insert(m.proc.name.clone(), admin.clone());
+                }
                 if m.exit.is_none() {
                     if let Some(status) = m.proc.exited() {
                         m.exit = Some(status.to_string());
@@ -551,6 +623,8 @@ impl Lab {
                     errors: None,
                     p50_ms: None,
                     p99_ms: None,
+                    ejected_by: Vec::new(),
+                    in_dns: None,
                 });
             }
         }
@@ -598,7 +672,9 @@ impl Lab {
         for db in seen.iter_mut().filter_map(|p| p.db.as_mut()) {
             db.lag = most_applied - db.applied_index;
         }
-        // Every process's request counter, asked at once.
+        // Every process's request counter, asked at once (the load
+        // balancers' and DNS's with the lab's token).
+        let token = self.lb_token();
         let counts = seen
             .iter()
             .enumerate()
@@ -607,7 +683,7 @@ impl Lab {
                 let counter = request_counter(&p.role)?;
                 let base = match p.role.as_str() {
                     "lb" | "dns" => {
-                        let admin = self.admin.get(&p.name)?;
+                        let admin = admins.get(&p.name)?;
                         if admin.starts_with("http") {
                             admin.trim_end_matches('/').to_string()
                         } else {
@@ -618,8 +694,14 @@ impl Lab {
                 };
                 let http = self.http.clone();
                 let role = p.role.clone();
+                let token = token.clone();
                 Some(async move {
-                    let text = match http.get(format!("{base}/metrics")).send().await {
+                    let text = match http
+                        .get(format!("{base}/metrics"))
+                        .bearer_auth(token)
+                        .send()
+                        .await
+                    {
                         Ok(r) if r.status().is_success() => r.text().await.ok(),
                         _ => None,
                     };
@@ -628,12 +710,20 @@ impl Lab {
                         errors: figures::errors(&role, &t),
                         latency: figures::latency_histogram(&role)
                             .map(|h| figures::Buckets::read(&t, h)),
+                        routes: match role.as_str() {
+                            "lb" => {
+                                figures::gauge_by(&t, "scaleout_lb_backend_available", "backend")
+                            }
+                            "dns" => figures::gauge_by(&t, "scaleout_dns_address_up", "address"),
+                            _ => Vec::new(),
+                        },
                     });
                     (i, figures)
                 })
             })
             .collect::<Vec<_>>();
         let counts = futures_util::future::join_all(counts).await;
+        let mut routes = Vec::new();
         let now = std::time::Instant::now();
         {
             let mut rates = self
@@ -646,6 +736,9 @@ impl Lab {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for (i, figures) in counts {
                 let Some(figures) = figures else { continue };
+                if !figures.routes.is_empty() || seen[i].role == "lb" {
+                    routes.push((i, figures.routes.clone()));
+                }
                 let p = &mut seen[i];
                 p.errors = figures.errors;
                 if let Some(now) = figures.latency {
@@ -677,6 +770,7 @@ impl Lab {
                 p.rps = Some((entry.2 * 10.0).round() / 10.0);
             }
         }
+        self.routing_seen(&mut seen, &routes);
         let leader = seen
             .iter()
             .find(|p| p.db.as_ref().is_some_and(|d| d.kind == "leader"))
@@ -704,12 +798,104 @@ impl Lab {
             stage: self.stage,
             title: self.title.clone(),
             site: self.site.clone(),
+            site_name: self.by_name.as_ref().map(|b| b.url.clone()),
             procs: seen,
             leader,
             load,
             scenario: self.scenario_report(),
             at_ms: now_ms(),
         });
+    }
+
+    /// Where traffic may go, from the load balancers' and DNS's answers
+    /// (`routes`: a process's index and what its `/metrics` said): marks
+    /// web servers no load balancer sends to and load balancers DNS
+    /// leaves out, and records each change on the timeline.
+    fn routing_seen(&self, seen: &mut [ProcState], routes: &[(usize, Vec<(String, f64)>)]) {
+        let mut routing = self
+            .routing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let webs: Vec<String> = seen
+            .iter()
+            .filter(|p| p.role == "web")
+            .map(|p| p.name.clone())
+            .collect();
+        let mut ejected: Vec<(String, String)> = Vec::new();
+        for (i, list) in routes {
+            let from = seen[*i].name.clone();
+            match seen[*i].role.as_str() {
+                "lb" => {
+                    for web in &webs {
+                        let takes = list.iter().any(|(b, v)| b == web && *v > 0.0);
+                        if !takes {
+                            ejected.push((web.clone(), from.clone()));
+                        }
+                        let before = routing.backends.insert((from.clone(), web.clone()), takes);
+                        match before {
+                            Some(true) if !takes => {
+                                self.record("ejected", web, format!("{from} sends it nothing"))
+                            }
+                            Some(false) if takes => self.record(
+                                "restored",
+                                web,
+                                format!("{from} sends it requests again"),
+                            ),
+                            _ => {}
+                        }
+                    }
+                }
+                "dns" => {
+                    let name = crate::SITE_NAME;
+                    let looked_before = !routing.answered.is_empty();
+                    for p in seen.iter_mut().filter(|p| p.role == "lb") {
+                        let host = p
+                            .url
+                            .split("://")
+                            .last()
+                            .and_then(|r| r.rsplit_once(':'))
+                            .map_or("", |(h, _)| h);
+                        let answered = list.iter().any(|(a, v)| a == host && *v > 0.0);
+                        p.in_dns = Some(answered);
+                        let before = routing.answered.insert(p.name.clone(), answered);
+                        let change = match (before, answered) {
+                            (Some(true), false) => Some(format!("left out of {name}'s answer")),
+                            (Some(false), true) => Some(format!("back in {name}'s answer")),
+                            (None, true) if looked_before => {
+                                Some(format!("entered {name}'s answer"))
+                            }
+                            _ => None,
+                        };
+                        if let Some(detail) = change {
+                            self.record("dns", &p.name, detail);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for p in seen.iter_mut() {
+            p.ejected_by = ejected
+                .iter()
+                .filter(|(web, _)| *web == p.name)
+                .map(|(_, lb)| lb.clone())
+                .collect();
+        }
+    }
+
+    /// An HTTP client for the site as visitors reach it (by name through
+    /// the lab's DNS in stage 5), and the site's URL for it.
+    fn site_client(&self, timeout: Duration) -> Result<(String, reqwest::Client), ControlError> {
+        let mut builder = reqwest::Client::builder().timeout(timeout);
+        let mut url = self.site.clone();
+        if let Some(by_name) = &self.by_name {
+            builder = builder.dns_resolver(by_name.resolver.clone());
+            url = by_name.url.clone();
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ControlError::Refused(format!("an HTTP client: {e}")))?;
+        Ok((url, http))
     }
 
     /// Watches until `shutdown`.
@@ -873,9 +1059,46 @@ impl Lab {
                     Err(e) => return Err(refuse(format!("the leader did not answer: {e}"))),
                 }
             }
+            ("lb", _) => {
+                let (admin, host) = self.dns_admin_and_host(&proc)?;
+                let others = state
+                    .procs
+                    .iter()
+                    .filter(|p| p.role == "lb" && p.name != name && p.in_dns == Some(true))
+                    .count();
+                if others == 0 {
+                    return Err(refuse(format!(
+                        "{name} is the last load balancer in the DNS answer: the site would go down"
+                    )));
+                }
+                let removed = self
+                    .http
+                    .delete(format!("{admin}/hosts/www/{host}"))
+                    .bearer_auth(self.lb_token())
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                match removed {
+                    Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {}
+                    Ok(r) => {
+                        let status = r.status();
+                        let text = r.text().await.unwrap_or_default();
+                        return Err(refuse(format!("DNS refused: {status} {text}")));
+                    }
+                    Err(e) => return Err(refuse(format!("DNS did not answer: {e}"))),
+                }
+                // Resolvers keep the old answer for its TTL; after that no
+                // new visitor comes, and SIGTERM drains who is left.
+                self.record(
+                    "draining",
+                    name,
+                    format!("out of DNS; stopping after the answers' TTL ({} s)", DNS_TTL.as_secs()),
+                );
+                tokio::time::sleep(DNS_TTL + Duration::from_secs(1)).await;
+            }
             (role, kind) => {
                 return Err(refuse(format!(
-                    "{name} is a {}: only web servers and read replicas are removed here",
+                    "{name} is a {}: only web servers, read replicas and load balancers are removed here",
                     kind.unwrap_or(role)
                 )))
             }
@@ -890,8 +1113,38 @@ impl Lab {
         Ok(())
     }
 
+    /// The DNS server's records API and the address `lb` is answered as.
+    fn dns_admin_and_host(&self, lb: &ProcState) -> Result<(String, String), ControlError> {
+        let admin = self
+            .admin
+            .get("dns")
+            .map(|a| {
+                if a.starts_with("http") {
+                    a.trim_end_matches('/').to_string()
+                } else {
+                    format!("http://{a}")
+                }
+            })
+            .ok_or_else(|| {
+                ControlError::Refused(
+                    "this stage has no DNS: load balancers come and go in stage 5".into(),
+                )
+            })?;
+        let host = lb
+            .url
+            .split("://")
+            .last()
+            .and_then(|r| r.rsplit_once(':'))
+            .map(|(h, _)| h.to_string())
+            .ok_or_else(|| {
+                ControlError::Refused(format!("{}: no address in {}", lb.name, lb.url))
+            })?;
+        Ok((admin, host))
+    }
+
     /// Scale out: starts a new web server (registered with every load
-    /// balancer) or read replica, like the ones running; its name.
+    /// balancer), read replica, or load balancer (entered into the DNS
+    /// answer), like the ones running; its name.
     pub async fn add(&self, what: Add) -> Result<String, ControlError> {
         let _one = self.adding.lock().await;
         let refuse = |why: String| ControlError::Refused(why);
@@ -900,6 +1153,7 @@ impl Lab {
             let role = match what {
                 Add::Web => "web",
                 Add::Replica => "db",
+                Add::Lb => "lb",
             };
             let template = members
                 .iter()
@@ -917,6 +1171,14 @@ impl Lab {
                 .map(|m| m.proc.url().to_string());
             (template, names, first_db, lb_admins(&members))
         };
+        // A load balancer sends to the web servers running now.
+        let webs: Vec<(String, String)> = self
+            .state()
+            .procs
+            .iter()
+            .filter(|p| p.role == "web" && p.state != Running::Exited)
+            .map(|p| (p.name.clone(), p.url.clone()))
+            .collect();
         let (netns, _, args) = template;
         let next = |prefix: &str| {
             (1..)
@@ -962,6 +1224,62 @@ impl Lab {
                 }
                 (name, args)
             }
+            Add::Lb => {
+                if !self.admin.contains_key("dns") {
+                    return Err(refuse(
+                        "this stage has no DNS to put a load balancer in: add one in stage 5"
+                            .into(),
+                    ));
+                }
+                if args.iter().any(|a| a == "--tls-cert") {
+                    return Err(refuse(
+                        "a new load balancer would need a certificate for its address: add load balancers to a lab without --tls".into(),
+                    ));
+                }
+                let name = next("lb");
+                // The next loopback address, on the port the others share
+                // (DNS answers carry addresses, not ports).
+                let listen = arg_of(&args, "--listen").unwrap_or("127.0.0.2:0");
+                let port = listen.rsplit(':').next().unwrap_or("0").to_string();
+                let used: Vec<String> = self
+                    .state
+                    .borrow()
+                    .procs
+                    .iter()
+                    .filter(|p| p.role == "lb")
+                    .filter_map(|p| {
+                        p.url
+                            .split("://")
+                            .last()?
+                            .rsplit_once(':')
+                            .map(|(h, _)| h.to_string())
+                    })
+                    .collect();
+                let ip = (2..=254)
+                    .map(|n| format!("127.0.0.{n}"))
+                    .find(|ip| !used.contains(ip))
+                    .ok_or_else(|| refuse("no loopback address left".into()))?;
+                // The template's flags but its listeners and backends.
+                let mut kept = Vec::new();
+                let mut it = args.into_iter();
+                while let Some(a) = it.next() {
+                    if a == "--backend" {
+                        it.next();
+                    } else {
+                        kept.push(a);
+                    }
+                }
+                let mut args = with_arg(kept, "--listen", &format!("{ip}:{port}"));
+                args = with_arg(
+                    args.clone(),
+                    "--admin",
+                    &any_port(arg_of(&args, "--admin").unwrap_or("127.0.0.1:0")),
+                );
+                for (web, url) in &webs {
+                    args.extend(["--backend".to_string(), format!("{url},name={web}")]);
+                }
+                (name, args)
+            }
         };
         let fresh = Proc::start(&name, &args)
             .await
@@ -976,6 +1294,48 @@ impl Lab {
             exit: None,
             restarting: false,
         });
+        if what == Add::Lb {
+            let state = ProcState {
+                name: name.clone(),
+                role: "lb".into(),
+                pid: None,
+                url: url.clone(),
+                state: Running::Up,
+                exit: None,
+                db: None,
+                requests: None,
+                rps: None,
+                errors: None,
+                p50_ms: None,
+                p99_ms: None,
+                ejected_by: Vec::new(),
+                in_dns: None,
+            };
+            let entered = async {
+                let (admin, host) = self.dns_admin_and_host(&state)?;
+                let r = self
+                    .http
+                    .post(format!("{admin}/hosts/www"))
+                    .bearer_auth(self.lb_token())
+                    .json(&serde_json::json!({ "addr": host }))
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await
+                    .map_err(|e| ControlError::Refused(format!("DNS did not answer: {e}")))?;
+                if r.status().is_success() {
+                    Ok(())
+                } else {
+                    let status = r.status();
+                    let text = r.text().await.unwrap_or_default();
+                    Err(ControlError::Refused(format!(
+                        "DNS refused it: {status} {text}"
+                    )))
+                }
+            };
+            if let Err(e) = entered.await {
+                self.record("control", &name, e.to_string());
+            }
+        }
         if what == Add::Web {
             let token = self.lb_token();
             for admin in lbs {
@@ -1020,17 +1380,10 @@ impl Lab {
         }
         let counts = Arc::new(LoadCounts::default());
         let stop = CancellationToken::new();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .build()
-            .map_err(|e| ControlError::Refused(format!("an HTTP client: {e}")))?;
+        let (site, http) = self.site_client(Duration::from_secs(15))?;
         for w in 0..LOAD_WORKERS {
-            let (http, counts, stop, site) = (
-                http.clone(),
-                counts.clone(),
-                stop.clone(),
-                self.site.clone(),
-            );
+            let (http, counts, stop, site) =
+                (http.clone(), counts.clone(), stop.clone(), site.clone());
             tokio::spawn(async move {
                 let mut n = 0u64;
                 while !stop.is_cancelled() {
@@ -1080,8 +1433,7 @@ impl Lab {
             "control",
             "load",
             format!(
-                "{LOAD_WORKERS} clients on {}: reads, and a create in every {LOAD_WRITE_EVERY}",
-                self.site
+                "{LOAD_WORKERS} clients on {site}: reads, and a create in every {LOAD_WRITE_EVERY}"
             ),
         );
         Ok(())
@@ -1149,9 +1501,24 @@ impl Lab {
             Scenario::KillLeader => old_leader.clone(),
             Scenario::KillWeb => victim("web", None),
             Scenario::KillReplica => victim("db", Some("replica")),
+            Scenario::KillLb => {
+                if self.by_name.is_none() {
+                    return finish(
+                        &self,
+                        report,
+                        Some("killing a load balancer shows in stage 5, where DNS moves visitors to another; here the site would just go down".into()),
+                    );
+                }
+                before
+                    .procs
+                    .iter()
+                    .find(|p| p.role == "lb" && p.state == Running::Up && p.in_dns == Some(true))
+                    .map(|p| p.name.clone())
+            }
             Scenario::AddWeb | Scenario::AddReplica => None,
         };
         let errors_before = counts.errors.load(Relaxed);
+        let served_before = counts.ok.load(Relaxed);
         let t0 = now_ms();
         let target = match (scenario, target) {
             (Scenario::AddWeb | Scenario::AddReplica, _) => {
@@ -1214,6 +1581,13 @@ impl Lab {
                         report.detected_ms = Some(since(now_ms()));
                     }
                 }
+                // Seen when DNS leaves it out of the answer.
+                Scenario::KillLb => {
+                    if report.detected_ms.is_none() && proc.is_none_or(|p| p.in_dns == Some(false))
+                    {
+                        report.detected_ms = Some(since(now_ms()));
+                    }
+                }
                 Scenario::AddWeb | Scenario::AddReplica => {
                     if report.detected_ms.is_none() && proc.is_some_and(|p| p.state == Running::Up)
                     {
@@ -1231,7 +1605,7 @@ impl Lab {
             let ended = match scenario {
                 Scenario::KillLeader => report.writes_resumed_ms.is_some(),
                 // Errors, if any, have had time to stop.
-                Scenario::KillWeb | Scenario::KillReplica => report
+                Scenario::KillWeb | Scenario::KillReplica | Scenario::KillLb => report
                     .detected_ms
                     .is_some_and(|d| since(now_ms()) > d + 4_000),
                 Scenario::AddWeb | Scenario::AddReplica => report.traffic_moved_ms.is_some(),
@@ -1245,7 +1619,11 @@ impl Lab {
         // The load goes on a little after, then stops (if it was ours).
         tokio::time::sleep(Duration::from_secs(2)).await;
         report.errors = counts.errors.load(Relaxed) - errors_before;
-        if matches!(scenario, Scenario::KillWeb | Scenario::KillReplica) {
+        report.served = counts.ok.load(Relaxed) - served_before;
+        if matches!(
+            scenario,
+            Scenario::KillWeb | Scenario::KillReplica | Scenario::KillLb
+        ) {
             let last_error = counts.last_error_ms.load(Relaxed);
             report.traffic_moved_ms = Some(last_error.saturating_sub(t0));
         }
@@ -1259,10 +1637,13 @@ impl Lab {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         report.acknowledged_writes = created.len() as u64;
+        let (site, http) = match self.site_client(Duration::from_secs(5)) {
+            Ok(c) => c,
+            Err(e) => return finish(&self, report, Some(e.to_string())),
+        };
         for at in &created {
-            let found = self
-                .http
-                .get(format!("{}{at}", self.site))
+            let found = http
+                .get(format!("{site}{at}"))
                 .timeout(Duration::from_secs(5))
                 .send()
                 .await
@@ -1280,6 +1661,10 @@ impl Lab {
                 .detected_ms
                 .is_none()
                 .then(|| format!("the lab did not see {target} go within 30 s")),
+            Scenario::KillLb => report
+                .detected_ms
+                .is_none()
+                .then(|| format!("DNS did not leave {target} out within 30 s")),
             Scenario::AddWeb | Scenario::AddReplica => report
                 .traffic_moved_ms
                 .is_none()

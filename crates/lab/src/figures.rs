@@ -48,6 +48,19 @@ pub fn counter_sum_where(text: &str, name: &str, keep: impl Fn(&str) -> bool) ->
     found
 }
 
+/// Each sample of the gauge `name` by the value of its `key` label
+/// (`scaleout_lb_backend_available{backend="web-1"} 1` gives
+/// `("web-1", 1.0)`), in the order they appear.
+pub fn gauge_by(text: &str, name: &str, key: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (labels, v) = sample(line, name)?;
+            Some((label(labels, key)?.to_string(), v))
+        })
+        .collect()
+}
+
 /// The errors a role counts: answers in 5xx (web servers, load
 /// balancers), requests answered with an error (database nodes).
 pub fn errors(role: &str, text: &str) -> Option<u64> {
@@ -170,6 +183,20 @@ impl Buckets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gauges_are_read_by_label() {
+        let text = "# HELP scaleout_lb_backend_available x\n\
+            scaleout_lb_backend_available{backend=\"web-1\"} 1\n\
+            scaleout_lb_backend_available{backend=\"web-2\"} 0\n\
+            scaleout_lb_backend_available_other{backend=\"web-3\"} 1\n\
+            scaleout_lb_backend_up{backend=\"web-1\"} 1\n";
+        assert_eq!(
+            gauge_by(text, "scaleout_lb_backend_available", "backend"),
+            vec![("web-1".to_string(), 1.0), ("web-2".to_string(), 0.0)]
+        );
+        assert!(gauge_by(text, "scaleout_lb_backend_available", "nope").is_empty());
+    }
 
     #[test]
     fn counters_are_summed_over_their_labels_or_some_of_them() {

@@ -21,6 +21,7 @@ pub mod figures;
 pub mod linear;
 pub mod netns;
 pub mod procs;
+pub mod resolve;
 pub mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -308,6 +309,10 @@ pub(crate) async fn start_topology(
             ),
             "--http".into(),
             port(),
+            // The lab's token: it reads /metrics and edits the records
+            // (a load balancer added or removed) with it.
+            "--http-token-file".into(),
+            lb_token_file(dir).display().to_string(),
         ];
         let mut args = args;
         if let Some(tls) = &plan.tls {
