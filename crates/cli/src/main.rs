@@ -42,7 +42,7 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a whole stage of the seed on this machine (1: one server; 2-5: each tier its own process; default 5).
+    /// Run a whole stage of the seed on this machine (1: one server; 2-5: each tier its own process; default 5), with its dashboard.
     Up(UpArgs),
     /// Run the load balancer: spread HTTP traffic over web servers, with health checks, retries and draining.
     Lb(Box<lb::LbArgs>),
@@ -78,7 +78,7 @@ struct UpArgs {
     /// made for the lab in <data>/stageN/tls.
     #[arg(long)]
     tls: bool,
-    /// Where the lab's dashboard and its API listen (stages 2-5); port 0
+    /// Where the lab's dashboard and its API listen; port 0
     /// picks a free one, printed at start.
     #[arg(long, default_value = "127.0.0.1:0")]
     dashboard: std::net::SocketAddr,

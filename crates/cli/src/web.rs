@@ -15,8 +15,12 @@ pub struct WebArgs {
     listen: String,
     /// The database: one or more node API URLs, comma-separated
     /// (http://127.0.0.1:4001,http://127.0.0.1:4011); the rest is discovered.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "embedded_db")]
     db: Vec<String>,
+    /// The seed's stage 1 instead: the links in this SQLite file, inside
+    /// this process (web app, database and cache on one server; no --db).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["db", "db_ca", "db_credentials"])]
+    embedded_db: Option<std::path::PathBuf>,
     /// This server's name, shown in X-Served-By and the page footer.
     #[arg(long, default_value = "web-1")]
     name: String,
@@ -151,10 +155,26 @@ pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<(
         .await
         .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
     let addr = listener.local_addr()?;
-    let store = tokio::select! {
-        store = scaleout_web::RemoteStore::connect_with(args.db.clone(), credentials, db_tls.as_ref(), args.db_wait) => store
-            .with_context(|| format!("database {}", args.db.join(",")))?,
-        () = shutdown.cancelled() => return Ok(()),
+    let (store, database): (Arc<dyn scaleout_web::Store>, String) = match &args.embedded_db {
+        Some(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("--embedded-db {}", path.display()))?;
+            }
+            let store = scaleout_web::SqliteStore::open(path, "db-1 (embedded SQLite)")
+                .with_context(|| format!("--embedded-db {}", path.display()))?;
+            (
+                Arc::new(store),
+                format!("embedded SQLite {}", path.display()),
+            )
+        }
+        None => tokio::select! {
+            store = scaleout_web::RemoteStore::connect_with(args.db.clone(), credentials, db_tls.as_ref(), args.db_wait) => (
+                Arc::new(store.with_context(|| format!("database {}", args.db.join(",")))?),
+                args.db.join(","),
+            ),
+            () = shutdown.cancelled() => return Ok(()),
+        },
     };
     let scheme = if config.tls.is_some() {
         "https"
@@ -162,9 +182,8 @@ pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<(
         "http"
     };
     println!(
-        "scaleout web: {} {scheme}://{addr} (database {})",
-        args.name,
-        args.db.join(",")
+        "scaleout web: {} {scheme}://{addr} (database {database})",
+        args.name
     );
     scaleout_wire::ready::Ready {
         role: "web".into(),
@@ -175,6 +194,6 @@ pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<(
         admin: None,
     }
     .announce();
-    scaleout_web::run(config, Arc::new(store), listener, shutdown).await?;
+    scaleout_web::run(config, store, listener, shutdown).await?;
     Ok(())
 }

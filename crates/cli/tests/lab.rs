@@ -320,7 +320,12 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     })
     .await;
     let (ok, said) = lab(&url, &["add", "lb"]);
-    assert!(!ok && said.contains("add web or replica"), "{said}");
+    assert!(
+        !ok && said.contains("no DNS"),
+        "stage 4 has one load balancer: {said}"
+    );
+    let (ok, said) = lab(&url, &["add", "dns"]);
+    assert!(!ok && said.contains("add web, replica or lb"), "{said}");
 
     // The dashboard's own load: started once, counted, stopped once.
     let post = |path: &str| {
@@ -512,13 +517,14 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
             .all(|n| n["id"] != replica_id),
         "the replica left the cluster: {listed}"
     );
-    for refused in [voter.as_str(), "lb"] {
-        let (ok, said) = lab(&url, &["remove", refused]);
-        assert!(
-            !ok && said.contains("only web servers and read replicas"),
-            "{said}"
-        );
-    }
+    let (ok, said) = lab(&url, &["remove", &voter]);
+    assert!(
+        !ok && said.contains("only web servers, read replicas and load balancers"),
+        "{said}"
+    );
+    // Stage 4's one load balancer has no DNS answer to leave.
+    let (ok, said) = lab(&url, &["remove", "lb"]);
+    assert!(!ok && said.contains("no DNS"), "{said}");
     load_through(&site, 4, 200).await;
 
     // The events stream starts with the state.
@@ -548,6 +554,70 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
 /// on the leader the page draws and sees another leader, the exit and the
 /// election on the timeline; restarts the old leader with its button; and
 /// fits a phone's width. Screenshots go to `target/tmp/dashboard/`.
+/// Stage 1 in the control room: one process, the single server (app,
+/// SQLite and cache), killed and restarted from the lab with its links
+/// kept in its file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_1_is_one_server_the_lab_can_kill_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Proc::spawn(&[
+        "up",
+        "--stage",
+        "1",
+        "--port-base",
+        "0",
+        "--data",
+        dir.path().to_str().unwrap(),
+    ]);
+    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(60));
+    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    let s = until(&url, "the single server up", |s| {
+        proc_or_null(s, "web-1")["state"] == "up"
+    })
+    .await;
+    assert_eq!(s["stage"], 1);
+    assert_eq!(s["procs"].as_array().unwrap().len(), 1, "{s}");
+    assert!(s["leader"].is_null() && s["site_name"].is_null(), "{s}");
+    let site = s["site"].as_str().unwrap().to_string();
+    let made = client()
+        .post(format!("{site}/api/links"))
+        .json(&serde_json::json!({"url": "https://example.com/kept"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), 201);
+    let code = made.json::<Value>().await.unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(dir.path().join("stage1").join("links.sqlite").exists());
+
+    let (ok, said) = lab(&url, &["kill", "web-1"]);
+    assert!(ok, "{said}");
+    until(&url, "the server exited", |s| {
+        proc_or_null(s, "web-1")["state"] == "exited"
+    })
+    .await;
+    assert!(client().get(format!("{site}/{code}")).send().await.is_err());
+    let (ok, said) = lab(&url, &["restart", "web-1"]);
+    assert!(ok, "{said}");
+    until(&url, "the server back", |s| {
+        proc_or_null(s, "web-1")["state"] == "up"
+    })
+    .await;
+    let r = client().get(format!("{site}/{code}")).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        302,
+        "the link outlived the kill in its SQLite file"
+    );
+    // Nothing to scale in stage 1's diagram but the server itself.
+    let (ok, said) = lab(&url, &["add", "lb"]);
+    assert!(!ok && said.contains("no lb to copy"), "{said}");
+    up.signal(nix::sys::signal::Signal::SIGINT);
+    assert!(up.wait_exit(Duration::from_secs(30)).success());
+}
+
 /// Process `name` in the state, or null while the state lacks it.
 fn proc_or_null(s: &Value, name: &str) -> Value {
     s["procs"]

@@ -699,7 +699,17 @@ async fn up_with_tls_serves_the_site_over_tls_on_every_hop() {
         .and_then(|l| l.split_whitespace().last())
         .unwrap()
         .to_string();
-    let text = common::get_text(&format!("{metrics}/metrics")).await;
+    // The lab's DNS wants the lab's token (it edits its records with it).
+    let token = std::fs::read_to_string(dir.path().join("stage5").join("lb-admin-token")).unwrap();
+    let text = reqwest::Client::new()
+        .get(format!("{metrics}/metrics"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for lb in ["127.0.0.2", "127.0.0.3"] {
         let line = format!("scaleout_dns_address_up{{address=\"{lb}\"}} 1");
         assert!(text.contains(&line), "{lb} is not up: {text}");

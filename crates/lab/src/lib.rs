@@ -1,10 +1,11 @@
 //! `scaleout-lab`: `scaleout up` — starts the topology of one of the seed's
 //! stages and keeps it running until shut down.
 //!
-//! Stage 1 (the seed's single server) runs in this process: the links web
-//! app, its embedded SQLite database and its read-through cache. Stages 2
-//! to 5 start each tier as its own child process (the `scaleout` binary
-//! with a role's subcommand, see [`procs`]) on loopback and supervise them:
+//! Every stage starts each server as its own child process (the
+//! `scaleout` binary with a role's subcommand, see [`procs`]) on loopback
+//! and supervises it, with the dashboard ([`control`]) beside them:
+//! - stage 1 (the seed's single server): one `scaleout web` keeping the
+//!   links in its own SQLite file, with its read-through cache;
 //! - stage 2: one web server and one database node;
 //! - stage 3: the load balancer, two web servers, one database node;
 //! - stage 4: the load balancer, two web servers, three voting database
@@ -66,7 +67,7 @@ pub struct UpConfig {
     pub host: IpAddr,
     /// Every hop over TLS, with a CA made for the lab (`<data>/stageN/tls`).
     pub tls: bool,
-    /// Where the dashboard and its API listen (stages 2-5); port 0 picks
+    /// Where the dashboard and its API listen; port 0 picks
     /// one. Loopback unless told otherwise.
     pub dashboard: SocketAddr,
 }
@@ -98,10 +99,7 @@ impl UpConfig {
 /// Runs the stage until `shutdown` is cancelled.
 pub async fn up(config: UpConfig, shutdown: CancellationToken) -> Result<(), Error> {
     config.validate()?;
-    match config.stage {
-        1 => stage1(config, shutdown).await,
-        _ => cluster(config, shutdown).await,
-    }
+    cluster(config, shutdown).await
 }
 
 /// The processes of a stage, in the order they start.
@@ -118,6 +116,8 @@ pub(crate) struct Plan {
     db_args: Vec<String>,
     /// Every hop over TLS, with certificates from the lab's CA.
     tls: Option<Arc<tls::LabTls>>,
+    /// Stage 1: the web server keeps the links in its own SQLite file.
+    embedded: bool,
 }
 
 /// The zone and name stage 5 serves.
@@ -127,6 +127,17 @@ pub(crate) const LB_ADDRS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
 
 pub(crate) fn plan(stage: u8) -> Plan {
     match stage {
+        1 => Plan {
+            voters: 0,
+            replicas: 0,
+            webs: 1,
+            lb: false,
+            dns: false,
+            title: "a single server: the web app, its database (embedded SQLite) and its cache in one process",
+            db_args: Vec::new(),
+            tls: None,
+            embedded: true,
+        },
         2 => Plan {
             voters: 1,
             replicas: 0,
@@ -136,6 +147,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             title: "the web tier and the data tier apart (one web server, one database node)",
             db_args: Vec::new(),
             tls: None,
+            embedded: false,
         },
         3 => Plan {
             voters: 1,
@@ -146,6 +158,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             title: "a load balancer in front of two stateless web servers, one database node",
             db_args: Vec::new(),
             tls: None,
+            embedded: false,
         },
         4 => Plan {
             voters: 3,
@@ -156,6 +169,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             title: "load balancer, two web servers, a replicated database (3 voters + 2 read replicas)",
             db_args: Vec::new(),
             tls: None,
+            embedded: false,
         },
         _ => Plan {
             voters: 3,
@@ -166,6 +180,7 @@ pub(crate) fn plan(stage: u8) -> Plan {
             title: "the seed's final diagram: DNS, two load balancers, two web servers, a replicated database (3 voters + 2 read replicas)",
             db_args: Vec::new(),
             tls: None,
+            embedded: false,
         },
     }
 }
@@ -239,19 +254,22 @@ pub(crate) async fn start_topology(
     for i in 1..=plan.webs {
         let name = format!("web-{i}");
         let listen = if plan.lb { port() } else { site.clone() };
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "web".into(),
             "--listen".into(),
             listen,
-            "--db".into(),
-            db_urls.join(","),
             "--name".into(),
             name.clone(),
             // Every client of a lab comes from this machine: one address.
             "--create-rate".into(),
             "0".into(),
         ];
-        let mut args = args;
+        if plan.embedded {
+            let file = dir.join("links.sqlite");
+            args.extend(["--embedded-db".into(), file.display().to_string()]);
+        } else {
+            args.extend(["--db".into(), db_urls.join(",")]);
+        }
         if let Some(tls) = &plan.tls {
             // HTTPS, only to the load balancers (when there are any: in
             // stage 2 the browser is the web server's client).
@@ -261,9 +279,10 @@ pub(crate) async fn start_topology(
                 files.cert,
                 "--tls-key".into(),
                 files.key,
-                "--db-ca".into(),
-                tls.cluster_ca(),
             ]);
+            if !plan.embedded {
+                args.extend(["--db-ca".into(), tls.cluster_ca()]);
+            }
             if plan.lb {
                 args.extend(["--tls-client-ca".into(), tls.ca()]);
             }
@@ -441,7 +460,7 @@ fn lb_args(
     Ok(args)
 }
 
-/// Stages 2–5: every tier a child process on loopback.
+/// Every stage: each server a child process on loopback.
 async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Error> {
     let mut plan = plan(config.stage);
     let host = config.host;
@@ -485,6 +504,10 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
                 let admin = p.ready.admin.as_deref().unwrap_or("?");
                 format!("load balancer, admin API {admin}")
             }
+            n if n.starts_with("web") && plan.embedded => format!(
+                "the single server: links app, cache, SQLite in {} (fsync on commit)",
+                dir.join("links.sqlite").display()
+            ),
             n if n.starts_with("web") => "web server (links app)".to_string(),
             n => {
                 let id: u64 = n.trim_start_matches("db-").parse().unwrap_or(0);
@@ -630,61 +653,4 @@ fn write_lab_url(data_dir: &std::path::Path, url: &str) -> std::io::Result<()> {
         .mode(0o600)
         .open(&path)?;
     f.write_all(url.as_bytes())
-}
-
-/// The seed's first stage: "the web app, the database and a cache can all
-/// run on one server".
-async fn stage1(config: UpConfig, shutdown: CancellationToken) -> Result<(), Error> {
-    let db_path = config.data_dir.join("stage1").join("links.sqlite");
-    let store = scaleout_web::SqliteStore::open(&db_path, "db-1 (embedded SQLite)")?;
-    let addr = SocketAddr::new(config.host, config.port_base);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| Error::Bind { addr, source })?;
-    let lab_tls = if config.tls {
-        Some(tls::LabTls::new(
-            &config.data_dir.join("stage1").join("tls"),
-            config.host,
-        )?)
-    } else {
-        None
-    };
-    let server_tls = match &lab_tls {
-        Some(t) => {
-            let files = t.issue("web-1", tls::Role::WebServer)?;
-            Some(scaleout_tls::ServerTls {
-                cert: files.cert.into(),
-                key: files.key.into(),
-                client_ca: None,
-            })
-        }
-        None => None,
-    };
-    let scheme = if config.tls { "https" } else { "http" };
-    let web = scaleout_web::WebConfig {
-        // Every client of a lab comes from this machine: one address.
-        create_per_minute: 0,
-        tls: server_tls,
-        ..Default::default()
-    };
-    println!("scaleout stage 1: a single server (web app + database + cache in one process)");
-    println!(
-        "  {:<6} {scheme}://{addr}/  links app, cache TTL {:?}",
-        web.name, web.cache_ttl
-    );
-    println!(
-        "  {:<6} {}  SQLite, fsync on commit",
-        "db-1",
-        db_path.display()
-    );
-    if let Some(t) = &lab_tls {
-        println!("  TLS; the lab's CA is {} (curl --cacert it)", t.ca());
-    }
-    println!();
-    println!("open {scheme}://{addr}/ in a browser; Ctrl-C stops");
-    scaleout_web::run(web, Arc::new(store), listener, shutdown).await?;
-    Ok(())
 }
