@@ -43,6 +43,11 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// A read/write mix against the links app at URL (its site root): one
+    /// create (POST /api/links) in every N requests, the home page
+    /// (GET /) otherwise.
+    #[arg(long, value_name = "N", conflicts_with_all = ["method", "body"])]
+    links_mix: Option<u64>,
 }
 
 pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -67,6 +72,10 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result
         duration: args.duration,
         requests: args.requests,
         timeout: args.timeout,
+        mix: args
+            .links_mix
+            .map(|write_every| bench::LinksMix { write_every }),
+        client: None,
     };
     config.validate().map_err(|e| anyhow!(e))?;
     let progress = Arc::new(Progress::default());

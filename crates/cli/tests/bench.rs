@@ -88,9 +88,82 @@ async fn no_server_means_errors_and_bad_flags_a_message() {
             vec!["http://127.0.0.1:9/", "-c", "10000", "--rate", "1e-300"],
             "--rate",
         ),
+        (
+            vec!["http://127.0.0.1:9/", "--links-mix", "0"],
+            "--links-mix",
+        ),
+        (
+            vec!["http://127.0.0.1:9/", "--links-mix", "2", "-m", "POST"],
+            "cannot be used with",
+        ),
     ] {
         let (ok, out, err) = bench(&args);
         assert!(!ok, "{args:?}: {out}");
         assert!(err.contains(says), "{args:?}: {err}");
     }
+}
+
+/// The links mix against a real single server (stage 1's `scaleout web
+/// --embedded-db`): one create in every N requests, the home page
+/// otherwise, each counted by the server itself; every create made a
+/// link that reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_links_mix_creates_and_reads_as_counted_by_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("links.sqlite");
+    let mut web = common::Proc::spawn(&[
+        "web",
+        "--listen",
+        "127.0.0.1:0",
+        "--embedded-db",
+        file.to_str().unwrap(),
+        "--create-rate",
+        "0",
+    ]);
+    let site = web.wait_ready().url;
+    let url = site.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        bench(&[
+            &url,
+            "-c",
+            "4",
+            "-n",
+            "80",
+            "-d",
+            "20s",
+            "--links-mix",
+            "4",
+            "--json",
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}{err}");
+    let r: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["requests"], 80, "{r}");
+    assert_eq!(r["statuses"]["201"], 20, "one in four creates: {r}");
+    assert_eq!(r["statuses"]["200"], 60, "{r}");
+    let metrics = common::get_text(&format!("{site}/metrics")).await;
+    let count = |route: &str, method: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("scaleout_web_http_requests_total{"))
+            .filter(|l| {
+                l.contains(&format!("route=\"{route}\""))
+                    && l.contains(&format!("method=\"{method}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert_eq!(count("/api/links", "POST"), 20, "{metrics}");
+    assert_eq!(count("/", "GET"), 60, "{metrics}");
+    let listed: Value = common::client()
+        .get(format!("{site}/api/links?limit=100"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["links"].as_array().unwrap().len(), 20, "{listed}");
 }

@@ -362,6 +362,42 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
     assert_eq!(post("/api/load/faster").await.unwrap().status(), 400);
     let s = until(&url, "the load stopped", |s| s["load"]["running"] == false).await;
     assert_eq!(s["load"]["errors"], 0, "no fault meanwhile: {s}");
+    // Its shape: scaleout bench's links mix at a fixed rate, latencies
+    // counted from when each request was due; bad shapes are refused.
+    let start = |body: &'static str| {
+        call(&url, reqwest::Method::POST, "/api/load/start")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for bad in [
+        r#"{"connections":0}"#,
+        r#"{"rate":-1}"#,
+        r#"{"write_every":0}"#,
+        r#"{"bogus":1}"#,
+        "not json",
+    ] {
+        let r = start(bad).await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        assert!(
+            r.text().await.unwrap().contains("the load's shape"),
+            "{bad}"
+        );
+    }
+    let r = start(r#"{"connections":2,"rate":40,"write_every":2}"#)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let s = until(&url, "the paced load shows its latency", |s| {
+        s["load"]["shape"]["rate"] == 40.0
+            && s["load"]["running"] == true
+            && s["load"]["p99_ms"].as_f64().is_some()
+            && s["load"]["ok"].as_u64() >= Some(40)
+    })
+    .await;
+    let rps = s["load"]["rps"].as_f64().unwrap();
+    assert!(rps < 80.0, "held to its rate, about 40/s: {rps}");
+    assert_eq!(post("/api/load/stop").await.unwrap().status(), 200);
 
     // Bad controls: a clear error, nothing done.
     let (ok, said) = lab(&url, &["kill", "db-99"]);

@@ -22,6 +22,33 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+/// A read/write mix against the links app at the URL (its site root):
+/// one create (`POST /api/links`, a new link each time) in every
+/// `write_every` requests, the home page (`GET /`) otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinksMix {
+    pub write_every: u64,
+}
+
+/// One request's outcome, for a caller that watches the run (the lab's
+/// dashboard counts errors and remembers acknowledged creates).
+#[derive(Debug)]
+pub struct Outcome<'a> {
+    /// A create of the links mix.
+    pub write: bool,
+    /// The status, when an answer came whole.
+    pub status: Option<u16>,
+    /// The answer's `Location` (where a create can be read back).
+    pub location: Option<&'a str>,
+    /// From when it was due (open loop) or sent, in microseconds.
+    pub latency_us: u64,
+}
+
+/// Sees every request's outcome as it happens.
+pub trait Observe: Send + Sync {
+    fn seen(&self, outcome: &Outcome<'_>);
+}
+
 /// What to send, how hard, for how long.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -36,6 +63,11 @@ pub struct BenchConfig {
     /// Stop after this many requests.
     pub requests: Option<u64>,
     pub timeout: Duration,
+    /// The links app's read/write mix instead of one request over and over.
+    pub mix: Option<LinksMix>,
+    /// The HTTP client to send with (the lab's resolves names through its
+    /// DNS); `None`: one made for the run.
+    pub client: Option<reqwest::Client>,
 }
 
 impl BenchConfig {
@@ -56,6 +88,14 @@ impl BenchConfig {
         }
         if self.timeout.is_zero() || self.timeout > Duration::from_secs(600) {
             return Err("--timeout must be more than 0 and at most 10m".into());
+        }
+        if let Some(mix) = self.mix {
+            if mix.write_every == 0 {
+                return Err("--links-mix must be 1 or more (1: every request creates)".into());
+            }
+            if self.body.is_some() || self.method != reqwest::Method::GET {
+                return Err("--links-mix makes its own requests: no --method or --body".into());
+            }
         }
         Ok(())
     }
@@ -131,6 +171,16 @@ pub async fn run(
     progress: Arc<Progress>,
     stop: CancellationToken,
 ) -> Result<Report, String> {
+    run_observed(config, progress, stop, None).await
+}
+
+/// `run`, telling `observer` of every request's outcome as it happens.
+pub async fn run_observed(
+    config: BenchConfig,
+    progress: Arc<Progress>,
+    stop: CancellationToken,
+    observer: Option<Arc<dyn Observe>>,
+) -> Result<Report, String> {
     config.validate()?;
     let mut headers = reqwest::header::HeaderMap::new();
     for (name, value) in &config.headers {
@@ -141,12 +191,17 @@ pub async fn run(
                 .map_err(|e| format!("header {name:?}: {e}"))?,
         );
     }
-    let client = reqwest::Client::builder()
-        .timeout(config.timeout)
-        .pool_max_idle_per_host(config.connections)
-        .default_headers(headers)
-        .build()
-        .map_err(|e| format!("HTTP client: {e}"))?;
+    let client = match &config.client {
+        Some(c) if headers.is_empty() => c.clone(),
+        Some(_) => return Err("headers go on the client given".into()),
+        None => reqwest::Client::builder()
+            .timeout(config.timeout)
+            .pool_max_idle_per_host(config.connections)
+            .default_headers(headers)
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?,
+    };
+    let base = config.url.trim_end_matches('/').to_string();
     let started = Instant::now();
     let end = started + config.duration;
     let budget = Arc::new(AtomicU64::new(config.requests.unwrap_or(u64::MAX)));
@@ -159,12 +214,14 @@ pub async fn run(
         .map_err(|_| "--rate is too low for that many connections".to_string())?;
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..config.connections {
-        let (client, config, budget, progress, stop) = (
+        let (client, config, budget, progress, stop, observer, base) = (
             client.clone(),
             config.clone(),
             budget.clone(),
             progress.clone(),
             stop.clone(),
+            observer.clone(),
+            base.clone(),
         );
         workers.spawn(async move {
             let mut tally = Tally {
@@ -175,7 +232,11 @@ pub async fn run(
             };
             let mut due =
                 interval.map(|i| started + i.mul_f64(w as f64 / config.connections as f64));
+            // This worker's requests so far (the mix's writes are spread
+            // over the workers).
+            let mut n = w as u64;
             loop {
+                n += 1;
                 if stop.is_cancelled() || Instant::now() >= end {
                     break;
                 }
@@ -195,13 +256,34 @@ pub async fn run(
                     }
                     None => Instant::now(),
                 };
-                let mut request = client.request(config.method.clone(), &config.url);
-                if let Some(body) = &config.body {
-                    request = request.body(body.clone());
-                }
+                let (request, write) = match config.mix {
+                    Some(mix) if n.is_multiple_of(mix.write_every) => (
+                        client.post(format!("{base}/api/links")).json(
+                            &serde_json::json!({ "url": format!("https://bench.test/{w}/{n}") }),
+                        ),
+                        true,
+                    ),
+                    Some(_) => (client.get(format!("{base}/")), false),
+                    None => {
+                        let mut request = client.request(config.method.clone(), &config.url);
+                        if let Some(body) = &config.body {
+                            request = request.body(body.clone());
+                        }
+                        (request, false)
+                    }
+                };
+                let mut answered = None;
+                let mut location = None;
                 match request.send().await {
                     Ok(mut answer) => {
                         let status = answer.status().as_u16();
+                        if write && observer.is_some() {
+                            location = answer
+                                .headers()
+                                .get(reqwest::header::LOCATION)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string);
+                        }
                         // The whole answer counts, read and dropped a
                         // chunk at a time (a large body is never held).
                         let read = loop {
@@ -212,7 +294,10 @@ pub async fn run(
                             }
                         };
                         match read {
-                            Ok(()) => *tally.statuses.entry(status).or_default() += 1,
+                            Ok(()) => {
+                                *tally.statuses.entry(status).or_default() += 1;
+                                answered = Some(status);
+                            }
                             Err(e) => *tally.errors.entry(why(&e)).or_default() += 1,
                         }
                     }
@@ -220,6 +305,14 @@ pub async fn run(
                 }
                 let took = from.elapsed().as_micros().max(1) as u64;
                 tally.latency.saturating_record(took);
+                if let Some(o) = &observer {
+                    o.seen(&Outcome {
+                        write,
+                        status: answered,
+                        location: location.as_deref(),
+                        latency_us: took,
+                    });
+                }
                 progress.done.fetch_add(1, Ordering::Relaxed);
                 if let (Some(at), Some(i)) = (due.as_mut(), interval) {
                     *at += i;

@@ -156,6 +156,12 @@ pub struct LoadView {
     pub errors: u64,
     /// Requests per second over the last look.
     pub rps: f64,
+    /// The load's own latency over the last look, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+    pub shape: LoadShape,
     /// When the first and the last error happened (ms since the epoch).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error_ms: Option<u64>,
@@ -175,6 +181,86 @@ struct LoadCounts {
     /// Where each acknowledged create can be read back (its `Location`),
     /// the first [`KEPT_WRITES`] of them.
     created: std::sync::Mutex<Vec<String>>,
+    /// Latencies since the last look (microseconds, coordinated omission
+    /// corrected when the load runs at a fixed rate).
+    latency: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// How it was started.
+    shape: LoadShape,
+}
+
+impl crate::bench::Observe for LoadCounts {
+    fn seen(&self, o: &crate::bench::Outcome<'_>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ok = o.status.is_some_and(|s| (200..400).contains(&s));
+        if ok {
+            self.ok.fetch_add(1, Relaxed);
+            if o.write {
+                self.last_write_ok_ms.store(now_ms(), Relaxed);
+                if let Some(at) = o.location {
+                    let mut created = self
+                        .created
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if created.len() < KEPT_WRITES {
+                        created.push(at.to_string());
+                    }
+                }
+            }
+        } else {
+            self.errors.fetch_add(1, Relaxed);
+            let at = now_ms();
+            let _ = self
+                .first_error_ms
+                .compare_exchange(0, at, Relaxed, Relaxed);
+            self.last_error_ms.store(at, Relaxed);
+        }
+        let mut latency = self
+            .latency
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(h) = latency.as_mut() {
+            h.saturating_record(o.latency_us);
+        }
+    }
+}
+
+/// How the dashboard's load runs: `scaleout bench`'s links mix.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadShape {
+    /// Clients at once.
+    pub connections: usize,
+    /// Requests per second in all (latencies from when each was due);
+    /// `None`: each client sends its next request when answered.
+    pub rate: Option<f64>,
+    /// One create in every this many requests; the rest read the home
+    /// page.
+    pub write_every: u64,
+}
+
+impl Default for LoadShape {
+    fn default() -> Self {
+        LoadShape {
+            connections: LOAD_WORKERS,
+            rate: None,
+            write_every: LOAD_WRITE_EVERY,
+        }
+    }
+}
+
+impl LoadShape {
+    fn check(&self) -> Result<(), String> {
+        if !(1..=256).contains(&self.connections) {
+            return Err("connections: 1 to 256".into());
+        }
+        if self.rate.is_some_and(|r| !(r > 0.0 && r <= 100_000.0)) {
+            return Err("rate: more than 0, at most 100000 per second".into());
+        }
+        if !(1..=1000).contains(&self.write_every) {
+            return Err("write_every: 1 to 1000".into());
+        }
+        Ok(())
+    }
 }
 
 /// Acknowledged creates a load remembers, to look for after a scenario.
@@ -1366,11 +1452,12 @@ impl Lab {
         Ok(name)
     }
 
-    /// Starts the dashboard's load on the site: workers that each create
-    /// a link now and then and otherwise read the home page (which reads
-    /// from the replicas), until `stop_load`.
-    pub fn start_load(&self) -> Result<(), ControlError> {
-        use std::sync::atomic::Ordering::Relaxed;
+    /// Starts the dashboard's load on the site: `scaleout bench`'s links
+    /// mix (clients that each create a link now and then and otherwise
+    /// read the home page, which reads from the replicas), through the
+    /// site's name in stage 5, until `stop_load` (or an hour).
+    pub fn start_load(&self, shape: LoadShape) -> Result<(), ControlError> {
+        shape.check().map_err(ControlError::Refused)?;
         let mut load = self
             .load
             .lock()
@@ -1378,62 +1465,49 @@ impl Lab {
         if load.as_ref().is_some_and(|(_, stop)| !stop.is_cancelled()) {
             return Err(ControlError::Refused("the load is running already".into()));
         }
-        let counts = Arc::new(LoadCounts::default());
+        let counts = Arc::new(LoadCounts {
+            latency: std::sync::Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).ok(),
+            ),
+            shape,
+            ..Default::default()
+        });
         let stop = CancellationToken::new();
         let (site, http) = self.site_client(Duration::from_secs(15))?;
-        for w in 0..LOAD_WORKERS {
-            let (http, counts, stop, site) =
-                (http.clone(), counts.clone(), stop.clone(), site.clone());
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while !stop.is_cancelled() {
-                    n += 1;
-                    let request = if n.is_multiple_of(LOAD_WRITE_EVERY) {
-                        http.post(format!("{site}/api/links")).json(
-                            &serde_json::json!({ "url": format!("https://lab.test/{w}/{n}") }),
-                        )
-                    } else {
-                        http.get(format!("{site}/"))
-                    };
-                    let write = n.is_multiple_of(LOAD_WRITE_EVERY);
-                    let ok = tokio::select! {
-                        () = stop.cancelled() => break,
-                        sent = request.send() => match sent {
-                            Ok(r) => {
-                                let ok = r.status().is_success() || r.status().is_redirection();
-                                if ok && write {
-                                    counts.last_write_ok_ms.store(now_ms(), Relaxed);
-                                    if let Some(at) = r.headers().get("location").and_then(|v| v.to_str().ok()) {
-                                        let mut created = counts.created.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                                        if created.len() < KEPT_WRITES {
-                                            created.push(at.to_string());
-                                        }
-                                    }
-                                }
-                                ok
-                            }
-                            Err(_) => false,
-                        },
-                    };
-                    if ok {
-                        counts.ok.fetch_add(1, Relaxed);
-                    } else {
-                        counts.errors.fetch_add(1, Relaxed);
-                        let at = now_ms();
-                        let _ = counts
-                            .first_error_ms
-                            .compare_exchange(0, at, Relaxed, Relaxed);
-                        counts.last_error_ms.store(at, Relaxed);
-                    }
-                }
-            });
-        }
+        let config = crate::bench::BenchConfig {
+            url: site.clone(),
+            method: reqwest::Method::GET,
+            body: None,
+            headers: Vec::new(),
+            connections: shape.connections,
+            rate: shape.rate,
+            duration: Duration::from_secs(3600),
+            requests: None,
+            timeout: Duration::from_secs(15),
+            mix: Some(crate::bench::LinksMix {
+                write_every: shape.write_every,
+            }),
+            client: Some(http),
+        };
+        let observer: Arc<dyn crate::bench::Observe> = counts.clone();
+        let progress = Arc::new(crate::bench::Progress::default());
+        tokio::spawn(crate::bench::run_observed(
+            config,
+            progress,
+            stop.clone(),
+            Some(observer),
+        ));
         *load = Some((counts, stop));
+        let pace = match shape.rate {
+            Some(r) => format!("{r}/s over {} clients", shape.connections),
+            None => format!("{} clients", shape.connections),
+        };
         self.record(
             "control",
             "load",
             format!(
-                "{LOAD_WORKERS} clients on {site}: reads, and a create in every {LOAD_WRITE_EVERY}"
+                "{pace} on {site}: reads, and a create in every {}",
+                shape.write_every
             ),
         );
         Ok(())
@@ -1466,7 +1540,7 @@ impl Lab {
             name: name.into(),
             ..Default::default()
         };
-        let started_load = self.start_load().is_ok();
+        let started_load = self.start_load(LoadShape::default()).is_ok();
         let counts = self
             .load
             .lock()
@@ -1711,11 +1785,29 @@ impl Lab {
         };
         *seen = (ok + errors, Some(now));
         let ms = |v: u64| (v > 0).then_some(v);
+        let (p50_ms, p99_ms) = {
+            let mut latency = counts
+                .latency
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match latency.as_mut() {
+                Some(h) if !h.is_empty() => {
+                    let at = |q: f64| (h.value_at_quantile(q) as f64 / 10.0).round() / 100.0;
+                    let figures = (Some(at(0.5)), Some(at(0.99)));
+                    h.reset();
+                    figures
+                }
+                _ => (None, None),
+            }
+        };
         Some(LoadView {
             running: !stop.is_cancelled(),
             ok,
             errors,
             rps: (rps * 10.0).round() / 10.0,
+            p50_ms,
+            p99_ms,
+            shape: counts.shape,
             first_error_ms: ms(counts.first_error_ms.load(Relaxed)),
             last_error_ms: ms(counts.last_error_ms.load(Relaxed)),
         })
@@ -2025,12 +2117,24 @@ async fn api_load(
     State(api): State<Api>,
     Path(what): Path<String>,
     headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Response {
     if let Some(refused) = unless_json(&headers) {
         return refused;
     }
     let done = match what.as_str() {
-        "start" => api.lab.start_load(),
+        "start" => match serde_json::from_slice::<LoadShape>(&body) {
+            Ok(shape) => match shape.check() {
+                Ok(()) => api.lab.start_load(shape),
+                Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("the load's shape: {e}")),
+            },
+            Err(e) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("the load's shape: {e} (give connections, rate, write_every, or {{}})"),
+                )
+            }
+        },
         "stop" => api.lab.stop_load(),
         other => {
             return refuse(
