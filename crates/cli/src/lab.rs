@@ -45,8 +45,8 @@ enum LabCommand {
     /// balancer out of the DNS answer and stop it after the answer's TTL.
     Remove { name: String },
     /// Run a scenario under the lab's load and print its report when it
-    /// ends: kill-leader, kill-web, kill-replica, kill-lb, add-web,
-    /// add-replica.
+    /// ends: kill-leader, partition-leader (a lab started with --netns),
+    /// kill-web, kill-replica, kill-lb, add-web, add-replica.
     Scenario {
         name: String,
         /// The report as JSON.

@@ -82,6 +82,11 @@ struct UpArgs {
     /// picks a free one, printed at start.
     #[arg(long, default_value = "127.0.0.1:0")]
     dashboard: std::net::SocketAddr,
+    /// Run each database node in a network namespace of its own (needs
+    /// root and iproute2), so the lab can cut the network between them:
+    /// the partition-leader scenario.
+    #[arg(long)]
+    netns: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -139,6 +144,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 host: args.host,
                 tls: args.tls,
                 dashboard: args.dashboard,
+                netns: args.netns,
             };
             scaleout_lab::up(config, shutdown)
                 .await

@@ -654,6 +654,100 @@ async fn stage_1_is_one_server_the_lab_can_kill_and_restart() {
     assert!(up.wait_exit(Duration::from_secs(30)).success());
 }
 
+/// The leader cut off from the other database nodes (`up --netns`: each
+/// in a network namespace of its own): another is elected, writes
+/// resume, nothing acknowledged is lost, and once healed the old leader
+/// follows the new one in its term. Where namespaces cannot be made (not
+/// root, no `ip`), `up --netns` must say so and fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_scenario_cuts_the_leader_off_and_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Proc::spawn_logging(
+        &[
+            "up",
+            "--stage",
+            "4",
+            "--netns",
+            "--port-base",
+            "0",
+            "--data",
+            dir.path().to_str().unwrap(),
+        ],
+        "warn,openraft=off",
+    );
+    let can = std::process::Command::new("ip")
+        .args(["netns", "add", "scaleout-probe-can"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can {
+        let status = up.wait_exit(Duration::from_secs(30));
+        assert!(!status.success());
+        let logs = up.logs();
+        assert!(
+            logs.iter().any(|l| l.contains("--netns needs root")),
+            "{logs:?}"
+        );
+        eprintln!("skipped: no network namespaces here");
+        return;
+    }
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", "scaleout-probe-can"])
+        .status();
+    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
+    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    until(&url, "a leader", |s| s["leader"].is_string()).await;
+    // Database nodes are at their namespaces' addresses, not loopback.
+    let s = state(&url).await;
+    assert!(
+        proc_or_null(&s, "db-1")["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://10."),
+        "{s}"
+    );
+
+    let (ok, said) = lab(&url, &["scenario", "partition-leader", "--json"]);
+    assert!(ok, "{said}");
+    let report: Value = serde_json::from_str(said.lines().last().unwrap()).unwrap();
+    eprintln!("partition-leader: {report}");
+    let cut = report["cut_off"].as_str().unwrap().to_string();
+    let new_leader = report["new_leader"].as_str().unwrap().to_string();
+    assert_ne!(cut, new_leader, "{report}");
+    assert!(report["writes_resumed_ms"].is_u64(), "{report}");
+    assert!(report["healed_ms"].is_u64(), "{report}");
+    assert_eq!(report["lost_writes"], 0, "{report}");
+    assert!(
+        report["acknowledged_writes"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    for kind in ["partition", "healed"] {
+        assert!(
+            !events(&url, kind, &cut).await.is_empty(),
+            "no {kind} event"
+        );
+    }
+    until(&url, "the old leader follows in the new term", |s| {
+        let old = proc_or_null(s, &cut);
+        let now = proc_or_null(s, &new_leader);
+        s["leader"] == new_leader.as_str()
+            && old["db"]["kind"] == "voter"
+            && old["db"]["term"] == now["db"]["term"]
+    })
+    .await;
+    up.signal(nix::sys::signal::Signal::SIGINT);
+    assert!(up.wait_exit(Duration::from_secs(60)).success());
+    // Its namespaces went with it.
+    let left = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let pid = up.pid().as_raw();
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).contains(&format!("scaleout-{pid}-")),
+        "namespaces left behind"
+    );
+}
+
 /// Process `name` in the state, or null while the state lacks it.
 fn proc_or_null(s: &Value, name: &str) -> Value {
     s["procs"]

@@ -279,6 +279,12 @@ pub struct ScenarioReport {
     pub killed: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub added: Option<String>,
+    /// The database node cut off from the others, and when the cut was
+    /// healed (ms from the cut).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut_off: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub healed_ms: Option<u64>,
     pub new_leader: Option<String>,
     /// Milliseconds from the kill until the lab saw no leader (or
     /// another), until another was elected, and until a create was
@@ -307,9 +313,10 @@ impl ScenarioReport {
             return format!("could not run: {e}");
         }
         let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
-        let mut line = match (&self.killed, &self.added) {
-            (Some(k), _) => format!("killed {k}, seen after {}", ms(self.detected_ms)),
-            (_, Some(a)) => format!("added {a}, up after {}", ms(self.detected_ms)),
+        let mut line = match (&self.killed, &self.added, &self.cut_off) {
+            (Some(k), _, _) => format!("killed {k}, seen after {}", ms(self.detected_ms)),
+            (_, Some(a), _) => format!("added {a}, up after {}", ms(self.detected_ms)),
+            (_, _, Some(c)) => format!("cut off {c}, seen after {}", ms(self.detected_ms)),
             _ => String::new(),
         };
         if self.elected_ms.is_some() {
@@ -417,6 +424,9 @@ pub struct Lab {
     scenario: std::sync::Mutex<Option<ScenarioReport>>,
     by_name: Option<ByName>,
     routing: std::sync::Mutex<Routing>,
+    /// The database nodes' namespaces (`up --netns`), where partitions
+    /// are cut.
+    net: std::sync::Mutex<Option<crate::netns::Net>>,
 }
 
 /// What `add` starts.
@@ -461,11 +471,16 @@ pub enum Scenario {
     /// C2, C3: a load balancer dies; DNS leaves it out of the site's
     /// answer and visitors reach the other one (stage 5).
     KillLb,
+    /// C13: the leader is cut off from the other database nodes (`up
+    /// --netns`); they elect another, writes resume, and once healed the
+    /// old one follows.
+    PartitionLeader,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::KillLeader,
+        Scenario::PartitionLeader,
         Scenario::KillWeb,
         Scenario::KillReplica,
         Scenario::KillLb,
@@ -481,6 +496,7 @@ impl Scenario {
             Scenario::AddWeb => "add-web",
             Scenario::AddReplica => "add-replica",
             Scenario::KillLb => "kill-lb",
+            Scenario::PartitionLeader => "partition-leader",
         }
     }
 }
@@ -570,6 +586,7 @@ impl Lab {
         site: &str,
         procs: Vec<Proc>,
         dir: &std::path::Path,
+        net: Option<crate::netns::Net>,
     ) -> Result<Arc<Lab>, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(400))
@@ -636,6 +653,7 @@ impl Lab {
             scenario: std::sync::Mutex::new(None),
             by_name,
             routing: Default::default(),
+            net: std::sync::Mutex::new(net),
         }))
     }
 
@@ -658,6 +676,37 @@ impl Lab {
         }
         // Nobody listening is fine.
         let _ = self.events.send(event);
+    }
+
+    /// The namespaces, for dropping once every process has stopped.
+    pub fn take_net(&self) -> Option<crate::netns::Net> {
+        self.net
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Cuts database node `name` off from the other database nodes (the
+    /// web tier still reaches it), or heals every cut (`None`).
+    fn partition(&self, name: Option<&str>) -> Result<(), String> {
+        let mut net = self
+            .net
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let net = net.as_mut().ok_or(
+            "a partition needs the database nodes in network namespaces: run `scaleout up --netns` (as root)",
+        )?;
+        match name {
+            Some(name) => {
+                let index = name
+                    .strip_prefix("db-")
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .and_then(|n| n.checked_sub(1))
+                    .ok_or_else(|| format!("{name} is not a database node of the lab's plan"))?;
+                net.partition(&[index])
+            }
+            None => net.heal(),
+        }
     }
 
     /// The timeline so far.
@@ -857,9 +906,12 @@ impl Lab {
             }
         }
         self.routing_seen(&mut seen, &routes);
+        // A leader cut off from the others may still think it leads until
+        // its lease runs out: the one of the highest term does.
         let leader = seen
             .iter()
-            .find(|p| p.db.as_ref().is_some_and(|d| d.kind == "leader"))
+            .filter(|p| p.db.as_ref().is_some_and(|d| d.kind == "leader"))
+            .max_by_key(|p| p.db.as_ref().map_or(0, |d| d.term))
             .map(|p| p.name.clone());
         let before = self.state.borrow().leader.clone();
         let had_dbs = seen.iter().any(|p| p.role == "db");
@@ -1572,7 +1624,7 @@ impl Lab {
                 .map(|p| p.name.clone())
         };
         let target = match scenario {
-            Scenario::KillLeader => old_leader.clone(),
+            Scenario::KillLeader | Scenario::PartitionLeader => old_leader.clone(),
             Scenario::KillWeb => victim("web", None),
             Scenario::KillReplica => victim("db", Some("replica")),
             Scenario::KillLb => {
@@ -1616,6 +1668,18 @@ impl Lab {
                     Some("this stage has nothing of that kind to kill".into()),
                 )
             }
+            (Scenario::PartitionLeader, Some(target)) => {
+                if let Err(e) = self.partition(Some(&target)) {
+                    return finish(&self, report, Some(e));
+                }
+                self.record(
+                    "partition",
+                    &target,
+                    "cut off from the other database nodes (the web tier still reaches it)".into(),
+                );
+                report.cut_off = Some(target.clone());
+                target
+            }
             (_, Some(target)) => {
                 if let Err(e) = self.control(&target, Control::Kill).await {
                     return finish(&self, report, Some(e.to_string()));
@@ -1631,7 +1695,7 @@ impl Lab {
             let state = states.borrow_and_update().clone();
             let proc = state.procs.iter().find(|p| p.name == target);
             match scenario {
-                Scenario::KillLeader => {
+                Scenario::KillLeader | Scenario::PartitionLeader => {
                     if report.detected_ms.is_none() && state.leader != old_leader {
                         report.detected_ms = Some(since(now_ms()));
                     }
@@ -1677,7 +1741,9 @@ impl Lab {
                 }
             }
             let ended = match scenario {
-                Scenario::KillLeader => report.writes_resumed_ms.is_some(),
+                Scenario::KillLeader | Scenario::PartitionLeader => {
+                    report.writes_resumed_ms.is_some()
+                }
                 // Errors, if any, have had time to stop.
                 Scenario::KillWeb | Scenario::KillReplica | Scenario::KillLb => report
                     .detected_ms
@@ -1692,6 +1758,17 @@ impl Lab {
         }
         // The load goes on a little after, then stops (if it was ours).
         tokio::time::sleep(Duration::from_secs(2)).await;
+        if scenario == Scenario::PartitionLeader {
+            // Healed under load: the old leader must follow, not disturb.
+            match self.partition(None) {
+                Ok(()) => {
+                    report.healed_ms = Some(since(now_ms()));
+                    self.record("healed", &target, "the partition is healed".into());
+                }
+                Err(e) => self.record("control", &target, format!("healing failed: {e}")),
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
         report.errors = counts.errors.load(Relaxed) - errors_before;
         report.served = counts.ok.load(Relaxed) - served_before;
         if matches!(
@@ -1727,7 +1804,7 @@ impl Lab {
             }
         }
         let error = match scenario {
-            Scenario::KillLeader => report
+            Scenario::KillLeader | Scenario::PartitionLeader => report
                 .writes_resumed_ms
                 .is_none()
                 .then(|| "writes did not resume within 30 s".to_string()),

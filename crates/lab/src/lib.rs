@@ -70,6 +70,9 @@ pub struct UpConfig {
     /// Where the dashboard and its API listen; port 0 picks
     /// one. Loopback unless told otherwise.
     pub dashboard: SocketAddr,
+    /// Each database node in a network namespace of its own (root and
+    /// iproute2), so the lab can partition them.
+    pub netns: bool,
 }
 
 impl Default for UpConfig {
@@ -80,6 +83,7 @@ impl Default for UpConfig {
             port_base: 8080,
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             tls: false,
+            netns: false,
             dashboard: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
         }
     }
@@ -480,7 +484,24 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
         plan.tls = Some(Arc::new(tls::LabTls::new(&dir.join("tls"), host)?));
     }
     let mut procs: Vec<procs::Proc> = Vec::new();
-    let result = start_topology(&plan, &site, &mut port, &dir, &mut procs, None).await;
+    let net = match config.netns {
+        true if plan.voters + plan.replicas == 0 => {
+            return Err(Error::Spawn {
+                name: "netns".into(),
+                reason: "stage 1 has no database nodes to put in namespaces".into(),
+            })
+        }
+        true => Some(
+            netns::Net::create((plan.voters + plan.replicas) as usize).map_err(|reason| {
+                Error::Spawn {
+                    name: "netns".into(),
+                    reason: format!("{reason} (--netns needs root and iproute2)"),
+                }
+            })?,
+        ),
+        false => None,
+    };
+    let result = start_topology(&plan, &site, &mut port, &dir, &mut procs, net.as_ref()).await;
     if let Err(e) = result {
         for p in procs.into_iter().rev() {
             p.stop().await;
@@ -594,12 +615,13 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
         addr: config.dashboard,
         source,
     })?;
-    let lab = control::Lab::new(config.stage, plan.title, &site_url, procs, &dir).map_err(|e| {
-        Error::Spawn {
-            name: "lab".into(),
-            reason: format!("building an HTTP client: {e}"),
-        }
-    })?;
+    let lab =
+        control::Lab::new(config.stage, plan.title, &site_url, procs, &dir, net).map_err(|e| {
+            Error::Spawn {
+                name: "lab".into(),
+                reason: format!("building an HTTP client: {e}"),
+            }
+        })?;
     // Loopback is open to every user of the machine: the controls want
     // the lab's token, which only the URL printed here and the file below
     // (this user's alone) hold.
@@ -626,6 +648,8 @@ async fn cluster(config: UpConfig, shutdown: CancellationToken) -> Result<(), Er
     let _ = watcher.await;
     let _ = server.await;
     lab.stop_all().await;
+    // The namespaces go once their processes have.
+    drop(lab.take_net());
     let _ = std::fs::remove_file(lab_url_file(&config.data_dir));
     Ok(())
 }
