@@ -319,6 +319,15 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
         })
     })
     .await;
+    // The timeline says when each caught up: the replica added, and the
+    // old leader restarted (a new pid).
+    for name in ["db-6", leader.as_str()] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while events(&url, "caught_up", name).await.is_empty() {
+            assert!(Instant::now() < deadline, "no caught_up event for {name}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let (ok, said) = lab(&url, &["add", "lb"]);
     assert!(
         !ok && said.contains("no DNS"),
@@ -647,6 +656,26 @@ async fn stage_1_is_one_server_the_lab_can_kill_and_restart() {
         302,
         "the link outlived the kill in its SQLite file"
     );
+    // SIGTERM: it drains and exits cleanly; then back again.
+    let (ok, said) = lab(&url, &["stop", "web-1"]);
+    assert!(ok, "{said}");
+    let s = until(&url, "the server stopped", |s| {
+        proc_or_null(s, "web-1")["state"] == "exited"
+    })
+    .await;
+    assert!(
+        proc_or_null(&s, "web-1")["exit"]
+            .as_str()
+            .unwrap()
+            .contains("exit status: 0"),
+        "{s}"
+    );
+    let (ok, said) = lab(&url, &["restart", "web-1"]);
+    assert!(ok, "{said}");
+    until(&url, "the server back again", |s| {
+        proc_or_null(s, "web-1")["state"] == "up"
+    })
+    .await;
     // Nothing to scale in stage 1's diagram but the server itself.
     let (ok, said) = lab(&url, &["add", "lb"]);
     assert!(!ok && said.contains("no lb to copy"), "{said}");

@@ -336,6 +336,11 @@ impl ScenarioReport {
     }
 }
 
+/// Entries behind the most applied node beyond which a database node is
+/// catching up, and within which it is level again.
+const BEHIND: u64 = 100;
+const LEVEL: u64 = 5;
+
 /// The TTL of the lab's DNS answers (`scaleout dns`'s default).
 const DNS_TTL: Duration = Duration::from_secs(5);
 
@@ -372,7 +377,10 @@ pub struct LabState {
 pub struct Event {
     pub at_ms: u64,
     /// `exited`, `paused`, `resumed`, `restarted`, `leader_lost`,
-    /// `leader_elected`, `control`.
+    /// `leader_elected`, `caught_up`, `ejected`, `restored`, `dns` (a load
+    /// balancer left, entered or came back into the site's answer),
+    /// `partition`, `healed`, `added`, `draining`, `removed`, `scenario`,
+    /// `control`.
     pub kind: String,
     pub name: String,
     pub detail: String,
@@ -424,6 +432,8 @@ pub struct Lab {
     scenario: std::sync::Mutex<Option<ScenarioReport>>,
     by_name: Option<ByName>,
     routing: std::sync::Mutex<Routing>,
+    /// Per database node: its pid, and whether it is catching up.
+    catching: std::sync::Mutex<std::collections::HashMap<String, (Option<u32>, bool)>>,
     /// The database nodes' namespaces (`up --netns`), where partitions
     /// are cut.
     net: std::sync::Mutex<Option<crate::netns::Net>>,
@@ -654,6 +664,7 @@ impl Lab {
             by_name,
             routing: Default::default(),
             net: std::sync::Mutex::new(net),
+            catching: Default::default(),
         }))
     }
 
@@ -807,6 +818,7 @@ impl Lab {
         for db in seen.iter_mut().filter_map(|p| p.db.as_mut()) {
             db.lag = most_applied - db.applied_index;
         }
+        self.catching_up(&seen);
         // Every process's request counter, asked at once (the load
         // balancers' and DNS's with the lab's token).
         let token = self.lb_token();
@@ -943,6 +955,40 @@ impl Lab {
             scenario: self.scenario_report(),
             at_ms: now_ms(),
         });
+    }
+
+    /// Records a database node catching up: one new since the first look
+    /// (added, or restarted: a new pid) or one that fell more than
+    /// [`BEHIND`] entries behind, once it is level (within [`LEVEL`]) with
+    /// the most applied.
+    fn catching_up(&self, seen: &[ProcState]) {
+        let mut catching = self
+            .catching
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let first_look = catching.is_empty();
+        for p in seen {
+            let Some(db) = &p.db else { continue };
+            let entry = catching
+                .entry(p.name.clone())
+                .or_insert((p.pid, !first_look));
+            if entry.0 != p.pid {
+                *entry = (p.pid, true);
+            }
+            if db.lag > BEHIND {
+                entry.1 = true;
+            } else if entry.1 && db.lag <= LEVEL {
+                entry.1 = false;
+                self.record(
+                    "caught_up",
+                    &p.name,
+                    format!(
+                        "{} applied {}, level with the most applied",
+                        db.kind, db.applied_index
+                    ),
+                );
+            }
+        }
     }
 
     /// Where traffic may go, from the load balancers' and DNS's answers
