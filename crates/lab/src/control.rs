@@ -359,6 +359,8 @@ pub struct LabState {
     /// through the lab's DNS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub site_name: Option<String>,
+    /// The database nodes run in namespaces: partitions can be cut.
+    pub partitions: bool,
     pub procs: Vec<ProcState>,
     /// The database node that leads, when one does.
     pub leader: Option<String>,
@@ -632,6 +634,7 @@ impl Lab {
             title: title.into(),
             site: site.into(),
             site_name: None,
+            partitions: false,
             procs: Vec::new(),
             leader: None,
             load: None,
@@ -640,6 +643,7 @@ impl Lab {
         };
         let first = LabState {
             site_name: by_name.as_ref().map(|b| b.url.clone()),
+            partitions: net.is_some(),
             ..first
         };
         let (state, _) = watch::channel(first);
@@ -949,6 +953,11 @@ impl Lab {
             title: self.title.clone(),
             site: self.site.clone(),
             site_name: self.by_name.as_ref().map(|b| b.url.clone()),
+            partitions: self
+                .net
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some(),
             procs: seen,
             leader,
             load,
