@@ -17,6 +17,20 @@ pub struct LbArgs {
     /// A backend web server: http://host:port, optionally ,weight=N and ,name=NAME. Repeat for each.
     #[arg(long = "backend", value_name = "URL")]
     backends: Vec<String>,
+    /// Backends found by name: http://NAME:PORT, every address NAME
+    /// resolves to (a Compose service, a Kubernetes headless Service),
+    /// looked up again every --discover-interval and when one fails its
+    /// health check; added and drained out as the answer changes. Repeat
+    /// for each name.
+    #[arg(long = "discover", value_name = "URL")]
+    discover: Vec<String>,
+    /// How often --discover names are looked up again.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    discover_interval: Duration,
+    /// The DNS server --discover asks (IP:PORT; default: the system's
+    /// resolver, /etc/hosts and /etc/resolv.conf).
+    #[arg(long, value_name = "IP:PORT")]
+    discover_resolver: Option<SocketAddr>,
     /// round-robin (default), weighted, least-conn, p2c-ewma or hash.
     #[arg(long)]
     algorithm: Option<Algorithm>,
@@ -176,6 +190,17 @@ impl LbArgs {
                 .iter()
                 .map(|s| parse_backend(s))
                 .collect::<anyhow::Result<_>>()?;
+        }
+        if !self.discover.is_empty() {
+            c.discover = self
+                .discover
+                .iter()
+                .map(|url| scaleout_lb::config::DiscoverConfig {
+                    interval: self.discover_interval,
+                    resolver: self.discover_resolver,
+                    ..scaleout_lb::config::DiscoverConfig::new(url.clone())
+                })
+                .collect();
         }
         macro_rules! set {
             ($($flag:ident => $($field:ident).+),* $(,)?) => {

@@ -119,7 +119,8 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Json<Value> {
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let registry = scaleout_metrics::Scrape(move |w: &mut scaleout_metrics::Writer<'_>| {
         let backends = shared.pool.list();
-        crate::metrics::write(w, &shared.stats, &backends, &shared.bodies, now_ms(&shared))
+        crate::metrics::write(w, &shared.stats, &backends, &shared.bodies, now_ms(&shared))?;
+        crate::metrics::write_discovery(w, &shared.discovery)
     })
     .registry();
     (

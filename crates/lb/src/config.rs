@@ -129,6 +129,41 @@ impl BackendConfig {
     }
 }
 
+/// Backends found by name (see `discover.rs`): every address `url`'s host
+/// resolves to is a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverConfig {
+    /// `http://NAME:PORT` (or `https://`).
+    pub url: String,
+    /// How often the name is resolved again (and at once when one of its
+    /// backends fails its health check).
+    #[serde(with = "humantime_serde", default = "two_seconds")]
+    pub interval: Duration,
+    /// Each found backend's weight.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// A DNS server to ask (UDP, then TCP), as HAProxy's `resolvers`
+    /// section names one; `None`: the system's resolver.
+    #[serde(default)]
+    pub resolver: Option<std::net::SocketAddr>,
+}
+
+fn two_seconds() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl DiscoverConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        DiscoverConfig {
+            url: url.into(),
+            interval: two_seconds(),
+            weight: 1,
+            resolver: None,
+        }
+    }
+}
+
 /// Active health checks: `GET path` on every backend every `interval`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -358,6 +393,8 @@ pub struct LbConfig {
     /// What `hash` hashes: `client-ip`, `header:NAME` or `cookie:NAME`.
     pub hash_on: HashOn,
     pub backends: Vec<BackendConfig>,
+    /// Backends found by name, resolved again and again.
+    pub discover: Vec<DiscoverConfig>,
     pub health: HealthConfig,
     pub outlier: OutlierConfig,
     pub retry: RetryConfig,
@@ -380,6 +417,7 @@ impl Default for LbConfig {
             algorithm: Algorithm::default(),
             hash_on: HashOn::ClientIp,
             backends: Vec::new(),
+            discover: Vec::new(),
             health: HealthConfig::default(),
             outlier: OutlierConfig::default(),
             retry: RetryConfig::default(),
@@ -408,6 +446,21 @@ impl LbConfig {
                 return fail(format!(
                     "backend {}: https:// backends need upstream_tls (--backend-ca)",
                     b.url
+                ));
+            }
+        }
+        for d in &self.discover {
+            let addr = crate::addr::BackendAddr::parse(&d.url)?;
+            if addr.tls && self.upstream_tls.is_none() {
+                return fail(format!(
+                    "backends found by {}: https:// backends need upstream_tls (--backend-ca)",
+                    d.url
+                ));
+            }
+            if d.interval < Duration::from_millis(100) || d.interval > Duration::from_secs(3600) {
+                return fail(format!(
+                    "backends found by {}: the interval must be 100ms to 1h",
+                    d.url
                 ));
             }
         }

@@ -20,6 +20,7 @@ pub async fn run(
     pool: Arc<Pool>,
     upstream: Arc<crate::upstream::UpstreamPool>,
     cfg: HealthConfig,
+    went_down: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
     let thresholds = Thresholds {
@@ -60,6 +61,8 @@ pub async fn run(
                     backend.up.store(false, Ordering::Relaxed);
                     let reason = result.err().unwrap_or_default();
                     tracing::warn!(backend = %backend.name, %reason, "backend is DOWN (health check)");
+                    // Names are looked up again: it may have moved.
+                    went_down.notify_waiters();
                 }
                 Some(Transition::WentUp) => {
                     backend.up.store(true, Ordering::Relaxed);

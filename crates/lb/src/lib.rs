@@ -34,6 +34,7 @@ pub mod body;
 pub mod codec;
 pub mod config;
 pub mod conn;
+pub mod discover;
 pub mod error;
 pub mod ewma;
 pub mod fast;
@@ -168,6 +169,7 @@ impl BoundLb {
                 config.limits.rate_burst,
             ),
             in_flight: crate::limits::InFlightPerIp::new(config.limits.max_in_flight_per_ip),
+            discovery: Arc::default(),
             config,
         });
         let worker = Arc::new(Worker {
@@ -186,14 +188,32 @@ impl BoundLb {
             "load balancer listening"
         );
 
+        // A backend found by name that fails its checks has its name
+        // looked up again at once.
+        let looked_up_again = Arc::new(tokio::sync::Notify::new());
         let health = shared.config.health.enabled.then(|| {
             tokio::spawn(health::run(
                 pool.clone(),
                 worker.upstream.clone(),
                 shared.config.health.clone(),
+                looked_up_again.clone(),
                 shutdown.clone(),
             ))
         });
+        let discovery: Vec<_> = shared
+            .config
+            .discover
+            .iter()
+            .map(|d| {
+                tokio::spawn(discover::run(
+                    pool.clone(),
+                    d.clone(),
+                    looked_up_again.clone(),
+                    shared.discovery.clone(),
+                    shutdown.clone(),
+                ))
+            })
+            .collect();
         // The admin API has the bounds of every other server: a head
         // timeout and a connection cap of its own, so idle sockets there
         // cannot use up the descriptors the data plane needs.
@@ -215,6 +235,9 @@ impl BoundLb {
         let served = server::serve(listener, worker, tls, shutdown.clone()).await;
         if let Some(h) = health {
             h.abort();
+        }
+        for d in discovery {
+            d.abort();
         }
         let _ = admin_task.await;
         served?;

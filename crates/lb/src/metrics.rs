@@ -14,6 +14,35 @@ use crate::stats::LbStats;
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// Backends found by name.
+pub fn write_discovery(w: &mut Writer<'_>, d: &crate::discover::DiscoveryStats) -> fmt::Result {
+    for (name, help, v) in [
+        (
+            "scaleout_lb_discovery_lookups_total",
+            "Lookups of the names backends are found by.",
+            &d.lookups,
+        ),
+        (
+            "scaleout_lb_discovery_lookups_failed_total",
+            "Lookups that failed or found nothing (the backends stayed).",
+            &d.lookups_failed,
+        ),
+        (
+            "scaleout_lb_discovery_added_total",
+            "Backends added because their name's answer had a new address.",
+            &d.added,
+        ),
+        (
+            "scaleout_lb_discovery_removed_total",
+            "Backends removed because their address left their name's answer.",
+            &d.removed,
+        ),
+    ] {
+        w.counter(name, help, v.load(Ordering::Relaxed))?;
+    }
+    Ok(())
+}
+
 /// The whole load balancer's figures, as read now.
 pub fn write(
     w: &mut Writer<'_>,

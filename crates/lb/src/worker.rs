@@ -38,6 +38,8 @@ pub struct Shared {
     pub rate: Option<RateLimit>,
     /// Requests in flight per client address, when limited.
     pub in_flight: Option<Arc<InFlightPerIp>>,
+    /// Backends found by name: lookups, additions, removals.
+    pub discovery: Arc<crate::discover::DiscoveryStats>,
 }
 
 /// The request handler's context: one for the whole load balancer,
