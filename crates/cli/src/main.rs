@@ -7,6 +7,7 @@ mod db;
 mod dns;
 mod lab;
 mod lb;
+mod probe;
 mod web;
 
 /// mimalloc: measurably faster than glibc malloc on the proxy's hot path
@@ -58,6 +59,9 @@ enum Command {
     Lab(lab::LabArgs),
     /// Load an HTTP server: fixed concurrency or a fixed rate, latencies in HDR histograms.
     Bench(Box<bench::BenchArgs>),
+    /// GET a URL and exit 0 on a 2xx answer, 1 otherwise: a container
+    /// healthcheck in an image with no shell and no curl.
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(clap::Args)]
@@ -156,6 +160,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Chaos(args) => chaos::run(*args, shutdown).await,
         Command::Lab(args) => lab::run(args).await,
         Command::Bench(args) => bench::run(*args, shutdown).await,
+        Command::Probe(args) => probe::run(args).await,
         // Settled (and run) by start(), which sizes the runtime first.
         Command::Lb(_) => anyhow::bail!("scaleout lb is started by start()"),
     }

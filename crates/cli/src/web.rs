@@ -21,7 +21,9 @@ pub struct WebArgs {
     /// this process (web app, database and cache on one server; no --db).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["db", "db_ca", "db_credentials"])]
     embedded_db: Option<std::path::PathBuf>,
-    /// This server's name, shown in X-Served-By and the page footer.
+    /// This server's name, shown in X-Served-By and the page footer;
+    /// `{hostname}` in it is the machine's (a container's) host name, so
+    /// copies started from one spec are told apart.
     #[arg(long, default_value = "web-1")]
     name: String,
     /// Base of short URLs, e.g. https://sho.rt (default: from the request).
@@ -100,7 +102,22 @@ fn parse_net(text: &str) -> anyhow::Result<ipnet::IpNet> {
     Ok(ipnet::IpNet::from(ip))
 }
 
-pub async fn run(args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// `--name` with `{hostname}` replaced by the host's name.
+fn expand_name(name: &str) -> anyhow::Result<String> {
+    if !name.contains("{hostname}") {
+        return Ok(name.to_string());
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("--name {name}: this host's name cannot be read"))?;
+    Ok(name.replace("{hostname}", &host))
+}
+
+pub async fn run(mut args: WebArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    args.name = expand_name(&args.name)?;
     for url in &args.db {
         if url.starts_with("https://") && args.db_ca.is_none() {
             anyhow::bail!("--db {url}: https needs --db-ca, the CA of the database's certificates");

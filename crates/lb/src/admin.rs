@@ -37,6 +37,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         ));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(guarded)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin route") })
@@ -107,6 +108,24 @@ fn view(b: &Backend, now_ms: u64) -> Value {
 
 fn now_ms(shared: &Shared) -> u64 {
     shared.clock.millis(Instant::now())
+}
+
+/// Ready to take traffic: at least one backend available (a container
+/// orchestrator's readiness probe; `/healthz` says only that it runs).
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let now = now_ms(&shared);
+    let pool = shared.pool.snapshot();
+    let available = pool.iter().filter(|b| b.available(now)).count();
+    let status = if available > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({ "ready": available > 0, "backends": pool.len(), "available": available })),
+    )
+        .into_response()
 }
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> Json<Value> {
