@@ -189,22 +189,32 @@ async fn post(http: &reqwest::Client, url: &str, path: &str) -> anyhow::Result<s
 
 /// `GET /api/state`.
 async fn lab_state(http: &reqwest::Client, url: &str) -> anyhow::Result<serde_json::Value> {
-    http.get(format!("{url}/api/state"))
+    let answer = http
+        .get(format!("{url}/api/state"))
         .send()
         .await
-        .with_context(|| format!("the lab at {url} did not answer"))?
-        .json()
-        .await
-        .context("the lab's state")
+        .with_context(|| format!("the lab at {url} did not answer"))?;
+    let status = answer.status();
+    let body: serde_json::Value = answer.json().await.context("the lab's state")?;
+    if !status.is_success() {
+        bail!(
+            "the lab refused: {status} {}",
+            body["error"].as_str().unwrap_or("")
+        );
+    }
+    Ok(body)
 }
 
 async fn status(http: &reqwest::Client, url: &str, json: bool) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
     let state = lab_state(http, url).await?;
     if json {
-        println!("{state}");
-        return Ok(());
+        return print_all(&format!("{state}\n"));
     }
-    println!(
+    // Written at once, and a reader that goes away (`| head`) is fine.
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "stage {}: {} (site {})",
         state["stage"],
         state["title"].as_str().unwrap_or(""),
@@ -221,7 +231,8 @@ async fn status(http: &reqwest::Client, url: &str, json: bool) -> anyhow::Result
             ),
             _ => String::new(),
         };
-        println!(
+        let _ = writeln!(
+            out,
             "  {:<6} {:<4} {:<8} pid {:<7} {:<26} {db}",
             p["name"].as_str().unwrap_or("?"),
             p["role"].as_str().unwrap_or("?"),
@@ -239,7 +250,8 @@ async fn status(http: &reqwest::Client, url: &str, json: bool) -> anyhow::Result
         .unwrap_or_default();
     let events = events.as_array().cloned().unwrap_or_default();
     for e in events.iter().rev().take(10).rev() {
-        println!(
+        let _ = writeln!(
+            out,
             "  {} {} {} {}",
             e["at_ms"],
             e["name"].as_str().unwrap_or(""),
@@ -247,5 +259,14 @@ async fn status(http: &reqwest::Client, url: &str, json: bool) -> anyhow::Result
             e["detail"].as_str().unwrap_or("")
         );
     }
-    Ok(())
+    print_all(&out)
+}
+
+/// Prints `text` to stdout; a closed pipe is not an error.
+fn print_all(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }

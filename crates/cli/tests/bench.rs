@@ -93,6 +93,18 @@ async fn no_server_means_errors_and_bad_flags_a_message() {
             "--links-mix",
         ),
         (
+            vec![
+                "http://127.0.0.1:9/",
+                "-c",
+                "100",
+                "--rate",
+                "1",
+                "-d",
+                "10s",
+            ],
+            "after the run ends",
+        ),
+        (
             vec!["http://127.0.0.1:9/", "--links-mix", "2", "-m", "POST"],
             "cannot be used with",
         ),

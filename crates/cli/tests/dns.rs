@@ -501,6 +501,121 @@ async fn addresses_are_added_and_removed_through_the_records_api() {
         vec![ip("127.0.0.2")]
     );
 
+    // Names are host names in the zone; addresses are ones a client can
+    // reach; every refusal is JSON.
+    for (name, addr, status) in [
+        ("*", "127.0.0.5", 400),
+        ("a%5C.b", "127.0.0.5", 400),
+        ("caf%C3%A9", "127.0.0.5", 400),
+        ("%FF", "127.0.0.5", 400),
+        ("www", "0.0.0.0", 400),
+        ("www", "224.0.0.1", 400),
+        ("www", "255.255.255.255", 400),
+    ] {
+        let r = add(name, serde_json::json!({"addr": addr}), Some(&token))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{name} {addr}");
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert!(e["error"].is_string(), "{name}: {e}");
+    }
+    for (method, path) in [
+        (reqwest::Method::GET, "/hosts/www"),
+        (reqwest::Method::PUT, "/hosts/www"),
+        (reqwest::Method::GET, "/nope"),
+        (reqwest::Method::DELETE, "/hosts/www/%FF%FE"),
+    ] {
+        let r = c
+            .request(method.clone(), format!("{}{path}", dns.metrics))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_client_error(),
+            "{method} {path}: {}",
+            r.status()
+        );
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert!(e["error"].is_string(), "{method} {path}: {e}");
+    }
+    // The zone's own name, without its final dot, and a lowercase scheme.
+    let r = c
+        .post(format!("{hosts}/www.scaleout.test"))
+        .header("authorization", format!("bearer {token}"))
+        .json(&serde_json::json!({"addr": "127.0.0.6"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let mut answer = lookup_a(dns.addr, "www.scaleout.test.").await;
+    answer.sort();
+    assert_eq!(answer, vec![ip("127.0.0.2"), ip("127.0.0.6")]);
+    assert_eq!(
+        del("www/127.0.0.6", Some(&token)).await.unwrap().status(),
+        200
+    );
+    // A name made here goes with its last address; the zone's serial
+    // counts every change.
+    let serial = || async {
+        match query_udp(dns.addr, "scaleout.test.", RecordType::SOA)
+            .await
+            .answers()[0]
+            .data()
+        {
+            hickory_resolver::proto::rr::RData::SOA(soa) => soa.serial(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let before = serial().await;
+    assert_eq!(
+        del("api/127.0.0.9", Some(&token)).await.unwrap().status(),
+        200
+    );
+    assert!(serial().await > before, "the serial moves");
+    let gone = query_udp(dns.addr, "api.scaleout.test.", RecordType::A).await;
+    assert_eq!(gone.response_code(), ResponseCode::NXDomain);
+
+    // Over UDP an answer fits 512 bytes (no EDNS) or says it was cut.
+    for i in 1..=64 {
+        let r = add(
+            "big",
+            serde_json::json!({"addr": format!("2001:db8::{i:x}")}),
+            Some(&token),
+        )
+        .await
+        .unwrap();
+        assert!(r.status().is_success(), "{i}");
+    }
+    let mut msg = Message::new();
+    msg.set_id(7)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query);
+    msg.add_query(Query::query(
+        Name::from_str("big.scaleout.test.").unwrap(),
+        RecordType::AAAA,
+    ));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&msg.to_vec().unwrap(), dns.addr)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65535];
+    let n = tokio::time::timeout(Duration::from_secs(3), sock.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n <= 512, "{n} bytes over UDP without EDNS");
+    let cut = Message::from_vec(&buf[..n]).unwrap();
+    assert!(cut.truncated(), "the TC bit says the answer was cut");
+    let whole = resolver(dns.addr, Protocol::Tcp)
+        .lookup(
+            Name::from_str("big.scaleout.test.").unwrap(),
+            RecordType::AAAA,
+        )
+        .await
+        .unwrap();
+    assert_eq!(whole.iter().count(), 64, "all of them over TCP");
+
     // Without a token the server takes no edits.
     let open = start_dns(&["--host", "www=127.0.0.2"]);
     let r = c

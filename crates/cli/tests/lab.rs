@@ -599,6 +599,160 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
 /// on the leader the page draws and sees another leader, the exit and the
 /// election on the timeline; restarts the old leader with its button; and
 /// fits a phone's width. Screenshots go to `target/tmp/dashboard/`.
+/// What would break the site or wedge the lab is refused or undone:
+/// two removals at once never take the last web server; a load balancer
+/// is not killed when the other cannot take its visitors; a removal one
+/// load balancer refuses leaves the web server in rotation everywhere; a
+/// load balancer DNS cannot take is not added, and a DNS server restarted
+/// gets the lab's load balancers back in its answer; a removed replica's
+/// name and data are not reused; loads that cannot be scheduled, bad
+/// paths, bad content types and a wrong token get a clear refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lab_refuses_or_undoes_what_would_break_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Proc::spawn(&[
+        "up",
+        "--stage",
+        "5",
+        "--port-base",
+        "0",
+        "--data",
+        dir.path().to_str().unwrap(),
+    ]);
+    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
+    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    until(&url, "both load balancers in DNS", |s| {
+        proc_or_null(s, "lb-1")["in_dns"] == true && proc_or_null(s, "lb-2")["in_dns"] == true
+    })
+    .await;
+
+    // Both web servers removed at once: one of the two is refused.
+    let (u1, u2) = (url.clone(), url.clone());
+    let first = tokio::task::spawn_blocking(move || lab(&u1, &["remove", "web-1"]));
+    let second = tokio::task::spawn_blocking(move || lab(&u2, &["remove", "web-2"]));
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert!(
+        first.0 != second.0,
+        "exactly one removed: {first:?} {second:?}"
+    );
+    let refused = if first.0 { &second.1 } else { &first.1 };
+    assert!(refused.contains("last web server"), "{refused}");
+    let kept = if first.0 { "web-2" } else { "web-1" };
+
+    // A load balancer paused: the other is not killed, and a web server
+    // removal that it cannot drain is undone on the other one.
+    let (ok, said) = lab(&url, &["add", "web"]);
+    assert!(ok, "{said}");
+    let added = said.trim().rsplit(' ').next().unwrap().to_string();
+    until(&url, "the added web server in rotation", |s| {
+        proc_or_null(s, &added)["state"] == "up" && proc_or_null(s, &added)["ejected_by"].is_null()
+    })
+    .await;
+    let (ok, said) = lab(&url, &["pause", "lb-2"]);
+    assert!(ok, "{said}");
+    let (ok, said) = lab(&url, &["scenario", "kill-lb", "--json"]);
+    assert!(!ok && said.contains("needs another one up"), "{said}");
+    let (ok, said) = lab(&url, &["remove", &added]);
+    assert!(!ok && said.contains("did not drain"), "{said}");
+    let (ok, said) = lab(&url, &["resume", "lb-2"]);
+    assert!(ok, "{said}");
+    until(&url, "the web server still in rotation on both", |s| {
+        proc_or_null(s, &added)["state"] == "up"
+            && proc_or_null(s, &added)["ejected_by"].is_null()
+            && proc_or_null(s, "lb-2")["state"] == "up"
+    })
+    .await;
+    let (ok, said) = lab(&url, &["remove", &added]);
+    assert!(ok, "after the resume it goes: {said}");
+
+    // DNS down: a new load balancer cannot enter the answer, so it is not
+    // added; restarted, DNS answers with the lab's load balancers again,
+    // the one added since included.
+    let (ok, said) = lab(&url, &["kill", "dns"]);
+    assert!(ok, "{said}");
+    until(&url, "dns exited", |s| {
+        proc_or_null(s, "dns")["state"] == "exited"
+    })
+    .await;
+    let (ok, said) = lab(&url, &["add", "lb"]);
+    assert!(!ok && said.contains("DNS did not answer"), "{said}");
+    let s = state(&url).await;
+    assert!(proc_or_null(&s, "lb-3").is_null(), "{s}");
+    let (ok, said) = lab(&url, &["restart", "dns"]);
+    assert!(ok, "{said}");
+    let (ok, said) = lab(&url, &["add", "lb"]);
+    assert!(ok, "{said}");
+    let new_lb = said.trim().rsplit(' ').next().unwrap().to_string();
+    assert_ne!(new_lb, "lb-3", "a name is never given twice");
+    until(&url, "the new load balancer in DNS", |s| {
+        proc_or_null(s, &new_lb)["in_dns"] == true
+    })
+    .await;
+    let (ok, said) = lab(&url, &["restart", "dns"]);
+    assert!(ok, "{said}");
+    until(&url, "still in DNS after DNS restarted", |s| {
+        proc_or_null(s, "dns")["state"] == "up"
+            && proc_or_null(s, &new_lb)["in_dns"] == true
+            && proc_or_null(s, "lb-1")["in_dns"] == true
+    })
+    .await;
+
+    // A removed replica's name and data are not reused.
+    let (ok, said) = lab(&url, &["remove", "db-5"]);
+    assert!(ok, "{said}");
+    let (ok, said) = lab(&url, &["add", "replica"]);
+    assert!(ok && said.contains("added db-6"), "{said}");
+    until(&url, "db-6 a replica", |s| {
+        proc_or_null(s, "db-6")["db"]["kind"] == "replica"
+    })
+    .await;
+
+    // Clear refusals.
+    let post = |path: &str, content_type: &str, body: &'static str| {
+        call(&url, reqwest::Method::POST, path)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    for (path, content_type, body, status) in [
+        (
+            "/api/load/start",
+            "application/json",
+            r#"{"connections":256,"rate":1.7e-17}"#,
+            400,
+        ),
+        (
+            "/api/load/start",
+            "application/json",
+            r#"{"connections":100,"rate":2}"#,
+            400,
+        ),
+        ("/api/procs/%FF/kill", "application/json", "{}", 400),
+        ("/api/procs/web-1/kill", "application/jsonx", "{}", 403),
+    ] {
+        let r = post(path, content_type, body).await.unwrap();
+        assert_eq!(r.status(), status, "{path} {body}");
+        let e: Value = r.json().await.unwrap();
+        assert!(e["error"].is_string(), "{path}: {e}");
+    }
+    let big = call(&url, reqwest::Method::POST, "/api/load/start")
+        .header("content-type", "application/json")
+        .body(vec![b' '; 200_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+    assert!(big.json::<Value>().await.unwrap()["error"].is_string());
+    let (base, _) = split(&url);
+    let wrong = format!("{base}/?token={}", "0".repeat(32));
+    let (ok, said) = lab(&wrong, &["status"]);
+    assert!(!ok && said.contains("401"), "{said}");
+    let s = state(&url).await;
+    assert_eq!(proc_or_null(&s, kept)["state"], "up", "{s}");
+    up.signal(nix::sys::signal::Signal::SIGINT);
+    assert!(up.wait_exit(Duration::from_secs(60)).success());
+}
+
 /// Stage 1 in the control room: one process, the single server (app,
 /// SQLite and cache), killed and restarted from the lab with its links
 /// kept in its file.

@@ -7,8 +7,8 @@
 //! - `POST /hosts/{name}` with `{"addr": "127.0.0.4"}`: adds an address
 //!   (the name is made when new); `201` when added, `200` when it was
 //!   there.
-//! - `DELETE /hosts/{name}/{addr}`: takes one out; a name keeps at least
-//!   one address (`409`).
+//! - `DELETE /hosts/{name}/{addr}`: takes one out; a name given at start
+//!   keeps at least one address (`409`), one made here goes with its last.
 //!
 //! `{name}` is relative to the zone (`www`), `@` for the apex, or a name
 //! in the zone ending in a dot. Edits live in memory: a restart serves
@@ -19,6 +19,7 @@
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -48,6 +49,9 @@ pub(crate) fn router(
         .route("/hosts/{name}", axum::routing::post(add))
         .route("/hosts/{name}/{addr}", delete(remove))
         .layer(DefaultBodyLimit::max(4096))
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        })
         .with_state(Records {
             zone,
             health,
@@ -154,22 +158,37 @@ async fn list(State(r): State<Records>, headers: HeaderMap) -> Response {
 
 async fn add(
     State(r): State<Records>,
-    Path(label): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Json<NewAddr>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(refused) = r.may_edit(&headers) {
         return refused.into_response();
     }
+    let Path(label) = match path {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     let Json(new) = match body {
         Ok(b) => b,
         Err(e) => {
+            let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
             return error(
-                StatusCode::BAD_REQUEST,
+                status,
                 format!("send {{\"addr\": \"IP\"}} as JSON: {}", e.body_text()),
-            )
+            );
         }
     };
+    if !crate::zone::connectable(new.addr) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{} is not an address a client can connect to", new.addr),
+        );
+    }
     let name = match r.name(&label) {
         Ok(n) => n,
         Err(refused) => return refused.into_response(),
@@ -195,12 +214,16 @@ async fn add(
 
 async fn remove(
     State(r): State<Records>,
-    Path((label, addr)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(refused) = r.may_edit(&headers) {
         return refused.into_response();
     }
+    let Path((label, addr)) = match path {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     let name = match r.name(&label) {
         Ok(n) => n,
         Err(refused) => return refused.into_response(),

@@ -94,6 +94,21 @@ impl RequestHandler for Handler {
                 return send(&mut response, builder.build_no_records(h), h).await;
             }
         };
+        let mut answer = answer;
+        // Over UDP an answer fits the client's buffer (512 bytes without
+        // EDNS) or says it was cut, so the client asks again over TCP.
+        if request.protocol() == hickory_proto::xfer::Protocol::Udp {
+            // Room kept for what the response's encoder adds to ours (the
+            // EDNS record, names it does not compress as we measured).
+            let limit = request
+                .edns()
+                .map_or(512, |e| usize::from(e.max_payload().clamp(512, 4096)));
+            let reserve = 64;
+            let query = hickory_proto::op::Query::query(info.query.name().into(), qtype);
+            if crate::zone::fit(&mut answer, &query, limit, reserve) {
+                header.set_truncated(true);
+            }
+        }
         header.set_authoritative(answer.authoritative);
         header.set_response_code(answer.rcode);
         header.set_recursion_available(false);
@@ -226,6 +241,12 @@ impl BoundDns {
             shutdown.clone(),
         ));
         let app = crate::records::router(zone, health, config.http_token.clone())
+            .fallback(|| async {
+                (
+                    axum::http::StatusCode::NOT_FOUND,
+                    axum::Json(serde_json::json!({"error": "no such route: /hosts, /metrics and /healthz are here"})),
+                )
+            })
             .route(
                 "/healthz",
                 axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
@@ -310,7 +331,11 @@ pub(crate) fn bearer_matches(headers: &axum::http::HeaderMap, token: Option<&str
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(rest.trim())
+        })
         .unwrap_or("");
     given.len() == token.len()
         && given

@@ -21,6 +21,9 @@ use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 pub struct Host {
     pub name: Name,
     pub addrs: Vec<IpAddr>,
+    /// Given at start (`--host`), not made through the records API: such
+    /// a name keeps at least one address.
+    pub configured: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +44,39 @@ pub struct Answer {
     pub authoritative: bool,
     pub answers: Vec<Record>,
     pub authority: Vec<Record>,
+}
+
+/// Drops answers from the end until the response (`query`, the answers,
+/// the authority section, and `reserve` bytes for what is added later,
+/// such as the EDNS record) fits in `limit` bytes; true when it dropped
+/// any, which the TC bit must say (RFC 1035 §4.2.1, RFC 6891 §7).
+pub fn fit(
+    answer: &mut Answer,
+    query: &hickory_proto::op::Query,
+    limit: usize,
+    reserve: usize,
+) -> bool {
+    let size = |a: &Answer| {
+        let mut m = hickory_proto::op::Message::new();
+        m.add_query(query.clone());
+        m.add_answers(a.answers.iter().cloned());
+        m.add_name_servers(a.authority.iter().cloned());
+        m.to_vec().map_or(usize::MAX, |v| v.len() + reserve)
+    };
+    let mut truncated = false;
+    while !answer.answers.is_empty() && size(answer) > limit {
+        answer.answers.pop();
+        truncated = true;
+    }
+    truncated
+}
+
+/// Whether a client can connect to `addr` (not unspecified, broadcast or
+/// multicast).
+pub fn connectable(addr: IpAddr) -> bool {
+    !(addr.is_unspecified()
+        || addr.is_multicast()
+        || matches!(addr, IpAddr::V4(v4) if v4.is_broadcast()))
 }
 
 /// Why an address could not be taken out of a name.
@@ -76,7 +112,11 @@ pub fn parse_host(spec: &str, origin: &Name) -> Result<Host, String> {
     if addrs.is_empty() {
         return Err(format!("--host {spec:?}: give at least one address"));
     }
-    Ok(Host { name, addrs })
+    Ok(Host {
+        name,
+        addrs,
+        configured: true,
+    })
 }
 
 impl Zone {
@@ -119,14 +159,33 @@ impl Zone {
     pub const MAX_ADDRS: usize = 64;
 
     /// The host `label` names (relative to the origin, `@` for the apex,
-    /// or a name inside the zone ending in a dot), or why it is not one
-    /// of this zone's names.
+    /// or a name inside the zone, with or without its final dot), or why
+    /// it is not one of this zone's names. Host names only: letters,
+    /// digits, `-` and `_` in each label (no wildcards, no escapes).
     pub fn name_of(&self, label: &str) -> Result<Name, String> {
+        let origin = self.origin.to_ascii().to_ascii_lowercase();
+        let origin = origin.trim_end_matches('.');
+        let lower = label.to_ascii_lowercase();
+        let plain = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        let bare = lower.trim_end_matches('.');
+        if label != "@" && !bare.split('.').all(plain) {
+            return Err(format!(
+                "bad name {label:?}: use letters, digits, - and _ in each label (at most 63), no wildcards"
+            ));
+        }
         let name = if label == "@" {
             self.origin.clone()
         } else {
             let name = Name::from_str(label).map_err(|e| format!("bad name {label:?}: {e}"))?;
-            if name.is_fqdn() {
+            // `www.scaleout.test` is the zone's own name too.
+            if name.is_fqdn() || bare == origin || bare.ends_with(&format!(".{origin}")) {
+                let mut name = name;
+                name.set_fqdn(true);
                 name
             } else {
                 name.append_domain(&self.origin)
@@ -142,7 +201,12 @@ impl Zone {
     }
 
     /// Adds `addr` to `name` (made when new); false when it was there.
+    /// An address nobody can connect to (unspecified, broadcast,
+    /// multicast) is refused.
     pub fn add(&mut self, name: &Name, addr: IpAddr) -> Result<bool, String> {
+        if !connectable(addr) {
+            return Err(format!("{addr} is not an address a client can connect to"));
+        }
         let hosts = self.hosts.len();
         match self.hosts.iter_mut().find(|h| h.name == *name) {
             Some(h) if h.addrs.contains(&addr) => Ok(false),
@@ -152,6 +216,7 @@ impl Zone {
             )),
             Some(h) => {
                 h.addrs.push(addr);
+                self.changed();
                 Ok(true)
             }
             None if hosts >= Self::MAX_HOSTS => Err(format!(
@@ -162,7 +227,9 @@ impl Zone {
                 self.hosts.push(Host {
                     name: name.clone(),
                     addrs: vec![addr],
+                    configured: false,
                 });
+                self.changed();
                 Ok(true)
             }
         }
@@ -183,10 +250,25 @@ impl Zone {
             .position(|a| *a == addr)
             .ok_or(Removal::Absent)?;
         if host.addrs.len() == 1 {
-            return Err(Removal::Last);
+            if host.configured {
+                return Err(Removal::Last);
+            }
+            self.changed();
+            // A name made through the API goes with its last address.
+            self.hosts.retain(|h| h.name != *name);
+            return Ok(());
         }
         host.addrs.remove(at);
+        self.changed();
         Ok(())
+    }
+
+    /// The zone changed: its SOA serial says so (secondaries and caches
+    /// that look at it see a new version).
+    fn changed(&mut self) {
+        if let RData::SOA(soa) = self.soa.data_mut() {
+            soa.increment_serial();
+        }
     }
 
     /// Every address of every host (what the health checker watches).

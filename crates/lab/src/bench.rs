@@ -85,6 +85,14 @@ impl BenchConfig {
             if !(r > 0.0 && r <= 1_000_000.0) {
                 return Err("--rate must be more than 0 and at most 1000000".into());
             }
+            // Each connection sends one request every connections/rate
+            // seconds: at least one must fit in the run.
+            if self.connections as f64 / r > self.duration.as_secs_f64() {
+                return Err(format!(
+                    "--rate {r} over {} connections sends each one's first request after the run ends: raise --rate or lower --connections",
+                    self.connections
+                ));
+            }
         }
         if self.timeout.is_zero() || self.timeout > Duration::from_secs(600) {
             return Err("--timeout must be more than 0 and at most 10m".into());

@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -253,8 +253,17 @@ impl LoadShape {
         if !(1..=256).contains(&self.connections) {
             return Err("connections: 1 to 256".into());
         }
-        if self.rate.is_some_and(|r| !(r > 0.0 && r <= 100_000.0)) {
-            return Err("rate: more than 0, at most 100000 per second".into());
+        if self.rate.is_some_and(|r| !(1.0..=100_000.0).contains(&r)) {
+            return Err("rate: 1 to 100000 requests per second".into());
+        }
+        if self
+            .rate
+            .is_some_and(|r| self.connections as f64 / r > 10.0)
+        {
+            return Err(
+                "rate: at least one request every 10 s per client (raise rate or lower connections)"
+                    .into(),
+            );
         }
         if !(1..=1000).contains(&self.write_every) {
             return Err("write_every: 1 to 1000".into());
@@ -304,7 +313,21 @@ pub struct ScenarioReport {
     /// be read back afterwards through the site (lost).
     pub acknowledged_writes: u64,
     pub lost_writes: u64,
+    /// Acknowledged creates the site did not answer for when they were
+    /// looked for (neither found nor said to be missing).
+    pub unverified_writes: u64,
 }
+
+/// What looking for an acknowledged create found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadBack {
+    Found,
+    Lost,
+    NoAnswer,
+}
+
+/// How long looking for a scenario's acknowledged creates may take.
+const READ_BACK_PATIENCE: Duration = Duration::from_secs(60);
 
 impl ScenarioReport {
     /// One line for the timeline.
@@ -434,6 +457,8 @@ pub struct Lab {
     scenario: std::sync::Mutex<Option<ScenarioReport>>,
     by_name: Option<ByName>,
     routing: std::sync::Mutex<Routing>,
+    /// Every name a process of this lab has had.
+    used_names: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Per database node: its pid, and whether it is catching up.
     catching: std::sync::Mutex<std::collections::HashMap<String, (Option<u32>, bool)>>,
     /// The database nodes' namespaces (`up --netns`), where partitions
@@ -620,6 +645,7 @@ impl Lab {
                     resolver: Arc::new(crate::resolve::ViaDns::new(dns)),
                 }
             });
+        let names = procs.iter().map(|p| p.name.clone()).collect();
         let members: Vec<Member> = procs
             .into_iter()
             .map(|proc| Member {
@@ -669,6 +695,7 @@ impl Lab {
             routing: Default::default(),
             net: std::sync::Mutex::new(net),
             catching: Default::default(),
+            used_names: std::sync::Mutex::new(names),
         }))
     }
 
@@ -1170,22 +1197,34 @@ impl Lab {
         let _one = self.adding.lock().await;
         let refuse = |why: String| ControlError::Refused(why);
         let state = self.state();
+        // The processes as they are now (the state is the last look's):
+        // what another removal just took out counts at once.
+        let (admins, live) = {
+            let members = self.members.lock().await;
+            if !members.iter().any(|m| m.proc.name == name) {
+                return Err(ControlError::NoSuchProcess(name.into()));
+            }
+            let live: Vec<(String, String)> = members
+                .iter()
+                .filter(|m| m.exit.is_none() && !m.paused && !m.restarting)
+                .map(|m| (m.proc.name.clone(), m.proc.ready.role.clone()))
+                .collect();
+            (lb_admins(&members), live)
+        };
         let proc = state
             .procs
             .iter()
             .find(|p| p.name == name)
-            .ok_or_else(|| ControlError::NoSuchProcess(name.into()))?
+            .ok_or_else(|| refuse(format!("{name} has not been seen yet; try again")))?
             .clone();
-        let admins = lb_admins(&self.members.lock().await);
         match (
             proc.role.as_str(),
             proc.db.as_ref().map(|d| d.kind.as_str()),
         ) {
             ("web", _) => {
-                let others = state
-                    .procs
+                let others = live
                     .iter()
-                    .filter(|p| p.role == "web" && p.name != name && p.state == Running::Up)
+                    .filter(|(n, role)| role == "web" && n != name)
                     .count();
                 if others == 0 {
                     return Err(refuse(format!(
@@ -1194,34 +1233,61 @@ impl Lab {
                 }
                 let token = self.lb_token();
                 let token = token.as_str();
+                // Drained everywhere first; one load balancer refusing
+                // puts it back in rotation on the others.
+                let mut drained = Vec::new();
                 for admin in &admins {
                     let backend = format!("{admin}/backends/{name}");
-                    let drained = self
+                    let answer = self
                         .http
                         .post(format!("{backend}/drain"))
                         .bearer_auth(token)
                         .timeout(Duration::from_secs(5))
                         .send()
                         .await;
-                    if !drained.is_ok_and(|r| r.status().is_success()) {
-                        return Err(refuse(format!("{admin} did not drain {name}")));
+                    match answer {
+                        Ok(r) if r.status().is_success() => drained.push(backend),
+                        // That load balancer does not know it.
+                        Ok(r) if r.status() == StatusCode::NOT_FOUND => {}
+                        _ => {
+                            for backend in &drained {
+                                let _ = self
+                                    .http
+                                    .post(format!("{backend}/undrain"))
+                                    .bearer_auth(token)
+                                    .timeout(Duration::from_secs(5))
+                                    .send()
+                                    .await;
+                            }
+                            return Err(refuse(format!(
+                                "{admin} did not drain {name}: it stays in rotation everywhere"
+                            )));
+                        }
                     }
-                    self.record("draining", name, format!("on {admin}"));
+                }
+                self.record(
+                    "draining",
+                    name,
+                    format!("on {} load balancers", drained.len()),
+                );
+                for backend in &drained {
                     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
                     while tokio::time::Instant::now() < deadline {
                         let view: Option<serde_json::Value> =
-                            match self.http.get(&backend).bearer_auth(token).send().await {
+                            match self.http.get(backend).bearer_auth(token).send().await {
                                 Ok(r) => r.json().await.ok(),
                                 Err(_) => None,
                             };
-                        if view.is_some_and(|v| v["in_flight"].as_u64() == Some(0)) {
+                        if view.is_none_or(|v| v["in_flight"].as_u64() == Some(0)) {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
+                }
+                for backend in &drained {
                     let _ = self
                         .http
-                        .delete(&backend)
+                        .delete(backend)
                         .bearer_auth(token)
                         .timeout(Duration::from_secs(5))
                         .send()
@@ -1258,6 +1324,7 @@ impl Lab {
                     .procs
                     .iter()
                     .filter(|p| p.role == "lb" && p.name != name && p.in_dns == Some(true))
+                    .filter(|p| live.iter().any(|(n, _)| *n == p.name))
                     .count();
                 if others == 0 {
                     return Err(refuse(format!(
@@ -1303,6 +1370,79 @@ impl Lab {
             m.proc.stop().await;
         }
         self.record("removed", name, "drained and stopped".into());
+        Ok(())
+    }
+
+    /// Makes the DNS answer for the site hold exactly the lab's load
+    /// balancers (after the DNS server restarted from its configured
+    /// zone).
+    async fn resync_dns(&self) -> Result<(), String> {
+        let admin = self
+            .admin
+            .get("dns")
+            .map(|a| {
+                if a.starts_with("http") {
+                    a.trim_end_matches('/').to_string()
+                } else {
+                    format!("http://{a}")
+                }
+            })
+            .ok_or("no DNS")?;
+        let wanted: Vec<String> = self
+            .members
+            .lock()
+            .await
+            .iter()
+            .filter(|m| m.proc.ready.role == "lb")
+            .filter_map(|m| {
+                m.proc
+                    .url()
+                    .split("://")
+                    .last()?
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.to_string())
+            })
+            .collect();
+        let token = self.lb_token();
+        let hosts: serde_json::Value = self
+            .http
+            .get(format!("{admin}/hosts"))
+            .bearer_auth(&token)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let fqdn = format!("{}.", crate::SITE_NAME);
+        let answered: Vec<String> = hosts["hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|h| h["name"] == fqdn.as_str())
+            .flat_map(|h| h["addrs"].as_array().cloned().unwrap_or_default())
+            .filter_map(|a| a["addr"].as_str().map(str::to_string))
+            .collect();
+        for addr in wanted.iter().filter(|a| !answered.contains(a)) {
+            self.http
+                .post(format!("{admin}/hosts/www"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({ "addr": addr }))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        for addr in answered.iter().filter(|a| !wanted.contains(a)) {
+            let _ = self
+                .http
+                .delete(format!("{admin}/hosts/www/{addr}"))
+                .bearer_auth(&token)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+        }
         Ok(())
     }
 
@@ -1373,10 +1513,17 @@ impl Lab {
             .map(|p| (p.name.clone(), p.url.clone()))
             .collect();
         let (netns, _, args) = template;
+        // A name is never given twice (the timeline would mix two
+        // processes), nor one whose data directory is left from another.
+        let used = self
+            .used_names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let next = |prefix: &str| {
             (1..)
                 .map(|n| format!("{prefix}-{n}"))
-                .find(|n| !names.contains(n))
+                .find(|n| !names.contains(n) && !used.contains(n) && !self.dir.join(n).exists())
                 .unwrap_or_default()
         };
         let (name, args) = match what {
@@ -1474,6 +1621,10 @@ impl Lab {
                 (name, args)
             }
         };
+        self.used_names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.clone());
         let fresh = Proc::start(&name, &args)
             .await
             .map_err(|e| ControlError::Restart {
@@ -1526,7 +1677,15 @@ impl Lab {
                 }
             };
             if let Err(e) = entered.await {
-                self.record("control", &name, e.to_string());
+                // Not in the answer, it would take no visitor: undone.
+                let mut members = self.members.lock().await;
+                if let Some(i) = members.iter().position(|m| m.proc.name == name) {
+                    let m = members.remove(i);
+                    drop(members);
+                    m.proc.stop().await;
+                }
+                self.record("control", &name, format!("not added: {e}"));
+                return Err(e);
             }
         }
         if what == Add::Web {
@@ -1690,11 +1849,19 @@ impl Lab {
                         Some("killing a load balancer shows in stage 5, where DNS moves visitors to another; here the site would just go down".into()),
                     );
                 }
-                before
+                let serving: Vec<&ProcState> = before
                     .procs
                     .iter()
-                    .find(|p| p.role == "lb" && p.state == Running::Up && p.in_dns == Some(true))
-                    .map(|p| p.name.clone())
+                    .filter(|p| p.role == "lb" && p.state == Running::Up && p.in_dns == Some(true))
+                    .collect();
+                if serving.len() < 2 {
+                    return finish(
+                        &self,
+                        report,
+                        Some("killing a load balancer needs another one up and in the DNS answer to take its visitors".into()),
+                    );
+                }
+                serving.first().map(|p| p.name.clone())
             }
             Scenario::AddWeb | Scenario::AddReplica => None,
         };
@@ -1847,17 +2014,39 @@ impl Lab {
             Ok(c) => c,
             Err(e) => return finish(&self, report, Some(e.to_string())),
         };
-        for at in &created {
-            let found = http
-                .get(format!("{site}{at}"))
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if !found {
-                report.lost_writes += 1;
-            }
-        }
+        // Read back, 16 at a time, within a minute in all: a link the site
+        // says it does not have (404) is lost; one it did not answer for
+        // is unverified, not lost.
+        use futures_util::StreamExt;
+        // A replica a moment behind may not have it yet: a 404 is asked
+        // again once, a second later.
+        let urls: Vec<String> = created.iter().map(|at| format!("{site}{at}")).collect();
+        let looks = futures_util::stream::iter(urls)
+            .map(|url| {
+                let http = http.clone();
+                async move {
+                    for attempt in 0..2 {
+                        let answer = http.get(&url).timeout(Duration::from_secs(5)).send().await;
+                        match answer {
+                            Ok(r) if r.status().is_success() => return ReadBack::Found,
+                            Ok(r) if r.status() == StatusCode::NOT_FOUND && attempt == 0 => {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                            Ok(r) if r.status() == StatusCode::NOT_FOUND => return ReadBack::Lost,
+                            _ => return ReadBack::NoAnswer,
+                        }
+                    }
+                    ReadBack::NoAnswer
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<ReadBack>>();
+        let looks = tokio::time::timeout(READ_BACK_PATIENCE, looks)
+            .await
+            .unwrap_or_default();
+        report.lost_writes = looks.iter().filter(|l| **l == ReadBack::Lost).count() as u64;
+        let found = looks.iter().filter(|l| **l == ReadBack::Found).count() as u64;
+        report.unverified_writes = report.acknowledged_writes - found - report.lost_writes;
         let error = match scenario {
             Scenario::KillLeader | Scenario::PartitionLeader => report
                 .writes_resumed_ms
@@ -1875,7 +2064,15 @@ impl Lab {
                 .traffic_moved_ms
                 .is_none()
                 .then(|| format!("{target} served no request within 30 s")),
-        };
+        }
+        .or_else(|| {
+            (report.unverified_writes > 0).then(|| {
+                format!(
+                    "{} acknowledged writes could not be read back: the site did not answer",
+                    report.unverified_writes
+                )
+            })
+        });
         finish(&self, report, error);
     }
 
@@ -1986,6 +2183,19 @@ impl Lab {
                 m.exit = None;
                 let pid = m.proc.pid().map_or("?".into(), |p| p.to_string());
                 self.record("restarted", name, format!("pid {pid}"));
+                let role = m.proc.ready.role.clone();
+                drop(members);
+                if role == "dns" {
+                    // It starts again from its configured zone: the load
+                    // balancers added or removed since are put right.
+                    if let Err(e) = self.resync_dns().await {
+                        self.record(
+                            "control",
+                            name,
+                            format!("could not restore the answer: {e}"),
+                        );
+                    }
+                }
                 Ok(())
             }
             Err(e) => Err(ControlError::Restart {
@@ -2047,6 +2257,8 @@ pub async fn serve(
             refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
         })
         .layer(axum::middleware::from_fn_with_state(api.clone(), admit))
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::middleware::from_fn(errors_as_json))
         .with_state(api);
     // Bounded like every server here: a head timeout, a connection cap
     // (each open page holds one for its events), and a short drain, since
@@ -2060,6 +2272,31 @@ pub async fn serve(
     if let Err(e) = served {
         tracing::error!(error = %e, "the dashboard stopped");
     }
+}
+
+/// Every refusal is JSON, also those axum's extractors write as text (a
+/// path that is not UTF-8, a body over the limit).
+async fn errors_as_json(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !status.is_client_error() || json {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let text = if text.is_empty() {
+        status.canonical_reason().unwrap_or("refused").to_string()
+    } else {
+        text
+    };
+    refuse(status, text)
 }
 
 #[derive(Clone)]
@@ -2354,7 +2591,8 @@ fn unless_json(headers: &HeaderMap) -> Option<Response> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     (!json).then(|| {
         refuse(
             StatusCode::FORBIDDEN,
