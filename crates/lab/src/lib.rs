@@ -17,6 +17,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod compose;
 pub mod control;
 pub mod figures;
 pub mod linear;

@@ -1,0 +1,226 @@
+//! A Compose deployment of stage 5 (`deploy/compose/compose.yaml`) driven
+//! through the engine's own tools: `docker compose` (or the older
+//! `docker-compose`) to bring it up, scale and take it down, and `docker`
+//! to kill, pause, restart and disconnect its containers — what
+//! `scaleout chaos --on compose` and the cross-container test do.
+//!
+//! Every command is bounded by a timeout; a project's containers, networks
+//! and volumes go with [`Compose::down`].
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// How long one `docker` command may take (an `up` builds nothing, but
+/// waits for healthchecks).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One Compose project.
+#[derive(Debug, Clone)]
+pub struct Compose {
+    /// `["docker", "compose"]` or `["docker-compose"]`.
+    program: Vec<String>,
+    pub project: String,
+    pub file: PathBuf,
+    /// Variables the compose file reads (image, secret, ports, subnet).
+    pub env: BTreeMap<String, String>,
+}
+
+/// Runs `program args` with `env`, within the timeout; its stdout, or
+/// what went wrong with its stderr.
+fn run(
+    program: &[String],
+    args: &[&str],
+    env: &BTreeMap<String, String>,
+) -> Result<String, String> {
+    let (first, rest) = program.split_first().ok_or("no program")?;
+    let mut child = Command::new(first)
+        .args(rest)
+        .args(args)
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{first}: {e}"))?;
+    let deadline = std::time::Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{} {}: no end within {COMMAND_TIMEOUT:?}",
+                    program.join(" "),
+                    args.join(" ")
+                ));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{} {}: {}",
+            program.join(" "),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The Compose this machine has: `docker compose` (v2) or
+/// `docker-compose` (v1), when the engine answers; why not otherwise.
+pub fn available() -> Result<Vec<String>, String> {
+    let docker = vec!["docker".to_string()];
+    run(
+        &docker,
+        &["version", "--format", "{{.Server.Version}}"],
+        &BTreeMap::new(),
+    )
+    .map_err(|e| format!("no Docker engine answers: {e}"))?;
+    let v2 = vec!["docker".to_string(), "compose".to_string()];
+    if run(&v2, &["version"], &BTreeMap::new()).is_ok() {
+        return Ok(v2);
+    }
+    let v1 = vec!["docker-compose".to_string()];
+    run(&v1, &["version"], &BTreeMap::new())
+        .map(|_| v1)
+        .map_err(|e| format!("no docker compose nor docker-compose: {e}"))
+}
+
+fn docker(args: &[&str]) -> Result<String, String> {
+    run(&["docker".to_string()], args, &BTreeMap::new())
+}
+
+impl Compose {
+    pub fn new(
+        program: Vec<String>,
+        project: &str,
+        file: PathBuf,
+        env: BTreeMap<String, String>,
+    ) -> Compose {
+        Compose {
+            program,
+            project: project.into(),
+            file,
+            env,
+        }
+    }
+
+    /// `compose -p PROJECT -f FILE args`.
+    pub fn compose(&self, args: &[&str]) -> Result<String, String> {
+        let file = self.file.display().to_string();
+        let mut all = vec!["-p", self.project.as_str(), "-f", file.as_str()];
+        all.extend_from_slice(args);
+        run(&self.program, &all, &self.env)
+    }
+
+    /// `up -d` (more flags after it, e.g. `--scale web=4`).
+    pub fn up(&self, more: &[&str]) -> Result<(), String> {
+        let mut args = vec!["up", "-d"];
+        args.extend_from_slice(more);
+        self.compose(&args).map(|_| ())
+    }
+
+    /// Everything of the project gone: containers, networks, volumes.
+    pub fn down(&self) -> Result<(), String> {
+        self.compose(&["down", "-v", "--remove-orphans", "-t", "5"])
+            .map(|_| ())
+    }
+
+    /// The containers of `service` (ids), running or not.
+    pub fn containers(&self, service: &str) -> Result<Vec<String>, String> {
+        Ok(self
+            .compose(&["ps", "-q", service])?
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+
+    /// The one container of `service`.
+    pub fn container(&self, service: &str) -> Result<String, String> {
+        self.containers(service)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("{service} has no container in {}", self.project))
+    }
+
+    /// The project's network `name` as the engine calls it.
+    pub fn network(&self, name: &str) -> String {
+        format!("{}_{name}", self.project)
+    }
+
+    /// `service`'s address on the project's network `network`.
+    pub fn ip(&self, service: &str, network: &str) -> Result<IpAddr, String> {
+        let id = self.container(service)?;
+        let format = format!(
+            "{{{{with index .NetworkSettings.Networks \"{}\"}}}}{{{{.IPAddress}}}}{{{{end}}}}",
+            self.network(network)
+        );
+        let out = docker(&["inspect", "-f", &format, &id])?;
+        out.trim()
+            .parse()
+            .map_err(|_| format!("{service} has no address on {network} ({:?})", out.trim()))
+    }
+
+    /// SIGKILL, as `docker kill` sends it.
+    pub fn kill(&self, service: &str) -> Result<(), String> {
+        docker(&["kill", &self.container(service)?]).map(|_| ())
+    }
+
+    /// Started again (after a kill), with its volume.
+    pub fn start(&self, service: &str) -> Result<(), String> {
+        docker(&["start", &self.container(service)?]).map(|_| ())
+    }
+
+    pub fn pause(&self, service: &str) -> Result<(), String> {
+        docker(&["pause", &self.container(service)?]).map(|_| ())
+    }
+
+    pub fn unpause(&self, service: &str) -> Result<(), String> {
+        docker(&["unpause", &self.container(service)?]).map(|_| ())
+    }
+
+    /// Cut off from `network` (every peer on it).
+    pub fn disconnect(&self, service: &str, network: &str) -> Result<(), String> {
+        let id = self.container(service)?;
+        docker(&["network", "disconnect", &self.network(network), &id]).map(|_| ())
+    }
+
+    /// Back on `network`, under its service's name.
+    pub fn connect(&self, service: &str, network: &str) -> Result<(), String> {
+        let id = self.container(service)?;
+        docker(&[
+            "network",
+            "connect",
+            "--alias",
+            service,
+            &self.network(network),
+            &id,
+        ])
+        .map(|_| ())
+    }
+
+    /// Whether `service`'s container runs (not exited, not paused).
+    pub fn running(&self, service: &str) -> Result<bool, String> {
+        let id = self.container(service)?;
+        let out = docker(&["inspect", "-f", "{{.State.Status}}", &id])?;
+        Ok(out.trim() == "running")
+    }
+
+    /// A container's logs (the last lines), for a failure's report.
+    pub fn logs(&self, service: &str) -> String {
+        self.compose(&["logs", "--no-color", "--tail", "40", service])
+            .unwrap_or_else(|e| e)
+    }
+}
