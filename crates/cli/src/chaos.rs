@@ -45,6 +45,18 @@ pub struct ChaosArgs {
     /// Keep the database nodes in the lab's network namespace (no partitions).
     #[arg(long)]
     no_netns: bool,
+    /// Where to run: `local` (child processes, stage 4) or `compose`
+    /// (stage 5 as Compose services, --compose-file, brought up for the
+    /// run and taken down after it; faults through the engine: docker
+    /// kill and start, pause, network disconnect).
+    #[arg(long, default_value = "local", value_parser = ["local", "compose"])]
+    on: String,
+    /// The Compose file of `--on compose`.
+    #[arg(long, default_value = "deploy/compose/compose.yaml")]
+    compose_file: PathBuf,
+    /// The image `--on compose` runs (scripts/image.sh builds it).
+    #[arg(long, default_value = "scaleout:latest")]
+    image: String,
 }
 
 pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -73,7 +85,17 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> anyhow::Result
         history: args.history,
         faults: args.faults,
         netns: !args.no_netns,
+        on_compose: (args.on == "compose").then(|| scaleout_lab::chaos::OnCompose {
+            file: args.compose_file.clone(),
+            image: args.image.clone(),
+        }),
     };
+    if args.on == "compose" && !args.compose_file.is_file() {
+        anyhow::bail!(
+            "--compose-file {}: no such file (run from the repository, or give its path)",
+            args.compose_file.display()
+        );
+    }
     let report = scaleout_lab::chaos::run(config, shutdown)
         .await
         .context("chaos")?;

@@ -64,8 +64,12 @@ where
     }
 }
 
+/// One deployment at a time on this machine's two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage_5_runs_across_containers() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let program = match compose::available() {
         Ok(p) => p,
         Err(why) => {
@@ -335,4 +339,108 @@ fn rand_u128() -> u128 {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .unwrap();
     u128::from_le_bytes(bytes)
+}
+
+/// `scaleout chaos --on compose`: the same workloads, faults and checker
+/// against the Compose deployment, faults through the engine (docker
+/// kill and start, pause, network disconnect); nothing lost, nothing
+/// duplicated, every node identical, registers linearizable; the project
+/// gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chaos_checker_runs_across_containers() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    if let Err(why) = compose::available() {
+        eprintln!("SKIPPED: {why}; chaos --on compose needs a Docker engine with Compose");
+        return;
+    }
+    let image = format!("scaleout-chaos-test:{}", std::process::id());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/image.sh");
+    let built = Command::new(script)
+        .args([&image, env!("CARGO_BIN_EXE_scaleout")])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "image.sh: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    struct Image(String);
+    impl Drop for Image {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+        }
+    }
+    let _image = Image(image.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/compose/compose.yaml");
+    let history = dir.path().join("history.jsonl");
+    let args = [
+        "chaos".to_string(),
+        "--on".into(),
+        "compose".into(),
+        "--compose-file".into(),
+        file.display().to_string(),
+        "--image".into(),
+        image.clone(),
+        "--seed".into(),
+        "5".into(),
+        "--duration".into(),
+        "45s".into(),
+        "--fault-every".into(),
+        "6s".into(),
+        "--faults".into(),
+        "kill-leader,pause-db,kill-web,partition-leader".into(),
+        "--data".into(),
+        dir.path().display().to_string(),
+        "--history".into(),
+        history.display().to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_scaleout"))
+            .args(args)
+            .env("SCALEOUT_LOG", "warn")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains(", 0 violations"), "{said}");
+    for kind in ["kill-leader", "pause-db", "kill-web", "partition-leader"] {
+        assert!(
+            said.contains(&format!("ms {kind}")),
+            "no {kind} made: {said}"
+        );
+    }
+    assert!(history.exists());
+    // Taken down: no container of a chaos project is left.
+    let left = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!(
+                "label=com.docker.compose.project=scaleout-chaos-{}",
+                out_pid(&said)
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "containers left behind");
+}
+
+/// The chaos run's pid, from its "as project scaleout-chaos-PID" line.
+fn out_pid(said: &str) -> String {
+    said.split("scaleout-chaos-")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or("none")
+        .to_string()
 }

@@ -267,6 +267,25 @@ impl Client {
         credentials: Option<Credentials>,
         tls: Option<&scaleout_tls::ClientTls>,
     ) -> Result<Self, ClientError> {
+        Self::build(seeds, credentials, tls, |b| b)
+    }
+
+    /// [`Client::new`], resolving the nodes' names with `resolver` (a
+    /// cluster whose nodes advertise names only its own network knows,
+    /// such as a Compose project's services, reached from outside it).
+    pub fn with_resolver<R: reqwest::dns::Resolve + 'static>(
+        seeds: Vec<String>,
+        resolver: Arc<R>,
+    ) -> Result<Self, ClientError> {
+        Self::build(seeds, None, None, move |b| b.dns_resolver(resolver))
+    }
+
+    fn build(
+        seeds: Vec<String>,
+        credentials: Option<Credentials>,
+        tls: Option<&scaleout_tls::ClientTls>,
+        more: impl FnOnce(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+    ) -> Result<Self, ClientError> {
         if seeds.is_empty() {
             return Err(ClientError::Unavailable("no database URL given".into()));
         }
@@ -282,7 +301,7 @@ impl Client {
                 .map_err(|e| ClientError::Unavailable(format!("TLS: {e}")))?;
             builder = builder.use_preconfigured_tls(config);
         }
-        let http = builder
+        let http = more(builder)
             .build()
             .map_err(|e| ClientError::Unavailable(e.to_string()))?;
         let seeds = seeds

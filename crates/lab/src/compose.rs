@@ -36,7 +36,7 @@ fn run(
     env: &BTreeMap<String, String>,
 ) -> Result<String, String> {
     let (first, rest) = program.split_first().ok_or("no program")?;
-    let mut child = Command::new(first)
+    let child = Command::new(first)
         .args(rest)
         .args(args)
         .envs(env)
@@ -45,26 +45,23 @@ fn run(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("{first}: {e}"))?;
-    let deadline = std::time::Instant::now() + COMMAND_TIMEOUT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "{} {}: no end within {COMMAND_TIMEOUT:?}",
-                    program.join(" "),
-                    args.join(" ")
-                ));
-            }
-            Err(e) => return Err(e.to_string()),
+    let pid = child.id();
+    // Its output is read as it comes (a full pipe would stall it).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(COMMAND_TIMEOUT) {
+        Ok(out) => out.map_err(|e| e.to_string())?,
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            return Err(format!(
+                "{} {}: no end within {COMMAND_TIMEOUT:?}",
+                program.join(" "),
+                args.join(" ")
+            ));
         }
-    }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    };
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -99,6 +96,14 @@ pub fn available() -> Result<Vec<String>, String> {
 
 fn docker(args: &[&str]) -> Result<String, String> {
     run(&["docker".to_string()], args, &BTreeMap::new())
+}
+
+impl Compose {
+    /// `docker ARGS` (a fault: kill, start, pause, network disconnect).
+    pub fn docker(&self, args: &[String]) -> Result<String, String> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker(&args)
+    }
 }
 
 impl Compose {
@@ -137,14 +142,62 @@ impl Compose {
             .map(|_| ())
     }
 
-    /// The containers of `service` (ids), running or not.
+    /// The containers of `service` (ids), running or not, oldest first;
+    /// found by the labels both Compose versions put on them (one quick
+    /// `docker ps`, not a Compose run).
     pub fn containers(&self, service: &str) -> Result<Vec<String>, String> {
-        Ok(self
-            .compose(&["ps", "-q", service])?
+        let project = format!("label=com.docker.compose.project={}", self.project);
+        let service = format!("label=com.docker.compose.service={service}");
+        let mut ids: Vec<String> = docker(&[
+            "ps",
+            "-a",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            &project,
+            "--filter",
+            &service,
+        ])?
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+        // `docker ps` lists the newest first.
+        ids.reverse();
+        Ok(ids)
+    }
+
+    /// Every service's address (its first container's; on the data
+    /// network first, then app, then front), in one `docker inspect`.
+    pub fn addresses(&self) -> Result<BTreeMap<String, IpAddr>, String> {
+        let project = format!("label=com.docker.compose.project={}", self.project);
+        let ids: Vec<String> = docker(&["ps", "-q", "--no-trunc", "--filter", &project])?
             .lines()
             .map(|l| l.trim().to_string())
             .filter(|l| !l.is_empty())
-            .collect())
+            .collect();
+        if ids.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let mut args = vec!["inspect"];
+        args.extend(ids.iter().map(String::as_str));
+        let listed: serde_json::Value =
+            serde_json::from_str(&docker(&args)?).map_err(|e| format!("docker inspect: {e}"))?;
+        let mut out = BTreeMap::new();
+        for c in listed.as_array().into_iter().flatten() {
+            let Some(service) = c["Config"]["Labels"]["com.docker.compose.service"].as_str() else {
+                continue;
+            };
+            let ip = ["data", "app", "front"].iter().find_map(|n| {
+                c["NetworkSettings"]["Networks"][self.network(n)]["IPAddress"]
+                    .as_str()
+                    .and_then(|ip| ip.parse::<IpAddr>().ok())
+            });
+            if let Some(ip) = ip {
+                out.entry(service.to_string()).or_insert(ip);
+            }
+        }
+        Ok(out)
     }
 
     /// The one container of `service`.
@@ -171,6 +224,15 @@ impl Compose {
         out.trim()
             .parse()
             .map_err(|_| format!("{service} has no address on {network} ({:?})", out.trim()))
+    }
+
+    /// `service`'s address on the first of its networks (the data
+    /// network first, where the database nodes are).
+    pub fn ip_any(&self, service: &str) -> Result<IpAddr, String> {
+        ["data", "app", "front"]
+            .iter()
+            .find_map(|n| self.ip(service, n).ok())
+            .ok_or_else(|| format!("{service} has no address in {}", self.project))
     }
 
     /// SIGKILL, as `docker kill` sends it.

@@ -286,8 +286,9 @@ pub async fn client(
     log: Log,
     stop: CancellationToken,
     started: Instant,
+    reach: super::Reach,
 ) {
-    let Ok(http) = super::http() else {
+    let Ok(http) = reach.http() else {
         tracing::error!(
             client = id,
             "no HTTP client: this hostile worker sends nothing"

@@ -47,7 +47,9 @@ use crate::{plan, start_topology, Error};
 use hostile::Rng;
 
 pub mod hostile;
+mod reach;
 mod registers;
+pub use reach::Reach;
 
 #[derive(Debug, Clone)]
 pub struct ChaosConfig {
@@ -70,6 +72,17 @@ pub struct ChaosConfig {
     /// Run the database nodes in network namespaces (needed for
     /// partitions; skipped, with a note, where they cannot be made).
     pub netns: bool,
+    /// Run against a Compose deployment instead of child processes.
+    pub on_compose: Option<OnCompose>,
+}
+
+/// `scaleout chaos --on compose`: the deployment and its image.
+#[derive(Debug, Clone)]
+pub struct OnCompose {
+    /// `deploy/compose/compose.yaml`.
+    pub file: PathBuf,
+    /// The image its services run (`scripts/image.sh` builds it).
+    pub image: String,
 }
 
 /// How many registers the register clients share.
@@ -287,6 +300,9 @@ fn scaleout_db_budget() -> u64 {
 
 /// Runs the schedule, checks, and returns the report (violations inside).
 pub async fn run(config: ChaosConfig, shutdown: CancellationToken) -> Result<Report, Error> {
+    if let Some(on) = config.on_compose.clone() {
+        return run_on_compose(&config, &on, shutdown).await;
+    }
     let mut plan = plan(4);
     // The hostile workload's runaway writes hold every write for their
     // budget: a tenth of the default, so that they stay a nuisance and not
@@ -312,10 +328,127 @@ pub async fn run(config: ChaosConfig, shutdown: CancellationToken) -> Result<Rep
         stop_all(procs).await;
         return Err(e);
     }
-    let outcome = exercise(&config, &mut procs, &site, net.as_mut(), shutdown).await;
-    stop_all(procs).await;
-    drop(net);
+    let mut servers = Servers::Local { procs, net };
+    let outcome = exercise(&config, &mut servers, &site, &Reach::local(), shutdown).await;
+    if let Servers::Local { procs, net } = servers {
+        stop_all(procs).await;
+        drop(net);
+    }
     outcome
+}
+
+/// The same workloads, faults and checker against stage 5 as Compose
+/// services, brought up for the run and taken down after it (containers,
+/// networks and volumes).
+async fn run_on_compose(
+    config: &ChaosConfig,
+    on: &OnCompose,
+    shutdown: CancellationToken,
+) -> Result<Report, Error> {
+    let failed = |reason: String| Error::Spawn {
+        name: "chaos --on compose".into(),
+        reason,
+    };
+    let program = crate::compose::available().map_err(failed)?;
+    let pid = std::process::id();
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port().to_string())
+            .map_err(|e| failed(e.to_string()))
+    };
+    let (lb1, lb2, dns) = (port()?, port()?, port()?);
+    let secret: String = (0..4)
+        .map(|_| format!("{:016x}", rand::random::<u64>()))
+        .collect();
+    let env = [
+        ("SCALEOUT_IMAGE", on.image.clone()),
+        ("SCALEOUT_CLUSTER_SECRET", secret),
+        // Away from the lab's namespaces (10.200-249).
+        ("SCALEOUT_FRONT", format!("10.79.{}", pid % 250 + 1)),
+        ("SCALEOUT_PORT_LB1", lb1.clone()),
+        ("SCALEOUT_PORT_LB2", lb2),
+        ("SCALEOUT_PORT_DNS", dns),
+        // Every client of the run comes from this machine.
+        ("SCALEOUT_CREATE_RATE", "0".into()),
+        // The hostile workload's runaway writes hold every write for
+        // their budget: a tenth of the default, as in the local run.
+        (
+            "SCALEOUT_WRITE_BUDGET",
+            (scaleout_db_budget() / 10).to_string(),
+        ),
+        ("SCALEOUT_LOG", "warn,openraft=off".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let project = crate::compose::Compose::new(
+        program,
+        &format!("scaleout-chaos-{pid}"),
+        on.file.clone(),
+        env,
+    );
+    println!(
+        "chaos: bringing up {} as project {}",
+        on.file.display(),
+        project.project
+    );
+    let up = {
+        let project = project.clone();
+        // Two web servers, as in the local run: one killed, the load
+        // balancers send to the other.
+        tokio::task::spawn_blocking(move || project.up(&["--scale", "web=2"]))
+    };
+    let _down = TakeDown(project.clone());
+    up.await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(failed)?;
+    let reach = Reach::compose(project.clone());
+    let http = reach.http().map_err(failed)?;
+    let site = format!("127.0.0.1:{lb1}");
+    // Up: the site answers and all five nodes are members.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let site_up = http
+            .get(format!("http://{site}/"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        let members = match http
+            .get("http://db-1:4001/nodes?nonvoters&ver=2")
+            .send()
+            .await
+        {
+            Ok(r) => r
+                .json::<scaleout_wire::data::Nodes>()
+                .await
+                .map_or(0, |n| n.nodes.iter().filter(|n| n.reachable).count()),
+            Err(_) => 0,
+        };
+        if site_up && members == 5 {
+            break;
+        }
+        if Instant::now() > deadline || shutdown.is_cancelled() {
+            return Err(failed(format!(
+                "the deployment did not come up within 3 minutes (site answering: {site_up}, {members} of 5 nodes)\n{}",
+                project.logs("db-1")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut servers = Servers::Compose(project);
+    exercise(config, &mut servers, &site, &reach, shutdown).await
+}
+
+/// Takes a Compose project down when dropped (the run ended, or failed).
+struct TakeDown(crate::compose::Compose);
+
+impl Drop for TakeDown {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.down() {
+            eprintln!("chaos: taking {} down: {e}", self.0.project);
+        }
+    }
 }
 
 async fn stop_all(procs: Vec<Proc>) {
@@ -324,26 +457,15 @@ async fn stop_all(procs: Vec<Proc>) {
     }
 }
 
-/// The chaos run's HTTP client: every call bounded by 10 s, no redirects
-/// followed. A builder that fails is an error, never a default client
-/// without the timeout.
-pub(crate) fn http() -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| format!("building the chaos run's HTTP client: {e}"))
-}
-
 async fn exercise(
     config: &ChaosConfig,
-    procs: &mut [Proc],
+    servers: &mut Servers,
     site: &str,
-    mut net: Option<&mut Net>,
+    reach: &Reach,
     shutdown: CancellationToken,
 ) -> Result<Report, Error> {
     // The workers build their own; one that fails would fail here first.
-    http().map_err(|reason| Error::Spawn {
+    reach.http().map_err(|reason| Error::Spawn {
         name: "chaos".into(),
         reason,
     })?;
@@ -351,18 +473,22 @@ async fn exercise(
     let lb = format!("http://{site}");
     let history: History = Arc::default();
     let stop = CancellationToken::new();
-    let dbs: Vec<String> = procs
-        .iter()
-        .filter(|p| p.name.starts_with("db-"))
-        .map(|p| p.url().to_string())
-        .collect();
+    let nodes = servers.dbs();
+    let dbs: Vec<String> = nodes.iter().map(|(_, url)| url.clone()).collect();
     let mut clients = Vec::new();
     for c in 0..config.clients {
         let (lb, history, stop) = (lb.clone(), history.clone(), stop.clone());
         let seed = config.seed.wrapping_add(c as u64 + 1);
         let dbs = dbs.clone();
         clients.push(tokio::spawn(client(
-            c, seed, lb, dbs, history, stop, started,
+            c,
+            seed,
+            lb,
+            dbs,
+            history,
+            stop,
+            started,
+            reach.clone(),
         )));
     }
     let register_log: registers::Log = Arc::default();
@@ -371,7 +497,7 @@ async fn exercise(
             name: "chaos".into(),
             reason: format!("creating the registers: {e}"),
         };
-        let db = scaleout_client::Client::new(dbs.clone()).map_err(failed)?;
+        let db = reach.db(dbs.clone()).map_err(failed)?;
         db.discover(Duration::from_secs(10)).await.map_err(failed)?;
         db.execute(&json!([registers::TABLE]), false)
             .await
@@ -387,6 +513,7 @@ async fn exercise(
             register_log.clone(),
             stop.clone(),
             started,
+            reach.clone(),
         )));
     }
     let hostile_log: hostile::Log = Arc::default();
@@ -397,7 +524,7 @@ async fn exercise(
             name: "chaos".into(),
             reason: format!("creating the hostile workload's tables: {e}"),
         };
-        let db = scaleout_client::Client::new(dbs.clone()).map_err(failed)?;
+        let db = reach.db(dbs.clone()).map_err(failed)?;
         db.discover(Duration::from_secs(10)).await.map_err(failed)?;
         db.execute(&json!(hostile::SCHEMA), false)
             .await
@@ -413,11 +540,12 @@ async fn exercise(
             hostile_log.clone(),
             stop.clone(),
             started,
+            reach.clone(),
         )));
     }
     let mut rng = Rng::new(config.seed);
     let mut faults = Vec::new();
-    let possible = |k: &&str| net.is_some() || !is_partition(k);
+    let possible = |k: &&str| servers.can(k);
     let kinds: Vec<&str> = FAULT_KINDS.iter().copied().filter(possible).collect();
     let schedule: Vec<&str> = config
         .faults
@@ -437,7 +565,7 @@ async fn exercise(
             Some(k) => k,
             None => kinds[rng.below(kinds.len() as u64) as usize],
         };
-        let fault = inject(kind, &mut rng, procs, net.as_deref_mut(), started).await?;
+        let fault = inject(kind, &mut rng, servers, reach, started).await?;
         faults.push(fault);
     }
     tokio::select! {
@@ -485,7 +613,7 @@ async fn exercise(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     write_tagged(&mut file, "hostile", &hostile_ops);
-    let mut violations = check(&ops, &hostile_ops, procs).await;
+    let mut violations = check(&ops, &hostile_ops, &nodes, reach).await;
     if attach.exists() {
         violations.push(format!(
             "hostile SQL made a file on the server: {}",
@@ -538,10 +666,10 @@ fn write_tagged<T: serde::Serialize>(file: &mut std::fs::File, kind: &str, ops: 
 }
 
 /// The database leader's process name, if one leads.
-async fn leader_name(procs: &[Proc]) -> Option<String> {
-    for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
-        let url = p.url();
-        let Ok(r) = http()
+async fn leader_name(dbs: &[(String, String)], reach: &Reach) -> Option<String> {
+    for (_, url) in dbs {
+        let Ok(r) = reach
+            .http()
             .ok()?
             .get(format!("{url}/leader"))
             .timeout(Duration::from_secs(1))
@@ -562,22 +690,19 @@ async fn leader_name(procs: &[Proc]) -> Option<String> {
 async fn inject(
     kind: &str,
     rng: &mut Rng,
-    procs: &mut [Proc],
-    net: Option<&mut Net>,
+    servers: &mut Servers,
+    reach: &Reach,
     started: Instant,
 ) -> Result<Fault, Error> {
-    let dbs: Vec<String> = procs
-        .iter()
-        .filter(|p| p.name.starts_with("db-"))
-        .map(|p| p.name.clone())
-        .collect();
+    let nodes = servers.dbs();
+    let dbs: Vec<String> = nodes.iter().map(|(name, _)| name.clone()).collect();
     let any_db = |rng: &mut Rng| dbs[rng.below(dbs.len() as u64) as usize].clone();
     let target = match kind {
-        "kill-leader" | "partition-leader" => leader_name(procs)
+        "kill-leader" | "partition-leader" => leader_name(&nodes, reach)
             .await
             .or_else(|| dbs.first().cloned())
             .unwrap_or_default(),
-        "kill-web" => format!("web-{}", rng.below(2) + 1),
+        "kill-web" => servers.web(rng.below(2) as usize),
         "partition-link" => {
             let a = any_db(rng);
             let mut b = any_db(rng);
@@ -591,45 +716,7 @@ async fn inject(
     let at_ms = started.elapsed().as_millis() as u64;
     tracing::info!(kind, %target, "fault");
     let outage = Duration::from_millis(1500 + rng.below(1500));
-    if is_partition(kind) {
-        let net = net.ok_or_else(|| Error::Spawn {
-            name: "chaos".into(),
-            reason: format!("{kind} needs network namespaces"),
-        })?;
-        // db-N runs in namespace N-1.
-        let index = |name: &str| {
-            name.trim_start_matches("db-")
-                .parse::<usize>()
-                .map_or(0, |n| n.saturating_sub(1))
-        };
-        let cut = match target.split_once('|') {
-            Some((a, b)) => net.cut(index(a), index(b)),
-            None => net.partition(&[index(&target)]),
-        };
-        let net_error = |e: String| Error::Spawn {
-            name: "chaos".into(),
-            reason: e,
-        };
-        cut.map_err(net_error)?;
-        tokio::time::sleep(outage).await;
-        net.heal().map_err(net_error)?;
-    } else {
-        let Some(p) = procs.iter_mut().find(|p| p.name == target) else {
-            return Err(Error::Spawn {
-                name: target,
-                reason: "no such process".into(),
-            });
-        };
-        if kind == "pause-db" {
-            p.signal(Signal::SIGSTOP);
-            tokio::time::sleep(outage).await;
-            p.signal(Signal::SIGCONT);
-        } else {
-            p.signal(Signal::SIGKILL);
-            tokio::time::sleep(outage).await;
-            p.restart().await?;
-        }
-    }
+    servers.fault(kind, &target, outage).await?;
     Ok(Fault {
         kind: kind.into(),
         target,
@@ -640,10 +727,162 @@ async fn inject(
     })
 }
 
+/// Where the run's servers are and how faults are made in them.
+pub(crate) enum Servers {
+    /// Child processes on this machine, the database nodes in network
+    /// namespaces when they could be made.
+    Local { procs: Vec<Proc>, net: Option<Net> },
+    /// A Compose project's containers: faults through the engine.
+    Compose(crate::compose::Compose),
+}
+
+impl Servers {
+    /// The database nodes: name and API URL.
+    fn dbs(&self) -> Vec<(String, String)> {
+        match self {
+            Servers::Local { procs, .. } => procs
+                .iter()
+                .filter(|p| p.name.starts_with("db-"))
+                .map(|p| (p.name.clone(), p.url().to_string()))
+                .collect(),
+            Servers::Compose(_) => (1..=5)
+                .map(|n| (format!("db-{n}"), format!("http://db-{n}:4001")))
+                .collect(),
+        }
+    }
+
+    /// The `i`th web server (of two).
+    fn web(&self, i: usize) -> String {
+        match self {
+            Servers::Local { .. } => format!("web-{}", i + 1),
+            // One of the service's containers, by its id.
+            Servers::Compose(project) => project
+                .containers("web")
+                .ok()
+                .and_then(|ids| ids.get(i % ids.len().max(1)).cloned())
+                .map_or_else(
+                    || "web".into(),
+                    |id| format!("web@{}", id.get(..12).unwrap_or(&id)),
+                ),
+        }
+    }
+
+    /// Whether a fault of `kind` can be made here.
+    fn can(&self, kind: &str) -> bool {
+        match self {
+            Servers::Local { net, .. } => net.is_some() || !is_partition(kind),
+            // The engine disconnects a container from a network: a node
+            // cut off from everyone; one link alone cannot be cut.
+            Servers::Compose(_) => kind != "partition-link",
+        }
+    }
+
+    /// Makes the fault, waits `outage`, heals it.
+    async fn fault(&mut self, kind: &str, target: &str, outage: Duration) -> Result<(), Error> {
+        let failed = |reason: String| Error::Spawn {
+            name: "chaos".into(),
+            reason,
+        };
+        match self {
+            Servers::Local { procs, net } => {
+                if is_partition(kind) {
+                    let net = net
+                        .as_mut()
+                        .ok_or_else(|| failed(format!("{kind} needs network namespaces")))?;
+                    // db-N runs in namespace N-1.
+                    let index = |name: &str| {
+                        name.trim_start_matches("db-")
+                            .parse::<usize>()
+                            .map_or(0, |n| n.saturating_sub(1))
+                    };
+                    let cut = match target.split_once('|') {
+                        Some((a, b)) => net.cut(index(a), index(b)),
+                        None => net.partition(&[index(target)]),
+                    };
+                    cut.map_err(failed)?;
+                    tokio::time::sleep(outage).await;
+                    net.heal().map_err(failed)?;
+                    return Ok(());
+                }
+                let Some(p) = procs.iter_mut().find(|p| p.name == target) else {
+                    return Err(Error::Spawn {
+                        name: target.into(),
+                        reason: "no such process".into(),
+                    });
+                };
+                if kind == "pause-db" {
+                    p.signal(Signal::SIGSTOP);
+                    tokio::time::sleep(outage).await;
+                    p.signal(Signal::SIGCONT);
+                } else {
+                    p.signal(Signal::SIGKILL);
+                    tokio::time::sleep(outage).await;
+                    p.restart().await?;
+                }
+                Ok(())
+            }
+            Servers::Compose(project) => {
+                // `web@ID` is one container of the web service.
+                let container = match target.split_once('@') {
+                    Some((_, id)) => id.to_string(),
+                    None => project.container(target).map_err(failed)?,
+                };
+                let engine = |args: Vec<String>| {
+                    let project = project.clone();
+                    async move {
+                        tokio::task::spawn_blocking(move || project.docker(&args))
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r)
+                    }
+                };
+                let (make, heal): (Vec<Vec<String>>, Vec<Vec<String>>) = if is_partition(kind) {
+                    let network = project.network("data");
+                    (
+                        vec![vec![
+                            "network".into(),
+                            "disconnect".into(),
+                            network.clone(),
+                            container.clone(),
+                        ]],
+                        vec![vec![
+                            "network".into(),
+                            "connect".into(),
+                            "--alias".into(),
+                            target.into(),
+                            network,
+                            container.clone(),
+                        ]],
+                    )
+                } else if kind == "pause-db" {
+                    (
+                        vec![vec!["pause".into(), container.clone()]],
+                        vec![vec!["unpause".into(), container.clone()]],
+                    )
+                } else {
+                    (
+                        vec![vec!["kill".into(), container.clone()]],
+                        vec![vec!["start".into(), container.clone()]],
+                    )
+                };
+                for args in make {
+                    engine(args).await.map_err(failed)?;
+                }
+                tokio::time::sleep(outage).await;
+                for args in heal {
+                    engine(args).await.map_err(failed)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// One client: creates links (each URL its own) and reads its own back,
 /// keeping its read-your-writes cookie like a browser; now and then it
 /// counts its own links with a `linearizable` or `strong` read on any
 /// database node (forwarded to the leader).
+#[allow(clippy::too_many_arguments)] // one worker's whole setting
 async fn client(
     id: usize,
     seed: u64,
@@ -652,8 +891,9 @@ async fn client(
     history: History,
     stop: CancellationToken,
     started: Instant,
+    reach: Reach,
 ) {
-    let Ok(http) = http() else {
+    let Ok(http) = reach.http() else {
         tracing::error!(client = id, "no HTTP client: this worker sends nothing");
         return;
     };
@@ -765,17 +1005,12 @@ async fn client(
 /// Every node's links (url → count), once all have caught up.
 type FinalData = (u64, BTreeMap<String, BTreeMap<String, u64>>);
 
-async fn final_data(procs: &[Proc]) -> Result<FinalData, String> {
-    let dbs: Vec<(String, String)> = procs
-        .iter()
-        .filter(|p| p.name.starts_with("db-"))
-        .map(|p| (p.name.clone(), p.url().to_string()))
-        .collect();
-    let http = http()?;
+async fn final_data(dbs: &[(String, String)], reach: &Reach) -> Result<FinalData, String> {
+    let http = reach.http()?;
     // The index every node must reach: a write made now, through the leader.
     let mut target = None;
     for _ in 0..100 {
-        for (_, url) in &dbs {
+        for (_, url) in dbs {
             let sent = http
                 .post(format!("{url}/db/execute?raft_index"))
                 .json(&json!(["CREATE TABLE IF NOT EXISTS _chaos_probe (x)"]))
@@ -799,7 +1034,7 @@ async fn final_data(procs: &[Proc]) -> Result<FinalData, String> {
     }
     let target = target.ok_or("no leader took the final probe write within 20 s")?;
     let mut out = BTreeMap::new();
-    for (name, url) in &dbs {
+    for (name, url) in dbs {
         let q = format!(
             "{url}/db/query?level=none&raft_index&min_index={target}&q=SELECT%20url%2C%20count(*)%20AS%20n%20FROM%20links%20GROUP%20BY%20url"
         );
@@ -837,17 +1072,17 @@ async fn final_data(procs: &[Proc]) -> Result<FinalData, String> {
 
 /// Each node's hostile ledger rows once it has applied `target`.
 async fn hostile_ledgers(
-    procs: &[Proc],
+    dbs: &[(String, String)],
     target: u64,
+    reach: &Reach,
 ) -> Result<BTreeMap<String, BTreeSet<(u64, u64)>>, String> {
-    let http = http()?;
+    let http = reach.http()?;
     let mut out = BTreeMap::new();
-    for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
-        let url = p.url();
+    for (name, url) in dbs {
         let q = format!(
             "{url}/db/query?level=none&raft_index&min_index={target}&q=SELECT%20client%2C%20seq%20FROM%20hostile_ledger"
         );
-        let fail = |e: &dyn std::fmt::Display| format!("{}: the hostile ledger: {e}", p.name);
+        let fail = |e: &dyn std::fmt::Display| format!("{name}: the hostile ledger: {e}");
         let answer = match http.get(&q).send().await {
             Ok(r) if r.status() == 200 => r.json::<Results>().await.map_err(|e| fail(&e))?,
             Ok(r) => return Err(fail(&r.status())),
@@ -864,7 +1099,7 @@ async fn hostile_ledgers(
             .map(|r| Ok((r.int("client")? as u64, r.int("seq")? as u64)))
             .collect::<Result<BTreeSet<(u64, u64)>, scaleout_wire::data::ShapeError>>()
             .map_err(|e| fail(&e))?;
-        out.insert(p.name.clone(), rows);
+        out.insert(name.clone(), rows);
     }
     Ok(out)
 }
@@ -875,21 +1110,26 @@ fn first_value(results: &Results) -> Option<&Value> {
 }
 
 /// The checker: the history against every node's final data.
-pub async fn check(ops: &[Op], hostile_ops: &[hostile::Op], procs: &[Proc]) -> Vec<String> {
-    let (target, data) = match final_data(procs).await {
+pub async fn check(
+    ops: &[Op],
+    hostile_ops: &[hostile::Op],
+    dbs: &[(String, String)],
+    reach: &Reach,
+) -> Vec<String> {
+    let (target, data) = match final_data(dbs, reach).await {
         Ok(d) => d,
         Err(e) => return vec![e],
     };
     let mut violations = check_history(ops, &data);
     if !hostile_ops.is_empty() {
-        match hostile_ledgers(procs, target).await {
+        match hostile_ledgers(dbs, target, reach).await {
             Ok(ledgers) => violations.extend(hostile::check(hostile_ops, &ledgers)),
             Err(e) => violations.push(e),
         }
     }
     // Every table, row by row: each node's SQL dump (all have caught up
     // with the final write, and nothing writes any more).
-    let http = match http() {
+    let http = match reach.http() {
         Ok(http) => http,
         Err(e) => {
             violations.push(e);
@@ -897,8 +1137,7 @@ pub async fn check(ops: &[Op], hostile_ops: &[hostile::Op], procs: &[Proc]) -> V
         }
     };
     let mut sums = BTreeMap::new();
-    for p in procs.iter().filter(|p| p.name.starts_with("db-")) {
-        let url = p.url();
+    for (name, url) in dbs {
         let sent = http
             .get(format!("{url}/db/backup?fmt=sql&noleader"))
             .send()
@@ -910,11 +1149,11 @@ pub async fn check(ops: &[Op], hostile_ops: &[hostile::Op], procs: &[Proc]) -> V
         let dump = match text {
             Some(dump) => dump,
             None => {
-                violations.push(format!("{}: no SQL dump for the table checksums", p.name));
+                violations.push(format!("{name}: no SQL dump for the table checksums"));
                 continue;
             }
         };
-        sums.insert(p.name.clone(), table_checksums(&dump));
+        sums.insert(name.clone(), table_checksums(&dump));
     }
     violations.extend(diverging_tables(&sums));
     violations

@@ -64,11 +64,12 @@ pub async fn client(
     log: Log,
     stop: CancellationToken,
     started: Instant,
+    reach: super::Reach,
 ) {
-    let Ok(db) = scaleout_client::Client::new(dbs.clone()) else {
+    let Ok(db) = reach.db(dbs.clone()) else {
         return;
     };
-    let Ok(http) = super::http() else {
+    let Ok(http) = reach.http() else {
         tracing::error!(
             client = id,
             "no HTTP client: this register worker sends nothing"
