@@ -278,6 +278,7 @@ pub type Log = Arc<Mutex<Vec<Op>>>;
 
 /// A client sending hostile requests to the database nodes (any of
 /// them: followers forward writes) until `stop`.
+#[allow(clippy::too_many_arguments)] // one worker's whole setting
 pub async fn client(
     id: usize,
     seed: u64,

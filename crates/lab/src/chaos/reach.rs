@@ -67,8 +67,11 @@ impl Reach {
 pub struct ContainerNames {
     project: Compose,
     /// The last answer and when it was had; one lookup at a time.
-    seen: Arc<tokio::sync::Mutex<(BTreeMap<String, IpAddr>, Option<Instant>)>>,
+    seen: Arc<tokio::sync::Mutex<Seen>>,
 }
+
+/// Every service's address, and when the engine gave them.
+type Seen = (BTreeMap<String, IpAddr>, Option<Instant>);
 
 impl reqwest::dns::Resolve for ContainerNames {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {

@@ -56,6 +56,7 @@ pub struct Record {
 pub type Log = Arc<Mutex<Vec<Record>>>;
 
 /// One register client, until `stop`.
+#[allow(clippy::too_many_arguments)] // one worker's whole setting
 pub async fn client(
     id: usize,
     seed: u64,
