@@ -154,7 +154,14 @@ pub async fn start(
     }
 
     if fresh {
-        match &config.join {
+        // `--join` naming this node itself (every replica of a Kubernetes
+        // StatefulSet gets the same flags, pod 0's address among them):
+        // the first node, it starts the cluster, as rqlite does.
+        let join = config
+            .join
+            .as_ref()
+            .filter(|url| !names_itself(url, &config.advertise.api));
+        match join {
             None => {
                 let members = BTreeMap::from([(config.id, config.advertise.clone())]);
                 raft.initialize(members)
@@ -298,4 +305,25 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr, StartError> {
         .map_err(|e| StartError::Config(format!("{addr}: {e}")))?
         .next()
         .ok_or_else(|| StartError::Config(format!("{addr}: resolves to no address")))
+}
+
+/// Whether `url` (a `--join` URL) is this node's own API address.
+fn names_itself(url: &str, api: &str) -> bool {
+    let authority = url.split("://").last().unwrap_or(url).trim_end_matches('/');
+    authority.eq_ignore_ascii_case(api)
+}
+
+#[cfg(test)]
+mod join_tests {
+    #[test]
+    fn a_join_url_naming_this_node_is_seen() {
+        use super::names_itself;
+        assert!(names_itself(
+            "http://scaleout-db-0.scaleout-db:4001",
+            "scaleout-db-0.scaleout-db:4001"
+        ));
+        assert!(names_itself("https://DB-0:4001/", "db-0:4001"));
+        assert!(!names_itself("http://db-0:4001", "db-1:4001"));
+        assert!(!names_itself("http://db-0:4002", "db-0:4001"));
+    }
 }
