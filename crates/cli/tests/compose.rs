@@ -81,16 +81,7 @@ async fn stage_5_runs_across_containers() {
     };
     let pid = std::process::id();
     let image = format!("scaleout-compose-test:{pid}");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/image.sh");
-    let built = Command::new(script)
-        .args([&image, env!("CARGO_BIN_EXE_scaleout")])
-        .output()
-        .unwrap();
-    assert!(
-        built.status.success(),
-        "image.sh: {}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    common::build_image(&image);
     let (lb1, lb2, dns) = (free_port(), free_port(), free_port());
     // The front network's /24, away from the chaos namespaces' 10.200-249.
     let front = format!("10.78.{}", pid % 250 + 1);
@@ -354,16 +345,7 @@ async fn the_chaos_checker_runs_across_containers() {
         return;
     }
     let image = format!("scaleout-chaos-test:{}", std::process::id());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/image.sh");
-    let built = Command::new(script)
-        .args([&image, env!("CARGO_BIN_EXE_scaleout")])
-        .output()
-        .unwrap();
-    assert!(
-        built.status.success(),
-        "image.sh: {}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    common::build_image(&image);
     struct Image(String);
     impl Drop for Image {
         fn drop(&mut self) {

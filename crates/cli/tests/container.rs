@@ -55,17 +55,7 @@ async fn the_image_runs_a_database_node_as_an_unprivileged_user() {
         container: container.clone(),
         image: tag.clone(),
     };
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/image.sh");
-    let built = Command::new(script)
-        .args([&tag, env!("CARGO_BIN_EXE_scaleout")])
-        .output()
-        .unwrap();
-    assert!(
-        built.status.success(),
-        "image.sh: {}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    let said = String::from_utf8_lossy(&built.stdout);
+    let said = common::build_image(&tag);
     assert!(said.contains("MiB"), "it gives the image's size: {said}");
 
     // No base image, no shell: the user is the unprivileged one.

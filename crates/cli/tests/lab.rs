@@ -68,12 +68,12 @@ async fn until(url: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
-/// `scaleout up --stage 4` on free ports, and its dashboard's URL.
-fn stage4(dir: &std::path::Path) -> (Proc, String) {
+/// `scaleout up --stage N` on free ports, and its dashboard's URL.
+fn lab_up(stage: &str, dir: &std::path::Path) -> (Proc, String) {
     let mut up = Proc::spawn(&[
         "up",
         "--stage",
-        "4",
+        stage,
         "--port-base",
         "0",
         "--data",
@@ -82,6 +82,10 @@ fn stage4(dir: &std::path::Path) -> (Proc, String) {
     let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
     let url = line.trim().trim_start_matches("dashboard: ").to_string();
     (up, url)
+}
+
+fn stage4(dir: &std::path::Path) -> (Proc, String) {
+    lab_up("4", dir)
 }
 
 /// `scaleout bench` sends `requests` to `site`'s `/healthz` over
@@ -610,17 +614,7 @@ async fn the_dashboard_shows_the_stage_and_its_controls_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lab_refuses_or_undoes_what_would_break_it() {
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Proc::spawn(&[
-        "up",
-        "--stage",
-        "5",
-        "--port-base",
-        "0",
-        "--data",
-        dir.path().to_str().unwrap(),
-    ]);
-    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
-    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    let (mut up, url) = lab_up("5", dir.path());
     until(&url, "both load balancers in DNS", |s| {
         proc_or_null(s, "lb-1")["in_dns"] == true && proc_or_null(s, "lb-2")["in_dns"] == true
     })
@@ -759,17 +753,7 @@ async fn the_lab_refuses_or_undoes_what_would_break_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage_1_is_one_server_the_lab_can_kill_and_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Proc::spawn(&[
-        "up",
-        "--stage",
-        "1",
-        "--port-base",
-        "0",
-        "--data",
-        dir.path().to_str().unwrap(),
-    ]);
-    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(60));
-    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    let (mut up, url) = lab_up("1", dir.path());
     let s = until(&url, "the single server up", |s| {
         proc_or_null(s, "web-1")["state"] == "up"
     })
@@ -964,17 +948,7 @@ async fn events(url: &str, kind: &str, name: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage_5_moves_visitors_between_load_balancers_through_dns() {
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Proc::spawn(&[
-        "up",
-        "--stage",
-        "5",
-        "--port-base",
-        "0",
-        "--data",
-        dir.path().to_str().unwrap(),
-    ]);
-    let line = up.wait_for_line_within("dashboard: ", Duration::from_secs(120));
-    let url = line.trim().trim_start_matches("dashboard: ").to_string();
+    let (mut up, url) = lab_up("5", dir.path());
     let s = until(&url, "both load balancers in the DNS answer", |s| {
         proc_or_null(s, "lb-1")["in_dns"] == true && proc_or_null(s, "lb-2")["in_dns"] == true
     })

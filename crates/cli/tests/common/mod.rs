@@ -386,3 +386,19 @@ pub async fn eventually_json(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Builds the container image `tag` from the binary under test
+/// (`scripts/image.sh`); what the script said (the image's size).
+pub fn build_image(tag: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/image.sh");
+    let built = Command::new(script)
+        .args([tag, BIN])
+        .output()
+        .expect("run scripts/image.sh");
+    assert!(
+        built.status.success(),
+        "image.sh: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    String::from_utf8_lossy(&built.stdout).into_owned()
+}
