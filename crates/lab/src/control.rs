@@ -861,12 +861,7 @@ impl Lab {
                 let counter = request_counter(&p.role)?;
                 let base = match p.role.as_str() {
                     "lb" | "dns" => {
-                        let admin = admins.get(&p.name)?;
-                        if admin.starts_with("http") {
-                            admin.trim_end_matches('/').to_string()
-                        } else {
-                            format!("http://{admin}")
-                        }
+                        admin_base(admins.get(&p.name)?)
                     }
                     _ => p.url.clone(),
                 };
@@ -1380,13 +1375,7 @@ impl Lab {
         let admin = self
             .admin
             .get("dns")
-            .map(|a| {
-                if a.starts_with("http") {
-                    a.trim_end_matches('/').to_string()
-                } else {
-                    format!("http://{a}")
-                }
-            })
+            .map(|a| admin_base(a))
             .ok_or("no DNS")?;
         let wanted: Vec<String> = self
             .members
@@ -1451,13 +1440,7 @@ impl Lab {
         let admin = self
             .admin
             .get("dns")
-            .map(|a| {
-                if a.starts_with("http") {
-                    a.trim_end_matches('/').to_string()
-                } else {
-                    format!("http://{a}")
-                }
-            })
+            .map(|a| admin_base(a))
             .ok_or_else(|| {
                 ControlError::Refused(
                     "this stage has no DNS: load balancers come and go in stage 5".into(),
@@ -2518,13 +2501,23 @@ async fn api_load(
     }
 }
 
+/// An admin listener's base URL (it is given as a URL or as
+/// `host:port`), without a trailing `/`.
+fn admin_base(admin: &str) -> String {
+    if admin.starts_with("http") {
+        admin.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{admin}")
+    }
+}
+
 /// The load balancers' admin API base URLs (no trailing `/`).
 fn lb_admins(members: &[Member]) -> Vec<String> {
     members
         .iter()
         .filter(|m| m.proc.ready.role == "lb")
         .filter_map(|m| m.proc.ready.admin.as_deref())
-        .map(|a| a.trim_end_matches('/').to_string())
+        .map(admin_base)
         .collect()
 }
 
