@@ -46,7 +46,6 @@ COPY --chown=10001:10001 data /data
 COPY --chown=10001:10001 tmp /tmp
 USER 10001:10001
 WORKDIR /data
-VOLUME /data
 ENTRYPOINT ["/usr/local/bin/scaleout"]
 CMD ["--help"]
 DOCKERFILE

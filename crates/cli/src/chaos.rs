@@ -96,10 +96,16 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> anyhow::Result
             args.compose_file.display()
         );
     }
-    let report = scaleout_lab::chaos::run(config, shutdown)
+    let report = scaleout_lab::chaos::run(config, shutdown.clone())
         .await
         .context("chaos")?;
     report.print();
+    if shutdown.is_cancelled() {
+        anyhow::bail!(
+            "interrupted: the checks above ran on the history so far (seed {})",
+            report.seed
+        );
+    }
     if !report.violations.is_empty() {
         anyhow::bail!(
             "{} violations with seed {} (history in {})",

@@ -27,6 +27,10 @@ pub struct DbArgs {
     #[arg(long)]
     data: PathBuf,
     /// An existing node's API URL (http://host:port): join its cluster.
+    /// Or a comma-separated list of the cluster's nodes, this one among
+    /// them (the same flags for every node): the first one listed starts
+    /// the cluster when it has no data and no other listed node has a
+    /// cluster; the others join through whichever answers.
     #[arg(long)]
     join: Option<String>,
     /// Join as a read replica (a non-voting Raft learner).
@@ -123,8 +127,8 @@ pub async fn run(args: DbArgs, shutdown: CancellationToken) -> anyhow::Result<()
     } else {
         "http"
     };
-    if let Some(url) = &args.join {
-        if !url.starts_with(&format!("{scheme}://")) {
+    for url in args.join.iter().flat_map(|j| j.split(',')) {
+        if !url.trim().starts_with(&format!("{scheme}://")) {
             anyhow::bail!(
                 "--join {url}: give the API URL of a node, e.g. {scheme}://127.0.0.1:4001 (a cluster is TLS throughout or not at all)"
             );

@@ -22,8 +22,20 @@ pub struct ProbeArgs {
 const MAX_PRINTED: usize = 64 * 1024;
 
 pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
+    // A password in the URL is not repeated in messages (Docker keeps a
+    // healthcheck's output).
+    let shown = match reqwest::Url::parse(&args.url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => args.url.clone(),
+    };
     if !(args.url.starts_with("http://") || args.url.starts_with("https://")) {
-        bail!("{}: give an http:// or https:// URL", args.url);
+        bail!("{shown}: give an http:// or https:// URL");
+    }
+    if args.timeout.is_zero() {
+        bail!("--timeout must be more than 0");
     }
     let http = reqwest::Client::builder()
         .timeout(args.timeout)
@@ -34,7 +46,7 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
         .get(&args.url)
         .send()
         .await
-        .map_err(|e| anyhow!("{}: no answer: {e}", args.url))?;
+        .map_err(|e| anyhow!("{shown}: no answer: {}", causes(&e)))?;
     let status = answer.status();
     if args.print {
         let mut answer = answer;
@@ -42,7 +54,7 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
         while let Some(chunk) = answer
             .chunk()
             .await
-            .map_err(|e| anyhow!("{}: {e}", args.url))?
+            .map_err(|e| anyhow!("{shown}: {}", causes(&e)))?
         {
             body.extend_from_slice(&chunk);
             if body.len() >= MAX_PRINTED {
@@ -53,7 +65,19 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
         println!("{}", String::from_utf8_lossy(&body));
     }
     if !status.is_success() {
-        bail!("{}: {status}", args.url);
+        bail!("{shown}: {status}");
     }
     Ok(())
+}
+
+/// An error and what caused it, down to the first cause ("connection
+/// refused", "dns error"), not only reqwest's summary.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text += &format!(": {s}");
+        source = s.source();
+    }
+    text
 }

@@ -80,8 +80,15 @@ async fn set_answer(http: &str, token: &str, add: &[&str], remove: &[&str]) {
     }
 }
 
-/// The backends the load balancer has, by name.
+/// The backends the load balancer sends to (found, and passing their
+/// health checks), by name.
 async fn backends(lb: &Lb) -> Vec<String> {
+    listed(lb, true).await
+}
+
+/// The backends the load balancer has, by name; only those available
+/// when `available`.
+async fn listed(lb: &Lb, available: bool) -> Vec<String> {
     let list: Value = client()
         .get(lb.admin_url("/backends"))
         .send()
@@ -94,6 +101,7 @@ async fn backends(lb: &Lb) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
+        .filter(|b| !available || b["available"] == true)
         .map(|b| b["name"].as_str().unwrap().to_string())
         .collect();
     names.sort();
@@ -221,7 +229,7 @@ async fn a_failing_backend_makes_its_name_looked_up_again() {
     // ...until the first one fails.
     servers[0].set_healthy(false);
     eventually(Duration::from_secs(10), "the replacement found", || async {
-        backends(&lb).await == names(port, &["127.0.0.2", "127.0.0.3"])
+        listed(&lb, false).await == names(port, &["127.0.0.2", "127.0.0.3"])
     })
     .await;
     eventually(

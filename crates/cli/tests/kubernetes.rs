@@ -291,30 +291,19 @@ fn the_manifests_hold_together() {
         }
         other => panic!("the budget's minAvailable: {other:?}"),
     }
-    // Every node joins through pod 0 of the voters, by its stable name.
+    // Every node gets the voters' list, pod 0 first, by their stable
+    // names: one per voter.
+    let want: Vec<String> = (0..n)
+        .map(|i| format!("http://scaleout-db-{i}.scaleout-db:4001"))
+        .collect();
     for s in &m.statefulsets {
-        let args = s
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0]
-            .args
-            .clone()
-            .unwrap();
+        let spec = s.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let args = spec.containers[0].args.clone().unwrap();
         let join = args
             .iter()
             .position(|a| a == "--join")
             .map(|i| args[i + 1].clone());
-        assert_eq!(
-            join.as_deref(),
-            Some("http://scaleout-db-0.scaleout-db:4001"),
-            "{:?}",
-            s.metadata.name
-        );
+        assert_eq!(join, Some(want.join(",")), "{:?}", s.metadata.name);
     }
     // The load balancers find the web servers through their headless Service.
     let lb = m
@@ -384,4 +373,170 @@ async fn a_node_told_to_join_itself_starts_the_cluster() {
         },
     )
     .await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Three voters given the same `--join` list (a StatefulSet's scheme):
+/// the first starts the cluster, the others join it. A voter that comes
+/// back with an empty volume — the first one included — joins the
+/// cluster it lost instead of starting a second one beside it (split
+/// brain), catches up, and the cluster goes on taking writes (its
+/// leader does not stop on a follower whose log went backwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_back_with_an_empty_volume_rejoins_its_cluster() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let http: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let raft: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let join = http
+        .iter()
+        .map(|h| format!("http://{h}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let start = |i: usize| {
+        let id = format!("db-{i}");
+        let data = dirs[i].path().join("data");
+        let mut p = common::Proc::spawn(&[
+            "db",
+            "--id",
+            &id,
+            "--http",
+            &http[i],
+            "--raft",
+            &raft[i],
+            "--data",
+            data.to_str().unwrap(),
+            "--join",
+            &join,
+        ]);
+        p.wait_ready();
+        p
+    };
+    let mut nodes: Vec<common::Proc> = (0..3).map(start).collect();
+    let c = common::client();
+    let members = |at: String| {
+        let c = c.clone();
+        async move {
+            let r = c.get(format!("http://{at}/nodes")).send().await.ok()?;
+            let v: serde_json::Value = r.json().await.ok()?;
+            Some(
+                v.as_object()?
+                    .values()
+                    .filter(|n| n["reachable"] == true)
+                    .count(),
+            )
+        }
+    };
+    common::eventually(std::time::Duration::from_secs(30), "three members", || {
+        let asked = members(http[1].clone());
+        async move { asked.await == Some(3) }
+    })
+    .await;
+    let write = |n: u32| {
+        let c = c.clone();
+        let urls: Vec<String> = http.iter().map(|h| format!("http://{h}")).collect();
+        async move {
+            for url in &urls {
+                let r = c
+                    .post(format!("{url}/db/execute"))
+                    .json(&serde_json::json!([
+                        ["CREATE TABLE IF NOT EXISTS t (n INTEGER)"],
+                        ["INSERT INTO t VALUES (?)", n]
+                    ]))
+                    .send()
+                    .await;
+                let Ok(r) = r else { continue };
+                if r.status() != 200 {
+                    continue;
+                }
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                let done = v["results"]
+                    .as_array()
+                    .is_some_and(|rs| rs.len() == 2 && rs.iter().all(|r| r.get("error").is_none()));
+                if done {
+                    return true;
+                }
+            }
+            false
+        }
+    };
+    for n in 0..10 {
+        common::eventually(std::time::Duration::from_secs(20), "a write", || write(n)).await;
+    }
+    // Each voter in turn, the first one too: its volume lost, back empty.
+    for i in [0usize, 2] {
+        nodes[i].signal(nix::sys::signal::Signal::SIGKILL);
+        nodes[i].wait_exit(std::time::Duration::from_secs(10));
+        std::fs::remove_dir_all(dirs[i].path().join("data")).unwrap();
+        for n in (10 + 10 * i as u32)..(15 + 10 * i as u32) {
+            common::eventually(
+                std::time::Duration::from_secs(20),
+                "a write while it is gone",
+                || write(n),
+            )
+            .await;
+        }
+        nodes[i] = start(i);
+        // It holds everything written, before and while it was gone, and
+        // the cluster goes on taking writes.
+        let count = |at: String, level: &'static str| {
+            let c = c.clone();
+            async move {
+                let r = c
+                    .get(format!(
+                        "http://{at}/db/query?level={level}&q=SELECT%20count(*)%20FROM%20t"
+                    ))
+                    .send()
+                    .await
+                    .ok()?;
+                let v: serde_json::Value = r.json().await.ok()?;
+                v["results"][0]["values"][0][0].as_u64()
+            }
+        };
+        let other = http[(i + 1) % 3].clone();
+        common::eventually(std::time::Duration::from_secs(30), "it caught up", || {
+            let (mine, all) = (
+                count(http[i].clone(), "none"),
+                count(other.clone(), "strong"),
+            );
+            async move {
+                let (mine, all) = (mine.await, all.await);
+                mine.is_some() && mine == all && mine >= Some(15)
+            }
+        })
+        .await;
+        common::eventually(std::time::Duration::from_secs(20), "writes go on", || {
+            write(900 + i as u32)
+        })
+        .await;
+        assert_eq!(
+            members(http[i].clone()).await,
+            Some(3),
+            "one cluster of three"
+        );
+    }
+    // One cluster: every node names the same leader.
+    let mut leaders = std::collections::BTreeSet::new();
+    for h in &http {
+        let v: serde_json::Value = c
+            .get(format!("http://{h}/leader"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        leaders.insert(v["leader"]["id"].to_string());
+    }
+    assert_eq!(leaders.len(), 1, "{leaders:?}");
 }

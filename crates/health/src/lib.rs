@@ -59,6 +59,15 @@ impl Verdict {
         }
     }
 
+    /// A peer that must prove itself first: in after `rise` passed checks
+    /// (a backend found by name, which may be one that just failed).
+    pub fn new_down() -> Self {
+        Verdict {
+            up: false,
+            streak: 0,
+        }
+    }
+
     pub fn is_up(&self) -> bool {
         self.up
     }

@@ -35,8 +35,13 @@ fn run(
     args: &[&str],
     env: &BTreeMap<String, String>,
 ) -> Result<String, String> {
+    use std::os::unix::process::CommandExt;
     let (first, rest) = program.split_first().ok_or("no program")?;
     let child = Command::new(first)
+        // Its own process group: a Ctrl-C at the terminal reaches the
+        // run, which finishes (or takes the project down), not a Compose
+        // command half-way through making it.
+        .process_group(0)
         .args(rest)
         .args(args)
         .envs(env)

@@ -860,9 +860,7 @@ impl Lab {
             .filter_map(|(i, p)| {
                 let counter = request_counter(&p.role)?;
                 let base = match p.role.as_str() {
-                    "lb" | "dns" => {
-                        admin_base(admins.get(&p.name)?)
-                    }
+                    "lb" | "dns" => admin_base(admins.get(&p.name)?),
                     _ => p.url.clone(),
                 };
                 let http = self.http.clone();

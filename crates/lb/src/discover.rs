@@ -6,6 +6,12 @@
 //! This is how `docker compose up --scale web=4` and a Kubernetes headless
 //! Service reach the load balancer without a restart.
 //!
+//! With health checks on, a backend found by name takes traffic once it
+//! passes them (`rise`). One removed through the admin API comes back at
+//! the next lookup while its name still answers with it: to take one out
+//! of rotation, drain it (`POST /backends/NAME/drain`), which discovery
+//! leaves alone.
+//!
 //! A failed lookup or an empty answer changes nothing: a resolver that is
 //! down for a moment must not empty the pool (the backends' own health
 //! checks say whether they are reachable). Lookups use the system's
@@ -77,6 +83,7 @@ pub async fn run(
     cfg: DiscoverConfig,
     wake: Arc<Notify>,
     stats: Arc<DiscoveryStats>,
+    checked: bool,
     shutdown: CancellationToken,
 ) {
     let Ok(target) = BackendAddr::parse(&cfg.url) else {
@@ -111,7 +118,14 @@ pub async fn run(
                         name: Some(name.clone()),
                     };
                     match pool.add(&backend, addr) {
-                        Ok(_) => {
+                        Ok(added) => {
+                            // With health checks on, it takes traffic once
+                            // it passes them: an address that comes and
+                            // goes in the answer (a flapping record, a
+                            // failing server) is not trusted on sight.
+                            if checked {
+                                added.up.store(false, Ordering::Relaxed);
+                            }
                             tracing::info!(backend = %name, %addr, "backend found by name: added");
                             stats.added.fetch_add(1, Ordering::Relaxed);
                             known.insert(name);
@@ -156,6 +170,8 @@ fn resolver_of(server: SocketAddr) -> Resolver<TokioConnectionProvider> {
     let mut opts = ResolverOpts::default();
     opts.cache_size = 0;
     opts.timeout = Duration::from_secs(2);
+    // Both families: a dual-stack name's every address is a backend.
+    opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
     opts.attempts = 2;
     Resolver::builder_with_config(config, TokioConnectionProvider::default())
         .with_options(opts)

@@ -50,7 +50,15 @@ pub async fn run(
             let Ok((backend, result)) = joined else {
                 continue;
             };
-            let state = states.entry(backend.id).or_insert_with(Verdict::new_up);
+            // A backend starts as it was added: up, or down until it
+            // passes (one found by name).
+            let state = states.entry(backend.id).or_insert_with(|| {
+                if backend.up.load(Ordering::Relaxed) {
+                    Verdict::new_up()
+                } else {
+                    Verdict::new_down()
+                }
+            });
             let passed = result.is_ok();
             backend
                 .stats

@@ -210,6 +210,7 @@ impl BoundLb {
                     d.clone(),
                     looked_up_again.clone(),
                     shared.discovery.clone(),
+                    shared.config.health.enabled,
                     shutdown.clone(),
                 ))
             })

@@ -153,32 +153,46 @@ pub async fn start(
         tokio::spawn(async move { node.stand_when_silent(shutdown).await });
     }
 
+    // `--join` may list several nodes (every replica of a StatefulSet, or
+    // every voter of a Compose file, gets the same list, itself in it).
+    let listed: Vec<String> = config
+        .join
+        .iter()
+        .flat_map(|j| j.split(','))
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    let others: Vec<String> = listed
+        .iter()
+        .filter(|u| !names_itself(u, &config.advertise.api))
+        .cloned()
+        .collect();
+    // The first node listed starts the cluster when it has no data — but
+    // only when no other listed node already has one: the first node back
+    // with an empty volume joins the cluster it lost, never starts a
+    // second one beside it (split brain).
+    let starts = fresh
+        && (listed.is_empty()
+            || listed
+                .first()
+                .is_some_and(|u| names_itself(u, &config.advertise.api))
+                && !node.cluster_among(&others).await);
     if fresh {
-        // `--join` naming this node itself (every replica of a Kubernetes
-        // StatefulSet gets the same flags, pod 0's address among them):
-        // the first node, it starts the cluster, as rqlite does.
-        let join = config
-            .join
-            .as_ref()
-            .filter(|url| !names_itself(url, &config.advertise.api));
-        match join {
-            None => {
-                let members = BTreeMap::from([(config.id, config.advertise.clone())]);
-                raft.initialize(members)
-                    .await
-                    .map_err(|e| StartError::Raft(e.to_string()))?;
-                tracing::info!(id = config.id, "bootstrapped a one-node cluster");
-            }
-            Some(url) => {
-                let node = node.clone();
-                let url = url.clone();
-                let shutdown = shutdown.clone();
-                tokio::spawn(async move { node.join(&url, shutdown).await });
-            }
+        if starts {
+            let members = BTreeMap::from([(config.id, config.advertise.clone())]);
+            raft.initialize(members)
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?;
+            tracing::info!(id = config.id, "bootstrapped a one-node cluster");
+        } else {
+            let node = node.clone();
+            let shutdown = shutdown.clone();
+            let others = others.clone();
+            tokio::spawn(async move { node.join_any(&others, shutdown).await });
         }
     } else {
         tracing::info!(id = config.id, "restarted with its data and membership");
-        if let Some(url) = &config.join {
+        if let Some(url) = others.first() {
             match node.membership_at(url).await {
                 // The cluster there is not this node's: its data belongs
                 // elsewhere. rqlite exits here too.
@@ -206,9 +220,9 @@ pub async fn start(
                     if moved {
                         tracing::info!(id = config.id, %url, "its addresses changed; registering them again");
                         let node = node.clone();
-                        let url = url.clone();
+                        let others = others.clone();
                         let shutdown = shutdown.clone();
-                        tokio::spawn(async move { node.join(&url, shutdown).await });
+                        tokio::spawn(async move { node.join_any(&others, shutdown).await });
                     }
                 }
                 None => {
@@ -261,7 +275,47 @@ impl DbNode {
     }
 
     /// Asks the cluster at `url` to take this node in, until it does.
-    async fn join(&self, url: &str, shutdown: CancellationToken) {
+    /// Whether one of `urls` belongs to a cluster that has a leader (asked
+    /// for a few seconds: nodes starting together may not answer yet, and
+    /// then there is no cluster to find).
+    async fn cluster_among(&self, urls: &[String]) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !urls.is_empty() && tokio::time::Instant::now() < deadline {
+            for url in urls {
+                let asked = self
+                    .client
+                    .get(format!("{}/leader", url.trim_end_matches('/')))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await;
+                if asked.is_ok_and(|r| r.status().is_success()) {
+                    tracing::info!(%url, "a cluster already runs there: joining it rather than starting one");
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        false
+    }
+
+    /// Joins through whichever of `urls` takes it, trying each in turn.
+    async fn join_any(&self, urls: &[String], shutdown: CancellationToken) {
+        let mut turn = 0;
+        while !shutdown.is_cancelled() && !urls.is_empty() {
+            let url = &urls[turn % urls.len()];
+            turn += 1;
+            if self.join_once(url).await {
+                return;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// One request to join through `url`; whether it was taken.
+    async fn join_once(&self, url: &str) -> bool {
         let body = scaleout_wire::data::JoinRequest {
             id: self.me.name_of(self.id).into(),
             api_addr: self.me.api.clone(),
@@ -269,30 +323,27 @@ impl DbNode {
             voter: !self.read_only,
         };
         let target = format!("{}/join", url.trim_end_matches('/'));
-        loop {
-            let mut request = self.client.post(&target).json(&body);
-            if let Some((user, password)) = &self.join_credentials {
-                request = request.basic_auth(user, Some(password));
+        let mut request = self.client.post(&target).json(&body);
+        if let Some((user, password)) = &self.join_credentials {
+            request = request.basic_auth(user, Some(password));
+        }
+        if let Some(secret) = &self.cluster_secret {
+            request = request.header(network::CLUSTER_SECRET_HEADER, secret.header());
+        }
+        match request.send().await {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!(%url, voter = !self.read_only, "joined the cluster");
+                true
             }
-            if let Some(secret) = &self.cluster_secret {
-                request = request.header(network::CLUSTER_SECRET_HEADER, secret.header());
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                tracing::warn!(%url, %status, answer = %text, "join refused; retrying");
+                false
             }
-            let sent = request.send().await;
-            match sent {
-                Ok(r) if r.status().is_success() => {
-                    tracing::info!(%url, voter = !self.read_only, "joined the cluster");
-                    return;
-                }
-                Ok(r) => {
-                    let status = r.status();
-                    let text = r.text().await.unwrap_or_default();
-                    tracing::warn!(%url, %status, answer = %text, "join refused; retrying");
-                }
-                Err(e) => tracing::warn!(%url, error = %e, "join failed; retrying"),
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            Err(e) => {
+                tracing::warn!(%url, error = %e, "join failed; retrying");
+                false
             }
         }
     }
