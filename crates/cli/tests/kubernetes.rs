@@ -18,6 +18,7 @@ use std::path::PathBuf;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Container, PodTemplateSpec, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -32,6 +33,7 @@ struct Manifests {
     statefulsets: Vec<StatefulSet>,
     deployments: Vec<Deployment>,
     budgets: Vec<PodDisruptionBudget>,
+    policies: Vec<NetworkPolicy>,
 }
 
 fn load() -> Manifests {
@@ -61,6 +63,7 @@ fn load() -> Manifests {
                     .deployments
                     .push(serde_json::from_value(json).expect(&at)),
                 "PodDisruptionBudget" => all.budgets.push(serde_json::from_value(json).expect(&at)),
+                "NetworkPolicy" => all.policies.push(serde_json::from_value(json).expect(&at)),
                 other => panic!("{at}: a kind this test does not know: {other:?}"),
             }
         }
@@ -333,6 +336,44 @@ fn the_manifests_hold_together() {
         headless("scaleout-web"),
         "discovery needs every pod's address"
     );
+    // The database takes connections from the web servers and itself
+    // only: its policy selects the database's pods, Raft's port is open
+    // to no one else.
+    let policy = m
+        .policies
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("scaleout-db"))
+        .expect("a NetworkPolicy for the database");
+    let rules = policy.spec.as_ref().unwrap().ingress.clone().unwrap_or_default();
+    let raft_open_to: Vec<String> = rules
+        .iter()
+        .filter(|r| {
+            r.ports
+                .iter()
+                .flatten()
+                .any(|p| p.port == Some(IntOrString::Int(4002)))
+        })
+        .flat_map(|r| r.from.clone().unwrap_or_default())
+        .map(|peer| format!("{:?}", peer.pod_selector))
+        .collect();
+    assert_eq!(raft_open_to.len(), 1, "{raft_open_to:?}");
+    assert!(raft_open_to[0].contains("db-replica") && !raft_open_to[0].contains("web"));
+    // The admin token comes from a Secret, mounted read-only.
+    for name in ["scaleout-lb", "scaleout-dns"] {
+        let d = m
+            .deployments
+            .iter()
+            .find(|d| d.metadata.name.as_deref() == Some(name))
+            .unwrap();
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let secret = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find_map(|v| v.secret.as_ref())
+            .and_then(|s| s.secret_name.clone());
+        assert_eq!(secret.as_deref(), Some("scaleout-admin"), "{name}");
+    }
 }
 
 /// A node whose `--join` names itself (a StatefulSet's pod 0, given the
