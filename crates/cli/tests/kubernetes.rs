@@ -344,7 +344,13 @@ fn the_manifests_hold_together() {
         .iter()
         .find(|p| p.metadata.name.as_deref() == Some("scaleout-db"))
         .expect("a NetworkPolicy for the database");
-    let rules = policy.spec.as_ref().unwrap().ingress.clone().unwrap_or_default();
+    let rules = policy
+        .spec
+        .as_ref()
+        .unwrap()
+        .ingress
+        .clone()
+        .unwrap_or_default();
     let raft_open_to: Vec<String> = rules
         .iter()
         .filter(|r| {
