@@ -226,7 +226,8 @@ async fn stage_5_runs_across_containers() {
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
     let killed_at = Instant::now();
-    project.kill(&leader).expect("docker kill");
+    let leader_container = project.container(&leader).expect("the leader's container");
+    project.kill(&leader_container).expect("docker kill");
     until(
         Duration::from_secs(30),
         "writes acknowledged after the kill",
@@ -266,7 +267,7 @@ async fn stage_5_runs_across_containers() {
         times.len()
     );
     // Back, with its volume; then every acknowledged write is there.
-    project.start(&leader).expect("docker start");
+    project.start(&leader_container).expect("docker start");
     let codes: Vec<String> = acknowledged
         .lock()
         .unwrap()

@@ -104,14 +104,6 @@ fn docker(args: &[&str]) -> Result<String, String> {
 }
 
 impl Compose {
-    /// `docker ARGS` (a fault: kill, start, pause, network disconnect).
-    pub fn docker(&self, args: &[String]) -> Result<String, String> {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        docker(&args)
-    }
-}
-
-impl Compose {
     pub fn new(
         program: Vec<String>,
         project: &str,
@@ -218,71 +210,42 @@ impl Compose {
         format!("{}_{name}", self.project)
     }
 
-    /// `service`'s address on the project's network `network`.
-    pub fn ip(&self, service: &str, network: &str) -> Result<IpAddr, String> {
-        let id = self.container(service)?;
-        let format = format!(
-            "{{{{with index .NetworkSettings.Networks \"{}\"}}}}{{{{.IPAddress}}}}{{{{end}}}}",
-            self.network(network)
-        );
-        let out = docker(&["inspect", "-f", &format, &id])?;
-        out.trim()
-            .parse()
-            .map_err(|_| format!("{service} has no address on {network} ({:?})", out.trim()))
+    /// SIGKILL to a container (an id from [`Compose::container`]), as
+    /// `docker kill` sends it.
+    pub fn kill(&self, container: &str) -> Result<(), String> {
+        docker(&["kill", container]).map(|_| ())
     }
 
-    /// `service`'s address on the first of its networks (the data
-    /// network first, where the database nodes are).
-    pub fn ip_any(&self, service: &str) -> Result<IpAddr, String> {
-        ["data", "app", "front"]
-            .iter()
-            .find_map(|n| self.ip(service, n).ok())
-            .ok_or_else(|| format!("{service} has no address in {}", self.project))
+    /// A container started again (after a kill), with its volume.
+    pub fn start(&self, container: &str) -> Result<(), String> {
+        docker(&["start", container]).map(|_| ())
     }
 
-    /// SIGKILL, as `docker kill` sends it.
-    pub fn kill(&self, service: &str) -> Result<(), String> {
-        docker(&["kill", &self.container(service)?]).map(|_| ())
+    pub fn pause(&self, container: &str) -> Result<(), String> {
+        docker(&["pause", container]).map(|_| ())
     }
 
-    /// Started again (after a kill), with its volume.
-    pub fn start(&self, service: &str) -> Result<(), String> {
-        docker(&["start", &self.container(service)?]).map(|_| ())
+    pub fn unpause(&self, container: &str) -> Result<(), String> {
+        docker(&["unpause", container]).map(|_| ())
     }
 
-    pub fn pause(&self, service: &str) -> Result<(), String> {
-        docker(&["pause", &self.container(service)?]).map(|_| ())
+    /// A container cut off from the project's `network` (every peer on it).
+    pub fn disconnect(&self, container: &str, network: &str) -> Result<(), String> {
+        docker(&["network", "disconnect", &self.network(network), container]).map(|_| ())
     }
 
-    pub fn unpause(&self, service: &str) -> Result<(), String> {
-        docker(&["unpause", &self.container(service)?]).map(|_| ())
-    }
-
-    /// Cut off from `network` (every peer on it).
-    pub fn disconnect(&self, service: &str, network: &str) -> Result<(), String> {
-        let id = self.container(service)?;
-        docker(&["network", "disconnect", &self.network(network), &id]).map(|_| ())
-    }
-
-    /// Back on `network`, under its service's name.
-    pub fn connect(&self, service: &str, network: &str) -> Result<(), String> {
-        let id = self.container(service)?;
+    /// A container back on the project's `network`, under its service's
+    /// name `alias`.
+    pub fn connect(&self, container: &str, network: &str, alias: &str) -> Result<(), String> {
         docker(&[
             "network",
             "connect",
             "--alias",
-            service,
+            alias,
             &self.network(network),
-            &id,
+            container,
         ])
         .map(|_| ())
-    }
-
-    /// Whether `service`'s container runs (not exited, not paused).
-    pub fn running(&self, service: &str) -> Result<bool, String> {
-        let id = self.container(service)?;
-        let out = docker(&["inspect", "-f", "{{.State.Status}}", &id])?;
-        Ok(out.trim() == "running")
     }
 
     /// A container's logs (the last lines), for a failure's report.

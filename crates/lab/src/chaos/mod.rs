@@ -827,51 +827,28 @@ impl Servers {
                     Some((_, id)) => id.to_string(),
                     None => project.container(target).map_err(failed)?,
                 };
-                let engine = |args: Vec<String>| {
-                    let project = project.clone();
+                // The fault and its healing, each a blocking engine call.
+                let (partition, pause) = (is_partition(kind), kind == "pause-db");
+                let call = |heal: bool| {
+                    let (project, container, service) =
+                        (project.clone(), container.clone(), target.to_string());
                     async move {
-                        tokio::task::spawn_blocking(move || project.docker(&args))
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r)
+                        tokio::task::spawn_blocking(move || match (partition, pause, heal) {
+                            (true, _, false) => project.disconnect(&container, "data"),
+                            (true, _, true) => project.connect(&container, "data", &service),
+                            (false, true, false) => project.pause(&container),
+                            (false, true, true) => project.unpause(&container),
+                            (false, false, false) => project.kill(&container),
+                            (false, false, true) => project.start(&container),
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r)
                     }
                 };
-                let (make, heal): (Vec<Vec<String>>, Vec<Vec<String>>) = if is_partition(kind) {
-                    let network = project.network("data");
-                    (
-                        vec![vec![
-                            "network".into(),
-                            "disconnect".into(),
-                            network.clone(),
-                            container.clone(),
-                        ]],
-                        vec![vec![
-                            "network".into(),
-                            "connect".into(),
-                            "--alias".into(),
-                            target.into(),
-                            network,
-                            container.clone(),
-                        ]],
-                    )
-                } else if kind == "pause-db" {
-                    (
-                        vec![vec!["pause".into(), container.clone()]],
-                        vec![vec!["unpause".into(), container.clone()]],
-                    )
-                } else {
-                    (
-                        vec![vec!["kill".into(), container.clone()]],
-                        vec![vec!["start".into(), container.clone()]],
-                    )
-                };
-                for args in make {
-                    engine(args).await.map_err(failed)?;
-                }
+                call(false).await.map_err(failed)?;
                 tokio::time::sleep(outage).await;
-                for args in heal {
-                    engine(args).await.map_err(failed)?;
-                }
+                call(true).await.map_err(failed)?;
                 Ok(())
             }
         }
