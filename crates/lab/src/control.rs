@@ -1062,13 +1062,8 @@ impl Lab {
                     let name = crate::SITE_NAME;
                     let looked_before = !routing.answered.is_empty();
                     for p in seen.iter_mut().filter(|p| p.role == "lb") {
-                        let host = p
-                            .url
-                            .split("://")
-                            .last()
-                            .and_then(|r| r.rsplit_once(':'))
-                            .map_or("", |(h, _)| h);
-                        let answered = list.iter().any(|(a, v)| a == host && *v > 0.0);
+                        let host = url_host(&p.url).unwrap_or_default();
+                        let answered = list.iter().any(|(a, v)| *a == host && *v > 0.0);
                         p.in_dns = Some(answered);
                         let before = routing.answered.insert(p.name.clone(), answered);
                         let change = match (before, answered) {
@@ -1370,25 +1365,14 @@ impl Lab {
     /// balancers (after the DNS server restarted from its configured
     /// zone).
     async fn resync_dns(&self) -> Result<(), String> {
-        let admin = self
-            .admin
-            .get("dns")
-            .map(|a| admin_base(a))
-            .ok_or("no DNS")?;
+        let admin = self.dns_admin().ok_or("no DNS")?;
         let wanted: Vec<String> = self
             .members
             .lock()
             .await
             .iter()
             .filter(|m| m.proc.ready.role == "lb")
-            .filter_map(|m| {
-                m.proc
-                    .url()
-                    .split("://")
-                    .last()?
-                    .rsplit_once(':')
-                    .map(|(h, _)| h.to_string())
-            })
+            .filter_map(|m| url_host(m.proc.url()))
             .collect();
         let token = self.lb_token();
         let hosts: serde_json::Value = self
@@ -1433,26 +1417,22 @@ impl Lab {
         Ok(())
     }
 
+    /// The DNS server's HTTP listener (records API, `/metrics`), when the
+    /// stage has one.
+    fn dns_admin(&self) -> Option<String> {
+        self.admin.get("dns").map(|a| admin_base(a))
+    }
+
     /// The DNS server's records API and the address `lb` is answered as.
     fn dns_admin_and_host(&self, lb: &ProcState) -> Result<(String, String), ControlError> {
-        let admin = self
-            .admin
-            .get("dns")
-            .map(|a| admin_base(a))
-            .ok_or_else(|| {
-                ControlError::Refused(
-                    "this stage has no DNS: load balancers come and go in stage 5".into(),
-                )
-            })?;
-        let host = lb
-            .url
-            .split("://")
-            .last()
-            .and_then(|r| r.rsplit_once(':'))
-            .map(|(h, _)| h.to_string())
-            .ok_or_else(|| {
-                ControlError::Refused(format!("{}: no address in {}", lb.name, lb.url))
-            })?;
+        let admin = self.dns_admin().ok_or_else(|| {
+            ControlError::Refused(
+                "this stage has no DNS: load balancers come and go in stage 5".into(),
+            )
+        })?;
+        let host = url_host(&lb.url).ok_or_else(|| {
+            ControlError::Refused(format!("{}: no address in {}", lb.name, lb.url))
+        })?;
         Ok((admin, host))
     }
 
@@ -1568,13 +1548,7 @@ impl Lab {
                     .procs
                     .iter()
                     .filter(|p| p.role == "lb")
-                    .filter_map(|p| {
-                        p.url
-                            .split("://")
-                            .last()?
-                            .rsplit_once(':')
-                            .map(|(h, _)| h.to_string())
-                    })
+                    .filter_map(|p| url_host(&p.url))
                     .collect();
                 let ip = (2..=254)
                     .map(|n| format!("127.0.0.{n}"))
@@ -2497,6 +2471,14 @@ async fn api_load(
         Ok(()) => Json(serde_json::json!({ "load": what })).into_response(),
         Err(e) => refuse(StatusCode::CONFLICT, e.to_string()),
     }
+}
+
+/// The host of `scheme://host:port` (or `host:port`).
+fn url_host(url: &str) -> Option<String> {
+    url.split("://")
+        .last()?
+        .rsplit_once(':')
+        .map(|(h, _)| h.to_string())
 }
 
 /// An admin listener's base URL (it is given as a URL or as
