@@ -212,7 +212,8 @@ pub async fn run_observed(
     let base = config.url.trim_end_matches('/').to_string();
     let started = Instant::now();
     let end = started + config.duration;
-    let budget = Arc::new(AtomicU64::new(config.requests.unwrap_or(u64::MAX)));
+    let all = config.requests.unwrap_or(u64::MAX);
+    let budget = Arc::new(AtomicU64::new(all));
     // Each worker's share of the rate: its requests are due every
     // `interval`, the workers' schedules staggered across one interval.
     let interval = config
@@ -240,20 +241,19 @@ pub async fn run_observed(
             };
             let mut due =
                 interval.map(|i| started + i.mul_f64(w as f64 / config.connections as f64));
-            // This worker's requests so far (the mix's writes are spread
-            // over the workers).
-            let mut n = w as u64;
             loop {
-                n += 1;
                 if stop.is_cancelled() || Instant::now() >= end {
                     break;
                 }
-                if budget
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                    .is_err()
-                {
+                // The run's request number (from 1): the mix's writes are
+                // one in every `write_every` of the whole run, whichever
+                // worker sends them.
+                let Ok(left) =
+                    budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                else {
                     break;
-                }
+                };
+                let n = all - left + 1;
                 let from = match due {
                     Some(at) => {
                         if at >= end {
@@ -266,9 +266,9 @@ pub async fn run_observed(
                 };
                 let (request, write) = match config.mix {
                     Some(mix) if n.is_multiple_of(mix.write_every) => (
-                        client.post(format!("{base}/api/links")).json(
-                            &serde_json::json!({ "url": format!("https://bench.test/{w}/{n}") }),
-                        ),
+                        client
+                            .post(format!("{base}/api/links"))
+                            .json(&serde_json::json!({ "url": format!("https://bench.test/{n}") })),
                         true,
                     ),
                     Some(_) => (client.get(format!("{base}/")), false),
