@@ -161,6 +161,18 @@ impl RaftLog {
     /// An empty file (nothing or everything purged) takes a batch starting
     /// anywhere; after that, entries must follow one another.
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), LogError> {
+        self.write(entries)?;
+        self.sync()
+    }
+
+    /// Makes everything written so far durable (`fdatasync`).
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        Ok(self.file.sync_data()?)
+    }
+
+    /// Appends a batch without waiting for the disk: the bytes are in the
+    /// kernel (they survive the process, not the machine) until [`Self::sync`].
+    pub fn write(&mut self, entries: &[Entry]) -> Result<(), LogError> {
         let first = self
             .slots
             .last()
@@ -185,7 +197,6 @@ impl RaftLog {
         }
         self.file.seek(SeekFrom::Start(self.end))?;
         self.file.write_all(&buf)?;
-        self.file.sync_data()?;
         self.end += buf.len() as u64;
         self.slots.extend(new_slots);
         Ok(())

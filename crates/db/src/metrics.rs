@@ -12,7 +12,8 @@ use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
 use openraft::{RaftMetrics, ServerState};
-use scaleout_metrics::{Histogram, Label, Labels, Writer};
+pub use scaleout_metrics::Histogram;
+use scaleout_metrics::{Label, Labels, Writer};
 
 use crate::raft::proposer::Counts;
 use crate::raft::Member;
@@ -38,11 +39,50 @@ impl Default for Kind {
     }
 }
 
+/// Where a write's time goes on this node, stage by stage.
+#[derive(Default)]
+pub struct Stages {
+    /// Writing a batch of entries to the log file (not the fsync).
+    pub log_write: Histogram,
+    /// One fsync of the log (several batches may share it).
+    pub log_fsync: Histogram,
+    /// On the leader: an AppendEntries carrying entries, from sent to
+    /// answered (the follower's write and fsync included).
+    pub replicate: Histogram,
+    /// Before applying: waiting for this node's own fsync of the entries.
+    pub durable_wait: Histogram,
+    /// Applying entries to SQLite.
+    pub apply: Histogram,
+}
+
+impl Stages {
+    fn all(&self) -> [(&'static str, &Histogram); 5] {
+        [
+            ("log_write", &self.log_write),
+            ("log_fsync", &self.log_fsync),
+            ("replicate", &self.replicate),
+            ("durable_wait", &self.durable_wait),
+            ("apply", &self.apply),
+        ]
+    }
+}
+
+/// Observes the time since it was made when dropped.
+pub struct Timed<'a>(pub &'a Histogram, pub Instant);
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        self.0.observe(self.1.elapsed());
+    }
+}
+
 #[derive(Default)]
 pub struct Stats {
     write: Kind,
     read: Kind,
     other: Kind,
+    /// Per-stage timings of writes.
+    pub stages: std::sync::Arc<Stages>,
     /// Elections this node called (`node/stand.rs`).
     pub stood: AtomicU64,
 }
@@ -122,6 +162,13 @@ impl Stats {
             "scaleout_db_request_errors_total",
             "API requests answered with an error status.",
             by_kind(|k| &k.errors),
+        )?;
+        w.histograms(
+            "scaleout_db_write_stage_seconds",
+            "Where writes spend their time on this node: log_write and log_fsync (the Raft log), replicate (leader: an AppendEntries with entries, sent to answered), durable_wait (before applying, this node's own fsync), apply (SQLite).",
+            self.stages
+                .all()
+                .map(|(stage, h)| (Labels([Label("stage", stage)]), h)),
         )?;
         w.histograms(
             "scaleout_db_request_seconds",

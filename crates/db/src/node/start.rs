@@ -69,8 +69,13 @@ pub async fn start(
             stopping.store(true, Ordering::Relaxed);
         });
     }
-    let log = LogStore::open(&config.data.join("raft")).map_err(|e| storage(&e))?;
-    let state = StateStore::open(&config.data, stopping.clone()).map_err(|e| storage(&e))?;
+    let stats = Stats::default();
+    let stages = stats.stages.clone();
+    let log = LogStore::open(&config.data.join("raft"), config.id, stages.clone())
+        .map_err(|e| storage(&e))?;
+    let durable = log.durable();
+    let state = StateStore::open(&config.data, stopping.clone(), durable.clone(), stages.clone())
+        .map_err(|e| storage(&e))?;
     let db_path = state.db_path();
     let readers = Arc::new(Readers::open(&db_path, 4, stopping).map_err(|e| storage(&e))?);
 
@@ -91,7 +96,7 @@ pub async fn start(
         }
     };
     let http_client = |e: reqwest::Error| StartError::Config(format!("HTTP client: {e}"));
-    let network = Network::new(config.cluster_secret.clone()).map_err(http_client)?;
+    let network = Network::new(config.cluster_secret.clone(), durable, stages).map_err(http_client)?;
     let raft = Raft::new(config.id, Arc::new(raft_config), network, log, state)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -106,7 +111,7 @@ pub async fn start(
         contact: contact.clone(),
         client: crate::peers::client(reqwest::Client::builder().timeout(crate::peers::TIMEOUT))
             .map_err(http_client)?,
-        stats: Stats::default(),
+        stats,
         read_timeout: config.read_timeout,
         query_timeout: config.query_timeout,
         max_result_bytes: config.max_result_bytes,

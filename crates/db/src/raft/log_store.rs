@@ -5,10 +5,32 @@
 //! thread that owns it. `append` puts the entries in the map at once and
 //! queues them for the writer; the writer takes every append queued since
 //! its last flush, writes them and fsyncs once, then reports each batch
-//! flushed (openraft acknowledges nothing before that report). Writes
-//! arriving while a flush runs share the next one: group commit.
-//! Truncation, purging and the vote queue behind earlier appends, so the
-//! file sees operations in the order openraft issued them.
+//! flushed. Writes arriving while a flush runs share the next one: group
+//! commit. Truncation, purging and the vote queue behind earlier appends,
+//! so the file sees operations in the order openraft issued them.
+//!
+//! **The leader's own entries overlap its fsync with replication.**
+//! openraft 0.9's core waits for the leader's append to be reported
+//! before it sends the entries to the followers, so reporting after the
+//! fsync puts two fsyncs in a row in every write. A leader's own new
+//! entries (made in its current term, not a membership change) are
+//! reported once written to the kernel, before the fsync; the fsync runs
+//! while the followers receive and fsync their copies. The leader then
+//! counts itself in the quorum before its copy is durable, so nothing
+//! may act on "committed" until it is: the log publishes how far it is
+//! durable ([`LogStore::durable`]), and
+//! - the state machine applies an entry only once it is durable here
+//!   (clients are answered after the apply);
+//! - a commit index goes to the followers only once it is durable here
+//!   (they apply what they are told is committed).
+//!
+//! So a write is answered, or applied anywhere, only when a majority holds
+//! it on disk, as Raft requires. A killed process loses nothing the kernel
+//! was given; a machine that loses power loses the leader's unsynced tail,
+//! which no one acted on. A follower reports its appends after the fsync
+//! (its answer is its vote that the entry is durable), and so does a
+//! membership change. If an fsync fails after entries were reported, the
+//! process exits, as PostgreSQL does: what the disk holds is unknown.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -16,13 +38,16 @@ use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, RaftLogReader, Vote};
-use tokio::sync::oneshot;
+use openraft::EntryPayload;
+use tokio::sync::{oneshot, watch};
 
 use super::{io_error, Entry, LogId, StorageError, TypeConfig};
 use crate::log::{self, RaftLog};
+use crate::metrics::{Stages, Timed};
 
 const PURGED_ID: &str = "purged_log_id";
 
@@ -33,7 +58,9 @@ struct Cache {
 }
 
 enum Op {
-    Append(Vec<log::Entry>, LogFlushed<TypeConfig>),
+    /// Entries, who waits for them, and whether that report may come
+    /// before the fsync (the leader's own entries, see the module's text).
+    Append(Vec<log::Entry>, LogFlushed<TypeConfig>, bool),
     Truncate(u64, oneshot::Sender<Result<(), String>>),
     Purge(LogId, oneshot::Sender<Result<(), String>>),
     Vote(Vec<u8>, oneshot::Sender<Result<(), String>>),
@@ -44,6 +71,9 @@ pub struct LogStore {
     cache: Arc<Mutex<Cache>>,
     writer: mpsc::Sender<Op>,
     vote: Option<Vote<u64>>,
+    /// This node's id: entries it made as leader carry it.
+    me: u64,
+    durable: watch::Receiver<u64>,
 }
 
 /// Reads entries from memory (never touches the file).
@@ -59,8 +89,9 @@ fn lock(cache: &Mutex<Cache>) -> std::sync::MutexGuard<'_, Cache> {
 }
 
 impl LogStore {
-    /// Opens the log in `dir` and starts its writer thread.
-    pub fn open(dir: &Path) -> Result<Self, StorageError> {
+    /// Opens the log of node `me` in `dir` and starts its writer thread.
+    /// `stages` times its writes and fsyncs.
+    pub fn open(dir: &Path, me: u64, stages: Arc<Stages>) -> Result<Self, StorageError> {
         let fail = |e: &dyn std::fmt::Display| io_error(ErrorSubject::Logs, ErrorVerb::Read, e);
         let mut file = RaftLog::open(dir).map_err(|e| fail(&e))?;
         let purged: Option<LogId> = match file.read_meta(PURGED_ID).map_err(|e| fail(&e))? {
@@ -79,16 +110,38 @@ impl LogStore {
             Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| fail(&e))?),
             None => None,
         };
+        // What an earlier run wrote may still be only in the kernel.
+        file.sync().map_err(|e| fail(&e))?;
+        let last = file.last().map_or(0, |(index, _)| index);
+        let (durable_tx, durable) = watch::channel(last);
         let (writer, ops) = mpsc::channel();
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || write_loop(file, ops))
+            .spawn(move || write_loop(file, ops, durable_tx, &stages))
             .map_err(|e| fail(&e))?;
         Ok(LogStore {
             cache: Arc::new(Mutex::new(Cache { entries, purged })),
             writer,
             vote,
+            me,
+            durable,
         })
+    }
+
+    /// The index up to which the log is on disk (fsynced). It moves back
+    /// only when a follower's log is cut back.
+    pub fn durable(&self) -> Durable {
+        Durable(self.durable.clone())
+    }
+
+    /// Whether `entry` is this node's own, made as leader in its current
+    /// term: then its report may come before the fsync.
+    fn own(&self, entry: &Entry) -> bool {
+        let leader = entry.log_id.leader_id;
+        let current = self.vote.is_some_and(|v| {
+            v.leader_id().node_id == self.me && v.leader_id().term == leader.term
+        });
+        current && leader.node_id == self.me && !matches!(entry.payload, EntryPayload::Membership(_))
     }
 
     async fn queue(
@@ -106,8 +159,43 @@ impl LogStore {
     }
 }
 
+/// How far the log is durable: see the module's text.
+#[derive(Clone)]
+pub struct Durable(watch::Receiver<u64>);
+
+impl Durable {
+    /// Waits until entry `index` is on disk. Fails only when the log
+    /// writer stopped.
+    pub async fn reach(&mut self, index: u64) -> Result<(), String> {
+        if self.get() >= index {
+            return Ok(());
+        }
+        self.0
+            .wait_for(|d| *d >= index)
+            .await
+            .map(|_| ())
+            .map_err(|_| "the log writer stopped".to_string())
+    }
+
+    pub fn get(&self) -> u64 {
+        *self.0.borrow()
+    }
+
+    /// A log that is durable everywhere (for tests of the state machine
+    /// alone).
+    #[cfg(test)]
+    pub fn everything() -> Self {
+        Durable(watch::channel(u64::MAX).1)
+    }
+}
+
 /// The writer thread: batches queued appends into one write and fsync.
-fn write_loop(mut file: RaftLog, ops: mpsc::Receiver<Op>) {
+fn write_loop(
+    mut file: RaftLog,
+    ops: mpsc::Receiver<Op>,
+    durable: watch::Sender<u64>,
+    stages: &Stages,
+) {
     let mut pending: Option<Op> = None;
     loop {
         let op = match pending.take() {
@@ -118,13 +206,13 @@ fn write_loop(mut file: RaftLog, ops: mpsc::Receiver<Op>) {
             },
         };
         match op {
-            Op::Append(mut entries, callback) => {
-                let mut callbacks = vec![callback];
+            Op::Append(mut entries, callback, early) => {
+                let mut callbacks = vec![(callback, early)];
                 while let Ok(next) = ops.try_recv() {
                     match next {
-                        Op::Append(more, cb) => {
+                        Op::Append(more, cb, early) => {
                             entries.extend(more);
-                            callbacks.push(cb);
+                            callbacks.push((cb, early));
                         }
                         other => {
                             pending = Some(other);
@@ -132,15 +220,53 @@ fn write_loop(mut file: RaftLog, ops: mpsc::Receiver<Op>) {
                         }
                     }
                 }
-                let result = overwrite(&mut file, &entries).map_err(|e| e.to_string());
-                for cb in callbacks {
-                    cb.log_io_completed(
-                        result.clone().map_err(|e| std::io::Error::other(e.clone())),
-                    );
+                let last = entries.last().map(|e| e.index);
+                if let Some(first) = entries.first() {
+                    // Entries replaced on a follower are not durable any more.
+                    durable.send_if_modified(|d| {
+                        let cut = *d >= first.index;
+                        if cut {
+                            *d = first.index - 1;
+                        }
+                        cut
+                    });
+                }
+                let written = Timed(&stages.log_write, Instant::now());
+                let result = overwrite(&mut file, &entries);
+                drop(written);
+                if let Err(e) = result {
+                    let e = e.to_string();
+                    for (cb, _) in callbacks {
+                        cb.log_io_completed(Err(std::io::Error::other(e.clone())));
+                    }
+                    continue;
+                }
+                let mut late = Vec::with_capacity(callbacks.len());
+                for (cb, early) in callbacks {
+                    if early {
+                        cb.log_io_completed(Ok(()));
+                    } else {
+                        late.push(cb);
+                    }
+                }
+                let synced = Timed(&stages.log_fsync, Instant::now());
+                let result = file.sync();
+                drop(synced);
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "fsync of the raft log failed: what the disk holds is unknown, stopping");
+                    std::process::exit(70);
+                }
+                if let Some(last) = last {
+                    durable.send_replace(last);
+                }
+                for cb in late {
+                    cb.log_io_completed(Ok(()));
                 }
             }
             Op::Truncate(from, done) => {
-                let _ = done.send(file.truncate(from).map_err(|e| e.to_string()));
+                let result = file.truncate(from).map_err(|e| e.to_string());
+                durable.send_modify(|d| *d = (*d).min(from.saturating_sub(1)));
+                let _ = done.send(result);
             }
             Op::Purge(upto, done) => {
                 let result = serde_json::to_vec(&upto)
@@ -159,9 +285,9 @@ fn write_loop(mut file: RaftLog, ops: mpsc::Receiver<Op>) {
     }
 }
 
-/// Appends, first cutting off any entries the batch replaces (openraft
-/// truncates conflicting entries itself; this keeps the file right
-/// whatever the order of calls).
+/// Writes a batch (without the fsync), first cutting off any entries the
+/// batch replaces (openraft truncates conflicting entries itself; this
+/// keeps the file right whatever the order of calls).
 fn overwrite(file: &mut RaftLog, entries: &[log::Entry]) -> Result<(), log::LogError> {
     if let (Some(first), Some((last, _))) =
         (entries.first(), file.last().filter(|_| !file.is_empty()))
@@ -170,7 +296,7 @@ fn overwrite(file: &mut RaftLog, entries: &[log::Entry]) -> Result<(), log::LogE
             file.truncate(first.index)?;
         }
     }
-    file.append(entries)
+    file.write(entries)
 }
 
 fn range_of(range: &impl RangeBounds<u64>) -> (Bound<u64>, Bound<u64>) {
@@ -250,9 +376,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut stored = Vec::new();
+        let mut early = true;
         {
             let mut cache = lock(&self.cache);
             for entry in entries {
+                early &= self.own(&entry);
                 let payload = serde_json::to_vec(&entry)
                     .map_err(|e| io_error(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
                 stored.push(log::Entry {
@@ -263,7 +391,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 cache.entries.insert(entry.log_id.index, entry);
             }
         }
-        self.writer.send(Op::Append(stored, callback)).map_err(|_| {
+        let early = early && !stored.is_empty();
+        self.writer.send(Op::Append(stored, callback, early)).map_err(|_| {
             io_error(
                 ErrorSubject::Logs,
                 ErrorVerb::Write,

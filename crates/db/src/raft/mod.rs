@@ -18,6 +18,7 @@ pub mod log_store;
 pub mod network;
 pub mod proposer;
 pub mod state_store;
+pub mod stream;
 
 /// What a committed log entry asks every node to do. The SQL travels as
 /// the client sent it, with what the leader fixed for it (`env`: the
@@ -123,8 +124,9 @@ mod tests {
             let dir = tempfile::tempdir().map_err(|e| {
                 io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Write, e)
             })?;
-            let log = LogStore::open(&dir.path().join("raft"))?;
-            let state = StateStore::open(dir.path(), Default::default())?;
+            let log = LogStore::open(&dir.path().join("raft"), 1, Default::default())?;
+            let state =
+                StateStore::open(dir.path(), Default::default(), log.durable(), Default::default())?;
             Ok((dir, log, state))
         }
     }

@@ -12,7 +12,9 @@
 //! retry of the same payload waits for that call's answer instead of
 //! starting over (bounded by [`PAYLOAD_TIMEOUT`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +32,11 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use sync_wrapper::SyncWrapper;
+
+use super::log_store::Durable;
+use super::stream;
+use crate::metrics::{Stages, Timed};
 use super::{Member, Raft, TypeConfig};
 use crate::auth::ClusterSecret;
 use axum::response::IntoResponse;
@@ -38,19 +45,41 @@ use axum::response::IntoResponse;
 #[derive(Clone)]
 pub struct Network {
     client: reqwest::Client,
+    /// HTTP/1.1 only: it asks for [`stream`]s (an upgrade).
+    stream_client: reqwest::Client,
     secret: Option<ClusterSecret>,
+    durable: Durable,
+    stages: Arc<Stages>,
 }
 
 impl Network {
-    /// `secret`: what every RPC carries, when the cluster has one.
-    pub fn new(secret: Option<ClusterSecret>) -> Result<Self, reqwest::Error> {
+    /// `secret`: what every RPC carries, when the cluster has one;
+    /// `durable`: how far this node's log is on disk (a commit index goes
+    /// out only once it is, see [`super::log_store`]).
+    pub fn new(
+        secret: Option<ClusterSecret>,
+        durable: Durable,
+        stages: Arc<Stages>,
+    ) -> Result<Self, reqwest::Error> {
         let client = crate::peers::client(
             reqwest::Client::builder()
                 .connect_timeout(Duration::from_millis(500))
                 .pool_idle_timeout(Duration::from_secs(30))
                 .tcp_nodelay(true),
         )?;
-        Ok(Network { client, secret })
+        let stream_client = crate::peers::client(
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_millis(500))
+                .http1_only()
+                .tcp_nodelay(true),
+        )?;
+        Ok(Network {
+            client,
+            stream_client,
+            secret,
+            durable,
+            stages,
+        })
     }
 }
 
@@ -71,21 +100,25 @@ type PayloadKey = (
     Option<openraft::LogId<u64>>,
 );
 
+/// An AppendEntries under way: it owns the peer's stream while it runs and
+/// gives it back with the answer.
+type Flight = Pin<Box<dyn Future<Output = (Option<stream::ClientConn>, AppendResult)> + Send>>;
+
 pub struct Peer {
     client: reqwest::Client,
+    stream_client: reqwest::Client,
     secret: Option<ClusterSecret>,
     target: u64,
     base: String,
-    /// The payload of entries in flight, answered or not.
-    in_flight: Option<(PayloadKey, tokio::task::JoinHandle<AppendResult>)>,
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Some((_, task)) = self.in_flight.take() {
-            task.abort();
-        }
-    }
+    durable: Durable,
+    stages: Arc<Stages>,
+    /// The open stream to the peer ([`stream`]), when idle. (openraft
+    /// wants a `Sync` peer; only `&mut self` ever touches these.)
+    conn: SyncWrapper<Option<stream::ClientConn>>,
+    /// The peer offers no stream (an older node): plain HTTP.
+    plain: Arc<AtomicBool>,
+    /// The AppendEntries in flight, answered or not.
+    in_flight: SyncWrapper<Option<(PayloadKey, Flight)>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -97,14 +130,62 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             secret: self.secret.clone(),
             target,
             base: format!("{}://{}/raft", crate::peers::scheme(), node.raft),
-            in_flight: None,
+            durable: self.durable.clone(),
+            stages: self.stages.clone(),
+            stream_client: self.stream_client.clone(),
+            conn: SyncWrapper::new(None),
+            plain: Arc::new(AtomicBool::new(false)),
+            in_flight: SyncWrapper::new(None),
         }
     }
 }
 
 type RpcResult<T, E> = Result<T, RPCError<u64, Member, RaftError<u64, E>>>;
 
+fn network_error(e: impl std::fmt::Display) -> RPCError<u64, Member, RaftError<u64>> {
+    RPCError::Network(NetworkError::new(&std::io::Error::other(e.to_string())))
+}
+
 impl Peer {
+    /// An AppendEntries on the peer's stream (opened first if need be),
+    /// or over plain HTTP to a peer without streams.
+    fn flight(&mut self, rpc: AppendEntriesRequest<TypeConfig>, within: Duration) -> Flight {
+        let conn = self.conn.get_mut().take();
+        let (client, stream_client) = (self.client.clone(), self.stream_client.clone());
+        let (secret, base, target) = (self.secret.clone(), self.base.clone(), self.target);
+        let (plain, stages) = (self.plain.clone(), self.stages.clone());
+        Box::pin(async move {
+            let _timed = (!rpc.entries.is_empty()).then(|| Timed(&stages.replicate, Instant::now()));
+            let over_http = || send(&client, secret.as_ref(), &base, target, "append", &rpc, within);
+            if plain.load(Ordering::Relaxed) {
+                return (None, over_http().await);
+            }
+            let mut conn = match conn {
+                Some(conn) => conn,
+                None => match stream::connect(&stream_client, secret.as_ref(), &base, within).await {
+                    Ok(conn) => conn,
+                    Err(stream::ConnectError::Unsupported(status)) => {
+                        tracing::info!(target, %status, "the peer offers no Raft stream; using plain HTTP");
+                        plain.store(true, Ordering::Relaxed);
+                        return (None, over_http().await);
+                    }
+                    Err(stream::ConnectError::Unreachable(e)) => {
+                        return (None, Err(RPCError::Unreachable(Unreachable::new(&e))));
+                    }
+                    Err(stream::ConnectError::Other(e)) => return (None, Err(network_error(e))),
+                },
+            };
+            match tokio::time::timeout(within, stream::call(&mut conn, &rpc)).await {
+                Ok(Ok(answer)) => (
+                    Some(conn),
+                    answer.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e))),
+                ),
+                Ok(Err(e)) => (None, Err(network_error(e))),
+                Err(_) => (None, Err(network_error("no answer on the Raft stream in time"))),
+            }
+        })
+    }
+
     async fn call<Req, Resp, E>(
         &self,
         path: &str,
@@ -169,7 +250,23 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>, openraft::error::Infallible> {
-        if rpc.entries.is_empty() {
+        // The followers apply what they are told is committed: only what
+        // is durable here too (this node counted itself in the quorum
+        // before its fsync). It is at most one fsync away.
+        if let Some(commit) = rpc.leader_commit {
+            if commit.index > self.durable.get() {
+                let reached = tokio::time::timeout(option.hard_ttl(), self.durable.reach(commit.index));
+                if !matches!(reached.await, Ok(Ok(()))) {
+                    return Err(RPCError::Network(NetworkError::new(&std::io::Error::other(
+                        "this node's log is not yet durable up to its commit index",
+                    ))));
+                }
+            }
+        }
+        let payload = !rpc.entries.is_empty();
+        let pending = self.in_flight.get_mut().as_ref().is_some_and(|(k, _)| k.2.is_some());
+        if !payload && pending {
+            // A payload is still on the stream; the heartbeat goes beside it.
             return self.call("append", &rpc, &option).await;
         }
         let key: PayloadKey = (
@@ -177,41 +274,28 @@ impl RaftNetwork<TypeConfig> for Peer {
             rpc.prev_log_id,
             rpc.entries.last().map(|e| e.log_id),
         );
-        let same = self.in_flight.as_ref().is_some_and(|(k, _)| *k == key);
+        // Only a payload is picked up again after openraft stopped waiting
+        // (a heartbeat's answer must be to the heartbeat just sent).
+        let same = payload && self.in_flight.get_mut().as_ref().is_some_and(|(k, _)| *k == key);
         if !same {
-            if let Some((_, old)) = self.in_flight.take() {
-                old.abort();
-            }
-            let (client, base, target) = (self.client.clone(), self.base.clone(), self.target);
-            let secret = self.secret.clone();
-            let task = tokio::spawn(async move {
-                send(
-                    &client,
-                    secret.as_ref(),
-                    &base,
-                    target,
-                    "append",
-                    &rpc,
-                    PAYLOAD_TIMEOUT,
-                )
-                .await
-            });
-            self.in_flight = Some((key, task));
+            let within = if payload {
+                PAYLOAD_TIMEOUT
+            } else {
+                option.hard_ttl()
+            };
+            // Replacing a flight drops it, and the stream it held.
+            let flight = self.flight(rpc, within);
+            *self.in_flight.get_mut() = Some((key, flight));
         }
-        let Some((_, task)) = self.in_flight.as_mut() else {
-            return Err(RPCError::Network(NetworkError::new(
-                &std::io::Error::other("no payload in flight"),
-            )));
+        let Some((_, flight)) = self.in_flight.get_mut().as_mut() else {
+            return Err(network_error("no AppendEntries in flight"));
         };
-        // openraft may stop waiting here (its deadline); the task goes on
+        // openraft may stop waiting here (its deadline); the flight stays
         // and the next call with the same payload picks its answer up.
-        let answer = task.await;
-        self.in_flight = None;
-        answer.unwrap_or_else(|e| {
-            Err(RPCError::Network(NetworkError::new(
-                &std::io::Error::other(e.to_string()),
-            )))
-        })
+        let (conn, answer) = flight.await;
+        *self.in_flight.get_mut() = None;
+        *self.conn.get_mut() = conn;
+        answer
     }
 
     async fn install_snapshot(
@@ -277,9 +361,27 @@ impl Contact {
 }
 
 #[derive(Clone)]
-struct Rpc {
+pub struct Rpc {
     raft: Raft,
     contact: Arc<Contact>,
+}
+
+impl Rpc {
+    /// Appends what a leader sent, noting the contact when it is accepted.
+    pub async fn append(&self, req: AppendEntriesRequest<TypeConfig>) -> stream::Answer {
+        let commit = req.leader_commit.map_or(0, |c| c.index);
+        let answer = self.raft.append_entries(req).await;
+        if matches!(
+            answer,
+            Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))
+        ) {
+            self.contact.touch();
+            self.contact
+                .leader_commit
+                .fetch_max(commit, Ordering::Relaxed);
+        }
+        answer
+    }
 }
 
 /// The RPC endpoints, for the `--raft` listener. With a cluster secret,
@@ -289,6 +391,7 @@ pub fn router(raft: Raft, contact: Arc<Contact>, secret: Option<ClusterSecret>) 
     let rpcs = Router::new()
         .route("/raft/log", axum::routing::get(log_end))
         .route("/raft/append", post(append))
+        .route("/raft/stream", axum::routing::get(stream::accept))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/elect", post(elect))
@@ -325,19 +428,8 @@ pub fn router(raft: Raft, contact: Arc<Contact>, secret: Option<ClusterSecret>) 
 async fn append(
     State(rpc): State<Rpc>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Json<Result<AppendEntriesResponse<u64>, RaftError<u64>>> {
-    let commit = req.leader_commit.map_or(0, |c| c.index);
-    let answer = rpc.raft.append_entries(req).await;
-    if matches!(
-        answer,
-        Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))
-    ) {
-        rpc.contact.touch();
-        rpc.contact
-            .leader_commit
-            .fetch_max(commit, Ordering::Relaxed);
-    }
-    Json(answer)
+) -> Json<stream::Answer> {
+    Json(rpc.append(req).await)
 }
 
 /// Where a node's log ends (asked of the leader by a node deciding whether

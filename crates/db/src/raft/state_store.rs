@@ -22,6 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+
+use super::log_store::Durable;
+use crate::metrics::{Stages, Timed};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder};
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
@@ -82,12 +85,22 @@ async fn blocking<T: Send + 'static>(
 pub struct StateStore {
     sm: Arc<Mutex<StateMachine>>,
     dir: PathBuf,
+    /// How far this node's log is on disk: nothing is applied beyond it
+    /// (see [`super::log_store`]: a leader's entry may be committed
+    /// before its own copy is durable).
+    durable: Durable,
+    stages: Arc<Stages>,
 }
 
 impl StateStore {
     /// Opens (or creates) the database in `dir`; `shutdown` set stops
-    /// whatever statement the apply runs.
-    pub fn open(dir: &Path, shutdown: Arc<AtomicBool>) -> Result<Self, StorageError> {
+    /// whatever statement the apply runs; `durable` is the log's.
+    pub fn open(
+        dir: &Path,
+        shutdown: Arc<AtomicBool>,
+        durable: Durable,
+        stages: Arc<Stages>,
+    ) -> Result<Self, StorageError> {
         std::fs::create_dir_all(dir.join(SNAPSHOTS)).map_err(|e| sm_error(ErrorVerb::Read, e))?;
         let mut sm = StateMachine::open(&dir.join(DB_FILE), shutdown)
             .map_err(|e| sm_error(ErrorVerb::Read, e))?;
@@ -112,6 +125,8 @@ impl StateStore {
         Ok(StateStore {
             sm: Arc::new(Mutex::new(sm)),
             dir: dir.to_path_buf(),
+            durable,
+            stages,
         })
     }
 
@@ -176,8 +191,18 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            let waited = Instant::now();
+            self.durable
+                .reach(last.log_id.index)
+                .await
+                .map_err(|e| sm_error(ErrorVerb::Write, e))?;
+            self.stages.durable_wait.observe(waited.elapsed());
+        }
         let sm = self.sm.clone();
+        let stages = self.stages.clone();
         blocking(move || {
+            let _timed = Timed(&stages.apply, Instant::now());
             let mut sm = lock(&sm);
             entries
                 .iter()
@@ -590,7 +615,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_longer_than_the_inline_time_runs_whole_on_a_blocking_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(dir.path(), Default::default()).unwrap();
+        let store = StateStore::open(dir.path(), Default::default(), Durable::everything(), Default::default()).unwrap();
         let readers = Arc::new(Readers::open(&store.db_path(), 2, Default::default()).unwrap());
         let count = r#"["WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 300000) SELECT count(*) FROM n"]"#;
         let limits = |ms| ReadLimits {
@@ -634,7 +659,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_of_many_long_statements_stops_at_its_deadline() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(dir.path(), Default::default()).unwrap();
+        let store = StateStore::open(dir.path(), Default::default(), Durable::everything(), Default::default()).unwrap();
         let readers = Arc::new(Readers::open(&store.db_path(), 1, Default::default()).unwrap());
         let one = r#""SELECT length(hex(zeroblob(8000000)))""#;
         let many = format!("[{}]", vec![one; 200].join(","));
@@ -680,7 +705,7 @@ mod tests {
     #[tokio::test]
     async fn cached_reads_see_schema_changes_and_keep_the_read_rules() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = StateStore::open(dir.path(), Default::default()).unwrap();
+        let mut store = StateStore::open(dir.path(), Default::default(), Durable::everything(), Default::default()).unwrap();
         let readers = Arc::new(Readers::open(&store.db_path(), 1, Default::default()).unwrap());
         let read = |sql: &'static str| {
             let readers = readers.clone();
@@ -738,7 +763,7 @@ mod tests {
     async fn a_database_behind_its_snapshot_is_restored_from_it_on_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut store = StateStore::open(dir.path(), Default::default()).unwrap();
+            let mut store = StateStore::open(dir.path(), Default::default(), Durable::everything(), Default::default()).unwrap();
             let results = store
                 .apply(vec![
                     entry(1, r#"["CREATE TABLE t (x)"]"#),
@@ -764,7 +789,7 @@ mod tests {
         for name in [DB_FILE, "db.sqlite-wal", "db.sqlite-shm"] {
             let _ = std::fs::remove_file(dir.path().join(name));
         }
-        let mut store = StateStore::open(dir.path(), Default::default()).unwrap();
+        let mut store = StateStore::open(dir.path(), Default::default(), Durable::everything(), Default::default()).unwrap();
         let (applied, _) = store.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(2));
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();

@@ -1,0 +1,179 @@
+//! AppendEntries over one long-lived connection per peer.
+//!
+//! Every write reaches the followers as an AppendEntries, and every
+//! commit as another; over plain HTTP each one is a request through
+//! reqwest's pool and connection task on the leader and a hyper
+//! connection, router and middleware on the follower: most of what a
+//! replicated write costs in CPU, and several thread hand-offs of its
+//! latency. So the leader asks each peer once for `GET /raft/stream`
+//! with `Upgrade: scaleout-raft` (through the same listener, its TLS and
+//! its cluster-secret check), and then sends AppendEntries on the
+//! upgraded connection as frames, one at a time, each answered in turn:
+//!
+//! ```text
+//! frame = length (u32, little-endian) + JSON body
+//! leader -> follower: AppendEntriesRequest      follower -> leader: Result<AppendEntriesResponse, RaftError>
+//! ```
+//!
+//! A connection that fails, or whose call openraft gave up on midway, is
+//! dropped, and the next call opens a new one. A peer that does not offer
+//! the upgrade (an older node) is sent plain `POST /raft/append`.
+
+use std::io;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use openraft::error::RaftError;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::network::Rpc;
+use super::TypeConfig;
+use crate::auth::ClusterSecret;
+
+/// The protocol named in `Upgrade`.
+pub const PROTOCOL: &str = "scaleout-raft";
+
+/// The largest request frame a follower takes (the HTTP body limit of
+/// `/raft/append`).
+const MAX_REQUEST: usize = 256 * 1024 * 1024;
+/// The largest answer a leader takes (an answer is a few dozen bytes).
+const MAX_ANSWER: usize = 1024 * 1024;
+
+pub type Conn = TokioIo<hyper::upgrade::Upgraded>;
+pub type ClientConn = reqwest::Upgraded;
+
+pub type Answer = Result<AppendEntriesResponse<u64>, RaftError<u64>>;
+
+/// Why a connection could not be had.
+pub enum ConnectError {
+    /// Nothing listens there (openraft backs off).
+    Unreachable(reqwest::Error),
+    /// The peer does not offer the upgrade: use plain HTTP.
+    Unsupported(StatusCode),
+    Other(String),
+}
+
+/// Opens a connection to the peer whose RPCs are under `base`
+/// (`http://host:port/raft`).
+pub async fn connect(
+    client: &reqwest::Client,
+    secret: Option<&ClusterSecret>,
+    base: &str,
+    within: Duration,
+) -> Result<ClientConn, ConnectError> {
+    let mut request = client
+        .get(format!("{base}/stream"))
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PROTOCOL)
+        .timeout(within);
+    if let Some(secret) = secret {
+        request = request.header(header::AUTHORIZATION, secret.header());
+    }
+    let answer = request.send().await.map_err(|e| {
+        if e.is_connect() {
+            ConnectError::Unreachable(e)
+        } else {
+            ConnectError::Other(e.to_string())
+        }
+    })?;
+    match answer.status() {
+        StatusCode::SWITCHING_PROTOCOLS => {
+            answer.upgrade().await.map_err(|e| ConnectError::Other(e.to_string()))
+        }
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
+            Err(ConnectError::Unsupported(answer.status()))
+        }
+        other => Err(ConnectError::Other(format!("the peer answered {other}"))),
+    }
+}
+
+/// One call: sends `req` and reads its answer.
+pub async fn call(
+    conn: &mut ClientConn,
+    req: &AppendEntriesRequest<TypeConfig>,
+) -> io::Result<Answer> {
+    write_frame(conn, req).await?;
+    read_frame(conn, MAX_ANSWER).await
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, value: &impl Serialize) -> io::Result<()> {
+    let mut buf = vec![0; 4];
+    serde_json::to_writer(&mut buf, value)?;
+    let len = u32::try_from(buf.len() - 4)
+        .map_err(|_| io::Error::other("a frame over 4 GiB"))?;
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    w.write_all(&buf).await?;
+    w.flush().await
+}
+
+/// Reads one frame; `Ok(None)`-like end of stream is an `UnexpectedEof`.
+async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+    max: usize,
+) -> io::Result<T> {
+    let mut len = [0; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes (at most {max})"),
+        ));
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// `GET /raft/stream`: upgrades the connection and serves AppendEntries
+/// on it until the leader closes it.
+pub async fn accept(State(rpc): State<Rpc>, mut req: Request) -> Response {
+    let asked = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(PROTOCOL));
+    if !asked {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            [(header::UPGRADE, HeaderValue::from_static(PROTOCOL))],
+            "this endpoint needs `Upgrade: scaleout-raft`\n",
+        )
+            .into_response();
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(io) => {
+                if let Err(e) = serve(rpc, TokioIo::new(io)).await {
+                    if e.kind() != io::ErrorKind::UnexpectedEof {
+                        tracing::debug!(error = %e, "a Raft stream ended");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "a Raft stream upgrade failed"),
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::CONNECTION, HeaderValue::from_static("upgrade")),
+            (header::UPGRADE, HeaderValue::from_static(PROTOCOL)),
+        ],
+    )
+        .into_response()
+}
+
+async fn serve(rpc: Rpc, mut conn: Conn) -> io::Result<()> {
+    loop {
+        let req: AppendEntriesRequest<TypeConfig> = read_frame(&mut conn, MAX_REQUEST).await?;
+        let answer = rpc.append(req).await;
+        write_frame(&mut conn, &answer).await?;
+    }
+}
