@@ -170,6 +170,13 @@ impl RaftLog {
         Ok(self.file.sync_data()?)
     }
 
+    /// A second handle on the file, to fsync it without holding the log
+    /// (writes may go on meanwhile; the fsync covers at least what was
+    /// written before it began).
+    pub fn handle(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Appends a batch without waiting for the disk: the bytes are in the
     /// kernel (they survive the process, not the machine) until [`Self::sync`].
     pub fn write(&mut self, entries: &[Entry]) -> Result<(), LogError> {

@@ -43,7 +43,7 @@ use std::time::Instant;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, RaftLogReader, Vote};
 use openraft::EntryPayload;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use super::{io_error, Entry, LogId, StorageError, TypeConfig};
 use crate::log::{self, RaftLog};
@@ -57,23 +57,26 @@ struct Cache {
     purged: Option<LogId>,
 }
 
-enum Op {
-    /// Entries, who waits for them, and whether that report may come
-    /// before the fsync (the leader's own entries, see the module's text).
-    Append(Vec<log::Entry>, LogFlushed<TypeConfig>, bool),
-    Truncate(u64, oneshot::Sender<Result<(), String>>),
-    Purge(LogId, oneshot::Sender<Result<(), String>>),
-    Vote(Vec<u8>, oneshot::Sender<Result<(), String>>),
+/// The file, shared by the async side (writes, truncations) and the
+/// syncer thread (the leader's fsyncs).
+struct Disk {
+    file: RaftLog,
+    /// Truncations so far: an fsync that began before one must not
+    /// publish what it cut.
+    cuts: u64,
 }
 
 #[derive(Clone)]
 pub struct LogStore {
     cache: Arc<Mutex<Cache>>,
-    writer: mpsc::Sender<Op>,
+    disk: Arc<Mutex<Disk>>,
+    /// Wakes the syncer thread: the leader's entries were written.
+    syncer: mpsc::Sender<()>,
     vote: Option<Vote<u64>>,
     /// This node's id: entries it made as leader carry it.
     me: u64,
-    durable: watch::Receiver<u64>,
+    durable: Arc<watch::Sender<u64>>,
+    stages: Arc<Stages>,
 }
 
 /// Reads entries from memory (never touches the file).
@@ -82,10 +85,8 @@ pub struct LogReader {
     cache: Arc<Mutex<Cache>>,
 }
 
-fn lock(cache: &Mutex<Cache>) -> std::sync::MutexGuard<'_, Cache> {
-    cache
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl LogStore {
@@ -113,25 +114,31 @@ impl LogStore {
         // What an earlier run wrote may still be only in the kernel.
         file.sync().map_err(|e| fail(&e))?;
         let last = file.last().map_or(0, |(index, _)| index);
-        let (durable_tx, durable) = watch::channel(last);
-        let (writer, ops) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("raft-log-writer".into())
-            .spawn(move || write_loop(file, ops, durable_tx, &stages))
-            .map_err(|e| fail(&e))?;
+        let durable = Arc::new(watch::Sender::new(last));
+        let disk = Arc::new(Mutex::new(Disk { file, cuts: 0 }));
+        let (syncer, wakes) = mpsc::channel();
+        {
+            let (disk, durable, stages) = (disk.clone(), durable.clone(), stages.clone());
+            std::thread::Builder::new()
+                .name("raft-log-sync".into())
+                .spawn(move || sync_loop(&disk, &wakes, &durable, &stages))
+                .map_err(|e| fail(&e))?;
+        }
         Ok(LogStore {
             cache: Arc::new(Mutex::new(Cache { entries, purged })),
-            writer,
+            disk,
+            syncer,
             vote,
             me,
             durable,
+            stages,
         })
     }
 
     /// The index up to which the log is on disk (fsynced). It moves back
     /// only when a follower's log is cut back.
     pub fn durable(&self) -> Durable {
-        Durable(self.durable.clone())
+        Durable(self.durable.subscribe())
     }
 
     /// Whether `entry` is this node's own, made as leader in its current
@@ -144,17 +151,17 @@ impl LogStore {
         current && leader.node_id == self.me && !matches!(entry.payload, EntryPayload::Membership(_))
     }
 
-    async fn queue(
+    /// Runs `op` on the file on a blocking thread (openraft awaits each
+    /// call, so they reach the file in its order).
+    async fn on_disk(
         &self,
-        op: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Op,
         subject: ErrorSubject<u64>,
+        op: impl FnOnce(&mut Disk, &watch::Sender<u64>) -> Result<(), log::LogError> + Send + 'static,
     ) -> Result<(), StorageError> {
-        let (tx, rx) = oneshot::channel();
-        self.writer
-            .send(op(tx))
-            .map_err(|_| io_error(subject.clone(), ErrorVerb::Write, "the log writer stopped"))?;
-        rx.await
-            .map_err(|_| io_error(subject.clone(), ErrorVerb::Write, "the log writer stopped"))?
+        let (disk, durable) = (self.disk.clone(), self.durable.clone());
+        tokio::task::spawn_blocking(move || op(&mut lock(&disk), &durable))
+            .await
+            .map_err(|e| io_error(subject.clone(), ErrorVerb::Write, e))?
             .map_err(|e| io_error(subject, ErrorVerb::Write, e))
     }
 }
@@ -189,111 +196,72 @@ impl Durable {
     }
 }
 
-/// The writer thread: batches queued appends into one write and fsync.
-fn write_loop(
-    mut file: RaftLog,
-    ops: mpsc::Receiver<Op>,
-    durable: watch::Sender<u64>,
+/// The syncer thread: after the leader's writes, one fsync for all that
+/// were written by the time it starts (group commit), then publishes how
+/// far the log is durable.
+fn sync_loop(
+    disk: &Mutex<Disk>,
+    wakes: &mpsc::Receiver<()>,
+    durable: &watch::Sender<u64>,
     stages: &Stages,
 ) {
-    let mut pending: Option<Op> = None;
-    loop {
-        let op = match pending.take() {
-            Some(op) => op,
-            None => match ops.recv() {
-                Ok(op) => op,
-                Err(_) => return,
-            },
+    while wakes.recv().is_ok() {
+        while wakes.try_recv().is_ok() {}
+        let (handle, last, cuts) = {
+            let d = lock(disk);
+            (d.file.handle(), d.file.last().map_or(0, |(i, _)| i), d.cuts)
         };
-        match op {
-            Op::Append(mut entries, callback, early) => {
-                let mut callbacks = vec![(callback, early)];
-                while let Ok(next) = ops.try_recv() {
-                    match next {
-                        Op::Append(more, cb, early) => {
-                            entries.extend(more);
-                            callbacks.push((cb, early));
-                        }
-                        other => {
-                            pending = Some(other);
-                            break;
-                        }
-                    }
-                }
-                let last = entries.last().map(|e| e.index);
-                if let Some(first) = entries.first() {
-                    // Entries replaced on a follower are not durable any more.
-                    durable.send_if_modified(|d| {
-                        let cut = *d >= first.index;
-                        if cut {
-                            *d = first.index - 1;
-                        }
-                        cut
-                    });
-                }
-                let written = Timed(&stages.log_write, Instant::now());
-                let result = overwrite(&mut file, &entries);
-                drop(written);
-                if let Err(e) = result {
-                    let e = e.to_string();
-                    for (cb, _) in callbacks {
-                        cb.log_io_completed(Err(std::io::Error::other(e.clone())));
-                    }
-                    continue;
-                }
-                let mut late = Vec::with_capacity(callbacks.len());
-                for (cb, early) in callbacks {
-                    if early {
-                        cb.log_io_completed(Ok(()));
-                    } else {
-                        late.push(cb);
-                    }
-                }
-                let synced = Timed(&stages.log_fsync, Instant::now());
-                let result = file.sync();
-                drop(synced);
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "fsync of the raft log failed: what the disk holds is unknown, stopping");
-                    std::process::exit(70);
-                }
-                if let Some(last) = last {
-                    durable.send_replace(last);
-                }
-                for cb in late {
-                    cb.log_io_completed(Ok(()));
-                }
-            }
-            Op::Truncate(from, done) => {
-                let result = file.truncate(from).map_err(|e| e.to_string());
-                durable.send_modify(|d| *d = (*d).min(from.saturating_sub(1)));
-                let _ = done.send(result);
-            }
-            Op::Purge(upto, done) => {
-                let result = serde_json::to_vec(&upto)
-                    .map_err(|e| e.to_string())
-                    .and_then(|bytes| file.save_meta(PURGED_ID, &bytes).map_err(|e| e.to_string()))
-                    .and_then(|()| {
-                        file.purge(upto.index, upto.leader_id.term)
-                            .map_err(|e| e.to_string())
-                    });
-                let _ = done.send(result);
-            }
-            Op::Vote(bytes, done) => {
-                let _ = done.send(file.save_vote(&bytes).map_err(|e| e.to_string()));
-            }
+        let synced = Timed(&stages.log_fsync, Instant::now());
+        if let Err(e) = handle.and_then(|f| f.sync_data()) {
+            fatal(&e);
+        }
+        drop(synced);
+        let d = lock(disk);
+        if d.cuts == cuts {
+            raise(durable, last);
         }
     }
+}
+
+/// The fsync of entries already reported failed: what the disk holds is
+/// unknown, so the node stops (as PostgreSQL does) rather than go on.
+fn fatal(e: &dyn std::fmt::Display) -> ! {
+    tracing::error!(error = %e, "fsync of the raft log failed: what the disk holds is unknown, stopping");
+    std::process::exit(70)
+}
+
+fn raise(durable: &watch::Sender<u64>, to: u64) {
+    durable.send_if_modified(|d| {
+        let higher = to > *d;
+        if higher {
+            *d = to;
+        }
+        higher
+    });
+}
+
+fn lower(durable: &watch::Sender<u64>, to: u64) {
+    durable.send_if_modified(|d| {
+        let lower = to < *d;
+        if lower {
+            *d = to;
+        }
+        lower
+    });
 }
 
 /// Writes a batch (without the fsync), first cutting off any entries the
 /// batch replaces (openraft truncates conflicting entries itself; this
 /// keeps the file right whatever the order of calls).
-fn overwrite(file: &mut RaftLog, entries: &[log::Entry]) -> Result<(), log::LogError> {
+fn overwrite(disk: &mut Disk, durable: &watch::Sender<u64>, entries: &[log::Entry]) -> Result<(), log::LogError> {
+    let file = &mut disk.file;
     if let (Some(first), Some((last, _))) =
         (entries.first(), file.last().filter(|_| !file.is_empty()))
     {
         if first.index <= last {
+            disk.cuts += 1;
             file.truncate(first.index)?;
+            lower(durable, first.index - 1);
         }
     }
     file.write(entries)
@@ -356,7 +324,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(vote)
             .map_err(|e| io_error(ErrorSubject::Vote, ErrorVerb::Write, e))?;
-        self.queue(|tx| Op::Vote(bytes, tx), ErrorSubject::Vote)
+        self.on_disk(ErrorSubject::Vote, move |disk, _| disk.file.save_vote(&bytes))
             .await?;
         self.vote = Some(*vote);
         Ok(())
@@ -391,20 +359,47 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 cache.entries.insert(entry.log_id.index, entry);
             }
         }
-        let early = early && !stored.is_empty();
-        self.writer.send(Op::Append(stored, callback, early)).map_err(|_| {
-            io_error(
-                ErrorSubject::Logs,
-                ErrorVerb::Write,
-                "the log writer stopped",
-            )
-        })
+        let Some(last) = stored.last().map(|e| e.index) else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
+        let mut disk = lock(&self.disk);
+        let written = Timed(&self.stages.log_write, Instant::now());
+        let result = overwrite(&mut disk, &self.durable, &stored);
+        drop(written);
+        if let Err(e) = result {
+            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+            return Ok(());
+        }
+        if early {
+            drop(disk);
+            callback.log_io_completed(Ok(()));
+            let _ = self.syncer.send(());
+            return Ok(());
+        }
+        // A follower's answer waits for this fsync (openraft 0.9's core
+        // waits for it anyway), so it runs here, without a thread hop.
+        let synced = Timed(&self.stages.log_fsync, Instant::now());
+        if let Err(e) = disk.file.sync() {
+            fatal(&e);
+        }
+        drop(synced);
+        raise(&self.durable, last);
+        drop(disk);
+        callback.log_io_completed(Ok(()));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         lock(&self.cache).entries.split_off(&log_id.index);
-        self.queue(|tx| Op::Truncate(log_id.index, tx), ErrorSubject::Logs)
-            .await
+        let from = log_id.index;
+        self.on_disk(ErrorSubject::Logs, move |disk, durable| {
+            disk.cuts += 1;
+            let result = disk.file.truncate(from);
+            lower(durable, from.saturating_sub(1));
+            result
+        })
+        .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -414,7 +409,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             cache.entries = kept;
             cache.purged = Some(log_id);
         }
-        self.queue(|tx| Op::Purge(log_id, tx), ErrorSubject::Logs)
-            .await
+        self.on_disk(ErrorSubject::Logs, move |disk, _| {
+            let bytes = serde_json::to_vec(&log_id).map_err(std::io::Error::other)?;
+            disk.file.save_meta(PURGED_ID, &bytes)?;
+            disk.file.purge(log_id.index, log_id.leader_id.term)
+        })
+        .await
     }
 }
