@@ -71,7 +71,7 @@ pub async fn start(
     }
     let stats = Stats::default();
     let stages = stats.stages.clone();
-    let log = LogStore::open(&config.data.join("raft"), config.id, stages.clone())
+    let log = LogStore::open(&config.data.join("raft"), config.id, config.read_only, stages.clone())
         .map_err(|e| storage(&e))?;
     let durable = log.durable();
     let state = StateStore::open(&config.data, stopping.clone(), durable.clone(), stages.clone())

@@ -75,6 +75,9 @@ pub struct LogStore {
     vote: Option<Vote<u64>>,
     /// This node's id: entries it made as leader carry it.
     me: u64,
+    /// A read replica: it never votes, so its appends never count towards
+    /// a commit and are reported before the fsync (see [`Self::open`]).
+    learner: bool,
     durable: Arc<watch::Sender<u64>>,
     stages: Arc<Stages>,
 }
@@ -92,7 +95,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl LogStore {
     /// Opens the log of node `me` in `dir` and starts its writer thread.
     /// `stages` times its writes and fsyncs.
-    pub fn open(dir: &Path, me: u64, stages: Arc<Stages>) -> Result<Self, StorageError> {
+    ///
+    /// A `learner` (a read replica, never a voter) reports every append
+    /// once written and fsyncs in the background, at most once per
+    /// [`LEARNER_SYNC_EVERY`]: its answers never count towards a commit,
+    /// and on one disk shared with the voters its fsyncs would otherwise
+    /// queue beside theirs on every write. What it applies still waits
+    /// for its fsync, so its database is never ahead of its log; after a
+    /// power loss it is sent again what it lost.
+    pub fn open(
+        dir: &Path,
+        me: u64,
+        learner: bool,
+        stages: Arc<Stages>,
+    ) -> Result<Self, StorageError> {
         let fail = |e: &dyn std::fmt::Display| io_error(ErrorSubject::Logs, ErrorVerb::Read, e);
         let mut file = RaftLog::open(dir).map_err(|e| fail(&e))?;
         let purged: Option<LogId> = match file.read_meta(PURGED_ID).map_err(|e| fail(&e))? {
@@ -121,7 +137,7 @@ impl LogStore {
             let (disk, durable, stages) = (disk.clone(), durable.clone(), stages.clone());
             std::thread::Builder::new()
                 .name("raft-log-sync".into())
-                .spawn(move || sync_loop(&disk, &wakes, &durable, &stages))
+                .spawn(move || sync_loop(&disk, &wakes, &durable, &stages, learner))
                 .map_err(|e| fail(&e))?;
         }
         Ok(LogStore {
@@ -130,6 +146,7 @@ impl LogStore {
             syncer,
             vote,
             me,
+            learner,
             durable,
             stages,
         })
@@ -142,8 +159,12 @@ impl LogStore {
     }
 
     /// Whether `entry` is this node's own, made as leader in its current
-    /// term: then its report may come before the fsync.
+    /// term (or anything a learner appends): then its report may come before
+/// the fsync.
     fn own(&self, entry: &Entry) -> bool {
+        if self.learner {
+            return true;
+        }
         let leader = entry.log_id.leader_id;
         let current = self.vote.is_some_and(|v| {
             v.leader_id().node_id == self.me && v.leader_id().term == leader.term
@@ -196,6 +217,9 @@ impl Durable {
     }
 }
 
+/// How often a read replica's log is fsynced at most.
+pub const LEARNER_SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The syncer thread: after the leader's writes, one fsync for all that
 /// were written by the time it starts (group commit), then publishes how
 /// far the log is durable.
@@ -204,8 +228,12 @@ fn sync_loop(
     wakes: &mpsc::Receiver<()>,
     durable: &watch::Sender<u64>,
     stages: &Stages,
+    learner: bool,
 ) {
     while wakes.recv().is_ok() {
+        if learner {
+            std::thread::sleep(LEARNER_SYNC_EVERY);
+        }
         while wakes.try_recv().is_ok() {}
         let (handle, last, cuts) = {
             let d = lock(disk);
