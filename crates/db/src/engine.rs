@@ -82,11 +82,37 @@ fn prepare_cached<'c>(
 /// cache without meeting the read rules.
 fn schema_version_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SQL.get_or_init(|| {
+    SQL.get_or_init(|| tag("PRAGMA schema_version"))
+}
+
+/// `sql` followed by a comment holding a number drawn once per process:
+/// the node's own statements sit in a read connection's statement cache
+/// under text no client can send (a client's text meets the read rules
+/// when it is prepared; a cached statement would not again).
+fn tag(sql: &str) -> String {
+    static TAG: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let tag = TAG.get_or_init(|| {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(std::process::id().into());
-        format!("PRAGMA schema_version /* scaleout {:016x} */", h.finish())
+        h.finish()
+    });
+    format!("{sql} /* scaleout {tag:016x} */")
+}
+
+/// The node's own statements run on every read, kept prepared (see [`tag`]).
+pub struct Own {
+    pub begin: String,
+    pub commit: String,
+    pub applied: String,
+}
+
+pub fn own() -> &'static Own {
+    static OWN: std::sync::OnceLock<Own> = std::sync::OnceLock::new();
+    OWN.get_or_init(|| Own {
+        begin: tag("BEGIN"),
+        commit: tag("COMMIT"),
+        applied: tag(crate::state::APPLIED_SQL),
     })
 }
 
@@ -223,6 +249,12 @@ impl Guarded {
     pub fn internal(&self, sql: &str) -> rusqlite::Result<()> {
         self.guard.set_mode(Mode::Internal);
         self.conn.execute_batch(sql)
+    }
+
+    /// [`Self::internal`] for one statement of [`own`], kept prepared.
+    pub fn internal_cached(&self, sql: &str) -> rusqlite::Result<()> {
+        self.guard.set_mode(Mode::Internal);
+        self.conn.prepare_cached(sql)?.execute([]).map(|_| ())
     }
 
     fn start_write(&self, env: &WriteEnv) -> Result<(), Fault> {

@@ -48,22 +48,36 @@ pub struct AppliedState {
 
 /// Reads the bookkeeping row of any state file (also a snapshot's).
 pub fn applied_state(conn: &Connection) -> rusqlite::Result<AppliedState> {
-    conn.query_row(
-        "SELECT term, leader, log_index, membership FROM _scaleout_applied WHERE id = 1",
-        [],
-        |r| {
-            Ok(AppliedState {
-                applied: Some(Applied {
-                    term: r.get::<_, i64>(0)? as u64,
-                    leader: r.get::<_, i64>(1)? as u64,
-                    index: r.get::<_, i64>(2)? as u64,
-                }),
-                membership: r.get(3)?,
-            })
-        },
-    )
-    .optional()
-    .map(Option::unwrap_or_default)
+    applied_state_by(conn, APPLIED_SQL, false)
+}
+
+/// The bookkeeping row's query.
+pub const APPLIED_SQL: &str =
+    "SELECT term, leader, log_index, membership FROM _scaleout_applied WHERE id = 1";
+
+/// [`applied_state`] with the query's text `sql` (tagged, to keep it
+/// prepared: see [`crate::engine::own`]).
+pub fn applied_state_by(
+    conn: &Connection,
+    sql: &str,
+    cached: bool,
+) -> rusqlite::Result<AppliedState> {
+    let read = |r: &rusqlite::Row<'_>| {
+        Ok(AppliedState {
+            applied: Some(Applied {
+                term: r.get::<_, i64>(0)? as u64,
+                leader: r.get::<_, i64>(1)? as u64,
+                index: r.get::<_, i64>(2)? as u64,
+            }),
+            membership: r.get(3)?,
+        })
+    };
+    let row = if cached {
+        conn.prepare_cached(sql)?.query_row([], read)
+    } else {
+        conn.query_row(sql, [], read)
+    };
+    row.optional().map(Option::unwrap_or_default)
 }
 
 pub struct StateMachine {

@@ -577,16 +577,17 @@ fn read_transaction(
     opts: &ExecOptions,
     limits: ReadLimits,
 ) -> Result<(Vec<Value>, u64, bool), ReadError> {
-    db.internal("BEGIN")
+    let own = engine::own();
+    db.internal_cached(&own.begin)
         .map_err(|e| ReadError::Internal(e.to_string()))?;
-    let applied = state::applied_state(&db.conn)
+    let applied = state::applied_state_by(&db.conn, &own.applied, true)
         .map_err(|e| ReadError::Internal(e.to_string()))
         .map(|s| s.applied.map_or(0, |a| a.index));
     let results = match &applied {
         Ok(_) => Ok(engine::query_until(db, statements, opts, limits)),
         Err(e) => Err(ReadError::Internal(e.to_string())),
     };
-    if let Err(e) = db.internal("COMMIT") {
+    if let Err(e) = db.internal_cached(&own.commit) {
         tracing::warn!(error = %e, "ending a read transaction failed");
     }
     let (results, stopped) = results?;
