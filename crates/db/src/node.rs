@@ -230,7 +230,11 @@ impl DbNode {
     fn is_leader(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
-        m.state == ServerState::Leader && m.current_leader == Some(self.id) && self.holds_quorum(&m)
+        self.leads(&m)
+    }
+
+    fn leads(&self, m: &openraft::RaftMetrics<u64, Member>) -> bool {
+        m.state == ServerState::Leader && m.current_leader == Some(self.id) && self.holds_quorum(m)
     }
 
     fn not_leader(&self) -> NodeError {
@@ -287,9 +291,7 @@ impl DbNode {
                 confirmed_leader: m.state == ServerState::Leader
                     && m.millis_since_quorum_ack
                         .is_some_and(|ms| u128::from(ms) <= self.lease.as_millis()),
-                is_leader: m.state == ServerState::Leader
-                    && m.current_leader == Some(self.id)
-                    && self.holds_quorum(&m),
+                is_leader: self.leads(&m),
                 hears_another_leader: heard
                     && m.current_leader
                         .filter(|id| *id != self.id)
@@ -404,9 +406,12 @@ impl http::DataNode for DbNode {
         opts: ReadOptions,
     ) -> Result<Answer, NodeError> {
         let view = {
-            let m = self.raft.metrics().borrow().clone();
+            // Read in place: the metrics hold the membership and every
+            // follower's progress, too much to copy on every read.
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
             View {
-                is_leader: self.is_leader(),
+                is_leader: self.leads(&m),
                 contact_age: self.contact.age(),
                 applied: m.last_applied.map(|l| l.index),
                 last_log: m.last_log_index,
