@@ -416,13 +416,61 @@ mod tests {
         assert_eq!(log.last(), Some((2, 1)));
         log.append(&[e(3, 2)]).unwrap();
         drop(log);
-        // And a flipped bit fails the CRC.
+        // And a flipped bit in the last entry fails the CRC.
         let mut bytes = std::fs::read(dir.path().join("log")).unwrap();
-        let n = bytes.len();
+        let mut entries = Vec::new();
+        for entry in [e(1, 1), e(2, 1), e(3, 2)] {
+            frame(&entry, &mut entries);
+        }
+        let n = entries.len();
+        assert_eq!(
+            bytes[..n],
+            entries[..],
+            "the file starts with the three entries"
+        );
         bytes[n - 1] ^= 0xff;
         std::fs::write(dir.path().join("log"), &bytes).unwrap();
         let log = RaftLog::open(dir.path()).unwrap();
         assert_eq!(log.last(), Some((2, 1)));
+    }
+
+    /// The file is filled with zeros ahead of the last entry, and those
+    /// zeros are not taken for a torn record when it is opened again.
+    #[test]
+    fn space_filled_ahead_is_kept_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut log = RaftLog::open(dir.path()).unwrap();
+        log.append(&[e(1, 1), e(2, 1)]).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len >= PREALLOCATE, "the file is {len} bytes long");
+        drop(log);
+        let mut log = RaftLog::open(dir.path()).unwrap();
+        assert_eq!(log.last(), Some((2, 1)));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            len,
+            "the zeros were cut"
+        );
+        log.append(&[e(3, 1)]).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            len,
+            "an append inside the filled space grew the file"
+        );
+        drop(log);
+        let mut log = RaftLog::open(dir.path()).unwrap();
+        assert_eq!(log.read_all().unwrap(), vec![e(1, 1), e(2, 1), e(3, 1)]);
+        // An entry larger than what is left grows the file again.
+        let big = Entry {
+            index: 4,
+            term: 1,
+            payload: vec![7; PREALLOCATE as usize],
+        };
+        log.append(std::slice::from_ref(&big)).unwrap();
+        drop(log);
+        let mut log = RaftLog::open(dir.path()).unwrap();
+        assert_eq!(log.read(4, 5).unwrap(), vec![big]);
     }
 
     #[test]

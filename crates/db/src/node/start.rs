@@ -71,11 +71,21 @@ pub async fn start(
     }
     let stats = Stats::default();
     let stages = stats.stages.clone();
-    let log = LogStore::open(&config.data.join("raft"), config.id, config.read_only, stages.clone())
-        .map_err(|e| storage(&e))?;
+    let log = LogStore::open(
+        &config.data.join("raft"),
+        config.id,
+        config.read_only,
+        stages.clone(),
+    )
+    .map_err(|e| storage(&e))?;
     let durable = log.durable();
-    let state = StateStore::open(&config.data, stopping.clone(), durable.clone(), stages.clone())
-        .map_err(|e| storage(&e))?;
+    let state = StateStore::open(
+        &config.data,
+        stopping.clone(),
+        durable.clone(),
+        stages.clone(),
+    )
+    .map_err(|e| storage(&e))?;
     let db_path = state.db_path();
     let readers = Arc::new(Readers::open(&db_path, 4, stopping).map_err(|e| storage(&e))?);
 
@@ -96,7 +106,8 @@ pub async fn start(
         }
     };
     let http_client = |e: reqwest::Error| StartError::Config(format!("HTTP client: {e}"));
-    let network = Network::new(config.cluster_secret.clone(), durable, stages).map_err(http_client)?;
+    let network =
+        Network::new(config.cluster_secret.clone(), durable, stages).map_err(http_client)?;
     let raft = Raft::new(config.id, Arc::new(raft_config), network, log, state)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;

@@ -41,8 +41,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{ErrorSubject, ErrorVerb, RaftLogReader, Vote};
 use openraft::EntryPayload;
+use openraft::{ErrorSubject, ErrorVerb, RaftLogReader, Vote};
 use tokio::sync::watch;
 
 use super::{io_error, Entry, LogId, StorageError, TypeConfig};
@@ -160,16 +160,18 @@ impl LogStore {
 
     /// Whether `entry` is this node's own, made as leader in its current
     /// term (or anything a learner appends): then its report may come before
-/// the fsync.
+    /// the fsync.
     fn own(&self, entry: &Entry) -> bool {
         if self.learner {
             return true;
         }
         let leader = entry.log_id.leader_id;
-        let current = self.vote.is_some_and(|v| {
-            v.leader_id().node_id == self.me && v.leader_id().term == leader.term
-        });
-        current && leader.node_id == self.me && !matches!(entry.payload, EntryPayload::Membership(_))
+        let current = self
+            .vote
+            .is_some_and(|v| v.leader_id().node_id == self.me && v.leader_id().term == leader.term);
+        current
+            && leader.node_id == self.me
+            && !matches!(entry.payload, EntryPayload::Membership(_))
     }
 
     /// Runs `op` on the file on a blocking thread (openraft awaits each
@@ -207,6 +209,11 @@ impl Durable {
 
     pub fn get(&self) -> u64 {
         *self.0.borrow()
+    }
+
+    #[cfg(test)]
+    pub fn from(durable: watch::Receiver<u64>) -> Self {
+        Durable(durable)
     }
 
     /// A log that is durable everywhere (for tests of the state machine
@@ -281,7 +288,11 @@ fn lower(durable: &watch::Sender<u64>, to: u64) {
 /// Writes a batch (without the fsync), first cutting off any entries the
 /// batch replaces (openraft truncates conflicting entries itself; this
 /// keeps the file right whatever the order of calls).
-fn overwrite(disk: &mut Disk, durable: &watch::Sender<u64>, entries: &[log::Entry]) -> Result<(), log::LogError> {
+fn overwrite(
+    disk: &mut Disk,
+    durable: &watch::Sender<u64>,
+    entries: &[log::Entry],
+) -> Result<(), log::LogError> {
     let file = &mut disk.file;
     if let (Some(first), Some((last, _))) =
         (entries.first(), file.last().filter(|_| !file.is_empty()))
@@ -352,8 +363,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(vote)
             .map_err(|e| io_error(ErrorSubject::Vote, ErrorVerb::Write, e))?;
-        self.on_disk(ErrorSubject::Vote, move |disk, _| disk.file.save_vote(&bytes))
-            .await?;
+        self.on_disk(ErrorSubject::Vote, move |disk, _| {
+            disk.file.save_vote(&bytes)
+        })
+        .await?;
         self.vote = Some(*vote);
         Ok(())
     }
@@ -443,5 +456,112 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             disk.file.purge(log_id.index, log_id.leader_id.term)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::{CommittedLeaderId, Membership};
+
+    fn entry(leader: u64, term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, leader), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn store(me: u64, learner: bool) -> (tempfile::TempDir, LogStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            LogStore::open(&dir.path().join("raft"), me, learner, Default::default()).unwrap();
+        (dir, store)
+    }
+
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(30), f)
+            .await
+            .expect("no answer in 30 s")
+    }
+
+    /// A follower's append is its vote that the entries are durable: it
+    /// is reported only once they are fsynced.
+    #[tokio::test]
+    async fn a_followers_appends_are_durable_when_reported() {
+        let (_dir, mut log) = store(1, false);
+        log.save_vote(&Vote::new_committed(1, 2)).await.unwrap();
+        let durable = log.durable();
+        within(log.blocking_append((1..=3).map(|i| entry(2, 1, i))))
+            .await
+            .unwrap();
+        assert_eq!(durable.get(), 3, "reported before its fsync");
+        // Entries this node made as leader in an earlier term, sent back
+        // by the new leader, are a follower's too.
+        within(log.blocking_append([entry(1, 1, 4)])).await.unwrap();
+        assert_eq!(durable.get(), 4);
+        // Cutting entries off makes them not durable any more.
+        within(log.truncate(LogId::new(CommittedLeaderId::new(1, 2), 3)))
+            .await
+            .unwrap();
+        assert_eq!(durable.get(), 2);
+    }
+
+    /// The leader's own entries are fsynced after they are reported,
+    /// and the log says when; a membership change is fsynced first.
+    #[tokio::test]
+    async fn a_leaders_own_entries_become_durable_after_the_report() {
+        let (_dir, mut log) = store(1, false);
+        log.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
+        let mut durable = log.durable();
+        within(log.blocking_append((1..=5).map(|i| entry(1, 2, i))))
+            .await
+            .unwrap();
+        within(durable.reach(5)).await.unwrap();
+        let change = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(2, 1), 6),
+            payload: EntryPayload::Membership(Membership::new(vec![[1, 2, 3].into()], None)),
+        };
+        within(log.blocking_append([change])).await.unwrap();
+        assert_eq!(
+            durable.get(),
+            6,
+            "a membership change was reported before its fsync"
+        );
+        assert!(
+            !log.own(&entry(1, 1, 7)),
+            "an entry of an earlier term counts as this leader's"
+        );
+        assert!(
+            !log.own(&entry(2, 2, 7)),
+            "another node's entry counts as this leader's"
+        );
+        assert!(log.own(&entry(1, 2, 7)));
+    }
+
+    /// A read replica's appends are reported at once and fsynced soon
+    /// after; nothing is durable before that.
+    #[tokio::test]
+    async fn a_learner_fsyncs_behind_its_reports() {
+        let (dir, mut log) = store(4, true);
+        log.save_vote(&Vote::new_committed(1, 2)).await.unwrap();
+        let mut durable = log.durable();
+        assert!(log.own(&entry(2, 1, 1)));
+        within(log.blocking_append((1..=3).map(|i| entry(2, 1, i))))
+            .await
+            .unwrap();
+        within(durable.reach(3)).await.unwrap();
+        drop(log);
+        // What it reported survives the process.
+        let mut log =
+            LogStore::open(&dir.path().join("raft"), 4, true, Default::default()).unwrap();
+        assert_eq!(
+            log.get_log_state()
+                .await
+                .unwrap()
+                .last_log_id
+                .map(|l| l.index),
+            Some(3)
+        );
     }
 }

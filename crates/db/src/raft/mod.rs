@@ -128,7 +128,8 @@ mod tests {
             // The suite applies entries it never appended: the gate on
             // this node's fsync (see log_store) has nothing to wait for.
             let durable = super::log_store::Durable::everything();
-            let state = StateStore::open(dir.path(), Default::default(), durable, Default::default())?;
+            let state =
+                StateStore::open(dir.path(), Default::default(), durable, Default::default())?;
             Ok((dir, log, state))
         }
     }

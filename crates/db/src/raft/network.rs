@@ -36,9 +36,9 @@ use sync_wrapper::SyncWrapper;
 
 use super::log_store::Durable;
 use super::stream;
-use crate::metrics::{Stages, Timed};
 use super::{Member, Raft, TypeConfig};
 use crate::auth::ClusterSecret;
+use crate::metrics::{Stages, Timed};
 use axum::response::IntoResponse;
 
 /// Connections to the other nodes (one pool shared by all peers).
@@ -155,14 +155,26 @@ impl Peer {
         let (secret, base, target) = (self.secret.clone(), self.base.clone(), self.target);
         let (plain, stages) = (self.plain.clone(), self.stages.clone());
         Box::pin(async move {
-            let _timed = (!rpc.entries.is_empty()).then(|| Timed(&stages.replicate, Instant::now()));
-            let over_http = || send(&client, secret.as_ref(), &base, target, "append", &rpc, within);
+            let _timed =
+                (!rpc.entries.is_empty()).then(|| Timed(&stages.replicate, Instant::now()));
+            let over_http = || {
+                send(
+                    &client,
+                    secret.as_ref(),
+                    &base,
+                    target,
+                    "append",
+                    &rpc,
+                    within,
+                )
+            };
             if plain.load(Ordering::Relaxed) {
                 return (None, over_http().await);
             }
             let mut conn = match conn {
                 Some(conn) => conn,
-                None => match stream::connect(&stream_client, secret.as_ref(), &base, within).await {
+                None => match stream::connect(&stream_client, secret.as_ref(), &base, within).await
+                {
                     Ok(conn) => conn,
                     Err(stream::ConnectError::Unsupported(status)) => {
                         tracing::info!(target, %status, "the peer offers no Raft stream; using plain HTTP");
@@ -181,7 +193,10 @@ impl Peer {
                     answer.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e))),
                 ),
                 Ok(Err(e)) => (None, Err(network_error(e))),
-                Err(_) => (None, Err(network_error("no answer on the Raft stream in time"))),
+                Err(_) => (
+                    None,
+                    Err(network_error("no answer on the Raft stream in time")),
+                ),
             }
         })
     }
@@ -255,16 +270,23 @@ impl RaftNetwork<TypeConfig> for Peer {
         // before its fsync). It is at most one fsync away.
         if let Some(commit) = rpc.leader_commit {
             if commit.index > self.durable.get() {
-                let reached = tokio::time::timeout(option.hard_ttl(), self.durable.reach(commit.index));
+                let reached =
+                    tokio::time::timeout(option.hard_ttl(), self.durable.reach(commit.index));
                 if !matches!(reached.await, Ok(Ok(()))) {
-                    return Err(RPCError::Network(NetworkError::new(&std::io::Error::other(
-                        "this node's log is not yet durable up to its commit index",
-                    ))));
+                    return Err(RPCError::Network(NetworkError::new(
+                        &std::io::Error::other(
+                            "this node's log is not yet durable up to its commit index",
+                        ),
+                    )));
                 }
             }
         }
         let payload = !rpc.entries.is_empty();
-        let pending = self.in_flight.get_mut().as_ref().is_some_and(|(k, _)| k.2.is_some());
+        let pending = self
+            .in_flight
+            .get_mut()
+            .as_ref()
+            .is_some_and(|(k, _)| k.2.is_some());
         if !payload && pending {
             // A payload is still on the stream; the heartbeat goes beside it.
             return self.call("append", &rpc, &option).await;
@@ -276,7 +298,12 @@ impl RaftNetwork<TypeConfig> for Peer {
         );
         // Only a payload is picked up again after openraft stopped waiting
         // (a heartbeat's answer must be to the heartbeat just sent).
-        let same = payload && self.in_flight.get_mut().as_ref().is_some_and(|(k, _)| *k == key);
+        let same = payload
+            && self
+                .in_flight
+                .get_mut()
+                .as_ref()
+                .is_some_and(|(k, _)| *k == key);
         if !same {
             let within = if payload {
                 PAYLOAD_TIMEOUT
@@ -364,6 +391,8 @@ impl Contact {
 pub struct Rpc {
     raft: Raft,
     contact: Arc<Contact>,
+    /// Bounds the open [`stream`]s.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl Rpc {
@@ -396,7 +425,11 @@ pub fn router(raft: Raft, contact: Arc<Contact>, secret: Option<ClusterSecret>) 
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/elect", post(elect))
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
-        .with_state(Rpc { raft, contact });
+        .with_state(Rpc {
+            raft,
+            contact,
+            streams: Arc::new(tokio::sync::Semaphore::new(stream::MAX_STREAMS)),
+        });
     let Some(secret) = secret else {
         return rpcs;
     };
@@ -509,4 +542,103 @@ async fn snapshot(
         rpc.contact.touch();
     }
     Json(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn request(commit: u64, entries: u64) -> AppendEntriesRequest<TypeConfig> {
+        let id = |i| openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
+        AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(1, 1),
+            prev_log_id: Some(id(1)),
+            entries: (2..2 + entries)
+                .map(|i| super::super::Entry {
+                    log_id: id(i),
+                    payload: openraft::EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: Some(id(commit)),
+        }
+    }
+
+    /// A stand-in for a node of an older version: plain `/raft/append`,
+    /// no streams. Counts the appends it was sent.
+    async fn older_peer() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        let app = Router::new().route(
+            "/raft/append",
+            post(move || {
+                let seen = seen.clone();
+                async move {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                    Json(Ok::<_, RaftError<u64>>(
+                        AppendEntriesResponse::<u64>::Success,
+                    ))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, count)
+    }
+
+    async fn peer(
+        addr: std::net::SocketAddr,
+        durable: u64,
+    ) -> (Peer, tokio::sync::watch::Sender<u64>) {
+        let (on_disk, rx) = tokio::sync::watch::channel(durable);
+        let mut network = Network::new(None, Durable::from(rx), Default::default()).unwrap();
+        let member = Member {
+            api: addr.to_string(),
+            raft: addr.to_string(),
+            name: None,
+        };
+        (network.new_client(2, &member).await, on_disk)
+    }
+
+    /// A peer that offers no stream is sent plain HTTP, and stays so.
+    #[tokio::test]
+    async fn a_peer_without_streams_gets_plain_http() {
+        let (addr, count) = older_peer().await;
+        let (mut peer, _on_disk) = peer(addr, 10).await;
+        let option = RPCOption::new(Duration::from_secs(10));
+        for n in [0, 3, 0, 2] {
+            let answer = peer.append_entries(request(1, n), option.clone()).await;
+            assert!(
+                matches!(answer, Ok(AppendEntriesResponse::Success)),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(count.load(Ordering::Relaxed), 4);
+        assert!(peer.plain.load(Ordering::Relaxed));
+    }
+
+    /// A commit index goes out only once this node's log is durable up
+    /// to it: until then the call fails (openraft retries it) and nothing
+    /// is sent.
+    #[tokio::test]
+    async fn no_commit_index_leaves_before_it_is_durable_here() {
+        let (addr, count) = older_peer().await;
+        let (mut peer, on_disk) = peer(addr, 4).await;
+        let option = RPCOption::new(Duration::from_millis(300));
+        let answer = peer.append_entries(request(5, 0), option.clone()).await;
+        assert!(matches!(answer, Err(RPCError::Network(_))), "{answer:?}");
+        assert_eq!(
+            count.load(Ordering::Relaxed),
+            0,
+            "a commit index left before its fsync"
+        );
+        on_disk.send_replace(5);
+        let answer = peer.append_entries(request(5, 0), option).await;
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
+        assert_eq!(count.load(Ordering::Relaxed), 1);
+    }
 }

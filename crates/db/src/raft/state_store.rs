@@ -610,13 +610,49 @@ mod tests {
         }
     }
 
+    /// Nothing is applied beyond this node's durable log: a leader may
+    /// learn an entry is committed before its own fsync of it is done.
+    #[tokio::test]
+    async fn nothing_is_applied_before_the_log_holds_it_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (on_disk, durable) = tokio::sync::watch::channel(4);
+        let mut store = StateStore::open(
+            dir.path(),
+            Default::default(),
+            Durable::from(durable),
+            Default::default(),
+        )
+        .unwrap();
+        let create = entry(1, r#"["CREATE TABLE t(x)"]"#);
+        store.apply([create]).await.unwrap();
+        let mut apply = Box::pin(store.apply([entry(5, r#"["INSERT INTO t VALUES (1)"]"#)]));
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut apply).await;
+        assert!(
+            early.is_err(),
+            "entry 5 was applied while the log was durable up to 4"
+        );
+        on_disk.send_replace(5);
+        tokio::time::timeout(std::time::Duration::from_secs(30), apply)
+            .await
+            .expect("not applied once durable")
+            .unwrap();
+        let (applied, _) = store.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(5));
+    }
+
     /// A read that needs more than the inline time is not cut short:
     /// it runs again, whole, on a blocking thread, until its own
     /// deadline, which still holds.
     #[tokio::test]
     async fn a_read_longer_than_the_inline_time_runs_whole_on_a_blocking_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(dir.path(), Default::default(), Durable::everything(), Default::default()).unwrap();
+        let store = StateStore::open(
+            dir.path(),
+            Default::default(),
+            Durable::everything(),
+            Default::default(),
+        )
+        .unwrap();
         let readers = Arc::new(Readers::open(&store.db_path(), 2, Default::default()).unwrap());
         let count = r#"["WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 300000) SELECT count(*) FROM n"]"#;
         let limits = |ms| ReadLimits {
@@ -660,7 +696,13 @@ mod tests {
     #[tokio::test]
     async fn a_read_of_many_long_statements_stops_at_its_deadline() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(dir.path(), Default::default(), Durable::everything(), Default::default()).unwrap();
+        let store = StateStore::open(
+            dir.path(),
+            Default::default(),
+            Durable::everything(),
+            Default::default(),
+        )
+        .unwrap();
         let readers = Arc::new(Readers::open(&store.db_path(), 1, Default::default()).unwrap());
         let one = r#""SELECT length(hex(zeroblob(8000000)))""#;
         let many = format!("[{}]", vec![one; 200].join(","));
@@ -706,7 +748,13 @@ mod tests {
     #[tokio::test]
     async fn cached_reads_see_schema_changes_and_keep_the_read_rules() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = StateStore::open(dir.path(), Default::default(), Durable::everything(), Default::default()).unwrap();
+        let mut store = StateStore::open(
+            dir.path(),
+            Default::default(),
+            Durable::everything(),
+            Default::default(),
+        )
+        .unwrap();
         let readers = Arc::new(Readers::open(&store.db_path(), 1, Default::default()).unwrap());
         let read = |sql: &'static str| {
             let readers = readers.clone();
@@ -764,7 +812,13 @@ mod tests {
     async fn a_database_behind_its_snapshot_is_restored_from_it_on_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut store = StateStore::open(dir.path(), Default::default(), Durable::everything(), Default::default()).unwrap();
+            let mut store = StateStore::open(
+                dir.path(),
+                Default::default(),
+                Durable::everything(),
+                Default::default(),
+            )
+            .unwrap();
             let results = store
                 .apply(vec![
                     entry(1, r#"["CREATE TABLE t (x)"]"#),
@@ -790,7 +844,13 @@ mod tests {
         for name in [DB_FILE, "db.sqlite-wal", "db.sqlite-shm"] {
             let _ = std::fs::remove_file(dir.path().join(name));
         }
-        let mut store = StateStore::open(dir.path(), Default::default(), Durable::everything(), Default::default()).unwrap();
+        let mut store = StateStore::open(
+            dir.path(),
+            Default::default(),
+            Durable::everything(),
+            Default::default(),
+        )
+        .unwrap();
         let (applied, _) = store.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(2));
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();

@@ -42,6 +42,12 @@ pub const PROTOCOL: &str = "scaleout-raft";
 /// The largest request frame a follower takes (the HTTP body limit of
 /// `/raft/append`).
 const MAX_REQUEST: usize = 256 * 1024 * 1024;
+/// Streams one node serves at once (a leader holds one to each peer).
+pub const MAX_STREAMS: usize = 64;
+/// A stream without a frame for this long is closed (a leader sends a
+/// heartbeat many times a second).
+const IDLE: Duration = Duration::from_secs(10);
+
 /// The largest answer a leader takes (an answer is a few dozen bytes).
 const MAX_ANSWER: usize = 1024 * 1024;
 
@@ -83,9 +89,10 @@ pub async fn connect(
         }
     })?;
     match answer.status() {
-        StatusCode::SWITCHING_PROTOCOLS => {
-            answer.upgrade().await.map_err(|e| ConnectError::Other(e.to_string()))
-        }
+        StatusCode::SWITCHING_PROTOCOLS => answer
+            .upgrade()
+            .await
+            .map_err(|e| ConnectError::Other(e.to_string())),
         StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
             Err(ConnectError::Unsupported(answer.status()))
         }
@@ -105,8 +112,7 @@ pub async fn call(
 async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, value: &impl Serialize) -> io::Result<()> {
     let mut buf = vec![0; 4];
     serde_json::to_writer(&mut buf, value)?;
-    let len = u32::try_from(buf.len() - 4)
-        .map_err(|_| io::Error::other("a frame over 4 GiB"))?;
+    let len = u32::try_from(buf.len() - 4).map_err(|_| io::Error::other("a frame over 4 GiB"))?;
     buf[..4].copy_from_slice(&len.to_le_bytes());
     w.write_all(&buf).await?;
     w.flush().await
@@ -126,8 +132,12 @@ async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
             format!("a frame of {len} bytes (at most {max})"),
         ));
     }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).await?;
+    // Grown as the bytes arrive: a length alone reserves nothing.
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    r.take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(serde_json::from_slice(&body)?)
 }
 
@@ -147,8 +157,16 @@ pub async fn accept(State(rpc): State<Rpc>, mut req: Request) -> Response {
         )
             .into_response();
     }
+    let Ok(slot) = rpc.streams.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_STREAMS} Raft streams are open here already\n"),
+        )
+            .into_response();
+    };
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
+        let _slot = slot;
         match upgrade.await {
             Ok(io) => {
                 if let Err(e) = serve(rpc, TokioIo::new(io)).await {
@@ -172,7 +190,16 @@ pub async fn accept(State(rpc): State<Rpc>, mut req: Request) -> Response {
 
 async fn serve(rpc: Rpc, mut conn: Conn) -> io::Result<()> {
     loop {
-        let req: AppendEntriesRequest<TypeConfig> = read_frame(&mut conn, MAX_REQUEST).await?;
+        let req: AppendEntriesRequest<TypeConfig> =
+            match tokio::time::timeout(IDLE, read_frame(&mut conn, MAX_REQUEST)).await {
+                Ok(frame) => frame?,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "an idle Raft stream",
+                    ))
+                }
+            };
         let answer = rpc.append(req).await;
         write_frame(&mut conn, &answer).await?;
     }
