@@ -218,18 +218,24 @@ impl RaftLog {
         }
         let needed = self.end + buf.len() as u64;
         if needed > self.allocated {
-            self.fill_ahead(needed + PREALLOCATE)?;
+            if let Err(e) = self.fill_ahead(needed + PREALLOCATE) {
+                // No room to fill ahead: the file grows as it is written
+                // (each fsync then commits its new size too).
+                tracing::debug!(error = %e, "cannot fill the raft log ahead");
+                self.file.set_len(self.allocated)?;
+            }
         }
         self.file.seek(SeekFrom::Start(self.end))?;
         self.file.write_all(&buf)?;
         self.end += buf.len() as u64;
+        self.allocated = self.allocated.max(self.end);
         self.slots.extend(new_slots);
         Ok(())
     }
 
     /// Writes zeros from the end of the file up to `len`, durably (the
     /// new length included).
-    fn fill_ahead(&mut self, len: u64) -> Result<(), LogError> {
+    fn fill_ahead(&mut self, len: u64) -> std::io::Result<()> {
         let zeros = vec![0u8; 1024 * 1024];
         self.file.seek(SeekFrom::Start(self.allocated))?;
         let mut at = self.allocated;
