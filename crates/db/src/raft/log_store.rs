@@ -414,8 +414,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         if early {
             drop(disk);
-            callback.log_io_completed(Ok(()));
+            // The fsync starts as soon as possible: the write waits for it.
             let _ = self.syncer.send(());
+            callback.log_io_completed(Ok(()));
             return Ok(());
         }
         // A follower's answer waits for this fsync (openraft 0.9's core
