@@ -313,6 +313,72 @@ async fn a_raft_rpc_without_the_cluster_secret_is_refused() {
     assert_eq!(status["store"]["raft"]["state"], "Leader");
 }
 
+/// Without a cluster secret anyone who reaches the Raft port takes part
+/// in Raft, but a term no cluster reaches (near `u64::MAX`, where the next
+/// election overflows) is refused on every path, so one request cannot
+/// leave every voter unable to elect again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_term_no_cluster_reaches_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let node = DbNode::start(1, dir.path(), &[]);
+    leader_of(std::slice::from_ref(&node)).await;
+    let vote = json!({"leader_id": {"term": u64::MAX, "node_id": 99}, "committed": true});
+    let append = json!({"vote": vote, "prev_log_id": null, "entries": [], "leader_commit": null});
+    let ask = json!({"vote": vote, "last_log_id": null});
+    for (path, body) in [("append", &append), ("vote", &ask)] {
+        let r = client()
+            .post(format!("http://{}/raft/{path}", node.raft))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        let answer: Value = r.json().await.unwrap();
+        assert!(
+            answer["error"].as_str().unwrap().contains("term"),
+            "{answer}"
+        );
+    }
+    // The same AppendEntries on a Raft stream: the stream is closed.
+    let mut s = tokio::net::TcpStream::connect(&node.raft).await.unwrap();
+    let head = format!(
+        "GET /raft/stream HTTP/1.1\r\nHost: {}\r\nConnection: upgrade\r\nUpgrade: scaleout-raft\r\n\r\n",
+        node.raft
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = vec![0; 1024];
+    let n = s.read(&mut got).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&got[..n]).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got[..n])
+    );
+    let body = serde_json::to_vec(&append).unwrap();
+    s.write_all(&(body.len() as u32).to_le_bytes())
+        .await
+        .unwrap();
+    s.write_all(&body).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut got)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the stream answered: {closed:?}"
+    );
+    let status = node.status().await;
+    assert_eq!(
+        status["store"]["raft"]["term"], 1,
+        "the forged term was taken: {status}"
+    );
+    assert_eq!(status["store"]["raft"]["state"], "Leader");
+    let r = client()
+        .post(node.url("/db/execute"))
+        .json(&json!(["CREATE TABLE t (x)"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_web_server_signs_in_with_credentials_from_a_file() {
     let dir = tempfile::tempdir().unwrap();

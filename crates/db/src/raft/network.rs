@@ -184,7 +184,12 @@ impl Peer {
                     Err(stream::ConnectError::Unreachable(e)) => {
                         return (None, Err(RPCError::Unreachable(Unreachable::new(&e))));
                     }
-                    Err(stream::ConnectError::Other(e)) => return (None, Err(network_error(e))),
+                    Err(stream::ConnectError::Other(e)) => {
+                        // No stream now (this peer's are all taken, say):
+                        // this call goes as plain HTTP, the next tries again.
+                        tracing::debug!(target, error = %e, "no Raft stream; sending plain HTTP");
+                        return (None, over_http().await);
+                    }
                 },
             };
             match tokio::time::timeout(within, stream::call(&mut conn, &rpc)).await {
@@ -458,11 +463,40 @@ pub fn router(raft: Raft, contact: Arc<Contact>, secret: Option<ClusterSecret>) 
     ))
 }
 
+/// The highest term a request may carry. openraft adds one to a term
+/// when it stands, so a term near `u64::MAX` (which no cluster reaches)
+/// from a forged request would overflow in every voter that took it, and
+/// stay in their saved votes.
+pub const MAX_TERM: u64 = 1 << 62;
+
+/// Refuses a request carrying a term no real cluster has.
+pub fn check_term(vote: &openraft::Vote<u64>) -> Result<(), String> {
+    let term = vote.leader_id().term;
+    if term > MAX_TERM {
+        return Err(format!(
+            "term {term} is beyond any real cluster's (at most {MAX_TERM})"
+        ));
+    }
+    Ok(())
+}
+
+fn refused(error: String) -> axum::response::Response {
+    tracing::warn!(%error, "a Raft RPC was refused");
+    (
+        axum::http::StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({ "error": error })),
+    )
+        .into_response()
+}
+
 async fn append(
     State(rpc): State<Rpc>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Json<stream::Answer> {
-    Json(rpc.append(req).await)
+) -> axum::response::Response {
+    if let Err(e) = check_term(&req.vote) {
+        return refused(e);
+    }
+    Json(rpc.append(req).await).into_response()
 }
 
 /// Where a node's log ends (asked of the leader by a node deciding whether
@@ -480,8 +514,11 @@ async fn log_end(State(rpc): State<Rpc>) -> Json<LogEnd> {
 async fn vote(
     State(rpc): State<Rpc>,
     Json(req): Json<VoteRequest<u64>>,
-) -> Json<Result<VoteResponse<u64>, RaftError<u64>>> {
-    Json(rpc.raft.vote(req).await)
+) -> axum::response::Response {
+    if let Err(e) = check_term(&req.vote) {
+        return refused(e);
+    }
+    Json(rpc.raft.vote(req).await).into_response()
 }
 
 /// A leader's request that this node stand for election, in its term.
@@ -536,12 +573,15 @@ pub async fn ask_to_stand(
 async fn snapshot(
     State(rpc): State<Rpc>,
     Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
-) -> Json<Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>> {
+) -> axum::response::Response {
+    if let Err(e) = check_term(&req.vote) {
+        return refused(e);
+    }
     let answer = rpc.raft.install_snapshot(req).await;
     if answer.is_ok() {
         rpc.contact.touch();
     }
-    Json(answer)
+    Json(answer).into_response()
 }
 
 #[cfg(test)]
@@ -616,6 +656,55 @@ mod tests {
         }
         assert_eq!(count.load(Ordering::Relaxed), 4);
         assert!(peer.plain.load(Ordering::Relaxed));
+    }
+
+    /// A peer whose streams are all taken (`503`) is sent this call as
+    /// plain HTTP, and a stream is tried again on the next: a client
+    /// holding a node's streams cannot stop replication to it.
+    #[tokio::test]
+    async fn a_peer_without_a_free_stream_gets_plain_http() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let (seen, tries) = (count.clone(), Arc::new(AtomicUsize::new(0)));
+        let asked = tries.clone();
+        let app = Router::new()
+            .route(
+                "/raft/append",
+                post(move || {
+                    let seen = seen.clone();
+                    async move {
+                        seen.fetch_add(1, Ordering::Relaxed);
+                        Json(Ok::<_, RaftError<u64>>(
+                            AppendEntriesResponse::<u64>::Success,
+                        ))
+                    }
+                }),
+            )
+            .route(
+                "/raft/stream",
+                axum::routing::get(move || {
+                    asked.fetch_add(1, Ordering::Relaxed);
+                    async { axum::http::StatusCode::SERVICE_UNAVAILABLE }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let (mut peer, _on_disk) = peer(addr, 10).await;
+        let option = RPCOption::new(Duration::from_secs(10));
+        for n in [2, 0, 1] {
+            let answer = peer.append_entries(request(1, n), option.clone()).await;
+            assert!(
+                matches!(answer, Ok(AppendEntriesResponse::Success)),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(count.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            tries.load(Ordering::Relaxed),
+            3,
+            "a stream was not asked for again"
+        );
+        assert!(!peer.plain.load(Ordering::Relaxed));
     }
 
     /// A commit index goes out only once this node's log is durable up

@@ -140,17 +140,19 @@ struct Lease {
 
 impl Lease {
     /// Resolves when this node leads but has not heard from a quorum for
-    /// longer than the lease.
+    /// longer than the lease. Looked at a few times per lease, not at
+    /// every change of openraft's metrics: those change several times
+    /// during every write, and each change would wake every write.
     async fn lost(&self) {
-        let mut metrics = self.raft.metrics();
+        let every = (self.lease / 4).max(Duration::from_millis(5));
         loop {
-            let lost = {
-                let m = metrics.borrow_and_update();
-                m.state == ServerState::Leader
-                    && m.millis_since_quorum_ack
-                        .is_some_and(|ms| u128::from(ms) > self.lease.as_millis())
-            };
-            if lost || metrics.changed().await.is_err() {
+            tokio::time::sleep(every).await;
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            if m.state == ServerState::Leader
+                && m.millis_since_quorum_ack
+                    .is_some_and(|ms| u128::from(ms) > self.lease.as_millis())
+            {
                 return;
             }
         }

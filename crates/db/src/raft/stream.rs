@@ -42,8 +42,9 @@ pub const PROTOCOL: &str = "scaleout-raft";
 /// The largest request frame a follower takes (the HTTP body limit of
 /// `/raft/append`).
 const MAX_REQUEST: usize = 256 * 1024 * 1024;
-/// Streams one node serves at once (a leader holds one to each peer).
-pub const MAX_STREAMS: usize = 64;
+/// Streams one node serves at once (a leader holds one to each peer;
+/// when they are taken, a leader sends plain HTTP).
+pub const MAX_STREAMS: usize = 16;
 /// A stream without a frame for this long is closed (a leader sends a
 /// heartbeat many times a second).
 const IDLE: Duration = Duration::from_secs(10);
@@ -200,6 +201,8 @@ async fn serve(rpc: Rpc, mut conn: Conn) -> io::Result<()> {
                     ))
                 }
             };
+        super::network::check_term(&req.vote)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let answer = rpc.append(req).await;
         write_frame(&mut conn, &answer).await?;
     }
