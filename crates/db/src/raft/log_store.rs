@@ -1,13 +1,13 @@
 //! openraft's log storage over [`crate::log::RaftLog`].
 //!
 //! Entries live twice: in memory (a map the readers serve from, bounded
-//! by snapshots purging the prefix) and in the file, written by one
-//! thread that owns it. `append` puts the entries in the map at once and
-//! queues them for the writer; the writer takes every append queued since
-//! its last flush, writes them and fsyncs once, then reports each batch
-//! flushed. Writes arriving while a flush runs share the next one: group
-//! commit. Truncation, purging and the vote queue behind earlier appends,
-//! so the file sees operations in the order openraft issued them.
+//! by snapshots purging the prefix) and in the file. `append` puts the
+//! entries in the map and writes them to the file where it is called
+//! (openraft awaits each call, so truncation, purging and the vote reach
+//! the file in the order openraft issued them). A follower's append then
+//! fsyncs there and is reported; the leader's is reported at once and
+//! fsynced by the log's sync thread, which takes every write made since
+//! its last fsync in one (group commit).
 //!
 //! **The leader's own entries overlap its fsync with replication.**
 //! openraft 0.9's core waits for the leader's append to be reported
@@ -93,7 +93,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl LogStore {
-    /// Opens the log of node `me` in `dir` and starts its writer thread.
+    /// Opens the log of node `me` in `dir` and starts its sync thread.
     /// `stages` times its writes and fsyncs.
     ///
     /// A `learner` (a read replica, never a voter) reports every append
@@ -194,8 +194,8 @@ impl LogStore {
 pub struct Durable(watch::Receiver<u64>);
 
 impl Durable {
-    /// Waits until entry `index` is on disk. Fails only when the log
-    /// writer stopped.
+    /// Waits until entry `index` is on disk. Fails only when the log is
+    /// closed.
     pub async fn reach(&mut self, index: u64) -> Result<(), String> {
         if self.get() >= index {
             return Ok(());
@@ -204,7 +204,7 @@ impl Durable {
             .wait_for(|d| *d >= index)
             .await
             .map(|_| ())
-            .map_err(|_| "the log writer stopped".to_string())
+            .map_err(|_| "the raft log is closed".to_string())
     }
 
     pub fn get(&self) -> u64 {

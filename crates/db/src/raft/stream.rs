@@ -17,7 +17,9 @@
 //!
 //! A connection that fails, or whose call openraft gave up on midway, is
 //! dropped, and the next call opens a new one. A peer that does not offer
-//! the upgrade (an older node) is sent plain `POST /raft/append`.
+//! the upgrade (an older node) is sent plain `POST /raft/append` from
+//! then on; one that refuses it for now (its [`MAX_STREAMS`] are taken)
+//! is sent that call so, and asked for a stream again on the next.
 
 use std::io;
 use std::time::Duration;
