@@ -604,15 +604,12 @@ mod tests {
         }
     }
 
-    /// A stand-in for a node of an older version: plain `/raft/append`,
-    /// no streams. Counts the appends it was sent.
-    async fn older_peer() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-        let count = Arc::new(AtomicUsize::new(0));
-        let seen = count.clone();
-        let app = Router::new().route(
+    /// Answers `/raft/append` with success, counting the calls.
+    fn appends(count: Arc<AtomicUsize>) -> Router {
+        Router::new().route(
             "/raft/append",
             post(move || {
-                let seen = seen.clone();
+                let seen = count.clone();
                 async move {
                     seen.fetch_add(1, Ordering::Relaxed);
                     Json(Ok::<_, RaftError<u64>>(
@@ -620,11 +617,21 @@ mod tests {
                     ))
                 }
             }),
-        );
+        )
+    }
+
+    async fn serve(app: Router) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        (addr, count)
+        addr
+    }
+
+    /// A stand-in for a node of an older version: plain `/raft/append`,
+    /// no streams. Counts the appends it was sent.
+    async fn older_peer() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let count = Arc::new(AtomicUsize::new(0));
+        (serve(appends(count.clone())).await, count)
     }
 
     async fn peer(
@@ -663,32 +670,16 @@ mod tests {
     /// holding a node's streams cannot stop replication to it.
     #[tokio::test]
     async fn a_peer_without_a_free_stream_gets_plain_http() {
-        let count = Arc::new(AtomicUsize::new(0));
-        let (seen, tries) = (count.clone(), Arc::new(AtomicUsize::new(0)));
+        let (count, tries) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let asked = tries.clone();
-        let app = Router::new()
-            .route(
-                "/raft/append",
-                post(move || {
-                    let seen = seen.clone();
-                    async move {
-                        seen.fetch_add(1, Ordering::Relaxed);
-                        Json(Ok::<_, RaftError<u64>>(
-                            AppendEntriesResponse::<u64>::Success,
-                        ))
-                    }
-                }),
-            )
-            .route(
-                "/raft/stream",
-                axum::routing::get(move || {
-                    asked.fetch_add(1, Ordering::Relaxed);
-                    async { axum::http::StatusCode::SERVICE_UNAVAILABLE }
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let app = appends(count.clone()).route(
+            "/raft/stream",
+            axum::routing::get(move || {
+                asked.fetch_add(1, Ordering::Relaxed);
+                async { axum::http::StatusCode::SERVICE_UNAVAILABLE }
+            }),
+        );
+        let addr = serve(app).await;
         let (mut peer, _on_disk) = peer(addr, 10).await;
         let option = RPCOption::new(Duration::from_secs(10));
         for n in [2, 0, 1] {

@@ -599,6 +599,17 @@ mod tests {
     use super::*;
     use crate::request::parse_statements;
 
+    /// A state machine alone, its log durable everywhere.
+    fn open_store(dir: &Path) -> StateStore {
+        StateStore::open(
+            dir,
+            Default::default(),
+            Durable::everything(),
+            Default::default(),
+        )
+        .unwrap()
+    }
+
     fn entry(index: u64, sql: &str) -> Entry {
         Entry {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
@@ -646,13 +657,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_longer_than_the_inline_time_runs_whole_on_a_blocking_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(
-            dir.path(),
-            Default::default(),
-            Durable::everything(),
-            Default::default(),
-        )
-        .unwrap();
+        let store = open_store(dir.path());
         let readers = Arc::new(Readers::open(&store.db_path(), 2, Default::default()).unwrap());
         let count = r#"["WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 300000) SELECT count(*) FROM n"]"#;
         let limits = |ms| ReadLimits {
@@ -696,13 +701,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_of_many_long_statements_stops_at_its_deadline() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(
-            dir.path(),
-            Default::default(),
-            Durable::everything(),
-            Default::default(),
-        )
-        .unwrap();
+        let store = open_store(dir.path());
         let readers = Arc::new(Readers::open(&store.db_path(), 1, Default::default()).unwrap());
         let one = r#""SELECT length(hex(zeroblob(8000000)))""#;
         let many = format!("[{}]", vec![one; 200].join(","));
@@ -748,13 +747,7 @@ mod tests {
     #[tokio::test]
     async fn cached_reads_see_schema_changes_and_keep_the_read_rules() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = StateStore::open(
-            dir.path(),
-            Default::default(),
-            Durable::everything(),
-            Default::default(),
-        )
-        .unwrap();
+        let mut store = open_store(dir.path());
         let readers = Arc::new(Readers::open(&store.db_path(), 1, Default::default()).unwrap());
         let read = |sql: &'static str| {
             let readers = readers.clone();
@@ -812,13 +805,7 @@ mod tests {
     async fn a_database_behind_its_snapshot_is_restored_from_it_on_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut store = StateStore::open(
-                dir.path(),
-                Default::default(),
-                Durable::everything(),
-                Default::default(),
-            )
-            .unwrap();
+            let mut store = open_store(dir.path());
             let results = store
                 .apply(vec![
                     entry(1, r#"["CREATE TABLE t (x)"]"#),
@@ -844,13 +831,7 @@ mod tests {
         for name in [DB_FILE, "db.sqlite-wal", "db.sqlite-shm"] {
             let _ = std::fs::remove_file(dir.path().join(name));
         }
-        let mut store = StateStore::open(
-            dir.path(),
-            Default::default(),
-            Durable::everything(),
-            Default::default(),
-        )
-        .unwrap();
+        let mut store = open_store(dir.path());
         let (applied, _) = store.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(2));
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
