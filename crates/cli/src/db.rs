@@ -101,6 +101,19 @@ pub struct DbArgs {
     /// Serve the API only to clients holding a certificate this CA issued.
     #[arg(long, requires = "tls_cert")]
     tls_api_client_ca: Option<PathBuf>,
+    /// Worker threads of the node's runtime (default: one per CPU).
+    /// Nodes that share a machine's cores do better with fewer: a write
+    /// passes between tasks many times, and each pass from one thread to
+    /// another wakes a parked thread (README, "Performance").
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
+}
+
+impl DbArgs {
+    /// The runtime's worker threads, when set.
+    pub fn threads(&self) -> Option<usize> {
+        self.threads.map(usize::from)
+    }
 }
 
 async fn bind(what: &str, addr: &str) -> anyhow::Result<(TcpListener, String)> {

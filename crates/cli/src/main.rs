@@ -105,8 +105,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Settles what sizes the runtime (the load balancer's worker threads),
-/// builds it, and runs the command on it.
+/// Settles what sizes the runtime (the load balancer's or the database
+/// node's worker threads), builds it, and runs the command on it.
 fn start(command: Command) -> anyhow::Result<()> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     let command = match command {
@@ -114,6 +114,12 @@ fn start(command: Command) -> anyhow::Result<()> {
             let config = args.into_config().context("scaleout lb")?;
             builder.worker_threads(scaleout_lb::worker_threads(&config));
             Ready::Lb(Box::new(config))
+        }
+        Command::Db(args) => {
+            if let Some(threads) = args.threads() {
+                builder.worker_threads(threads);
+            }
+            Ready::Other(Command::Db(args))
         }
         other => Ready::Other(other),
     };

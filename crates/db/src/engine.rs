@@ -101,18 +101,31 @@ fn tag(sql: &str) -> String {
 }
 
 /// The node's own statements run on every read, kept prepared (see [`tag`]).
+/// Those of the apply connection too: each entry's transaction and each
+/// request's savepoint (parsing them cost more than the one-row INSERT
+/// they wrap).
 pub struct Own {
     pub begin: String,
+    pub begin_immediate: String,
     pub commit: String,
+    pub rollback: String,
     pub applied: String,
+    pub savepoint: String,
+    pub release: String,
+    pub rollback_to: String,
 }
 
 pub fn own() -> &'static Own {
     static OWN: std::sync::OnceLock<Own> = std::sync::OnceLock::new();
     OWN.get_or_init(|| Own {
         begin: tag("BEGIN"),
+        begin_immediate: tag("BEGIN IMMEDIATE"),
         commit: tag("COMMIT"),
+        rollback: tag("ROLLBACK"),
         applied: tag(crate::state::APPLIED_SQL),
+        savepoint: tag("SAVEPOINT scaleout_request"),
+        release: tag("RELEASE scaleout_request"),
+        rollback_to: tag("ROLLBACK TO scaleout_request"),
     })
 }
 
@@ -578,12 +591,13 @@ pub fn execute(
             .collect());
     }
     db.start_write(env)?;
-    let internal = |sql: &str| db.internal(sql).map_err(|e| Fault(e.to_string()));
+    let own = own();
+    let internal = |sql: &str| db.internal_cached(sql).map_err(|e| Fault(e.to_string()));
     let mut results = Vec::with_capacity(statements.len());
     let own_savepoint = opts.transaction || rerun.check_deferred;
     let mut rows_left = ROWS_IN_WRITE;
     if own_savepoint {
-        internal("SAVEPOINT scaleout_request")?;
+        internal(&own.savepoint)?;
     }
     for (k, s) in statements.iter().enumerate() {
         let started = Instant::now();
@@ -600,7 +614,8 @@ pub fn execute(
             Err(Failed::Client(e)) => {
                 results.push(json!({ "error": e }));
                 if opts.transaction {
-                    internal("ROLLBACK TO scaleout_request; RELEASE scaleout_request")?;
+                    internal(&own.rollback_to)?;
+                    internal(&own.release)?;
                     return Ok(results);
                 }
             }
@@ -614,7 +629,7 @@ pub fn execute(
         }
     }
     if rerun.check_deferred && violates_foreign_keys(db)? {
-        internal("ROLLBACK TO scaleout_request")?;
+        internal(&own.rollback_to)?;
         for r in &mut results {
             if r.get("error").is_none() {
                 *r = json!({ "error": DEFERRED_VIOLATION });
@@ -622,7 +637,7 @@ pub fn execute(
         }
     }
     if own_savepoint {
-        internal("RELEASE scaleout_request")?;
+        internal(&own.release)?;
     }
     Ok(results)
 }

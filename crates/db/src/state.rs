@@ -197,14 +197,14 @@ impl StateMachine {
     ) -> Result<T, ApplyError> {
         let mut rerun = Rerun::default();
         loop {
-            self.db.internal("BEGIN IMMEDIATE")?;
+            self.db.internal_cached(&engine::own().begin_immediate)?;
             match work(&self.db, &rerun) {
                 Ok(out) => {
                     self.db.guard.set_mode(Mode::Internal);
                     self.db.guard.unbounded();
                     let recorded = self
                         .record(at, membership)
-                        .and_then(|()| self.db.conn.execute_batch("COMMIT"));
+                        .and_then(|()| self.db.internal_cached(&engine::own().commit));
                     match recorded {
                         Ok(()) => {
                             if self.db.guard.take_planner_touched() {
@@ -268,7 +268,7 @@ impl StateMachine {
         self.db.guard.set_mode(Mode::Internal);
         self.db.guard.unbounded();
         if !self.db.conn.is_autocommit() {
-            if let Err(e) = self.db.conn.execute_batch("ROLLBACK") {
+            if let Err(e) = self.db.internal_cached(&engine::own().rollback) {
                 tracing::error!(error = %e, "rolling back an apply transaction failed");
             }
         }

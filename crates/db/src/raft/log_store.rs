@@ -247,7 +247,7 @@ fn sync_loop(
             (d.file.handle(), d.file.last().map_or(0, |(i, _)| i), d.cuts)
         };
         let synced = Timed(&stages.log_fsync, Instant::now());
-        if let Err(e) = handle.and_then(|f| f.sync_data()) {
+        if let Err(e) = handle.sync_data() {
             fatal(&e);
         }
         drop(synced);
