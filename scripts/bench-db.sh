@@ -18,10 +18,14 @@ node() { # id http raft [args...]
     >"$work/n$id.out" 2>"$work/n$id.err" &
   pids+=($!)
 }
-node 1 127.0.0.1:24001 127.0.0.1:24002
+# Four nodes share this machine's cores: each voter runs one worker
+# thread (`--threads 1`), which saves the wake-ups of tasks passing a
+# write between threads (README, "Performance"); the replica, which
+# serves the reads, keeps one per core.
+node 1 127.0.0.1:24001 127.0.0.1:24002 --threads 1
 sleep 1
-node 2 127.0.0.1:24011 127.0.0.1:24012 --join http://127.0.0.1:24001
-node 3 127.0.0.1:24021 127.0.0.1:24022 --join http://127.0.0.1:24001
+node 2 127.0.0.1:24011 127.0.0.1:24012 --threads 1 --join http://127.0.0.1:24001
+node 3 127.0.0.1:24021 127.0.0.1:24022 --threads 1 --join http://127.0.0.1:24001
 node 4 127.0.0.1:24031 127.0.0.1:24032 --join http://127.0.0.1:24001 --read-only
 for _ in $(seq 1 100); do
   n=$(curl -sf 'http://127.0.0.1:24001/nodes?nonvoters&ver=2' | grep -o '"reachable":true' | wc -l || true)

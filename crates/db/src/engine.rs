@@ -845,17 +845,28 @@ fn query_one(
             RowsError::TooBig(msg) => msg,
         })
     };
-    // Statements with parameters are the ones clients send again and
-    // again with other values: they are kept prepared. Text with the
-    // values written in is rarely the same twice, and would only churn
-    // the cache.
-    if matches!(s.params, Params::None) {
-        rows(&mut prepare(&db.conn, s).map_err(prepared)?, left)
-    } else {
-        let mut cached = prepare_cached(&db.conn, s).map_err(prepared)?;
-        rows(&mut cached, left)
+    // Statements stay prepared, those with their values written in too:
+    // clients send the same text again and again (a dashboard's count, a
+    // page's lookup by key). One that takes more memory than
+    // [`CACHED_STATEMENT_BYTES`] (a many-way join) is prepared each time,
+    // so whatever clients send, the cache holds at most that much per
+    // statement.
+    let mut cached = prepare_cached(&db.conn, s).map_err(prepared)?;
+    let answer = rows(&mut cached, left);
+    if !worth_keeping(&cached) {
+        cached.discard();
     }
+    answer
 }
+
+/// Whether a read statement is small enough to stay prepared.
+fn worth_keeping(stmt: &rusqlite::Statement<'_>) -> bool {
+    stmt.get_status(rusqlite::StatementStatus::MemUsed) <= CACHED_STATEMENT_BYTES
+}
+
+/// The most memory a read statement kept prepared may take (SQLite's
+/// count; a point query by key takes about 2 KiB).
+const CACHED_STATEMENT_BYTES: i32 = 8 * 1024;
 
 /// Why a statement's rows could not be read.
 enum RowsError {
@@ -970,9 +981,7 @@ pub fn query_until(
     opts: &ExecOptions,
     limits: ReadLimits,
 ) -> (Vec<Value>, bool) {
-    if statements.iter().any(|s| !matches!(s.params, Params::None)) {
-        db.fresh_statement_cache();
-    }
+    db.fresh_statement_cache();
     db.guard.start_read(limits.deadline);
     let mut left = limits.max_bytes;
     let mut stopped = false;
@@ -1743,5 +1752,26 @@ mod tests {
             error_of(&r[0]).contains("FOREIGN KEY"),
             "checked again after the load: {r:?}"
         );
+    }
+
+    /// A point query stays prepared; a many-way join, whose prepared
+    /// program takes far more memory, is prepared each time (clients
+    /// sending thousands of distinct ones would otherwise fill the cache
+    /// with them).
+    #[test]
+    fn only_small_read_statements_stay_prepared() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t(x INTEGER PRIMARY KEY, a, b, c, d, e, f, g, h, i)")
+            .unwrap();
+        let point = conn.prepare("SELECT a FROM t WHERE x = 17").unwrap();
+        assert!(worth_keeping(&point));
+        let join = format!(
+            "SELECT * FROM t t0{} WHERE t0.a > 0 ORDER BY t0.b",
+            (1..20)
+                .map(|i| format!(" JOIN t t{i} USING(x)"))
+                .collect::<String>()
+        );
+        let join = conn.prepare(&join).unwrap();
+        assert!(!worth_keeping(&join));
     }
 }

@@ -562,8 +562,10 @@ impl Readers {
     }
 }
 
-/// Statements each read connection keeps prepared (by their text).
-const READ_STATEMENTS_CACHED: usize = 64;
+/// Statements each read connection keeps prepared (by their text; each
+/// small: see `engine::query_one`), so a thousand point lookups with
+/// their keys written in stay prepared: at most 8 MiB per connection.
+const READ_STATEMENTS_CACHED: usize = 1024;
 
 /// How long a read may run on an async thread before it is moved to a
 /// blocking one.
