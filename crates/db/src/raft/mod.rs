@@ -43,8 +43,10 @@ pub enum Command {
     /// Nothing to apply: a strong read's round trip through the log.
     Barrier,
     /// Several clients' commands in one entry (group commit, see
-    /// [`proposer`]); each is applied on its own.
-    Batch(Vec<Command>),
+    /// [`proposer`]); each is applied on its own. Shared, not copied,
+    /// when openraft hands the entry to each peer's replication and to
+    /// the state machine (the same JSON as a list).
+    Batch(std::sync::Arc<Vec<Command>>),
 }
 
 /// A node's two addresses, as the others reach it.

@@ -223,7 +223,7 @@ async fn propose(
     }
     let (commands, replies): (Vec<Command>, Vec<Reply>) =
         batch.into_iter().map(|(c, _, r)| (c, r)).unzip();
-    let written = match raft.write(Command::Batch(commands)).await {
+    let written = match raft.write(Command::Batch(Arc::new(commands))).await {
         Ok(written) => written.map_err(|e| reject(&e)),
         Err(unknown) => Err(unknown),
     };
