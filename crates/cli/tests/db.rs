@@ -760,3 +760,30 @@ async fn a_paused_voter_does_not_depose_a_healthy_leader() {
         .await;
     assert_eq!(status, 200);
 }
+
+/// `--threads` sizes the node's runtime: one thread serves writes and
+/// reads; a count out of range is refused with a message naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_runs_on_the_threads_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = DbNode::start(1, dir.path(), &["--threads", "1"]);
+    leader_of(std::slice::from_ref(&node)).await;
+    let (status, body) = node
+        .execute(json!(["CREATE TABLE t (v)", "INSERT INTO t VALUES (1)"]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = node.query("SELECT v FROM t", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["values"], json!([[1]]), "{body}");
+    for bad in ["0", "many", "5000"] {
+        let out = std::process::Command::new(common::BIN)
+            .args(["db", "--id", "1", "--data"])
+            .arg(dir.path().join("other"))
+            .args(["--threads", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--threads {bad} was taken");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("--threads"), "--threads {bad}: {said}");
+    }
+}

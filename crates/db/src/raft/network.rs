@@ -119,16 +119,7 @@ pub struct Peer {
     plain: Arc<AtomicBool>,
     /// The AppendEntries in flight, answered or not.
     in_flight: SyncWrapper<Option<(PayloadKey, Flight)>>,
-    /// The peer's last answer on this stream of openraft's: the leader's
-    /// vote, the entry it matched, and when (see [`Self::owes_only_commit`]).
-    acked: Option<(openraft::Vote<u64>, Option<openraft::LogId<u64>>, Instant)>,
 }
-
-/// How recent a peer's answer must be for a heartbeat that would only
-/// raise its commit index to wait for the next AppendEntries instead
-/// ([`Peer::owes_only_commit`]). It is also how much earlier than
-/// openraft records the peer's last answer may really have come.
-pub const COMMIT_DEFERRED_WITHIN: Duration = Duration::from_millis(5);
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
@@ -145,7 +136,6 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             conn: SyncWrapper::new(None),
             plain: Arc::new(AtomicBool::new(false)),
             in_flight: SyncWrapper::new(None),
-            acked: None,
         }
     }
 }
@@ -157,30 +147,6 @@ fn network_error(e: impl std::fmt::Display) -> RPCError<u64, Member, RaftError<u
 }
 
 impl Peer {
-    /// Whether `rpc` is a heartbeat that tells the peer nothing but a
-    /// higher commit index, sent just after the peer answered: openraft
-    /// 0.9 sends one to every peer after every commit, which doubles the
-    /// RPCs of a write (measured with 3 voters + 1 replica and 1 client:
-    /// a sixth of the CPU per write, on every node). Such a heartbeat is
-    /// answered here as the peer answered a moment ago; the commit index
-    /// reaches the peer with the next AppendEntries, which carries it:
-    /// the next write's, or openraft's next timed heartbeat, sent
-    /// whatever else went (a heartbeat interval later at most, as
-    /// rqlite's followers learn of commits). Nothing a client is told
-    /// waits for a follower to learn the commit index; a follower's
-    /// database trails by that much more. Heartbeats that confirm the
-    /// leadership (linearizable reads) go on peers of their own, never
-    /// answered here.
-    fn owes_only_commit(&mut self, rpc: &AppendEntriesRequest<TypeConfig>) -> bool {
-        rpc.entries.is_empty()
-            && self.in_flight.get_mut().is_none()
-            && self.acked.is_some_and(|(vote, matched, at)| {
-                vote == rpc.vote
-                    && matched == rpc.prev_log_id
-                    && at.elapsed() < COMMIT_DEFERRED_WITHIN
-            })
-    }
-
     /// An AppendEntries on the peer's stream (opened first if need be),
     /// or over plain HTTP to a peer without streams.
     fn flight(&mut self, rpc: AppendEntriesRequest<TypeConfig>, within: Duration) -> Flight {
@@ -304,9 +270,6 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>, openraft::error::Infallible> {
-        if self.owes_only_commit(&rpc) {
-            return Ok(AppendEntriesResponse::Success);
-        }
         // The followers apply what they are told is committed: only what
         // is durable here too (this node counted itself in the quorum
         // before its fsync). It is at most one fsync away.
@@ -340,7 +303,6 @@ impl RaftNetwork<TypeConfig> for Peer {
         );
         // Only a payload is picked up again after openraft stopped waiting
         // (a heartbeat's answer must be to the heartbeat just sent).
-        let sent = key;
         let same = payload
             && self
                 .in_flight
@@ -365,13 +327,6 @@ impl RaftNetwork<TypeConfig> for Peer {
         let (conn, answer) = flight.await;
         *self.in_flight.get_mut() = None;
         *self.conn.get_mut() = conn;
-        self.acked = match &answer {
-            Ok(AppendEntriesResponse::Success) => Some((sent.0, sent.2.or(sent.1), Instant::now())),
-            Ok(AppendEntriesResponse::PartialSuccess(matched)) => {
-                Some((sent.0, *matched, Instant::now()))
-            }
-            _ => None,
-        };
         answer
     }
 
@@ -649,21 +604,6 @@ mod tests {
         }
     }
 
-    /// A heartbeat: no entries, `prev` the last entry the peer holds.
-    fn heartbeat(
-        vote: openraft::Vote<u64>,
-        prev: u64,
-        commit: u64,
-    ) -> AppendEntriesRequest<TypeConfig> {
-        let id = |i| openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
-        AppendEntriesRequest {
-            vote,
-            prev_log_id: Some(id(prev)),
-            entries: Vec::new(),
-            leader_commit: Some(id(commit)),
-        }
-    }
-
     /// Answers `/raft/append` with success, counting the calls.
     fn appends(count: Arc<AtomicUsize>) -> Router {
         Router::new().route(
@@ -780,70 +720,5 @@ mod tests {
             "{answer:?}"
         );
         assert_eq!(count.load(Ordering::Relaxed), 1);
-    }
-
-    /// A heartbeat that only raises the commit index of a peer that has
-    /// just answered waits for the next AppendEntries; one that comes
-    /// later, goes on another peer (openraft's leadership checks) or
-    /// under another vote is sent.
-    #[tokio::test]
-    async fn a_commit_right_after_an_answer_waits_for_the_next_append() {
-        let (addr, count) = older_peer().await;
-        let (mut peer, _on_disk) = peer(addr, 10).await;
-        let option = RPCOption::new(Duration::from_secs(10));
-        let sent = |n| move |c: &AtomicUsize| assert_eq!(c.load(Ordering::Relaxed), n);
-        let vote = openraft::Vote::new_committed(1, 1);
-        let answer = peer.append_entries(request(1, 2), option.clone()).await;
-        assert!(
-            matches!(answer, Ok(AppendEntriesResponse::Success)),
-            "{answer:?}"
-        );
-        sent(1)(&count);
-        // Entry 3 is the peer's last; the commit moves to 3.
-        let answer = peer
-            .append_entries(heartbeat(vote, 3, 3), option.clone())
-            .await;
-        assert!(
-            matches!(answer, Ok(AppendEntriesResponse::Success)),
-            "{answer:?}"
-        );
-        sent(1)(&count);
-        // Not the entry the peer holds: sent.
-        peer.append_entries(heartbeat(vote, 2, 3), option.clone())
-            .await
-            .unwrap();
-        sent(2)(&count);
-        // Another vote: sent.
-        let (mut other, _on_disk) = self::peer(addr, 10).await;
-        other
-            .append_entries(request(1, 2), option.clone())
-            .await
-            .unwrap();
-        sent(3)(&count);
-        other
-            .append_entries(
-                heartbeat(openraft::Vote::new_committed(2, 1), 3, 3),
-                option.clone(),
-            )
-            .await
-            .unwrap();
-        sent(4)(&count);
-        // A peer of its own, as openraft's leadership checks use: sent.
-        let (mut check, _on_disk) = self::peer(addr, 10).await;
-        check
-            .append_entries(heartbeat(vote, 3, 3), option.clone())
-            .await
-            .unwrap();
-        sent(5)(&count);
-        // The timed heartbeat, later: sent.
-        peer.append_entries(request(1, 2), option.clone())
-            .await
-            .unwrap();
-        sent(6)(&count);
-        tokio::time::sleep(COMMIT_DEFERRED_WITHIN * 2).await;
-        peer.append_entries(heartbeat(vote, 3, 3), option)
-            .await
-            .unwrap();
-        sent(7)(&count);
     }
 }
