@@ -15,6 +15,9 @@
 //! leader -> follower: AppendEntriesRequest      follower -> leader: Result<AppendEntriesResponse, RaftError>
 //! ```
 //!
+//! Each end reads through a buffer kept with the connection: a frame's
+//! length and body arrive in one read.
+//!
 //! A connection that fails, or whose call openraft gave up on midway, is
 //! dropped, and the next call opens a new one. A peer that does not offer
 //! the upgrade (an older node) is sent plain `POST /raft/append` from
@@ -32,7 +35,7 @@ use openraft::error::RaftError;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::network::Rpc;
 use super::TypeConfig;
@@ -54,8 +57,18 @@ const IDLE: Duration = Duration::from_secs(10);
 /// The largest answer a leader takes (an answer is a few dozen bytes).
 const MAX_ANSWER: usize = 1024 * 1024;
 
-pub type Conn = TokioIo<hyper::upgrade::Upgraded>;
-pub type ClientConn = reqwest::Upgraded;
+/// Bytes read from a stream at once: a length and the frame behind it
+/// (an answer, a heartbeat, a small batch) come in one system call, not
+/// one for the length and another for the rest. Kept with the stream
+/// between calls, so nothing read ahead is lost.
+const READ_BUFFER: usize = 8 * 1024;
+
+fn buffered<R: AsyncRead>(io: R) -> BufReader<R> {
+    BufReader::with_capacity(READ_BUFFER, io)
+}
+
+pub type Conn = BufReader<TokioIo<hyper::upgrade::Upgraded>>;
+pub type ClientConn = BufReader<reqwest::Upgraded>;
 
 pub type Answer = Result<AppendEntriesResponse<u64>, RaftError<u64>>;
 
@@ -95,6 +108,7 @@ pub async fn connect(
         StatusCode::SWITCHING_PROTOCOLS => answer
             .upgrade()
             .await
+            .map(buffered)
             .map_err(|e| ConnectError::Other(e.to_string())),
         StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
             Err(ConnectError::Unsupported(answer.status()))
@@ -172,7 +186,8 @@ pub async fn accept(State(rpc): State<Rpc>, mut req: Request) -> Response {
         let _slot = slot;
         match upgrade.await {
             Ok(io) => {
-                if let Err(e) = serve(rpc, TokioIo::new(io)).await {
+                let conn = buffered(TokioIo::new(io));
+                if let Err(e) = serve(rpc, conn).await {
                     if e.kind() != io::ErrorKind::UnexpectedEof {
                         tracing::debug!(error = %e, "a Raft stream ended");
                     }
@@ -207,5 +222,72 @@ async fn serve(rpc: Rpc, mut conn: Conn) -> io::Result<()> {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let answer = rpc.append(req).await;
         write_frame(&mut conn, &answer).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+    use tokio::io::ReadBuf;
+
+    /// Counts the reads that reach the connection (each one a system
+    /// call on a socket).
+    struct Counting<R> {
+        inner: R,
+        reads: Arc<AtomicUsize>,
+    }
+
+    impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    /// A frame that arrives whole is read from the connection in one
+    /// read, its length and body together, and what is read ahead of the
+    /// next frame is kept for it.
+    #[tokio::test]
+    async fn a_frame_is_read_in_one_read_and_nothing_read_ahead_is_lost() {
+        let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+        let reads = Arc::new(AtomicUsize::new(0));
+        let mut conn = buffered(Counting {
+            inner: rx,
+            reads: reads.clone(),
+        });
+        let answers: Vec<Answer> = (0..3u64)
+            .map(|i| {
+                Ok(AppendEntriesResponse::PartialSuccess(Some(
+                    openraft::LogId::new(openraft::CommittedLeaderId::new(i, 1), i),
+                )))
+            })
+            .collect();
+        // Two frames sent back to back, then a third on its own.
+        write_frame(&mut tx, &answers[0]).await.unwrap();
+        write_frame(&mut tx, &answers[1]).await.unwrap();
+        let first: Answer = read_frame(&mut conn, MAX_ANSWER).await.unwrap();
+        assert_eq!(
+            reads.load(Ordering::Relaxed),
+            1,
+            "one read for the first frame"
+        );
+        let second: Answer = read_frame(&mut conn, MAX_ANSWER).await.unwrap();
+        assert_eq!(
+            reads.load(Ordering::Relaxed),
+            1,
+            "the second frame came with the first read"
+        );
+        write_frame(&mut tx, &answers[2]).await.unwrap();
+        let third: Answer = read_frame(&mut conn, MAX_ANSWER).await.unwrap();
+        assert_eq!(reads.load(Ordering::Relaxed), 2, "one read for the third");
+        assert_eq!(vec![first, second, third], answers);
     }
 }
