@@ -7,10 +7,10 @@
 //! own deadline for it — except a payload of entries: openraft 0.9 gives
 //! every AppendEntries the heartbeat interval and, when it runs out, sends
 //! the same payload again, so a payload that takes longer to send, parse
-//! and fsync (one large write) would never be replicated. Such a call
-//! goes on in a task of its own after openraft stops waiting, and the
-//! retry of the same payload waits for that call's answer instead of
-//! starting over (bounded by [`PAYLOAD_TIMEOUT`]).
+//! and fsync (one large write) would never be replicated. Such a call is
+//! kept when openraft stops waiting (it goes on whenever the peer is
+//! called again), and the retry of the same payload waits for that call's
+//! answer instead of starting over (bounded by [`PAYLOAD_TIMEOUT`]).
 
 use std::future::Future;
 use std::pin::Pin;

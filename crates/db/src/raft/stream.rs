@@ -117,13 +117,23 @@ pub async fn connect(
     }
 }
 
-/// One call: sends `req` and reads its answer.
-pub async fn call(
-    conn: &mut ClientConn,
+/// One call: sends `req` and reads its answer. Bytes that came after the
+/// answer fail the call (and so drop the stream): the peer answers each
+/// request once, and anything more would be taken for the next call's
+/// answer (found by review).
+pub async fn call<C: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut BufReader<C>,
     req: &AppendEntriesRequest<TypeConfig>,
 ) -> io::Result<Answer> {
     write_frame(conn, req).await?;
-    read_frame(conn, MAX_ANSWER).await
+    let answer = read_frame(conn, MAX_ANSWER).await?;
+    if !conn.buffer().is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the peer sent more than one answer to an AppendEntries",
+        ));
+    }
+    Ok(answer)
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, value: &impl Serialize) -> io::Result<()> {
@@ -289,5 +299,37 @@ mod tests {
         let third: Answer = read_frame(&mut conn, MAX_ANSWER).await.unwrap();
         assert_eq!(reads.load(Ordering::Relaxed), 2, "one read for the third");
         assert_eq!(vec![first, second, third], answers);
+    }
+
+    /// A peer that answers one request twice fails the call, so the
+    /// stream is dropped: its second answer is never taken for the next
+    /// request's.
+    #[tokio::test]
+    async fn a_second_answer_to_one_request_fails_the_call() {
+        let (leader, mut peer) = tokio::io::duplex(64 * 1024);
+        let mut conn = buffered(leader);
+        let answering = tokio::spawn(async move {
+            let _: AppendEntriesRequest<TypeConfig> =
+                read_frame(&mut peer, MAX_REQUEST).await.unwrap();
+            let answer: Answer = Ok(AppendEntriesResponse::Success);
+            let mut twice = Vec::new();
+            for _ in 0..2 {
+                let body = serde_json::to_vec(&answer).unwrap();
+                twice.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                twice.extend_from_slice(&body);
+            }
+            peer.write_all(&twice).await.unwrap();
+            peer
+        });
+        let req = AppendEntriesRequest::<TypeConfig> {
+            vote: openraft::Vote::new_committed(1, 1),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        };
+        let called = call(&mut conn, &req).await;
+        let _peer = answering.await.unwrap();
+        let e = called.expect_err("a second answer was left for the next call");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
     }
 }
