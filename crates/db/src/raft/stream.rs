@@ -312,11 +312,10 @@ mod tests {
             let _: AppendEntriesRequest<TypeConfig> =
                 read_frame(&mut peer, MAX_REQUEST).await.unwrap();
             let answer: Answer = Ok(AppendEntriesResponse::Success);
+            // Both answers in one write, so they arrive in one read.
             let mut twice = Vec::new();
             for _ in 0..2 {
-                let body = serde_json::to_vec(&answer).unwrap();
-                twice.extend_from_slice(&(body.len() as u32).to_le_bytes());
-                twice.extend_from_slice(&body);
+                write_frame(&mut twice, &answer).await.unwrap();
             }
             peer.write_all(&twice).await.unwrap();
             peer
