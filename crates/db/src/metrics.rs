@@ -53,16 +53,20 @@ pub struct Stages {
     pub durable_wait: Histogram,
     /// Applying entries to SQLite.
     pub apply: Histogram,
+    /// Copying SQLite's WAL back into the database file, beside the
+    /// applies (`state.rs`, the checkpointer): not part of any one write.
+    pub checkpoint: Histogram,
 }
 
 impl Stages {
-    fn all(&self) -> [(&'static str, &Histogram); 5] {
+    fn all(&self) -> [(&'static str, &Histogram); 6] {
         [
             ("log_write", &self.log_write),
             ("log_fsync", &self.log_fsync),
             ("replicate", &self.replicate),
             ("durable_wait", &self.durable_wait),
             ("apply", &self.apply),
+            ("checkpoint", &self.checkpoint),
         ]
     }
 }
@@ -165,7 +169,7 @@ impl Stats {
         )?;
         w.histograms(
             "scaleout_db_write_stage_seconds",
-            "Where writes spend their time on this node: log_write and log_fsync (the Raft log), replicate (leader: an AppendEntries with entries, sent to answered), durable_wait (before applying, this node's own fsync), apply (SQLite).",
+            "Where writes spend their time on this node: log_write and log_fsync (the Raft log), replicate (leader: an AppendEntries with entries, sent to answered), durable_wait (before applying, this node's own fsync), apply (SQLite), checkpoint (SQLite's WAL copied back into its file, in the background).",
             self.stages
                 .all()
                 .map(|(stage, h)| (Labels([Label("stage", stage)]), h)),

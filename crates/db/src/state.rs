@@ -8,16 +8,26 @@
 //! `synchronous=NORMAL`: durability comes from the Raft log (fsynced);
 //! a transaction lost to power failure is lost together with its index and
 //! simply applied again.
+//!
+//! SQLite's WAL is copied back into the file by a thread of the state
+//! machine's own ([`Checkpointer`]), never inside an apply: a checkpoint
+//! fsyncs the WAL and the file, tens of milliseconds on a slow disk, and
+//! SQLite's autocheckpoint would run it inside the commit that crossed
+//! its threshold, holding that entry's client and every write behind it.
 
-use std::path::Path;
+use std::cell::Cell;
+use std::os::raw::c_int;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
 use crate::engine::{self, ExecOptions, Guarded, ReadLimits, Rerun, Stop, WriteEnv};
 use crate::guard::{Fault, Mode};
+use crate::metrics::Stages;
 use crate::request::Statement;
 
 /// Where the applied index lives (reserved: clients cannot touch it).
@@ -85,6 +95,85 @@ pub struct StateMachine {
     /// Where the file is, to open it afresh (`None`: in memory).
     path: Option<std::path::PathBuf>,
     shutdown: Arc<AtomicBool>,
+    /// Copies the WAL back into the file (`None`: in memory). Kept when
+    /// the connection is opened afresh.
+    checkpointer: Option<Arc<Checkpointer>>,
+}
+
+/// Pages in the WAL after a commit at which the checkpointer is woken
+/// (SQLite's own autocheckpoint threshold).
+pub const CHECKPOINT_PAGES: c_int = 1000;
+
+thread_local! {
+    /// Pages in the WAL after the last commit on this thread: set by the
+    /// apply connection's WAL hook, which SQLite runs inside the commit,
+    /// on the committing thread, and read right after it.
+    static WAL_PAGES: Cell<c_int> = const { Cell::new(0) };
+}
+
+/// The apply connection's WAL hook. Registering it turns SQLite's
+/// autocheckpoint off for that connection (both are WAL hooks).
+fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: c_int) -> rusqlite::Result<()> {
+    WAL_PAGES.with(|p| p.set(pages));
+    Ok(())
+}
+
+/// A thread that copies the WAL back into the database file when woken,
+/// with a PASSIVE checkpoint on a connection of its own: it takes no
+/// lock the apply or the readers wait for, and copies what no reader
+/// still needs (the rest on a later wake). Ends when the state machine
+/// (every copy of this handle) is dropped.
+pub struct Checkpointer {
+    wake: mpsc::SyncSender<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path, stages: Arc<Stages>) -> std::io::Result<Arc<Self>> {
+        // One pending wake is enough: a checkpoint copies all there is.
+        let (wake, wakes) = mpsc::sync_channel(1);
+        let path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(&path, &wakes, &stages))?;
+        Ok(Arc::new(Checkpointer { wake }))
+    }
+
+    fn wake(&self) {
+        let _ = self.wake.try_send(());
+    }
+}
+
+fn checkpoint_loop(path: &PathBuf, wakes: &mpsc::Receiver<()>, stages: &Stages) {
+    let mut conn: Option<Connection> = None;
+    while wakes.recv().is_ok() {
+        if conn.is_none() {
+            let opened = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .and_then(|c| c.execute_batch("PRAGMA synchronous=NORMAL").map(|()| c));
+            match opened {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "opening the database to checkpoint its WAL failed; trying again at the next wake");
+                    continue;
+                }
+            }
+        }
+        let Some(c) = &conn else { continue };
+        let started = Instant::now();
+        let done = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        });
+        stages.checkpoint.observe(started.elapsed());
+        match done {
+            Ok((frames, copied)) => tracing::debug!(frames, copied, "checkpointed the WAL"),
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpointing the WAL failed; trying again at the next wake");
+                conn = None;
+            }
+        }
+    }
 }
 
 /// Why an entry could not be applied: the node's fault (its disk, its
@@ -101,15 +190,41 @@ pub enum ApplyError {
 impl StateMachine {
     /// Opens the state file; `shutdown` set stops a statement that runs.
     pub fn open(path: &Path, shutdown: Arc<AtomicBool>) -> rusqlite::Result<Self> {
+        Self::open_timed(path, shutdown, Arc::default())
+    }
+
+    /// [`Self::open`], with the checkpoints timed in `stages`.
+    pub fn open_timed(
+        path: &Path,
+        shutdown: Arc<AtomicBool>,
+        stages: Arc<Stages>,
+    ) -> rusqlite::Result<Self> {
+        let checkpointer = Checkpointer::start(path, stages).map_err(|e| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("starting the checkpoint thread: {e}")),
+            )
+        })?;
+        Self::open_with(path, shutdown, checkpointer)
+    }
+
+    fn open_with(
+        path: &Path,
+        shutdown: Arc<AtomicBool>,
+        checkpointer: Arc<Checkpointer>,
+    ) -> rusqlite::Result<Self> {
         let conn = Connection::open(path)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
         )?;
+        // Replaces SQLite's autocheckpoint: see the module's text.
+        conn.wal_hook(Some(note_wal_pages));
         conn.execute_batch(META)?;
         Ok(StateMachine {
             db: Guarded::writer(conn, shutdown.clone())?,
             path: Some(path.to_path_buf()),
             shutdown,
+            checkpointer: Some(checkpointer),
         })
     }
 
@@ -120,6 +235,7 @@ impl StateMachine {
             db: Guarded::writer(conn, Arc::default())?,
             path: None,
             shutdown: Arc::default(),
+            checkpointer: None,
         })
     }
 
@@ -136,10 +252,25 @@ impl StateMachine {
     /// statement takes (and so its budget's verdict). After any entry that
     /// changed the schema or ran ANALYZE, the connection is replaced.
     fn reopen(&mut self) -> rusqlite::Result<()> {
-        if let Some(path) = self.path.clone() {
-            *self = StateMachine::open(&path, self.shutdown.clone())?;
+        if let (Some(path), Some(checkpointer)) = (self.path.clone(), self.checkpointer.clone()) {
+            *self = StateMachine::open_with(&path, self.shutdown.clone(), checkpointer)?;
         }
         Ok(())
+    }
+
+    /// After a commit on the apply connection: wakes the checkpointer
+    /// once the WAL has grown past [`CHECKPOINT_PAGES`].
+    fn committed(&self) {
+        let pages = WAL_PAGES.with(|p| p.replace(0));
+        if pages >= CHECKPOINT_PAGES {
+            self.wake_checkpointer();
+        }
+    }
+
+    fn wake_checkpointer(&self) {
+        if let Some(c) = &self.checkpointer {
+            c.wake();
+        }
     }
 
     /// The last entry whose effects are in the file.
@@ -207,6 +338,7 @@ impl StateMachine {
                         .and_then(|()| self.db.internal_cached(&engine::own().commit));
                     match recorded {
                         Ok(()) => {
+                            self.committed();
                             if self.db.guard.take_planner_touched() {
                                 self.reopen()?;
                             }
@@ -283,6 +415,8 @@ impl StateMachine {
             from,
             None::<fn(rusqlite::backup::Progress)>,
         )?;
+        // The whole file went through the WAL, past any commit's hook.
+        self.wake_checkpointer();
         self.reopen()
     }
 
@@ -367,6 +501,63 @@ mod tests {
             restarted.query(&stmts(check), &ExecOptions::default()),
         );
         assert_eq!(a, b, "the rows after {last}");
+    }
+
+    /// The WAL goes back into the file on the checkpointer's thread, not
+    /// inside a commit (where SQLite's autocheckpoint would put it): after
+    /// enough applies, the checkpointer has run, and the file holds the
+    /// rows without anyone else checkpointing. The `CREATE TABLE` also
+    /// opens the apply connection afresh, which keeps the checkpointer.
+    #[test]
+    fn the_wal_is_checkpointed_beside_the_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let stages = Arc::new(Stages::default());
+        let mut sm = StateMachine::open_timed(&path, Default::default(), stages.clone()).unwrap();
+        let apply = |sm: &mut StateMachine, index: u64, body: &str| {
+            let at = Applied {
+                term: 1,
+                leader: 1,
+                index,
+            };
+            sm.apply(
+                at,
+                &stmts(body),
+                &ExecOptions::default(),
+                &WriteEnv::default(),
+            )
+            .unwrap()
+            .unwrap()
+        };
+        apply(&mut sm, 1, r#"["CREATE TABLE t (v BLOB)"]"#);
+        // Each row is two pages and more: 600 rows pass the threshold.
+        for index in 2..=601 {
+            apply(
+                &mut sm,
+                index,
+                r#"["INSERT INTO t VALUES (zeroblob(8000))"]"#,
+            );
+        }
+        let file_len = || std::fs::metadata(&path).unwrap().len();
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        while (stages.checkpoint.count() == 0 || file_len() < 600 * 8000)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(stages.checkpoint.count() > 0, "the checkpointer never ran");
+        assert!(
+            file_len() >= 600 * 8000,
+            "the rows never reached the file: {} bytes",
+            file_len()
+        );
+        assert_eq!(
+            sm.query(
+                &stmts(r#"["SELECT count(*) FROM t"]"#),
+                &ExecOptions::default()
+            ),
+            vec![json!({"columns": ["count(*)"], "types": ["integer"], "values": [[600]]})]
+        );
     }
 
     /// SQLite keeps a rolled-back ANALYZE's figures in the connection's

@@ -102,7 +102,7 @@ impl StateStore {
         stages: Arc<Stages>,
     ) -> Result<Self, StorageError> {
         std::fs::create_dir_all(dir.join(SNAPSHOTS)).map_err(|e| sm_error(ErrorVerb::Read, e))?;
-        let mut sm = StateMachine::open(&dir.join(DB_FILE), shutdown)
+        let mut sm = StateMachine::open_timed(&dir.join(DB_FILE), shutdown, stages.clone())
             .map_err(|e| sm_error(ErrorVerb::Read, e))?;
         // The database file is written without an fsync per commit (the
         // log is the durable record), so an OS crash can take its newest
