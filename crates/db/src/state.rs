@@ -24,7 +24,7 @@
 
 use std::cell::Cell;
 use std::os::raw::c_int;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
@@ -167,7 +167,7 @@ impl Checkpointer {
     }
 }
 
-fn checkpoint_loop(path: &PathBuf, wakes: &mpsc::Receiver<()>, stages: &Stages) {
+fn checkpoint_loop(path: &Path, wakes: &mpsc::Receiver<()>, stages: &Stages) {
     let mut conn: Option<Connection> = None;
     while wakes.recv().is_ok() {
         if conn.is_none() {
@@ -496,6 +496,22 @@ mod tests {
         parse_statements(body.as_bytes()).unwrap()
     }
 
+    /// Applies `body` as entry `index` (term 1, leader 1); its results.
+    fn apply(sm: &mut StateMachine, index: u64, body: &str, transaction: bool) -> Vec<Value> {
+        let opts = ExecOptions {
+            transaction,
+            ..Default::default()
+        };
+        let at = Applied {
+            term: 1,
+            leader: 1,
+            index,
+        };
+        sm.apply(at, &stmts(body), &opts, &WriteEnv::default())
+            .unwrap()
+            .unwrap()
+    }
+
     /// Two nodes on files: `running` applies every entry on one
     /// connection; `restarted` is opened again just before the last entry.
     /// Both must answer it alike and end with the same rows.
@@ -504,20 +520,6 @@ mod tests {
         let open =
             |name: &str| StateMachine::open(&dir.path().join(name), Default::default()).unwrap();
         let (mut running, mut restarted) = (open("a.sqlite"), open("b.sqlite"));
-        let apply = |sm: &mut StateMachine, index: u64, body: &str, transaction: bool| {
-            let opts = ExecOptions {
-                transaction,
-                ..Default::default()
-            };
-            let at = Applied {
-                term: 1,
-                leader: 1,
-                index,
-            };
-            sm.apply(at, &stmts(body), &opts, &WriteEnv::default())
-                .unwrap()
-                .unwrap()
-        };
         for (i, (body, transaction)) in setup.iter().enumerate() {
             let a = apply(&mut running, i as u64 + 1, body, *transaction);
             let b = apply(&mut restarted, i as u64 + 1, body, *transaction);
@@ -547,28 +549,14 @@ mod tests {
         let path = dir.path().join("db.sqlite");
         let stages = Arc::new(Stages::default());
         let mut sm = StateMachine::open_timed(&path, Default::default(), stages.clone()).unwrap();
-        let apply = |sm: &mut StateMachine, index: u64, body: &str| {
-            let at = Applied {
-                term: 1,
-                leader: 1,
-                index,
-            };
-            sm.apply(
-                at,
-                &stmts(body),
-                &ExecOptions::default(),
-                &WriteEnv::default(),
-            )
-            .unwrap()
-            .unwrap()
-        };
-        apply(&mut sm, 1, r#"["CREATE TABLE t (v BLOB)"]"#);
+        apply(&mut sm, 1, r#"["CREATE TABLE t (v BLOB)"]"#, false);
         // Each row is two pages and more: 600 rows pass the threshold.
         for index in 2..=601 {
             apply(
                 &mut sm,
                 index,
                 r#"["INSERT INTO t VALUES (zeroblob(8000))"]"#,
+                false,
             );
         }
         let file_len = || std::fs::metadata(&path).unwrap().len();
@@ -603,22 +591,7 @@ mod tests {
         let path = dir.path().join("db.sqlite");
         let wal = dir.path().join("db.sqlite-wal");
         let mut sm = StateMachine::open(&path, Default::default()).unwrap();
-        let apply = |sm: &mut StateMachine, index: u64, body: &str| {
-            let at = Applied {
-                term: 1,
-                leader: 1,
-                index,
-            };
-            sm.apply(
-                at,
-                &stmts(body),
-                &ExecOptions::default(),
-                &WriteEnv::default(),
-            )
-            .unwrap()
-            .unwrap()
-        };
-        apply(&mut sm, 1, r#"["CREATE TABLE t (v BLOB)"]"#);
+        apply(&mut sm, 1, r#"["CREATE TABLE t (v BLOB)"]"#, false);
         // Two frames a commit (the row's page, the bookkeeping row's):
         // 6,000 commits are three times the cap.
         let mut largest = 0;
@@ -627,6 +600,7 @@ mod tests {
                 &mut sm,
                 index,
                 r#"["INSERT INTO t VALUES (zeroblob(3000))"]"#,
+                false,
             );
             largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
         }
