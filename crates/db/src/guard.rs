@@ -96,6 +96,10 @@ pub enum Tripped {
     Deadline,
     /// The node is shutting down.
     Shutdown,
+    /// The apply passed the time it may hold an async thread (see
+    /// [`Guard::yield_at`]): it is rolled back and run again, whole,
+    /// elsewhere. The node's doing, never the client's.
+    Yield,
 }
 
 const TRANSACTION_CONTROL: &str = "transaction control (BEGIN, COMMIT, END, ROLLBACK, SAVEPOINT, RELEASE) is not allowed: the node owns the transactions; send the statements with ?transaction to run them as one";
@@ -466,6 +470,11 @@ struct State {
     budget: u64,
     deadline: Option<Instant>,
     tripped: Option<Tripped>,
+    /// When a client's statement in an apply must give up its thread.
+    yield_at: Option<Instant>,
+    /// Set when a statement gave it up; stays set until the next
+    /// [`Guard::yield_at`], whatever runs in between.
+    yielded: bool,
 }
 
 /// The hooks installed on one connection, and their state.
@@ -500,6 +509,8 @@ impl Guard {
             budget: 0,
             deadline: None,
             tripped: None,
+            yield_at: None,
+            yielded: false,
         }));
         let hooked = state.clone();
         conn.authorizer(Some(move |ctx: AuthContext<'_>| {
@@ -565,6 +576,11 @@ impl Guard {
                         return true;
                     }
                     *left -= 1;
+                }
+                if counted && s.yield_at.is_some_and(|y| Instant::now() >= y) {
+                    s.tripped = Some(Tripped::Yield);
+                    s.yielded = true;
+                    return true;
                 }
                 if s.deadline.is_some_and(|d| Instant::now() >= d) {
                     s.tripped = Some(Tripped::Deadline);
@@ -632,6 +648,24 @@ impl Guard {
         s.tripped = None;
     }
 
+    /// From now on a client's statement that is still running at `at`
+    /// is stopped (`None`: never), and the caller learns it from
+    /// [`Self::yielded`]: the apply tried on an async thread moves
+    /// to a blocking one. Unlike the budget this depends on the clock,
+    /// so whatever ran is rolled back and run again whole: only a run
+    /// that was not stopped is kept.
+    pub fn yield_at(&self, at: Option<Instant>) {
+        let mut s = lock(&self.state);
+        s.yield_at = at;
+        s.yielded = false;
+    }
+
+    /// Whether a statement was stopped at the time set by
+    /// [`Self::yield_at`] since it was set.
+    pub fn yielded(&self) -> bool {
+        lock(&self.state).yielded
+    }
+
     /// No bound (the node's own work).
     pub fn unbounded(&self) {
         let mut s = lock(&self.state);
@@ -692,6 +726,11 @@ impl Guard {
                 return Ok("the query ran past its time limit and was stopped".into())
             }
             Some(Tripped::Shutdown) => return Err(Fault("the node is shutting down".into())),
+            Some(Tripped::Yield) => {
+                return Err(Fault(
+                    "the apply moved off the async thread; it runs again".into(),
+                ))
+            }
             None => {}
         }
         if self.shutting_down() {

@@ -211,6 +211,10 @@ pub enum ApplyError {
     Fault(#[from] Fault),
     #[error("{0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// Stopped at the time set for it ([`StateMachine::apply_entry_until`])
+    /// and rolled back: nothing of the entry is applied.
+    #[error("the apply was stopped to run again off the async thread")]
+    Yielded,
 }
 
 impl StateMachine {
@@ -362,7 +366,14 @@ impl StateMachine {
         let mut rerun = Rerun::default();
         loop {
             self.db.internal_cached(&engine::own().begin_immediate)?;
-            match work(&self.db, &rerun) {
+            let outcome = work(&self.db, &rerun);
+            // A run stopped by the clock is never kept, whatever the
+            // stopped statement made of its error.
+            if self.db.guard.yielded() {
+                self.roll_back();
+                return Err(ApplyError::Yielded);
+            }
+            match outcome {
                 Ok(out) => {
                     self.db.guard.set_mode(Mode::Internal);
                     self.db.guard.unbounded();
@@ -407,6 +418,27 @@ impl StateMachine {
                     return Err(fault.into());
                 }
             }
+        }
+    }
+
+    /// [`Self::apply_entry`] on a thread that must not be held long (an
+    /// async one): if a client's statement is still running at `until`,
+    /// it is stopped and the entry rolled back, `Ok(None)`, to be applied
+    /// again whole elsewhere. The clock decides only where an entry is
+    /// applied, never what it does: a stopped run leaves nothing behind.
+    pub fn apply_entry_until<T>(
+        &mut self,
+        at: Applied,
+        membership: Option<&str>,
+        until: Instant,
+        work: impl FnMut(&Guarded, &Rerun) -> Result<T, Stop>,
+    ) -> Result<Option<T>, ApplyError> {
+        self.db.guard.yield_at(Some(until));
+        let out = self.apply_entry(at, membership, work);
+        self.db.guard.yield_at(None);
+        match out {
+            Err(ApplyError::Yielded) => Ok(None),
+            out => out.map(Some),
         }
     }
 
@@ -536,6 +568,52 @@ mod tests {
             restarted.query(&stmts(check), &ExecOptions::default()),
         );
         assert_eq!(a, b, "the rows after {last}");
+    }
+
+    /// An apply stopped at its time (on an async thread) leaves nothing
+    /// behind, whatever it had done, and the entry run again whole answers
+    /// and writes as on a node that never stopped it: the clock decides
+    /// where an entry runs, never what it does. The statement stopped here
+    /// runs in a trigger, after a write of the same request and before a
+    /// failing one.
+    #[test]
+    fn an_apply_stopped_at_its_time_leaves_nothing_and_runs_again_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let open =
+            |name: &str| StateMachine::open(&dir.path().join(name), Default::default()).unwrap();
+        let (mut stopped, mut whole) = (open("a.sqlite"), open("b.sqlite"));
+        let setup = r#"["CREATE TABLE t (x INTEGER)", "CREATE TABLE log (n INTEGER)",
+            "CREATE TRIGGER slow AFTER INSERT ON log BEGIN INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000) SELECT x FROM c; END"]"#;
+        assert_eq!(apply(&mut stopped, 1, setup, false), apply(&mut whole, 1, setup, false));
+        let body = r#"["INSERT INTO t VALUES (0)", "INSERT INTO log VALUES (1)", "INSERT INTO nowhere VALUES (1)"]"#;
+        let statements = stmts(body);
+        let (opts, env) = (ExecOptions::default(), WriteEnv::default());
+        let at = Applied {
+            term: 1,
+            leader: 1,
+            index: 2,
+        };
+        let out = stopped
+            .apply_entry_until(at, None, Instant::now(), |db, rerun| {
+                engine::execute(db, 0, &statements, &opts, &env, rerun)
+            })
+            .unwrap();
+        assert_eq!(out, None, "the apply was not stopped");
+        assert_eq!(stopped.applied().unwrap().index, 1);
+        let count = r#"["SELECT count(*) FROM t"]"#;
+        let rows = |sm: &StateMachine| sm.query(&stmts(count), &ExecOptions::default());
+        assert_eq!(
+            rows(&stopped)[0]["values"],
+            json!([[0]]),
+            "a stopped apply left rows behind"
+        );
+        let (a, b) = (apply(&mut stopped, 2, body, false), apply(&mut whole, 2, body, false));
+        assert_eq!(a, b, "the answers differ");
+        assert_eq!(rows(&stopped), rows(&whole));
+        assert_eq!(rows(&whole)[0]["values"], json!([[100_001]]));
+        // A stop set and cleared leaves the next applies alone.
+        let c = r#"["INSERT INTO log VALUES (2)"]"#;
+        assert_eq!(apply(&mut stopped, 3, c, false), apply(&mut whole, 3, c, false));
     }
 
     /// The WAL goes back into the file on the checkpointer's thread, not
