@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{redirect_of, DbConfig, DbNode, Running, StartError};
 use crate::metrics::Stats;
 use crate::raft::log_store::LogStore;
-use crate::raft::network::{self, Contact, Network};
+use crate::raft::network::{self, Contact, Network, Replicas};
 use crate::raft::proposer::Proposer;
 use crate::raft::state_store::{Readers, StateStore};
 use crate::raft::Raft;
@@ -106,11 +106,18 @@ pub async fn start(
         }
     };
     let http_client = |e: reqwest::Error| StartError::Config(format!("HTTP client: {e}"));
-    let network =
-        Network::new(config.cluster_secret.clone(), durable, stages).map_err(http_client)?;
+    let replicas = Replicas::new(state.applied_ids());
+    let network = Network::new(
+        config.cluster_secret.clone(),
+        durable,
+        stages,
+        replicas.clone(),
+    )
+    .map_err(http_client)?;
     let raft = Raft::new(config.id, Arc::new(raft_config), network, log, state)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
+    replicas.watch(&raft);
 
     let contact = Arc::new(Contact::default());
     let node = Arc::new(DbNode {

@@ -15,7 +15,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -36,7 +36,9 @@ use sync_wrapper::SyncWrapper;
 
 use super::log_store::Durable;
 use super::stream;
-use super::{Member, Raft, TypeConfig};
+use super::{LogId, Member, Raft, TypeConfig};
+use openraft::EntryPayload;
+use tokio::sync::watch;
 use crate::auth::ClusterSecret;
 use crate::metrics::{Stages, Timed};
 use axum::response::IntoResponse;
@@ -50,6 +52,126 @@ pub struct Network {
     secret: Option<ClusterSecret>,
     durable: Durable,
     stages: Arc<Stages>,
+    replicas: Replicas,
+}
+
+/// What the leader needs to send a read replica each entry once, already
+/// committed, instead of twice.
+///
+/// openraft 0.9 sends every peer the entries, then, once they are
+/// committed, a second AppendEntries only to raise the peer's commit
+/// index: two messages each way per write, for each peer. A voter's
+/// answer to the first is its vote that the entry is durable, so a
+/// voter's entries go at once. A read replica's answers count for
+/// nothing (it never votes, and openraft's lease counts voters only), so
+/// its entries are held until this leader has applied them (bounded by
+/// [`REPLICA_HOLD`]) and go with their commit index, and the second
+/// AppendEntries that follows, asking nothing new of the replica, is
+/// answered here, without a message, if the replica answered the entries
+/// just now ([`REPLICA_ECHO`]). The replica applies each entry as soon as
+/// before (a commit index no later than openraft's); the leader saves a
+/// send and an answer per write, the replica a wake-up, and the voters'
+/// entries no longer wait behind the replica's on the leader's thread.
+#[derive(Clone)]
+pub struct Replicas {
+    /// The leader's metrics: its membership says who is a learner. Set
+    /// once the Raft exists; until then nobody is.
+    metrics: Arc<OnceLock<watch::Receiver<openraft::RaftMetrics<u64, Member>>>>,
+    /// The last entry this node applied.
+    applied: watch::Receiver<Option<LogId>>,
+}
+
+/// The longest a read replica's entries wait for their commit here.
+pub const REPLICA_HOLD: Duration = Duration::from_millis(50);
+/// How soon after a read replica answered entries a heartbeat asking
+/// nothing new of it is answered without a message (a heartbeat later
+/// than this goes, so the replica still hears from its leader).
+pub const REPLICA_ECHO: Duration = Duration::from_millis(5);
+
+impl Replicas {
+    pub fn new(applied: watch::Receiver<Option<LogId>>) -> Self {
+        Replicas {
+            metrics: Arc::default(),
+            applied,
+        }
+    }
+
+    /// Gives it the Raft's metrics, once the Raft exists.
+    pub fn watch(&self, raft: &Raft) {
+        self.watch_metrics(raft.metrics());
+    }
+
+    fn watch_metrics(&self, metrics: watch::Receiver<openraft::RaftMetrics<u64, Member>>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// Whether `id` is a learner (a read replica) in the membership this
+    /// node knows last (joint or not: a voter of either half is a voter).
+    fn is_learner(&self, id: u64) -> bool {
+        self.metrics.get().is_some_and(|m| {
+            m.borrow()
+                .membership_config
+                .membership()
+                .learner_ids()
+                .any(|l| l == id)
+        })
+    }
+
+    /// Waits (at most `within`) until this node has applied the last of
+    /// `rpc`'s entries, then sends them as committed. An entry applied
+    /// here is committed; the one applied carries the same leader (and
+    /// term) as the payload's last and is at or past its index, so by
+    /// Raft's log matching the payload's last entry is that committed
+    /// one (a later leader's entries never match). A membership change is
+    /// sent at once: the replica may be a voter of the next membership.
+    async fn commit_first(&self, rpc: &mut AppendEntriesRequest<TypeConfig>, within: Duration) {
+        let Some(last) = rpc.entries.last().map(|e| e.log_id) else {
+            return;
+        };
+        if rpc.leader_commit >= Some(last)
+            || rpc
+                .entries
+                .iter()
+                .any(|e| matches!(e.payload, EntryPayload::Membership(_)))
+        {
+            return;
+        }
+        let mut applied = self.applied.clone();
+        let committed = {
+            let waited = tokio::time::timeout(
+                within,
+                applied.wait_for(|a| {
+                    a.is_some_and(|a| a.leader_id == last.leader_id && a.index >= last.index)
+                }),
+            )
+            .await;
+            matches!(waited, Ok(Ok(_)))
+        };
+        if committed {
+            rpc.leader_commit = Some(last);
+        }
+    }
+}
+
+/// What a read replica last answered entries to: whose they were, the
+/// last of them, the commit index they carried, and when.
+struct ReplicaHas {
+    vote: openraft::Vote<u64>,
+    last: Option<LogId>,
+    commit: Option<LogId>,
+    at: Instant,
+}
+
+impl ReplicaHas {
+    /// Whether the heartbeat `rpc` asks nothing of the replica that it
+    /// did not just answer.
+    fn covers(&self, rpc: &AppendEntriesRequest<TypeConfig>) -> bool {
+        rpc.entries.is_empty()
+            && rpc.vote == self.vote
+            && rpc.prev_log_id == self.last
+            && rpc.leader_commit <= self.commit
+            && self.at.elapsed() < REPLICA_ECHO
+    }
 }
 
 impl Network {
@@ -60,6 +182,7 @@ impl Network {
         secret: Option<ClusterSecret>,
         durable: Durable,
         stages: Arc<Stages>,
+        replicas: Replicas,
     ) -> Result<Self, reqwest::Error> {
         let client = crate::peers::client(
             reqwest::Client::builder()
@@ -79,6 +202,7 @@ impl Network {
             secret,
             durable,
             stages,
+            replicas,
         })
     }
 }
@@ -119,6 +243,9 @@ pub struct Peer {
     plain: Arc<AtomicBool>,
     /// The AppendEntries in flight, answered or not.
     in_flight: SyncWrapper<Option<(PayloadKey, Flight)>>,
+    replicas: Replicas,
+    /// A read replica's last answer to entries (see [`Replicas`]).
+    replica_has: Option<ReplicaHas>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -136,6 +263,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             conn: SyncWrapper::new(None),
             plain: Arc::new(AtomicBool::new(false)),
             in_flight: SyncWrapper::new(None),
+            replicas: self.replicas.clone(),
+            replica_has: None,
         }
     }
 }
@@ -267,9 +396,17 @@ where
 impl RaftNetwork<TypeConfig> for Peer {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>, openraft::error::Infallible> {
+        let replica = self.replicas.is_learner(self.target);
+        if replica {
+            if self.replica_has.as_ref().is_some_and(|h| h.covers(&rpc)) {
+                return Ok(AppendEntriesResponse::Success);
+            }
+            let within = REPLICA_HOLD.min(option.hard_ttl() / 2);
+            self.replicas.commit_first(&mut rpc, within).await;
+        }
         // The followers apply what they are told is committed: only what
         // is durable here too (this node counted itself in the quorum
         // before its fsync). It is at most one fsync away.
@@ -301,6 +438,7 @@ impl RaftNetwork<TypeConfig> for Peer {
             rpc.prev_log_id,
             rpc.entries.last().map(|e| e.log_id),
         );
+        let commit = rpc.leader_commit;
         // Only a payload is picked up again after openraft stopped waiting
         // (a heartbeat's answer must be to the heartbeat just sent).
         let same = payload
@@ -327,6 +465,19 @@ impl RaftNetwork<TypeConfig> for Peer {
         let (conn, answer) = flight.await;
         *self.in_flight.get_mut() = None;
         *self.conn.get_mut() = conn;
+        if replica {
+            let answered = matches!(answer, Ok(AppendEntriesResponse::Success));
+            self.replica_has = match (answered, payload) {
+                (true, true) => Some(ReplicaHas {
+                    vote: key.0,
+                    last: key.2,
+                    commit,
+                    at: Instant::now(),
+                }),
+                (true, false) => self.replica_has.take(),
+                (false, _) => None,
+            };
+        }
         answer
     }
 
@@ -639,7 +790,13 @@ mod tests {
         durable: u64,
     ) -> (Peer, tokio::sync::watch::Sender<u64>) {
         let (on_disk, rx) = tokio::sync::watch::channel(durable);
-        let mut network = Network::new(None, Durable::from(rx), Default::default()).unwrap();
+        let mut network = Network::new(
+            None,
+            Durable::from(rx),
+            Default::default(),
+            Replicas::new(watch::channel(None).1),
+        )
+        .unwrap();
         let member = Member {
             api: addr.to_string(),
             raft: addr.to_string(),
@@ -696,6 +853,105 @@ mod tests {
             "a stream was not asked for again"
         );
         assert!(!peer.plain.load(Ordering::Relaxed));
+    }
+
+    /// A read replica is sent each entry once, already committed: its
+    /// entries wait for this node's apply of them and carry their commit
+    /// index; the heartbeat openraft sends right after, asking nothing
+    /// new, is answered without a message, and a later one goes. An entry
+    /// applied under another leader commits nothing of this payload. A
+    /// voter's entries go at once, as openraft gives them.
+    #[tokio::test]
+    async fn a_read_replica_is_sent_each_entry_once_committed() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let saw = seen.clone();
+        let addr = serve(Router::new().route(
+            "/raft/append",
+            post(move |Json(rpc): Json<AppendEntriesRequest<TypeConfig>>| {
+                let saw = saw.clone();
+                async move {
+                    saw.lock()
+                        .unwrap()
+                        .push((rpc.entries.len(), rpc.leader_commit.map(|c| c.index)));
+                    Json(Ok::<_, RaftError<u64>>(
+                        AppendEntriesResponse::<u64>::Success,
+                    ))
+                }
+            }),
+        ))
+        .await;
+        let sent = || seen.lock().unwrap().clone();
+        let id = |term, i| openraft::LogId::new(openraft::CommittedLeaderId::new(term, 1), i);
+        let (applied, applied_rx) = watch::channel(None);
+        let replicas = Replicas::new(applied_rx);
+        let mut metrics = openraft::RaftMetrics::new_initial(1);
+        let member = Member {
+            api: addr.to_string(),
+            raft: addr.to_string(),
+            name: None,
+        };
+        let nodes = [(1, member.clone()), (2, member.clone())];
+        metrics.membership_config = Arc::new(openraft::StoredMembership::new(
+            None,
+            openraft::Membership::new(
+                vec![[1].into()],
+                nodes.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            ),
+        ));
+        let (_metrics, metrics_rx) = watch::channel(metrics);
+        replicas.watch_metrics(metrics_rx);
+        let (_on_disk, durable) = watch::channel(100);
+        let mut network = Network::new(
+            None,
+            Durable::from(durable),
+            Default::default(),
+            replicas,
+        )
+        .unwrap();
+        let mut replica = network.new_client(2, &member).await;
+        let option = RPCOption::new(Duration::from_secs(10));
+
+        let mut entries = Box::pin(replica.append_entries(request(1, 3), option.clone()));
+        let early = tokio::time::timeout(Duration::from_millis(20), &mut entries).await;
+        assert!(early.is_err(), "the replica's entries left uncommitted");
+        assert!(sent().is_empty());
+        applied.send_replace(Some(id(1, 4)));
+        let answer = entries.await;
+        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        assert_eq!(sent(), [(3, Some(4))], "sent without its commit index");
+
+        let heartbeat = AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(1, 1),
+            prev_log_id: Some(id(1, 4)),
+            entries: Vec::new(),
+            leader_commit: Some(id(1, 4)),
+        };
+        let answer = replica.append_entries(heartbeat.clone(), option.clone()).await;
+        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        assert_eq!(sent().len(), 1, "a heartbeat asking nothing new was sent");
+        tokio::time::sleep(REPLICA_ECHO * 2).await;
+        let answer = replica.append_entries(heartbeat, option.clone()).await;
+        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        assert_eq!(sent().len(), 2, "a later heartbeat was not sent");
+
+        // Applied under a later leader: nothing here is known committed.
+        applied.send_replace(Some(id(2, 50)));
+        let mut later = request(1, 2);
+        later.prev_log_id = Some(id(1, 4));
+        for (i, e) in later.entries.iter_mut().enumerate() {
+            e.log_id = id(1, 5 + i as u64);
+        }
+        later.leader_commit = Some(id(1, 4));
+        let answer = replica.append_entries(later, option.clone()).await;
+        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        assert_eq!(sent()[2], (2, Some(4)), "another leader's entry committed this one");
+
+        // Entries a held payload would be sent as committed.
+        applied.send_replace(Some(id(1, 3)));
+        let mut voter = network.new_client(1, &member).await;
+        let answer = voter.append_entries(request(1, 2), option).await;
+        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        assert_eq!(sent()[3], (2, Some(1)), "a voter's entries were held");
     }
 
     /// A commit index goes out only once this node's log is durable up

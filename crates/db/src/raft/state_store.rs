@@ -28,7 +28,7 @@ use crate::metrics::Stages;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder};
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use super::{io_error, Command, Entry, LogId, StorageError, StoredMembership, TypeConfig};
 use crate::engine::{self, ExecOptions, Guarded, ReadLimits, Rerun, Stop};
@@ -90,6 +90,9 @@ pub struct StateStore {
     /// before its own copy is durable).
     durable: Durable,
     stages: Arc<Stages>,
+    /// The last entry applied here (for the leader's replication to read
+    /// replicas, see [`super::network::Replicas`]).
+    applied: Arc<watch::Sender<Option<LogId>>>,
 }
 
 impl StateStore {
@@ -122,12 +125,23 @@ impl StateStore {
                     .map_err(|e| sm_error(ErrorVerb::Read, e))?;
             }
         }
+        let applied = sm
+            .state()
+            .map_err(|e| sm_error(ErrorVerb::Read, e))?
+            .applied
+            .map(log_id_of);
         Ok(StateStore {
             sm: Arc::new(Mutex::new(sm)),
             dir: dir.to_path_buf(),
             durable,
             stages,
+            applied: Arc::new(watch::Sender::new(applied)),
         })
+    }
+
+    /// The last entry applied here, as it changes.
+    pub fn applied_ids(&self) -> watch::Receiver<Option<LogId>> {
+        self.applied.subscribe()
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -266,6 +280,9 @@ impl RaftStateMachine<TypeConfig> for StateStore {
                 .map_err(|e| sm_error(ErrorVerb::Write, e))?;
             self.stages.durable_wait.observe(waited.elapsed());
         }
+        let Some(last) = entries.last().map(|e| e.log_id) else {
+            return Ok(Vec::new());
+        };
         let applied = Instant::now();
         let mut results = Vec::with_capacity(entries.len());
         self.apply_inline(&entries, &mut results)?;
@@ -284,6 +301,7 @@ impl RaftStateMachine<TypeConfig> for StateStore {
             self.stages.apply_moved.observe(applied.elapsed());
         }
         self.stages.apply.observe(applied.elapsed());
+        self.applied.send_replace(Some(last));
         Ok(results)
     }
 
@@ -329,6 +347,7 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         let _ = tokio::fs::remove_file(dir.join(INCOMING)).await;
         let sm = self.sm.clone();
         let id = meta.snapshot_id.clone();
+        let last = meta.last_log_id;
         let meta = meta.clone();
         blocking(move || {
             let holds = Connection::open(&installing)
@@ -349,6 +368,7 @@ impl RaftStateMachine<TypeConfig> for StateStore {
             keep_as_current(&dir, &installing, &meta)
         })
         .await?;
+        self.applied.send_replace(last);
         tracing::info!(snapshot = %id, "installed a snapshot from the leader");
         Ok(())
     }
