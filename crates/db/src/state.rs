@@ -584,7 +584,10 @@ mod tests {
         let (mut stopped, mut whole) = (open("a.sqlite"), open("b.sqlite"));
         let setup = r#"["CREATE TABLE t (x INTEGER)", "CREATE TABLE log (n INTEGER)",
             "CREATE TRIGGER slow AFTER INSERT ON log BEGIN INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000) SELECT x FROM c; END"]"#;
-        assert_eq!(apply(&mut stopped, 1, setup, false), apply(&mut whole, 1, setup, false));
+        assert_eq!(
+            apply(&mut stopped, 1, setup, false),
+            apply(&mut whole, 1, setup, false)
+        );
         let body = r#"["INSERT INTO t VALUES (0)", "INSERT INTO log VALUES (1)", "INSERT INTO nowhere VALUES (1)"]"#;
         let statements = stmts(body);
         let (opts, env) = (ExecOptions::default(), WriteEnv::default());
@@ -607,13 +610,19 @@ mod tests {
             json!([[0]]),
             "a stopped apply left rows behind"
         );
-        let (a, b) = (apply(&mut stopped, 2, body, false), apply(&mut whole, 2, body, false));
+        let (a, b) = (
+            apply(&mut stopped, 2, body, false),
+            apply(&mut whole, 2, body, false),
+        );
         assert_eq!(a, b, "the answers differ");
         assert_eq!(rows(&stopped), rows(&whole));
         assert_eq!(rows(&whole)[0]["values"], json!([[100_001]]));
         // A stop set and cleared leaves the next applies alone.
         let c = r#"["INSERT INTO log VALUES (2)"]"#;
-        assert_eq!(apply(&mut stopped, 3, c, false), apply(&mut whole, 3, c, false));
+        assert_eq!(
+            apply(&mut stopped, 3, c, false),
+            apply(&mut whole, 3, c, false)
+        );
     }
 
     /// The WAL goes back into the file on the checkpointer's thread, not

@@ -37,11 +37,11 @@ use sync_wrapper::SyncWrapper;
 use super::log_store::Durable;
 use super::stream;
 use super::{LogId, Member, Raft, TypeConfig};
-use openraft::EntryPayload;
-use tokio::sync::watch;
 use crate::auth::ClusterSecret;
 use crate::metrics::{Stages, Timed};
 use axum::response::IntoResponse;
+use openraft::EntryPayload;
+use tokio::sync::watch;
 
 /// Connections to the other nodes (one pool shared by all peers).
 #[derive(Clone)]
@@ -895,19 +895,16 @@ mod tests {
             None,
             openraft::Membership::new(
                 vec![[1].into()],
-                nodes.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                nodes
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
             ),
         ));
         let (_metrics, metrics_rx) = watch::channel(metrics);
         replicas.watch_metrics(metrics_rx);
         let (_on_disk, durable) = watch::channel(100);
-        let mut network = Network::new(
-            None,
-            Durable::from(durable),
-            Default::default(),
-            replicas,
-        )
-        .unwrap();
+        let mut network =
+            Network::new(None, Durable::from(durable), Default::default(), replicas).unwrap();
         let mut replica = network.new_client(2, &member).await;
         let option = RPCOption::new(Duration::from_secs(10));
 
@@ -917,7 +914,10 @@ mod tests {
         assert!(sent().is_empty());
         applied.send_replace(Some(id(1, 4)));
         let answer = entries.await;
-        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
         assert_eq!(sent(), [(3, Some(4))], "sent without its commit index");
 
         let heartbeat = AppendEntriesRequest {
@@ -926,12 +926,20 @@ mod tests {
             entries: Vec::new(),
             leader_commit: Some(id(1, 4)),
         };
-        let answer = replica.append_entries(heartbeat.clone(), option.clone()).await;
-        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        let answer = replica
+            .append_entries(heartbeat.clone(), option.clone())
+            .await;
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
         assert_eq!(sent().len(), 1, "a heartbeat asking nothing new was sent");
         tokio::time::sleep(REPLICA_ECHO * 2).await;
         let answer = replica.append_entries(heartbeat, option.clone()).await;
-        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
         assert_eq!(sent().len(), 2, "a later heartbeat was not sent");
 
         // Applied under a later leader: nothing here is known committed.
@@ -943,14 +951,24 @@ mod tests {
         }
         later.leader_commit = Some(id(1, 4));
         let answer = replica.append_entries(later, option.clone()).await;
-        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
-        assert_eq!(sent()[2], (2, Some(4)), "another leader's entry committed this one");
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
+        assert_eq!(
+            sent()[2],
+            (2, Some(4)),
+            "another leader's entry committed this one"
+        );
 
         // Entries a held payload would be sent as committed.
         applied.send_replace(Some(id(1, 3)));
         let mut voter = network.new_client(1, &member).await;
         let answer = voter.append_entries(request(1, 2), option).await;
-        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
         assert_eq!(sent()[3], (2, Some(1)), "a voter's entries were held");
     }
 
