@@ -97,7 +97,7 @@ pub enum Tripped {
     /// The node is shutting down.
     Shutdown,
     /// The apply passed the time it may hold an async thread (see
-    /// [`Guard::yield_at`]): it is rolled back and run again, whole,
+    /// [`Guard::inline_until`]): it is rolled back and run again, whole,
     /// elsewhere. The node's doing, never the client's.
     Yield,
 }
@@ -472,9 +472,63 @@ struct State {
     tripped: Option<Tripped>,
     /// When a client's statement in an apply must give up its thread.
     yield_at: Option<Instant>,
+    /// A client's steps since the request began, while tried on an async
+    /// thread (counted by [`INLINE_STEPS_PER_CHECK`]).
+    inline_steps: u64,
     /// Set when a statement gave it up; stays set until the next
-    /// [`Guard::yield_at`], whatever runs in between.
+    /// [`Guard::inline_until`], whatever runs in between.
     yielded: bool,
+}
+
+/// VM steps between two calls of the progress handler while an apply is
+/// tried on an async thread ([`Guard::inline_until`]): that thread is held
+/// at most this many steps past its time (a step may handle a 16 MiB
+/// value: found by review, a thousand such steps held it for 160 ms).
+pub const INLINE_STEPS_PER_CHECK: u64 = 8;
+
+/// The progress handler: stops a statement at shutdown, at the end of a
+/// write's budget or a read's deadline, and an apply tried on an async
+/// thread at its time.
+fn progress(state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) -> impl FnMut() -> bool {
+    move || {
+        let mut s = lock(&state);
+        if stop.load(Ordering::Relaxed) {
+            s.tripped = Some(Tripped::Shutdown);
+            return true;
+        }
+        // The node's own statements do not spend a client's budget.
+        let counted = matches!(s.mode, Mode::Write | Mode::Load);
+        if s.yield_at.is_some() {
+            // Tried on an async thread: only the clock stops it, never
+            // the budget, whose verdict must be the same on every node.
+            // A request that might reach its budget moves (and meets it
+            // there, counted as always).
+            if counted {
+                s.inline_steps += INLINE_STEPS_PER_CHECK;
+                let near_budget = s.checks_left.is_some_and(|left| {
+                    left.saturating_mul(STEPS_PER_CHECK) <= s.inline_steps + 2 * STEPS_PER_CHECK
+                });
+                if near_budget || s.yield_at.is_some_and(|y| Instant::now() >= y) {
+                    s.tripped = Some(Tripped::Yield);
+                    s.yielded = true;
+                    return true;
+                }
+            }
+            return false;
+        }
+        if let Some(left) = s.checks_left.as_mut().filter(|_| counted) {
+            if *left == 0 {
+                s.tripped = Some(Tripped::Budget(s.budget));
+                return true;
+            }
+            *left -= 1;
+        }
+        if s.deadline.is_some_and(|d| Instant::now() >= d) {
+            s.tripped = Some(Tripped::Deadline);
+            return true;
+        }
+        false
+    }
 }
 
 /// The hooks installed on one connection, and their state.
@@ -510,6 +564,7 @@ impl Guard {
             deadline: None,
             tripped: None,
             yield_at: None,
+            inline_steps: 0,
             yielded: false,
         }));
         let hooked = state.clone();
@@ -555,39 +610,12 @@ impl Guard {
                 }
             }
         }));
-        let hooked = state.clone();
-        let stop = shutdown.clone();
         conn.progress_handler(
             match every {
                 Every::Budget => STEPS_PER_CHECK as i32,
                 Every::Deadline => READ_STEPS_PER_CHECK as i32,
             },
-            Some(move || {
-                let mut s = lock(&hooked);
-                if stop.load(Ordering::Relaxed) {
-                    s.tripped = Some(Tripped::Shutdown);
-                    return true;
-                }
-                // The node's own statements do not spend a client's budget.
-                let counted = matches!(s.mode, Mode::Write | Mode::Load);
-                if let Some(left) = s.checks_left.as_mut().filter(|_| counted) {
-                    if *left == 0 {
-                        s.tripped = Some(Tripped::Budget(s.budget));
-                        return true;
-                    }
-                    *left -= 1;
-                }
-                if counted && s.yield_at.is_some_and(|y| Instant::now() >= y) {
-                    s.tripped = Some(Tripped::Yield);
-                    s.yielded = true;
-                    return true;
-                }
-                if s.deadline.is_some_and(|d| Instant::now() >= d) {
-                    s.tripped = Some(Tripped::Deadline);
-                    return true;
-                }
-                false
-            }),
+            Some(progress(state.clone(), shutdown.clone())),
         );
         conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)?;
         conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
@@ -638,6 +666,7 @@ impl Guard {
         s.checks_left = (budget > 0).then_some(budget / STEPS_PER_CHECK);
         s.deadline = None;
         s.tripped = None;
+        s.inline_steps = 0;
     }
 
     /// A read starts: it must end by `deadline`.
@@ -648,20 +677,39 @@ impl Guard {
         s.tripped = None;
     }
 
-    /// From now on a client's statement that is still running at `at`
-    /// is stopped (`None`: never), and the caller learns it from
-    /// [`Self::yielded`]: the apply tried on an async thread moves
-    /// to a blocking one. Unlike the budget this depends on the clock,
-    /// so whatever ran is rolled back and run again whole: only a run
-    /// that was not stopped is kept.
-    pub fn yield_at(&self, at: Option<Instant>) {
-        let mut s = lock(&self.state);
-        s.yield_at = at;
-        s.yielded = false;
+    /// From now on (on `conn`, the connection this guards) a client's
+    /// statement that is still running at `until` is stopped (`None`:
+    /// never; back to the budget alone), and the caller learns it from
+    /// [`Self::yielded`]: the apply tried on an async thread moves to a
+    /// blocking one. Until then the handler runs every
+    /// [`INLINE_STEPS_PER_CHECK`] steps and decides nothing by the budget.
+    /// Unlike the budget this depends on the clock, so whatever ran is
+    /// rolled back and run again whole: only a run that was not stopped is
+    /// kept.
+    pub fn inline_until(&self, conn: &Connection, until: Option<Instant>) {
+        {
+            let mut s = lock(&self.state);
+            s.yield_at = until;
+            s.yielded = false;
+            s.inline_steps = 0;
+        }
+        let every = match until {
+            Some(_) => INLINE_STEPS_PER_CHECK,
+            None => STEPS_PER_CHECK,
+        };
+        conn.progress_handler(
+            every as i32,
+            Some(progress(self.state.clone(), self.shutdown.clone())),
+        );
+    }
+
+    /// Whether an apply is being tried on an async thread.
+    pub fn inline(&self) -> bool {
+        lock(&self.state).yield_at.is_some()
     }
 
     /// Whether a statement was stopped at the time set by
-    /// [`Self::yield_at`] since it was set.
+    /// [`Self::inline_until`] since it was set.
     pub fn yielded(&self) -> bool {
         lock(&self.state).yielded
     }

@@ -394,6 +394,11 @@ impl StateMachine {
                                     == Some(rusqlite::ErrorCode::ConstraintViolation) =>
                         {
                             self.roll_back();
+                            if self.db.guard.inline() {
+                                // The rerun scans every foreign key, as
+                                // long as the database is big: not here.
+                                return Err(ApplyError::Yielded);
+                            }
                             tracing::debug!(index = at.index, error = %e, "the entry's commit failed on a deferred key; running it again with each request checked");
                             rerun.check_deferred = true;
                         }
@@ -433,9 +438,9 @@ impl StateMachine {
         until: Instant,
         work: impl FnMut(&Guarded, &Rerun) -> Result<T, Stop>,
     ) -> Result<Option<T>, ApplyError> {
-        self.db.guard.yield_at(Some(until));
+        self.db.guard.inline_until(&self.db.conn, Some(until));
         let out = self.apply_entry(at, membership, work);
-        self.db.guard.yield_at(None);
+        self.db.guard.inline_until(&self.db.conn, None);
         match out {
             Err(ApplyError::Yielded) => Ok(None),
             out => out.map(Some),
