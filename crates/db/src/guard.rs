@@ -486,6 +486,18 @@ struct State {
 /// value: found by review, a thousand such steps held it for 160 ms).
 pub const INLINE_STEPS_PER_CHECK: u64 = 8;
 
+/// What a client's statement may do and still be tried on an async
+/// thread: insert, update and read columns (a plain `INSERT ... VALUES`,
+/// an `UPDATE ... WHERE`). Anything else (a `SELECT`, a subquery, a
+/// view, a function, a `DELETE`, a schema change) may hold the thread in
+/// one step or in its preparing, and moves before it runs.
+fn stays_inline(action: &AuthAction<'_>) -> bool {
+    matches!(
+        action,
+        AuthAction::Insert { .. } | AuthAction::Update { .. } | AuthAction::Read { .. }
+    )
+}
+
 /// The progress handler: stops a statement at shutdown, at the end of a
 /// write's budget or a read's deadline, and an apply tried on an async
 /// thread at its time.
@@ -570,6 +582,19 @@ impl Guard {
         let hooked = state.clone();
         conn.authorizer(Some(move |ctx: AuthContext<'_>| {
             let mut s = lock(&hooked);
+            if s.yield_at.is_some() && !matches!(s.mode, Mode::Internal) {
+                // Tried on an async thread: only what no single step or
+                // its preparing can make long stays (found by review: a
+                // statement over nested views took seconds to prepare,
+                // `count(*)` of a big table is one step), and nothing is
+                // prepared past the time.
+                let late = s.yield_at.is_some_and(|y| Instant::now() >= y);
+                if late || !stays_inline(&ctx.action) {
+                    s.tripped = Some(Tripped::Yield);
+                    s.yielded = true;
+                    return Authorization::Deny;
+                }
+            }
             if matches!(
                 ctx.action,
                 AuthAction::DropTable { .. }

@@ -53,9 +53,10 @@ pub struct Stages {
     pub durable_wait: Histogram,
     /// Applying entries to SQLite.
     pub apply: Histogram,
-    /// The applies that outran the time they may take on an async thread
-    /// and finished on a blocking one (the whole apply, timed from its
-    /// start; each also counts in `apply`).
+    /// The applies (each of one or more entries) that finished on a
+    /// blocking thread: an entry outran its time on the async thread or
+    /// could not be tried there (the whole apply, timed from its start;
+    /// each also counts in `apply`).
     pub apply_moved: Histogram,
     /// Copying SQLite's WAL back into the database file, beside the
     /// applies (`state.rs`, the checkpointer): not part of any one write.
@@ -174,7 +175,7 @@ impl Stats {
         )?;
         w.histograms(
             "scaleout_db_write_stage_seconds",
-            "Where writes spend their time on this node: log_write and log_fsync (the Raft log), replicate (leader: an AppendEntries with entries, sent to answered), durable_wait (before applying, this node's own fsync), apply (SQLite), apply_moved (applies that outran their time on an async thread and finished on a blocking one), checkpoint (SQLite's WAL copied back into its file, in the background).",
+            "Where writes spend their time on this node: log_write and log_fsync (the Raft log), replicate (leader: an AppendEntries with entries, sent to answered), durable_wait (before applying, this node's own fsync), apply (SQLite), apply_moved (applies that finished on a blocking thread, not the async one they were called on), checkpoint (SQLite's WAL copied back into its file, in the background).",
             self.stages
                 .all()
                 .map(|(stage, h)| (Labels([Label("stage", stage)]), h)),

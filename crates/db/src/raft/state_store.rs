@@ -213,7 +213,7 @@ impl StateStore {
         };
         let until = Instant::now() + INLINE_APPLY;
         for entry in entries {
-            if Instant::now() >= until || loads(entry) {
+            if Instant::now() >= until || !may_inline(entry) {
                 break;
             }
             match apply_one(&mut sm, entry, Some(until))? {
@@ -225,16 +225,27 @@ impl StateStore {
     }
 }
 
-/// Whether `entry` loads SQL text (`/db/load`): never tried on an async
-/// thread, as the node's own work for it (emptying the database, checking
-/// every foreign key) runs without a clock.
-fn loads(entry: &Entry) -> bool {
-    match &entry.payload {
-        EntryPayload::Normal(Command::Load { .. }) => true,
-        EntryPayload::Normal(Command::Batch(commands)) => {
-            commands.iter().any(|c| matches!(c, Command::Load { .. }))
+/// The most SQL text an entry tried on an async thread may carry:
+/// parsing it has no clock.
+const INLINE_SQL_BYTES: usize = 16 * 1024;
+
+/// Whether `entry` may be tried on an async thread: not a load
+/// (`/db/load`: the node's own work for it, emptying the database and
+/// checking every foreign key, has no clock), and not much SQL text.
+fn may_inline(entry: &Entry) -> bool {
+    fn bytes(command: &Command) -> Option<usize> {
+        match command {
+            Command::Execute { statements, .. } => {
+                Some(statements.iter().map(|s| s.sql.len()).sum())
+            }
+            Command::Load { .. } => None,
+            Command::Barrier => Some(0),
+            Command::Batch(commands) => commands.iter().map(bytes).sum(),
         }
-        _ => false,
+    }
+    match &entry.payload {
+        EntryPayload::Normal(command) => bytes(command).is_some_and(|b| b <= INLINE_SQL_BYTES),
+        EntryPayload::Blank | EntryPayload::Membership(_) => true,
     }
 }
 
@@ -802,9 +813,11 @@ mod tests {
 
     /// What could hold the async thread long moves off it: statements
     /// whose few steps each handle megabytes (found by review: a thousand
-    /// of them ran there for 160 ms), a commit failing on a deferred
-    /// foreign key (its rerun checks every key in the database) and a
-    /// load. Each is applied once and answered as on a blocking thread.
+    /// of them ran there for 160 ms), a statement over nested views (its
+    /// preparing took seconds), `count(*)` of a table (one step), a
+    /// commit failing on a deferred foreign key (its rerun checks every
+    /// key in the database) and a load. Each is applied once and answered
+    /// as on a blocking thread.
     #[tokio::test]
     async fn heavy_applies_move_off_the_async_thread() {
         let dir = tempfile::tempdir().unwrap();
@@ -816,50 +829,75 @@ mod tests {
             stages.clone(),
         )
         .unwrap();
-        let setup = r#"["CREATE TABLE t(x)", "CREATE TABLE p(id INTEGER PRIMARY KEY)",
-            "CREATE TABLE c(id INTEGER PRIMARY KEY, pid REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED)"]"#;
-        store.apply([entry(1, setup)]).await.unwrap();
-        assert_eq!(stages.apply_moved.count(), 0);
-        let heavy = r#"["INSERT INTO t SELECT sum(length(upper(hex(zeroblob(7000000))))) FROM (WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i<3) SELECT i FROM s)"]"#;
-        let results = store.apply([entry(2, heavy)]).await.unwrap();
-        assert_eq!(results[0][0]["rows_affected"], 1, "{results:?}");
-        assert_eq!(
-            stages.apply_moved.count(),
-            1,
-            "megabyte steps stayed inline"
-        );
-        let orphan = r#"["INSERT INTO c(pid) VALUES (999)"]"#;
-        let results = store.apply([entry(3, orphan)]).await.unwrap();
-        assert!(
-            results[0][0]["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("FOREIGN KEY")),
-            "{results:?}"
-        );
-        assert_eq!(
-            stages.apply_moved.count(),
-            2,
-            "a deferred key's rerun stayed inline"
-        );
+        let mut views = vec![
+            "CREATE TABLE t(x)".to_string(),
+            "CREATE TABLE p(id INTEGER PRIMARY KEY)".into(),
+            "CREATE TABLE c(id INTEGER PRIMARY KEY, pid REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED)".into(),
+            "CREATE VIEW v0 AS SELECT 1 a, 2 b".into(),
+            "INSERT INTO t SELECT zeroblob(4000000) FROM (WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i<3) SELECT i FROM s)".into(),
+        ];
+        views.extend((1..=10).map(|i| {
+            format!(
+                "CREATE VIEW v{i} AS SELECT * FROM v{} UNION ALL SELECT * FROM v{}",
+                i - 1,
+                i - 1
+            )
+        }));
+        let setup = serde_json::to_string(&views).unwrap();
+        store.apply([entry(1, &setup)]).await.unwrap();
+        let mut index = 1;
+        let mut moves = |sql: &str| {
+            index += 1;
+            (entry(index, sql), stages.apply_moved.count())
+        };
+        for (sql, what) in [
+            (r#"["UPDATE t SET x = x || x"]"#, "megabyte steps"),
+            (
+                r#"["INSERT INTO t SELECT nosuch FROM v10"]"#,
+                "nested views",
+            ),
+            (r#"["INSERT INTO t SELECT count(*) FROM t"]"#, "count(*)"),
+            (
+                r#"["INSERT INTO c(pid) VALUES (999)"]"#,
+                "a deferred key's rerun",
+            ),
+        ] {
+            let (e, before) = moves(sql);
+            let results = store.apply([e]).await.unwrap();
+            assert_eq!(
+                stages.apply_moved.count() - before,
+                1,
+                "{what} stayed on the async thread: {results:?}"
+            );
+        }
+        let (load, before) = moves(r#"["SELECT 1"]"#);
         let load = Entry {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 4),
             payload: EntryPayload::Normal(Command::Load {
                 sql: "INSERT INTO p VALUES (1);".into(),
                 replace: false,
                 env: Default::default(),
             }),
+            ..load
         };
         store.apply([load]).await.unwrap();
-        assert_eq!(stages.apply_moved.count(), 3, "a load was tried inline");
+        assert_eq!(
+            stages.apply_moved.count() - before,
+            1,
+            "a load was tried inline"
+        );
         let db = Connection::open(store.db_path()).unwrap();
-        let counts: (i64, i64, i64) = db
+        let counts: (i64, i64, i64, i64) = db
             .query_row(
-                "SELECT (SELECT count(*) FROM t), (SELECT count(*) FROM p), (SELECT count(*) FROM c)",
+                "SELECT (SELECT count(*) FROM t), (SELECT max(length(CAST(x AS BLOB))) FROM t), (SELECT count(*) FROM p), (SELECT count(*) FROM c)",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .unwrap();
-        assert_eq!(counts, (1, 1, 0));
+        assert_eq!(
+            counts,
+            (4, 8_000_000, 1, 0),
+            "an entry was applied twice or not at all"
+        );
     }
 
     /// A read that needs more than the inline time is not cut short:
