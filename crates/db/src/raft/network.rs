@@ -68,8 +68,9 @@ pub struct Network {
 /// [`REPLICA_HOLD`]) and go with their commit index, and the second
 /// AppendEntries that follows, asking nothing new of the replica, is
 /// answered here, without a message, if the replica answered the entries
-/// just now ([`REPLICA_ECHO`]). The replica applies each entry as soon as
-/// before (a commit index no later than openraft's); the leader saves a
+/// just now ([`REPLICA_ECHO`]). The replica learns each commit once the
+/// leader has applied it (openraft's heartbeat would bring it right after
+/// the commit, before the leader's apply); the leader saves a
 /// send and an answer per write, the replica a wake-up, and the voters'
 /// entries no longer wait behind the replica's on the leader's thread.
 #[derive(Clone)]
@@ -119,11 +120,16 @@ impl Replicas {
 
     /// Waits (at most `within`) until this node has applied the last of
     /// `rpc`'s entries, then sends them as committed. An entry applied
-    /// here is committed; the one applied carries the same leader (and
-    /// term) as the payload's last and is at or past its index, so by
-    /// Raft's log matching the payload's last entry is that committed
-    /// one (a later leader's entries never match). A membership change is
-    /// sent at once: the replica may be a voter of the next membership.
+    /// here is committed. The one applied is at or past the payload's
+    /// last index and was made either by the payload's last entry's
+    /// leader in its term or by the leader sending this payload (in the
+    /// term of its vote, whose log it was read from and which never
+    /// rewrites its own log): by Raft's log matching, the payload's last
+    /// entry is then the committed one at its index (a later leader's
+    /// entries never match; found by review: checking the first alone
+    /// held every entry of an earlier term, a replica catching up after
+    /// an election, for the whole wait). A membership change is sent at
+    /// once: the replica may be a voter of the next membership.
     async fn commit_first(&self, rpc: &mut AppendEntriesRequest<TypeConfig>, within: Duration) {
         let Some(last) = rpc.entries.last().map(|e| e.log_id) else {
             return;
@@ -136,12 +142,16 @@ impl Replicas {
         {
             return;
         }
+        let sender = *rpc.vote.leader_id();
         let mut applied = self.applied.clone();
         let committed = {
             let waited = tokio::time::timeout(
                 within,
                 applied.wait_for(|a| {
-                    a.is_some_and(|a| a.leader_id == last.leader_id && a.index >= last.index)
+                    a.is_some_and(|a| {
+                        (a.leader_id == last.leader_id || a.leader_id == sender)
+                            && a.index >= last.index
+                    })
                 }),
             )
             .await;
@@ -961,6 +971,28 @@ mod tests {
             "another leader's entry committed this one"
         );
 
+        // Entries of an earlier term, sent by the next leader once it has
+        // applied an entry of its own past them (a replica catching up
+        // after an election): committed.
+        applied.send_replace(Some(id(3, 9)));
+        let mut older = request(1, 2);
+        older.vote = openraft::Vote::new_committed(3, 1);
+        older.prev_log_id = Some(id(1, 6));
+        for (i, e) in older.entries.iter_mut().enumerate() {
+            e.log_id = id(1, 7 + i as u64);
+        }
+        older.leader_commit = Some(id(1, 6));
+        let answer = replica.append_entries(older, option.clone()).await;
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
+        assert_eq!(
+            sent()[3],
+            (2, Some(8)),
+            "an earlier term's entries were not sent as committed"
+        );
+
         // Entries a held payload would be sent as committed.
         applied.send_replace(Some(id(1, 3)));
         let mut voter = network.new_client(1, &member).await;
@@ -969,7 +1001,7 @@ mod tests {
             matches!(answer, Ok(AppendEntriesResponse::Success)),
             "{answer:?}"
         );
-        assert_eq!(sent()[3], (2, Some(1)), "a voter's entries were held");
+        assert_eq!(sent()[4], (2, Some(1)), "a voter's entries were held");
     }
 
     /// A commit index goes out only once this node's log is durable up
