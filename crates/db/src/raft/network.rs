@@ -892,6 +892,19 @@ mod tests {
         .await;
         let sent = || seen.lock().unwrap().clone();
         let id = |term, i| openraft::LogId::new(openraft::CommittedLeaderId::new(term, 1), i);
+        // `count` entries of term 1 after entry `prev`, from the leader of
+        // `term`, with commit index `commit`.
+        let payload = |term, prev: u64, count: u64, commit| AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(term, 1),
+            prev_log_id: Some(id(1, prev)),
+            entries: (prev + 1..=prev + count)
+                .map(|i| super::super::Entry {
+                    log_id: id(1, i),
+                    payload: openraft::EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: Some(id(1, commit)),
+        };
         let (applied, applied_rx) = watch::channel(None);
         let replicas = Replicas::new(applied_rx);
         let mut metrics = openraft::RaftMetrics::new_initial(1);
@@ -930,12 +943,7 @@ mod tests {
         );
         assert_eq!(sent(), [(3, Some(4))], "sent without its commit index");
 
-        let heartbeat = AppendEntriesRequest {
-            vote: openraft::Vote::new_committed(1, 1),
-            prev_log_id: Some(id(1, 4)),
-            entries: Vec::new(),
-            leader_commit: Some(id(1, 4)),
-        };
+        let heartbeat = payload(1, 4, 0, 4);
         let answer = replica
             .append_entries(heartbeat.clone(), option.clone())
             .await;
@@ -954,13 +962,9 @@ mod tests {
 
         // Applied under a later leader: nothing here is known committed.
         applied.send_replace(Some(id(2, 50)));
-        let mut later = request(1, 2);
-        later.prev_log_id = Some(id(1, 4));
-        for (i, e) in later.entries.iter_mut().enumerate() {
-            e.log_id = id(1, 5 + i as u64);
-        }
-        later.leader_commit = Some(id(1, 4));
-        let answer = replica.append_entries(later, option.clone()).await;
+        let answer = replica
+            .append_entries(payload(1, 4, 2, 4), option.clone())
+            .await;
         assert!(
             matches!(answer, Ok(AppendEntriesResponse::Success)),
             "{answer:?}"
@@ -975,14 +979,9 @@ mod tests {
         // applied an entry of its own past them (a replica catching up
         // after an election): committed.
         applied.send_replace(Some(id(3, 9)));
-        let mut older = request(1, 2);
-        older.vote = openraft::Vote::new_committed(3, 1);
-        older.prev_log_id = Some(id(1, 6));
-        for (i, e) in older.entries.iter_mut().enumerate() {
-            e.log_id = id(1, 7 + i as u64);
-        }
-        older.leader_commit = Some(id(1, 6));
-        let answer = replica.append_entries(older, option.clone()).await;
+        let answer = replica
+            .append_entries(payload(3, 6, 2, 6), option.clone())
+            .await;
         assert!(
             matches!(answer, Ok(AppendEntriesResponse::Success)),
             "{answer:?}"

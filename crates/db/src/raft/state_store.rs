@@ -696,13 +696,20 @@ mod tests {
 
     /// A state machine alone, its log durable everywhere.
     fn open_store(dir: &Path) -> StateStore {
-        StateStore::open(
+        open_timed_store(dir).0
+    }
+
+    /// [`open_store`], with the stages it times.
+    fn open_timed_store(dir: &Path) -> (StateStore, Arc<Stages>) {
+        let stages = Arc::new(Stages::default());
+        let store = StateStore::open(
             dir,
             Default::default(),
             Durable::everything(),
-            Default::default(),
+            stages.clone(),
         )
-        .unwrap()
+        .unwrap();
+        (store, stages)
     }
 
     fn entry(index: u64, sql: &str) -> Entry {
@@ -753,14 +760,7 @@ mod tests {
     #[tokio::test]
     async fn an_apply_longer_than_the_inline_time_finishes_whole_on_a_blocking_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let stages = Arc::new(Stages::default());
-        let mut store = StateStore::open(
-            dir.path(),
-            Default::default(),
-            Durable::everything(),
-            stages.clone(),
-        )
-        .unwrap();
+        let (mut store, stages) = open_timed_store(dir.path());
         store
             .apply([entry(1, r#"["CREATE TABLE t(x)"]"#)])
             .await
@@ -821,14 +821,7 @@ mod tests {
     #[tokio::test]
     async fn heavy_applies_move_off_the_async_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let stages = Arc::new(Stages::default());
-        let mut store = StateStore::open(
-            dir.path(),
-            Default::default(),
-            Durable::everything(),
-            stages.clone(),
-        )
-        .unwrap();
+        let (mut store, stages) = open_timed_store(dir.path());
         let mut views = vec![
             "CREATE TABLE t(x)".to_string(),
             "CREATE TABLE p(id INTEGER PRIMARY KEY)".into(),
