@@ -765,6 +765,14 @@ mod tests {
         }
     }
 
+    #[track_caller]
+    fn assert_success(answer: &AppendResult) {
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
+    }
+
     /// Answers `/raft/append` with success, counting the calls.
     fn appends(count: Arc<AtomicUsize>) -> Router {
         Router::new().route(
@@ -823,10 +831,7 @@ mod tests {
         let option = RPCOption::new(Duration::from_secs(10));
         for n in [0, 3, 0, 2] {
             let answer = peer.append_entries(request(1, n), option.clone()).await;
-            assert!(
-                matches!(answer, Ok(AppendEntriesResponse::Success)),
-                "{answer:?}"
-            );
+            assert_success(&answer);
         }
         assert_eq!(count.load(Ordering::Relaxed), 4);
         assert!(peer.plain.load(Ordering::Relaxed));
@@ -851,10 +856,7 @@ mod tests {
         let option = RPCOption::new(Duration::from_secs(10));
         for n in [2, 0, 1] {
             let answer = peer.append_entries(request(1, n), option.clone()).await;
-            assert!(
-                matches!(answer, Ok(AppendEntriesResponse::Success)),
-                "{answer:?}"
-            );
+            assert_success(&answer);
         }
         assert_eq!(count.load(Ordering::Relaxed), 3);
         assert_eq!(
@@ -937,27 +939,18 @@ mod tests {
         assert!(sent().is_empty());
         applied.send_replace(Some(id(1, 4)));
         let answer = entries.await;
-        assert!(
-            matches!(answer, Ok(AppendEntriesResponse::Success)),
-            "{answer:?}"
-        );
+        assert_success(&answer);
         assert_eq!(sent(), [(3, Some(4))], "sent without its commit index");
 
         let heartbeat = payload(1, 4, 0, 4);
         let answer = replica
             .append_entries(heartbeat.clone(), option.clone())
             .await;
-        assert!(
-            matches!(answer, Ok(AppendEntriesResponse::Success)),
-            "{answer:?}"
-        );
+        assert_success(&answer);
         assert_eq!(sent().len(), 1, "a heartbeat asking nothing new was sent");
         tokio::time::sleep(REPLICA_ECHO * 2).await;
         let answer = replica.append_entries(heartbeat, option.clone()).await;
-        assert!(
-            matches!(answer, Ok(AppendEntriesResponse::Success)),
-            "{answer:?}"
-        );
+        assert_success(&answer);
         assert_eq!(sent().len(), 2, "a later heartbeat was not sent");
 
         // Applied under a later leader: nothing here is known committed.
@@ -965,10 +958,7 @@ mod tests {
         let answer = replica
             .append_entries(payload(1, 4, 2, 4), option.clone())
             .await;
-        assert!(
-            matches!(answer, Ok(AppendEntriesResponse::Success)),
-            "{answer:?}"
-        );
+        assert_success(&answer);
         assert_eq!(
             sent()[2],
             (2, Some(4)),
@@ -982,10 +972,7 @@ mod tests {
         let answer = replica
             .append_entries(payload(3, 6, 2, 6), option.clone())
             .await;
-        assert!(
-            matches!(answer, Ok(AppendEntriesResponse::Success)),
-            "{answer:?}"
-        );
+        assert_success(&answer);
         assert_eq!(
             sent()[3],
             (2, Some(8)),
@@ -996,10 +983,7 @@ mod tests {
         applied.send_replace(Some(id(1, 3)));
         let mut voter = network.new_client(1, &member).await;
         let answer = voter.append_entries(request(1, 2), option).await;
-        assert!(
-            matches!(answer, Ok(AppendEntriesResponse::Success)),
-            "{answer:?}"
-        );
+        assert_success(&answer);
         assert_eq!(sent()[4], (2, Some(1)), "a voter's entries were held");
     }
 
@@ -1020,10 +1004,7 @@ mod tests {
         );
         on_disk.send_replace(5);
         let answer = peer.append_entries(request(5, 0), option).await;
-        assert!(
-            matches!(answer, Ok(AppendEntriesResponse::Success)),
-            "{answer:?}"
-        );
+        assert_success(&answer);
         assert_eq!(count.load(Ordering::Relaxed), 1);
     }
 }
