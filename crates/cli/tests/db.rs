@@ -654,7 +654,7 @@ async fn a_leader_cut_off_from_its_quorum_stops_taking_writes() {
     assert_eq!(status, 200);
     let followers: Vec<&DbNode> = nodes.iter().filter(|n| n.id != leader.id).collect();
     for f in &followers {
-        f.proc.signal(Signal::SIGSTOP);
+        f.proc.stop();
     }
     // A write taken just before the leader notices cannot commit: once the
     // lease is over it is answered "outcome unknown" (504), not held.

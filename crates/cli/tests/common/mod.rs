@@ -130,6 +130,39 @@ impl Proc {
         kill(self.pid(), signal).expect("signal scaleout");
     }
 
+    /// Sends SIGSTOP and returns once every thread of the process is
+    /// stopped: `kill` returns when the signal is sent, and a thread
+    /// running on another CPU may go on for a moment (long enough to
+    /// answer one more AppendEntries on a slow VM: a write then committed
+    /// after its followers were "stopped").
+    pub fn stop(&self) {
+        self.signal(Signal::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.pid());
+        // A thread's state is the field after its command's closing ')'.
+        let state = |stat: std::path::PathBuf| {
+            std::fs::read_to_string(stat).ok().and_then(|s| {
+                s.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.chars().next())
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let states: Vec<Option<char>> = std::fs::read_dir(&tasks)
+                .expect("the process's threads")
+                .filter_map(Result::ok)
+                .map(|t| state(t.path().join("stat")))
+                .collect();
+            if states.iter().all(|s| *s == Some('T')) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{tasks}: not stopped ({states:?})"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits for the process to exit, failing the test after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
