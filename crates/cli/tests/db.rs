@@ -137,6 +137,25 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
         .query("SELECT count(*) FROM t", "level=none&freshness=5s")
         .await;
     assert_eq!(status, 200, "{body}");
+    // Strict as well, right after each write: a follower in touch with
+    // its leader waits for the commit index it is about to hear of (with
+    // the leader's next message) rather than refuse the read.
+    for i in 0..20 {
+        let (status, w) = nodes[0]
+            .execute(json!([[
+                "INSERT INTO t (name) VALUES (?)",
+                format!("s{i}")
+            ]]))
+            .await;
+        assert_eq!(status, 200, "{w}");
+        let (status, body) = nodes[1]
+            .query(
+                "SELECT count(*) FROM t",
+                "level=none&freshness=5s&freshness_strict",
+            )
+            .await;
+        assert_eq!(status, 200, "write {i}: {body}");
+    }
 
     // Metrics: the leader's role and replication lag per follower.
     let metrics = common::get_text(&nodes[0].url("/metrics")).await;

@@ -156,6 +156,12 @@ pub struct DbNode {
     queue_seq: std::sync::atomic::AtomicU64,
 }
 
+/// How long a `freshness_strict` read on a node in touch with its leader
+/// waits for the entries in its log to be applied before it is refused:
+/// a follower learns a commit with the leader's next message (see
+/// `raft/network.rs`, `VOTER_ECHO`), a few milliseconds at most.
+const STRICT_CATCH_UP: Duration = Duration::from_millis(50);
+
 /// Queued writes a node holds before it refuses more (`503`).
 pub const QUEUE_DEPTH: usize = 4096;
 
@@ -421,7 +427,28 @@ impl http::DataNode for DbNode {
         match consistency::before_read(level, opts.freshness, opts.freshness_strict, &view) {
             Before::Serve => {}
             Before::NotLeader => return Err(self.not_leader()),
-            Before::Stale => return Err(NodeError::Stale),
+            Before::Stale => {
+                // In touch with the leader but (strict) behind its own log:
+                // entries not yet known committed here are committed with
+                // the leader's next message, within milliseconds. Waits
+                // that long for them rather than refuse.
+                let in_touch = opts
+                    .freshness
+                    .zip(view.contact_age)
+                    .is_some_and(|(limit, age)| age <= limit);
+                let caught_up = match (in_touch, view.last_log, opts.freshness) {
+                    (true, Some(last), Some(limit)) => self
+                        .raft
+                        .wait(Some(STRICT_CATCH_UP.min(limit)))
+                        .applied_index_at_least(Some(last), "freshness_strict")
+                        .await
+                        .is_ok(),
+                    _ => false,
+                };
+                if !caught_up {
+                    return Err(NodeError::Stale);
+                }
+            }
             Before::ConfirmLeadership => {
                 let confirmed =
                     tokio::time::timeout(self.read_timeout, self.raft.ensure_linearizable()).await;

@@ -85,7 +85,8 @@ pub async fn start(
         durable.clone(),
         stages.clone(),
     )
-    .map_err(|e| storage(&e))?;
+    .map_err(|e| storage(&e))?
+    .on_node(config.id);
     let db_path = state.db_path();
     let readers = Arc::new(Readers::open(&db_path, 4, stopping).map_err(|e| storage(&e))?);
 

@@ -62,7 +62,10 @@ pub struct Network {
 /// committed, a second AppendEntries only to raise the peer's commit
 /// index: two messages each way per write, for each peer. A voter's
 /// answer to the first is its vote that the entry is durable, so a
-/// voter's entries go at once. A read replica's answers count for
+/// voter's entries go at once; the second, right after the voter's answer,
+/// is answered here and its commit index goes with the next message to
+/// the voter, or on its own [`COMMIT_LATER`] after ([`VOTER_ECHO`]). A
+/// read replica's answers count for
 /// nothing (it never votes, and openraft's lease counts voters only), so
 /// its entries are held until this leader has applied them (bounded by
 /// [`REPLICA_HOLD`]) and go with their commit index, and the second
@@ -88,6 +91,22 @@ pub const REPLICA_HOLD: Duration = Duration::from_millis(50);
 /// nothing new of it is answered without a message (a heartbeat later
 /// than this goes, so the replica still hears from its leader).
 pub const REPLICA_ECHO: Duration = Duration::from_millis(5);
+
+/// How soon after a voter answered entries a heartbeat asking nothing
+/// new of it but a higher commit index is answered here (the commit index
+/// follows with the next message, or [`COMMIT_LATER`]). The answer is the
+/// voter's own of just before: its log and its vote. It tells openraft
+/// nothing it did not know but the time, up to this much later than the
+/// voter's real answer; openraft's lease (which sets
+/// `millis_since_quorum_ack`, see [`crate::node`]) is overstated by at
+/// most that. A linearizable read's check goes to every voter for real:
+/// openraft makes a new client for it, which has answered nothing.
+pub const VOTER_ECHO: Duration = Duration::from_millis(2);
+/// How long a commit index answered here waits for the next message to
+/// the voter before it goes on its own.
+pub const COMMIT_LATER: Duration = Duration::from_millis(2);
+/// The longest a commit index sent on its own is given.
+const COMMIT_LATER_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Replicas {
     pub fn new(applied: watch::Receiver<Option<LogId>>) -> Self {
@@ -163,24 +182,23 @@ impl Replicas {
     }
 }
 
-/// What a read replica last answered entries to: whose they were, the
-/// last of them, the commit index they carried, and when.
-struct ReplicaHas {
+/// What a peer last answered entries to: whose they were, the last of
+/// them, the commit index they carried, and when.
+struct Answered {
     vote: openraft::Vote<u64>,
     last: Option<LogId>,
     commit: Option<LogId>,
     at: Instant,
 }
 
-impl ReplicaHas {
-    /// Whether the heartbeat `rpc` asks nothing of the replica that it
-    /// did not just answer.
-    fn covers(&self, rpc: &AppendEntriesRequest<TypeConfig>) -> bool {
+impl Answered {
+    /// Whether the heartbeat `rpc` asks nothing of the peer that it did
+    /// not answer within `within`, but perhaps a higher commit index.
+    fn covers(&self, rpc: &AppendEntriesRequest<TypeConfig>, within: Duration) -> bool {
         rpc.entries.is_empty()
             && rpc.vote == self.vote
             && rpc.prev_log_id == self.last
-            && rpc.leader_commit <= self.commit
-            && self.at.elapsed() < REPLICA_ECHO
+            && self.at.elapsed() < within
     }
 }
 
@@ -254,8 +272,15 @@ pub struct Peer {
     /// The AppendEntries in flight, answered or not.
     in_flight: SyncWrapper<Option<(PayloadKey, Flight)>>,
     replicas: Replicas,
-    /// A read replica's last answer to entries (see [`Replicas`]).
-    replica_has: Option<ReplicaHas>,
+    /// The peer's last answer to entries (see [`Replicas`] and
+    /// [`VOTER_ECHO`]).
+    answered: Option<Answered>,
+    /// Raised by every AppendEntries that goes to the peer: a commit
+    /// index answered here is sent later only if nothing went meanwhile.
+    sent: Arc<AtomicU64>,
+    /// [`VOTER_ECHO`] and [`COMMIT_LATER`] (other values in tests).
+    voter_echo: Duration,
+    commit_later: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -274,7 +299,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             plain: Arc::new(AtomicBool::new(false)),
             in_flight: SyncWrapper::new(None),
             replicas: self.replicas.clone(),
-            replica_has: None,
+            answered: None,
+            sent: Arc::default(),
+            voter_echo: VOTER_ECHO,
+            commit_later: COMMIT_LATER,
         }
     }
 }
@@ -345,6 +373,44 @@ impl Peer {
         })
     }
 
+    /// Sends `rpc`, a heartbeat raising the peer's commit index that was
+    /// answered here, after [`COMMIT_LATER`] unless another AppendEntries
+    /// goes to the peer first (it carries the commit index too). Its
+    /// answer changes nothing here: a refusal shows in openraft's next
+    /// message to the peer.
+    fn send_commit_later(&self, rpc: AppendEntriesRequest<TypeConfig>) {
+        let ticket = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
+        let sent = self.sent.clone();
+        let (client, secret, base) = (self.client.clone(), self.secret.clone(), self.base.clone());
+        let (target, mut durable, later) = (self.target, self.durable.clone(), self.commit_later);
+        tokio::spawn(async move {
+            tokio::time::sleep(later).await;
+            if sent.load(Ordering::Relaxed) != ticket {
+                return;
+            }
+            if let Some(commit) = rpc.leader_commit {
+                let reached =
+                    tokio::time::timeout(COMMIT_LATER_TIMEOUT, durable.reach(commit.index));
+                if !matches!(reached.await, Ok(Ok(()))) {
+                    return;
+                }
+            }
+            let answer: AppendResult = send(
+                &client,
+                secret.as_ref(),
+                &base,
+                target,
+                "append",
+                &rpc,
+                COMMIT_LATER_TIMEOUT,
+            )
+            .await;
+            if let Err(e) = answer {
+                tracing::debug!(target, error = %e, "a commit index sent later was not taken");
+            }
+        });
+    }
+
     async fn call<Req, Resp, E>(
         &self,
         path: &str,
@@ -410,13 +476,25 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>, openraft::error::Infallible> {
         let replica = self.replicas.is_learner(self.target);
-        if replica {
-            if self.replica_has.as_ref().is_some_and(|h| h.covers(&rpc)) {
+        let echo = if replica {
+            REPLICA_ECHO
+        } else {
+            self.voter_echo
+        };
+        if let Some(has) = self.answered.as_ref().filter(|h| h.covers(&rpc, echo)) {
+            if rpc.leader_commit <= has.commit {
                 return Ok(AppendEntriesResponse::Success);
             }
+            if !replica {
+                self.send_commit_later(rpc);
+                return Ok(AppendEntriesResponse::Success);
+            }
+        }
+        if replica {
             let within = REPLICA_HOLD.min(option.hard_ttl() / 2);
             self.replicas.commit_first(&mut rpc, within).await;
         }
+        self.sent.fetch_add(1, Ordering::Relaxed);
         // The followers apply what they are told is committed: only what
         // is durable here too (this node counted itself in the quorum
         // before its fsync). It is at most one fsync away.
@@ -475,22 +553,19 @@ impl RaftNetwork<TypeConfig> for Peer {
         let (conn, answer) = flight.await;
         *self.in_flight.get_mut() = None;
         *self.conn.get_mut() = conn;
-        if replica {
-            let answered = matches!(answer, Ok(AppendEntriesResponse::Success));
-            self.replica_has = match (answered, payload) {
-                (true, true) => Some(ReplicaHas {
-                    vote: key.0,
-                    last: key.2,
-                    commit,
-                    at: Instant::now(),
-                }),
-                (true, false) => self.replica_has.take(),
-                (false, _) => None,
-            };
-        }
+        let answered = matches!(answer, Ok(AppendEntriesResponse::Success));
+        self.answered = match (answered, payload) {
+            (true, true) => Some(Answered {
+                vote: key.0,
+                last: key.2,
+                commit,
+                at: Instant::now(),
+            }),
+            (true, false) => self.answered.take(),
+            (false, _) => None,
+        };
         answer
     }
-
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
@@ -985,6 +1060,90 @@ mod tests {
         let answer = voter.append_entries(request(1, 2), option).await;
         assert_success(&answer);
         assert_eq!(sent()[4], (2, Some(1)), "a voter's entries were held");
+    }
+
+    /// A heartbeat that only raises a voter's commit index, right after
+    /// the voter answered entries, is answered here; the commit index
+    /// goes with the next message, or on its own a little later. A new
+    /// client (openraft makes one to confirm its leadership) and a
+    /// heartbeat past the window, of another vote or after other entries
+    /// go at once.
+    #[tokio::test]
+    async fn a_voters_commit_index_goes_with_its_next_message() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let saw = seen.clone();
+        let addr = serve(Router::new().route(
+            "/raft/append",
+            post(move |Json(rpc): Json<AppendEntriesRequest<TypeConfig>>| {
+                let saw = saw.clone();
+                async move {
+                    saw.lock().unwrap().push((
+                        rpc.vote.leader_id().term,
+                        rpc.entries.len(),
+                        rpc.leader_commit.map(|c| c.index),
+                    ));
+                    Json(Ok::<_, RaftError<u64>>(
+                        AppendEntriesResponse::<u64>::Success,
+                    ))
+                }
+            }),
+        ))
+        .await;
+        let sent = || seen.lock().unwrap().clone();
+        let id = |i| openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
+        let rpc = |term, prev: u64, count: u64, commit| AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(term, 1),
+            prev_log_id: Some(id(prev)),
+            entries: (prev + 1..=prev + count)
+                .map(|i| super::super::Entry {
+                    log_id: id(i),
+                    payload: openraft::EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: Some(id(commit)),
+        };
+        let (mut voter, _on_disk) = peer(addr, 100).await;
+        voter.voter_echo = Duration::from_secs(60);
+        voter.commit_later = Duration::from_millis(200);
+        let option = RPCOption::new(Duration::from_secs(10));
+
+        assert_success(&voter.append_entries(rpc(1, 1, 0, 1), option.clone()).await);
+        assert_eq!(
+            sent(),
+            [(1, 0, Some(1))],
+            "a new client's heartbeat was not sent"
+        );
+        assert_success(&voter.append_entries(rpc(1, 1, 2, 1), option.clone()).await);
+        assert_success(&voter.append_entries(rpc(1, 3, 0, 3), option.clone()).await);
+        assert_eq!(
+            sent().len(),
+            2,
+            "a heartbeat raising the commit index was sent at once"
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(sent()[2], (1, 0, Some(3)), "the commit index never went");
+
+        // Followed by entries: they carry the commit index, nothing else goes.
+        assert_success(&voter.append_entries(rpc(1, 3, 1, 3), option.clone()).await);
+        assert_success(&voter.append_entries(rpc(1, 4, 0, 4), option.clone()).await);
+        assert_success(&voter.append_entries(rpc(1, 4, 1, 4), option.clone()).await);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(sent()[3..], [(1, 1, Some(3)), (1, 1, Some(4))]);
+
+        // Another vote's heartbeat, or one for entries not just answered.
+        assert_success(&voter.append_entries(rpc(2, 5, 0, 5), option.clone()).await);
+        assert_success(&voter.append_entries(rpc(1, 4, 0, 5), option.clone()).await);
+        assert_eq!(sent()[5..], [(2, 0, Some(5)), (1, 0, Some(5))]);
+
+        // Past the window.
+        assert_success(&voter.append_entries(rpc(1, 5, 1, 5), option.clone()).await);
+        voter.voter_echo = Duration::ZERO;
+        assert_success(&voter.append_entries(rpc(1, 6, 0, 6), option).await);
+        assert_eq!(
+            sent()[7..],
+            [(1, 1, Some(5)), (1, 0, Some(6))],
+            "a heartbeat past the window was not sent"
+        );
     }
 
     /// A commit index goes out only once this node's log is durable up
