@@ -85,6 +85,14 @@ pub struct Replicas {
     applied: watch::Receiver<Option<LogId>>,
 }
 
+/// The least time between two payloads of entries to a read replica:
+/// the entries written meanwhile go together in the next (openraft sends
+/// a peer one payload at a time and the next from where it left off).
+/// At one client a write every few hundred microseconds reached the
+/// replica as a message of its own, with a wake-up, a parse and a log
+/// write each; a replica's reads already trail by up to its fsync
+/// interval ([`super::log_store::LEARNER_SYNC_EVERY`]).
+pub const REPLICA_EVERY: Duration = Duration::from_millis(2);
 /// The longest a read replica's entries wait for their commit here.
 pub const REPLICA_HOLD: Duration = Duration::from_millis(50);
 /// How soon after a read replica answered entries a heartbeat asking
@@ -278,7 +286,12 @@ pub struct Peer {
     /// Raised by every AppendEntries that goes to the peer: a commit
     /// index answered here is sent later only if nothing went meanwhile.
     sent: Arc<AtomicU64>,
-    /// [`VOTER_ECHO`] and [`COMMIT_LATER`] (other values in tests).
+    /// When entries last went to the peer (a read replica's are spaced
+    /// by [`REPLICA_EVERY`]).
+    entries_sent: Option<Instant>,
+    /// [`REPLICA_EVERY`], [`VOTER_ECHO`] and [`COMMIT_LATER`] (other
+    /// values in tests).
+    replica_every: Duration,
     voter_echo: Duration,
     commit_later: Duration,
 }
@@ -301,6 +314,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             replicas: self.replicas.clone(),
             answered: None,
             sent: Arc::default(),
+            entries_sent: None,
+            replica_every: REPLICA_EVERY,
             voter_echo: VOTER_ECHO,
             commit_later: COMMIT_LATER,
         }
@@ -490,9 +505,20 @@ impl RaftNetwork<TypeConfig> for Peer {
                 return Ok(AppendEntriesResponse::Success);
             }
         }
-        if replica {
+        if replica && !rpc.entries.is_empty() {
+            let started = Instant::now();
             let within = REPLICA_HOLD.min(option.hard_ttl() / 2);
-            self.replicas.commit_first(&mut rpc, within).await;
+            if let Some(gap) = self
+                .entries_sent
+                .and_then(|at| self.replica_every.checked_sub(at.elapsed()))
+            {
+                tokio::time::sleep(gap.min(within)).await;
+            }
+            let left = within.saturating_sub(started.elapsed());
+            self.replicas.commit_first(&mut rpc, left).await;
+        }
+        if !rpc.entries.is_empty() {
+            self.entries_sent = Some(Instant::now());
         }
         self.sent.fetch_add(1, Ordering::Relaxed);
         // The followers apply what they are told is committed: only what
@@ -942,6 +968,68 @@ mod tests {
         assert!(!peer.plain.load(Ordering::Relaxed));
     }
 
+    /// The network of leader 1 whose node 2, at `addr`, is a read
+    /// replica; what it applied (a sender), and what must be kept alive.
+    fn leader_with_replica(
+        addr: std::net::SocketAddr,
+    ) -> (Network, Member, watch::Sender<Option<LogId>>, impl Sized) {
+        let (applied, applied_rx) = watch::channel(None);
+        let replicas = Replicas::new(applied_rx);
+        let mut metrics = openraft::RaftMetrics::new_initial(1);
+        let member = Member {
+            api: addr.to_string(),
+            raft: addr.to_string(),
+            name: None,
+        };
+        let nodes = [(1, member.clone()), (2, member.clone())];
+        metrics.membership_config = Arc::new(openraft::StoredMembership::new(
+            None,
+            openraft::Membership::new(
+                vec![[1].into()],
+                nodes
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            ),
+        ));
+        let (metrics, metrics_rx) = watch::channel(metrics);
+        replicas.watch_metrics(metrics_rx);
+        let (on_disk, durable) = watch::channel(100);
+        let network =
+            Network::new(None, Durable::from(durable), Default::default(), replicas).unwrap();
+        (network, member, applied, (metrics, on_disk))
+    }
+
+    /// A read replica's payloads of entries leave at least
+    /// [`REPLICA_EVERY`] apart (40 ms here), so the writes made
+    /// meanwhile go together.
+    #[tokio::test]
+    async fn a_read_replicas_entries_go_together() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let addr = serve(appends(count.clone())).await;
+        let (mut network, member, applied, _keep) = leader_with_replica(addr);
+        applied.send_replace(Some(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(1, 1),
+            100,
+        )));
+        let mut replica = network.new_client(2, &member).await;
+        replica.replica_every = Duration::from_millis(40);
+        let option = RPCOption::new(Duration::from_secs(10));
+        let started = Instant::now();
+        assert_success(&replica.append_entries(request(1, 3), option.clone()).await);
+        assert_success(&replica.append_entries(request(1, 3), option.clone()).await);
+        assert_eq!(count.load(Ordering::Relaxed), 2);
+        assert!(
+            started.elapsed() >= Duration::from_millis(40),
+            "the second payload did not wait for the first's interval"
+        );
+        // A voter's go at once, whatever the interval.
+        let mut voter = network.new_client(1, &member).await;
+        voter.replica_every = Duration::from_secs(60);
+        assert_success(&voter.append_entries(request(1, 3), option.clone()).await);
+        assert_success(&voter.append_entries(request(1, 3), option).await);
+        assert_eq!(count.load(Ordering::Relaxed), 4);
+    }
+
     /// A read replica is sent each entry once, already committed: its
     /// entries wait for this node's apply of them and carry their commit
     /// index; the heartbeat openraft sends right after, asking nothing
@@ -982,29 +1070,7 @@ mod tests {
                 .collect(),
             leader_commit: Some(id(1, commit)),
         };
-        let (applied, applied_rx) = watch::channel(None);
-        let replicas = Replicas::new(applied_rx);
-        let mut metrics = openraft::RaftMetrics::new_initial(1);
-        let member = Member {
-            api: addr.to_string(),
-            raft: addr.to_string(),
-            name: None,
-        };
-        let nodes = [(1, member.clone()), (2, member.clone())];
-        metrics.membership_config = Arc::new(openraft::StoredMembership::new(
-            None,
-            openraft::Membership::new(
-                vec![[1].into()],
-                nodes
-                    .into_iter()
-                    .collect::<std::collections::BTreeMap<_, _>>(),
-            ),
-        ));
-        let (_metrics, metrics_rx) = watch::channel(metrics);
-        replicas.watch_metrics(metrics_rx);
-        let (_on_disk, durable) = watch::channel(100);
-        let mut network =
-            Network::new(None, Durable::from(durable), Default::default(), replicas).unwrap();
+        let (mut network, member, applied, _keep) = leader_with_replica(addr);
         let mut replica = network.new_client(2, &member).await;
         let option = RPCOption::new(Duration::from_secs(10));
 
