@@ -318,6 +318,71 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
     assert!(r.json::<Value>().await.unwrap()["error"].is_string());
 }
 
+/// A statement of nothing (spaces, comments, semicolons: SQLite prepares
+/// no statement from it) is a clear error of its own, on every path,
+/// and stops nothing: it once stopped every node that applied it (the
+/// whole cluster, for good, as restarts applied it again), and a few as
+/// reads took every read connection of a node with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_of_nothing_is_an_error_that_stops_no_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = DbNode::start(1, dir.path(), &[]);
+    leader_of(std::slice::from_ref(&node)).await;
+    let (status, _) = node
+        .execute(json!(["CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"]))
+        .await;
+    assert_eq!(status, 200);
+    let blanks = [
+        json!([" "]),
+        json!([""]),
+        json!([";"]),
+        json!(["-- hi"]),
+        json!(["/* x */ ;; "]),
+        json!([["  ;  "]]),
+        json!([["", {}]]),
+        json!(["INSERT INTO t (v) VALUES ('kept')", " "]),
+    ];
+    for path in ["/db/execute", "/db/execute?transaction", "/db/request"] {
+        for body in &blanks {
+            let (status, answer) = post_json(&node.url(path), body).await;
+            assert_eq!(status, 200, "{path} {body}: {answer}");
+            let results = answer["results"].as_array().unwrap();
+            let last = results.last().unwrap();
+            assert!(
+                last["error"].as_str().unwrap().contains("empty statement"),
+                "{path} {body}: {answer}"
+            );
+        }
+    }
+    let (status, queued) = post_json(&node.url("/db/execute?queue"), &json!(["  "])).await;
+    assert_eq!(status, 200, "{queued}");
+    for _ in 0..5 {
+        let (status, answer) = post_json(&node.url("/db/query?level=none"), &json!(["  "])).await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer["results"][0]["error"].is_string(), "{answer}");
+    }
+    // The node still writes and reads: the first batch's INSERT once
+    // outside a transaction and once through /db/request (the transaction
+    // rolled back with its blank statement), and one more now.
+    let (status, answer) = node
+        .execute(json!([["INSERT INTO t (v) VALUES (?)", "after"]]))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["results"][0]["rows_affected"], 1, "{answer}");
+    let (status, body) = node
+        .query(
+            "SELECT v, count(*) FROM t GROUP BY v ORDER BY v",
+            "level=none",
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["results"][0]["values"],
+        json!([["after", 1], ["kept", 2]]),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_during_writes_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();

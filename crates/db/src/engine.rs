@@ -48,6 +48,17 @@ impl ToSql for Param {
     }
 }
 
+/// Whether SQLite found no statement in the text it prepared (only
+/// spaces, comments or semicolons): it then gives no statement at all,
+/// and running that one is misuse (`SQLITE_MISUSE`, which the guard takes
+/// for a fault of the node: one blank statement stopped every node that
+/// applied it, found by review), reading its counters a panic. SQLite's
+/// text of a statement it prepared is never absent; a statement with
+/// parameters or columns is one.
+fn holds_nothing(stmt: &rusqlite::Statement<'_>) -> bool {
+    stmt.parameter_count() == 0 && stmt.column_count() == 0 && stmt.expanded_sql().is_none()
+}
+
 /// Why a statement could not be prepared: SQLite refused it (its
 /// authorizer included), or the request's parameters do not fit it.
 enum Prepared {
@@ -137,6 +148,11 @@ pub fn own() -> &'static Own {
 /// Binds a request's parameters (all of them: a cached statement's
 /// bindings were cleared when it went back to the cache).
 fn bind(stmt: &mut rusqlite::Statement<'_>, s: &Statement) -> Result<(), Prepared> {
+    if holds_nothing(stmt) {
+        return Err(Prepared::Request(
+            "empty statement: the SQL holds only spaces, comments or semicolons".into(),
+        ));
+    }
     match &s.params {
         Params::None => {}
         Params::Positional(values) => {

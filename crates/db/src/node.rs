@@ -442,7 +442,9 @@ impl http::DataNode for DbNode {
                         .wait(Some(STRICT_CATCH_UP.min(limit)))
                         .applied_index_at_least(Some(last), "freshness_strict")
                         .await
-                        .is_ok(),
+                        .is_ok()
+                        // Still in touch once caught up (found by review).
+                        && self.contact.age().is_some_and(|age| age <= limit),
                     _ => false,
                 };
                 if !caught_up {

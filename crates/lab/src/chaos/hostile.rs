@@ -157,6 +157,8 @@ pub fn statement(rng: &mut Rng, attach: &str, runaway: bool) -> Value {
                 "VACUUM",
                 "CREATE TEMP TABLE tt (x)",
                 "UPDATE _scaleout_applied SET log_index = 0",
+                " ",
+                "-- nothing\n;",
             ])
             .to_string(),
         15 => format!(
