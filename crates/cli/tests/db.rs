@@ -354,6 +354,34 @@ async fn a_statement_of_nothing_is_an_error_that_stops_no_node() {
             );
         }
     }
+    // SQLite reads up to a NUL byte: text holding one is refused whole.
+    let (status, answer) = node
+        .execute(json!(["INSERT INTO t (v) VALUES ('nul')\u{0}; garbage"]))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["results"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("NUL"),
+        "{answer}"
+    );
+    let (_, answer) = node.query("SELECT 1\u{0} garbage", "level=none").await;
+    assert!(
+        answer["results"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("NUL"),
+        "{answer}"
+    );
+    let loaded = client()
+        .post(node.url("/db/load"))
+        .body("INSERT INTO t (v) VALUES ('nul');\0INSERT INTO t (v) VALUES ('nul');")
+        .send()
+        .await
+        .unwrap();
+    let text = loaded.text().await.unwrap();
+    assert!(text.contains("NUL"), "{text}");
     let (status, queued) = post_json(&node.url("/db/execute?queue"), &json!(["  "])).await;
     assert_eq!(status, 200, "{queued}");
     for _ in 0..5 {

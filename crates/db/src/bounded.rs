@@ -19,10 +19,53 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::functions::{Context, FunctionFlags};
-use rusqlite::types::{Value, ValueRef};
+use rusqlite::types::{FromSql, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::Connection;
 
 use crate::guard::MAX_VALUE_BYTES;
+
+/// A value as SQLite holds it, owned: text as its bytes, valid UTF-8 or
+/// not (SQLite never checks; rusqlite's `Value` panics on text that is
+/// not, and a client can make such text with `CAST(x'ff' AS TEXT)`:
+/// found by review).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Raw {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(Vec<u8>),
+    Blob(Vec<u8>),
+}
+
+impl From<ValueRef<'_>> for Raw {
+    fn from(v: ValueRef<'_>) -> Self {
+        match v {
+            ValueRef::Null => Raw::Null,
+            ValueRef::Integer(i) => Raw::Integer(i),
+            ValueRef::Real(f) => Raw::Real(f),
+            ValueRef::Text(t) => Raw::Text(t.to_vec()),
+            ValueRef::Blob(b) => Raw::Blob(b.to_vec()),
+        }
+    }
+}
+
+impl ToSql for Raw {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            Raw::Null => ValueRef::Null,
+            Raw::Integer(i) => ValueRef::Integer(*i),
+            Raw::Real(f) => ValueRef::Real(*f),
+            Raw::Text(t) => ValueRef::Text(t),
+            Raw::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+impl FromSql for Raw {
+    fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+        Ok(v.into())
+    }
+}
 
 /// What a call's work is charged to: the bytes it reads; an error stops
 /// it (a read past its deadline).
@@ -47,8 +90,8 @@ pub fn install(conn: &Connection, charge: Charge) -> rusqlite::Result<()> {
     conn.create_scalar_function("instr", 2, flags, move |ctx: &Context<'_>| {
         pay_for(&pay, ctx)?;
         match (text_or_blob(ctx.get_raw(0)), text_or_blob(ctx.get_raw(1))) {
-            (Some(h), Some(n)) => Ok(Value::Integer(instr(h, n))),
-            _ if is_null(ctx, 0) || is_null(ctx, 1) => Ok(Value::Null),
+            (Some(h), Some(n)) => Ok(Raw::Integer(instr(h, n))),
+            _ if is_null(ctx, 0) || is_null(ctx, 1) => Ok(Raw::Null),
             _ => call(&original, "instr", &args(ctx)),
         }
     })?;
@@ -60,8 +103,8 @@ pub fn install(conn: &Connection, charge: Charge) -> rusqlite::Result<()> {
             .map(|i| text_of(ctx.get_raw(i)))
             .collect::<Option<Vec<&str>>>();
         match all {
-            Some(a) => replace(a[0], a[1], a[2]).map(|s| Value::Text(s.into_owned())),
-            None if (0..3).any(|i| is_null(ctx, i)) => Ok(Value::Null),
+            Some(a) => replace(a[0], a[1], a[2]).map(|s| Raw::Text(s.into_owned().into_bytes())),
+            None if (0..3).any(|i| is_null(ctx, i)) => Ok(Raw::Null),
             None => call(&original, "replace", &args(ctx)),
         }
     })?;
@@ -76,9 +119,9 @@ pub fn install(conn: &Connection, charge: Charge) -> rusqlite::Result<()> {
             pay_for(&pay, ctx)?;
             match (text_of(ctx.get_raw(0)), text_of(ctx.get_raw(1))) {
                 (Some(x), Some(set)) => {
-                    trim(x, set, left, right).map(|s| Value::Text(s.to_string()))
+                    trim(x, set, left, right).map(|s| Raw::Text(s.as_bytes().to_vec()))
                 }
-                _ if is_null(ctx, 0) || is_null(ctx, 1) => Ok(Value::Null),
+                _ if is_null(ctx, 0) || is_null(ctx, 1) => Ok(Raw::Null),
                 _ => call(&original, name, &args(ctx)),
             }
         })?;
@@ -101,7 +144,7 @@ fn is_null(ctx: &Context<'_>, i: usize) -> bool {
     matches!(ctx.get_raw(i), ValueRef::Null)
 }
 
-fn args(ctx: &Context<'_>) -> Vec<Value> {
+fn args(ctx: &Context<'_>) -> Vec<Raw> {
     (0..ctx.len()).map(|i| ctx.get_raw(i).into()).collect()
 }
 
@@ -201,11 +244,7 @@ fn trim<'a>(x: &'a str, set: &str, left: bool, right: bool) -> rusqlite::Result<
 
 /// Calls SQLite's own `name` on `args`, on a private connection where
 /// nothing replaced it (also used by [`crate::determinism`]).
-pub(crate) fn call(
-    builtin: &Mutex<Connection>,
-    name: &str,
-    args: &[Value],
-) -> rusqlite::Result<Value> {
+pub(crate) fn call(builtin: &Mutex<Connection>, name: &str, args: &[Raw]) -> rusqlite::Result<Raw> {
     let conn = builtin
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -214,7 +253,7 @@ pub(crate) fn call(
         .collect::<Vec<_>>()
         .join(",");
     let mut stmt = conn.prepare_cached(&format!("SELECT {name}({marks})"))?;
-    stmt.query_row(rusqlite::params_from_iter(args), |r| r.get::<_, Value>(0))
+    stmt.query_row(rusqlite::params_from_iter(args), |r| r.get::<_, Raw>(0))
 }
 
 #[cfg(test)]
@@ -258,6 +297,21 @@ mod tests {
         ];
         for case in cases {
             let sql = format!("SELECT quote({case})");
+            let a: String = ours.query_row(&sql, [], |r| r.get(0)).unwrap();
+            let b: String = theirs.query_row(&sql, [], |r| r.get(0)).unwrap();
+            assert_eq!(a, b, "{case}");
+        }
+        // Text that is not UTF-8 (SQLite never checks; rusqlite's `Value`
+        // panicked on it, found by review), through each path.
+        for case in [
+            "instr(CAST(x'ff' AS TEXT), 1)",
+            "instr(CAST(x'41ff42' AS TEXT), 'B')",
+            "replace(CAST(x'ff' AS TEXT), 1, 2)",
+            "replace(CAST(x'ff41' AS TEXT), 'A', 'b')",
+            "trim(CAST(x'ff' AS TEXT), 1)",
+            "ltrim(CAST(x'ff4141' AS TEXT), CAST(x'ff' AS TEXT))",
+        ] {
+            let sql = format!("SELECT typeof(x) || ':' || hex(x) FROM (SELECT {case} AS x)");
             let a: String = ours.query_row(&sql, [], |r| r.get(0)).unwrap();
             let b: String = theirs.query_row(&sql, [], |r| r.get(0)).unwrap();
             assert_eq!(a, b, "{case}");

@@ -22,7 +22,9 @@
 use std::sync::{Arc, Mutex};
 
 use rusqlite::functions::{Context, FunctionFlags};
-use rusqlite::types::{Value, ValueRef};
+use rusqlite::types::ValueRef;
+
+use crate::bounded::Raw;
 use rusqlite::Connection;
 
 /// What the leader fixes for one write.
@@ -116,15 +118,14 @@ fn lock(draws: &Mutex<Draws>) -> std::sync::MutexGuard<'_, Draws> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn owned(v: ValueRef<'_>) -> Value {
+fn owned(v: ValueRef<'_>) -> Raw {
     v.into()
 }
 
 /// SQLite's text form of a value, for comparing arguments as SQLite does.
-fn text_of(v: &Value) -> Option<&[u8]> {
+fn text_of(v: &Raw) -> Option<&[u8]> {
     match v {
-        Value::Text(t) => Some(t.as_bytes()),
-        Value::Blob(b) => Some(b),
+        Raw::Text(t) | Raw::Blob(t) => Some(t),
         _ => None,
     }
 }
@@ -132,7 +133,7 @@ fn text_of(v: &Value) -> Option<&[u8]> {
 /// A time value that makes SQLite read the clock: `'now'`, and
 /// `'subsec'`/`'subsecond'` (now, to the millisecond), compared as
 /// SQLite compares them (whole, any case).
-fn reads_the_clock(v: &Value) -> Option<Clock> {
+fn reads_the_clock(v: &Raw) -> Option<Clock> {
     let t = text_of(v)?;
     if t.eq_ignore_ascii_case(b"now") {
         Some(Clock::Now)
@@ -149,7 +150,7 @@ enum Clock {
     Subsec,
 }
 
-fn depends_on_time_zone(v: &Value) -> bool {
+fn depends_on_time_zone(v: &Raw) -> bool {
     text_of(v).is_some_and(|t| {
         let t = t.trim_ascii();
         t.eq_ignore_ascii_case(b"localtime") || t.eq_ignore_ascii_case(b"utc")
@@ -226,7 +227,7 @@ impl FixedFunctions {
             let (draws, builtin) = (fixed.draws.clone(), builtin.clone());
             conn.create_scalar_function(name, -1, constant, move |ctx: &Context<'_>| {
                 let now = timestamp(lock(&draws).moment.unix_ms);
-                let mut args: Vec<Value> = (0..ctx.len()).map(|i| owned(ctx.get_raw(i))).collect();
+                let mut args: Vec<Raw> = (0..ctx.len()).map(|i| owned(ctx.get_raw(i))).collect();
                 let modifiers_from = time_at.map_or(args.len(), |t| t + 1);
                 if args.iter().skip(modifiers_from).any(depends_on_time_zone) {
                     return Err(refuse(format!(
@@ -238,18 +239,18 @@ impl FixedFunctions {
                     if time_at.is_none_or(|t| t == i) {
                         if let Some(clock) = reads_the_clock(arg) {
                             subsec |= clock == Clock::Subsec;
-                            *arg = Value::Text(now.clone());
+                            *arg = Raw::Text(now.clone().into_bytes());
                         }
                     }
                 }
                 // 'subsec' as the time value also asks for milliseconds in
                 // the answer, as the modifier of that name does.
                 if subsec && time_at.is_some() {
-                    args.push(Value::Text("subsec".into()));
+                    args.push(Raw::Text(b"subsec".to_vec()));
                 }
                 // No time value at all means now: date(), strftime('%s').
                 if time_at == Some(args.len()) {
-                    args.push(Value::Text(now));
+                    args.push(Raw::Text(now.into_bytes()));
                 }
                 crate::bounded::call(&builtin, name, &args)
             })?;
@@ -262,7 +263,7 @@ impl FixedFunctions {
             let (draws, builtin) = (fixed.draws.clone(), builtin.clone());
             conn.create_scalar_function(name, 0, constant, move |_| {
                 let now = timestamp(lock(&draws).moment.unix_ms);
-                crate::bounded::call(&builtin, original, &[Value::Text(now)])
+                crate::bounded::call(&builtin, original, &[Raw::Text(now.into_bytes())])
             })?;
         }
         for (name, args) in crate::guard::NODE_FUNCTIONS {
@@ -284,6 +285,7 @@ impl FixedFunctions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::types::Value;
 
     const M: Moment = Moment {
         unix_ms: 1_764_079_560_123,
@@ -305,6 +307,26 @@ mod tests {
 
     fn one(c: &Connection, sql: &str) -> rusqlite::Result<Value> {
         c.query_row(sql, [], |r| r.get(0))
+    }
+
+    /// Text that is not UTF-8 (SQLite never checks) gets what SQLite's
+    /// own functions give, on every path of the replacements, with no
+    /// panic (rusqlite's `Value` panicked on it: found by review).
+    #[test]
+    fn text_that_is_not_utf8_gets_sqlites_own_answer() {
+        let theirs = Connection::open_in_memory().unwrap();
+        let c = fixed_at(M);
+        for case in [
+            "datetime(CAST(x'ff' AS TEXT))",
+            "date('2000-01-01', CAST(x'c3' AS TEXT))",
+            "strftime(CAST(x'ff25' AS TEXT), '2000-01-01')",
+            "julianday(CAST(x'ff' AS TEXT))",
+        ] {
+            let sql = format!("SELECT typeof(x) || ':' || hex(x) FROM (SELECT {case} AS x)");
+            let ours: Option<String> = c.query_row(&sql, [], |r| r.get(0)).unwrap();
+            let own: Option<String> = theirs.query_row(&sql, [], |r| r.get(0)).unwrap();
+            assert_eq!(ours, own, "{case}");
+        }
     }
 
     /// Every spelling the text rewriter of old missed: evaluated values,

@@ -66,7 +66,19 @@ enum Prepared {
     Request(String),
 }
 
+/// SQLite reads SQL text up to its first NUL byte: what follows would be
+/// dropped without a word (found by review).
+const NUL_IN_SQL: &str = "the SQL holds a NUL byte (SQLite would ignore everything after it)";
+
+fn whole_text(s: &Statement) -> Result<(), Prepared> {
+    if s.sql.contains('\0') {
+        return Err(Prepared::Request(NUL_IN_SQL.into()));
+    }
+    Ok(())
+}
+
 fn prepare<'c>(conn: &'c Connection, s: &Statement) -> Result<rusqlite::Statement<'c>, Prepared> {
+    whole_text(s)?;
     let mut stmt = conn.prepare(&s.sql).map_err(Prepared::Sqlite)?;
     bind(&mut stmt, s)?;
     Ok(stmt)
@@ -84,6 +96,7 @@ fn prepare_cached<'c>(
     conn: &'c Connection,
     s: &Statement,
 ) -> Result<rusqlite::CachedStatement<'c>, Prepared> {
+    whole_text(s)?;
     let mut stmt = conn.prepare_cached(&s.sql).map_err(Prepared::Sqlite)?;
     if let Err(e) = bind(&mut stmt, s) {
         stmt.discard();
@@ -751,6 +764,9 @@ fn load_statements(
         .map_err(failed)?;
     if replace {
         drop_everything(conn).map_err(failed)?;
+    }
+    if sql.contains('\0') {
+        return Err(Failed::Client(NUL_IN_SQL.into()));
     }
     let mut batch = rusqlite::Batch::new(conn, sql);
     let mut count = 0;

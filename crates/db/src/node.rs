@@ -437,14 +437,15 @@ impl http::DataNode for DbNode {
                     .zip(view.contact_age)
                     .is_some_and(|(limit, age)| age <= limit);
                 let caught_up = match (in_touch, view.last_log, opts.freshness) {
-                    (true, Some(last), Some(limit)) => self
-                        .raft
-                        .wait(Some(STRICT_CATCH_UP.min(limit)))
-                        .applied_index_at_least(Some(last), "freshness_strict")
-                        .await
-                        .is_ok()
+                    (true, Some(last), Some(limit)) => {
+                        let applied = self
+                            .raft
+                            .wait(Some(STRICT_CATCH_UP.min(limit)))
+                            .applied_index_at_least(Some(last), "freshness_strict")
+                            .await;
                         // Still in touch once caught up (found by review).
-                        && self.contact.age().is_some_and(|age| age <= limit),
+                        applied.is_ok() && self.contact.age().is_some_and(|age| age <= limit)
+                    }
                     _ => false,
                 };
                 if !caught_up {
