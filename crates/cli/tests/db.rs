@@ -181,17 +181,21 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
     assert!(listed.get("4").is_none(), "{listed}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
+/// One node, leading, with `schema` created (the node first: it stops
+/// before its directory goes).
+async fn one_node_with(schema: &str) -> (DbNode, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let node = DbNode::start(1, dir.path(), &[]);
     leader_of(std::slice::from_ref(&node)).await;
-    let (status, _) = node
-        .execute(json!([
-            "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE)"
-        ]))
-        .await;
-    assert_eq!(status, 200);
+    let (status, answer) = node.execute(json!([schema])).await;
+    assert_eq!(status, 200, "{answer}");
+    (node, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
+    let (node, _dir) =
+        one_node_with("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE)").await;
     let raw = |path: &str, body: &'static str| {
         let url = node.url(path);
         async move {
@@ -325,13 +329,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
 /// reads took every read connection of a node with them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_of_nothing_is_an_error_that_stops_no_node() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = DbNode::start(1, dir.path(), &[]);
-    leader_of(std::slice::from_ref(&node)).await;
-    let (status, _) = node
-        .execute(json!(["CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"]))
-        .await;
-    assert_eq!(status, 200);
+    let (node, _dir) = one_node_with("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)").await;
     let blanks = [
         json!([" "]),
         json!([""]),

@@ -968,6 +968,51 @@ mod tests {
         assert!(!peer.plain.load(Ordering::Relaxed));
     }
 
+    /// A peer that takes every AppendEntries and keeps each one it was
+    /// sent.
+    async fn recording_peer() -> (
+        std::net::SocketAddr,
+        Arc<std::sync::Mutex<Vec<AppendEntriesRequest<TypeConfig>>>>,
+    ) {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let saw = seen.clone();
+        let addr = serve(Router::new().route(
+            "/raft/append",
+            post(move |Json(rpc): Json<AppendEntriesRequest<TypeConfig>>| {
+                saw.lock().unwrap().push(rpc);
+                async {
+                    Json(Ok::<_, RaftError<u64>>(
+                        AppendEntriesResponse::<u64>::Success,
+                    ))
+                }
+            }),
+        ))
+        .await;
+        (addr, seen)
+    }
+
+    /// `count` entries of term 1 after entry `prev`, from the leader of
+    /// `term` (node 1), with commit index `commit`.
+    fn entries_rpc(
+        term: u64,
+        prev: u64,
+        count: u64,
+        commit: u64,
+    ) -> AppendEntriesRequest<TypeConfig> {
+        let id = |i| openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
+        AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(term, 1),
+            prev_log_id: Some(id(prev)),
+            entries: (prev + 1..=prev + count)
+                .map(|i| super::super::Entry {
+                    log_id: id(i),
+                    payload: openraft::EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: Some(id(commit)),
+        }
+    }
+
     /// The network of leader 1 whose node 2, at `addr`, is a read
     /// replica; what it applied (a sender), and what must be kept alive.
     fn leader_with_replica(
@@ -1038,38 +1083,16 @@ mod tests {
     /// voter's entries go at once, as openraft gives them.
     #[tokio::test]
     async fn a_read_replica_is_sent_each_entry_once_committed() {
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let saw = seen.clone();
-        let addr = serve(Router::new().route(
-            "/raft/append",
-            post(move |Json(rpc): Json<AppendEntriesRequest<TypeConfig>>| {
-                let saw = saw.clone();
-                async move {
-                    saw.lock()
-                        .unwrap()
-                        .push((rpc.entries.len(), rpc.leader_commit.map(|c| c.index)));
-                    Json(Ok::<_, RaftError<u64>>(
-                        AppendEntriesResponse::<u64>::Success,
-                    ))
-                }
-            }),
-        ))
-        .await;
-        let sent = || seen.lock().unwrap().clone();
-        let id = |term, i| openraft::LogId::new(openraft::CommittedLeaderId::new(term, 1), i);
-        // `count` entries of term 1 after entry `prev`, from the leader of
-        // `term`, with commit index `commit`.
-        let payload = |term, prev: u64, count: u64, commit| AppendEntriesRequest {
-            vote: openraft::Vote::new_committed(term, 1),
-            prev_log_id: Some(id(1, prev)),
-            entries: (prev + 1..=prev + count)
-                .map(|i| super::super::Entry {
-                    log_id: id(1, i),
-                    payload: openraft::EntryPayload::Blank,
-                })
-                .collect(),
-            leader_commit: Some(id(1, commit)),
+        let (addr, seen) = recording_peer().await;
+        let sent = || {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .map(|rpc| (rpc.entries.len(), rpc.leader_commit.map(|c| c.index)))
+                .collect::<Vec<_>>()
         };
+        let id = |term, i| openraft::LogId::new(openraft::CommittedLeaderId::new(term, 1), i);
+        let payload = entries_rpc;
         let (mut network, member, applied, _keep) = leader_with_replica(addr);
         let mut replica = network.new_client(2, &member).await;
         let option = RPCOption::new(Duration::from_secs(10));
@@ -1136,38 +1159,21 @@ mod tests {
     /// go at once.
     #[tokio::test]
     async fn a_voters_commit_index_goes_with_its_next_message() {
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let saw = seen.clone();
-        let addr = serve(Router::new().route(
-            "/raft/append",
-            post(move |Json(rpc): Json<AppendEntriesRequest<TypeConfig>>| {
-                let saw = saw.clone();
-                async move {
-                    saw.lock().unwrap().push((
+        let (addr, seen) = recording_peer().await;
+        let sent = || {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .map(|rpc| {
+                    (
                         rpc.vote.leader_id().term,
                         rpc.entries.len(),
                         rpc.leader_commit.map(|c| c.index),
-                    ));
-                    Json(Ok::<_, RaftError<u64>>(
-                        AppendEntriesResponse::<u64>::Success,
-                    ))
-                }
-            }),
-        ))
-        .await;
-        let sent = || seen.lock().unwrap().clone();
-        let id = |i| openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
-        let rpc = |term, prev: u64, count: u64, commit| AppendEntriesRequest {
-            vote: openraft::Vote::new_committed(term, 1),
-            prev_log_id: Some(id(prev)),
-            entries: (prev + 1..=prev + count)
-                .map(|i| super::super::Entry {
-                    log_id: id(i),
-                    payload: openraft::EntryPayload::Blank,
+                    )
                 })
-                .collect(),
-            leader_commit: Some(id(commit)),
+                .collect::<Vec<_>>()
         };
+        let rpc = entries_rpc;
         let (mut voter, _on_disk) = peer(addr, 100).await;
         voter.voter_echo = Duration::from_secs(60);
         voter.commit_later = Duration::from_millis(200);
