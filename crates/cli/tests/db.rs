@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::db::{leader_of, post_json, voters, DbNode};
+use common::db::{error_of, leader_of, post_json, voters, DbNode};
 use common::{client, eventually};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
@@ -246,10 +246,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
         ]))
         .await;
     assert_eq!(status, 200);
-    assert!(answer["results"][1]["error"]
-        .as_str()
-        .unwrap()
-        .contains("no such table"));
+    assert!(error_of(&answer, 1).contains("no such table"));
     assert_eq!(answer["results"][2]["rows_affected"], 1);
     // A failed transaction leaves nothing behind.
     let (status, answer) = post_json(
@@ -261,13 +258,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
     )
     .await;
     assert_eq!(status, 200);
-    assert!(
-        answer["results"][1]["error"]
-            .as_str()
-            .unwrap()
-            .contains("UNIQUE"),
-        "{answer}"
-    );
+    assert!(error_of(&answer, 1).contains("UNIQUE"), "{answer}");
     let (_, body) = node
         .query("SELECT v FROM t ORDER BY v", "level=strong")
         .await;
@@ -279,14 +270,8 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_partial_writes() {
     let (_, body) = node
         .execute(json!(["BEGIN", "DROP TABLE _scaleout_applied"]))
         .await;
-    assert!(body["results"][0]["error"]
-        .as_str()
-        .unwrap()
-        .contains("transaction"));
-    assert!(body["results"][1]["error"]
-        .as_str()
-        .unwrap()
-        .contains("reserved"));
+    assert!(error_of(&body, 0).contains("transaction"));
+    assert!(error_of(&body, 1).contains("reserved"));
     // Bad query parameters and cluster requests.
     for (url, says) in [
         ("/db/query?q=SELECT%201&level=eventual", "level"),
@@ -357,21 +342,9 @@ async fn a_statement_of_nothing_is_an_error_that_stops_no_node() {
         .execute(json!(["INSERT INTO t (v) VALUES ('nul')\u{0}; garbage"]))
         .await;
     assert_eq!(status, 200, "{answer}");
-    assert!(
-        answer["results"][0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("NUL"),
-        "{answer}"
-    );
+    assert!(error_of(&answer, 0).contains("NUL"), "{answer}");
     let (_, answer) = node.query("SELECT 1\u{0} garbage", "level=none").await;
-    assert!(
-        answer["results"][0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("NUL"),
-        "{answer}"
-    );
+    assert!(error_of(&answer, 0).contains("NUL"), "{answer}");
     let loaded = client()
         .post(node.url("/db/load"))
         .body("INSERT INTO t (v) VALUES ('nul');\0INSERT INTO t (v) VALUES ('nul');")

@@ -163,6 +163,15 @@ pub fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// The error of statement `i` in a data API answer (panics, showing the
+/// answer, when that statement has none).
+#[track_caller]
+pub fn error_of(answer: &Value, i: usize) -> &str {
+    answer["results"][i]["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("statement {i} has no error: {answer}"))
+}
+
 pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
     let r = client().post(url).json(body).send().await.unwrap();
     let status = r.status().as_u16();
