@@ -798,6 +798,63 @@ async fn a_leader_cut_off_from_its_quorum_stops_taking_writes() {
     .await;
 }
 
+/// A node that knows no leader (a candidate that cannot win yet) holds a
+/// request for a bounded while instead of refusing it at once: the
+/// request is served when a leader emerges during the wait, and answered
+/// 503 `no_leader` when none does. (A flaky CI run found a follower
+/// refusing a request sent the moment another node saw a new leader.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_knows_no_leader_holds_requests_until_one_is_elected() {
+    let dir = tempfile::tempdir().unwrap();
+    // The wait is the lease (1.5 election timeouts): long enough here for
+    // the election below to end within it on a loaded machine.
+    let nodes = voters(dir.path(), 3, &["--election-timeout", "2s"]).await;
+    let leader = leader_of(&nodes).await;
+    let (status, _) = nodes[leader].execute(json!(["CREATE TABLE h (x)"])).await;
+    assert_eq!(status, 200);
+    let mut others = (0..3).filter(|i| *i != leader);
+    let (stands, wakes) = (others.next().unwrap(), others.next().unwrap());
+    let (stands, wakes, leader) = (&nodes[stands], &nodes[wakes], &nodes[leader]);
+    leader.proc.stop();
+    wakes.proc.stop();
+    // Alone, it stands and cannot win: it knows no leader.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut candidate = false;
+    while !candidate && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = client().get(stands.url("/leader")).send().await.unwrap();
+        candidate = r.status() == 503;
+    }
+    // None emerges: a bounded wait, then a clear refusal.
+    let started = Instant::now();
+    let (refused_status, refused) = stands.execute(json!([["INSERT INTO h VALUES (1)"]])).await;
+    let refused_took = started.elapsed();
+    // One emerges while the request waits: it is served.
+    let url = stands.url("/db/execute");
+    let held =
+        tokio::spawn(async move { post_json(&url, &json!([["INSERT INTO h VALUES (2)"]])).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    wakes.proc.signal(Signal::SIGCONT);
+    let raft = stands.status().await["store"]["raft"].clone();
+    let elect = client()
+        .post(format!("http://{}/raft/elect", stands.raft))
+        .json(&json!({ "term": raft["term"] }))
+        .send()
+        .await;
+    let (held_status, held_body) = held.await.unwrap();
+    leader.proc.signal(Signal::SIGCONT);
+    assert!(candidate, "the lone voter never stood");
+    assert_eq!(refused_status, 503, "{refused}");
+    assert_eq!(refused["code"], "no_leader", "{refused}");
+    assert!(
+        refused_took < Duration::from_secs(15),
+        "held too long: {refused_took:?}"
+    );
+    assert!(elect.is_ok(), "{elect:?}");
+    assert_eq!(held_status, 200, "{held_body} (elect: {raft})");
+    assert!(held_body["results"][0]["error"].is_null(), "{held_body}");
+}
+
 /// A voter paused for longer than the leader's lease, then resumed, does
 /// not depose a healthy leader: it stands only when no leader answers it
 /// (openraft 0.9 has no pre-vote; without this the paused node, or the

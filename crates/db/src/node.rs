@@ -243,6 +243,32 @@ impl DbNode {
         m.state == ServerState::Leader && m.current_leader == Some(self.id) && self.holds_quorum(m)
     }
 
+    /// `Ok` when this node leads; else where the leader is. A node that
+    /// knows no leader (an election is under way, or its winner's first
+    /// message has not reached this node yet) waits up to the lease for
+    /// one first, so a client is not turned away while a handover or
+    /// failover leaves the cluster leaderless for a moment (found by a
+    /// flaky CI run: a follower refused a request sent the moment another
+    /// node had seen the new leader). A leader cut off from its quorum
+    /// knows itself as leader and does not wait: it answers at once.
+    async fn lead_here(&self) -> Result<(), NodeError> {
+        if self.is_leader() {
+            return Ok(());
+        }
+        if self.raft.metrics().borrow().current_leader.is_none() {
+            // Timing out is an answer too: no leader is known.
+            let _ = self
+                .raft
+                .wait(Some(self.lease))
+                .metrics(|m| m.current_leader.is_some(), "a leader is known")
+                .await;
+            if self.is_leader() {
+                return Ok(());
+            }
+        }
+        Err(self.not_leader())
+    }
+
     fn not_leader(&self) -> NodeError {
         match self.leader() {
             Some((_, node)) => NodeError::NotLeader {
@@ -384,9 +410,7 @@ impl http::DataNode for DbNode {
         statements: Vec<Statement>,
         opts: ExecOptions,
     ) -> Result<Answer, NodeError> {
-        if !self.is_leader() {
-            return Err(self.not_leader());
-        }
+        self.lead_here().await?;
         let env = self.write_env();
         let size: usize = statements
             .iter()
@@ -426,7 +450,14 @@ impl http::DataNode for DbNode {
         let level = consistency::effective_level(opts.level, self.read_only);
         match consistency::before_read(level, opts.freshness, opts.freshness_strict, &view) {
             Before::Serve => {}
-            Before::NotLeader => return Err(self.not_leader()),
+            // Served by the leader, even if that is now this node.
+            Before::NotLeader => {
+                return Err(self
+                    .lead_here()
+                    .await
+                    .err()
+                    .unwrap_or_else(|| self.not_leader()))
+            }
             Before::Stale => {
                 // In touch with the leader but (strict) behind its own log:
                 // entries not yet known committed here are committed with
@@ -493,9 +524,7 @@ impl http::DataNode for DbNode {
         opts: ExecOptions,
         wait: bool,
     ) -> Result<u64, NodeError> {
-        if !self.is_leader() {
-            return Err(self.not_leader());
-        }
+        self.lead_here().await?;
         let slot = self.queued.clone().try_acquire_owned().map_err(|_| {
             NodeError::Busy(format!(
                 "{QUEUE_DEPTH} queued writes are waiting; retry, or write without ?queue"

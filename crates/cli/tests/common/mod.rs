@@ -45,7 +45,7 @@ impl Proc {
     fn spawn_with(args: &[&str], log: Option<&str>) -> Proc {
         let mut child = Command::new(BIN)
             .args(args)
-            .env("SCALEOUT_LOG", log.unwrap_or("warn,openraft=off"))
+            .env("SCALEOUT_LOG", log.map_or_else(quiet_log, str::to_string))
             .env(scaleout_wire::ready::ENV, "json")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -225,6 +225,13 @@ impl Stage1 {
 }
 
 /// An HTTP client that does not follow redirects, so tests see them.
+/// The log filter of a node a test starts without `spawn_logging`:
+/// warnings, or `SCALEOUT_TEST_LOG` when set (to see what the nodes of a
+/// flaky test did: `SCALEOUT_TEST_LOG=info cargo test ...`).
+fn quiet_log() -> String {
+    std::env::var("SCALEOUT_TEST_LOG").unwrap_or_else(|_| "warn,openraft=off".into())
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

@@ -480,14 +480,12 @@ async fn on_leader(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Option<Response> {
-    if node.is_leader() {
-        return None;
-    }
-    let NodeError::NotLeader {
-        leader: Some(leader),
-    } = node.not_leader()
-    else {
-        return Some(NodeError::NoLeader.into_response());
+    let leader = match node.lead_here().await {
+        Ok(()) => return None,
+        Err(NodeError::NotLeader {
+            leader: Some(leader),
+        }) => leader,
+        Err(e) => return Some(e.into_response()),
     };
     let forward = Forward {
         leader: &leader,
