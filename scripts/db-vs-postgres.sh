@@ -72,8 +72,21 @@ pgbench() { # port clients script
   as_postgres "$pg_bin/pgbench -h 127.0.0.1 -p $1 -n -c $2 -j 1 -T $DURATION -f $3 postgres" 2>&1 |
     awk '/^tps/ {printf "%.0f", $3}'
 }
+# Every workload starts on a quiet disk: PostgreSQL's dirty buffers are
+# checkpointed (on the standby, a restartpoint) and the page cache is
+# flushed, so that no workload pays for the writeback of the one before
+# (the store's runs come after PostgreSQL's 64-client INSERTs, whose
+# buffers the background writer was still writing out).
+quiet_disk() {
+  sql "CHECKPOINT"
+  as_postgres "$pg_bin/psql -h 127.0.0.1 -p $PG_STANDBY -qAt -d postgres -c CHECKPOINT"
+  sync
+}
+quiet_disk
 echo "postgres insert c=1  tps=$(pgbench $PG_PRIMARY 1 "$work/insert.sql")"
+quiet_disk
 echo "postgres insert c=64 tps=$(pgbench $PG_PRIMARY 64 "$work/insert.sql")"
+quiet_disk
 echo "postgres select c=64 tps=$(pgbench $PG_STANDBY 64 "$work/select.sql") (on the standby)"
 [[ -z $WRITE_URL ]] && exit 0
 
@@ -115,6 +128,9 @@ drive() { # url clients script
   wrk -t1 -c"$2" -d"${DURATION}s" -s "$3" "$1" |
     awk '/Requests\/sec/ {r = $2} /bad_responses/ {b = $1} END {printf "%.0f %s", r, b}'
 }
+quiet_disk
 echo "scaleout insert c=1  tps=$(drive "$WRITE_URL" 1 "$work/insert.lua")"
+quiet_disk
 echo "scaleout insert c=64 tps=$(drive "$WRITE_URL" 64 "$work/insert.lua")"
+quiet_disk
 echo "scaleout select c=64 tps=$(drive "$READ_URL" 64 "$work/select.lua") (on the replica)"
