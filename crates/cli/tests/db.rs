@@ -183,6 +183,12 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
 
 /// One node, leading, with `schema` created (the node first: it stops
 /// before its directory goes).
+/// GET `url`: the status and the JSON body.
+async fn get_answer(url: &str) -> (u16, Value) {
+    let r = client().get(url).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
 async fn one_node_with(schema: &str) -> (DbNode, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let node = DbNode::start(1, dir.path(), &[]);
@@ -739,6 +745,11 @@ async fn a_leader_cut_off_from_its_quorum_stops_taking_writes() {
     for f in &followers {
         f.proc.stop();
     }
+    // A linearizable read cannot confirm the leadership: a clear 503, not
+    // a 500 with openraft's dump of the membership (found by review).
+    let (read_status, read) =
+        get_answer(&leader.url("/db/query?level=linearizable&q=SELECT%20count(*)%20FROM%20q"))
+            .await;
     // A write taken just before the leader notices cannot commit: once the
     // lease is over it is answered "outcome unknown" (504), not held.
     let started = Instant::now();
@@ -770,6 +781,8 @@ async fn a_leader_cut_off_from_its_quorum_stops_taking_writes() {
     for f in &followers {
         f.proc.signal(Signal::SIGCONT);
     }
+    assert_eq!(read_status, 503, "{read}");
+    assert_eq!(read["code"], "no_leader", "{read}");
     assert_eq!(pending_status, 504, "{pending}");
     assert!(
         pending_took < Duration::from_secs(4),
@@ -833,6 +846,8 @@ async fn a_node_that_knows_no_leader_holds_requests_until_one_is_elected() {
     let url = stands.url("/db/execute");
     let held =
         tokio::spawn(async move { post_json(&url, &json!([["INSERT INTO h VALUES (2)"]])).await });
+    let url = stands.url("/db/query?level=linearizable&q=SELECT%201");
+    let held_read = tokio::spawn(async move { get_answer(&url).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     wakes.proc.signal(Signal::SIGCONT);
     let raft = stands.status().await["store"]["raft"].clone();
@@ -842,6 +857,7 @@ async fn a_node_that_knows_no_leader_holds_requests_until_one_is_elected() {
         .send()
         .await;
     let (held_status, held_body) = held.await.unwrap();
+    let (read_status, read) = held_read.await.unwrap();
     leader.proc.signal(Signal::SIGCONT);
     assert!(candidate, "the lone voter never stood");
     assert_eq!(refused_status, 503, "{refused}");
@@ -853,6 +869,38 @@ async fn a_node_that_knows_no_leader_holds_requests_until_one_is_elected() {
     assert!(elect.is_ok(), "{elect:?}");
     assert_eq!(held_status, 200, "{held_body} (elect: {raft})");
     assert!(held_body["results"][0]["error"].is_null(), "{held_body}");
+    assert_eq!(read_status, 200, "a linearizable read is held too: {read}");
+}
+
+/// A write pending when its node is stopped (SIGTERM, a graceful
+/// shutdown) may already be in the log and committed later: it is
+/// answered 504 `outcome_unknown`, never a 500 a client would retry
+/// (found by review: writes answered 500 "raft stopped" were in the data
+/// after a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_pending_when_its_node_stops_has_an_unknown_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = voters(dir.path(), 3, &[]).await;
+    let leader = &nodes[leader_of(&nodes).await];
+    let (status, _) = leader.execute(json!(["CREATE TABLE s (x)"])).await;
+    assert_eq!(status, 200);
+    let followers: Vec<&DbNode> = nodes.iter().filter(|n| n.id != leader.id).collect();
+    for f in &followers {
+        f.proc.stop();
+    }
+    let url = leader.url("/db/execute");
+    let pending =
+        tokio::spawn(async move { post_json(&url, &json!([["INSERT INTO s VALUES (1)"]])).await });
+    // Well within the lease: the write waits for a quorum it cannot get.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    leader.proc.signal(Signal::SIGTERM);
+    let answer = pending.await;
+    for f in &followers {
+        f.proc.signal(Signal::SIGCONT);
+    }
+    let (status, body) = answer.unwrap();
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["code"], "outcome_unknown", "{body}");
 }
 
 /// A voter paused for longer than the leader's lease, then resumed, does

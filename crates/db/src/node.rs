@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::header;
-use openraft::error::{ForwardToLeader, RaftError};
+use openraft::error::{CheckIsLeaderError, ForwardToLeader, RaftError};
 use openraft::ServerState;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +37,7 @@ use crate::metrics::Stats;
 use crate::raft::network::{self, Contact};
 use crate::raft::proposer::Proposer;
 use crate::raft::state_store::{ReadError, Readers};
-use crate::raft::{Command, Member, Raft};
+use crate::raft::{Command, Member, Raft, WriteError};
 use crate::request::Statement;
 
 use consistency::{Before, LogView, MinIndex, View};
@@ -199,6 +199,32 @@ where
     }
 }
 
+/// Why openraft ended a write it was handed. Stopping Raft (a graceful
+/// shutdown) ends writes that may already be in the log and committed:
+/// their outcome is unknown, never a plain failure (found by review:
+/// writes answered 500 "raft stopped" were in the data after a restart,
+/// and a client retrying them would have written them twice).
+fn refusal_of_write(e: &WriteError) -> NodeError {
+    match e {
+        RaftError::Fatal(_) => {
+            NodeError::ForwardUnknown("this node stopped while the write was pending".into())
+        }
+        _ => redirect_of(e),
+    }
+}
+
+/// Why a linearizable read could not confirm the leadership: a leader
+/// that did not hear from a quorum knows no leader (it was answered 500,
+/// with openraft's dump of the membership, found by review); a node
+/// that stops leads no more.
+fn refusal_of_read(e: &RaftError<u64, CheckIsLeaderError<u64, Member>>) -> NodeError {
+    match e {
+        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)) => NodeError::NoLeader,
+        RaftError::Fatal(_) => NodeError::NotLeader { leader: None },
+        _ => redirect_of(e),
+    }
+}
+
 fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -302,7 +328,7 @@ impl DbNode {
     async fn write(&self, command: Command) -> Result<(u64, Vec<Value>), NodeError> {
         match self.raft.client_write(command).await {
             Ok(written) => Ok((written.log_id.index, written.data)),
-            Err(e) => Err(redirect_of(&e)),
+            Err(e) => Err(refusal_of_write(&e)),
         }
     }
 
@@ -484,11 +510,14 @@ impl http::DataNode for DbNode {
                 }
             }
             Before::ConfirmLeadership => {
+                // Held like any leader's request while no leader is known
+                // (found by review: it alone was refused at once).
+                self.lead_here().await?;
                 let confirmed =
                     tokio::time::timeout(self.read_timeout, self.raft.ensure_linearizable()).await;
                 match confirmed {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(redirect_of(&e)),
+                    Ok(Err(e)) => return Err(refusal_of_read(&e)),
                     Err(_) => return Err(NodeError::NoLeader),
                 }
             }

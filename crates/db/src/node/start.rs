@@ -12,7 +12,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{redirect_of, DbConfig, DbNode, Running, StartError};
+use super::{refusal_of_write, DbConfig, DbNode, Running, StartError};
 use crate::metrics::Stats;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{self, Contact, Network, Replicas};
@@ -143,7 +143,11 @@ pub async fn start(
         lease: config.election_timeout * 3 / 2,
         started: Instant::now(),
         db_path,
-        proposer: Proposer::start(raft.clone(), redirect_of, config.election_timeout * 3 / 2),
+        proposer: Proposer::start(
+            raft.clone(),
+            refusal_of_write,
+            config.election_timeout * 3 / 2,
+        ),
         queued: Arc::new(tokio::sync::Semaphore::new(super::QUEUE_DEPTH)),
         // Unique across restarts, as rqlite's (which start from the clock).
         queue_seq: std::sync::atomic::AtomicU64::new(
