@@ -183,6 +183,22 @@ async fn three_voters_and_a_read_replica_serve_rqlites_api() {
 
 /// One node, leading, with `schema` created (the node first: it stops
 /// before its directory goes).
+/// Three voters with an empty table `table`, the two followers stopped
+/// (SIGSTOP): the nodes, and which of them is the leader, now cut off
+/// from its quorum.
+async fn a_leader_alone(dir: &std::path::Path, table: &str) -> (Vec<DbNode>, usize) {
+    let nodes = voters(dir, 3, &[]).await;
+    let leader = leader_of(&nodes).await;
+    let (status, _) = nodes[leader]
+        .execute(json!([format!("CREATE TABLE {table} (x)")]))
+        .await;
+    assert_eq!(status, 200);
+    for (_, f) in nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
+        f.proc.stop();
+    }
+    (nodes, leader)
+}
+
 /// GET `url`: the status and the JSON body.
 async fn get_answer(url: &str) -> (u16, Value) {
     let r = client().get(url).send().await.unwrap();
@@ -737,14 +753,9 @@ async fn an_unchanged_rqlite_client_works_through_a_follower() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_its_quorum_stops_taking_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let nodes = voters(dir.path(), 3, &[]).await;
-    let leader = &nodes[leader_of(&nodes).await];
-    let (status, _) = leader.execute(json!(["CREATE TABLE q (x)"])).await;
-    assert_eq!(status, 200);
+    let (nodes, leader) = a_leader_alone(dir.path(), "q").await;
+    let leader = &nodes[leader];
     let followers: Vec<&DbNode> = nodes.iter().filter(|n| n.id != leader.id).collect();
-    for f in &followers {
-        f.proc.stop();
-    }
     // A linearizable read cannot confirm the leadership: a clear 503, not
     // a 500 with openraft's dump of the membership (found by review).
     let (read_status, read) =
@@ -880,14 +891,9 @@ async fn a_node_that_knows_no_leader_holds_requests_until_one_is_elected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_pending_when_its_node_stops_has_an_unknown_outcome() {
     let dir = tempfile::tempdir().unwrap();
-    let nodes = voters(dir.path(), 3, &[]).await;
-    let leader = &nodes[leader_of(&nodes).await];
-    let (status, _) = leader.execute(json!(["CREATE TABLE s (x)"])).await;
-    assert_eq!(status, 200);
+    let (nodes, leader) = a_leader_alone(dir.path(), "s").await;
+    let leader = &nodes[leader];
     let followers: Vec<&DbNode> = nodes.iter().filter(|n| n.id != leader.id).collect();
-    for f in &followers {
-        f.proc.stop();
-    }
     let url = leader.url("/db/execute");
     let pending =
         tokio::spawn(async move { post_json(&url, &json!([["INSERT INTO s VALUES (1)"]])).await });

@@ -29,8 +29,9 @@ pub enum NodeError {
     /// still be committed by the next leader, or never.
     #[error("the leader lost its quorum while the write was pending; its outcome is unknown")]
     OutcomeUnknown,
-    /// A request forwarded to the leader was lost after it was sent: the
-    /// leader may have done it.
+    /// A write whose fate this node cannot tell: forwarded to the leader
+    /// and lost after it was sent, or pending when this node's Raft
+    /// stopped. It may have been done.
     #[error("{0}; its outcome is unknown")]
     ForwardUnknown(String),
     /// Every read connection stayed busy for the read's whole time.
